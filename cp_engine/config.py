@@ -1,0 +1,128 @@
+"""Every environment flag cp_engine reads, parsed in one place.
+
+Contract: ``load_config()`` never raises. A malformed value falls back to the
+documented default and is reported in ``Config.warnings`` so the host engine
+keeps starting; callers log the warnings once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One documented environment variable."""
+
+    env: str
+    default: object
+    help: str
+
+
+# The single table of flags; README's table is generated from it
+# (``python -m cp_engine.config --markdown``).
+FLAGS: tuple[Flag, ...] = (
+    Flag("CP_ENGINE_DISABLE", False, "1 leaves every engine entirely unpatched (the .pth hook and entry points do nothing)."),
+    Flag("CP_ENGINE_REORDER", True, "Reorder context blocks against the context index / within a batch."),
+    Flag("CP_ENGINE_DEDUP", True, "Replace blocks already sent in the same conversation by a short reference hint."),
+    Flag("CP_ENGINE_ANNOTATE", True, "Append the original importance order after reordered blocks."),
+    Flag("CP_ENGINE_SCHEDULE", True, "Cache-aware ordering of the engine's waiting queue."),
+    Flag("CP_ENGINE_EVICTION_SYNC", True, "Forward the engine's prefix-cache evictions to the context index."),
+    Flag("CP_ENGINE_INDEX_MAX_NODES", 200_000, "Upper bound on context-index nodes; least recently used leaves are trimmed beyond it."),
+    Flag("CP_ENGINE_DEDUP_MAX_CONVERSATIONS", 10_000, "Conversations remembered for de-duplication (least recently active dropped first)."),
+    Flag("CP_ENGINE_DEDUP_MAX_BLOCKS", 512, "Blocks remembered per conversation."),
+    Flag("CP_ENGINE_MAX_BLOCKS_PER_REQUEST", 4096, "Requests with more context blocks pass through unmodified."),
+    Flag("CP_ENGINE_SCHEDULE_MAX_WAIT_S", 2.0, "Aging bound: a waiting request older than this is admitted in arrival order."),
+    Flag("CP_ENGINE_KERNEL_BACKEND", "auto", "Overlap-scoring backend: auto, numpy or triton (a forced backend that cannot run raises)."),
+    Flag("CP_ENGINE_FAULT", "", "Test switch: comma-separated hook names that raise (or 'name:hang'); never set in production."),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    disable: bool = False
+    reorder: bool = True
+    dedup: bool = True
+    annotate: bool = True
+    schedule: bool = True
+    eviction_sync: bool = True
+    index_max_nodes: int = 200_000
+    dedup_max_conversations: int = 10_000
+    dedup_max_blocks: int = 512
+    max_blocks_per_request: int = 4096
+    schedule_max_wait_s: float = 2.0
+    kernel_backend: str = "auto"
+    fault: str = ""
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def active_features(self) -> list[str]:
+        """Names of the features switched on (for the startup log line)."""
+        if self.disable:
+            return []
+        names = ("reorder", "dedup", "annotate", "schedule", "eviction_sync")
+        return [n for n in names if getattr(self, n)]
+
+
+def _attr_name(env: str) -> str:
+    return env[len("CP_ENGINE_"):].lower()
+
+
+def _parse(flag: Flag, raw: str) -> object:
+    default = flag.default
+    text = raw.strip()
+    if isinstance(default, bool):
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"expected 0/1/true/false, got {raw!r}")
+    if isinstance(default, int):
+        value = int(text)
+        if value <= 0:
+            raise ValueError(f"expected a positive integer, got {raw!r}")
+        return value
+    if isinstance(default, float):
+        value = float(text)
+        if value < 0:
+            raise ValueError(f"expected a non-negative number, got {raw!r}")
+        return value
+    if flag.env == "CP_ENGINE_KERNEL_BACKEND" and text.lower() not in {"auto", "numpy", "triton"}:
+        raise ValueError(f"expected auto, numpy or triton, got {raw!r}")
+    return text.lower() if flag.env == "CP_ENGINE_KERNEL_BACKEND" else text
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Parse the CP_ENGINE_* flags from ``environ`` (default ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    warnings: list[str] = []
+    for flag in FLAGS:
+        raw = env.get(flag.env)
+        if raw is None:
+            continue
+        try:
+            values[_attr_name(flag.env)] = _parse(flag, raw)
+        except ValueError as exc:
+            warnings.append(f"{flag.env}: {exc}; using default {flag.default!r}")
+    known = {f.name for f in fields(Config)}
+    assert set(values) <= known, "FLAGS and Config drifted apart"
+    return Config(warnings=tuple(warnings), **values)
+
+
+def markdown_table() -> str:
+    """The README's flag table."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for flag in FLAGS:
+        default = flag.default
+        shown = ("1" if default else "0") if isinstance(default, bool) else (default if default != "" else "(empty)")
+        rows.append(f"| `{flag.env}` | `{shown}` | {flag.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - documentation helper
+    print(markdown_table())
