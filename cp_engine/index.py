@@ -1,0 +1,211 @@
+"""Online context index: which block sequences the engine's prefix cache holds.
+
+A prefix tree over block ids (``BlockTrie``) with one subtree per namespace (the
+prompt text before the blocks, e.g. model + system prompt, decides which cached
+prefixes can be shared at all). Every recorded request owns one reference along its
+path; each path node keeps its token span in that request's prompt so an engine
+eviction at token ``t`` maps to the first block that ends after ``t``.
+
+Contracts:
+- ``best_order(blocks)`` returns indices into ``blocks``: first the order of the
+  longest token-weighted prefix already indexed, then the other blocks, most
+  frequently seen first (so future requests can share them), ties in given order.
+  The same block set and index state always give the same order.
+- ``record`` adds one reference along the request's path; ``forget`` drops it.
+- ``evict_path`` / ``evict_from_token`` remove a prefix and everything below it: the
+  engine cannot hit anything under an evicted block. No node ever claims a prefix
+  that was evicted.
+- At most ``max_nodes`` nodes: beyond that, least recently used requests are
+  forgotten (their unshared tails are the engine's least recently used leaves).
+- All public methods are thread-safe.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Iterable, Sequence
+
+from .trie import ROOT, BlockTrie
+
+_NS = "\x00ns"  # namespace nodes are keyed by (_NS, name): never equal to a block id
+
+
+@dataclass
+class _Recorded:
+    nodes: list[int]
+    gens: list[int]
+    ends: list[int]  # token end offset of each path node (namespace node excluded)
+    namespace: str
+
+
+class ContextIndex:
+    def __init__(self, max_nodes: int = 200_000, max_tracked_blocks: int = 1_000_000):
+        if max_nodes < 1:
+            raise ValueError("max_nodes must be >= 1")
+        self.max_nodes = max_nodes
+        self._trie = BlockTrie()
+        self._requests: OrderedDict[Hashable, _Recorded] = OrderedDict()
+        self._freq: dict[Hashable, int] = {}
+        self._max_tracked = max_tracked_blocks
+        self._clock = 0
+        self._lock = threading.RLock()
+        self.evicted_nodes = 0
+
+    # -- introspection ---------------------------------------------------------
+    def __len__(self) -> int:
+        """Live block nodes (namespace nodes included)."""
+        return self._trie.size
+
+    @property
+    def requests(self) -> int:
+        return len(self._requests)
+
+    def paths(self, namespace: str = "") -> list[list[Hashable]]:
+        """Every indexed root-to-leaf block path of ``namespace`` (for tests/debugging)."""
+        with self._lock:
+            ns = self._trie.children[ROOT].get((_NS, namespace))
+            if ns is None:
+                return []
+            out, stack = [], [(ns, [])]
+            while stack:
+                node, prefix = stack.pop()
+                kids = self._trie.children[node]
+                if not kids and prefix:
+                    out.append(prefix)
+                for b, c in kids.items():
+                    stack.append((c, prefix + [b]))
+            return out
+
+    def match_length(self, blocks: Sequence[Hashable], namespace: str = "") -> int:
+        """How many leading blocks of ``blocks`` (in this order) are indexed."""
+        with self._lock:
+            node = self._trie.children[ROOT].get((_NS, namespace))
+            count = 0
+            while node is not None and count < len(blocks):
+                node = self._trie.children[node].get(blocks[count])
+                if node is not None:
+                    count += 1
+            return count
+
+    # -- queries ---------------------------------------------------------------
+    def best_order(self, blocks: Sequence[Hashable], namespace: str = "",
+                   token_lengths: Sequence[int] | None = None) -> list[int]:
+        """Indices of ``blocks`` in the order to send them (see module contract)."""
+        with self._lock:
+            first_pos: dict[Hashable, int] = {}
+            for i, b in enumerate(blocks):
+                first_pos.setdefault(b, i)
+            head: list[int] = []
+            ns = self._trie.children[ROOT].get((_NS, namespace))
+            if ns is not None and first_pos:
+                trie = self._trie
+                node = trie.deepest_contained(first_pos.keys(), start=ns, prefer=trie.last_use.__getitem__)
+                head = [first_pos[b] for b in trie.blocks_to(node)[1:]]
+            taken = set(head)
+            freq = self._freq
+            rest = sorted((i for i in first_pos.values() if i not in taken),
+                          key=lambda i: (-freq.get(blocks[i], 0), i))
+            order = head + rest
+            seen = set(order)
+            # Repeated blocks: extra copies keep their relative order after the rest.
+            order.extend(i for i in range(len(blocks)) if i not in seen)
+            return order
+
+    # -- updates ---------------------------------------------------------------
+    def record(self, request_id: Hashable, ordered_blocks: Sequence[Hashable], namespace: str = "",
+               token_lengths: Sequence[int] | None = None, base_offset: int = 0) -> None:
+        """Index ``ordered_blocks`` as sent for ``request_id`` (re-recording replaces)."""
+        if token_lengths is not None and len(token_lengths) != len(ordered_blocks):
+            raise ValueError("token_lengths must match ordered_blocks")
+        lens = list(token_lengths) if token_lengths is not None else [1] * len(ordered_blocks)
+        with self._lock:
+            self._clock += 1
+            self._forget_locked(request_id)
+            trie = self._trie
+            ns = trie.children[ROOT].get((_NS, namespace))
+            if ns is None:
+                ns = trie._new(ROOT, (_NS, namespace), 0.0)
+            nodes = trie.insert(ordered_blocks, lens, start=ns, now=self._clock)
+            ends, pos = [], base_offset
+            for n in lens:
+                pos += n
+                ends.append(pos)
+            self._requests[request_id] = _Recorded(nodes, [trie.gen[n] for n in nodes], ends, namespace)
+            self._count(ordered_blocks)
+            self._trim_locked()
+
+    def forget(self, request_ids: Iterable[Hashable]) -> int:
+        """Drop the references of finished/unknown requests; returns how many were known."""
+        with self._lock:
+            return sum(self._forget_locked(r) for r in request_ids)
+
+    def evict_path(self, path: Sequence[Hashable], namespace: str = "") -> int:
+        """The engine evicted the prefix ``path``: remove its node and subtree."""
+        with self._lock:
+            ns = self._trie.children[ROOT].get((_NS, namespace))
+            node = None if ns is None or not path else self._trie.find(path, start=ns)
+            return self._remove_locked(node)
+
+    def evict_from_token(self, request_id: Hashable, token: int) -> int:
+        """The engine evicted ``request_id``'s prompt from token ``token`` on."""
+        with self._lock:
+            rec = self._requests.get(request_id)
+            if rec is None:
+                return 0
+            for i, end in enumerate(rec.ends):
+                node_i = i + 1  # nodes[0] is the namespace node
+                if end > token and node_i < len(rec.nodes):
+                    n = rec.nodes[node_i]
+                    if self._trie.is_live(n) and self._trie.gen[n] == rec.gens[node_i]:
+                        return self._remove_locked(n)
+                    return 0
+            return 0
+
+    def evict(self, request_ids: Iterable[Hashable] = (), nodes: Iterable[int] = ()) -> int:
+        """Forget ``request_ids`` and remove ``nodes`` (with subtrees); returns nodes removed."""
+        with self._lock:
+            before = self._trie.size
+            for r in request_ids:
+                self._forget_locked(r)
+            for n in nodes:
+                self._remove_locked(n)
+            return before - self._trie.size
+
+    def reset(self) -> None:
+        """The engine dropped its whole prefix cache."""
+        with self._lock:
+            self._trie = BlockTrie()
+            self._requests.clear()
+
+    # -- internals -------------------------------------------------------------
+    def _forget_locked(self, request_id: Hashable) -> bool:
+        rec = self._requests.pop(request_id, None)
+        if rec is None:
+            return False
+        self._trie.release(rec.nodes, rec.gens)
+        return True
+
+    def _remove_locked(self, node: int | None) -> int:
+        if node is None or node == ROOT or not self._trie.is_live(node):
+            return 0
+        removed = len(self._trie.remove_subtree(node))
+        self.evicted_nodes += removed
+        return removed
+
+    def _trim_locked(self) -> None:
+        # Oldest requests first; their unshared tails are the least recently used leaves.
+        while self._trie.size > self.max_nodes and self._requests:
+            _, rec = self._requests.popitem(last=False)
+            self._trie.release(rec.nodes, rec.gens)
+        if self._trie.size > self.max_nodes:  # only force-removed leftovers can remain
+            self.reset()
+
+    def _count(self, blocks: Iterable[Hashable]) -> None:
+        freq = self._freq
+        for b in blocks:
+            freq[b] = freq.get(b, 0) + 1
+        if len(freq) > self._max_tracked:
+            # Halve every count and drop the ones that reach zero: bounded memory,
+            # recent popularity dominates.
+            self._freq = {b: c // 2 for b, c in freq.items() if c > 1}

@@ -1,0 +1,197 @@
+"""Reference-counted prefix tree over block ids, shared by the planner and the index.
+
+Each node stands for one block at one position of a block sequence; the path from
+the root to a node is the prefix it represents. A node's ``refs`` counts the live
+sequences whose path passes through it; a node with ``refs == 0`` is removed at once,
+so the tree only ever claims prefixes some recorded sequence still holds.
+
+Nodes live in parallel lists indexed by node number (cheaper than one object per
+node); freed numbers are reused.
+"""
+from __future__ import annotations
+
+from typing import Callable, Collection, Hashable, Sequence
+
+ROOT = 0
+
+
+class BlockTrie:
+    def __init__(self) -> None:
+        self.children: list[dict] = [{}]
+        self.parent: list[int] = [-1]
+        self.block: list[Hashable] = [None]
+        self.weight: list[float] = [0.0]
+        self.depth_weight: list[float] = [0.0]  # weight of the whole path to the node
+        self.depth: list[int] = [0]
+        self.refs: list[int] = [0]
+        self.last_use: list[int] = [0]
+        # Bumped when a node number dies, so holders of (node, gen) pairs can tell a
+        # reused number from the node they referenced.
+        self.gen: list[int] = [0]
+        self._free: list[int] = []
+        self.size = 0  # live nodes, root excluded
+
+    # -- structure -------------------------------------------------------------
+    def _new(self, parent: int, block: Hashable, weight: float) -> int:
+        dw = self.depth_weight[parent] + weight
+        d = self.depth[parent] + 1
+        if self._free:
+            n = self._free.pop()
+            self.children[n] = {}
+            self.parent[n] = parent
+            self.block[n] = block
+            self.weight[n] = weight
+            self.depth_weight[n] = dw
+            self.depth[n] = d
+            self.refs[n] = 0
+            self.last_use[n] = 0
+        else:
+            n = len(self.parent)
+            self.children.append({})
+            self.parent.append(parent)
+            self.block.append(block)
+            self.weight.append(weight)
+            self.depth_weight.append(dw)
+            self.depth.append(d)
+            self.refs.append(0)
+            self.last_use.append(0)
+            self.gen.append(0)
+        self.children[parent][block] = n
+        self.size += 1
+        return n
+
+    def is_live(self, node: int) -> bool:
+        return node == ROOT or (0 < node < len(self.parent) and self.parent[node] >= 0)
+
+    def insert(self, blocks: Sequence[Hashable], weights: Sequence[float], start: int = ROOT, now: int = 0) -> list[int]:
+        """Add one reference along ``blocks`` below ``start``; return the path's nodes.
+
+        Nodes between the root and ``start`` are referenced too, so a recorded
+        sequence always owns its whole path.
+        """
+        path = self.path_to(start)
+        for n in path:
+            self.refs[n] += 1
+            self.last_use[n] = now
+        node = start
+        for b, w in zip(blocks, weights):
+            child = self.children[node].get(b)
+            if child is None:
+                child = self._new(node, b, float(w))
+            self.refs[child] += 1
+            self.last_use[child] = now
+            path.append(child)
+            node = child
+        return path
+
+    def release(self, path: Sequence[int], gens: Sequence[int] | None = None) -> list[int]:
+        """Drop one reference along ``path`` (as returned by insert); return removed nodes.
+
+        With ``gens`` (the nodes' ``gen`` when the path was taken), nodes removed and
+        reused since are skipped instead of being wrongly released.
+        """
+        removed = []
+        for i in range(len(path) - 1, -1, -1):
+            n = path[i]
+            if n == ROOT or not self.is_live(n) or (gens is not None and self.gen[n] != gens[i]):
+                continue
+            self.refs[n] -= 1
+            if self.refs[n] <= 0 and not self.children[n]:
+                self._unlink(n)
+                removed.append(n)
+        return removed
+
+    def _unlink(self, n: int) -> None:
+        p = self.parent[n]
+        del self.children[p][self.block[n]]
+        self.parent[n] = -2  # marks the number dead until reused
+        self.gen[n] += 1
+        self.refs[n] = 0
+        self.children[n] = {}
+        self._free.append(n)
+        self.size -= 1
+
+    def remove_subtree(self, node: int) -> list[int]:
+        """Remove ``node`` and everything below it; return the removed nodes."""
+        if node == ROOT or not self.is_live(node):
+            return []
+        order, stack = [], [node]
+        while stack:
+            n = stack.pop()
+            order.append(n)
+            stack.extend(self.children[n].values())
+        for n in reversed(order):
+            self._unlink(n)
+        return order
+
+    def path_to(self, node: int) -> list[int]:
+        """Nodes from the root's child down to ``node`` (empty for the root)."""
+        out = []
+        while node > ROOT:
+            out.append(node)
+            node = self.parent[node]
+        out.reverse()
+        return out
+
+    def blocks_to(self, node: int) -> list[Hashable]:
+        return [self.block[n] for n in self.path_to(node)]
+
+    def find(self, blocks: Sequence[Hashable], start: int = ROOT) -> int | None:
+        """Node reached by following ``blocks`` exactly, or None."""
+        node = start
+        for b in blocks:
+            node = self.children[node].get(b)
+            if node is None:
+                return None
+        return node
+
+    # -- queries ---------------------------------------------------------------
+    def deepest_contained(
+        self,
+        members: Collection[Hashable],
+        start: int = ROOT,
+        budget: int = 4096,
+        prefer: Callable[[int], float] | None = None,
+    ) -> int:
+        """Deepest node (by path weight) whose path uses only blocks in ``members``.
+
+        Depth-first search restricted to children in ``members``; ties go to the
+        larger ``prefer(node)`` (default: more references), then to the older node
+        (lower number), which makes the answer deterministic. ``budget`` caps visited nodes so
+        adversarial tries (many permutations of one set) stay cheap; past it the best
+        node found so far is returned.
+        """
+        score = prefer or (lambda n: self.refs[n])
+        # The node number closes ties so the answer does not depend on set iteration order.
+        best, best_key = start, (self.depth_weight[start], score(start) if start else 0, -start)
+        stack = [start]
+        visited = 0
+        member_count = len(members)
+        while stack and visited < budget:
+            node = stack.pop()
+            visited += 1
+            kids = self.children[node]
+            if not kids:
+                continue
+            if len(kids) <= member_count:
+                found = [c for b, c in kids.items() if b in members]
+            else:
+                found = [c for b in members if (c := kids.get(b)) is not None]
+            for c in found:
+                key = (self.depth_weight[c], score(c), -c)
+                if key > best_key:
+                    best, best_key = c, key
+                stack.append(c)
+        return best
+
+    def subtree_sizes(self) -> list[int]:
+        """Number of live nodes under each node (itself included), index by node number."""
+        sizes = [0] * len(self.parent)
+        order, stack = [], [ROOT]
+        while stack:
+            n = stack.pop()
+            order.append(n)
+            stack.extend(self.children[n].values())
+        for n in reversed(order):
+            sizes[n] = 1 + sum(sizes[c] for c in self.children[n].values())
+        return sizes
