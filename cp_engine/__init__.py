@@ -14,3 +14,25 @@ if not _os.path.isdir(_os.path.join(_here, "hooks")) and _os.path.isfile(
     _os.path.join(_root, "hooks", "__init__.py")
 ):
     __path__.append(_root)  # type: ignore[name-defined]
+
+from .api import (  # noqa: E402  (public API, after the source-layout shim)
+    BatchMessages,
+    build_batch_messages,
+    build_messages,
+    deduplicate,
+    default_pipeline,
+    reorder,
+)
+from .blocks import block_id  # noqa: E402
+from .config import Config, load_config  # noqa: E402
+from .dedup import Deduplicator  # noqa: E402
+from .index import ContextIndex  # noqa: E402
+from .pipeline import ContextPipeline, InvalidBlocks, Prepared  # noqa: E402
+from .planner import BatchPlan, plan_batch  # noqa: E402
+from .sim import simulate  # noqa: E402
+
+__all__ = [
+    "BatchMessages", "BatchPlan", "Config", "ContextIndex", "ContextPipeline", "Deduplicator",
+    "InvalidBlocks", "Prepared", "block_id", "build_batch_messages", "build_messages",
+    "deduplicate", "default_pipeline", "load_config", "plan_batch", "reorder", "simulate",
+]

@@ -1,0 +1,129 @@
+"""User-facing helpers: build chat messages from (blocks, query), online or per batch.
+
+Online (one request at a time, e.g. a RAG service in front of any OpenAI-compatible
+server)::
+
+    from cp_engine import build_messages
+    messages = build_messages(blocks, "Who wrote it?", system="Answer briefly.")
+
+Batch (offline)::
+
+    from cp_engine import build_batch_messages
+    batch = build_batch_messages([(blocks_1, q_1), (blocks_2, q_2), ...])
+    for i, messages in batch:          # already in the cache-friendly execution order
+        client.chat.completions.create(model=..., messages=messages)
+
+Inside vLLM/SGLang with the plugin installed, send ``context_blocks`` instead and the
+server does the same rewrite (see README).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterator, Sequence
+
+from .annotate import labels_for, render_annotation, render_block
+from .blocks import block_id
+from .config import Config, load_config
+from .pipeline import ContextPipeline, Prepared, validate_blocks
+from .planner import BatchPlan, plan_batch
+
+_default: ContextPipeline | None = None
+_default_lock = threading.Lock()
+
+
+def default_pipeline() -> ContextPipeline:
+    """Process-wide pipeline (index + dedup memory) used when none is passed."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = ContextPipeline(load_config())
+        return _default
+
+
+def build_messages(blocks: Sequence[str], query: str, system: str | None = None,
+                   conversation_id: str | None = None, history: Sequence[dict] = (),
+                   pipeline: ContextPipeline | None = None, request_id: Hashable | None = None) -> list[dict]:
+    """Chat messages for one request: blocks reordered against what was sent before,
+    de-duplicated within ``conversation_id``, annotated, then the question.
+
+    ``history`` holds the earlier turns as the caller sent them (their original user
+    text); earlier turns are replayed exactly as they were rendered.
+    """
+    pipe = pipeline or default_pipeline()
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + list(history)
+    messages.append({"role": "user", "content": query})
+    out, prep = pipe.rewrite_messages(messages, blocks, conversation_id=conversation_id)
+    pipe.commit(request_id if request_id is not None else object(), prep)
+    return out
+
+
+def reorder(blocks: Sequence[str], pipeline: ContextPipeline | None = None, namespace: str = "") -> list[str]:
+    """``blocks`` in the order that shares the longest prefix with what was sent before."""
+    texts = validate_blocks(blocks)
+    pipe = pipeline or default_pipeline()
+    order = pipe.index.best_order([block_id(t) for t in texts], namespace=namespace)
+    return [texts[i] for i in order]
+
+
+def deduplicate(conversation_id: str, blocks: Sequence[str], pipeline: ContextPipeline | None = None,
+                tenant: str = "") -> list[bool]:
+    """For each block: True = send in full, False = already sent in this conversation
+    (or earlier in this list) and may be replaced by a reference hint. Records them."""
+    texts = validate_blocks(blocks)
+    pipe = pipeline or default_pipeline()
+    return pipe.dedup.mark((tenant, conversation_id), [block_id(t) for t in texts], commit=True)
+
+
+@dataclass(frozen=True)
+class BatchMessages:
+    """``messages[i]`` belongs to input i; iterate to get (i, messages) in execution order."""
+
+    messages: list[list[dict]]
+    order: list[int]
+    plan: BatchPlan
+
+    def __iter__(self) -> Iterator[tuple[int, list[dict]]]:
+        return ((i, self.messages[i]) for i in self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def render_planned(blocks: Sequence[str], planned: Sequence[str], annotate: bool = True) -> str:
+    """Context text for ``planned`` (a permutation of ``blocks``), annotated with the
+    original order of ``blocks``; repeated blocks are rendered once."""
+    ids = [block_id(t) for t in blocks]
+    labels = labels_for(ids)
+    seen: set[int] = set()
+    parts = []
+    for text in planned:
+        b = block_id(text)
+        if b not in seen:
+            parts.append(render_block(labels[b], text))
+            seen.add(b)
+    if annotate and len(seen) > 1:
+        parts.append(render_annotation([labels[b] for b in ids]))
+    return "\n\n".join(parts)
+
+
+def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str | None = None,
+                         config: Config | None = None) -> BatchMessages:
+    """Plan a batch of (blocks, query) pairs for prefix sharing and render each one."""
+    cfg = config or load_config()
+    block_lists = [validate_blocks(blocks) for blocks, _ in items]
+    plan = plan_batch(block_lists) if cfg.reorder else BatchPlan(
+        contexts=[list(b) for b in block_lists], order=list(range(len(block_lists))))
+    messages = []
+    for (blocks, query), planned in zip(items, plan.contexts):
+        msgs = [{"role": "system", "content": system}] if system is not None else []
+        context = render_planned(blocks, planned, annotate=cfg.annotate and cfg.reorder)
+        msgs.append({"role": "user", "content": f"{context}\n\n{query}" if context else query})
+        messages.append(msgs)
+    return BatchMessages(messages=messages, order=plan.order, plan=plan)
+
+
+__all__ = [
+    "BatchMessages", "Prepared", "build_batch_messages", "build_messages", "deduplicate",
+    "default_pipeline", "render_planned", "reorder",
+]

@@ -1,0 +1,206 @@
+"""The online rewrite every engine hook uses: reorder → de-duplicate → render.
+
+``ContextPipeline.prepare`` turns a request's context blocks (retrieval order) into
+the text that goes before the user's question; ``rewrite_messages`` does the whole
+chat-message rewrite, including replaying earlier turns of a conversation exactly as
+the engine saw them (so the history is a cached prefix and de-duplicated references
+always point at text that is really in the prompt).
+
+Errors: ``InvalidBlocks`` (a ``ValueError``) for input the API should reject with a
+400; requests over ``max_blocks_per_request`` are rendered in their given order with
+no reordering, dedup or annotation (nothing is lost, nothing is reordered).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Sequence
+
+from .annotate import labels_for, render_annotation, render_block, render_reference
+from .blocks import block_id, estimate_tokens
+from .config import Config, load_config
+from .dedup import Deduplicator
+from .index import ContextIndex
+
+_REF_SALT = 0x9E3779B97F4A7C15  # reference items get ids distinct from their block's
+
+
+class InvalidBlocks(ValueError):
+    """The request's context blocks are malformed (maps to HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    context_text: str
+    order: list[int]  # original index of each rendered item
+    block_ids: list[int]  # content id of each rendered item
+    full: list[bool]  # rendered in full (True) or as a reference hint (False)
+    token_lengths: list[int]  # estimated tokens of each rendered item
+    group_key: str
+    tokens_saved: int
+    namespace: str
+    reordered: bool
+    conversation: Hashable | None = None
+    extra: dict = field(default_factory=dict)
+
+    def index_path(self) -> list[int]:
+        """The ids the index records: references are keyed apart from full blocks."""
+        return [b if f else b ^ _REF_SALT for b, f in zip(self.block_ids, self.full)]
+
+
+def validate_blocks(blocks: Any) -> list[str]:
+    """Return ``blocks`` as a list of str or raise ``InvalidBlocks`` with the reason."""
+    if not isinstance(blocks, (list, tuple)):
+        raise InvalidBlocks(f"context_blocks must be a list of strings, got {type(blocks).__name__}")
+    for i, b in enumerate(blocks):
+        if not isinstance(b, str):
+            raise InvalidBlocks(f"context_blocks[{i}] must be a string, got {type(b).__name__}")
+    return list(blocks)
+
+
+def namespace_of(messages_before: Sequence[Any]) -> str:
+    """Stable key of the prompt text before the blocks (model-independent)."""
+    data = json.dumps(list(messages_before), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+class ContextPipeline:
+    def __init__(self, config: Config | None = None, index: ContextIndex | None = None,
+                 deduplicator: Deduplicator | None = None):
+        self.config = config or load_config()
+        self.index = index or ContextIndex(max_nodes=self.config.index_max_nodes)
+        self.dedup = deduplicator or Deduplicator(
+            max_conversations=self.config.dedup_max_conversations,
+            max_blocks=self.config.dedup_max_blocks,
+        )
+
+    # -- one request's blocks ----------------------------------------------------
+    def prepare(self, blocks: Any, conversation_id: str | None = None, tenant: str = "",
+                namespace: str = "", available: frozenset | None = None) -> Prepared:
+        """Choose order and dedup for ``blocks`` and render them (see module docs)."""
+        texts = validate_blocks(blocks)
+        cfg = self.config
+        ids = [block_id(t) for t in texts]
+        conv = (tenant, conversation_id) if conversation_id is not None and cfg.dedup else None
+        plain = len(texts) > cfg.max_blocks_per_request or not (cfg.reorder or cfg.dedup or cfg.annotate)
+        if plain:
+            order = list(range(len(texts)))
+        elif cfg.reorder:
+            order = self.index.best_order(ids, namespace=namespace)
+        else:
+            order = list(range(len(texts)))
+        rendered_ids = [ids[i] for i in order]
+        if plain:
+            full = [True] * len(order)
+        elif conv is not None:
+            full = self.dedup.mark(conv, rendered_ids, commit=False, available=available)
+        else:  # still collapse copies repeated inside this one request
+            seen: set[int] = set()
+            full = []
+            for b in rendered_ids:
+                full.append(b not in seen)
+                seen.add(b)
+        labels = labels_for(ids)
+        parts, lengths, saved = [], [], 0
+        for i, is_full in zip(order, full):
+            label = labels[ids[i]]
+            piece = render_block(label, texts[i]) if is_full or plain else render_reference(label)
+            if plain:
+                piece = texts[i]
+            parts.append(piece)
+            n = estimate_tokens(piece)
+            lengths.append(n)
+            if not is_full:
+                saved += max(0, estimate_tokens(render_block(label, texts[i])) - n)
+        reordered = order != list(range(len(order)))
+        if cfg.annotate and cfg.reorder and not plain and len(set(ids)) > 1:
+            parts.append(render_annotation([labels[b] for b in ids]))
+        first = f"{rendered_ids[0]:016x}" if rendered_ids else ""
+        return Prepared(
+            context_text="\n\n".join(parts),
+            order=order,
+            block_ids=rendered_ids,
+            full=full,
+            token_lengths=lengths,
+            group_key=f"{namespace}:{first}",
+            tokens_saved=saved,
+            namespace=namespace,
+            reordered=reordered,
+            conversation=conv,
+        )
+
+    def commit(self, request_id: Hashable, prep: Prepared, base_offset: int = 0) -> None:
+        """Record what was sent: the index learns the path, dedup the blocks sent."""
+        if self.config.reorder:
+            self.index.record(request_id, prep.index_path(), namespace=prep.namespace,
+                              token_lengths=prep.token_lengths, base_offset=base_offset)
+        if prep.conversation is not None:
+            self.dedup.mark(prep.conversation, prep.block_ids, commit=True)
+
+    # -- whole chat requests ---------------------------------------------------
+    def rewrite_messages(self, messages: Any, blocks: Any, conversation_id: str | None = None,
+                         tenant: str = "") -> tuple[list[dict], Prepared]:
+        """Messages with the blocks rendered into the last user turn; input is not mutated.
+
+        Earlier user turns of the same conversation are replayed as they were sent.
+        Raises ``InvalidBlocks`` for malformed blocks or messages without a user turn.
+        """
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+            raise InvalidBlocks("messages must be a list of objects")
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        if last_user is None:
+            raise InvalidBlocks("context_blocks needs a user message to attach to")
+        conv = (tenant, conversation_id) if conversation_id is not None and self.config.dedup else None
+        out = [dict(m) for m in messages]
+        available: set[int] = set()
+        if conv is not None:
+            for m in out[:last_user]:
+                if m.get("role") == "user":
+                    key = _content_key(m.get("content"))
+                    hit = self.dedup.rendered_turn(conv, key) if key is not None else None
+                    if hit is not None:
+                        m["content"] = hit[0]
+                        available |= hit[1]
+        prep = self.prepare(blocks, conversation_id=conversation_id, tenant=tenant,
+                            namespace=namespace_of(out[:last_user]),
+                            available=frozenset(available) if conv is not None else None)
+        question = out[last_user].get("content")
+        out[last_user]["content"] = _with_context(prep.context_text, question)
+        if conv is not None:
+            key = _content_key(question)
+            if key is not None:
+                full_ids = [b for b, f in zip(prep.block_ids, prep.full) if f]
+                self.dedup.remember_turn(conv, key, out[last_user]["content"], full_ids)
+        return out, prep
+
+    # -- engine feedback -------------------------------------------------------
+    def evict(self, request_id: Hashable, from_token: int | None = None) -> int:
+        if from_token is None:
+            return self.index.evict(request_ids=[request_id])
+        return self.index.evict_from_token(request_id, from_token)
+
+    def evict_path(self, namespace: str, path: Sequence[int]) -> int:
+        return self.index.evict_path(path, namespace=namespace)
+
+    def reset(self) -> None:
+        self.index.reset()
+
+
+def _content_key(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
+    return None
+
+
+def _with_context(context_text: str, question: Any) -> Any:
+    """The user turn with the context in front of the question, keeping its shape."""
+    if not context_text:
+        return question
+    if isinstance(question, list):
+        return [{"type": "text", "text": context_text}] + list(question)
+    if question is None or question == "":
+        return context_text
+    return f"{context_text}\n\n{question}"
