@@ -60,7 +60,9 @@ def validate_blocks(blocks: Any) -> list[str]:
 
 
 def namespace_of(messages_before: Sequence[Any]) -> str:
-    """Stable key of the prompt text before the blocks (model-independent)."""
+    """Stable key of the prompt text before the blocks; "" when there is none."""
+    if not messages_before:
+        return ""
     data = json.dumps(list(messages_before), sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 

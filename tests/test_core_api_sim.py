@@ -1,0 +1,51 @@
+"""Public API and the prefix-cache simulator."""
+from collections import Counter
+
+import cp_engine
+from cp_engine.sim import PrefixCacheSim, bound, simulate
+
+
+def test_public_api_names():
+    for name in cp_engine.__all__:
+        assert hasattr(cp_engine, name)
+
+
+def test_build_batch_messages_covers_every_item_once():
+    items = [(["a", "b", "c"], "q0"), (["c", "b", "d"], "q1"), (["x"], "q2"), ([], "q3")]
+    batch = cp_engine.build_batch_messages(items, system="S")
+    seen = [i for i, _ in batch]
+    assert sorted(seen) == [0, 1, 2, 3]
+    for i, msgs in batch:
+        assert msgs[0] == {"role": "system", "content": "S"}
+        assert msgs[-1]["content"].endswith(items[i][1])
+        for block in items[i][0]:
+            assert block in msgs[-1]["content"]
+    # the two requests sharing b and c start with the same rendered prefix
+    c0, c1 = batch.messages[0][-1]["content"], batch.messages[1][-1]["content"]
+    assert c0[:40] == c1[:40]
+
+
+def test_build_messages_and_reorder_online():
+    pipe = cp_engine.ContextPipeline(cp_engine.Config())
+    m1 = cp_engine.build_messages(["d1", "d2", "d3"], "q", pipeline=pipe)
+    assert m1[-1]["role"] == "user"
+    assert cp_engine.reorder(["d3", "d2", "d1"], pipeline=pipe) == ["d1", "d2", "d3"]
+    assert cp_engine.deduplicate("c", ["x", "y", "x"], pipeline=pipe) == [True, True, False]
+
+
+def test_simulator_lru_and_bound():
+    seqs = [[1, 2, 3], [1, 2, 4], [1, 2, 3], [5]]
+    assert simulate(seqs).hits == 5
+    assert simulate(seqs, capacity=3).hits == 4
+    assert bound(seqs) == 0.5
+    sim = PrefixCacheSim(capacity=2)
+    for s in seqs:
+        sim.access(s)
+        assert len(sim) <= max(2, len(s))
+
+
+def test_simulator_weights():
+    seqs = [["a", "b"], ["a", "c"]]
+    res = simulate(seqs, weights={"a": 10, "b": 1, "c": 1})
+    assert res.hits == 10 and res.total == 22
+    assert Counter(b for s in seqs for b in s)["a"] == 2

@@ -1,0 +1,144 @@
+"""Dedup, annotation and the online pipeline: properties that must always hold."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from cp_engine.annotate import labels_for, parse_annotation, render_annotation
+from cp_engine.blocks import block_id, short_label
+from cp_engine.config import Config
+from cp_engine.dedup import Deduplicator
+from cp_engine.pipeline import ContextPipeline, InvalidBlocks
+
+words = st.sampled_from(["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"])
+block_texts = st.lists(words.map(lambda w: f"Document about {w}."), max_size=10)
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=30))
+def test_annotation_recovers_original_order(ids):
+    labels = labels_for(ids)
+    text = "blocks...\n\n" + render_annotation([labels[b] for b in ids]) + "\n\nquestion"
+    recovered = parse_annotation(text)
+    by_label = {v: k for k, v in labels.items()}
+    assert [by_label[lab] for lab in recovered] == list(dict.fromkeys(ids))
+
+
+def test_labels_lengthen_on_collision():
+    a = 0x1234567800000001
+    b = 0x1234567800000002
+    labels = labels_for([a, b])
+    assert labels[a] != labels[b] and len(labels[a]) == 16
+    assert labels_for([a])[a] == short_label(a)
+
+
+@given(st.lists(st.lists(st.integers(0, 20), max_size=8), max_size=6))
+def test_dedup_never_drops_a_first_occurrence(turns):
+    d = Deduplicator()
+    seen = set()
+    for ids in turns:
+        flags = d.mark("conv", ids)
+        for b, full in zip(ids, flags):
+            if b not in seen:
+                assert full, "first occurrence replaced by a reference"
+                seen.add(b)
+            else:
+                assert not full
+
+
+def test_dedup_bounds_and_tenants():
+    d = Deduplicator(max_conversations=2, max_blocks=3)
+    d.mark(("t1", "c"), [1, 2, 3, 4])
+    assert d.mark(("t2", "c"), [1], commit=False) == [True]  # other tenant sees nothing
+    assert d.mark(("t1", "c"), [1, 4], commit=False) == [True, False]  # 1 was forgotten (bound 3)
+    d.mark(("t1", "x"), [9])
+    d.mark(("t1", "y"), [9])
+    assert len(d) == 2
+
+
+def pipe(**cfg):
+    return ContextPipeline(Config(**cfg))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(block_texts, min_size=1, max_size=4))
+def test_pipeline_round_trip_multi_turn(turn_blocks):
+    """Every block's text is in the prompt the model sees, in full, exactly once per
+    conversation; references only point to blocks shown in full earlier; the
+    annotation states the original order."""
+    p = pipe()
+    history = [{"role": "system", "content": "sys"}]
+    for t, blocks in enumerate(turn_blocks):
+        messages = history + [{"role": "user", "content": f"question {t}"}]
+        out, prep = p.rewrite_messages(messages, blocks, conversation_id="c")
+        p.commit(("req", t), prep)
+        prompt = "\n".join(m["content"] for m in out)
+        for text in blocks:
+            assert text in prompt
+        shown = "\n".join(m["content"] for m in out if m["role"] == "user")
+        ids = [block_id(x) for x in blocks]
+        labels = labels_for(ids)
+        for b in set(ids):
+            assert f"[Doc {labels[b]}]\n" in shown  # shown in full somewhere in the prompt
+        last = out[-1]["content"]
+        if len(set(ids)) > 1:
+            assert parse_annotation(last) == [labels[b] for b in dict.fromkeys(ids)]
+        assert sorted(prep.order) == list(range(len(blocks)))
+        history = out[:-1] + [messages[-1], {"role": "assistant", "content": f"answer {t}"}]
+
+
+def test_history_replay_makes_previous_prompt_a_prefix():
+    p = pipe()
+    m1 = [{"role": "user", "content": "Q1"}]
+    out1, prep1 = p.rewrite_messages(m1, ["d1", "d2"], conversation_id="c")
+    p.commit(1, prep1)
+    m2 = m1 + [{"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    out2, prep2 = p.rewrite_messages(m2, ["d2", "d3"], conversation_id="c")
+    assert out2[0] == out1[0]
+    assert prep2.full == [False, True] or prep2.full == [True, False]
+    assert prep2.tokens_saved >= 0
+    assert "d2" not in out2[-1]["content"].replace("[Doc", "")  # d2's text not repeated
+
+
+def test_reorder_aligns_with_indexed_prefix():
+    p = pipe()
+    out1, prep1 = p.rewrite_messages([{"role": "user", "content": "q"}], ["a", "b", "c"])
+    p.commit(1, prep1)
+    out2, prep2 = p.rewrite_messages([{"role": "user", "content": "q2"}], ["c", "b", "a"])
+    assert prep2.block_ids == prep1.block_ids
+    ctx1 = out1[0]["content"].split("Relevance ranking")[0]
+    assert out2[0]["content"].startswith(ctx1)
+
+
+def test_flags_off_render_plain_and_keep_everything():
+    p = pipe(reorder=False, dedup=False, annotate=False)
+    out, prep = p.rewrite_messages([{"role": "user", "content": "q"}], ["b", "a", "b"], conversation_id="c")
+    assert out[0]["content"] == "b\n\na\n\nb\n\nq"
+    assert prep.order == [0, 1, 2]
+
+
+def test_over_limit_passes_blocks_through_in_order():
+    p = pipe(max_blocks_per_request=2)
+    out, prep = p.rewrite_messages([{"role": "user", "content": "q"}], ["z", "y", "x"])
+    assert out[0]["content"] == "z\n\ny\n\nx\n\nq" and prep.order == [0, 1, 2]
+
+
+@pytest.mark.parametrize("blocks", [None, "text", [1, 2], ["ok", None], {"a": 1}])
+def test_invalid_blocks_raise_clear_error(blocks):
+    with pytest.raises(InvalidBlocks, match="context_blocks"):
+        pipe().rewrite_messages([{"role": "user", "content": "q"}], blocks)
+
+
+def test_no_user_message_is_invalid_and_input_not_mutated():
+    msgs = [{"role": "system", "content": "s"}]
+    with pytest.raises(InvalidBlocks, match="user message"):
+        pipe().rewrite_messages(msgs, ["a"])
+    user = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    out, _ = pipe().rewrite_messages(user, ["a"])
+    assert user == [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    assert out[0]["content"][0]["type"] == "text" and out[0]["content"][1] == {"type": "text", "text": "q"}
+
+
+def test_eviction_feedback_stops_alignment():
+    p = pipe()
+    _, prep = p.rewrite_messages([{"role": "user", "content": "q"}], ["a", "b", "c"])
+    p.commit("r1", prep)
+    p.evict_path(prep.namespace, prep.index_path()[:1])
+    assert p.index.match_length(prep.index_path(), prep.namespace) == 0
