@@ -7,10 +7,13 @@ block prefixes, so an engine's prefix cache reuses their KV.
 
 How: with an unbounded cache, blocks served from cache = total blocks − nodes of the
 prefix tree of all served sequences, so the planner builds a small tree:
-1. a frequency-greedy split (most valuable shared block first, recursively per group);
+1. candidate trees: a frequency-greedy split (most valuable shared block first,
+   recursively per group), and — where rarer shared blocks carry the sharing, as with
+   real BM25 retrieval — bottom-up clustering that merges the most alike requests;
 2. local search: take one request out of the tree and put it back below the deepest
    node whose path it fully contains — this never grows the tree, and it repairs
-   requests that the greedy split tore from the group they share most with;
+   requests that the first pass tore from the group they share most with; the
+   smaller tree wins;
 3. a depth-first schedule, largest subtree first, so a bounded LRU cache still holds
    the shared prefix while its group runs.
 No N×N matrix is built: work is proportional to the total number of blocks.
@@ -113,6 +116,108 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float]) -> list[list[int]]:
     return prefix
 
 
+def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
+                    candidates: int = 8) -> list[list[int]]:
+    """Bottom-up clustering: repeatedly merge the two clusters whose shared blocks
+    (the intersection of their members' blocks) weigh most; ties go to the tighter
+    pair (smaller intersections before the merge, i.e. more alike). Each merge is a
+    tree node whose blocks become the shared prefix of all its members.
+
+    Candidate partners come from an inverted index; blocks held by more than
+    ``hot_cap`` clusters are skipped when looking for candidates (they still count
+    in the exact score) — popular blocks are the greedy split's strength, rare shared
+    blocks are this one's.
+    """
+    inter: list[set[int]] = [set(s) for s in sets]
+    alive = [True] * len(sets)
+    parent = [-1] * len(sets)
+    postings: dict[int, set[int]] = defaultdict(set)
+    for c, members in enumerate(inter):
+        for b in members:
+            postings[b].add(c)
+
+    def ranked_partners(x: int) -> list[int]:
+        """Partners that can have the best exact score with x."""
+        acc: dict[int, float] = defaultdict(float)
+        skipped = 0.0  # weight of x's hot blocks, absent from acc
+        for b in inter[x]:
+            holders = postings[b]
+            if len(holders) > hot_cap:
+                skipped += w[b]
+                continue
+            wb = w[b]
+            for y in holders:
+                acc[y] += wb
+        acc.pop(x, None)
+        if not acc:
+            return []
+        # exact(x, y) <= acc[y] + skipped, so only these can reach the top acc value.
+        floor = max(acc.values()) - skipped
+        ranked = [y for y, v in acc.items() if v >= floor]
+        if len(ranked) > candidates:
+            ranked = heapq.nlargest(candidates, ranked, key=lambda y: (acc[y], -y))
+        return ranked
+
+    def exact(x: int, y: int) -> tuple[float, int]:
+        shared = inter[x] & inter[y]
+        return sum(w[b] for b in shared), len(inter[x]) + len(inter[y])
+
+    heap: list[tuple[float, int, int, int]] = []
+
+    def push_best(x: int) -> None:
+        # Scores only fall as clusters merge, so a heap entry is an upper bound and
+        # the first valid entry popped is the best merge overall.
+        best = None
+        for y in ranked_partners(x):
+            score, spread = exact(x, y)
+            if score > 0 and (best is None or (score, -spread, -y) > (best[0], -best[1], -best[2])):
+                best = (score, spread, y)
+        if best is not None:
+            heapq.heappush(heap, (-best[0], best[1], x, best[2]))
+
+    for x in range(len(sets)):
+        push_best(x)
+    while heap:
+        _, _, x, y = heapq.heappop(heap)
+        if not alive[x]:
+            continue
+        if not alive[y]:
+            push_best(x)
+            continue
+        c = len(inter)
+        shared = inter[x] & inter[y]
+        inter.append(shared)
+        alive.append(True)
+        parent.append(-1)
+        for z in (x, y):
+            alive[z] = False
+            parent[z] = c
+            for b in inter[z]:
+                postings[b].discard(z)
+        for b in shared:
+            postings[b].add(c)
+        push_best(c)
+
+    increments: dict[int, list[int]] = {}
+
+    def increment(c: int) -> list[int]:
+        inc = increments.get(c)
+        if inc is None:
+            p = parent[c]
+            inc = increments[c] = _tail_order(list(inter[c] - inter[p]) if p >= 0 else list(inter[c]), freq)
+        return inc
+
+    orders = []
+    for r in range(len(sets)):
+        chain = []
+        c = r
+        while c >= 0:
+            chain.append(c)
+            c = parent[c]
+        orders.append([b for node in reversed(chain) for b in increment(node)])
+    return orders
+
+
 def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]], w: list[float],
                   freq: list[int], passes: int) -> int:
     """Re-insert each request at the deepest node it fully contains; returns passes run."""
@@ -156,7 +261,29 @@ def _depth_first_order(trie: BlockTrie, paths: list[list[int]]) -> list[int]:
     return order
 
 
-def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 3) -> BatchPlan:
+# Postings visited by the clustering's candidate search, roughly (~0.2 s per million
+# on one core); above it the cap on "hot" blocks is lowered.
+_CLUSTER_WORK_BUDGET = 3_000_000
+# When blocks held by more than the cap carry this share of all sharing, popularity
+# dominates and the greedy split wins (synthetic Zipf workloads): skip clustering.
+_HOT_SHARE_LIMIT = 0.3
+
+
+def _cluster_cap(freq: list[int]) -> int | None:
+    """Hot-block cap for the clustering, or None when it would not pay off."""
+    shared = sum(f - 1 for f in freq if f > 1)
+    if shared == 0:
+        return None
+    ladder = sorted({max(freq), 2048, 1024, 512, 256, 128}, reverse=True)
+    for cap in ladder:
+        if sum(f * f for f in freq if 1 < f <= cap) <= _CLUSTER_WORK_BUDGET:
+            hot = sum(f - 1 for f in freq if f > cap)
+            return cap if hot <= _HOT_SHARE_LIMIT * shared else None
+    return None
+
+
+def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 2,
+               strategy: str = "auto") -> BatchPlan:
     """Plan a batch for prefix sharing (see module docstring).
 
     ``contexts``: list of block lists (blocks are any hashables, e.g. text or ids;
@@ -164,7 +291,13 @@ def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 3) ->
     block → tokens, or one list of lengths per context; weights the choice of shared
     prefixes. Repeated blocks inside one request keep their first place in the shared
     order; the extra copies go to the end of that request.
+
+    ``strategy``: ``"greedy"`` (top-down split by the most valuable shared block),
+    ``"cluster"`` (bottom-up merging of the most alike requests), or ``"auto"``: both
+    where clustering can pay off, keeping the smaller prefix tree.
     """
+    if strategy not in ("auto", "greedy", "cluster"):
+        raise ValueError(f"strategy must be auto, greedy or cluster, got {strategy!r}")
     ctxs = _validate(contexts)
     dense: dict[Hashable, int] = {}
     originals: list[Hashable] = []
@@ -188,16 +321,29 @@ def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 3) ->
         for b in s:
             freq[b] += 1
 
-    prefixes = _greedy_prefixes(sets, w)
-    orders = []
-    for s, head in zip(sets, prefixes):
-        placed = set(head)
-        orders.append(head + _tail_order([b for b in s if b not in placed], freq))
+    candidates: list[tuple[str, list[list[int]]]] = []
+    if strategy in ("auto", "greedy"):
+        prefixes = _greedy_prefixes(sets, w)
+        orders = []
+        for s, head in zip(sets, prefixes):
+            placed = set(head)
+            orders.append(head + _tail_order([b for b in s if b not in placed], freq))
+        candidates.append(("greedy", orders))
+    cap = _cluster_cap(freq) if strategy == "auto" else max(freq, default=1)
+    if strategy == "cluster" or (strategy == "auto" and cap is not None):
+        candidates.append(("cluster", _cluster_orders(sets, w, freq, hot_cap=cap)))
 
-    trie = BlockTrie()
-    paths = [trie.insert(o, [w[b] for b in o]) for o in orders]
-    greedy_nodes = trie.size
-    passes = _local_search(trie, orders, paths, w, freq, local_search_passes) if local_search_passes else 0
+    best = None
+    tried = {}
+    for name, orders in candidates:
+        trie = BlockTrie()
+        paths = [trie.insert(o, [w[b] for b in o]) for o in orders]
+        before = trie.size
+        passes = _local_search(trie, orders, paths, w, freq, local_search_passes) if local_search_passes else 0
+        tried[name] = {"tree_nodes_before_local_search": before, "tree_nodes": trie.size, "passes": passes}
+        if best is None or trie.size < best[1].size:
+            best = (name, trie, orders, paths)
+    name, trie, orders, paths = best
     schedule = _depth_first_order(trie, paths)
 
     out = [[originals[b] for b in o] + [originals[b] for b in extra] for o, extra in zip(orders, extras)]
@@ -206,9 +352,9 @@ def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 3) ->
         "requests": len(ctxs),
         "unique_blocks": len(originals),
         "total_blocks": total,
-        "tree_nodes_greedy": greedy_nodes,
+        "strategy": name,
+        "strategies": tried,
         "tree_nodes": trie.size,
-        "local_search_passes": passes,
         # Exact for a block-level cache with unlimited capacity (distinct blocks only).
         "predicted_hit_ratio": (total - trie.size) / total if total else 0.0,
     }

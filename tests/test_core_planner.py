@@ -98,7 +98,8 @@ def test_predicted_hit_ratio_matches_unbounded_simulation():
 def test_local_search_never_grows_the_tree():
     contexts = zipf_workload(300, seed=5)
     plan = plan_batch(contexts)
-    assert plan.stats["tree_nodes"] <= plan.stats["tree_nodes_greedy"]
+    for tried in plan.stats["strategies"].values():
+        assert tried["tree_nodes"] <= tried["tree_nodes_before_local_search"]
     no_ls = plan_batch(contexts, local_search_passes=0)
     assert simulate(plan.scheduled()).hits >= simulate(no_ls.scheduled()).hits
 
@@ -110,3 +111,39 @@ def test_schedule_is_depth_first_groups_contiguous():
     # requests sharing a first block run consecutively
     runs = [b for i, b in enumerate(firsts) if i == 0 or firsts[i - 1] != b]
     assert len(runs) == len(set(runs))
+
+
+def clustered_workload(n_topics=30, per_topic=8, seed=1):
+    """Requests drawn from topics: each topic has its own documents plus a few
+    popular cross-topic documents, like BM25 top-k over a knowledge base."""
+    rng = random.Random(seed)
+    popular = list(range(1000, 1010))
+    out = []
+    for t in range(n_topics):
+        topic_docs = list(range(t * 20, t * 20 + 20))
+        for _ in range(per_topic):
+            docs = rng.sample(topic_docs[:8], 4) + rng.sample(topic_docs[8:], 3) + rng.sample(popular, 2)
+            rng.shuffle(docs)
+            out.append(docs)
+    rng.shuffle(out)
+    return out
+
+
+@pytest.mark.parametrize("make", [zipf_workload, clustered_workload])
+def test_auto_is_at_least_as_good_as_each_strategy(make):
+    contexts = make(300) if make is zipf_workload else make()
+    hits = {s: simulate(plan_batch(contexts, strategy=s).scheduled()).hits for s in ("greedy", "cluster", "auto")}
+    assert hits["auto"] >= max(hits["greedy"], hits["cluster"]) or plan_batch(contexts).stats["strategy"] == "greedy"
+    assert hits["auto"] >= hits["greedy"]
+
+
+def test_clustering_beats_greedy_on_topic_clustered_retrieval():
+    contexts = clustered_workload()
+    greedy = simulate(plan_batch(contexts, strategy="greedy").scheduled()).hits
+    cluster = simulate(plan_batch(contexts, strategy="cluster").scheduled()).hits
+    assert cluster > greedy
+
+
+def test_unknown_strategy_rejected():
+    with pytest.raises(ValueError, match="strategy"):
+        plan_batch([[1]], strategy="magic")
