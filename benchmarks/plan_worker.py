@@ -1,0 +1,60 @@
+"""Plan one workload with one planner in a fresh process, for a fair peak-memory reading.
+
+    python -m benchmarks.plan_worker METHOD IN.json OUT.json
+
+METHOD: ``arrival``, ``greedy`` (benchmarks.baselines) or ``cp_engine``
+(``cp_engine.planner.plan_batch(contexts)``, the exact public call). Writes the plan
+(``contexts``, ``order``) with ``seconds`` (wall time of the planning call only) and
+``peak_rss_delta_mb`` (process peak RSS minus RSS just before the call: the memory the
+planner itself needed, without interpreter, imports and the input).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def planner(method: str):
+    if method == "cp_engine":
+        from cp_engine.planner import plan_batch
+
+        return plan_batch
+    from benchmarks.baselines import PLANNERS
+
+    return PLANNERS[method]
+
+
+def main(argv: list[str]) -> int:
+    method, src, dst = argv[1:4]
+    contexts = json.loads(Path(src).read_text())
+    plan_fn = planner(method)
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    plan = plan_fn(contexts)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {
+        "contexts": [list(c) for c in plan.contexts],
+        "order": [int(i) for i in plan.order],
+        "seconds": seconds,
+        "peak_rss_delta_mb": max(0.0, peak - before),
+        "stats": getattr(plan, "stats", {}) or {},
+    }
+    Path(dst).write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
