@@ -1,0 +1,398 @@
+"""Local, non-blocking channel from the engine's scheduler process to the API server.
+
+Contract:
+- transport: a ZeroMQ PUSH → PULL pair over an ``ipc://`` socket file named after the
+  server instance, inside a private directory (mode 0700, owned by this user, never
+  a symlink); the socket file is chmod 0600 after bind. Never TCP.
+- wire format: one JSON object per message (UTF-8, at most ``MAX_MESSAGE_BYTES``),
+  ``{"v": 1, "op": ...}`` with plain fields only; nothing is ever unpickled.
+  Ops: ``evict_path`` (``ns`` str, ``path`` list of 16-hex-digit block ids),
+  ``evict`` (``rid`` str, ``from`` int >= 0), ``reset``, ``metrics`` (``items``:
+  ``[name, {label: value}, delta]`` triples).
+- ``Sender.send`` never blocks and never raises: ``NOBLOCK`` with a bounded high-water
+  mark; a message that does not fit is dropped and counted (``channel_dropped``).
+- ``Receiver`` runs one daemon thread that validates every message (malformed ones are
+  ignored and counted as ``channel_malformed``) and hands valid ones to ``apply``;
+  an exception from ``apply`` is counted and never stops the thread.
+- one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a sender whose instance has a
+  receiver in the same process hands messages to it directly (bounded queue), with
+  the same validation and drop rules.
+pyzmq is imported lazily: it ships with vLLM and SGLang, not with cp_engine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import re
+import stat
+import tempfile
+import threading
+from typing import Any, Callable
+
+from . import metrics
+
+__all__ = [
+    "MAX_MESSAGE_BYTES", "ChannelError", "Sender", "Receiver", "socket_dir", "socket_path",
+    "parse_message", "encode", "apply_to_pipeline", "engine_sender", "start_receiver",
+    "stop_all",
+]
+
+logger = logging.getLogger("cp_engine.hooks")
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 256 * 1024
+MAX_PATH = 4096  # block ids per evict_path (the request-level block cap)
+MAX_METRIC_ITEMS = 256
+DEFAULT_HWM = 1024
+_HEX16 = re.compile(r"[0-9a-f]{16}\Z")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes on Linux; keep a margin
+
+
+class ChannelError(RuntimeError):
+    """The channel cannot be set up safely (the caller runs without eviction sync)."""
+
+
+# --------------------------------------------------------------------------- paths
+def socket_dir() -> str:
+    """Private directory for this user's channel sockets, created 0700 if missing.
+
+    Raises ``ChannelError`` when the directory exists but is not a real directory
+    owned by this user, or cannot be made private.
+    """
+    uid = os.getuid()
+    base = os.environ.get("XDG_RUNTIME_DIR") or ""
+    if not base or not os.path.isdir(base):
+        base = tempfile.gettempdir()
+    path = os.path.join(base, f"cp_engine-{uid}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ChannelError(f"cannot create {path}: {exc}") from exc
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        raise ChannelError(f"{path} is not a directory owned by uid {uid}")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)  # ours: tighten what a lax umask left
+    return path
+
+
+def socket_path(instance_id: str) -> str:
+    if not _SAFE_ID.match(instance_id or ""):
+        raise ChannelError(f"unusable instance id {instance_id!r}")
+    path = os.path.join(socket_dir(), f"{instance_id}.sock")
+    if len(path.encode()) > _IPC_PATH_MAX:
+        raise ChannelError(f"socket path too long for ipc: {path}")
+    return path
+
+
+# --------------------------------------------------------------------------- format
+def encode(msg: dict) -> bytes:
+    return json.dumps({"v": VERSION, **msg}, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _bad(reason: str) -> None:
+    metrics.inc("channel_malformed", 1)
+    logger.debug("cp_engine channel: ignored malformed message (%s)", reason)
+    return None
+
+
+def parse_message(raw: Any) -> dict | None:
+    """A validated, normalised message, or ``None`` (counted) for anything else."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        if len(raw) > MAX_MESSAGE_BYTES:
+            return _bad("too large")
+        try:
+            obj = json.loads(bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return _bad("not JSON")
+    else:
+        obj = raw
+    if not isinstance(obj, dict) or obj.get("v") != VERSION:
+        return _bad("not a v1 object")
+    op = obj.get("op")
+    if op == "evict_path":
+        ns, path = obj.get("ns"), obj.get("path")
+        if not isinstance(ns, str) or len(ns) > 256:
+            return _bad("ns")
+        if not isinstance(path, list) or not 0 < len(path) <= MAX_PATH:
+            return _bad("path length")
+        if not all(isinstance(h, str) and _HEX16.match(h) for h in path):
+            return _bad("path ids")
+        return {"op": op, "ns": ns, "path": [int(h, 16) for h in path]}
+    if op == "evict":
+        rid, start = obj.get("rid"), obj.get("from")
+        if not isinstance(rid, str) or not 0 < len(rid) <= 512:
+            return _bad("rid")
+        if start is not None and (type(start) is not int or start < 0):
+            return _bad("from")
+        return {"op": op, "rid": rid, "from": start}
+    if op == "reset":
+        return {"op": op}
+    if op == "metrics":
+        items = obj.get("items")
+        if not isinstance(items, list) or len(items) > MAX_METRIC_ITEMS:
+            return _bad("metrics items")
+        out = []
+        for it in items:
+            if not (isinstance(it, list) and len(it) == 3 and isinstance(it[0], str)
+                    and isinstance(it[1], dict) and type(it[2]) in (int, float)
+                    and math.isfinite(it[2])
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in it[1].items())):
+                return _bad("metrics item")
+            out.append((it[0], it[1], it[2]))
+        return {"op": op, "items": out}
+    return _bad(f"unknown op {op!r}")
+
+
+def hex_ids(ids) -> list[str]:
+    """Wire form of block ids (uint64 → 16 hex digits)."""
+    return [format(int(b) & 0xFFFFFFFFFFFFFFFF, "016x") for b in ids]
+
+
+def apply_to_pipeline(pipe: Any) -> Callable[[dict], None]:
+    """The API server's handler: apply a validated message to ``pipe``."""
+
+    def apply(msg: dict) -> None:
+        op = msg["op"]
+        if op == "evict_path":
+            removed = pipe.evict_path(msg["ns"], msg["path"])
+            metrics.inc("evictions_applied", 1)
+            logger.debug("cp_engine: evict_path ns=%s depth=%d removed=%s", msg["ns"], len(msg["path"]), removed)
+        elif op == "evict":
+            pipe.evict(msg["rid"], from_token=msg["from"])
+            metrics.inc("evictions_applied", 1)
+        elif op == "reset":
+            pipe.reset()
+            metrics.inc("cache_resets_applied", 1)
+        elif op == "metrics":
+            metrics.merge(msg["items"])
+
+    return apply
+
+
+# --------------------------------------------------------------------------- receiver
+_local_lock = threading.Lock()
+_local_receivers: dict[str, "Receiver"] = {}
+
+
+class Receiver:
+    """Binds the instance's socket and applies messages on one daemon thread."""
+
+    def __init__(self, instance_id: str, apply: Callable[[dict], None], hwm: int = DEFAULT_HWM,
+                 poll_ms: int = 50) -> None:
+        self.instance_id = instance_id
+        self.apply = apply
+        self.hwm = hwm
+        self.poll_ms = poll_ms
+        self.path = ""
+        self.received = 0
+        self.applied = 0
+        self.failed = 0
+        self._local: queue.Queue = queue.Queue(maxsize=hwm)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx = None
+        self._sock = None
+
+    def start(self) -> "Receiver":
+        import zmq
+
+        self.path = socket_path(self.instance_id)
+        if os.path.lexists(self.path):
+            # A leftover from a crashed server of the same id; ids are unique per
+            # process start, so this is ours to replace.
+            os.unlink(self.path)
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sock.bind(f"ipc://{self.path}")
+        os.chmod(self.path, 0o600)
+        self._sock = sock
+        with _local_lock:
+            _local_receivers[self.instance_id] = self
+        self._thread = threading.Thread(target=self._run, name="cp_engine-channel", daemon=True)
+        self._thread.start()
+        return self
+
+    def deliver_local(self, msg: dict) -> bool:
+        """In-process delivery (same validation as the socket); False when full."""
+        try:
+            self._local.put_nowait(msg)
+            return True
+        except queue.Full:
+            return False
+
+    def _handle(self, raw: Any) -> None:
+        self.received += 1
+        msg = parse_message(raw)
+        if msg is None:
+            return
+        try:
+            self.apply(msg)
+            self.applied += 1
+        except Exception as exc:  # the index must never take the thread down
+            self.failed += 1
+            metrics.inc("hook_failures", 1, hook="channel_apply")
+            logger.debug("cp_engine channel: apply failed: %r", exc)
+
+    def _run(self) -> None:
+        import zmq
+
+        sock = self._sock
+        while not self._stop.is_set():
+            try:
+                if sock.poll(self.poll_ms, zmq.POLLIN):
+                    for _ in range(self.hwm):  # bounded drain per wake-up
+                        try:
+                            self._handle(sock.recv(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                while True:
+                    try:
+                        self._handle(self._local.get_nowait())
+                    except queue.Empty:
+                        break
+            except zmq.ZMQError:
+                if self._stop.is_set():
+                    break
+                metrics.inc("hook_failures", 1, hook="channel_receive")
+                self._stop.wait(0.1)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        with _local_lock:
+            if _local_receivers.get(self.instance_id) is self:
+                del _local_receivers[self.instance_id]
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._sock is not None:
+            self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        self._sock = self._ctx = None
+        if self.path and os.path.lexists(self.path):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- sender
+class Sender:
+    """Engine-side end of the channel; ``send`` never blocks or raises."""
+
+    def __init__(self, instance_id: str, hwm: int = DEFAULT_HWM) -> None:
+        self.instance_id = instance_id
+        self.hwm = hwm
+        self.sent = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._ctx = None
+        self._sock = None
+        self._broken = False
+
+    def _socket(self):
+        import zmq
+
+        if self._pid != os.getpid():
+            # A zmq context does not survive fork: a forked child builds its own.
+            self._ctx = zmq.Context()
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, self.hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            # connect() needs no peer yet: messages wait (bounded by SNDHWM) until the
+            # API server binds, then flow.
+            sock.connect(f"ipc://{socket_path(self.instance_id)}")
+            self._sock = sock
+            self._pid = os.getpid()
+        return self._sock
+
+    def send(self, msg: dict) -> bool:
+        ok = False
+        try:
+            local = _local_receivers.get(self.instance_id)
+            if local is not None:
+                ok = local.deliver_local({"v": VERSION, **msg})
+            elif not self._broken:
+                import zmq
+
+                data = encode(msg)
+                if len(data) <= MAX_MESSAGE_BYTES:
+                    with self._lock:
+                        try:
+                            self._socket().send(data, zmq.NOBLOCK)
+                            ok = True
+                        except zmq.Again:
+                            ok = False
+        except ChannelError as exc:
+            self._broken = True  # an unsafe socket directory: stop trying, say why once
+            logger.warning("cp_engine channel disabled: %s", exc)
+        except Exception as exc:
+            metrics.inc("hook_failures", 1, hook="channel_send")
+            logger.debug("cp_engine channel: send failed: %r", exc)
+        if ok:
+            self.sent += 1
+            metrics.inc("channel_sent", 1)
+        else:
+            self.dropped += 1
+            metrics.inc("channel_dropped", 1)
+        return ok
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None and self._pid == os.getpid():
+                self._sock.close(0)
+                self._ctx.term()
+            self._sock = self._ctx = None
+            self._pid = -1
+
+
+# --------------------------------------------------------------------------- process singletons
+_singleton_lock = threading.Lock()
+_sender: Sender | None = None
+_receiver: Receiver | None = None
+
+
+def engine_sender() -> Sender:
+    """This process's sender, for the instance id ``hooks.runtime`` agreed on."""
+    global _sender
+    with _singleton_lock:
+        if _sender is None:
+            from .runtime import instance_id
+
+            _sender = Sender(instance_id())
+        return _sender
+
+
+def start_receiver(pipe: Any = None) -> Receiver:
+    """Start (once per process) the API server's receiver applying to ``pipe``
+    (default: the process pipeline from ``hooks.runtime``). Raises ``ChannelError``
+    or zmq errors when the socket cannot be set up; callers fail open."""
+    global _receiver
+    with _singleton_lock:
+        if _receiver is None:
+            from . import runtime
+
+            target = pipe if pipe is not None else runtime.pipeline()
+            _receiver = Receiver(runtime.instance_id(), apply_to_pipeline(target)).start()
+        return _receiver
+
+
+def stop_all() -> None:
+    """Close this process's sender and receiver (uninstall, tests)."""
+    global _sender, _receiver
+    with _singleton_lock:
+        if _receiver is not None:
+            _receiver.stop()
+        if _sender is not None:
+            _sender.close()
+        _sender = _receiver = None

@@ -1,0 +1,231 @@
+"""Unit tests for the local eviction channel (hooks/channel.py), over real ZeroMQ ipc."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import secrets
+import shutil
+import stat
+import tempfile
+import threading
+import time
+
+import pytest
+
+zmq = pytest.importorskip("zmq")
+
+from cp_engine.hooks import channel, metrics  # noqa: E402
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch):
+    # Short base path: ipc socket paths are limited to ~100 bytes.
+    base = tempfile.mkdtemp(prefix="cpch", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", base)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def ident():
+    return f"t-{secrets.token_hex(4)}"
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.msgs: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, msg: dict) -> None:
+        with self.lock:
+            self.msgs.append(msg)
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.msgs) >= n:
+                    return list(self.msgs)
+            time.sleep(0.01)
+        with self.lock:
+            return list(self.msgs)
+
+
+def _socket_inodes() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[len("socket:["):-1])
+    return out
+
+
+def _inet_inodes() -> set[str]:
+    out = set()
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f)
+                for line in f:
+                    out.add(line.split()[9])
+        except OSError:
+            pass
+    return out
+
+
+def test_round_trip_private_ipc_socket_and_no_inet(runtime_dir, ident):
+    before = _socket_inodes()
+    got = Collector()
+    recv = channel.Receiver(ident, got).start()
+    sender = channel.Sender(ident)
+    try:
+        d = os.path.dirname(recv.path)
+        assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
+        assert stat.S_ISSOCK(os.lstat(recv.path).st_mode)
+        assert stat.S_IMODE(os.lstat(recv.path).st_mode) == 0o600
+        assert recv._sock.getsockopt(zmq.LAST_ENDPOINT).decode() == f"ipc://{recv.path}"
+        # Sender is in the same process but must be exercised over the socket here.
+        channel._local_receivers.pop(ident)
+        ids = [0xFFFF_FFFF_FFFF_FFFF, 1, 0xDEADBEEF]
+        assert sender.send({"op": "evict_path", "ns": "n1", "path": channel.hex_ids(ids)})
+        assert sender.send({"op": "evict", "rid": "r1", "from": 256})
+        assert sender.send({"op": "reset"})
+        msgs = got.wait_for(3)
+        assert msgs == [
+            {"op": "evict_path", "ns": "n1", "path": ids},
+            {"op": "evict", "rid": "r1", "from": 256},
+            {"op": "reset"},
+        ]
+        new = _socket_inodes() - before
+        assert new and not (new & _inet_inodes())  # ipc only: no TCP/UDP socket opened
+    finally:
+        sender.close()
+        recv.stop()
+    assert not os.path.exists(recv.path)
+
+
+def test_malformed_messages_are_ignored_and_counted(runtime_dir, ident):
+    got = Collector()
+    recv = channel.Receiver(ident, got).start()
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.PUSH)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"ipc://{recv.path}")
+    bad = [
+        b"not json",
+        b"\xff\xfe",
+        pickle.dumps({"v": 1, "op": "reset"}),  # never unpickled
+        json.dumps([1, 2]).encode(),
+        json.dumps({"v": 2, "op": "reset"}).encode(),
+        json.dumps({"v": 1, "op": "rm -rf"}).encode(),
+        json.dumps({"v": 1, "op": "evict_path", "ns": "x", "path": ["XYZ"]}).encode(),
+        json.dumps({"v": 1, "op": "evict_path", "ns": "x", "path": []}).encode(),
+        json.dumps({"v": 1, "op": "evict_path", "ns": 3, "path": ["00" * 8]}).encode(),
+        json.dumps({"v": 1, "op": "evict", "rid": "r", "from": -1}).encode(),
+        json.dumps({"v": 1, "op": "evict", "rid": "r", "from": True}).encode(),
+        json.dumps({"v": 1, "op": "metrics", "items": [["x", {}, "NaN"]]}).encode(),
+    ]
+    before = metrics.value("channel_malformed")
+    try:
+        for b in bad:
+            raw.send(b)
+        raw.send(channel.encode({"op": "reset"}))  # a good one after the garbage
+        msgs = got.wait_for(1)
+        deadline = time.monotonic() + 10
+        while recv.received < len(bad) + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert msgs == [{"op": "reset"}]
+        assert metrics.value("channel_malformed") - before == len(bad)
+    finally:
+        raw.close(0)
+        ctx.term()
+        recv.stop()
+
+
+def test_parse_limits_without_a_socket():
+    big = b'{"v":1,"op":"reset","pad":"' + b"x" * channel.MAX_MESSAGE_BYTES + b'"}'
+    assert channel.parse_message(big) is None
+    too_deep = {"v": 1, "op": "evict_path", "ns": "", "path": ["0" * 16] * (channel.MAX_PATH + 1)}
+    assert channel.parse_message(too_deep) is None
+    ok = channel.parse_message(channel.encode({"op": "metrics", "items": [["evictions_applied", {"a": "b"}, 2]]}))
+    assert ok == {"op": "metrics", "items": [("evictions_applied", {"a": "b"}, 2)]}
+
+
+def test_sender_never_blocks_without_receiver(runtime_dir, ident):
+    sender = channel.Sender(ident, hwm=8)
+    try:
+        results = [sender.send({"op": "reset"}) for _ in range(500)]
+        assert sender.sent + sender.dropped == 500
+        assert sender.dropped > 0 and not all(results)  # bounded buffer: the rest dropped
+        assert sender.sent <= 64
+    finally:
+        sender.close()
+
+
+def test_buffered_messages_flow_once_the_receiver_binds(runtime_dir, ident):
+    sender = channel.Sender(ident, hwm=64)
+    got = Collector()
+    recv = None
+    try:
+        assert sender.send({"op": "evict", "rid": "early", "from": 0})
+        recv = channel.Receiver(ident, got).start()
+        channel._local_receivers.pop(ident)  # force the socket path
+        assert got.wait_for(1) == [{"op": "evict", "rid": "early", "from": 0}]
+    finally:
+        sender.close()
+        if recv is not None:
+            recv.stop()
+
+
+def test_in_process_delivery_and_apply_failures_do_not_stop_the_thread(runtime_dir, ident):
+    seen = Collector()
+
+    def apply(msg):
+        if msg["op"] == "evict":
+            raise RuntimeError("index bug")
+        seen(msg)
+
+    recv = channel.Receiver(ident, apply).start()
+    sender = channel.Sender(ident)
+    try:
+        assert sender.send({"op": "evict", "rid": "r", "from": 1})
+        assert sender.send({"op": "evict_path", "ns": "", "path": channel.hex_ids([7])})
+        assert seen.wait_for(1) == [{"op": "evict_path", "ns": "", "path": [7]}]
+        assert recv.failed == 1 and sender._sock is None  # never touched zmq
+    finally:
+        sender.close()
+        recv.stop()
+
+
+def test_unsafe_socket_directory_is_refused(runtime_dir, ident):
+    elsewhere = tempfile.mkdtemp(prefix="cpx", dir="/tmp")
+    try:
+        os.symlink(elsewhere, os.path.join(runtime_dir, f"cp_engine-{os.getuid()}"))
+        with pytest.raises(channel.ChannelError):
+            channel.socket_path(ident)
+        sender = channel.Sender(ident)
+        assert not sender.send({"op": "reset"})  # fails open, never raises
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+    with pytest.raises(channel.ChannelError):
+        channel.socket_path("../escape")
+
+
+def test_apply_to_pipeline_uses_the_pipeline_contract():
+    from cp_engine.pipeline import ContextPipeline
+
+    pipe = ContextPipeline()
+    blocks = ["alpha " * 50, "beta " * 50, "gamma " * 50]
+    prep = pipe.prepare(blocks, namespace="ns")
+    pipe.commit("r1", prep)
+    path = prep.index_path()
+    assert pipe.index.match_length(path, namespace="ns") == 3
+    apply = channel.apply_to_pipeline(pipe)
+    apply(channel.parse_message(channel.encode({"op": "evict_path", "ns": "ns", "path": channel.hex_ids(path[:2])})))
+    assert pipe.index.match_length(path, namespace="ns") == 1
+    apply({"op": "reset"})
+    assert pipe.index.match_length(path, namespace="ns") == 0
