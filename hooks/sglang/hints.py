@@ -1,0 +1,29 @@
+"""Hints the API server attaches to a rewritten SGLang request for the scheduler.
+
+SGLang's chat request drops unknown top-level fields, but ``custom_params`` (a dict
+of JSON scalars / lists) travels unchanged into ``SamplingParams.custom_params`` of the
+scheduler's ``Req``. The hint keys and their meaning are the vLLM adapter's
+(``cp_engine.hooks.vllm.xargs``): one definition for both engines.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..vllm.xargs import ALL_KEYS, Hints, build_xargs, read_hints
+
+__all__ = ["Hints", "attach", "of_req", "ALL_KEYS"]
+
+
+def attach(request: Any, prep: Any, request_id: str, base_offset: int = 0) -> None:
+    """Merge the hints of ``prep`` into ``request.custom_params`` (client keys kept)."""
+    current = getattr(request, "custom_params", None)
+    merged = dict(current) if isinstance(current, dict) else {}
+    merged.update(build_xargs(prep, request_id, base_offset))
+    request.custom_params = merged
+
+
+def of_req(req: Any) -> Hints | None:
+    """Hints carried by a scheduler ``Req`` (None when absent); never raises."""
+    params = getattr(req, "sampling_params", None)
+    custom = getattr(params, "custom_params", None) if params is not None else None
+    return read_hints(custom) if isinstance(custom, dict) else None
