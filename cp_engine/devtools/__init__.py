@@ -1,0 +1,1 @@
+"""Developer tools (tests, demos, benchmarks); nothing in the core imports them."""

@@ -1,0 +1,113 @@
+"""Fail-open execution of hook bodies, and the ``CP_ENGINE_FAULT`` test switch.
+
+Contract:
+- ``CP_ENGINE_FAULT`` is a comma-separated list of hook names; ``name`` makes that hook
+  raise ``InjectedFault`` on entry, ``name:hang`` makes it sleep (5 s, or
+  ``name:hang=SECONDS``, capped at 60 s) before running. Test use only.
+- ``guarded(hook)`` is a context manager that swallows any exception from its body,
+  logs it once per hook name, and counts it in ``metrics`` as
+  ``hook_failures{hook=...}``; ``call_guarded(hook, fn, *a, default=..., **kw)`` returns
+  ``default`` instead of raising. Neither ever raises (``BaseException`` such as
+  ``KeyboardInterrupt`` is not swallowed).
+- ``check_fault(hook)`` applies the switch; call it first thing inside a guarded body.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from . import metrics
+
+__all__ = ["InjectedFault", "check_fault", "guarded", "call_guarded", "log_once"]
+
+logger = logging.getLogger("cp_engine.hooks")
+
+_DEFAULT_HANG_S = 5.0
+_MAX_HANG_S = 60.0
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a hook named in ``CP_ENGINE_FAULT``."""
+
+
+_cache_lock = threading.Lock()
+_cache: tuple[str, dict[str, float | None]] | None = None
+
+
+def _faults() -> dict[str, float | None]:
+    """Parsed switch: hook name -> None (raise) or hang seconds. Re-read when env changes."""
+    global _cache
+    raw = os.environ.get("CP_ENGINE_FAULT", "")
+    with _cache_lock:
+        if _cache is not None and _cache[0] == raw:
+            return _cache[1]
+        parsed: dict[str, float | None] = {}
+        for item in raw.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, _, mode = item.partition(":")
+            if mode.startswith("hang"):
+                _, _, secs = mode.partition("=")
+                try:
+                    hang = float(secs) if secs else _DEFAULT_HANG_S
+                except ValueError:
+                    hang = _DEFAULT_HANG_S
+                parsed[name.strip()] = min(max(hang, 0.0), _MAX_HANG_S)
+            else:
+                parsed[name.strip()] = None
+        _cache = (raw, parsed)
+        return parsed
+
+
+def check_fault(hook: str) -> None:
+    faults = _faults()
+    if hook not in faults:
+        return
+    hang = faults[hook]
+    if hang is None:
+        raise InjectedFault(f"CP_ENGINE_FAULT injected a failure into hook {hook!r}")
+    time.sleep(hang)
+
+
+_logged: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+def log_once(key: str, msg: str, *args: Any, exc_info: bool = False, level: int = logging.WARNING) -> None:
+    """Log ``msg`` the first time ``key`` is seen in this process, never again."""
+    with _logged_lock:
+        if key in _logged:
+            return
+        _logged.add(key)
+    try:
+        logger.log(level, msg, *args, exc_info=exc_info)
+    except Exception:  # logging must not break the hook path either
+        pass
+
+
+def record_failure(hook: str, exc: BaseException) -> None:
+    metrics.inc("hook_failures", 1, hook=hook)
+    log_once(f"failure:{hook}", "cp_engine hook %r failed open (request unaffected): %r; "
+             "further failures of this hook are only counted", hook, exc, exc_info=True)
+
+
+@contextmanager
+def guarded(hook: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        record_failure(hook, exc)
+
+
+def call_guarded(hook: str, fn: Callable[..., Any], *args: Any, default: Any = None, **kwargs: Any) -> Any:
+    try:
+        check_fault(hook)
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        record_failure(hook, exc)
+        return default

@@ -1,0 +1,140 @@
+"""How a client marks context blocks in an OpenAI-style request (engine-neutral).
+
+Ways to mark, in order of precedence (documented in README with openai-client code):
+1. top-level ``context_blocks`` (list of str, retrieval/importance order) and optional
+   ``conversation_id`` (str), sent through ``extra_body`` — the canonical interface;
+2. text content parts of the last user message carrying ``"cp_block": true``; the
+   remaining parts are the question (without the plugin an engine simply joins the
+   parts, so such requests still work, unoptimised);
+3. the conversation id may also come from the ``X-CP-Conversation-Id`` header.
+
+Contract: ``find_marks`` returns None for an unmarked request (the caller then leaves it
+byte-identical), a ``Marks`` otherwise, and raises ``InvalidBlocks`` (HTTP 400) for
+fields that are invalid for the API. It never mutates its inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from cp_engine.blocks import estimate_tokens
+from cp_engine.pipeline import InvalidBlocks, validate_blocks
+
+__all__ = ["Marks", "InvalidBlocks", "find_marks", "fallback_messages", "prefix_tokens",
+           "BLOCKS_FIELD", "CONVERSATION_FIELD", "PART_FLAG", "CONVERSATION_HEADER"]
+
+BLOCKS_FIELD = "context_blocks"
+CONVERSATION_FIELD = "conversation_id"
+PART_FLAG = "cp_block"
+CONVERSATION_HEADER = "x-cp-conversation-id"
+_MAX_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Marks:
+    blocks: list[str]
+    conversation_id: str | None
+    messages: list[Any]  # messages with part-marked blocks removed (else the input list)
+    source: str  # "field" or "parts"
+
+
+def _conversation(extra: Mapping[str, Any], headers: Mapping[str, str] | None) -> str | None:
+    conv = extra.get(CONVERSATION_FIELD)
+    if conv is None and headers is not None:
+        try:
+            conv = headers.get(CONVERSATION_HEADER)
+        except Exception:
+            conv = None
+    if conv is None:
+        return None
+    if isinstance(conv, bool) or not isinstance(conv, (str, int)):
+        raise InvalidBlocks(f"{CONVERSATION_FIELD} must be a string, got {type(conv).__name__}")
+    conv = str(conv)
+    if not conv or len(conv) > _MAX_ID_CHARS:
+        raise InvalidBlocks(f"{CONVERSATION_FIELD} must be 1..{_MAX_ID_CHARS} characters")
+    return conv
+
+
+def _last_user(messages: Sequence[Any]) -> int | None:
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if isinstance(m, Mapping) and m.get("role") == "user":
+            return i
+    return None
+
+
+def _part_blocks(messages: list[Any]) -> tuple[list[str], list[Any]] | None:
+    i = _last_user(messages)
+    if i is None:
+        return None
+    content = messages[i].get("content")
+    if not isinstance(content, list):
+        return None
+    blocks, rest = [], []
+    for part in content:
+        if isinstance(part, Mapping) and part.get(PART_FLAG) is True:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidBlocks(f"content parts marked {PART_FLAG!r} must be text parts")
+            blocks.append(part["text"])
+        else:
+            rest.append(part)
+    if not blocks:
+        return None
+    new_msg = dict(messages[i])
+    # A question given as one text part becomes a plain string: templates render it
+    # exactly like a string question, so both marking styles share cached prefixes.
+    if len(rest) == 1 and isinstance(rest[0], Mapping) and rest[0].get("type") == "text":
+        new_msg["content"] = rest[0].get("text", "")
+    else:
+        new_msg["content"] = rest
+    out = list(messages)
+    out[i] = new_msg
+    return blocks, out
+
+
+def find_marks(extra: Mapping[str, Any] | None, messages: Any,
+               headers: Mapping[str, str] | None = None) -> Marks | None:
+    extra = extra or {}
+    if BLOCKS_FIELD in extra and extra[BLOCKS_FIELD] is not None:
+        blocks = validate_blocks(extra[BLOCKS_FIELD])
+        if not blocks:
+            return None
+        return Marks(blocks, _conversation(extra, headers), list(messages or []), "field")
+    if isinstance(messages, list):
+        found = _part_blocks(messages)
+        if found is not None:
+            return Marks(found[0], _conversation(extra, headers), found[1], "parts")
+    return None
+
+
+def fallback_messages(marks: Marks) -> list[Any] | None:
+    """Blocks in their given order, plainly joined, in the last user turn.
+
+    Used when the rewrite itself failed: the request keeps its context, unoptimised.
+    """
+    msgs = [dict(m) if isinstance(m, Mapping) else m for m in marks.messages]
+    i = _last_user(msgs)
+    if i is None:
+        return None
+    text = "\n\n".join(marks.blocks)
+    q = msgs[i].get("content")
+    if isinstance(q, list):
+        msgs[i]["content"] = [{"type": "text", "text": text}] + list(q)
+    else:
+        msgs[i]["content"] = f"{text}\n\n{q}" if q else text
+    return msgs
+
+
+def prefix_tokens(messages: Sequence[Any]) -> int:
+    """Estimated prompt tokens before the last user turn's content (template included)."""
+    i = _last_user(messages)
+    before = list(messages[:i]) if i is not None else list(messages)
+    total = 4  # the last user turn's own role header
+    for m in before:
+        total += 4  # role header and separators of a typical chat template
+        c = m.get("content") if isinstance(m, Mapping) else None
+        if isinstance(c, str):
+            total += estimate_tokens(c)
+        elif isinstance(c, list):
+            total += sum(estimate_tokens(p.get("text", "") or "") for p in c if isinstance(p, Mapping))
+    return total

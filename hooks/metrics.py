@@ -1,0 +1,115 @@
+"""Plugin counters, exported on the engine's Prometheus ``/metrics`` when possible.
+
+Contract:
+- ``inc(name, n=1, **labels)`` adds to an in-process counter; thread-safe, never raises;
+  unknown names are accepted (a typo shows up in ``/metrics``, it does not crash);
+- ``value(name, **labels)`` / ``snapshot()`` read them (tests, status, channel);
+- ``merge(snapshot, source=...)`` adds counts reported by another process (EngineCore
+  sends its own through the eviction channel) so one ``/metrics`` shows both;
+- ``export_prometheus()`` registers one collector on ``prometheus_client.REGISTRY``
+  (the registry vLLM's and SGLang's ``/metrics`` serve) if prometheus_client is
+  importable; idempotent; returns whether a collector is registered.
+Exported names: ``cp_engine_<name>_total`` (counters), label ``hook`` for failures.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable
+
+__all__ = ["COUNTERS", "inc", "value", "snapshot", "merge", "reset", "export_prometheus"]
+
+# name -> help text; the names every adapter uses.
+COUNTERS: dict[str, str] = {
+    "requests_rewritten": "Requests whose context blocks cp_engine rendered into the prompt.",
+    "blocks_reordered": "Context blocks rendered at a position other than their given one.",
+    "dedup_tokens_saved": "Estimated prompt tokens removed by per-conversation de-duplication.",
+    "evictions_applied": "Engine prefix-cache evictions applied to the context index.",
+    "hook_failures": "Plugin hook calls that failed open (engine behaviour unchanged).",
+    "requests_rejected": "Requests rejected with HTTP 400 for malformed context fields.",
+    "requests_passed_through": "Marked requests passed through unmodified (over limits).",
+}
+
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+_lock = threading.Lock()
+_values: dict[_Key, float] = {}
+_exported = False
+
+
+def _key(name: str, labels: dict[str, Any]) -> _Key:
+    return name, tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+
+
+def inc(name: str, n: float = 1, **labels: Any) -> None:
+    try:
+        k = _key(name, labels)
+        with _lock:
+            _values[k] = _values.get(k, 0) + n
+    except Exception:  # counting must never break a hook
+        pass
+
+
+def value(name: str, **labels: Any) -> float:
+    """Counter value for exactly these labels (0 if never counted)."""
+    with _lock:
+        return _values.get(_key(name, labels), 0)
+
+
+def total(name: str) -> float:
+    """Sum of a counter over all label sets."""
+    with _lock:
+        return sum(v for (n, _), v in _values.items() if n == name)
+
+
+def snapshot() -> list[tuple[str, dict[str, str], float]]:
+    with _lock:
+        return [(n, dict(lbl), v) for (n, lbl), v in _values.items()]
+
+
+def merge(items: Iterable[tuple[str, dict[str, str], float]]) -> None:
+    """Add counts from another process (deltas, not totals)."""
+    for name, labels, n in items:
+        inc(str(name), float(n), **dict(labels))
+
+
+def reset() -> None:
+    with _lock:
+        _values.clear()
+
+
+class _Collector:
+    """prometheus_client custom collector reading the in-process counters."""
+
+    def collect(self):  # pragma: no cover - exercised through a live /metrics
+        from prometheus_client.core import CounterMetricFamily
+
+        by_name: dict[str, list[tuple[dict[str, str], float]]] = {n: [] for n in COUNTERS}
+        for name, labels, v in snapshot():
+            by_name.setdefault(name, []).append((labels, v))
+        for name, rows in by_name.items():
+            label_names = sorted({k for labels, _ in rows for k in labels})
+            fam = CounterMetricFamily(f"cp_engine_{name}", COUNTERS.get(name, name), labels=label_names)
+            if not rows and not label_names:
+                fam.add_metric([], 0.0)
+            for labels, v in rows:
+                fam.add_metric([labels.get(k, "") for k in label_names], v)
+            yield fam
+
+    def describe(self):  # no eager collect at registration time
+        return []
+
+
+def export_prometheus() -> bool:
+    global _exported
+    with _lock:
+        if _exported:
+            return True
+        try:
+            from prometheus_client import REGISTRY
+        except Exception:
+            return False
+        try:
+            REGISTRY.register(_Collector())
+        except Exception:
+            return False
+        _exported = True
+        return True

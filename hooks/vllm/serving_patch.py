@@ -1,0 +1,76 @@
+"""Shared mechanics of the API-server rewrites: find the serving class, wrap its
+``create_*`` method so a synchronous ``rewrite(request, raw_request)`` runs first.
+
+``rewrite`` returns an error message (the wrapper answers it with the serving
+object's own 400 ``create_error_response``) or None (call through). Arguments are
+bound by name; a binding failure is counted and the request goes through untouched.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Callable, Sequence
+
+from .. import faults
+from ..wrapping import bind_args, unwrap_method, wrap_method
+
+Rewrite = Callable[[Any, Any], "str | None"]
+
+
+def find_class(modules: Sequence[str], cls_name: str, method: str) -> type | None:
+    """The first of ``modules`` (newest layout first) defining ``cls_name.method``."""
+    for name in modules:
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+        cls = getattr(module, cls_name, None)
+        if cls is not None and method in cls.__dict__:
+            return cls
+    return None
+
+
+def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
+    async def call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        request = raw_request = None
+        try:
+            bound = bind_args(wrapped, args, kwargs)
+            request = bound.arguments.get("request")
+            raw_request = bound.arguments.get("raw_request")
+        except Exception as exc:  # signature drifted: never block the request
+            faults.record_failure(hook, exc)
+        if request is not None:
+            error = rewrite(request, raw_request)
+            if error is not None:
+                return instance.create_error_response(error)
+        return await wrapped(*args, **kwargs)
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        return call(wrapped, instance, args, kwargs)
+
+    return wrapper
+
+
+class MethodPatch:
+    """Install/uninstall of one wrapped serving method (idempotent)."""
+
+    def __init__(self, hook: str, modules: Sequence[str], cls_name: str, method: str, rewrite: Rewrite):
+        self.hook, self.modules, self.cls_name, self.method = hook, tuple(modules), cls_name, method
+        self.wrapper = make_wrapper(hook, rewrite)
+        self._patched: list[type] = []
+
+    def install(self) -> bool:
+        cls = find_class(self.modules, self.cls_name, self.method)
+        if cls is None:
+            faults.log_once(f"{self.hook}_missing", "cp_engine: %s.%s not found; %s off",
+                            self.cls_name, self.method, self.hook)
+            return False
+        if wrap_method(cls, self.method, self.wrapper):
+            self._patched.append(cls)
+        return True
+
+    def uninstall(self) -> None:
+        while self._patched:
+            unwrap_method(self._patched.pop(), self.method)
