@@ -1,0 +1,1 @@
+"""Engine adapters for cp_engine (shipped as cp_engine.hooks)."""
