@@ -5,13 +5,13 @@
 METHOD: ``arrival``, ``greedy`` (benchmarks.baselines) or ``cp_engine``
 (``cp_engine.planner.plan_batch(contexts)``, the exact public call). Writes the plan
 (``contexts``, ``order``) with ``seconds`` (wall time of the planning call only) and
-``peak_rss_delta_mb`` (process peak RSS minus RSS just before the call: the memory the
-planner itself needed, without interpreter, imports and the input).
+``peak_rss_delta_mb`` (peak RSS during the call, the Linux peak counter being reset
+just before it, minus RSS before it: the memory the planner itself needed).
 """
 from __future__ import annotations
 
+import gc
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,10 +20,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+from benchmarks.peer.memwatch import peak_mb, reset_peak, rss_mb  # noqa: E402
 
 
 def planner(method: str):
@@ -40,11 +37,13 @@ def main(argv: list[str]) -> int:
     method, src, dst = argv[1:4]
     contexts = json.loads(Path(src).read_text())
     plan_fn = planner(method)
-    before = _rss_mb()
+    gc.collect()
+    before = rss_mb()
+    reset_peak()
     t0 = time.perf_counter()
     plan = plan_fn(contexts)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     out = {
         "contexts": [list(c) for c in plan.contexts],
         "order": [int(i) for i in plan.order],

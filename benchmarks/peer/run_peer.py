@@ -19,18 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import resource
 import sys
 import time
 
-
-def _rss_mb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return float("nan")
+from memwatch import children_peak_mb, peak_mb, reset_peak, rss_mb  # this script's folder
 
 
 def main(argv: list[str]) -> int:
@@ -41,8 +33,9 @@ def main(argv: list[str]) -> int:
     logging.disable(logging.WARNING)  # its INFO/DEBUG chatter would swamp our progress lines
     from contextpilot.server.live_index import ContextPilot
 
-    rss_before = _rss_mb()
     pilot = ContextPilot(use_gpu=False)
+    rss_before = rss_mb()
+    reset_peak()
     t0 = time.perf_counter()
     # The peer prints progress banners to stdout; keep stdout for nothing but errors.
     with contextlib.redirect_stdout(sys.stderr):
@@ -57,8 +50,8 @@ def main(argv: list[str]) -> int:
         "contexts": by_request,
         "order": order,
         "seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "peak_rss_mb": peak_mb(),
+        "children_peak_rss_mb": children_peak_mb(),
         "rss_before_mb": rss_before,
         "peer": "contextpilot " + __import__("contextpilot").__version__,
     }

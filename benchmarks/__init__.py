@@ -1,0 +1,1 @@
+"""Benchmarks and workload builders (not shipped in the cp-engine wheel)."""

