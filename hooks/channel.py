@@ -36,7 +36,7 @@ from . import metrics
 
 __all__ = [
     "MAX_MESSAGE_BYTES", "ChannelError", "Sender", "Receiver", "socket_dir", "socket_path",
-    "parse_message", "encode", "apply_to_pipeline", "engine_sender", "start_receiver",
+    "parse_message", "encode", "hex_ids", "apply_to_pipeline", "MetricsForwarder", "engine_sender", "start_receiver",
     "stop_all",
 ]
 
@@ -354,6 +354,44 @@ class Sender:
                 self._ctx.term()
             self._sock = self._ctx = None
             self._pid = -1
+
+
+class MetricsForwarder:
+    """Sends this process's counter increments to the API server's ``/metrics``.
+
+    ``maybe_flush()`` is cheap to call often: at most one message per ``interval_s``;
+    nothing is sent when the receiver lives in this process (same counters already).
+    A dropped message loses only that interval's increments.
+    """
+
+    def __init__(self, sender: "Sender", interval_s: float = 1.0, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.sender = sender
+        self.interval_s = interval_s
+        self._clock = clock or time.monotonic
+        self._next = 0.0
+        self._last: dict[tuple, float] = {}
+
+    def maybe_flush(self) -> bool:
+        now = self._clock()
+        if now < self._next:
+            return False
+        self._next = now + self.interval_s
+        if self.sender.instance_id in _local_receivers:
+            return False
+        items = []
+        for name, labels, v in metrics.snapshot():
+            if name.startswith("channel_"):
+                continue  # the channel's own traffic would never settle
+            key = (name, tuple(sorted(labels.items())))
+            delta = v - self._last.get(key, 0)
+            if delta:
+                items.append([name, labels, delta])
+                self._last[key] = v
+            if len(items) >= MAX_METRIC_ITEMS:
+                break
+        return bool(items) and self.sender.send({"op": "metrics", "items": items})
 
 
 # --------------------------------------------------------------------------- process singletons

@@ -38,9 +38,11 @@ class _Record:
 
 
 class EvictionMapper:
-    def __init__(self, block_size: int, max_hashes: int = 1 << 18) -> None:
-        if block_size <= 0 or max_hashes <= 0:
+    def __init__(self, block_size: int | None = None, max_hashes: int = 1 << 18) -> None:
+        if (block_size is not None and block_size <= 0) or max_hashes <= 0:
             raise ValueError("block_size and max_hashes must be positive")
+        # Tokens per hashed block; an adapter may learn it only after requests arrive
+        # (``gone`` reports nothing until it is set).
         self.block_size = block_size
         self.max_hashes = max_hashes
         self._lock = threading.Lock()
@@ -59,7 +61,7 @@ class EvictionMapper:
         ends_t = tuple(int(e) for e in ends)
         last_end = ends_t[-1]
         # Hashes wholly after the last block never break a context block: skip them.
-        n = min(len(hashes), -(-last_end // self.block_size))
+        n = len(hashes) if not self.block_size else min(len(hashes), -(-last_end // self.block_size))
         if n <= 0:
             return 0
         rec = _Record(namespace, tuple(path), ends_t)
@@ -94,6 +96,8 @@ class EvictionMapper:
     def gone(self, h: Hashable) -> tuple[str, tuple] | None:
         """``h`` is no longer in the engine's cache: the prefix to invalidate, if any."""
         with self._lock:
+            if not self.block_size:
+                return None
             hit = self._where.pop(h, None)
             if hit is None:
                 return None

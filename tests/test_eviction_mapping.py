@@ -75,3 +75,11 @@ def test_reported_prefix_is_the_first_block_ending_after_the_evicted_block(lengt
         i = len(prefix) - 1
         assert ns == "n" and list(prefix) == path[: i + 1]
         assert ends[i] > start and (i == 0 or ends[i - 1] <= start)
+
+
+def test_block_size_learned_late():
+    m = EvictionMapper()  # the adapter learns the block size from the engine later
+    m.track(["a", "b", "c"], "", ["x", "y"], [10, 40])
+    assert m.gone("b") is None and len(m) == 3  # unknown size: nothing reported, nothing lost
+    m.block_size = 16
+    assert m.gone("b") == ("", ("x", "y"))

@@ -1,0 +1,220 @@
+"""Forward vLLM prefix-cache evictions from EngineCore to the API server's index.
+
+Contract:
+- every request the waiting queue sees is tracked (``track_request``): its prompt
+  block hashes with the API server's hints (``cp_ns``/``cp_path``/``cp_ends``);
+  requests without hints are ignored;
+- ``BlockPool._maybe_evict_cached_block`` is wrapped: the block's hashes are read
+  *before* calling through; when vLLM reports the block evicted, each hash that no
+  longer has any physical copy in the pool (vLLM keeps duplicates) goes through
+  ``hooks.eviction.EvictionMapper`` and the shallowest broken context-block prefix
+  is sent as ``evict_path`` on ``hooks.channel``. ``evict_blocks`` evicts through the
+  same method, so it is covered too;
+- ``BlockPool.reset_prefix_cache`` is wrapped: a successful reset sends ``reset``;
+- why not KV events (``take_events``): they exist only when the user enables
+  ``--kv-events-config``, and then they belong to vLLM's publisher;
+- nothing here blocks the scheduler (channel sends are NOBLOCK) or raises into it.
+``install()`` / ``uninstall()`` are idempotent and reversible; ``install`` also installs
+the waiting queue (FCFS order when ``CP_ENGINE_SCHEDULE=0``) when nothing else did,
+and ``uninstall`` removes it again in that case.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from typing import Any
+
+from vllm.v1.core import block_pool as _bp
+from vllm.v1.core.kv_cache_utils import get_block_hash
+
+from .. import channel, faults, ledger, metrics, wrapping
+from ..eviction import EvictionMapper
+from . import queue as _queue
+from . import xargs
+
+__all__ = ["install", "uninstall", "installed", "track_request", "state", "PATCHES"]
+
+logger = logging.getLogger("cp_engine.hooks")
+
+_EVICT = "_maybe_evict_cached_block"
+_RESET = "reset_prefix_cache"
+
+PATCHES = tuple(
+    ledger.register(ledger.Patch(
+        engine="vllm",
+        target=f"vllm.v1.core.block_pool.BlockPool.{name}",
+        why=why,
+        how=f"wrapt wrapper on the class attribute; {how}",
+        min_version="0.27.0",
+        max_version="0.33",
+        upstream=f"vllm/v1/core/block_pool.py ({upstream})",
+        remove_when="vLLM exposes always-on eviction callbacks (KV events without a publisher)",
+        feature="eviction_sync",
+    ))
+    for name, why, how, upstream in (
+        (_EVICT, "learn which cached prompt blocks the prefix cache drops, so the index stops aligning to them",
+         "reads block.block_hash before calling through", "get_new_blocks / evict_blocks → _maybe_evict_cached_block"),
+        (_RESET, "a prefix-cache reset must empty the context index too",
+         "sends reset when vLLM reports success", "reset_prefix_cache"),
+    )
+)
+
+
+class _EngineSide:
+    """Per-process mapper + channel end (EngineCore, or the only process)."""
+
+    def __init__(self) -> None:
+        self.mapper = EvictionMapper()
+        self._sender: channel.Sender | None = None
+        self._forwarder: channel.MetricsForwarder | None = None
+        self.sized = False
+
+    @property
+    def sender(self) -> channel.Sender:
+        if self._sender is None:
+            self._sender = channel.engine_sender()
+            self._forwarder = channel.MetricsForwarder(self._sender)
+        return self._sender
+
+    def flush_metrics(self) -> None:
+        if self._forwarder is not None:
+            self._forwarder.maybe_flush()
+
+
+_lock = threading.Lock()
+_state: _EngineSide | None = None
+_queue_ours = False  # the queue was installed by us (for tracking), not by patch()
+_block_pos: int = 0  # position of ``block`` among the wrapped method's arguments (after self)
+
+
+def state() -> _EngineSide | None:
+    return _state
+
+
+def track_request(request: Any) -> None:
+    """Queue observer: remember a hinted request's prompt hashes."""
+    st = _state
+    if st is None:
+        return
+    faults.check_fault("vllm_eviction")
+    params = getattr(request, "sampling_params", None)
+    hints = xargs.read_hints(getattr(params, "extra_args", None)) if params is not None else None
+    if hints is None or not hints.ends:
+        return
+    hashes = getattr(request, "block_hashes", None)
+    if hashes:
+        st.mapper.track(hashes, hints.namespace, hints.path, hints.ends)
+    st.flush_metrics()
+
+
+def _after_evict(pool: Any, keys: list) -> None:
+    st = _state
+    if st is None:
+        return
+    faults.check_fault("vllm_eviction")
+    mapper = st.mapper
+    if not st.sized:
+        mapper.block_size = int(getattr(pool, "hash_block_size", 0) or getattr(pool, "block_size", 0)) or None
+        # Enough to cover every block the pool can hold a few times over.
+        mapper.max_hashes = min(1 << 20, max(1 << 16, 4 * int(getattr(pool, "num_gpu_blocks", 0))))
+        st.sized = True
+    cache = pool.cached_block_hash_to_block
+    for key in keys:
+        if cache.get_one_block(key) is not None:
+            continue  # another physical block still serves this hash
+        hit = mapper.gone(get_block_hash(key))
+        if hit is not None:
+            ns, prefix = hit
+            st.sender.send({"op": "evict_path", "ns": ns, "path": channel.hex_ids(prefix)})
+            metrics.inc("evictions_sent", 1)
+            logger.debug("cp_engine: evicted prefix depth %d in namespace %r", len(prefix), ns)
+    st.flush_metrics()
+
+
+def _evict_wrapper(wrapped, instance, args, kwargs):
+    st = _state
+    if st is None or not len(st.mapper):
+        return wrapped(*args, **kwargs)
+    keys = None
+    try:
+        block = kwargs["block"] if "block" in kwargs else args[_block_pos]
+        keys = [block.block_hash] if block.block_hash is not None else []
+        # 0.32+: a block can also serve extra hashes (kept beside the primary one).
+        extra = getattr(instance, "cached_block_hashes_by_block", None)
+        if extra:
+            keys.extend(extra.get(block.block_id, ()))
+    except Exception as exc:
+        faults.record_failure("vllm_eviction", exc)
+    result = wrapped(*args, **kwargs)
+    if result and keys:
+        with faults.guarded("vllm_eviction"):
+            _after_evict(instance, keys)
+    return result
+
+
+def _reset_wrapper(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    st = _state
+    if result and st is not None:
+        with faults.guarded("vllm_eviction"):
+            st.mapper.reset()
+            st.sender.send({"op": "reset"})
+    return result
+
+
+_WRAPPERS = {_EVICT: _evict_wrapper, _RESET: _reset_wrapper}
+
+
+def installed() -> bool:
+    return any(wrapping.is_wrapped(_bp.BlockPool, name) for name in _WRAPPERS)
+
+
+def install() -> bool:
+    """Wrap the BlockPool methods and start tracking (idempotent); False when skipped."""
+    global _state, _block_pos, _queue_ours
+    try:
+        import vllm
+
+        if not ledger.supported(PATCHES[0], vllm.__version__):
+            faults.log_once("vllm_eviction_version", "cp_engine: vLLM %s outside the eviction patch's range; "
+                            "eviction sync off", vllm.__version__)
+            return False
+        cls = _bp.BlockPool
+        params = list(inspect.signature(cls.__dict__[_EVICT]).parameters)
+        if params[:1] != ["self"] or "block" not in params:
+            faults.log_once("vllm_eviction_drift", "cp_engine: BlockPool.%s%s moved; eviction sync off",
+                            _EVICT, params)
+            return False
+        with _lock:
+            # The wrapper reads ``block`` by the position its *name* has now, resolved
+            # once here: binding a signature per call would tax every allocation.
+            _block_pos = params.index("block") - 1
+            if _state is None:
+                _state = _EngineSide()
+            for name, fn in _WRAPPERS.items():
+                wrapping.wrap_method(cls, name, fn)
+            if track_request not in _queue.observers:
+                _queue.observers.append(track_request)
+            if not _queue.installed():
+                # Requests are seen in the queue; with CP_ENGINE_SCHEDULE=0 it keeps FCFS.
+                _queue_ours = _queue.install()
+        return True
+    except Exception as exc:
+        faults.record_failure("vllm_eviction_install", exc)
+        uninstall()
+        return False
+
+
+def uninstall() -> None:
+    """Restore vLLM's methods and stop tracking (idempotent)."""
+    global _state, _queue_ours
+    with _lock:
+        for name in _WRAPPERS:
+            wrapping.unwrap_method(_bp.BlockPool, name)
+        if track_request in _queue.observers:
+            _queue.observers.remove(track_request)
+        if _queue_ours:
+            _queue.uninstall()
+            _queue_ours = False
+        _state = None
