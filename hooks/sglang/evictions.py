@@ -35,6 +35,9 @@ __all__ = ["around_cache_init", "after_take_events", "around_publish", "track_re
 _lock = threading.Lock()
 _mappers: dict[int, EvictionMapper] = {}
 _forced: "set[int]" = set()  # id() of caches whose recorder we switched on
+# Page sizes with stores since the last clear: a clear of an empty cache (every cache
+# records one at construction) must not wipe requests tracked in the meantime.
+_dirty: "set[int]" = set()
 
 
 def mapper(page_size: int) -> EvictionMapper:
@@ -49,6 +52,7 @@ def reset_for_tests() -> None:
     with _lock:
         _mappers.clear()
         _forced.clear()
+        _dirty.clear()
 
 
 def _enabled() -> bool:
@@ -93,6 +97,7 @@ def forward_events(events: list, page_size: int) -> int:
     sent = 0
     for ev in events:
         if isinstance(ev, BlockStored):
+            _dirty.add(page_size)
             for h in ev.block_hashes:
                 m.stored(h)
         elif isinstance(ev, BlockRemoved):
@@ -101,7 +106,8 @@ def forward_events(events: list, page_size: int) -> int:
                 if hit is not None:
                     ns, path = hit
                     sent += sender.send({"op": "evict_path", "ns": ns, "path": hex_ids(path)})
-        elif isinstance(ev, AllBlocksCleared):
+        elif isinstance(ev, AllBlocksCleared) and page_size in _dirty:
+            _dirty.discard(page_size)
             m.reset()
             sent += sender.send({"op": "reset"})
     return sent
