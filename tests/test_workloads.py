@@ -106,3 +106,9 @@ def test_hotpotqa_builder(monkeypatch, request):
     assert all(b in wl.texts and wl.tokens[b] >= 1 for c in wl.contexts for b in c)
     assert W.hotpotqa(30, k=4, seed=0).contexts == wl.contexts
     assert 0.0 <= wl.bound() < 1.0
+    chat = W.memory_chat(sessions=3, turns=(2, 3), k=4, seed=0)
+    assert len(chat.sessions) == 3 and all(2 <= len(s) <= 3 for s in chat.sessions)
+    assert sorted(i for s in chat.sessions for i in s) == list(range(len(chat.contexts)))
+    # Turns of one session retrieve overlapping paragraphs: that is what dedup removes.
+    assert chat.meta["dedup_bound"] > 0
+    assert chat.meta["dedup_bound"] == pytest.approx(W.session_dedup_bound(chat.contexts, chat.sessions), abs=1e-4)
