@@ -1,0 +1,92 @@
+"""Top-k block-overlap scoring between many block lists (``cp_engine.kernels``).
+
+Needs only numpy; torch and triton are imported lazily when the Triton backend runs.
+Public API: ``topk_overlap``, ``pack_lists``, ``pack_pair``, ``PackedLists``,
+``TopK``, ``BackendUnavailable``, ``TRITON_MIN_PAIRS``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import TRITON_MIN_PAIRS, BackendUnavailable, choose_backend, triton_status
+from .packing import PackedLists, pack_lists, pack_pair
+from .reference import topk_numpy
+
+METRICS = ("overlap", "prefix", "distance")
+ALPHA = 0.001
+
+__all__ = [
+    "ALPHA", "METRICS", "TRITON_MIN_PAIRS", "BackendUnavailable", "PackedLists", "TopK",
+    "pack_lists", "pack_pair", "topk_overlap", "triton_status",
+]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """``indices[q, r]``: r-th best candidate of query q (-1: none); ``scores`` alike."""
+
+    indices: np.ndarray  # int64 [nq, k]
+    scores: np.ndarray  # int64 (overlap, prefix) or float64 (distance) [nq, k]
+    metric: str
+    backend: str
+
+
+def _packed(queries, candidates, query_weights, candidate_weights):
+    if isinstance(queries, PackedLists):
+        cand = queries if candidates is None else candidates
+        if not isinstance(cand, PackedLists):
+            raise TypeError("pass both queries and candidates packed, or both as lists")
+        if queries.vocab is not None and cand.vocab is not None and queries.vocab is not cand.vocab \
+                and not np.array_equal(queries.vocab, cand.vocab):
+            raise ValueError("queries and candidates were packed with different id maps; use pack_pair")
+        return queries, cand
+    if candidates is None:
+        q = pack_lists(queries, weights=query_weights)
+        return q, q
+    if isinstance(queries, np.ndarray) and isinstance(candidates, np.ndarray):
+        return pack_lists(queries, weights=query_weights), pack_lists(candidates, weights=candidate_weights)
+    return pack_pair(queries, candidates, query_weights=query_weights, candidate_weights=candidate_weights)
+
+
+def topk_overlap(queries, candidates=None, k: int = 8, *, metric: str = "overlap", query_weights=None,
+                 candidate_weights=None, exclude_self: bool = False, alpha: float = ALPHA,
+                 backend: str | None = None) -> TopK:
+    """Best ``k`` candidates for every query, streamed over tiles (no N×M matrix).
+
+    ``queries`` / ``candidates``: lists of block-id lists (any 64-bit ints), dense int
+    ``[n, L]`` arrays padded with -1, or ``PackedLists`` from ``pack_pair``.
+    ``candidates=None`` scores the queries against themselves (then ``exclude_self``
+    skips candidate i for query i). Metrics, for query A and candidate B, with A, B
+    taken as sets (an id repeated inside one list counts once, at its first position):
+    - ``overlap``: ``|A∩B|``; larger is better.
+    - ``prefix``: ``Σ w_A[i]`` over ``i < lcp(A, B)``, the longest common prefix of A
+      and B as sequences, ``w_A`` the query's per-position token weights
+      (``query_weights``: mapping block id -> tokens, or one list per query; default
+      1, i.e. the prefix length in blocks); larger is better.
+    - ``distance`` (the planner's): ``d = 1 − |A∩B| / max(|A|,|B|)
+      + alpha · mean_{x∈A∩B} |pos_A(x) − pos_B(x)|``, alpha = 0.001, d = 1 when A∩B
+      is empty; smaller is better.
+    Only candidates sharing at least one block (prefix: at least the first block) are
+    ranked; free slots hold index -1 and score 0 (overlap, prefix) or 1.0 (distance).
+    Ties go to the lower candidate index. Integer scores are exact on every backend.
+    ``backend``: "auto", "numpy", "triton", or None to read CP_ENGINE_KERNEL_BACKEND
+    (default auto = Triton on CUDA for ≥ ``TRITON_MIN_PAIRS`` pairs, else NumPy). A
+    forced backend that cannot run raises ``BackendUnavailable``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if k < 0:
+        raise ValueError("k must be >= 0")
+    q, c = _packed(queries, candidates, query_weights, candidate_weights)
+    if exclude_self and candidates is not None and q.n != c.n:
+        raise ValueError("exclude_self needs queries and candidates indexed alike")
+    chosen = choose_backend(backend, q.n * c.n)
+    if chosen == "triton" and q.n and c.n and k:
+        from . import triton_overlap  # lazy: imports torch and triton
+
+        idx, scores = triton_overlap.launch(q, c, k, metric, exclude_self=exclude_self, alpha=alpha)
+    else:
+        idx, scores = topk_numpy(q, c, k, metric, exclude_self=exclude_self, alpha=alpha)
+    return TopK(indices=idx, scores=scores, metric=metric, backend=chosen)

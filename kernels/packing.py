@@ -1,0 +1,162 @@
+"""Pack block lists into padded dense int32 matrices for the scoring backends.
+
+Contract of ``PackedLists`` (what every backend reads):
+- ``ids``: int32 ``[n, L]``, row ``r`` holds list ``r`` as dense ids ``0..V-1`` in
+  order, padded with ``-1`` (``L`` = longest list, at least 0).
+- ``weights``: int32 ``[n, L]``, token weight of each position (positive), 0 on padding.
+- ``lengths``: int32 ``[n]``, list lengths including duplicate ids.
+- ``vocab``: sorted uint64 array mapping dense id -> original 64-bit id, or ``None``
+  when the caller passed dense ids directly.
+- ``set_ids`` (derived): ``ids`` with every repeated occurrence of an id inside a row
+  replaced by ``-1``; columns are unchanged, so a first occurrence keeps its position.
+- ``set_sizes`` (derived): number of distinct ids per row.
+Queries and candidates must share one id space: pack them in one call
+(``pack_lists(q + c)`` then ``.rows(...)``) or use ``pack_pair``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+PAD = -1
+
+
+@dataclass(frozen=True)
+class PackedLists:
+    ids: np.ndarray
+    weights: np.ndarray
+    lengths: np.ndarray
+    vocab: np.ndarray | None = None
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        if self.vocab is not None:
+            return int(self.vocab.shape[0])
+        return int(self.ids.max()) + 1 if self.ids.size else 0
+
+    @property
+    def set_ids(self) -> np.ndarray:
+        if "set_ids" not in self._cache:
+            self._cache["set_ids"] = _first_occurrences(self.ids)
+        return self._cache["set_ids"]
+
+    @property
+    def set_sizes(self) -> np.ndarray:
+        if "set_sizes" not in self._cache:
+            self._cache["set_sizes"] = (self.set_ids >= 0).sum(axis=1).astype(np.int32)
+        return self._cache["set_sizes"]
+
+    def rows(self, start: int, stop: int) -> "PackedLists":
+        """Rows ``start:stop`` in the same id space (trailing all-pad columns trimmed)."""
+        lengths = self.lengths[start:stop]
+        width = int(lengths.max()) if lengths.size else 0
+        return PackedLists(self.ids[start:stop, :width], self.weights[start:stop, :width], lengths, self.vocab)
+
+
+def _first_occurrences(ids: np.ndarray) -> np.ndarray:
+    """Replace repeated ids inside each row by PAD, keeping the first occurrence."""
+    out = ids.copy()
+    if ids.shape[1] < 2:
+        return out
+    order = np.argsort(ids, axis=1, kind="stable")  # stable: first occurrence sorts first
+    srt = np.take_along_axis(ids, order, axis=1)
+    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+    rows, cols = np.nonzero(dup)
+    out[rows, order[rows, cols + 1]] = PAD
+    return out
+
+
+def _as_uint64(flat: list) -> np.ndarray:
+    try:
+        return np.fromiter(flat, dtype=np.uint64, count=len(flat))
+    except (OverflowError, ValueError):
+        # Negative ids: keep their 64-bit two's complement pattern, still injective.
+        return np.array(flat, dtype=np.int64).view(np.uint64)
+
+
+def _weights_matrix(lists: Sequence[Sequence[int]], weights, ids: np.ndarray, vocab: np.ndarray | None,
+                    lengths: np.ndarray) -> np.ndarray:
+    n, width = ids.shape
+    w = np.zeros((n, width), dtype=np.int64)
+    valid = ids >= 0
+    if weights is None:
+        w[valid] = 1
+    elif isinstance(weights, Mapping):
+        # Per-block weights (e.g. token counts keyed by original block id).
+        if vocab is None:
+            table = np.array([weights.get(i, 1) for i in range(int(ids.max()) + 1 if ids.size else 0)], dtype=np.int64)
+        else:
+            table = np.array([weights.get(int(v), weights.get(int(v.astype(np.int64)), 1)) for v in vocab], dtype=np.int64)
+        w[valid] = table[ids[valid]]
+    else:
+        if len(weights) != n:
+            raise ValueError(f"weights: expected {n} rows, got {len(weights)}")
+        for r, row in enumerate(weights):
+            if len(row) != lengths[r]:
+                raise ValueError(f"weights[{r}] has {len(row)} entries for {lengths[r]} blocks")
+            w[r, : len(row)] = row
+    if (w[valid] <= 0).any():
+        raise ValueError("token weights must be positive integers")
+    if w.size and int(w.sum(axis=1).max()) >= 2**31:
+        raise ValueError("token weights of one list must sum below 2**31")
+    return w.astype(np.int32)
+
+
+def pack_lists(lists, *, weights=None) -> PackedLists:
+    """Remap 64-bit block ids to dense int32 ids and pad to ``[n, L]`` with -1.
+
+    ``lists``: sequence of sequences of integer block ids (any 64-bit value), or an
+    int ``[n, L]`` array of already-dense ids padded with negative values (kept as is,
+    ``vocab=None``). ``weights``: ``None`` (1 per block), a mapping block id -> token
+    count, or one list of positive ints per list (per-position token weights).
+    """
+    if isinstance(lists, np.ndarray):
+        if lists.ndim != 2 or lists.dtype.kind not in "iu":
+            raise ValueError("a dense id array must be a 2-D integer array")
+        if lists.size and int(lists.max()) >= 2**31 - 2:
+            raise ValueError("dense ids must fit int32")
+        ids = np.where(lists < 0, PAD, lists).astype(np.int32)
+        lengths = (ids >= 0).sum(axis=1).astype(np.int32)
+        if (np.diff((ids >= 0).astype(np.int8), axis=1) > 0).any():
+            raise ValueError("dense id rows must be left-aligned: padding only after the ids")
+        rows = None
+        vocab = None
+    else:
+        rows = [list(r) for r in lists]
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
+        width = int(lengths.max()) if len(rows) else 0
+        flat = [b for r in rows for b in r]
+        raw = _as_uint64(flat)
+        vocab, dense = np.unique(raw, return_inverse=True)
+        ids = np.full((len(rows), width), PAD, dtype=np.int32)
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        ids[mask] = dense.astype(np.int32)  # row-major fill matches the flat order
+    w = _weights_matrix(rows or [], weights, ids, vocab, lengths)
+    return PackedLists(ids=ids, weights=w, lengths=lengths, vocab=vocab)
+
+
+def pack_pair(queries, candidates, *, query_weights=None, candidate_weights=None) -> tuple[PackedLists, PackedLists]:
+    """Pack two collections of block lists into one shared dense id space."""
+    q = [list(r) for r in queries]
+    c = [list(r) for r in candidates]
+    if isinstance(query_weights, Mapping) or isinstance(candidate_weights, Mapping) or (
+        query_weights is None and candidate_weights is None
+    ):
+        table = query_weights if query_weights is not None else candidate_weights
+        both = pack_lists(q + c, weights=table)
+    else:
+        qw = query_weights if query_weights is not None else [[1] * len(r) for r in q]
+        cw = candidate_weights if candidate_weights is not None else [[1] * len(r) for r in c]
+        both = pack_lists(q + c, weights=list(qw) + list(cw))
+    return both.rows(0, len(q)), both.rows(len(q), len(q) + len(c))

@@ -1,0 +1,195 @@
+"""NumPy reference backend: CPU fallback, test oracle for the Triton kernel, benchmark baseline.
+
+Work is proportional to the shared postings, never to N×M:
+- overlap / distance: an inverted index block -> (candidate, position) over the
+  candidates' distinct ids; each query tile expands its blocks' postings into
+  (query, candidate, pos_q, pos_c) pairs and reduces them per (query, candidate);
+- prefix: candidates grouped by their first block (a shared prefix must start there);
+  the pairs in a group are compared position by position.
+Query tiles are cut so a tile's pairs stay under ``pair_budget``; the per-(query,
+candidate) reduction is a dense ``np.bincount`` over ``T × M`` when the tile is dense
+in pairs, else a sort of the pairs, so memory stays bounded by the tile.
+Ranking and output conventions are those of ``cp_engine.kernels.topk_overlap``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .packing import PackedLists
+
+PAIR_BUDGET = 1 << 22  # pairs expanded per query tile (~100 MB of temporaries)
+DENSE_LIMIT = 1 << 23  # largest T×M tile reduced with a dense bincount
+
+
+def _postings(ids: np.ndarray, nvocab: int):
+    """Inverted index of a padded id matrix: per id, (row, column) sorted by row."""
+    rows, cols = np.nonzero(ids >= 0)  # row-major: rows ascending
+    vals = ids[rows, cols]
+    order = np.argsort(vals, kind="stable")  # stable keeps rows ascending per id
+    deg = np.bincount(vals, minlength=nvocab).astype(np.int64)
+    offs = np.concatenate(([0], np.cumsum(deg)[:-1])) if nvocab else np.zeros(0, np.int64)
+    return rows[order].astype(np.int64), cols[order].astype(np.int64), deg, offs
+
+
+def _expand(q_ids: np.ndarray, deg, offs, post_row, post_col):
+    """All (query row, query col, candidate row, candidate col) with equal ids."""
+    qi, qp = np.nonzero(q_ids >= 0)
+    x = q_ids[qi, qp]
+    d = deg[x]
+    total = int(d.sum())
+    if total == 0:
+        e = np.zeros(0, np.int64)
+        return e, e, e, e
+    rep = np.repeat(np.arange(x.size), d)
+    # position inside the postings of x: global running index minus the start of its run
+    run_start = np.cumsum(d) - d
+    pidx = np.arange(total, dtype=np.int64) + np.repeat(offs[x] - run_start, d)
+    return qi[rep].astype(np.int64), qp[rep].astype(np.int64), post_row[pidx], post_col[pidx]
+
+
+def _tiles(cost: np.ndarray, budget: int):
+    """Cut rows into consecutive tiles whose summed cost stays under budget (>= 1 row)."""
+    n = cost.size
+    start = 0
+    csum = np.cumsum(cost)
+    while start < n:
+        base = csum[start - 1] if start else 0
+        stop = int(np.searchsorted(csum, base + budget, side="right"))
+        stop = max(stop, start + 1)
+        yield start, min(stop, n)
+        start = stop
+
+
+def _select_dense(primary: np.ndarray, k: int):
+    """Per row, the k smallest ``primary`` (ties: lower column) -> (cols, vals), sorted."""
+    t, m = primary.shape
+    kk = min(k, m)
+    kth = np.partition(primary, kk - 1, axis=1)[:, kk - 1]
+    lt = primary < kth[:, None]
+    eq = primary == kth[:, None]
+    need = kk - lt.sum(axis=1)
+    sel = lt | (eq & (np.cumsum(eq, axis=1) <= need[:, None]))
+    _, cols = np.nonzero(sel)  # row-major: kk columns per row, ascending
+    cols = cols.reshape(t, kk)
+    vals = np.take_along_axis(primary, cols, axis=1)
+    order = np.argsort(vals, axis=1, kind="stable")  # stable keeps lower column first on ties
+    return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def _select_sparse(rows: np.ndarray, cols: np.ndarray, primary: np.ndarray, nrows: int, k: int):
+    """Per row, the k smallest ``primary`` among listed (row, col) entries."""
+    out_c = np.full((nrows, k), -1, np.int64)
+    out_v = np.full((nrows, k), np.inf)
+    if rows.size == 0:
+        return out_c, out_v
+    order = np.lexsort((cols, primary, rows))
+    r, c, v = rows[order], cols[order], primary[order]
+    idx = np.arange(r.size)
+    first = np.concatenate(([True], r[1:] != r[:-1]))
+    rank = idx - np.maximum.accumulate(np.where(first, idx, 0))
+    keep = rank < k
+    out_c[r[keep], rank[keep]] = c[keep]
+    out_v[r[keep], rank[keep]] = v[keep]
+    return out_c, out_v
+
+
+def _reduce_pairs(t_rows, c_rows, weights, t, m):
+    """Sum of ``weights`` (and count) per distinct (tile row, candidate) -> dense or sparse."""
+    key = t_rows * m + c_rows
+    if t * m <= DENSE_LIMIT and t * m <= 8 * max(key.size, 1):
+        cnt = np.bincount(key, minlength=t * m).reshape(t, m)
+        wsum = None if weights is None else np.bincount(key, weights=weights, minlength=t * m).reshape(t, m)
+        return "dense", cnt, wsum
+    uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    wsum = None if weights is None else np.bincount(inv, weights=weights, minlength=uk.size)
+    return "sparse", (uk // m, uk % m, cnt), wsum
+
+
+def _primary(metric, cnt, dsum, qsize, csize, alpha):
+    """Sort key, smaller is better: -overlap or the distance; +inf where nothing is shared."""
+    if metric == "overlap":
+        return np.where(cnt > 0, -cnt.astype(np.float64), np.inf)
+    big = np.maximum(np.maximum(qsize, csize), 1).astype(np.float64)  # 0 only where cnt == 0
+    c = np.maximum(cnt, 1).astype(np.float64)
+    # Same operation order as the Triton kernel so both round identically.
+    d = (1.0 - cnt / big) + (alpha * dsum) / c
+    return np.where(cnt > 0, d, np.inf)
+
+
+def topk_numpy(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self: bool = False,
+               alpha: float = 0.001, pair_budget: int = PAIR_BUDGET):
+    """Top-k candidates per query; returns (indices int64 [nq, k], scores [nq, k])."""
+    nq, m = q.n, c.n
+    empty = 1.0 if metric == "distance" else 0
+    out_i = np.full((nq, k), -1, np.int64)
+    out_s = np.full((nq, k), empty, np.float64 if metric == "distance" else np.int64)
+    if nq == 0 or m == 0 or k == 0:
+        return out_i, out_s
+    nvocab = max(q.vocab_size, c.vocab_size, 1)
+    if metric == "prefix":
+        _prefix(q, c, k, exclude_self, pair_budget, nvocab, out_i, out_s)
+        return out_i, out_s
+    q_ids, c_ids = q.set_ids, c.set_ids
+    post_row, post_col, deg, offs = _postings(c_ids, nvocab)
+    cost = np.where(q_ids >= 0, deg[np.maximum(q_ids, 0)], 0).sum(axis=1)
+    qsize, csize = q.set_sizes, c.set_sizes
+    for s, e in _tiles(cost, pair_budget):
+        qi, qp, ci, cp = _expand(q_ids[s:e], deg, offs, post_row, post_col)
+        if exclude_self:
+            keep = ci != qi + s
+            qi, qp, ci, cp = qi[keep], qp[keep], ci[keep], cp[keep]
+        dpos = np.abs(qp - cp).astype(np.float64) if metric == "distance" else None
+        t = e - s
+        kind, red, dsum = _reduce_pairs(qi, ci, dpos, t, m)
+        if kind == "dense":
+            primary = _primary(metric, red, dsum, qsize[s:e, None], csize[None, :], alpha)
+            cols, vals = _select_dense(primary, k)
+        else:
+            tr, cc, cnt = red
+            primary = _primary(metric, cnt, dsum, qsize[s + tr], csize[cc], alpha)
+            cols, vals = _select_sparse(tr, cc, primary, t, k)
+        _write(out_i, out_s, s, cols, vals, metric)
+    return out_i, out_s
+
+
+def _write(out_i, out_s, s, cols, vals, metric):
+    """Store selected columns; scores are recovered exactly from the sort key."""
+    kk = cols.shape[1]
+    ok = np.isfinite(vals) & (cols >= 0)
+    rows = slice(s, s + cols.shape[0])
+    out_i[rows, :kk] = np.where(ok, cols, -1)
+    if metric == "distance":
+        out_s[rows, :kk] = np.where(ok, vals, 1.0)
+    else:  # integer scores below 2**53 survive the float64 key exactly
+        out_s[rows, :kk] = np.where(ok, -np.where(ok, vals, 0.0), 0).astype(np.int64)
+
+
+def _prefix(q, c, k, exclude_self, pair_budget, nvocab, out_i, out_s):
+    """Weighted longest common prefix: only candidates whose first id equals the query's."""
+    first = c.ids[:, 0] if c.width else np.full(c.n, -1, np.int32)
+    cand = np.nonzero(first >= 0)[0]
+    order = np.argsort(first[cand], kind="stable")
+    post_row = cand[order].astype(np.int64)
+    deg = np.bincount(first[cand], minlength=nvocab).astype(np.int64)
+    offs = np.concatenate(([0], np.cumsum(deg)[:-1])) if nvocab else np.zeros(0, np.int64)
+    width = min(q.width, c.width)
+    q_first = q.ids[:, :1] if q.width else np.full((q.n, 1), -1, np.int32)
+    cost = np.where(q_first[:, 0] >= 0, deg[np.maximum(q_first[:, 0], 0)], 0) * max(width, 1)
+    m = c.n
+    for s, e in _tiles(cost, pair_budget):
+        qi, _, ci, _ = _expand(q_first[s:e], deg, offs, post_row, np.zeros_like(post_row))
+        if exclude_self:
+            keep = ci != qi + s
+            qi, ci = qi[keep], ci[keep]
+        eq = (q.ids[s + qi, :width] == c.ids[ci, :width]) & (q.ids[s + qi, :width] >= 0)
+        alive = np.logical_and.accumulate(eq, axis=1)
+        score = (alive * q.weights[s + qi, :width].astype(np.int64)).sum(axis=1)
+        primary = -score.astype(np.float64)
+        t = e - s
+        if t * m <= DENSE_LIMIT and t * m <= 8 * max(qi.size, 1):
+            dense_p = np.full((t, m), np.inf)
+            dense_p[qi, ci] = primary
+            cols, vals = _select_dense(dense_p, k)
+        else:
+            cols, vals = _select_sparse(qi, ci, primary, t, k)
+        _write(out_i, out_s, s, cols, vals, "prefix")
