@@ -106,7 +106,7 @@ def run_method(method: str, wl: W.Workload, args) -> dict:
 
             if cached_plan(wl.contexts) is None:
                 return {"skipped": f"peer venv missing ({SETUP_HINT})"}
-        plan = peer_plan(wl.contexts, timeout=args.peer_timeout)
+        plan = peer_plan(wl.contexts, timeout=args.peer_timeout, use_cache=not args.fresh_peer)
         if plan is None:
             return {"skipped": "peer run failed (see stderr)"}
         peak = plan["peak_rss_mb"] - plan.get("rss_before_mb", 0.0)
@@ -270,6 +270,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-max-n", type=int, default=None,
                     help="skip the peer above this N (default: no limit; 1,000 with --quick)")
     ap.add_argument("--peer-timeout", type=float, default=1800)
+    ap.add_argument("--fresh-peer", action="store_true",
+                    help="re-run the peer instead of reusing its cached plans (N=5,000: minutes)")
     ap.add_argument("--plan-timeout", type=float, default=600)
     ap.add_argument("--index-requests", type=int, default=100_000)
     ap.add_argument("--measure-requests", type=int, default=None)
