@@ -48,13 +48,17 @@ COMPONENTS: tuple[Component, ...] = (
     Component("receiver", "cp_engine.hooks.vllm.receiver",
               ("vllm.entrypoints.openai.chat_completion.serving", "vllm.entrypoints.openai.serving_chat"),
               feature="eviction_sync"),
-    Component("queue", "cp_engine.hooks.vllm.queue", ("vllm.v1.core.sched.request_queue",), feature="schedule"),
-    Component("eviction", "cp_engine.hooks.vllm.eviction", ("vllm.v1.core.block_pool",), feature="eviction_sync"),
+    # The scheduler module, not request_queue: the latter's hook fires while the
+    # scheduler (which imports it) is still half-initialised.
+    Component("queue", "cp_engine.hooks.vllm.queue", ("vllm.v1.core.sched.scheduler",), feature="schedule"),
+    # Also on the scheduler module: block_pool is imported half-way through it.
+    Component("eviction", "cp_engine.hooks.vllm.eviction", ("vllm.v1.core.sched.scheduler",), feature="eviction_sync"),
 )
 
 _lock = threading.RLock()
 _enabled = False
 _installed: dict[str, Any] = {}  # component name -> its module (for uninstall)
+_installing: set[str] = set()  # re-entry guard: importing a component may fire other hooks
 _skipped: dict[str, str] = {}
 _generation = 0  # bumps on unpatch so hooks registered earlier become no-ops
 _logged_startup = False
@@ -73,30 +77,38 @@ def _version_ok(version: str) -> bool:
 
 def _install(comp: Component, generation: int) -> None:
     with _lock:
-        if not _enabled or generation != _generation or comp.name in _installed:
+        if not _enabled or generation != _generation or comp.name in _installed or comp.name in _installing:
             return
+        _installing.add(comp.name)
         try:
-            faults.check_fault(f"install.{comp.name}")
-            mod = importlib.import_module(comp.module)
-        except ModuleNotFoundError as exc:
-            if exc.name == comp.module:
-                _skipped[comp.name] = "component not available"
-                return
-            faults.record_failure(f"install.{comp.name}", exc)
+            _install_locked(comp)
+        finally:
+            _installing.discard(comp.name)
+
+
+def _install_locked(comp: Component) -> None:
+    try:
+        faults.check_fault(f"install.{comp.name}")
+        mod = importlib.import_module(comp.module)
+    except ModuleNotFoundError as exc:
+        if exc.name == comp.module:
+            _skipped[comp.name] = "component not available"
             return
-        except Exception as exc:
-            faults.record_failure(f"install.{comp.name}", exc)
-            return
-        try:
-            ok = mod.install()
-        except Exception as exc:  # components should not raise; guard anyway
-            faults.record_failure(f"install.{comp.name}", exc)
-            ok = False
-        if ok is False:
-            _skipped[comp.name] = "install returned False"
-            return
-        _installed[comp.name] = mod
-        _skipped.pop(comp.name, None)
+        faults.record_failure(f"install.{comp.name}", exc)
+        return
+    except Exception as exc:
+        faults.record_failure(f"install.{comp.name}", exc)
+        return
+    try:
+        ok = mod.install()
+    except Exception as exc:  # components should not raise; guard anyway
+        faults.record_failure(f"install.{comp.name}", exc)
+        ok = False
+    if ok is False:
+        _skipped[comp.name] = "install returned False"
+        return
+    _installed[comp.name] = mod
+    _skipped.pop(comp.name, None)
 
 
 def _hook_for(comp: Component, generation: int):
