@@ -127,8 +127,12 @@ def _plan(nq: int, nc: int, k: int, block_q: int, block_c: int, device) -> int:
 
 
 def launch(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self: bool = False,
-           alpha: float = 0.001, block_q: int = 64, block_c: int = 64):
-    """Run the kernel; returns (indices int64 [nq, k], scores) as NumPy arrays."""
+           alpha: float = 0.001, block_q: int = 64, block_c: int = 64, splits: int | None = None):
+    """Run the kernel; returns (indices int64 [nq, k], scores) as NumPy arrays.
+
+    ``splits`` overrides the number of candidate ranges (tests use it to exercise the
+    cross-split merge on the interpreter, where the automatic choice is 1).
+    """
     if metric not in METRIC_CODE:
         raise ValueError(f"unknown metric {metric!r}")
     if k > MAX_K:
@@ -148,7 +152,7 @@ def launch(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self:
     qn = torch.as_tensor(q.set_sizes.astype(np.int32), device=dev)
     cn = torch.as_tensor(c.set_sizes.astype(np.int32), device=dev)
     kp = max(2, triton.next_power_of_2(k))
-    splits = _plan(nq, nc, k, block_q, block_c, dev)
+    splits = splits or _plan(nq, nc, k, block_q, block_c, dev)
     per = triton.cdiv(triton.cdiv(nc, splits), block_c) * block_c
     splits = triton.cdiv(nc, per)
     out_key = torch.empty((nq, splits, k), dtype=torch.float64, device=dev)

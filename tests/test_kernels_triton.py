@@ -1,0 +1,153 @@
+"""The Triton kernel against the NumPy reference: interpreter mode on the CPU, compiled
+on a CUDA GPU (``-m gpu``).
+
+TRITON_INTERPRET=1 must be set before anything imports triton, and must not leak into
+other tests (engine servers inherit the environment). So on a CPU run the single
+``test_interpreter_suite`` re-runs this file in a subprocess with TRITON_INTERPRET=1,
+where the ``interp`` cases below run; in the parent they are skipped. Exact equality of
+indices and scores (integers; the float64 distance is formed in the same order).
+Skipped entirely when triton is not installed (see the .venv-kernels CI step).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cp_engine.kernels import pack_pair, topk_overlap
+from kernel_oracle import as_pairs, oracle_topk
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("torch") is not None
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+METRICS = ("overlap", "prefix", "distance")
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton/torch not installed (use .venv-kernels)")
+interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside test_interpreter_suite's TRITON_INTERPRET=1 subprocess")
+
+
+def _cuda() -> bool:
+    if IN_INTERPRETER or not HAVE_TRITON:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="this is the parent of the interpreter run")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("CP_ENGINE_KERNEL_BACKEND", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", os.path.abspath(__file__)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
+
+
+def _random_lists(rng, n, vocab, max_len, min_len=0):
+    return [rng.integers(0, vocab, rng.integers(min_len, max_len + 1)).tolist() for _ in range(n)]
+
+
+def _same(q, c, k, metric):
+    """Triton launcher output equals the reference exactly; returns the reference."""
+    qp, cp = pack_pair(q, c)
+    ref = topk_overlap(qp, cp, k, metric=metric, backend="numpy")
+    from cp_engine.kernels import triton_overlap
+
+    idx, scores = triton_overlap.launch(qp, cp, k, metric)
+    assert np.array_equal(idx, ref.indices), (idx, ref.indices)
+    assert np.array_equal(scores, ref.scores), (scores, ref.scores)
+    assert scores.dtype == ref.scores.dtype
+    return ref
+
+
+@interp
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_against_reference(metric, seed):
+    rng = np.random.default_rng(seed * 10 + len(metric))
+    nq, nc = int(rng.integers(1, 100)), int(rng.integers(65, 200))  # several candidate tiles
+    q = _random_lists(rng, nq, 25, 8)
+    c = _random_lists(rng, nc, 25, 8)
+    k = int(rng.integers(1, 9))
+    r = topk_overlap(q, c, k, metric=metric, backend="triton")
+    assert r.backend == "triton"
+    ref = topk_overlap(q, c, k, metric=metric, backend="numpy")
+    assert np.array_equal(r.indices, ref.indices) and np.array_equal(r.scores, ref.scores)
+
+
+@interp
+@pytest.mark.parametrize("metric", METRICS)
+def test_self_join_exclude_self_and_split_merge(metric):
+    rng = np.random.default_rng(5)
+    q = _random_lists(rng, 70, 12, 6)
+    qp, _ = pack_pair(q, [])
+    ref = topk_overlap(q, None, 5, metric=metric, exclude_self=True, backend="numpy")
+    from cp_engine.kernels import triton_overlap
+
+    for splits in (1, 2):  # two candidate ranges exercise the cross-split merge
+        idx, scores = triton_overlap.launch(qp, qp, 5, metric, exclude_self=True, splits=splits)
+        assert np.array_equal(idx, ref.indices) and np.array_equal(scores, ref.scores)
+    assert as_pairs(ref) == oracle_topk(q, q, 5, metric, exclude_self=True)
+
+
+@interp
+@pytest.mark.parametrize("metric", METRICS)
+def test_padding_empty_lists_and_duplicates(metric):
+    q = [[], [1, 1, 1], [2, 3, 2, 3], [4], [1, 2, 3, 4, 5, 1]]
+    c = [[1], [], [3, 2, 3], [1, 1], [2, 3, 9], [5, 4, 3, 2, 1], [4, 4]] * 10  # 70: two tiles
+    ref = _same(q, c, 6, metric)
+    assert as_pairs(ref) == oracle_topk(q, c, 6, metric)
+    _same([[]], [[], []], 2, metric)  # zero-width matrices
+
+
+@interp
+@pytest.mark.parametrize("metric", METRICS)
+def test_lists_longer_than_one_tile(metric):
+    rng = np.random.default_rng(11)
+    q = [rng.permutation(90).tolist()[:70], list(range(66)) + [1, 2]]
+    c = [list(range(66)), rng.permutation(90).tolist()[:68], q[0][:40] + [999] * 3, [7]]
+    ref = _same(q, c, 3, metric)
+    assert as_pairs(ref) == oracle_topk(q, c, 3, metric)
+
+
+@interp
+def test_prefix_weights_and_larger_tiles():
+    rng = np.random.default_rng(2)
+    q = _random_lists(rng, 20, 3, 6, min_len=1)
+    c = _random_lists(rng, 90, 3, 6)
+    w = [rng.integers(1, 1000, len(r)).tolist() for r in q]
+    qp, cp = pack_pair(q, c, query_weights=w)
+    ref = topk_overlap(qp, cp, 4, metric="prefix", backend="numpy")
+    from cp_engine.kernels import triton_overlap
+
+    idx, scores = triton_overlap.launch(qp, cp, 4, "prefix", block_q=64, block_c=128)
+    assert np.array_equal(idx, ref.indices) and np.array_equal(scores, ref.scores)
+
+
+@interp
+def test_launcher_rejects_bad_tiles_and_k():
+    from cp_engine.kernels import triton_overlap
+
+    qp, cp = pack_pair([[1]], [[1]])
+    with pytest.raises(ValueError):
+        triton_overlap.launch(qp, cp, 1, "overlap", block_q=32)
+    with pytest.raises(ValueError):
+        triton_overlap.launch(qp, cp, triton_overlap.MAX_K + 1, "overlap")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n", [1000, 5000])
+def test_gpu_matches_reference(metric, n):
+    rng = np.random.default_rng(n)
+    q = _random_lists(rng, n, 2000, 20, min_len=10)
+    r = topk_overlap(q, None, 16, metric=metric, exclude_self=True, backend="triton")
+    ref = topk_overlap(q, None, 16, metric=metric, exclude_self=True, backend="numpy")
+    assert r.backend == "triton"
+    assert np.array_equal(r.indices, ref.indices) and np.array_equal(r.scores, ref.scores)
