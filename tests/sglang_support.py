@@ -192,6 +192,20 @@ def evict(cache, num_tokens: int) -> int:
 
 
 # --------------------------------------------------------------------- requests
+@pytest.fixture(scope="module")
+def scheduler_ctx(tmp_path_factory):
+    """Publish scheduler-role server args for a tiny local model (real ``Req`` needs it)."""
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    model = build_tiny_model(str(tmp_path_factory.mktemp("model")))
+    args = ServerArgs(model_path=model, device="cpu")
+    set_global_server_args_for_scheduler(args)
+    publish(args, role="scheduler")
+    return args
+
+
+
 def make_req(rid: str, token_ids, custom_params=None, arrival: float | None = None, priority=None):
     """A real scheduler ``Req`` (needs ``publish(ServerArgs(...), role="scheduler")`` first)."""
     from sglang.srt.managers.schedule_batch import Req

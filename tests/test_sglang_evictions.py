@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from sglang_support import build_cache, block_tokens, evict, insert, make_req, match_len, require_sglang
+from sglang_support import build_cache, block_tokens, evict, insert, make_req, match_len, require_sglang, scheduler_ctx  # noqa: F401
 
 require_sglang()
 
@@ -16,20 +16,6 @@ from cp_engine.hooks.vllm.xargs import build_xargs  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 KINDS = ["radix", "unified-python", "unified-rust"]
-
-
-@pytest.fixture(scope="module")
-def scheduler_ctx(tmp_path_factory):
-    from sglang.srt.runtime_context import publish
-    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
-
-    from sglang_support import build_tiny_model
-
-    model = build_tiny_model(str(tmp_path_factory.mktemp("model")))
-    args = ServerArgs(model_path=model, device="cpu")
-    set_global_server_args_for_scheduler(args)
-    publish(args, role="scheduler")
-    return args
 
 
 @pytest.fixture

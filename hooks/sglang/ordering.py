@@ -8,8 +8,9 @@ Contract:
   consecutively, depth-first, and a request older than
   ``CP_ENGINE_SCHEDULE_MAX_WAIT_S`` goes first in arrival order (aging);
 - there is no queue-length cut-off (SGLang's LPM falls back to FCFS above 128
-  waiting); the cost is O(n log n) per call and a call on an unchanged queue with
-  nothing newly aged is O(n);
+  waiting): a full depth-first sort (O(n log n)) runs every 32 calls or when many
+  requests are new; in between a call is O(n): departed requests drop out, new ones
+  go right after the last waiting request of their group (first 64 prompt tokens);
 - with priority scheduling on, priority classes keep SGLang's order between them;
 - prefix key of a ``Req``: chained hashes of 64-token chunks of its prompt, computed
   once per request (what the radix cache matches on, whatever marked the request);
@@ -34,8 +35,13 @@ _MAX_CHUNKS = 64  # keys look at the first 4k tokens: grouping is decided near t
 observers: list[Callable[[Any], None]] = []
 
 _keys: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
-# Per SchedulePolicy: the queue order we produced last and the key served first.
-_last: "weakref.WeakKeyDictionary[Any, tuple[list[int], tuple, float]]" = weakref.WeakKeyDictionary()
+_arrivals: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+_last: "weakref.WeakKeyDictionary[Any, _State]" = weakref.WeakKeyDictionary()  # per SchedulePolicy
+# Between full depth-first sorts (O(n log n)), calls only drop departed requests and
+# place new ones after the last waiting request of their group (O(n)); a full sort
+# runs every _FULL_EVERY calls or when many requests are new.
+_FULL_EVERY = 32
+_INCR_MAX_NEW = 64
 
 
 def req_key(req: Any, policy: Any = None) -> tuple:
@@ -70,33 +76,109 @@ def req_key(req: Any, policy: Any = None) -> tuple:
 
 
 def _arrival(req: Any, now: float) -> float:
+    """Enqueue time on ``time.perf_counter()``'s clock (SGLang's), cached once stamped."""
+    t = _arrivals.get(req)
+    if t is not None:
+        return t
     t = getattr(getattr(req, "time_stats", None), "wait_queue_entry_time", 0.0)
-    # SGLang stamps with time.perf_counter(); 0.0 means "not stamped yet".
-    return float(t) if t else now
+    if not t:
+        return now  # 0.0: not stamped yet
+    try:
+        _arrivals[req] = float(t)
+    except TypeError:
+        pass
+    return float(t)
+
+
+class _State:
+    """What the last call decided for one ``SchedulePolicy``."""
+
+    __slots__ = ("order", "calls", "oldest", "aged")
+
+    def __init__(self, order: list) -> None:
+        self.order = order  # our last output (Req objects)
+        self.calls = 0  # incremental updates since the last full sort
+        self.oldest = 0.0  # earliest arrival in ``order``
+        self.aged = False  # whether it had passed the aging bound
+
+    def holds(self, queue: list, now: float, max_wait_s: float) -> bool:
+        """The queue is exactly our last output and no request has newly aged."""
+        order = self.order
+        return (len(order) == len(queue) and (now - self.oldest > max_wait_s) == self.aged
+                and all(a is b for a, b in zip(order, queue)))
+
+
+def _full(policy: Any, queue: list, now: float, max_wait_s: float, last: _State | None) -> list:
+    keys = [req_key(r, policy) for r in queue]
+    arrivals = [_arrival(r, now) for r in queue]
+    last_key = req_key(last.order[0], policy) if last is not None and last.order else None
+    order = schedule_order(keys, arrivals, now=now, max_wait_s=max_wait_s, last_key=last_key)
+    return [queue[i] for i in order]
+
+
+def _incremental(policy: Any, queue: list, last: _State, now: float, max_wait_s: float) -> list | None:
+    """Last order minus departed requests, new ones placed after their group; None when
+    too much changed (the caller then sorts from scratch)."""
+    present = {id(r) for r in queue}
+    kept = [r for r in last.order if id(r) in present]
+    if len(queue) - len(kept) > max(_INCR_MAX_NEW, len(queue) // 8):
+        return None
+    known = {id(r) for r in kept}
+    group_end: dict = {}
+    for i, r in enumerate(kept):
+        group_end[req_key(r, policy)[:1]] = i
+    after: dict[int, list] = {}
+    tail: dict = {}
+    for r in sorted((r for r in queue if id(r) not in known), key=lambda r: _arrival(r, now)):
+        g = req_key(r, policy)[:1]
+        if g in group_end:
+            after.setdefault(group_end[g], []).append(r)
+        else:
+            tail.setdefault(g, []).append(r)
+    out: list = []
+    for i, r in enumerate(kept):
+        out.append(r)
+        if i in after:
+            out.extend(after[i])
+    for rs in tail.values():
+        out.extend(rs)
+    aged = [r for r in out if now - _arrival(r, now) > max_wait_s]
+    if aged:  # the aging bound: oldest first, in arrival order
+        aged_ids = {id(r) for r in aged}
+        aged.sort(key=lambda r: _arrival(r, now))
+        out = aged + [r for r in out if id(r) not in aged_ids]
+    return out
 
 
 def _reorder(policy: Any, queue: list, max_wait_s: float) -> None:
     faults.check_fault("sglang_schedule")
-    n = len(queue)
-    keys = [req_key(r, policy) for r in queue]
-    if n < 2:
+    if len(queue) < 2:
+        for r in queue:
+            req_key(r, policy)  # observers see every request
         return
     now = time.perf_counter()
-    arrivals = [_arrival(r, now) for r in queue]
-    ident = [id(r) for r in queue]
-    oldest = min(arrivals)
     last = _last.get(policy)
-    if last is not None and last[0] == ident and (now - oldest <= max_wait_s) == last[2]:
-        return  # same queue, same aging state: the order we set still holds
-    order = schedule_order(keys, arrivals, now=now, max_wait_s=max_wait_s,
-                           last_key=last[1] if last is not None else None)
+    if last is not None and last.holds(queue, now, max_wait_s):
+        return
+    out = None
+    if last is not None and last.calls < _FULL_EVERY:
+        out = _incremental(policy, queue, last, now, max_wait_s)
+    if out is None:
+        out = _full(policy, queue, now, max_wait_s, last)
+        state = _State(out)
+    else:
+        state = last
+        state.order = out
+        state.calls += 1
     if getattr(policy, "enable_priority_scheduling", False):
         sign = getattr(policy, "priority_sign", 1)
-        rank = {i: pos for pos, i in enumerate(order)}
-        order.sort(key=lambda i: ((getattr(queue[i], "priority", 0) or 0) * sign, rank[i]))
-    moved = sum(1 for pos, i in enumerate(order) if pos != i)
-    queue[:] = [queue[i] for i in order]
-    _last[policy] = ([id(r) for r in queue], keys[order[0]], now - oldest <= max_wait_s)
+        out.sort(key=lambda r: (getattr(r, "priority", 0) or 0) * sign)  # stable
+    moved = any(a is not b for a, b in zip(out, queue))
+    queue[:] = out
+    state.order = list(out)
+    state.oldest = min(_arrival(r, now) for r in out)
+    state.aged = now - state.oldest > max_wait_s
+    _last[policy] = state
     if moved:
         metrics.inc("queue_reorders", 1, engine="sglang")
 
