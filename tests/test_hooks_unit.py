@@ -1,0 +1,182 @@
+"""Unit tests of the engine-neutral hook plumbing (no engine needed)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cp_engine.config import Config
+from cp_engine.hooks import bootstrap, faults, ledger, metrics
+from cp_engine.hooks.marking import InvalidBlocks, fallback_messages, find_marks
+from cp_engine.hooks.vllm import xargs
+from cp_engine.hooks.wrapping import bind_args, is_wrapped, unwrap_method, wrap_method
+from cp_engine.pipeline import ContextPipeline
+
+
+def test_ledger_version_ranges():
+    p = ledger.Patch("vllm", "x.y", "why", "how", "0.27.0", "0.33", "up", "never")
+    assert ledger.supported(p, "0.27.0") and ledger.supported(p, "0.32.0")
+    assert ledger.supported(p, "0.33.4rc1+cpu")
+    assert not ledger.supported(p, "0.26.9") and not ledger.supported(p, "0.34.0")
+    assert not ledger.supported(p, "garbage")
+    ledger.register(p)
+    assert ledger.get("x.y") is p and "x.y" in ledger.as_markdown("vllm")
+
+
+def test_fault_switch_raise_and_hang(monkeypatch):
+    monkeypatch.setenv("CP_ENGINE_FAULT", "a, b:hang=0.01")
+    with pytest.raises(faults.InjectedFault):
+        faults.check_fault("a")
+    faults.check_fault("b")  # sleeps briefly, returns
+    faults.check_fault("c")
+    monkeypatch.setenv("CP_ENGINE_FAULT", "")
+    faults.check_fault("a")  # switch re-read when the variable changes
+
+
+def test_guarded_swallows_counts_and_call_guarded_defaults(monkeypatch):
+    before = metrics.value("hook_failures", hook="unit_hook")
+    with faults.guarded("unit_hook"):
+        raise ValueError("boom")
+    assert metrics.value("hook_failures", hook="unit_hook") == before + 1
+    monkeypatch.setenv("CP_ENGINE_FAULT", "unit_hook2")
+    assert faults.call_guarded("unit_hook2", lambda: 1, default="dflt") == "dflt"
+    monkeypatch.delenv("CP_ENGINE_FAULT")
+    assert faults.call_guarded("unit_hook2", lambda x: x + 1, 1) == 2
+    with pytest.raises(KeyboardInterrupt):  # only Exception is swallowed
+        with faults.guarded("unit_hook"):
+            raise KeyboardInterrupt
+
+
+def test_metrics_merge_and_labels():
+    metrics.inc("evictions_applied", 2)
+    base = metrics.value("evictions_applied")
+    metrics.merge([("evictions_applied", {}, 3), ("hook_failures", {"hook": "remote"}, 1)])
+    assert metrics.value("evictions_applied") == base + 3
+    assert metrics.value("hook_failures", hook="remote") >= 1
+    metrics.inc("requests_rewritten", hook=object())  # odd label values never raise
+
+
+def test_find_marks_canonical_field_and_header():
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    assert find_marks({}, msgs) is None
+    assert find_marks({"context_blocks": []}, msgs) is None  # empty = unmarked
+    m = find_marks({"context_blocks": ["a", "b"], "conversation_id": "c1"}, msgs)
+    assert m.blocks == ["a", "b"] and m.conversation_id == "c1" and m.source == "field"
+    m = find_marks({"context_blocks": ["a"]}, msgs, headers={"x-cp-conversation-id": "h1"})
+    assert m.conversation_id == "h1"
+    for bad in ("abc", [1], ["a", None], {"a": 1}):
+        with pytest.raises(InvalidBlocks):
+            find_marks({"context_blocks": bad}, msgs)
+    for bad_conv in (1.5, ["x"], "", "x" * 1000, True):
+        with pytest.raises(InvalidBlocks):
+            find_marks({"context_blocks": ["a"], "conversation_id": bad_conv}, msgs)
+
+
+def test_find_marks_content_parts():
+    msgs = [{"role": "user", "content": [
+        {"type": "text", "text": "doc A", "cp_block": True},
+        {"type": "text", "text": "doc B", "cp_block": True},
+        {"type": "text", "text": "question?"}]}]
+    m = find_marks(None, msgs)
+    assert m.blocks == ["doc A", "doc B"] and m.source == "parts"
+    assert m.messages[0]["content"] == "question?"
+    assert msgs[0]["content"][0]["cp_block"] is True  # input not mutated
+    with pytest.raises(InvalidBlocks):
+        find_marks(None, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}, "cp_block": True}]}])
+
+
+def test_fallback_rendering_matches_flags_off_pipeline():
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    m = find_marks({"context_blocks": ["b1", "b2", "b3"]}, msgs)
+    off = ContextPipeline(Config(reorder=False, dedup=False, annotate=False))
+    rewritten, _ = off.rewrite_messages(msgs, m.blocks)
+    assert fallback_messages(m) == rewritten
+
+
+def test_xargs_roundtrip():
+    pipe = ContextPipeline(Config())
+    prep = pipe.prepare(["x" * 400, "y" * 800], namespace="ns")
+    xa = xargs.build_xargs(prep, "chatcmpl-1", base_offset=10)
+    assert set(xa) == set(xargs.ALL_KEYS)
+    assert all(len(p) == 16 for p in xa[xargs.PATH])
+    assert xa[xargs.ENDS] == sorted(xa[xargs.ENDS]) and xa[xargs.ENDS][0] > 10
+    h = xargs.read_hints(xa)
+    assert h.path == tuple(b & (2**64 - 1) for b in prep.index_path()) and h.request_id == "chatcmpl-1"
+    assert xargs.read_hints({}) is None and xargs.read_hints({xargs.PATH: ["zz"]}) is None
+    assert xargs.read_hints({xargs.PATH: "abc"}) is None
+
+
+class _Target:
+    def method(self, a, b=2, *, c=3):
+        return (a, b, c)
+
+
+def test_wrap_unwrap_idempotent_and_bind_by_name():
+    seen = []
+
+    def wrapper(wrapped, instance, args, kwargs):
+        seen.append(bind_args(wrapped, args, kwargs).arguments["b"])
+        return wrapped(*args, **kwargs)
+
+    orig = _Target.__dict__["method"]
+    assert wrap_method(_Target, "method", wrapper) is True
+    assert wrap_method(_Target, "method", wrapper) is False  # never double-wrapped
+    assert _Target().method(1, c=4) == (1, 2, 4) and seen == [2]
+    assert _Target().method(1, b=5) == (1, 5, 3) and seen == [2, 5]
+    assert unwrap_method(_Target, "method") and _Target.__dict__["method"] is orig
+    assert not is_wrapped(_Target, "method") and not unwrap_method(_Target, "method")
+
+
+def test_bootstrap_idempotent_and_fail_open(monkeypatch):
+    calls = []
+    bootstrap.register_adapter("unit_ok", lambda: calls.append(1) or True)
+    assert bootstrap.activate("unit_ok") == "patched"
+    assert bootstrap.activate("unit_ok", source="entry_point") == "patched"
+    assert calls == [1]
+
+    def broken():
+        raise RuntimeError("adapter exploded")
+
+    bootstrap.register_adapter("unit_bad", broken)
+    before = metrics.value("hook_failures", hook="bootstrap.unit_bad")
+    assert bootstrap.activate("unit_bad") == "failed"
+    assert metrics.value("hook_failures", hook="bootstrap.unit_bad") == before + 1
+    monkeypatch.setenv("CP_ENGINE_DISABLE", "1")
+    bootstrap.register_adapter("unit_off", lambda: calls.append(2) or True)
+    assert bootstrap.activate("unit_off") == "skipped" and calls == [1]
+
+
+def _run(code: str, env: dict) -> str:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CP_ENGINE_")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full,
+                          timeout=60, check=True).stdout.strip()
+
+
+def test_instance_id_inherited_by_children_not_by_strangers():
+    code = ("import os, subprocess, sys\n"
+            "from cp_engine.hooks import runtime\n"
+            "me = runtime.instance_id()\n"
+            "child = subprocess.run([sys.executable, '-c', 'from cp_engine.hooks import runtime; "
+            "print(runtime.instance_id())'], capture_output=True, text=True).stdout.strip()\n"
+            "print(me, child, os.environ['CP_ENGINE_INSTANCE'])")
+    me, child, env_value = _run(code, {}).split()
+    assert me == child and env_value.startswith(me + "@")
+    # A value left by an unrelated process (pid 1 is no ancestor we inherit from) is not adopted.
+    stranger = _run("from cp_engine.hooks import runtime; print(runtime.instance_id())",
+                    {"CP_ENGINE_INSTANCE": "abc-1@999999"})
+    assert stranger != "abc-1"
+
+
+def test_pth_line_is_one_import_line_and_honours_disable():
+    from cp_engine.hooks import autoload
+
+    assert "\n" not in autoload.PTH_LINE and autoload.PTH_LINE.startswith("import ")
+    out = _run(autoload.PTH_LINE + "\nimport sys; print('wrapt.importer' in sys.modules, "
+               "'cp_engine.hooks.autoload' in sys.modules)", {"CP_ENGINE_DISABLE": "1"})
+    assert out == "False False"
+    out = _run(autoload.PTH_LINE + "\nimport sys; print('cp_engine.hooks.autoload' in sys.modules, "
+               "any(k.startswith('vllm') for k in sys.modules))", {})
+    assert out == "True False"  # hooks registered; no engine imported by us

@@ -1,0 +1,193 @@
+"""Patch ordering, upstream drift and wheel-install (.pth) tests against real vLLM modules.
+
+Orderings run in fresh subprocesses (import state is process-wide); drift tests read
+the installed vLLM and fail loudly when a symbol or signature the hooks bind moves.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from vllm_server import vllm_available
+
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAT_MOD = "vllm.entrypoints.openai.chat_completion.serving"
+SCHED_MOD = "vllm.v1.core.sched.scheduler"
+
+
+def _clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CP_ENGINE_")}
+    env.update({"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(extra)
+    return env
+
+
+def _run_json(code: str, python: str = sys.executable, **env: str) -> dict:
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=240, env=_clean_env(**env))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    assert out.returncode == 0 and lines, f"rc={out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+_STATE = f"""
+def state():
+    import sys
+    from cp_engine.hooks.wrapping import is_wrapped
+    from cp_engine.hooks.vllm import patch
+    chat = sys.modules.get("{CHAT_MOD}")
+    sched = sys.modules.get("{SCHED_MOD}")
+    return {{
+        "chat_wrapped": bool(chat) and is_wrapped(chat.OpenAIServingChat, "create_chat_completion"),
+        "queue_ours": bool(sched) and getattr(sched.create_request_queue, "__cp_engine__", False) is True,
+        **patch.status(),
+    }}
+"""
+
+
+def test_import_then_patch_double_patch_unpatch_repatch():
+    code = _STATE + f"""
+import json, wrapt
+import {CHAT_MOD}, {SCHED_MOD}
+from cp_engine.hooks.vllm import patch
+out = {{"before": state()}}
+patch.patch(); out["patched"] = state()
+patch.patch(); out["twice"] = state()
+inner = {CHAT_MOD}.OpenAIServingChat.__dict__["create_chat_completion"].__wrapped__
+out["not_nested"] = not isinstance(inner, wrapt.ObjectProxy)
+patch.unpatch(); out["removed"] = state()
+out["removed_is_function"] = type({CHAT_MOD}.OpenAIServingChat.__dict__["create_chat_completion"]).__name__ == "function"
+patch.patch(); out["again"] = state()
+print(json.dumps(out))
+"""
+    r = _run_json(code)
+    assert not r["before"]["chat_wrapped"] and not r["before"]["queue_ours"]
+    assert r["patched"]["chat_wrapped"] and r["patched"]["queue_ours"]
+    assert r["twice"]["installed"] == r["patched"]["installed"] and r["not_nested"]
+    assert not r["removed"]["chat_wrapped"] and not r["removed"]["queue_ours"] and r["removed_is_function"]
+    assert r["again"]["chat_wrapped"] and r["again"]["queue_ours"]
+
+
+def test_patch_then_import_and_entry_point_after_autoload():
+    code = _STATE + f"""
+import json, sys
+from cp_engine.hooks import autoload, bootstrap
+autoload.install()                      # what the .pth does
+assert "vllm" not in sys.modules
+import {CHAT_MOD}, {SCHED_MOD}          # import triggers the patch
+out = {{"after_import": state(), "boot": bootstrap.state("vllm")}}
+from vllm.plugins import load_general_plugins
+load_general_plugins()                  # entry point path on top: still patched once
+out["after_entry_point"] = state()
+print(json.dumps(out))
+"""
+    r = _run_json(code)
+    assert r["boot"] == "patched"
+    assert r["after_import"]["chat_wrapped"] and r["after_import"]["queue_ours"]
+    assert r["after_entry_point"]["installed"] == r["after_import"]["installed"]
+
+
+def test_disable_leaves_vllm_unpatched():
+    code = _STATE + f"""
+import json
+from cp_engine.hooks import autoload, bootstrap
+autoload.install()
+import {CHAT_MOD}, {SCHED_MOD}
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+print(json.dumps({{"state": state(), "boot": bootstrap.state("vllm")}}))
+"""
+    r = _run_json(code, CP_ENGINE_DISABLE="1")
+    assert r["boot"] is None and not r["state"]["chat_wrapped"] and not r["state"]["queue_ours"]
+
+
+# -- drift: fail loudly when what the hooks bind moves upstream --------------------
+
+def test_drift_chat_and_completion_entry_points():
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    for cls, name in ((OpenAIServingChat, "create_chat_completion"), (OpenAIServingCompletion, "create_completion")):
+        fn = cls.__dict__.get(name)
+        assert fn is not None, f"{cls.__name__}.{name} moved"
+        fn = getattr(fn, "__wrapped__", fn)
+        params = list(inspect.signature(fn).parameters)
+        assert params[:3] == ["self", "request", "raw_request"], f"{cls.__name__}.{name}{params}"
+        assert inspect.iscoroutinefunction(fn)
+        assert "message" in inspect.signature(cls.create_error_response).parameters
+
+
+def test_drift_request_fields_reach_sampling_params():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    req = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "d", "cp_block": True}, {"type": "text", "text": "q"}]}],
+        "context_blocks": ["a"], "conversation_id": "c"})
+    assert req.model_extra == {"context_blocks": ["a"], "conversation_id": "c"}
+    assert req.messages[0]["content"][0].get("cp_block") is True  # part markers survive
+    assert isinstance(req.request_id, str) and hasattr(req, "cache_salt")
+    req.vllm_xargs = {"cp_path": ["00000000000000ff"], "cp_ends": [5], "cp_ns": "n", "cp_group": "g", "cp_rid": "r"}
+    sp = req.to_sampling_params(16, {})
+    assert sp.extra_args["cp_path"] == ["00000000000000ff"] and sp.extra_args["cp_rid"] == "r"
+    creq = CompletionRequest.model_validate({"model": "m", "prompt": "p", "context_blocks": ["a"]})
+    assert creq.model_extra == {"context_blocks": ["a"]} and hasattr(creq, "vllm_xargs")
+
+
+def test_drift_version_in_supported_range():
+    import vllm
+
+    from cp_engine.hooks import ledger
+    from cp_engine.hooks.vllm import chat_rewrite, patch
+
+    assert patch._version_ok(vllm.__version__), vllm.__version__
+    assert ledger.supported(chat_rewrite.PATCH, vllm.__version__)
+    for comp in patch.COMPONENTS:
+        if comp.name in ("chat_rewrite", "queue", "eviction", "receiver"):
+            assert any(__import__("importlib").util.find_spec(t) for t in comp.triggers), comp
+
+
+# -- a real wheel install puts the .pth in site-packages --------------------------
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv to build the wheel and venv")
+def test_wheel_install_places_pth_in_purelib_and_patches(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run(["uv", "build", "--wheel", "-o", str(dist), ROOT], check=True, capture_output=True, timeout=300)
+    (wheel,) = dist.glob("cp_engine-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run(["uv", "venv", "-q", "-p", sys.executable, str(venv)], check=True, capture_output=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    subprocess.run(["uv", "pip", "install", "-q", "-p", py, "--no-deps", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.isfile(os.path.join(purelib, "cp_engine_autoload.pth"))
+    # vLLM, wrapt and numpy come from this test's environment, appended to the fresh
+    # venv's path by a .pth that sorts before ours; cp_engine itself only from the wheel.
+    shared = sysconfig.get_paths()["purelib"]
+    with open(os.path.join(purelib, "aaa_shared_site.pth"), "w") as f:
+        f.write(shared + "\n")
+    probe = ("import json, sys\n"
+             "quiet = {'vllm': 'vllm' in sys.modules, 'patch': 'cp_engine.hooks.vllm.patch' in sys.modules}\n"
+             f"import {CHAT_MOD}\n"
+             "import cp_engine\n"
+             "from cp_engine.hooks import bootstrap\n"
+             "from cp_engine.hooks.wrapping import is_wrapped\n"
+             f"m = sys.modules['{CHAT_MOD}']\n"
+             "print(json.dumps({'quiet': quiet, 'boot': bootstrap.state('vllm'), 'file': cp_engine.__file__, "
+             "'wrapped': is_wrapped(m.OpenAIServingChat, 'create_chat_completion')}))")
+    r = _run_json(probe, python=py)
+    assert r["file"].startswith(str(venv)), r["file"]
+    assert r["quiet"] == {"vllm": False, "patch": False}  # nothing engine-side at startup
+    assert r["boot"] == "patched" and r["wrapped"]
+    off = _run_json(probe, python=py, CP_ENGINE_DISABLE="1")
+    assert off["boot"] is None and not off["wrapped"]
