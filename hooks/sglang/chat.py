@@ -119,7 +119,11 @@ def around_convert(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
         faults.record_failure("sglang_rewrite", exc)
     if marks is None:
         return wrapped(*args, **kwargs)
-    todo = _rewrite(request, marks)  # InvalidBlocks propagates: SGLang turns it into 400
+    try:
+        todo = _rewrite(request, marks)
+    except marking.InvalidBlocks:
+        metrics.inc("requests_rejected", 1)
+        raise  # a ValueError: SGLang's handle_request answers 400 with our message
     result = wrapped(*args, **kwargs)
     if todo is not None:
         prep, rid, base = todo
