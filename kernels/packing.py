@@ -41,9 +41,10 @@ class PackedLists:
 
     @property
     def vocab_size(self) -> int:
-        if self.vocab is not None:
-            return int(self.vocab.shape[0])
-        return int(self.ids.max()) + 1 if self.ids.size else 0
+        """One more than the largest dense id used (ids packed against a shared vocab
+        may exceed ``len(vocab)``)."""
+        top = int(self.ids.max()) + 1 if self.ids.size else 0
+        return max(top, 0 if self.vocab is None else int(self.vocab.shape[0]))
 
     @property
     def set_ids(self) -> np.ndarray:
@@ -113,8 +114,24 @@ def _weights_matrix(lists: Sequence[Sequence[int]], weights, ids: np.ndarray, vo
     return w.astype(np.int32)
 
 
-def pack_lists(lists, *, weights=None) -> PackedLists:
+def _lookup(vocab: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Dense ids of ``raw`` in a sorted ``vocab``; unknown ids numbered from len(vocab)."""
+    pos = np.searchsorted(vocab, raw)
+    pos_c = np.minimum(pos, max(vocab.size - 1, 0))
+    known = (pos < vocab.size) & (vocab[pos_c] == raw) if vocab.size else np.zeros(raw.size, bool)
+    dense = pos.astype(np.int64)
+    if not known.all():
+        _, fresh = np.unique(raw[~known], return_inverse=True)
+        dense[~known] = vocab.size + fresh
+    return dense
+
+
+def pack_lists(lists, *, weights=None, vocab: np.ndarray | None = None) -> PackedLists:
     """Remap 64-bit block ids to dense int32 ids and pad to ``[n, L]`` with -1.
+
+    ``vocab``: reuse the id map of an earlier ``PackedLists`` (``other.vocab``) so the
+    result can be scored against it (e.g. one new request against a packed index);
+    ids missing from it get fresh dense ids ``>= len(vocab)``, which match nothing there.
 
     ``lists``: sequence of sequences of integer block ids (any 64-bit value), or an
     int ``[n, L]`` array of already-dense ids padded with negative values (kept as is,
@@ -138,7 +155,10 @@ def pack_lists(lists, *, weights=None) -> PackedLists:
         width = int(lengths.max()) if len(rows) else 0
         flat = [b for r in rows for b in r]
         raw = _as_uint64(flat)
-        vocab, dense = np.unique(raw, return_inverse=True)
+        if vocab is None:
+            vocab, dense = np.unique(raw, return_inverse=True)
+        else:
+            dense = _lookup(vocab, raw)
         ids = np.full((len(rows), width), PAD, dtype=np.int32)
         mask = np.arange(width)[None, :] < lengths[:, None]
         ids[mask] = dense.astype(np.int32)  # row-major fill matches the flat order

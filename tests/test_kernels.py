@@ -200,3 +200,15 @@ def test_import_needs_numpy_only():
     env.pop("CP_ENGINE_KERNEL_BACKEND", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_pack_against_an_existing_vocab():
+    c = pack_lists([[5, 6, 7], [8, 9], [2**63 + 1, 5]])
+    q = pack_lists([[5, 100, 2**63 + 1], [77], [9, 8]], vocab=c.vocab)
+    assert q.vocab is c.vocab
+    assert q.ids[0, 1] >= len(c.vocab) and q.ids[1, 0] >= len(c.vocab)  # unknown ids: fresh, distinct
+    assert q.ids[0, 1] != q.ids[1, 0]
+    r = topk_overlap(q, c, 2, metric="distance", backend="numpy")
+    raw_q = [[5, 100, 2**63 + 1], [77], [9, 8]]
+    raw_c = [[5, 6, 7], [8, 9], [2**63 + 1, 5]]
+    assert as_pairs(r) == oracle_topk(raw_q, raw_c, 2, "distance")

@@ -151,3 +151,25 @@ def test_gpu_matches_reference(metric, n):
     ref = topk_overlap(q, None, 16, metric=metric, exclude_self=True, backend="numpy")
     assert r.backend == "triton"
     assert np.array_equal(r.indices, ref.indices) and np.array_equal(r.scores, ref.scores)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="needs the real compiler, not the interpreter")
+@pytest.mark.parametrize("metric", METRICS)
+def test_kernel_compiles_for_h100_without_a_gpu(metric):
+    # The interpreter runs code the compiler may reject; compiling to an sm_90 cubin
+    # (triton ships ptxas) catches that on a CPU-only machine. No GPU is touched.
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+    from cp_engine.kernels import triton_overlap as T
+
+    sig = {name: "*i32" for name in ("Q", "C", "QW", "QN", "CN", "OUT_IDX")}
+    sig.update(OUT_KEY="*fp64", alpha="fp64")
+    sig.update({name: "i32" for name in ("nq", "nc", "Lq", "Lc", "c_per_split", "n_splits")})
+    const = dict(METRIC=T.METRIC_CODE[metric], EXCLUDE_SELF=True, K=16, KP=16, BLOCK_Q=64, BLOCK_C=64)
+    sig.update({name: "constexpr" for name in const})
+    params = list(T._topk_kernel.arg_names)
+    src = ASTSource(fn=T._topk_kernel, signature={p: sig[p] for p in params}, constexprs=const)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm["cubin"]
