@@ -10,7 +10,8 @@ Contract of ``PackedLists`` (what every backend reads):
 - ``set_ids`` (derived): ``ids`` with every repeated occurrence of an id inside a row
   replaced by ``-1``; columns are unchanged, so a first occurrence keeps its position.
 - ``set_sizes`` (derived): number of distinct ids per row.
-Queries and candidates must share one id space: pack them in one call
+Treat a PackedLists as immutable: derived arrays and the candidates' inverted index
+are cached on it. Queries and candidates must share one id space: pack them in one call
 (``pack_lists(q + c)`` then ``.rows(...)``) or use ``pack_pair``.
 """
 from __future__ import annotations

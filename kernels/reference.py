@@ -31,6 +31,15 @@ def _postings(ids: np.ndarray, nvocab: int):
     return rows[order].astype(np.int64), cols[order].astype(np.int64), deg, offs
 
 
+def _cached_postings(c: PackedLists):
+    """Postings of the candidates' distinct ids, built once per PackedLists (an online
+    index scores many single queries against the same packed candidates)."""
+    hit = c._cache.get("postings")
+    if hit is None:
+        hit = c._cache["postings"] = _postings(c.set_ids, max(c.vocab_size, 1))
+    return hit
+
+
 def _expand(q_ids: np.ndarray, deg, offs, post_row, post_col):
     """All (query row, query col, candidate row, candidate col) with equal ids."""
     qi, qp = np.nonzero(q_ids >= 0)
@@ -125,12 +134,14 @@ def topk_numpy(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_s
     out_s = np.full((nq, k), empty, np.float64 if metric == "distance" else np.int64)
     if nq == 0 or m == 0 or k == 0:
         return out_i, out_s
-    nvocab = max(q.vocab_size, c.vocab_size, 1)
     if metric == "prefix":
-        _prefix(q, c, k, exclude_self, pair_budget, nvocab, out_i, out_s)
+        _prefix(q, c, k, exclude_self, pair_budget, max(q.vocab_size, c.vocab_size, 1), out_i, out_s)
         return out_i, out_s
-    q_ids, c_ids = q.set_ids, c.set_ids
-    post_row, post_col, deg, offs = _postings(c_ids, nvocab)
+    q_ids = q.set_ids
+    post_row, post_col, deg, offs = _cached_postings(c)
+    # Query ids the candidates never use (fresh ids of pack_lists(..., vocab=)) match
+    # nothing: mask them for the expansion only; positions and set sizes are unchanged.
+    q_ids = np.where(q_ids < deg.size, q_ids, -1)
     cost = np.where(q_ids >= 0, deg[np.maximum(q_ids, 0)], 0).sum(axis=1)
     qsize, csize = q.set_sizes, c.set_sizes
     for s, e in _tiles(cost, pair_budget):

@@ -212,3 +212,15 @@ def test_pack_against_an_existing_vocab():
     raw_q = [[5, 100, 2**63 + 1], [77], [9, 8]]
     raw_c = [[5, 6, 7], [8, 9], [2**63 + 1, 5]]
     assert as_pairs(r) == oracle_topk(raw_q, raw_c, 2, "distance")
+
+
+def test_cached_index_serves_many_single_queries():
+    # The online-index pattern: candidates packed once, one new request at a time.
+    rng = np.random.default_rng(9)
+    raw_c = [rng.integers(0, 40, rng.integers(1, 12)).tolist() for _ in range(120)]
+    c = pack_lists(raw_c)
+    for _ in range(5):
+        raw_q = [rng.integers(0, 60, rng.integers(0, 12)).tolist()]  # ids 40..59 are new to c
+        for metric in ("overlap", "distance"):
+            r = topk_overlap(pack_lists(raw_q, vocab=c.vocab), c, 4, metric=metric, backend="numpy")
+            assert as_pairs(r) == oracle_topk(raw_q, raw_c, 4, metric)
