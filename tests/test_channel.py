@@ -229,3 +229,31 @@ def test_apply_to_pipeline_uses_the_pipeline_contract():
     assert pipe.index.match_length(path, namespace="ns") == 1
     apply({"op": "reset"})
     assert pipe.index.match_length(path, namespace="ns") == 0
+
+
+def test_metrics_forwarder_sends_deltas_at_most_once_per_interval(runtime_dir, ident):
+    got = Collector()
+    recv = channel.Receiver(ident, got).start()
+    channel._local_receivers.pop(ident)  # as if the receiver lived in the API server process
+    sender = channel.Sender(ident)
+    now = [0.0]
+    fwd = channel.MetricsForwarder(sender, interval_s=1.0, clock=lambda: now[0])
+    try:
+        metrics.inc("fwd_test_counter", 3, hook="x")
+        assert fwd.maybe_flush()
+        assert not fwd.maybe_flush()  # inside the interval: nothing sent
+        now[0] = 5.0
+        assert not fwd.maybe_flush()  # nothing changed: nothing sent
+        metrics.inc("fwd_test_counter", 2, hook="x")
+        now[0] = 10.0
+        assert fwd.maybe_flush()
+        msgs = got.wait_for(2)
+        sent = [(n, l, v) for m in msgs for (n, l, v) in m["items"] if n == "fwd_test_counter"]
+        assert sent == [("fwd_test_counter", {"hook": "x"}, 3), ("fwd_test_counter", {"hook": "x"}, 2)]
+        channel._local_receivers[ident] = recv  # same process: counters are shared, never forwarded
+        metrics.inc("fwd_test_counter", 1, hook="x")
+        now[0] = 20.0
+        assert not fwd.maybe_flush()
+    finally:
+        sender.close()
+        recv.stop()
