@@ -165,7 +165,8 @@ class VllmServer:
         """Greedy chat completion; returns the JSON body (raises on HTTP errors)."""
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, **extra}
         r = self.post("/v1/chat/completions", body, headers)
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"chat request failed with {r.status_code}: {r.text[:1000]}")
         return r.json()
 
     def metrics(self) -> dict[str, float]:

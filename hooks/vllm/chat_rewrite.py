@@ -100,6 +100,11 @@ def rewrite(request: Any, raw_request: Any = None) -> str | None:
         return f"cp_engine: {exc}"
     except Exception as exc:
         faults.record_failure(HOOK, exc)
+        if marks is None:  # failed before the marks were read: read them for the fallback
+            try:
+                marks = find_marks(getattr(request, "model_extra", None), request.messages, _headers(raw_request))
+            except Exception:
+                marks = None
         if marks is not None:
             try:
                 plain = fallback_messages(marks)
