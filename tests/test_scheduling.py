@@ -229,3 +229,33 @@ def test_chained_key_is_bounded_and_prefix_consistent(hashes, dense, max_depth):
         part = chained_key(hashes[:m], dense=dense, max_depth=max_depth)
         assert full[: len(part)] == part  # fixed positions: shorter prompts are prefixes
     assert truncated_key(hashes, 5) == tuple(hashes[:5])
+
+
+def _by_pops(keys, arrivals=None, now=None, max_wait_s=2.0, last_key=None):
+    """Reference: pop everything from a PrefixScheduler frozen at ``now``."""
+    n = len(keys)
+    times = range(n) if arrivals is None else arrivals
+    frozen = float(n) if arrivals is None else now
+    sched = PrefixScheduler(float("inf") if arrivals is None else max_wait_s, clock=lambda: frozen)
+    boxes = [[i] for i in range(n)]
+    for i in sorted(range(n), key=lambda i: (times[i], i)):
+        sched.add(boxes[i], keys[i], enqueued_at=times[i])
+    if last_key is not None:
+        sched.set_cursor(last_key)
+    return [sched.pop()[0] for _ in range(n)]
+
+
+part_st = st.one_of(st.integers(0, 2), st.sampled_from([b"x", b"y", "s"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.lists(part_st, max_size=7).map(tuple), max_size=30),
+    st.booleans(),
+    st.lists(st.floats(0, 10), min_size=30, max_size=30),
+    st.one_of(st.none(), st.lists(part_st, max_size=7).map(tuple)),
+)
+def test_schedule_order_equals_popping_a_frozen_scheduler(keys, timed, times, last_key):
+    arrivals = times[: len(keys)] if timed else None
+    got = schedule_order(keys, arrivals=arrivals, now=8.0, max_wait_s=5.0, last_key=last_key)
+    assert got == _by_pops(keys, arrivals=arrivals, now=8.0, max_wait_s=5.0, last_key=last_key)
