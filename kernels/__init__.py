@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import TRITON_MIN_PAIRS, BackendUnavailable, choose_backend, triton_status
+from .backend import MAX_K, TRITON_MIN_PAIRS, BackendUnavailable, auto_failed, choose_backend, triton_status
 from .packing import PackedLists, pack_lists, pack_pair
 from .reference import topk_numpy
 
@@ -18,7 +18,7 @@ METRICS = ("overlap", "prefix", "distance")
 ALPHA = 0.001
 
 __all__ = [
-    "ALPHA", "METRICS", "TRITON_MIN_PAIRS", "BackendUnavailable", "PackedLists", "TopK",
+    "ALPHA", "MAX_K", "METRICS", "TRITON_MIN_PAIRS", "BackendUnavailable", "PackedLists", "TopK",
     "pack_lists", "pack_pair", "topk_overlap", "triton_status",
 ]
 
@@ -72,8 +72,9 @@ def topk_overlap(queries, candidates=None, k: int = 8, *, metric: str = "overlap
     ranked; free slots hold index -1 and score 0 (overlap, prefix) or 1.0 (distance).
     Ties go to the lower candidate index. Integer scores are exact on every backend.
     ``backend``: "auto", "numpy", "triton", or None to read CP_ENGINE_KERNEL_BACKEND
-    (default auto = Triton on CUDA for ≥ ``TRITON_MIN_PAIRS`` pairs, else NumPy). A
-    forced backend that cannot run raises ``BackendUnavailable``.
+    (default auto = Triton on CUDA for ≥ ``TRITON_MIN_PAIRS`` pairs and k ≤ ``MAX_K``,
+    else NumPy; if an automatic Triton run fails, it logs once and NumPy answers from
+    then on). A forced backend that cannot run raises ``BackendUnavailable``.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -82,11 +83,17 @@ def topk_overlap(queries, candidates=None, k: int = 8, *, metric: str = "overlap
     q, c = _packed(queries, candidates, query_weights, candidate_weights)
     if exclude_self and candidates is not None and q.n != c.n:
         raise ValueError("exclude_self needs queries and candidates indexed alike")
-    chosen = choose_backend(backend, q.n * c.n)
+    chosen, forced = choose_backend(backend, q.n * c.n, k)
     if chosen == "triton" and q.n and c.n and k:
-        from . import triton_overlap  # lazy: imports torch and triton
+        try:
+            from . import triton_overlap  # lazy: imports torch and triton
 
-        idx, scores = triton_overlap.launch(q, c, k, metric, exclude_self=exclude_self, alpha=alpha)
-    else:
-        idx, scores = topk_numpy(q, c, k, metric, exclude_self=exclude_self, alpha=alpha)
+            idx, scores = triton_overlap.launch(q, c, k, metric, exclude_self=exclude_self, alpha=alpha)
+            return TopK(indices=idx, scores=scores, metric=metric, backend="triton")
+        except Exception as exc:
+            if forced:
+                raise
+            auto_failed(f"{type(exc).__name__}: {exc}")  # automatic choice: fall back silently
+            chosen = "numpy"
+    idx, scores = topk_numpy(q, c, k, metric, exclude_self=exclude_self, alpha=alpha)
     return TopK(indices=idx, scores=scores, metric=metric, backend=chosen)

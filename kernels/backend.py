@@ -17,6 +17,9 @@ BACKENDS = ("auto", "numpy", "triton")
 # when this was written; `python -m benchmarks.bench_kernels --gpu` prints the measured
 # crossover (numpy vs triton median) and this constant should take that value.
 TRITON_MIN_PAIRS = 4_000_000
+MAX_K = 128  # the Triton kernel keeps the running top-k in registers: KP × BLOCK_Q
+
+_auto_failed: list[str] = []  # set once an automatic Triton run failed: auto stays on NumPy
 
 
 class BackendUnavailable(RuntimeError):
@@ -55,17 +58,31 @@ def requested_backend(backend: str | None) -> str:
     return backend
 
 
-def choose_backend(backend: str | None, pairs: int) -> str:
-    """Resolve 'auto'/None to a runnable backend for ``pairs`` query×candidate pairs."""
+def auto_failed(reason: str) -> None:
+    """Record that an automatically chosen Triton run failed; log once, never retry."""
+    if not _auto_failed:
+        import logging
+
+        logging.getLogger("cp_engine.kernels").warning(
+            "Triton overlap kernel failed, using NumPy from now on: %s", reason)
+    _auto_failed.append(reason)
+
+
+def choose_backend(backend: str | None, pairs: int, k: int = 1) -> tuple[str, bool]:
+    """(backend, forced) for ``pairs`` query×candidate pairs and top-``k``.
+
+    'auto'/None resolves to a runnable backend; a forced one is checked and raises."""
     want = requested_backend(backend)
     if want == "numpy":
-        return "numpy"
+        return "numpy", True
     if want == "triton":
         ok, why = triton_status()
         if not ok:
             raise BackendUnavailable(f"backend='triton' was forced but cannot run: {why}")
-        return "triton"
-    if pairs < TRITON_MIN_PAIRS or os.environ.get("TRITON_INTERPRET") == "1":
-        return "numpy"  # the interpreter is for tests, never an automatic choice
+        if k > MAX_K:
+            raise BackendUnavailable(f"backend='triton' keeps at most k={MAX_K}; got k={k}")
+        return "triton", True
+    if pairs < TRITON_MIN_PAIRS or k > MAX_K or _auto_failed or os.environ.get("TRITON_INTERPRET") == "1":
+        return "numpy", False  # the interpreter is for tests, never an automatic choice
     ok, _ = triton_status()
-    return "triton" if ok else "numpy"
+    return ("triton" if ok else "numpy"), False

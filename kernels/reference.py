@@ -17,8 +17,8 @@ import numpy as np
 
 from .packing import PackedLists
 
-PAIR_BUDGET = 1 << 22  # pairs expanded per query tile (~100 MB of temporaries)
-DENSE_LIMIT = 1 << 23  # largest T×M tile reduced with a dense bincount
+PAIR_BUDGET = 1 << 20  # pairs expanded per query tile (~30 MB of temporaries; measured flat 2^18..2^22)
+DENSE_LIMIT = 1 << 21  # largest T×M tile reduced with a dense bincount (~80 MB peak)
 
 
 def _postings(ids: np.ndarray, nvocab: int):
@@ -40,20 +40,29 @@ def _cached_postings(c: PackedLists):
     return hit
 
 
-def _expand(q_ids: np.ndarray, deg, offs, post_row, post_col):
-    """All (query row, query col, candidate row, candidate col) with equal ids."""
+def _expand(q_ids: np.ndarray, deg, offs, post_row, post_col, with_pos: bool):
+    """All pairs of equal ids: (query row, candidate row, |query col − candidate col|).
+
+    The third array is None unless ``with_pos``. One np.repeat per output instead of
+    gathering through a repeat index: fewer passes over the pairs."""
     qi, qp = np.nonzero(q_ids >= 0)
     x = q_ids[qi, qp]
     d = deg[x]
     total = int(d.sum())
     if total == 0:
         e = np.zeros(0, np.int64)
-        return e, e, e, e
-    rep = np.repeat(np.arange(x.size), d)
+        return e, e, (e if with_pos else None)
     # position inside the postings of x: global running index minus the start of its run
     run_start = np.cumsum(d) - d
-    pidx = np.arange(total, dtype=np.int64) + np.repeat(offs[x] - run_start, d)
-    return qi[rep].astype(np.int64), qp[rep].astype(np.int64), post_row[pidx], post_col[pidx]
+    pidx = np.arange(total, dtype=np.int64)
+    pidx += np.repeat(offs[x] - run_start, d)
+    rows = np.repeat(qi, d)
+    cands = post_row[pidx]
+    dpos = None
+    if with_pos:
+        dpos = np.repeat(qp, d) - post_col[pidx]
+        np.abs(dpos, out=dpos)
+    return rows, cands, dpos
 
 
 def _tiles(cost: np.ndarray, budget: int):
@@ -102,18 +111,6 @@ def _select_sparse(rows: np.ndarray, cols: np.ndarray, primary: np.ndarray, nrow
     return out_c, out_v
 
 
-def _reduce_pairs(t_rows, c_rows, weights, t, m):
-    """Sum of ``weights`` (and count) per distinct (tile row, candidate) -> dense or sparse."""
-    key = t_rows * m + c_rows
-    if t * m <= DENSE_LIMIT and t * m <= 8 * max(key.size, 1):
-        cnt = np.bincount(key, minlength=t * m).reshape(t, m)
-        wsum = None if weights is None else np.bincount(key, weights=weights, minlength=t * m).reshape(t, m)
-        return "dense", cnt, wsum
-    uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
-    wsum = None if weights is None else np.bincount(inv, weights=weights, minlength=uk.size)
-    return "sparse", (uk // m, uk % m, cnt), wsum
-
-
 def _primary(metric, cnt, dsum, qsize, csize, alpha):
     """Sort key, smaller is better: -overlap or the distance; +inf where nothing is shared."""
     if metric == "overlap":
@@ -145,18 +142,27 @@ def topk_numpy(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_s
     cost = np.where(q_ids >= 0, deg[np.maximum(q_ids, 0)], 0).sum(axis=1)
     qsize, csize = q.set_sizes, c.set_sizes
     for s, e in _tiles(cost, pair_budget):
-        qi, qp, ci, cp = _expand(q_ids[s:e], deg, offs, post_row, post_col)
-        if exclude_self:
-            keep = ci != qi + s
-            qi, qp, ci, cp = qi[keep], qp[keep], ci[keep], cp[keep]
-        dpos = np.abs(qp - cp).astype(np.float64) if metric == "distance" else None
         t = e - s
-        kind, red, dsum = _reduce_pairs(qi, ci, dpos, t, m)
-        if kind == "dense":
-            primary = _primary(metric, red, dsum, qsize[s:e, None], csize[None, :], alpha)
+        qi, ci, dpos = _expand(q_ids[s:e], deg, offs, post_row, post_col, metric == "distance")
+        if t * m <= DENSE_LIMIT and t * m <= 8 * max(qi.size, 1):
+            key = qi * m
+            key += ci
+            cnt = np.bincount(key, minlength=t * m).reshape(t, m)
+            dsum = None if dpos is None else np.bincount(key, weights=dpos, minlength=t * m).reshape(t, m)
+            if exclude_self:  # drop the diagonal after the reduction, not pair by pair
+                r = np.arange(t)
+                r = r[s + r < m]
+                cnt[r, s + r] = 0
+            primary = _primary(metric, cnt, dsum, qsize[s:e, None], csize[None, :], alpha)
             cols, vals = _select_dense(primary, k)
         else:
-            tr, cc, cnt = red
+            if exclude_self:
+                keep = ci != qi + s
+                qi, ci = qi[keep], ci[keep]
+                dpos = None if dpos is None else dpos[keep]
+            uk, inv, cnt = np.unique(qi * m + ci, return_inverse=True, return_counts=True)
+            dsum = None if dpos is None else np.bincount(inv, weights=dpos, minlength=uk.size)
+            tr, cc = uk // m, uk % m
             primary = _primary(metric, cnt, dsum, qsize[s + tr], csize[cc], alpha)
             cols, vals = _select_sparse(tr, cc, primary, t, k)
         _write(out_i, out_s, s, cols, vals, metric)
@@ -188,7 +194,7 @@ def _prefix(q, c, k, exclude_self, pair_budget, nvocab, out_i, out_s):
     cost = np.where(q_first[:, 0] >= 0, deg[np.maximum(q_first[:, 0], 0)], 0) * max(width, 1)
     m = c.n
     for s, e in _tiles(cost, pair_budget):
-        qi, _, ci, _ = _expand(q_first[s:e], deg, offs, post_row, np.zeros_like(post_row))
+        qi, ci, _ = _expand(q_first[s:e], deg, offs, post_row, None, False)
         if exclude_self:
             keep = ci != qi + s
             qi, ci = qi[keep], ci[keep]

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .backend import MAX_K
 from .packing import PackedLists
 
 OVERLAP, PREFIX, DISTANCE = 0, 1, 2
@@ -28,7 +29,6 @@ METRIC_CODE = {"overlap": OVERLAP, "prefix": PREFIX, "distance": DISTANCE}
 BIG = tl.constexpr(2**31 - 1)
 NEG = tl.constexpr(-1.0e300)
 POS = tl.constexpr(1.0e300)
-MAX_K = 128  # running top-k lives in registers: KP × BLOCK_Q per program
 
 
 @triton.jit

@@ -183,8 +183,37 @@ def test_forced_triton_that_cannot_run_raises(monkeypatch):
 def test_auto_prefers_triton_only_above_threshold(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(K.backend, "triton_status", lambda: (True, "pretend CUDA"))
-    assert K.backend.choose_backend("auto", K.backend.TRITON_MIN_PAIRS - 1) == "numpy"
-    assert K.backend.choose_backend("auto", K.backend.TRITON_MIN_PAIRS) == "triton"
+    monkeypatch.setattr(K.backend, "_auto_failed", [])
+    assert K.backend.choose_backend("auto", K.backend.TRITON_MIN_PAIRS - 1) == ("numpy", False)
+    assert K.backend.choose_backend("auto", K.backend.TRITON_MIN_PAIRS) == ("triton", False)
+    assert K.backend.choose_backend("auto", K.backend.TRITON_MIN_PAIRS, k=K.MAX_K + 1) == ("numpy", False)
+    with pytest.raises(BackendUnavailable):
+        K.backend.choose_backend("triton", 10, k=K.MAX_K + 1)
+
+
+def test_auto_triton_failure_falls_back_once(monkeypatch, caplog):
+    import types
+
+    def broken_launch(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    fake = types.SimpleNamespace(launch=broken_launch)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("CP_ENGINE_KERNEL_BACKEND", raising=False)
+    monkeypatch.setitem(sys.modules, "cp_engine.kernels.triton_overlap", fake)
+    monkeypatch.setattr(K, "triton_overlap", fake, raising=False)
+    monkeypatch.setattr(K.backend, "triton_status", lambda: (True, "pretend CUDA"))
+    monkeypatch.setattr(K.backend, "TRITON_MIN_PAIRS", 1)
+    monkeypatch.setattr(K.backend, "_auto_failed", [])
+    q = [[1, 2], [2, 3]]
+    with caplog.at_level("WARNING", logger="cp_engine.kernels"):
+        first = topk_overlap(q, None, 2)
+        second = topk_overlap(q, None, 2)
+    assert first.backend == second.backend == "numpy"
+    assert as_pairs(first) == oracle_topk(q, q, 2, "overlap")
+    assert sum("simulated kernel failure" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(RuntimeError, match="simulated"):
+        topk_overlap(q, None, 2, backend="triton")  # forced: the error surfaces
 
 
 def test_import_needs_numpy_only():
