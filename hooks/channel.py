@@ -382,8 +382,8 @@ class MetricsForwarder:
             return False
         items = []
         for name, labels, v in metrics.snapshot():
-            if name.startswith("channel_"):
-                continue  # the channel's own traffic would never settle
+            if name == "channel_sent":
+                continue  # every flush sends: forwarding this would never settle
             key = (name, tuple(sorted(labels.items())))
             delta = v - self._last.get(key, 0)
             if delta:
