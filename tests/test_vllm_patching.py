@@ -6,7 +6,6 @@ the installed vLLM and fail loudly when a symbol or signature the hooks bind mov
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import sysconfig
 
 import pytest
 
+from subproc import run_json
 from vllm_server import vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
@@ -24,18 +24,8 @@ CHAT_MOD = "vllm.entrypoints.openai.chat_completion.serving"
 SCHED_MOD = "vllm.v1.core.sched.scheduler"
 
 
-def _clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CP_ENGINE_")}
-    env.update({"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"})
-    env.update(extra)
-    return env
-
-
 def _run_json(code: str, python: str = sys.executable, **env: str) -> dict:
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=240, env=_clean_env(**env))
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    assert out.returncode == 0 and lines, f"rc={out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-    return json.loads(lines[-1])
+    return run_json(code, python, VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", **env)
 
 
 _STATE = f"""
@@ -97,7 +87,6 @@ print(json.dumps(out))
 
 def test_disable_leaves_vllm_unpatched():
     code = _STATE + f"""
-import json
 from cp_engine.hooks import autoload, bootstrap
 autoload.install()
 import {CHAT_MOD}, {SCHED_MOD}
