@@ -49,8 +49,11 @@ uvpip numpy psutil requests pydantic packaging orjson msgspec pyzmq \
     partial-json-parser "triton==3.7.1" fastapi uvicorn uvloop jinja2 \
     jsonschema xgrammar einops soundfile python-multipart \
     wrapt pytest hypothesis
-# The plugin itself, editable, without re-resolving anything above.
+# The plugin itself, editable, without re-resolving anything above. An editable install
+# does not ship the autoload .pth that a wheel install puts in site-packages; write it,
+# so this venv behaves like `pip install cp-engine` (hooks run in spawned schedulers).
 uvpip --no-deps -e "$ROOT"
+"$PY" "$ROOT/install_hook.py" install
 
 "$PY" - <<'PY'
 import importlib.metadata as md

@@ -8,7 +8,8 @@ SGLang's ``ChatCompletionRequest`` silently drops unknown fields when FastAPI pa
 body, and drops the unknown ``cp_block`` key of content parts, so both are read from
 the raw JSON body that Starlette keeps on the request:
 
-- ``around_handle_request`` (async, event loop): reads the cached body, validates the
+- ``around_handle_request`` (async, event loop; the method lives on
+  ``OpenAIServingBase``, other endpoints pass straight through): reads the cached body, validates the
   marks (malformed ones → HTTP 400 through SGLang's own error response) and stashes
   them on ``raw_request.state``; unmarked requests are not touched at all;
 - ``around_convert`` (``_convert_to_internal_request``, a worker thread since 0.5.22):
@@ -21,6 +22,7 @@ A failure inside the rewrite sends the blocks plainly joined in their given orde
 """
 from __future__ import annotations
 
+import sys
 import threading
 import uuid
 from typing import Any, Callable
@@ -50,9 +52,16 @@ async def _read_marks(request: Any, raw: Any) -> Any:
     return marking.find_marks(body, messages, headers=getattr(raw, "headers", None))
 
 
+def _is_chat(instance: Any) -> bool:
+    mod = sys.modules.get("sglang.srt.entrypoints.openai.serving_chat")
+    cls = getattr(mod, "OpenAIServingChat", None)
+    return cls is not None and isinstance(instance, cls)
+
+
 async def around_handle_request(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``OpenAIServingBase.handle_request`` (shared by every OpenAI endpoint): chat only."""
     request, raw = _bind(args, kwargs)
-    if raw is not None and hasattr(raw, "json"):
+    if raw is not None and hasattr(raw, "json") and _is_chat(instance):
         try:
             faults.check_fault("sglang_chat")
             marks = await _read_marks(request, raw)

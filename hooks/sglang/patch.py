@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import faults, ledger
-from . import chat, evictions, ordering, patcher
+from ..wrapping import is_wrapped, unwrap_method, wrap_method
+from . import chat, evictions, ordering
 
-__all__ = ["patch", "unpatch", "engine_version", "PATCHES", "TARGETS", "MIN_VERSION", "MAX_VERSION"]
+__all__ = ["patch", "unpatch", "installed", "engine_version", "PATCHES", "TARGETS", "MIN_VERSION", "MAX_VERSION"]
 
 logger = logging.getLogger("cp_engine.hooks")
 
@@ -47,9 +48,10 @@ TARGETS: tuple[Target, ...] = (
     Target("sglang.srt.mem_cache.radix_cache", "RadixCache", "__init__",
            evictions.around_cache_init, "eviction_sync",
            "switch the KV-event recorder on so evictions are visible without --kv-events-config"),
-    Target("sglang.srt.mem_cache.radix_cache", "RadixCache", "take_events",
+    Target("sglang.srt.mem_cache.base_prefix_cache", "BasePrefixCache", "take_events",
            evictions.after_take_events, "eviction_sync",
-           "see every KV-event batch (BlockStored/BlockRemoved/AllBlocksCleared), unchanged"),
+           "see every KV-event batch (BlockStored/BlockRemoved/AllBlocksCleared), unchanged; "
+           "RadixCache inherits it"),
     Target("sglang.srt.mem_cache.unified_radix_cache", "UnifiedRadixCache", "__init__",
            evictions.around_cache_init, "eviction_sync",
            "same as RadixCache: default cache since 0.5.19, Python or Rust tree core", True),
@@ -61,9 +63,10 @@ TARGETS: tuple[Target, ...] = (
            "eviction_sync", "drain the recorder when the user's publisher is off", True),
     Target("sglang.srt.entrypoints.openai.serving_chat", "OpenAIServingChat", "__init__",
            chat.after_init, "", "start the eviction receiver and /metrics export in the API server"),
-    Target("sglang.srt.entrypoints.openai.serving_chat", "OpenAIServingChat", "handle_request",
+    Target("sglang.srt.entrypoints.openai.serving_base", "OpenAIServingBase", "handle_request",
            chat.around_handle_request, "reorder|dedup|annotate",
-           "read context_blocks / conversation_id from the raw body (the model drops them); 400 on bad input"),
+           "chat requests only: read context_blocks / conversation_id from the raw body (the "
+           "request model drops them); 400 on bad input. Defined on the base class only."),
     Target("sglang.srt.entrypoints.openai.serving_chat", "OpenAIServingChat",
            "_convert_to_internal_request", chat.around_convert, "reorder|dedup|annotate",
            "render the blocks into the last user turn and attach scheduler hints (thread-safe)"),
@@ -88,6 +91,7 @@ _lock = threading.RLock()
 _active = False
 _registered: set[str] = set()
 _missing: list[str] = []
+_wrapped: list[tuple[type, str]] = []  # what unpatch() restores, in wrap order
 
 
 def engine_version() -> str | None:
@@ -119,7 +123,8 @@ def _apply(module) -> None:
                 continue
             try:
                 owner = getattr(module, t.owner)
-                patcher.wrap(owner, t.attr, t.wrapper)
+                if wrap_method(owner, t.attr, t.wrapper):
+                    _wrapped.append((owner, t.attr))
             except Exception as exc:
                 if t.optional and isinstance(exc, AttributeError):
                     _missing.append(f"{t.module}.{t.owner}.{t.attr}")
@@ -165,7 +170,15 @@ def unpatch() -> int:
         _active = False
         while evictions.observe in ordering.observers:
             ordering.observers.remove(evictions.observe)
-        return patcher.unwrap_all()
+        restored = sum(unwrap_method(owner, attr) for owner, attr in reversed(_wrapped))
+        _wrapped.clear()
+        return restored
+
+
+def installed() -> list[str]:
+    """Dotted names of the SGLang symbols wrapped right now."""
+    with _lock:
+        return [f"{o.__module__}.{o.__qualname__}.{a}" for o, a in _wrapped if is_wrapped(o, a)]
 
 
 def missing_optional() -> list[str]:
