@@ -95,12 +95,12 @@ def _select_dense(primary: np.ndarray, k: int):
 
 
 def _select_sparse(rows: np.ndarray, cols: np.ndarray, primary: np.ndarray, nrows: int, k: int):
-    """Per row, the k smallest ``primary`` among listed (row, col) entries."""
+    """Per row, the k smallest ``primary`` among (row, col) entries sorted by (row, col)."""
     out_c = np.full((nrows, k), -1, np.int64)
     out_v = np.full((nrows, k), np.inf)
     if rows.size == 0:
         return out_c, out_v
-    order = np.lexsort((cols, primary, rows))
+    order = np.lexsort((primary, rows))  # stable: equal keys keep the lower col first
     r, c, v = rows[order], cols[order], primary[order]
     idx = np.arange(r.size)
     first = np.concatenate(([True], r[1:] != r[:-1]))
@@ -109,6 +109,25 @@ def _select_sparse(rows: np.ndarray, cols: np.ndarray, primary: np.ndarray, nrow
     out_c[r[keep], rank[keep]] = c[keep]
     out_v[r[keep], rank[keep]] = v[keep]
     return out_c, out_v
+
+
+def _reduce_sorted(key: np.ndarray, dpos: np.ndarray | None):
+    """(distinct keys ascending, count, Σ dpos) by one plain sort of key·W + dpos
+    (cheaper than a stable argsort plus a gather; keys < 2**63 / W by construction)."""
+    if dpos is None:
+        srt = np.sort(key)
+        pos = srt
+    else:
+        w = int(dpos.max()) + 1 if dpos.size else 1
+        srt = np.sort(key * w + dpos)
+        pos = srt // w
+    starts = np.flatnonzero(np.concatenate(([True], pos[1:] != pos[:-1]))) if srt.size else np.zeros(0, np.int64)
+    uk = pos[starts]
+    cnt = np.diff(np.append(starts, srt.size))
+    if dpos is None:
+        return uk, cnt, None
+    dsum = np.add.reduceat(srt % w, starts).astype(np.float64) if starts.size else np.zeros(0)
+    return uk, cnt, dsum
 
 
 def _primary(metric, cnt, dsum, qsize, csize, alpha):
@@ -160,8 +179,7 @@ def topk_numpy(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_s
                 keep = ci != qi + s
                 qi, ci = qi[keep], ci[keep]
                 dpos = None if dpos is None else dpos[keep]
-            uk, inv, cnt = np.unique(qi * m + ci, return_inverse=True, return_counts=True)
-            dsum = None if dpos is None else np.bincount(inv, weights=dpos, minlength=uk.size)
+            uk, cnt, dsum = _reduce_sorted(qi * m + ci, dpos)
             tr, cc = uk // m, uk % m
             primary = _primary(metric, cnt, dsum, qsize[s + tr], csize[cc], alpha)
             cols, vals = _select_sparse(tr, cc, primary, t, k)
