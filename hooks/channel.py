@@ -36,7 +36,7 @@ from . import metrics
 
 __all__ = [
     "MAX_MESSAGE_BYTES", "ChannelError", "Sender", "Receiver", "socket_dir", "socket_path",
-    "parse_message", "encode", "hex_ids", "apply_to_pipeline", "MetricsForwarder", "engine_sender", "start_receiver",
+    "parse_message", "encode", "hex_ids", "apply_to_pipeline", "MetricsForwarder", "forward_metrics", "engine_sender", "start_receiver",
     "stop_all",
 ]
 
@@ -425,12 +425,31 @@ def start_receiver(pipe: Any = None) -> Receiver:
         return _receiver
 
 
+_forwarder: MetricsForwarder | None = None
+
+
+def forward_metrics() -> None:
+    """Engine side: push counter increments to the API server's ``/metrics``.
+
+    Cheap enough for every request (a clock check; at most one message a second);
+    increments made after the last call wait for the next one. Never raises.
+    """
+    global _forwarder
+    try:
+        fwd = _forwarder
+        if fwd is None:
+            fwd = _forwarder = MetricsForwarder(engine_sender())
+        fwd.maybe_flush()
+    except Exception:
+        pass
+
+
 def stop_all() -> None:
     """Close this process's sender and receiver (uninstall, tests)."""
-    global _sender, _receiver
+    global _sender, _receiver, _forwarder
     with _singleton_lock:
         if _receiver is not None:
             _receiver.stop()
         if _sender is not None:
             _sender.close()
-        _sender = _receiver = None
+        _sender = _receiver = _forwarder = None

@@ -115,3 +115,12 @@ def test_waiting_queue_admits_shared_prefix_groups_together(server):
     groups = [n[0] for n in admitted]
     # Arrival order at the engine can jitter under load, but not into two clean groups.
     assert groups in (list("XXXYYY"), list("YYYXXX")), done
+
+    # EngineCore's own counters reach the API server's /metrics (forwarded on the next
+    # request after at most a second): every admission above was a queue pop.
+    time.sleep(1.1)
+    complete(server, "ping")
+    deadline = time.monotonic() + 15
+    while server.metric("cp_engine_queue_pops_total") < 7 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.metric("cp_engine_queue_pops_total") >= 7

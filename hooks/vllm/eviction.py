@@ -67,19 +67,13 @@ class _EngineSide:
     def __init__(self) -> None:
         self.mapper = EvictionMapper()
         self._sender: channel.Sender | None = None
-        self._forwarder: channel.MetricsForwarder | None = None
         self.sized = False
 
     @property
     def sender(self) -> channel.Sender:
         if self._sender is None:
             self._sender = channel.engine_sender()
-            self._forwarder = channel.MetricsForwarder(self._sender)
         return self._sender
-
-    def flush_metrics(self) -> None:
-        if self._forwarder is not None:
-            self._forwarder.maybe_flush()
 
 
 _lock = threading.Lock()
@@ -105,7 +99,6 @@ def track_request(request: Any) -> None:
     hashes = getattr(request, "block_hashes", None)
     if hashes:
         st.mapper.track(hashes, hints.namespace, hints.path, hints.ends)
-    st.flush_metrics()
 
 
 def _after_evict(pool: Any, keys: list) -> None:
@@ -129,7 +122,7 @@ def _after_evict(pool: Any, keys: list) -> None:
             st.sender.send({"op": "evict_path", "ns": ns, "path": channel.hex_ids(prefix)})
             metrics.inc("evictions_sent", 1)
             logger.debug("cp_engine: evicted prefix depth %d in namespace %r", len(prefix), ns)
-    st.flush_metrics()
+    channel.forward_metrics()
 
 
 def _evict_wrapper(wrapped, instance, args, kwargs):

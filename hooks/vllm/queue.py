@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from vllm.v1.core.sched import request_queue as _rq
 
-from .. import faults, ledger, metrics
+from .. import channel, faults, ledger, metrics
 from ..scheduling import PrefixScheduler, chained_key, truncated_key
 from . import xargs
 
@@ -105,6 +105,8 @@ class CacheAwareRequestQueue(_rq.RequestQueue):
         self._sched.add(request, request_key(request) if self._ordering else ())
         for observe in observers:
             faults.call_guarded("vllm_queue_observer", observe, request)
+        # EngineCore's counters reach the API server's /metrics from here (rate-limited).
+        channel.forward_metrics()
 
     def prepend_request(self, request: Any) -> None:
         self._front.appendleft(request)
