@@ -34,6 +34,11 @@ class TopK:
 
 
 def _packed(queries, candidates, query_weights, candidate_weights):
+    if isinstance(candidates, PackedLists) and not isinstance(queries, PackedLists):
+        # Online pattern: raw new requests against an index packed once.
+        if candidates.vocab is None and not isinstance(queries, np.ndarray):
+            raise TypeError("candidates hold dense ids (no vocab): pass queries as a dense id array")
+        return pack_lists(queries, weights=query_weights, vocab=candidates.vocab), candidates
     if isinstance(queries, PackedLists):
         cand = queries if candidates is None else candidates
         if not isinstance(cand, PackedLists):
@@ -56,7 +61,9 @@ def topk_overlap(queries, candidates=None, k: int = 8, *, metric: str = "overlap
     """Best ``k`` candidates for every query, streamed over tiles (no N×M matrix).
 
     ``queries`` / ``candidates``: lists of block-id lists (any 64-bit ints), dense int
-    ``[n, L]`` arrays padded with -1, or ``PackedLists`` from ``pack_pair``.
+    ``[n, L]`` arrays padded with -1, or ``PackedLists`` from ``pack_pair``; raw
+    queries against packed candidates are packed with the candidates' id map (keep an
+    index packed once and score each new request against it).
     ``candidates=None`` scores the queries against themselves (then ``exclude_self``
     skips candidate i for query i). Metrics, for query A and candidate B, with A, B
     taken as sets (an id repeated inside one list counts once, at its first position):

@@ -171,11 +171,15 @@ def pack_pair(queries, candidates, *, query_weights=None, candidate_weights=None
     """Pack two collections of block lists into one shared dense id space."""
     q = [list(r) for r in queries]
     c = [list(r) for r in candidates]
-    if isinstance(query_weights, Mapping) or isinstance(candidate_weights, Mapping) or (
-        query_weights is None and candidate_weights is None
-    ):
-        table = query_weights if query_weights is not None else candidate_weights
+    given = [w for w in (query_weights, candidate_weights) if w is not None]
+    if any(isinstance(w, Mapping) for w in given):
+        if not all(isinstance(w, Mapping) for w in given):
+            raise TypeError("pass weights as mappings on both sides or as lists on both sides")
+        # A block's token count is a property of the block: one merged table.
+        table = {**(candidate_weights or {}), **(query_weights or {})}
         both = pack_lists(q + c, weights=table)
+    elif not given:
+        both = pack_lists(q + c)
     else:
         qw = query_weights if query_weights is not None else [[1] * len(r) for r in q]
         cw = candidate_weights if candidate_weights is not None else [[1] * len(r) for r in c]

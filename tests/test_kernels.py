@@ -253,3 +253,10 @@ def test_cached_index_serves_many_single_queries():
         for metric in ("overlap", "distance"):
             r = topk_overlap(pack_lists(raw_q, vocab=c.vocab), c, 4, metric=metric, backend="numpy")
             assert as_pairs(r) == oracle_topk(raw_q, raw_c, 4, metric)
+
+
+def test_raw_queries_against_a_packed_index():
+    raw_c = [[10, 11, 12], [12, 13], [99]]
+    index = pack_lists(raw_c)
+    r = topk_overlap([[12, 10, 500]], index, 3, metric="distance", backend="numpy")
+    assert as_pairs(r) == oracle_topk([[12, 10, 500]], raw_c, 3, "distance")
