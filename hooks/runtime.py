@@ -4,7 +4,9 @@ Contract:
 - ``config()``: ``cp_engine.config.load_config()`` parsed once per process (its
   warnings logged once);
 - ``pipeline()``: one ``ContextPipeline`` per process (the API server's index), built
-  on first use, thread-safe;
+  on first use; every method call on it is serialised by one lock, because the
+  eviction receiver thread (and SGLang's thread-pool chat path) use it concurrently
+  with the request path; ``pipeline().unwrapped`` is the plain object;
 - ``instance_id()``: the name of this server instance for the local eviction channel.
   The first process that asks (the API server, before it spawns EngineCore) picks a
   fresh id and stores it with its pid in ``CP_ENGINE_INSTANCE``; children inherit the
@@ -44,6 +46,26 @@ def config():
     return _config
 
 
+class LockedPipeline:
+    """Forwards to a ContextPipeline, holding one lock for the duration of each call."""
+
+    def __init__(self, pipe: Any):
+        self.unwrapped = pipe
+        self._call_lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.unwrapped, name)
+        if not callable(attr):
+            return attr
+        lock = self._call_lock
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
 def pipeline():
     global _pipeline
     if _pipeline is None:
@@ -51,7 +73,7 @@ def pipeline():
             if _pipeline is None:
                 from cp_engine.pipeline import ContextPipeline
 
-                _pipeline = ContextPipeline(config())
+                _pipeline = LockedPipeline(ContextPipeline(config()))
     return _pipeline
 
 

@@ -180,3 +180,32 @@ def test_pth_line_is_one_import_line_and_honours_disable():
     out = _run(autoload.PTH_LINE + "\nimport sys; print('cp_engine.hooks.autoload' in sys.modules, "
                "any(k.startswith('vllm') for k in sys.modules))", {})
     assert out == "True False"  # hooks registered; no engine imported by us
+
+
+def test_runtime_pipeline_serialises_calls_across_threads():
+    import threading
+
+    from cp_engine.hooks import runtime
+
+    runtime.reset_for_tests()
+    pipe = runtime.pipeline()
+    assert isinstance(pipe.unwrapped, ContextPipeline) and pipe is runtime.pipeline()
+    errors = []
+
+    def writer(t):
+        try:
+            for i in range(200):
+                prep = pipe.prepare([f"doc {t}-{i % 7}", f"doc shared {i % 5}"], namespace="ns")
+                pipe.commit(f"r{t}-{i}", prep)
+                if i % 10 == 0:
+                    pipe.evict(f"r{t}-{i - 5}", from_token=3)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors
+    runtime.reset_for_tests()
