@@ -118,8 +118,9 @@ class PrefixScheduler(Generic[T]):
         if id(item) in self._entries:
             raise ValueError("item is already waiting")
         t = self._clock() if enqueued_at is None else float(enqueued_at)
-        entry = _Entry(item, next(self._seq), t, tuple(key))
-        k = entry.key
+        k = tuple(key)
+        hash(k)  # an unhashable part raises here, before the tree is touched
+        entry = _Entry(item, next(self._seq), t, k)
         node, i, n = self._root, 0, len(k)
         node.count += 1
         while i < n:

@@ -259,3 +259,12 @@ def test_schedule_order_equals_popping_a_frozen_scheduler(keys, timed, times, la
     arrivals = times[: len(keys)] if timed else None
     got = schedule_order(keys, arrivals=arrivals, now=8.0, max_wait_s=5.0, last_key=last_key)
     assert got == _by_pops(keys, arrivals=arrivals, now=8.0, max_wait_s=5.0, last_key=last_key)
+
+
+def test_unhashable_key_is_rejected_before_any_change():
+    sched = PrefixScheduler(max_wait_s=float("inf"), clock=Clock())
+    a = Req(0, ("x",))
+    sched.add(a, a.key)
+    with pytest.raises(TypeError):
+        sched.add(Req(1, ()), ("x", ["unhashable"]))
+    assert len(sched) == 1 and sched.pop() is a and not sched

@@ -313,3 +313,18 @@ def test_drift_request_fields():
     assert len(r.block_hashes) == 2 and all(isinstance(h, bytes) for h in r.block_hashes)
     assert r.sampling_params.extra_args == {xargs.PATH: ["00" * 8]}
     assert isinstance(r.arrival_time, float) and r.request_id == "d"
+
+
+def test_queue_never_raises_into_the_scheduler_on_odd_input():
+    q = vq.CacheAwareRequestQueue(max_wait_s=60.0, ordering=True)
+    r = vc.make_request("dup", tokens(0, 2, 0))
+    before = metrics.value("hook_failures", hook="vllm_queue_duplicate")
+    q.add_request(r)
+    q.add_request(r)  # vLLM never does this; the queue keeps one copy instead of raising
+    assert len(q) == 1 and metrics.value("hook_failures", hook="vllm_queue_duplicate") == before + 1
+    odd = vc.make_request("odd", [1, 2, 3], {xargs.PATH: "not-a-list"})  # malformed hints
+    q.add_request(odd)
+    # Unkeyed (no full block, hints ignored) ends at the root: served before subtrees.
+    assert [q.pop_request(), q.pop_request()] == [odd, r] and not q
+    with pytest.raises(IndexError):
+        q.peek_request()

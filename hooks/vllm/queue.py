@@ -102,7 +102,13 @@ class CacheAwareRequestQueue(_rq.RequestQueue):
     def add_request(self, request: Any) -> None:
         # Without ordering (CP_ENGINE_SCHEDULE=0, installed for eviction tracking
         # only) every key is empty: one FIFO, exactly vLLM's FCFS order.
-        self._sched.add(request, request_key(request) if self._ordering else ())
+        try:
+            self._sched.add(request, request_key(request) if self._ordering else ())
+        except ValueError as exc:  # already waiting: keep the one copy, say so once
+            faults.record_failure("vllm_queue_duplicate", exc)
+        except Exception as exc:  # an odd key: queue it unkeyed (plain FIFO)
+            faults.record_failure("vllm_queue_key", exc)
+            self._sched.add(request, ())
         for observe in observers:
             faults.call_guarded("vllm_queue_observer", observe, request)
         # EngineCore's counters reach the API server's /metrics from here (rate-limited).
