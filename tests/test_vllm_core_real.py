@@ -55,7 +55,12 @@ def test_factory_gives_our_queue_for_fcfs_only(patched):
     s = vc.make_scheduler(64)
     assert isinstance(s.waiting, vq.CacheAwareRequestQueue)
     p = vc.make_scheduler(64, policy="priority")
-    assert isinstance(p.waiting, rq.PriorityRequestQueue)
+    assert isinstance(p.waiting, rq.PriorityRequestQueue)  # vLLM's order, observed for tracking
+    hinted = vc.make_request("pri", tokens(0, 2, 0), {xargs.NAMESPACE: "n", xargs.PATH: ["00" * 8],
+                                                      xargs.ENDS: [2 * vc.BLOCK]})
+    size = len(vev.state().mapper)
+    p.add_request(hinted)
+    assert len(vev.state().mapper) == size + 2  # both prompt blocks lie inside the context block
 
 
 def test_uninstall_restores_vllm_queue_and_block_pool():

@@ -12,8 +12,9 @@ Contract:
   API server's hints (namespace + context-block path, else group key); else none.
 - ``install()`` replaces ``create_request_queue`` in ``request_queue`` and, when
   already imported, in ``scheduler`` (which imports the name), so every scheduler
-  class vLLM builds gets this queue for the FCFS policy; the priority policy is left
-  alone. ``uninstall()`` restores the originals. Both are idempotent and fail open.
+  class vLLM builds gets this queue for the FCFS policy; the priority policy keeps
+  vLLM's order (``ObservedPriorityQueue`` only reports added requests to
+  ``observers``). ``uninstall()`` restores the originals. Both are idempotent and fail open.
 - each added request is shown to ``observers`` (eviction tracking) under a guard;
   with ``CP_ENGINE_SCHEDULE=0`` the queue (installed for those observers) keeps
   vLLM's FCFS order exactly.
@@ -32,7 +33,7 @@ from .. import channel, faults, ledger, metrics
 from ..scheduling import PrefixScheduler, chained_key, truncated_key
 from . import xargs
 
-__all__ = ["CacheAwareRequestQueue", "request_key", "install", "uninstall", "installed", "PATCHES"]
+__all__ = ["CacheAwareRequestQueue", "ObservedPriorityQueue", "request_key", "install", "uninstall", "installed", "PATCHES"]
 
 logger = logging.getLogger("cp_engine.hooks")
 
@@ -170,6 +171,17 @@ class CacheAwareRequestQueue(_rq.RequestQueue):
         yield from self._sched.ordered()
 
 
+class ObservedPriorityQueue(_rq.PriorityRequestQueue):
+    """vLLM's priority queue, unchanged in order, that shows added requests to
+    ``observers`` (eviction tracking works under ``--scheduling-policy priority``)."""
+
+    def add_request(self, request: Any) -> None:
+        super().add_request(request)
+        for observe in observers:
+            faults.call_guarded("vllm_queue_observer", observe, request)
+        channel.forward_metrics()
+
+
 # --------------------------------------------------------------------------- patching
 _originals: dict[str, Callable] = {}
 # vLLM's own factory, kept for good: a stale reference to ours (a module that copied
@@ -182,6 +194,8 @@ def _factory(policy: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         if policy == _rq.SchedulingPolicy.FCFS:
             return CacheAwareRequestQueue()
+        if policy == _rq.SchedulingPolicy.PRIORITY and observers:
+            return ObservedPriorityQueue()
     except Exception as exc:  # fail open: vLLM's own queue
         faults.record_failure("vllm_queue_factory", exc)
     return original(policy, *args, **kwargs)
