@@ -143,13 +143,14 @@ def around_publish(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
 # -- request tracking (scheduler process) ----------------------------------------------
 def event_hashes(token_ids: Any, page_size: int) -> list[int]:
     """SGLang's KV-event hash of every full page of ``token_ids`` (no salt, no LoRA)."""
-    from sglang.srt.mem_cache.radix_cache import RadixKey
-    from sglang.srt.mem_cache.utils import get_storage_hash_str, hash_str_to_int64
+    # get_hash_str exists in 0.5.17-0.5.23; for an unsalted key (no extra_key, no
+    # cache_salt) it is what the recorder publishes (0.5.20+ seeds salted chains only).
+    from sglang.srt.mem_cache.utils import get_hash_str, hash_str_to_int64
 
     n = (len(token_ids) // page_size) * page_size
     if n <= 0:
         return []
-    values = get_storage_hash_str(RadixKey(array("q", token_ids[:n])), None, page_size=page_size)
+    values = get_hash_str(array("q", token_ids[:n]), None, page_size=page_size)
     return [hash_str_to_int64(v) for v in values]
 
 
