@@ -228,3 +228,32 @@ def test_concurrent_requests_in_the_thread_pool(chat):
     for i in range(24):
         assert sum(f"Block {i} unique" in t for t in texts) == 1
     assert runtime.pipeline().index.requests == 24
+
+
+def test_chat_to_scheduler_to_cache_eviction_roundtrip(chat):
+    """The whole chain on real classes: the chat rewrite's GenerateReqInput becomes a
+    scheduler Req, the patched policy tracks it, the real cache stores and evicts its
+    tokens, and the eviction reaches this process's index over the channel."""
+    import time
+
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    from sglang_support import build_cache, evict, insert, make_req
+
+    channel.start_receiver(runtime.pipeline())
+    _, _, gen = post(chat, body(context_blocks=BLOCKS))
+    hints = gen.sampling_params["custom_params"]
+    req = make_req("r1", gen.input_ids, custom_params=hints)
+    cache, alloc = build_cache("unified-rust")
+    cache.take_events()  # the scheduler drains once per idle loop before any request
+    SchedulePolicy("fcfs", cache, False, False, False).calc_priority([req])
+    insert(cache, alloc, gen.input_ids)
+    pipe = runtime.pipeline()
+    path = [int(h, 16) for h in hints["cp_path"]]
+    assert pipe.index.match_length(path, hints["cp_ns"]) == 3
+    evict(cache, len(gen.input_ids))
+    cache.take_events()
+    end = time.monotonic() + 5
+    while pipe.index.match_length(path, hints["cp_ns"]) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert pipe.index.match_length(path, hints["cp_ns"]) == 0

@@ -82,7 +82,13 @@ print(json.dumps(out))
 
 def test_pth_autoload_then_entry_point_patches_once():
     r = _run_json(_STATE + f"""
+import logging
 from cp_engine.hooks import autoload, bootstrap
+lines = []
+class _Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+logging.getLogger("cp_engine.hooks").addHandler(_Keep())
 autoload.install()                       # what the .pth line does at interpreter start
 import sglang                            # patch() runs here, before any target module exists
 assert "{POLICY}" not in sys.modules
@@ -94,10 +100,12 @@ n = len(patch.installed())
 from sglang.srt.plugins import load_plugins
 load_plugins()                           # the scheduler's entry-point path on top
 out["after_plugins"] = state(); out["same"] = len(patch.installed()) == n; out["nested"] = nested()
+out["startup"] = [ln for ln in lines if ln.startswith("cp_engine active in SGLang")]
 print(json.dumps(out))
 """)
     assert r["boot"] == "patched" and all(r["after_import"].values())
     assert all(r["after_plugins"].values()) and r["same"] and not r["nested"]
+    assert len(r["startup"]) == 1 and "features reorder,dedup,annotate,schedule,eviction_sync" in r["startup"][0]
 
 
 _SPAWN = """
