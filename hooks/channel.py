@@ -1,16 +1,19 @@
 """Local, non-blocking channel from the engine's scheduler process to the API server.
 
 Contract:
-- transport: a ZeroMQ PUSH → PULL pair over an ``ipc://`` socket file named after the
-  server instance, inside a private directory (mode 0700, owned by this user, never
-  a symlink); the socket file is chmod 0600 after bind. Never TCP.
+- transport: ZeroMQ PUSH → PULL over ``ipc://`` socket files named after the server
+  instance and the receiving process (``<instance>.<pid>.sock``), inside a private
+  directory (mode 0700, owned by this user, never a symlink); each socket file is
+  chmod 0600 after bind. Never TCP. Senders deliver to every receiver of the
+  instance (several API server processes each keep an index).
 - wire format: one JSON object per message (UTF-8, at most ``MAX_MESSAGE_BYTES``),
   ``{"v": 1, "op": ...}`` with plain fields only; nothing is ever unpickled.
   Ops: ``evict_path`` (``ns`` str, ``path`` list of 16-hex-digit block ids),
   ``evict`` (``rid`` str, ``from`` int >= 0), ``reset``, ``metrics`` (``items``:
   ``[name, {label: value}, delta]`` triples).
 - ``Sender.send`` never blocks and never raises: ``NOBLOCK`` with a bounded high-water
-  mark; a message that does not fit is dropped and counted (``channel_dropped``).
+  mark; a message that does not fit, or finds no receiver, is dropped and counted
+  (``channel_dropped``).
 - ``Receiver`` runs one daemon thread that validates every message (malformed ones are
   ignored and counted as ``channel_malformed``) and hands valid ones to ``apply``;
   an exception from ``apply`` is counted and never stops the thread.
@@ -82,13 +85,39 @@ def socket_dir() -> str:
     return path
 
 
-def socket_path(instance_id: str) -> str:
-    if not _SAFE_ID.match(instance_id or ""):
-        raise ChannelError(f"unusable instance id {instance_id!r}")
-    path = os.path.join(socket_dir(), f"{instance_id}.sock")
+def socket_path(instance_id: str, tag: str | None = None) -> str:
+    """Socket file of one receiver (``tag``: its pid by default) of ``instance_id``.
+
+    Every API server process of an instance binds its own file; senders deliver to
+    each of them (``--api-server-count`` > 1 runs several)."""
+    tag = str(os.getpid()) if tag is None else tag
+    if not _SAFE_ID.match(instance_id or "") or not tag.isdigit():
+        raise ChannelError(f"unusable instance id {instance_id!r} / tag {tag!r}")
+    path = os.path.join(socket_dir(), f"{instance_id}.{tag}.sock")
     if len(path.encode()) > _IPC_PATH_MAX:
         raise ChannelError(f"socket path too long for ipc: {path}")
     return path
+
+
+def _receiver_files(directory: str, instance_id: str) -> dict[str, str]:
+    """tag -> socket path of every receiver file of ``instance_id`` in ``directory``."""
+    prefix, out = f"{instance_id}.", {}
+    for name in os.listdir(directory):
+        if name.startswith(prefix) and name.endswith(".sock"):
+            tag = name[len(prefix):-len(".sock")]
+            if tag.isdigit():
+                out[tag] = os.path.join(directory, name)
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, not ours to signal
+    return True
 
 
 # --------------------------------------------------------------------------- format
@@ -185,8 +214,9 @@ class Receiver:
     """Binds the instance's socket and applies messages on one daemon thread."""
 
     def __init__(self, instance_id: str, apply: Callable[[dict], None], hwm: int = DEFAULT_HWM,
-                 poll_ms: int = 50) -> None:
+                 poll_ms: int = 50, tag: str | None = None) -> None:
         self.instance_id = instance_id
+        self.tag = str(os.getpid()) if tag is None else tag
         self.apply = apply
         self.hwm = hwm
         self.poll_ms = poll_ms
@@ -203,11 +233,16 @@ class Receiver:
     def start(self) -> "Receiver":
         import zmq
 
-        self.path = socket_path(self.instance_id)
+        self.path = socket_path(self.instance_id, self.tag)
         if os.path.lexists(self.path):
-            # A leftover from a crashed server of the same id; ids are unique per
-            # process start, so this is ours to replace.
+            # A leftover of a crashed process with this pid: ours to replace.
             os.unlink(self.path)
+        for tag, path in _receiver_files(os.path.dirname(self.path), self.instance_id).items():
+            if tag != self.tag and not _pid_alive(int(tag)):
+                try:
+                    os.unlink(path)  # a dead API server's file: senders would queue into it
+                except OSError:
+                    pass
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
@@ -287,34 +322,52 @@ class Receiver:
 
 # --------------------------------------------------------------------------- sender
 class Sender:
-    """Engine-side end of the channel; ``send`` never blocks or raises."""
+    """Engine-side end of the channel; ``send`` never blocks or raises.
 
-    def __init__(self, instance_id: str, hwm: int = DEFAULT_HWM) -> None:
+    Delivers to every receiver file of the instance (re-listed at most every
+    ``refresh_s``); ``metrics`` messages go to one receiver only, so counters are not
+    multiplied. A message no receiver could take is dropped and counted.
+    """
+
+    def __init__(self, instance_id: str, hwm: int = DEFAULT_HWM, refresh_s: float = 2.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
         self.instance_id = instance_id
         self.hwm = hwm
+        self.refresh_s = refresh_s
+        self._clock = clock or time.monotonic
         self.sent = 0
         self.dropped = 0
         self._lock = threading.Lock()
         self._pid = -1
         self._ctx = None
-        self._sock = None
+        self._socks: dict[str, Any] = {}  # socket path -> PUSH socket
+        self._next_refresh = 0.0
         self._broken = False
 
-    def _socket(self):
+    def _peers(self) -> list:
         import zmq
 
         if self._pid != os.getpid():
             # A zmq context does not survive fork: a forked child builds its own.
             self._ctx = zmq.Context()
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, self.hwm)
-            sock.setsockopt(zmq.LINGER, 0)
-            # connect() needs no peer yet: messages wait (bounded by SNDHWM) until the
-            # API server binds, then flow.
-            sock.connect(f"ipc://{socket_path(self.instance_id)}")
-            self._sock = sock
+            self._socks = {}
+            self._next_refresh = 0.0
             self._pid = os.getpid()
-        return self._sock
+        now = self._clock()
+        if now >= self._next_refresh:
+            self._next_refresh = now + self.refresh_s
+            files = set(_receiver_files(socket_dir(), self.instance_id).values())
+            for path in [p for p in self._socks if p not in files]:
+                self._socks.pop(path).close(0)
+            for path in sorted(files - set(self._socks)):
+                sock = self._ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.SNDHWM, self.hwm)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"ipc://{path}")
+                self._socks[path] = sock
+        return [self._socks[p] for p in sorted(self._socks)]
 
     def send(self, msg: dict) -> bool:
         ok = False
@@ -328,11 +381,15 @@ class Sender:
                 data = encode(msg)
                 if len(data) <= MAX_MESSAGE_BYTES:
                     with self._lock:
-                        try:
-                            self._socket().send(data, zmq.NOBLOCK)
-                            ok = True
-                        except zmq.Again:
-                            ok = False
+                        peers = self._peers()
+                        if msg.get("op") == "metrics":
+                            peers = peers[:1]
+                        ok = bool(peers)
+                        for sock in peers:
+                            try:
+                                sock.send(data, zmq.NOBLOCK)
+                            except zmq.Again:  # that receiver is full (or gone)
+                                ok = False
         except ChannelError as exc:
             self._broken = True  # an unsafe socket directory: stop trying, say why once
             logger.warning("cp_engine channel disabled: %s", exc)
@@ -349,10 +406,13 @@ class Sender:
 
     def close(self) -> None:
         with self._lock:
-            if self._sock is not None and self._pid == os.getpid():
-                self._sock.close(0)
-                self._ctx.term()
-            self._sock = self._ctx = None
+            if self._pid == os.getpid():
+                for sock in self._socks.values():
+                    sock.close(0)
+                if self._ctx is not None:
+                    self._ctx.term()
+            self._socks = {}
+            self._ctx = None
             self._pid = -1
 
 

@@ -155,30 +155,61 @@ def test_parse_limits_without_a_socket():
     assert ok == {"op": "metrics", "items": [("evictions_applied", {"a": "b"}, 2)]}
 
 
-def test_sender_never_blocks_without_receiver(runtime_dir, ident):
+def test_sender_never_blocks_without_or_with_a_stuck_receiver(runtime_dir, ident):
     sender = channel.Sender(ident, hwm=8)
+    ctx = zmq.Context()
+    stuck = ctx.socket(zmq.PULL)  # bound, never reading
+    stuck.setsockopt(zmq.RCVHWM, 8)
+    stuck.setsockopt(zmq.LINGER, 0)
     try:
-        results = [sender.send({"op": "reset"}) for _ in range(500)]
-        assert sender.sent + sender.dropped == 500
-        assert sender.dropped > 0 and not all(results)  # bounded buffer: the rest dropped
-        assert sender.sent <= 64
+        assert not any(sender.send({"op": "reset"}) for _ in range(100))  # no receiver at all
+        assert sender.dropped == 100
+        stuck.bind(f"ipc://{channel.socket_path(ident, '1')}")
+        sender._next_refresh = 0.0  # look for receivers now
+        results = [sender.send({"op": "reset"}) for _ in range(5000)]
+        assert any(results) and not all(results)  # bounded buffers: the rest dropped
+        assert sender.sent + sender.dropped == 5100
     finally:
         sender.close()
+        stuck.close(0)
+        ctx.term()
 
 
-def test_buffered_messages_flow_once_the_receiver_binds(runtime_dir, ident):
-    sender = channel.Sender(ident, hwm=64)
-    got = Collector()
-    recv = None
+def test_late_and_multiple_receivers_are_found(runtime_dir, ident):
+    sender = channel.Sender(ident, refresh_s=0.0)
+    first, second = Collector(), Collector()
+    recvs = []
     try:
-        assert sender.send({"op": "evict", "rid": "early", "from": 0})
-        recv = channel.Receiver(ident, got).start()
-        channel._local_receivers.pop(ident)  # force the socket path
-        assert got.wait_for(1) == [{"op": "evict", "rid": "early", "from": 0}]
+        assert not sender.send({"op": "evict", "rid": "early", "from": 0})  # nobody yet: dropped
+        # Tags name live processes: a receiver deletes files of dead ones.
+        for tag, got in ((str(os.getpid()), first), (str(os.getppid()), second)):
+            recvs.append(channel.Receiver(ident, got, tag=tag).start())
+            channel._local_receivers.pop(ident)  # force the socket path
+        assert sender.send({"op": "reset"})
+        assert first.wait_for(1) == [{"op": "reset"}] and second.wait_for(1) == [{"op": "reset"}]
+        # Counters go to one API server only, or /metrics would count them twice.
+        assert sender.send({"op": "metrics", "items": [["x", {}, 1]]})
+        deadline = time.monotonic() + 10
+        while len(first.msgs) + len(second.msgs) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # a second copy, if any, would arrive by now
+        assert sum(m["op"] == "metrics" for m in first.msgs + second.msgs) == 1
     finally:
         sender.close()
-        if recv is not None:
-            recv.stop()
+        for r in recvs:
+            r.stop()
+
+
+def test_receiver_removes_files_of_dead_receivers(runtime_dir, ident):
+    dead = 4_000_000  # above the default pid_max: never a live process
+    assert not channel._pid_alive(dead)
+    stale = channel.socket_path(ident, str(dead))
+    open(stale, "w").close()
+    recv = channel.Receiver(ident, Collector()).start()
+    try:
+        assert not os.path.exists(stale) and os.path.exists(recv.path)
+    finally:
+        recv.stop()
 
 
 def test_in_process_delivery_and_apply_failures_do_not_stop_the_thread(runtime_dir, ident):
@@ -195,7 +226,7 @@ def test_in_process_delivery_and_apply_failures_do_not_stop_the_thread(runtime_d
         assert sender.send({"op": "evict", "rid": "r", "from": 1})
         assert sender.send({"op": "evict_path", "ns": "", "path": channel.hex_ids([7])})
         assert seen.wait_for(1) == [{"op": "evict_path", "ns": "", "path": [7]}]
-        assert recv.failed == 1 and sender._sock is None  # never touched zmq
+        assert recv.failed == 1 and sender._ctx is None  # never touched zmq
     finally:
         sender.close()
         recv.stop()

@@ -53,7 +53,7 @@ if __name__ == "__main__":
         "before": before,
         "after": pipe.index.match_length(path, namespace="completion"),
         "local": recv.received,
-        "socket_used": channel.engine_sender()._sock is not None,
+        "socket_used": channel.engine_sender()._ctx is not None,
     }
     channel.stop_all()
     print("RESULT " + json.dumps(out), flush=True)
