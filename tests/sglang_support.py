@@ -81,6 +81,34 @@ def install_torchvision_standin() -> bool:
     return True
 
 
+class _KernelPlaceholder:
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError(f"sgl_kernel.{self.name} (test stand-in: no CPU kernel build)")
+
+
+class _KernelStandinModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _KernelPlaceholder(name)
+
+
+def install_sgl_kernel_standin() -> bool:
+    """The PyPI sglang wheel has no CPU ``sgl_kernel``; SGLang's CPU engine imports a few
+    names from it at import time but the tiny Llama path (torch_native attention, pytorch
+    sampling) never calls them. Installed only when the real module is missing."""
+    try:
+        import sgl_kernel  # noqa: F401
+
+        return False
+    except Exception:
+        sys.modules["sgl_kernel"] = _KernelStandinModule("sgl_kernel")
+        return True
+
+
 # Source line for subprocess tests: same stand-in, same condition.
 STANDIN_PRELUDE = (
     f"import sys; sys.path.insert(0, {SITE!r}); import sglang_support; "
@@ -102,8 +130,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(path: str) -> str:
-    """A Llama config plus a character-level tokenizer (one token per character)."""
+def build_tiny_model(path: str, weights: bool = False) -> str:
+    """A Llama config plus a character-level tokenizer (one token per character);
+    ``weights=True`` also saves random weights (a live server needs them; seconds)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -125,6 +154,12 @@ def build_tiny_model(path: str) -> str:
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
+    if weights:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})).save_pretrained(path)
     return path
 
 
