@@ -127,7 +127,8 @@ def srv_off(model_dir, plain):
 
 @pytest.fixture(scope="class")
 def srv_fault(model_dir, plain):
-    with VllmServer(model_dir, env={"CP_ENGINE_FAULT": "chat_rewrite"}) as s:
+    # Also covers vLLM's in-process engine mode (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+    with VllmServer(model_dir, env={"CP_ENGINE_FAULT": "chat_rewrite", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}) as s:
         yield s
 
 

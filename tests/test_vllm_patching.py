@@ -6,6 +6,7 @@ the installed vLLM and fail loudly when a symbol or signature the hooks bind mov
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -87,6 +88,7 @@ print(json.dumps(out))
 
 def test_disable_leaves_vllm_unpatched():
     code = _STATE + f"""
+import json
 from cp_engine.hooks import autoload, bootstrap
 autoload.install()
 import {CHAT_MOD}, {SCHED_MOD}
@@ -180,3 +182,15 @@ def test_wheel_install_places_pth_in_purelib_and_patches(tmp_path):
     assert r["boot"] == "patched" and r["wrapped"]
     off = _run_json(probe, python=py, CP_ENGINE_DISABLE="1")
     assert off["boot"] is None and not off["wrapped"]
+    # install_hook.py manages the same file (editable installs) in that interpreter.
+    tool = os.path.join(ROOT, "install_hook.py")
+    pth = os.path.join(purelib, "cp_engine_autoload.pth")
+    subprocess.run([py, tool, "remove"], check=True, capture_output=True, timeout=60)
+    assert not os.path.exists(pth)
+    st = json.loads(subprocess.run([py, tool, "status"], check=True, capture_output=True, text=True,
+                                   timeout=60).stdout)
+    assert st["pth_present"] is False and st["vllm"] and st["pth"] == pth
+    subprocess.run([py, tool, "install"], check=True, capture_output=True, timeout=60)
+    st = json.loads(subprocess.run([py, tool, "status"], check=True, capture_output=True, text=True,
+                                   timeout=60).stdout)
+    assert st["pth_present"] and st["pth_current"]
