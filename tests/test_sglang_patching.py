@@ -285,3 +285,11 @@ def test_counters_on_sglangs_metrics_route(tmp_path, monkeypatch):
         assert promexport.attach_to_server(app) and promexport.attach_to_server(app)
         text = client.get("/metrics").text
     assert "cp_engine_requests_rewritten_total 3.0" in text
+
+
+@pytest.mark.parametrize("version", ["0.5.16", "0.6.0", "garbage"])
+def test_unsupported_version_is_left_unpatched(version, monkeypatch):
+    patch.unpatch()
+    monkeypatch.setattr(patch, "engine_version", lambda: version)
+    assert patch.patch() is False
+    assert patch.installed() == []
