@@ -183,3 +183,25 @@ def test_incremental_update_honours_aging(patched, monkeypatch):
     reqs.append(old)
     policy.calc_priority(reqs)
     assert reqs[0] is old
+
+
+def test_incremental_update_with_a_long_shared_system_prompt(patched):
+    """Every prompt starts with the same 256-token system prompt; a new request still
+    joins the run of the requests sharing its context, not the end of the queue."""
+    system = [9] * 256
+    now = time.perf_counter()
+    reqs, groups = [], {}
+    for k in range(12):
+        g = k % 3
+        r = make_req(f"s{g}-{k}", system + _prompt(g, k), arrival=now - 1 + k * 1e-4)
+        groups[r.rid] = g
+        reqs.append(r)
+    policy = _policy("fcfs")
+    policy.calc_priority(reqs)
+    new = make_req("new-1", system + _prompt(1, 999), arrival=now)
+    groups["new-1"] = 1
+    reqs.append(new)
+    policy.calc_priority(reqs)
+    seq = [groups[r.rid] for r in reqs]
+    assert _runs(seq) == 3
+    assert reqs[max(i for i, g in enumerate(seq) if g == 1)] is new

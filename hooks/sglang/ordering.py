@@ -10,7 +10,7 @@ Contract:
 - there is no queue-length cut-off (SGLang's LPM falls back to FCFS above 128
   waiting): a full depth-first sort (O(n log n)) runs every 32 calls or when many
   requests are new; in between a call is O(n): departed requests drop out, new ones
-  go right after the last waiting request of their group (first 64 prompt tokens);
+  go right after the last waiting request sharing their deepest prefix (≤ 1,024 tokens);
 - with priority scheduling on, priority classes keep SGLang's order between them;
 - prefix key of a ``Req``: chained hashes of 64-token chunks of its prompt, computed
   once per request (what the radix cache matches on, whatever marked the request);
@@ -42,6 +42,7 @@ _last: "weakref.WeakKeyDictionary[Any, _State]" = weakref.WeakKeyDictionary()  #
 # runs every _FULL_EVERY calls or when many requests are new.
 _FULL_EVERY = 32
 _INCR_MAX_NEW = 64
+_INCR_DEPTH = 16  # prefixes up to 1,024 tokens place a new request (long system prompts)
 
 
 def req_key(req: Any, policy: Any = None) -> tuple:
@@ -124,17 +125,21 @@ def _incremental(policy: Any, queue: list, last: _State, now: float, max_wait_s:
     if len(queue) - len(kept) > max(_INCR_MAX_NEW, len(queue) // 8):
         return None
     known = {id(r) for r in kept}
-    group_end: dict = {}
+    # Key parts are chained hashes: one part names its whole prefix, so "last waiting
+    # request under this prefix" is a dict keyed by single parts (first _INCR_DEPTH).
+    last_at: dict = {}
     for i, r in enumerate(kept):
-        group_end[req_key(r, policy)[:1]] = i
+        for part in req_key(r, policy)[:_INCR_DEPTH]:
+            last_at[part] = i
     after: dict[int, list] = {}
     tail: dict = {}
     for r in sorted((r for r in queue if id(r) not in known), key=lambda r: _arrival(r, now)):
-        g = req_key(r, policy)[:1]
-        if g in group_end:
-            after.setdefault(group_end[g], []).append(r)
+        key = req_key(r, policy)[:_INCR_DEPTH]
+        pos = next((last_at[p] for p in reversed(key) if p in last_at), None)
+        if pos is not None:  # right after the deepest shared prefix's last request
+            after.setdefault(pos, []).append(r)
         else:
-            tail.setdefault(g, []).append(r)
+            tail.setdefault(key[:1], []).append(r)
     out: list = []
     for i, r in enumerate(kept):
         out.append(r)
