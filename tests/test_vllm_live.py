@@ -173,6 +173,19 @@ class TestPluginOn:
         for t in (1, 2):
             assert cached[t] >= (tokens[t - 1] // BLOCK_SIZE - 1) * BLOCK_SIZE > 0, (tokens, cached)
 
+    def test_conversation_id_header_is_honoured(self, srv):
+        blocks = [doc(400), doc(401), doc(402)]
+        turn1 = user("First question?")
+        r1 = _chat(srv, turn1, context_blocks=blocks, headers={"X-CP-Conversation-Id": "hdr-1"})
+        turn2 = turn1 + [{"role": "assistant", "content": "First answer."}, {"role": "user", "content": "Next?"}]
+        known = _chat(srv, turn2, context_blocks=blocks, headers={"X-CP-Conversation-Id": "hdr-1"})
+        unknown = _chat(srv, turn2, context_blocks=blocks, headers={"X-CP-Conversation-Id": "hdr-2"})
+        # Known conversation: turn 1 is replayed as rendered (a cached prefix) and the
+        # repeated blocks become references; an unknown id starts afresh (no replay).
+        assert cached_tokens(known) >= (prompt_tokens(r1) // BLOCK_SIZE - 1) * BLOCK_SIZE > 0
+        assert cached_tokens(unknown) < BLOCK_SIZE
+        assert prompt_tokens(known) < prompt_tokens(r1) + 200
+
     def test_bad_input_is_400_or_pass_through(self, srv):
         def post(extra, messages=None):
             body = {"model": srv.model, "messages": messages or user("q?"), "max_tokens": 2, **extra}
