@@ -209,3 +209,48 @@ def test_runtime_pipeline_serialises_calls_across_threads():
         th.join(timeout=60)
     assert not errors
     runtime.reset_for_tests()
+
+
+class _WordTokenizer:
+    """Pure-unit stand-in: one token per whitespace-separated word."""
+
+    def encode(self, text, add_special_tokens=True):
+        return text.split()
+
+
+def test_token_ratio_sampling_and_scale():
+    from cp_engine.hooks.tokenratio import TokenRatio
+
+    ratio = TokenRatio(warmup=2, every=3)
+    assert ratio.scale() == 1.0
+    ratio.observe(_WordTokenizer(), "ab " * 100)  # 3 chars per token -> 4/3 real per estimated
+    assert abs(ratio.scale() - 4 / 3) < 1e-9
+    ratio.observe(None, "x")  # no tokenizer: ignored
+    ratio.observe(object(), "x y")  # broken tokenizer: ignored, never raises
+    assert abs(ratio.scale() - 4 / 3) < 1e-9
+
+
+@pytest.mark.vllm
+def test_cp_ends_track_real_token_positions_with_a_real_tokenizer():
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from cp_engine.devtools.vllm_server import tiny_model_dir
+    from cp_engine.hooks.marking import prefix_tokens
+    from cp_engine.hooks.tokenratio import TokenRatio
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir())
+    pipe = ContextPipeline(Config())
+    msgs = [{"role": "system", "content": "You answer from documents."}, {"role": "user", "content": "Why?"}]
+    blocks = [" ".join(f"word{i}_{j} river signal" for j in range(60)) for i in range(4)]
+    ratio = TokenRatio()
+    for _ in range(3):
+        out, prep = pipe.rewrite_messages(msgs, blocks)
+        ratio.observe(tok, prep.context_text)
+    xa = xargs.build_xargs(prep, "r", prefix_tokens(out), scale=ratio.scale())
+    text = tok.apply_chat_template(out, tokenize=False)
+    end_of_context = text.index(prep.context_text) + len(prep.context_text)
+    real = len(tok(text[:end_of_context], add_special_tokens=False)["input_ids"])
+    unscaled = xargs.build_xargs(prep, "r", prefix_tokens(out))[xargs.ENDS][-1]
+    assert abs(xa[xargs.ENDS][-1] - real) <= 0.1 * real, (xa[xargs.ENDS][-1], real, unscaled)
+    assert abs(unscaled - real) > 0.1 * real  # the fixed 4-chars estimate alone would be off

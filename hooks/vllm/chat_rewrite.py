@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import faults, ledger, metrics, runtime
 from ..marking import InvalidBlocks, Marks, fallback_messages, find_marks, prefix_tokens
+from ..tokenratio import TokenRatio
 from . import xargs
 from .serving_patch import MethodPatch
 
@@ -62,6 +63,16 @@ def request_id_for(prefix: str, request: Any, raw_request: Any) -> str:
     return f"{prefix}{rid}"
 
 
+token_ratio = TokenRatio()
+
+
+def tokenizer_of(serving: Any) -> Any:
+    """The serving object's tokenizer (0.31+: ``renderer.tokenizer``; older: ``tokenizer``)."""
+    renderer = getattr(serving, "renderer", None)
+    tok = getattr(renderer, "tokenizer", None) if renderer is not None else None
+    return tok if tok is not None else getattr(serving, "tokenizer", None)
+
+
 def _count(prep: Any, n_blocks: int) -> None:
     metrics.inc("requests_rewritten")
     moved = sum(1 for pos, i in enumerate(prep.order) if pos != i)
@@ -73,7 +84,7 @@ def _count(prep: Any, n_blocks: int) -> None:
         metrics.inc("requests_passed_through")
 
 
-def rewrite(request: Any, raw_request: Any = None) -> str | None:
+def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | None:
     """Rewrite ``request`` in place; return an error message for a 400, else None."""
     marks: Marks | None = None
     try:
@@ -88,7 +99,8 @@ def rewrite(request: Any, raw_request: Any = None) -> str | None:
         rid = request_id_for("chatcmpl-", request, raw_request)
         base = prefix_tokens(messages)
         hints = dict(getattr(request, "vllm_xargs", None) or {})
-        hints.update(xargs.build_xargs(prep, rid, base))
+        token_ratio.observe(tokenizer_of(serving), prep.context_text)
+        hints.update(xargs.build_xargs(prep, rid, base, scale=token_ratio.scale()))
         pipe.commit(rid, prep, base_offset=base)
         # Assign last, together: a failure above leaves the request as it came.
         request.messages = messages

@@ -14,7 +14,7 @@ from .. import faults, ledger, metrics, runtime
 from ..marking import BLOCKS_FIELD, InvalidBlocks
 from . import xargs
 from .serving_patch import MethodPatch
-from .chat_rewrite import _count, request_id_for
+from .chat_rewrite import _count, request_id_for, token_ratio, tokenizer_of
 
 HOOK = "completion_rewrite"
 MODULES = ("vllm.entrypoints.openai.completion.serving", "vllm.entrypoints.openai.serving_completion")
@@ -32,7 +32,7 @@ PATCH = ledger.register(ledger.Patch(
 ))
 
 
-def rewrite(request: Any, raw_request: Any = None) -> str | None:
+def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | None:
     try:
         faults.check_fault(HOOK)
         extra = getattr(request, "model_extra", None) or {}
@@ -52,7 +52,8 @@ def rewrite(request: Any, raw_request: Any = None) -> str | None:
                             namespace="completion")
         rid = request_id_for("cmpl-", request, raw_request)
         hints = dict(getattr(request, "vllm_xargs", None) or {})
-        hints.update(xargs.build_xargs(prep, rid, 0))
+        token_ratio.observe(tokenizer_of(serving), prep.context_text)
+        hints.update(xargs.build_xargs(prep, rid, 0, scale=token_ratio.scale()))
         new_prompt = f"{prep.context_text}\n\n{prompt}" if prompt else prep.context_text
         pipe.commit(rid, prep, base_offset=0)
         request.prompt = new_prompt

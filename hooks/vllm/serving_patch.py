@@ -1,7 +1,8 @@
 """Shared mechanics of the API-server rewrites: find the serving class, wrap its
-``create_*`` method so a synchronous ``rewrite(request, raw_request)`` runs first.
+``create_*`` method so a synchronous rewrite of the request runs first.
 
-``rewrite`` returns an error message (the wrapper answers it with the serving
+``rewrite(request, raw_request, serving)`` (``serving`` is the wrapped method's
+instance) returns an error message (the wrapper answers it with the serving
 object's own 400 ``create_error_response``) or None (call through). Arguments are
 bound by name; a binding failure is counted and the request goes through untouched.
 """
@@ -14,7 +15,7 @@ from typing import Any, Callable, Sequence
 from .. import faults
 from ..wrapping import bind_args, unwrap_method, wrap_method
 
-Rewrite = Callable[[Any, Any], "str | None"]
+Rewrite = Callable[[Any, Any, Any], "str | None"]
 
 
 def find_class(modules: Sequence[str], cls_name: str, method: str) -> type | None:
@@ -42,7 +43,7 @@ def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
         except Exception as exc:  # signature drifted: never block the request
             faults.record_failure(hook, exc)
         if request is not None:
-            error = rewrite(request, raw_request)
+            error = rewrite(request, raw_request, instance)
             if error is not None:
                 return instance.create_error_response(error)
         return await wrapped(*args, **kwargs)

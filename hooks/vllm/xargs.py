@@ -37,15 +37,19 @@ class Hints:
     request_id: str
 
 
-def build_xargs(prep: Any, request_id: str, base_offset: int = 0) -> dict[str, Any]:
-    """Hints for one rewritten request (``prep`` is a ``cp_engine.pipeline.Prepared``)."""
+def build_xargs(prep: Any, request_id: str, base_offset: int = 0, scale: float = 1.0) -> dict[str, Any]:
+    """Hints for one rewritten request (``prep`` is a ``cp_engine.pipeline.Prepared``).
+
+    ``base_offset`` and ``prep.token_lengths`` are estimates; ``scale`` (real tokens per
+    estimated token, see ``hooks.tokenratio``) converts them to the engine's units.
+    """
     path = [format(b & 0xFFFFFFFFFFFFFFFF, "016x") for b in prep.index_path()]
     ends: list[int] = []
-    pos = int(base_offset)
+    pos = float(base_offset)
     for i, n in enumerate(prep.token_lengths):
         # Blocks are joined by a blank line: about one token between neighbours.
         pos += int(n) + (1 if i else 0)
-        ends.append(pos)
+        ends.append(int(round(pos * scale)))
     return {NAMESPACE: str(prep.namespace), PATH: path, ENDS: ends,
             GROUP: str(prep.group_key), REQUEST_ID: str(request_id)}
 
