@@ -8,6 +8,7 @@ Prometheus prefix-cache counters. Greedy decoding (temperature 0) throughout.
 """
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -206,6 +207,16 @@ class TestPluginOn:
         huge = post({"context_blocks": [doc(999, words=3000)]})
         assert huge.status_code == 400  # vLLM's own prompt-length check; the server lives on
         assert _chat(srv, user("still there?"))["choices"]
+
+    def test_streaming_request_with_blocks(self, srv):
+        body = {"model": srv.model, "messages": user("Stream it?"), "max_tokens": 4, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}, "context_blocks": MARKED_BLOCKS}
+        r = srv.post("/v1/chat/completions", body)
+        assert r.status_code == 200
+        events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        usage = [json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage")]
+        assert usage and usage[-1]["prompt_tokens"] > 3 * 150  # the blocks are in the prompt
 
     def test_completions_endpoint_renders_blocks(self, srv):
         body = {"model": srv.model, "prompt": "Question: which document?", "max_tokens": 2, "temperature": 0}
