@@ -23,6 +23,9 @@ class BlockTrie:
         self.weight: list[float] = [0.0]
         self.depth_weight: list[float] = [0.0]  # weight of the whole path to the node
         self.depth: list[int] = [0]
+        # Upper bound on the path weight of any node below (exact after inserts,
+        # an overestimate after removals): lets searches skip shallow subtrees.
+        self.height: list[float] = [0.0]
         self.refs: list[int] = [0]
         self.last_use: list[int] = [0]
         # Bumped when a node number dies, so holders of (node, gen) pairs can tell a
@@ -43,6 +46,7 @@ class BlockTrie:
             self.weight[n] = weight
             self.depth_weight[n] = dw
             self.depth[n] = d
+            self.height[n] = dw
             self.refs[n] = 0
             self.last_use[n] = 0
         else:
@@ -53,6 +57,7 @@ class BlockTrie:
             self.weight.append(weight)
             self.depth_weight.append(dw)
             self.depth.append(d)
+            self.height.append(dw)
             self.refs.append(0)
             self.last_use.append(0)
             self.gen.append(0)
@@ -82,6 +87,14 @@ class BlockTrie:
             self.last_use[child] = now
             path.append(child)
             node = child
+        if path:
+            top = self.depth_weight[path[-1]]
+            height = self.height
+            for n in path:
+                if height[n] < top:
+                    height[n] = top
+            if height[ROOT] < top:
+                height[ROOT] = top
         return path
 
     def release(self, path: Sequence[int], gens: Sequence[int] | None = None) -> list[int]:
@@ -167,10 +180,13 @@ class BlockTrie:
         stack = [start]
         visited = 0
         member_count = len(members)
+        height, dweight, children = self.height, self.depth_weight, self.children
         while stack and visited < budget:
             node = stack.pop()
+            if height[node] < best_key[0]:
+                continue  # nothing below can be deeper than the best so far
             visited += 1
-            kids = self.children[node]
+            kids = children[node]
             if not kids:
                 continue
             if len(kids) <= member_count:
@@ -178,10 +194,12 @@ class BlockTrie:
             else:
                 found = [c for b in members if (c := kids.get(b)) is not None]
             for c in found:
-                key = (self.depth_weight[c], score(c), -c)
+                key = (dweight[c], score(c), -c)
                 if key > best_key:
                     best, best_key = c, key
-                stack.append(c)
+            # Most promising (tallest) subtree last, so it is searched first.
+            found.sort(key=lambda c: (height[c], -c))
+            stack.extend(found)
         return best
 
     def subtree_sizes(self) -> list[int]:
