@@ -45,11 +45,15 @@ def state():
 
 
 def test_import_then_patch_double_patch_unpatch_repatch():
+    # CP_ENGINE_DISABLE keeps an installed .pth from patching at import; the flag is
+    # dropped before the explicit patch() calls this test is about.
     code = _STATE + f"""
-import json, wrapt
+import json, os, wrapt
 import {CHAT_MOD}, {SCHED_MOD}
+from cp_engine.hooks import runtime
 from cp_engine.hooks.vllm import patch
 out = {{"before": state()}}
+del os.environ["CP_ENGINE_DISABLE"]; runtime.reset_for_tests()
 patch.patch(); out["patched"] = state()
 patch.patch(); out["twice"] = state()
 inner = {CHAT_MOD}.OpenAIServingChat.__dict__["create_chat_completion"].__wrapped__
@@ -59,7 +63,7 @@ out["removed_is_function"] = type({CHAT_MOD}.OpenAIServingChat.__dict__["create_
 patch.patch(); out["again"] = state()
 print(json.dumps(out))
 """
-    r = _run_json(code)
+    r = _run_json(code, CP_ENGINE_DISABLE="1")
     assert not r["before"]["chat_wrapped"] and not r["before"]["queue_ours"]
     assert r["patched"]["chat_wrapped"] and r["patched"]["queue_ours"]
     assert r["twice"]["installed"] == r["patched"]["installed"] and r["not_nested"]
