@@ -1,8 +1,9 @@
 """Top-k block-overlap scoring between many block lists (``cp_engine.kernels``).
 
 Needs only numpy; torch and triton are imported lazily when the Triton backend runs.
-Public API: ``topk_overlap``, ``pack_lists``, ``pack_pair``, ``PackedLists``,
-``TopK``, ``BackendUnavailable``, ``TRITON_MIN_PAIRS``.
+Public API: ``topk_overlap``, ``partner_candidates`` (the planner's entry point),
+``pack_lists``, ``pack_pair``, ``PackedLists``, ``TopK``, ``BackendUnavailable``,
+``TRITON_MIN_PAIRS``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ ALPHA = 0.001
 
 __all__ = [
     "ALPHA", "MAX_K", "METRICS", "TRITON_MIN_PAIRS", "BackendUnavailable", "PackedLists", "TopK",
-    "pack_lists", "pack_pair", "topk_overlap", "triton_status",
+    "pack_lists", "pack_pair", "partner_candidates", "topk_overlap", "triton_status",
 ]
 
 
@@ -67,11 +68,14 @@ def topk_overlap(queries, candidates=None, k: int = 8, *, metric: str = "overlap
     ``candidates=None`` scores the queries against themselves (then ``exclude_self``
     skips candidate i for query i). Metrics, for query A and candidate B, with A, B
     taken as sets (an id repeated inside one list counts once, at its first position):
-    - ``overlap``: ``|A∩B|``; larger is better.
+    - ``overlap``: ``Σ_{x∈A∩B} w_A(x)``, ``w_A(x)`` the query's token weight at x's
+      first position (default 1, i.e. ``|A∩B|``; with per-block weights, a mapping or
+      a table, the score is symmetric); larger is better.
     - ``prefix``: ``Σ w_A[i]`` over ``i < lcp(A, B)``, the longest common prefix of A
       and B as sequences, ``w_A`` the query's per-position token weights
-      (``query_weights``: mapping block id -> tokens, or one list per query; default
-      1, i.e. the prefix length in blocks); larger is better.
+      (``query_weights``: mapping block id -> tokens, a 1-D array indexed by block
+      id, or one list per query; default 1, i.e. the prefix length in blocks);
+      larger is better.
     - ``distance`` (the planner's): ``d = 1 − |A∩B| / max(|A|,|B|)
       + alpha · mean_{x∈A∩B} |pos_A(x) − pos_B(x)|``, alpha = 0.001, d = 1 when A∩B
       is empty; smaller is better.
@@ -104,3 +108,24 @@ def topk_overlap(queries, candidates=None, k: int = 8, *, metric: str = "overlap
             chosen = "numpy"
     idx, scores = topk_numpy(q, c, k, metric, exclude_self=exclude_self, alpha=alpha)
     return TopK(indices=idx, scores=scores, metric=metric, backend=chosen)
+
+
+def partner_candidates(block_lists, k: int, weights=None, backend: str | None = "auto"):
+    """For every list, the ``k`` *other* lists sharing the most (token-weighted) blocks.
+
+    Returns ``(idx, score)``, int64 arrays ``[N, k]``: ``idx[i, r]`` is the r-th best
+    partner of list ``i`` (never ``i`` itself; -1 once fewer than ``k`` lists share a
+    block with it), ``score[i, r] = Σ_{x ∈ set(i) ∩ set(idx[i, r])} w(x)`` (0 on
+    empty slots); best first, ties to the lower index. An id repeated inside one list
+    counts once. ``weights``: ``None`` (1 per block: the overlap count), a mapping
+    block id -> token count, or a 1-D array indexed by block id (whole, positive
+    numbers). Streamed over query tiles on both backends: memory is bounded by the
+    tile and the postings, never N×N. ``backend``: as in ``topk_overlap``.
+    """
+    if weights is not None and not isinstance(weights, (dict, np.ndarray)) and not hasattr(weights, "get"):
+        weights = np.asarray(weights)
+        if weights.ndim != 1:
+            raise ValueError("weights: a mapping or a 1-D table indexed by block id")
+    r = topk_overlap(block_lists, None, k, metric="overlap", query_weights=weights, exclude_self=True,
+                     backend=backend)
+    return r.indices, r.scores

@@ -54,6 +54,13 @@ class PackedLists:
         return self._cache["set_ids"]
 
     @property
+    def unit_weights(self) -> bool:
+        """Every position weighs 1 (no token weights given): overlap is a plain count."""
+        if "unit" not in self._cache:
+            self._cache["unit"] = bool((self.weights[self.ids >= 0] == 1).all())
+        return self._cache["unit"]
+
+    @property
     def set_sizes(self) -> np.ndarray:
         if "set_sizes" not in self._cache:
             self._cache["set_sizes"] = (self.set_ids >= 0).sum(axis=1).astype(np.int32)
@@ -94,25 +101,43 @@ def _weights_matrix(lists: Sequence[Sequence[int]], weights, ids: np.ndarray, vo
     valid = ids >= 0
     if weights is None:
         w[valid] = 1
+    elif isinstance(weights, np.ndarray) and weights.ndim == 1:
+        # Per-block table indexed by the original (small, non-negative) block id.
+        if vocab is not None and ids.size and int(ids.max()) >= vocab.shape[0]:
+            raise ValueError("ids outside the shared vocab: pass token weights as a mapping")
+        orig = ids if vocab is None else vocab.astype(np.int64)[np.maximum(ids, 0)]
+        if valid.any() and (orig[valid].min() < 0 or orig[valid].max() >= weights.shape[0]):
+            raise ValueError("a weight table indexed by block id must cover every block id")
+        w[valid] = _integral(weights[orig[valid]])
     elif isinstance(weights, Mapping):
         # Per-block weights (e.g. token counts keyed by original block id).
         if vocab is None:
-            table = np.array([weights.get(i, 1) for i in range(int(ids.max()) + 1 if ids.size else 0)], dtype=np.int64)
+            table = np.array([weights.get(i, 1) for i in range(int(ids.max()) + 1 if ids.size else 0)])
         else:
-            table = np.array([weights.get(int(v), weights.get(int(v.astype(np.int64)), 1)) for v in vocab], dtype=np.int64)
-        w[valid] = table[ids[valid]]
+            table = np.array([weights.get(int(v), weights.get(int(v.astype(np.int64)), 1)) for v in vocab])
+        w[valid] = _integral(table)[ids[valid]]
     else:
         if len(weights) != n:
             raise ValueError(f"weights: expected {n} rows, got {len(weights)}")
         for r, row in enumerate(weights):
             if len(row) != lengths[r]:
                 raise ValueError(f"weights[{r}] has {len(row)} entries for {lengths[r]} blocks")
-            w[r, : len(row)] = row
+            w[r, : len(row)] = _integral(row) if len(row) else 0
     if (w[valid] <= 0).any():
         raise ValueError("token weights must be positive integers")
     if w.size and int(w.sum(axis=1).max()) >= 2**31:
         raise ValueError("token weights of one list must sum below 2**31")
     return w.astype(np.int32)
+
+
+def _integral(values: np.ndarray) -> np.ndarray:
+    """Token weights as int64; float weights must hold whole numbers (e.g. 3.0)."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        if not np.array_equal(values, np.round(values)):
+            raise ValueError("token weights must be whole numbers")
+        values = values.astype(np.int64)
+    return values
 
 
 def _lookup(vocab: np.ndarray, raw: np.ndarray) -> np.ndarray:
@@ -137,7 +162,9 @@ def pack_lists(lists, *, weights=None, vocab: np.ndarray | None = None) -> Packe
     ``lists``: sequence of sequences of integer block ids (any 64-bit value), or an
     int ``[n, L]`` array of already-dense ids padded with negative values (kept as is,
     ``vocab=None``). ``weights``: ``None`` (1 per block), a mapping block id -> token
-    count, or one list of positive ints per list (per-position token weights).
+    count, a 1-D array indexed by block id (block ids are then small non-negative
+    ints, e.g. a planner's dense ids), or one list of positive ints per list
+    (per-position token weights). Float weights must be whole numbers.
     """
     if isinstance(lists, np.ndarray):
         if lists.ndim != 2 or lists.dtype.kind not in "iu":
@@ -172,7 +199,12 @@ def pack_pair(queries, candidates, *, query_weights=None, candidate_weights=None
     q = [list(r) for r in queries]
     c = [list(r) for r in candidates]
     given = [w for w in (query_weights, candidate_weights) if w is not None]
-    if any(isinstance(w, Mapping) for w in given):
+    tables = [w for w in given if isinstance(w, np.ndarray) and w.ndim == 1]
+    if tables:
+        if len(tables) != len(given) or (len(tables) == 2 and not np.array_equal(*tables)):
+            raise TypeError("a per-block weight table must be the same on both sides")
+        both = pack_lists(q + c, weights=tables[0])
+    elif any(isinstance(w, Mapping) for w in given):
         if not all(isinstance(w, Mapping) for w in given):
             raise TypeError("pass weights as mappings on both sides or as lists on both sides")
         # A block's token count is a property of the block: one merged table.

@@ -40,18 +40,20 @@ def _cached_postings(c: PackedLists):
     return hit
 
 
-def _expand(q_ids: np.ndarray, deg, offs, post_row, post_col, with_pos: bool):
-    """All pairs of equal ids: (query row, candidate row, |query col − candidate col|).
+def _expand(q_ids: np.ndarray, deg, offs, post_row, post_col, with_pos: bool, q_w: np.ndarray | None = None):
+    """All pairs of equal ids: (query row, candidate row, |query col − candidate col|,
+    query token weight at that column).
 
-    The third array is None unless ``with_pos``. One np.repeat per output instead of
-    gathering through a repeat index: fewer passes over the pairs."""
+    The third array is None unless ``with_pos``, the fourth None unless ``q_w`` (the
+    query tile's weights) is given. One np.repeat per output instead of gathering
+    through a repeat index: fewer passes over the pairs."""
     qi, qp = np.nonzero(q_ids >= 0)
     x = q_ids[qi, qp]
     d = deg[x]
     total = int(d.sum())
     if total == 0:
         e = np.zeros(0, np.int64)
-        return e, e, (e if with_pos else None)
+        return e, e, (e if with_pos else None), (e if q_w is not None else None)
     # position inside the postings of x: global running index minus the start of its run
     run_start = np.cumsum(d) - d
     pidx = np.arange(total, dtype=np.int64)
@@ -62,7 +64,8 @@ def _expand(q_ids: np.ndarray, deg, offs, post_row, post_col, with_pos: bool):
     if with_pos:
         dpos = np.repeat(qp, d) - post_col[pidx]
         np.abs(dpos, out=dpos)
-    return rows, cands, dpos
+    wrep = None if q_w is None else np.repeat(q_w[qi, qp].astype(np.int64), d)
+    return rows, cands, dpos, wrep
 
 
 def _tiles(cost: np.ndarray, budget: int):
@@ -130,8 +133,20 @@ def _reduce_sorted(key: np.ndarray, dpos: np.ndarray | None):
     return uk, cnt, dsum
 
 
+def _weighted_sums(key: np.ndarray, wrep: np.ndarray):
+    """(distinct keys ascending, Σ weight per key) for the weighted overlap."""
+    if key.size == 0:
+        e = np.zeros(0, np.int64)
+        return e, e
+    order = np.argsort(key, kind="stable")
+    srt = key[order]
+    starts = np.flatnonzero(np.concatenate(([True], srt[1:] != srt[:-1])))
+    return srt[starts], np.add.reduceat(wrep[order], starts)
+
+
 def _primary(metric, cnt, dsum, qsize, csize, alpha):
-    """Sort key, smaller is better: -overlap or the distance; +inf where nothing is shared."""
+    """Sort key, smaller is better: -overlap (``cnt`` holds the weighted count) or the
+    distance; +inf where nothing is shared."""
     if metric == "overlap":
         return np.where(cnt > 0, -cnt.astype(np.float64), np.inf)
     big = np.maximum(np.maximum(qsize, csize), 1).astype(np.float64)  # 0 only where cnt == 0
@@ -142,8 +157,11 @@ def _primary(metric, cnt, dsum, qsize, csize, alpha):
 
 
 def topk_numpy(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self: bool = False,
-               alpha: float = 0.001, pair_budget: int = PAIR_BUDGET):
-    """Top-k candidates per query; returns (indices int64 [nq, k], scores [nq, k])."""
+               alpha: float = 0.001, pair_budget: int | None = None):
+    """Top-k candidates per query; returns (indices int64 [nq, k], scores [nq, k]).
+
+    ``pair_budget``: pairs expanded per query tile (default ``PAIR_BUDGET``)."""
+    pair_budget = pair_budget or PAIR_BUDGET
     nq, m = q.n, c.n
     empty = 1.0 if metric == "distance" else 0
     out_i = np.full((nq, k), -1, np.int64)
@@ -160,13 +178,16 @@ def topk_numpy(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_s
     q_ids = np.where(q_ids < deg.size, q_ids, -1)
     cost = np.where(q_ids >= 0, deg[np.maximum(q_ids, 0)], 0).sum(axis=1)
     qsize, csize = q.set_sizes, c.set_sizes
+    # overlap is token-weighted by the query's weights; unit weights take the plain count.
+    weighted = metric == "overlap" and not q.unit_weights
     for s, e in _tiles(cost, pair_budget):
         t = e - s
-        qi, ci, dpos = _expand(q_ids[s:e], deg, offs, post_row, post_col, metric == "distance")
+        qi, ci, dpos, wrep = _expand(q_ids[s:e], deg, offs, post_row, post_col, metric == "distance",
+                                     q.weights[s:e] if weighted else None)
         if t * m <= DENSE_LIMIT and t * m <= 8 * max(qi.size, 1):
             key = qi * m
             key += ci
-            cnt = np.bincount(key, minlength=t * m).reshape(t, m)
+            cnt = np.bincount(key, weights=wrep, minlength=t * m).reshape(t, m)
             dsum = None if dpos is None else np.bincount(key, weights=dpos, minlength=t * m).reshape(t, m)
             if exclude_self:  # drop the diagonal after the reduction, not pair by pair
                 r = np.arange(t)
@@ -179,7 +200,12 @@ def topk_numpy(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_s
                 keep = ci != qi + s
                 qi, ci = qi[keep], ci[keep]
                 dpos = None if dpos is None else dpos[keep]
-            uk, cnt, dsum = _reduce_sorted(qi * m + ci, dpos)
+                wrep = None if wrep is None else wrep[keep]
+            if weighted:
+                uk, cnt = _weighted_sums(qi * m + ci, wrep)
+                dsum = None
+            else:
+                uk, cnt, dsum = _reduce_sorted(qi * m + ci, dpos)
             tr, cc = uk // m, uk % m
             primary = _primary(metric, cnt, dsum, qsize[s + tr], csize[cc], alpha)
             cols, vals = _select_sparse(tr, cc, primary, t, k)
@@ -212,7 +238,7 @@ def _prefix(q, c, k, exclude_self, pair_budget, nvocab, out_i, out_s):
     cost = np.where(q_first[:, 0] >= 0, deg[np.maximum(q_first[:, 0], 0)], 0) * max(width, 1)
     m = c.n
     for s, e in _tiles(cost, pair_budget):
-        qi, ci, _ = _expand(q_first[s:e], deg, offs, post_row, None, False)
+        qi, ci, _, _ = _expand(q_first[s:e], deg, offs, post_row, None, False)
         if exclude_self:
             keep = ci != qi + s
             qi, ci = qi[keep], ci[keep]

@@ -68,7 +68,8 @@ def _topk_kernel(Q, C, QW, QN, CN, OUT_KEY, OUT_IDX,
                 score += tl.where(alive, w[:, None], 0)
             key = tl.where(valid & (score > 0), score.to(tl.float64), NEG)
         else:
-            # |A∩B| over first occurrences (repeats are pads), and Σ|pos_A − pos_B|.
+            # |A∩B| over first occurrences (repeats are pads), token-weighted by the
+            # query's weights for overlap; Σ|pos_A − pos_B| for the distance.
             cnt = tl.zeros([BLOCK_Q, BLOCK_C], tl.int32)
             dsum = tl.zeros([BLOCK_Q, BLOCK_C], tl.int32)
             for j in range(0, Lc):
@@ -76,7 +77,11 @@ def _topk_kernel(Q, C, QW, QN, CN, OUT_KEY, OUT_IDX,
                 for i in range(0, Lq):
                     qv = tl.load(Q + q_offs * Lq + i, mask=q_mask, other=-1)
                     eq = qv[:, None] == cv[None, :]
-                    cnt += eq.to(tl.int32)
+                    if METRIC == 0:
+                        wq = tl.load(QW + q_offs * Lq + i, mask=q_mask, other=0)
+                        cnt += tl.where(eq, wq[:, None], 0)
+                    else:
+                        cnt += eq.to(tl.int32)
                     if METRIC == 2:
                         dpos = i - j
                         dpos = tl.where(dpos < 0, -dpos, dpos)

@@ -26,8 +26,8 @@ def pair_score(metric, a, b, wa=None, alpha=0.001):
     shared = set(pa) & set(pb)
     if not shared:
         return None
-    if metric == "overlap":
-        return len(shared)
+    if metric == "overlap":  # token-weighted by the query's weight at each first position
+        return sum(wa[pa[x]] for x in shared) if wa is not None else len(shared)
     c = len(shared)
     spread = sum(abs(pa[x] - pb[x]) for x in shared)
     return (1.0 - c / max(len(pa), len(pb))) + (alpha * spread) / c
@@ -56,3 +56,25 @@ def as_pairs(result):
         [(int(i), s.item()) for i, s in zip(row_i, row_s) if i >= 0]
         for row_i, row_s in zip(result.indices, result.scores)
     ]
+
+
+def oracle_partners(lists, k, weight=None):
+    """partner_candidates by pairwise loops: per list, [(other index, Σ weight of
+    shared distinct blocks)], best first, ties to the lower index; ``weight``: block -> int."""
+    out = []
+    for i, a in enumerate(lists):
+        ranked = []
+        for j, b in enumerate(lists):
+            shared = set(a) & set(b)
+            if j == i or not shared:
+                continue
+            s = sum(weight(x) for x in shared) if weight is not None else len(shared)
+            ranked.append((-s, j))
+        ranked.sort()
+        out.append([(j, -s) for s, j in ranked[:k]])
+    return out
+
+
+def pairs_of(idx, score):
+    """(idx, score) arrays -> same shape as oracle_partners (drops empty slots)."""
+    return [[(int(i), int(s)) for i, s in zip(ri, rs) if i >= 0] for ri, rs in zip(idx, score)]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import cp_engine.kernels as K
 import cp_engine.kernels.reference as R
 from cp_engine.kernels import BackendUnavailable, pack_lists, pack_pair, topk_overlap
-from kernel_oracle import as_pairs, oracle_topk
+from kernel_oracle import as_pairs, oracle_partners, oracle_topk, pairs_of
 
 METRICS = ("overlap", "prefix", "distance")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,14 +91,55 @@ def test_reference_self_join_exclude_self(q, k, metric, data):
     assert as_pairs(r) == oracle_topk(q, q, k, metric, exclude_self=exclude)
 
 
-@settings(max_examples=60, deadline=None)
-@given(data=st.data())
-def test_prefix_token_weights(data):
-    q = data.draw(_lists(max_n=6, vocab=4))
-    c = data.draw(_lists(max_n=8, vocab=4))
+@settings(max_examples=120, deadline=None)
+@given(metric=st.sampled_from(["prefix", "overlap"]), data=st.data())
+def test_token_weights(metric, data):
+    # prefix: weighted common prefix; overlap: Σ query weight over shared blocks.
+    q = data.draw(_lists(max_n=6, vocab=5))
+    c = data.draw(_lists(max_n=8, vocab=5))
     w = [data.draw(st.lists(st.integers(1, 500), min_size=len(r), max_size=len(r))) for r in q]
-    r = topk_overlap(q, c, 4, metric="prefix", query_weights=w, backend="numpy")
-    assert as_pairs(r) == oracle_topk(q, c, 4, "prefix", weights=w)
+    r = topk_overlap(q, c, 4, metric=metric, query_weights=w, backend="numpy")
+    assert as_pairs(r) == oracle_topk(q, c, 4, metric, weights=w)
+
+
+
+
+# ---------------------------------------------------------------- partner_candidates
+
+_table = st.lists(st.integers(1, 9), min_size=12, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lists=st.lists(st.lists(st.integers(0, 11), max_size=8), max_size=14), k=st.integers(0, 6),
+       table=_table, kind=st.sampled_from(["none", "mapping", "table", "float"]))
+def test_partner_candidates_matches_oracle(lists, k, table, kind):
+    weights = {"none": None, "mapping": dict(enumerate(table)), "table": np.array(table),
+               "float": [float(x) for x in table]}[kind]
+    idx, score = K.partner_candidates(lists, k, weights=weights, backend="numpy")
+    assert idx.shape == score.shape == (len(lists), k) and idx.dtype == score.dtype == np.int64
+    assert pairs_of(idx, score) == oracle_partners(lists, k, None if kind == "none" else table.__getitem__)
+    assert all(i not in row.tolist() for i, row in enumerate(idx))
+
+
+@pytest.mark.parametrize("pair_budget,dense_limit", [(1, 0), (9, 0), (1, 10**6), (50, 10**6)])
+def test_partner_candidates_tiles(monkeypatch, pair_budget, dense_limit):
+    # Many small query tiles, both reductions (dense bincount, sorted), with weights.
+    monkeypatch.setattr(R, "DENSE_LIMIT", dense_limit)
+    monkeypatch.setattr(R, "PAIR_BUDGET", pair_budget)
+    rng = np.random.default_rng(pair_budget + dense_limit)
+    lists = [rng.integers(0, 30, rng.integers(0, 14)).tolist() for _ in range(90)]
+    table = rng.integers(1, 1000, 30)
+    idx, score = K.partner_candidates(lists, 7, weights=table, backend="numpy")
+    assert pairs_of(idx, score) == oracle_partners(lists, 7, lambda b: int(table[b]))
+
+
+def test_partner_candidates_rejects_bad_weights():
+    with pytest.raises(ValueError):
+        K.partner_candidates([[1, 2], [2]], 1, weights=[1.0, 1.5, 2.0])  # not whole numbers
+    with pytest.raises(ValueError):
+        K.partner_candidates([[1, 2], [2]], 1, weights=np.array([1, 1]))  # block 2 not covered
+    with pytest.raises(ValueError):
+        K.partner_candidates([[1, 2], [2]], 1, weights=np.array([1, 0, 3]))  # not positive
 
 
 @pytest.mark.parametrize("pair_budget,dense_limit", [(1, 0), (7, 0), (40, 10**6), (1, 10**6)])

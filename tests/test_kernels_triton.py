@@ -18,8 +18,8 @@ import sys
 import numpy as np
 import pytest
 
-from cp_engine.kernels import pack_pair, topk_overlap
-from kernel_oracle import as_pairs, oracle_topk
+from cp_engine.kernels import pack_lists, pack_pair, partner_candidates, topk_overlap
+from kernel_oracle import as_pairs, oracle_partners, oracle_topk, pairs_of
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("torch") is not None
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -130,6 +130,28 @@ def test_prefix_weights_and_larger_tiles():
 
 
 @interp
+def test_weighted_overlap_and_partner_candidates():
+    # partner_candidates on the kernel: self-join, exclude_self, per-block token weights,
+    # two candidate tiles and a cross-split merge; exact against the reference and oracle.
+    rng = np.random.default_rng(4)
+    lists = _random_lists(rng, 80, 30, 9)
+    table = rng.integers(1, 5000, 30)
+    idx, score = partner_candidates(lists, 6, weights=table, backend="triton")
+    ref = partner_candidates(lists, 6, weights=table, backend="numpy")
+    assert np.array_equal(idx, ref[0]) and np.array_equal(score, ref[1])
+    assert pairs_of(idx, score) == oracle_partners(lists, 6, lambda b: int(table[b]))
+    from cp_engine.kernels import triton_overlap
+
+    p = pack_lists(lists, weights=table)
+    for splits in (1, 2):
+        got = triton_overlap.launch(p, p, 6, "overlap", exclude_self=True, splits=splits)
+        assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    w = [rng.integers(1, 100, len(r)).tolist() for r in lists[:10]]  # per-position weights
+    r = topk_overlap(lists[:10], lists, 4, metric="overlap", query_weights=w, backend="triton")
+    assert as_pairs(r) == oracle_topk(lists[:10], lists, 4, "overlap", weights=w)
+
+
+@interp
 def test_launcher_rejects_bad_tiles_and_k():
     from cp_engine.kernels import triton_overlap
 
@@ -151,6 +173,17 @@ def test_gpu_matches_reference(metric, n):
     ref = topk_overlap(q, None, 16, metric=metric, exclude_self=True, backend="numpy")
     assert r.backend == "triton"
     assert np.array_equal(r.indices, ref.indices) and np.array_equal(r.scores, ref.scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_gpu_partner_candidates_weighted():
+    rng = np.random.default_rng(7)
+    lists = _random_lists(rng, 5000, 2000, 20, min_len=10)
+    table = rng.integers(1, 4000, 2000)
+    got = partner_candidates(lists, 16, weights=table, backend="triton")
+    ref = partner_candidates(lists, 16, weights=table, backend="numpy")
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs the real compiler, not the interpreter")
