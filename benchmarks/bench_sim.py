@@ -1,7 +1,8 @@
 """Simulation benchmark: prefix-cache hit ratio and planning cost, side by side in one run.
 
-    python -m benchmarks.bench_sim            # full: synthetic N=100/1,000/5,000, HotpotQA 1,000/5,000
-    python -m benchmarks.bench_sim --quick    # synthetic N=100/1,000, HotpotQA 1,000 (~1 min)
+    python -m benchmarks.bench_sim          # full: synthetic N=100/1,000/5,000,
+                                            # HotpotQA pooled and knowledge-base N=1,000/5,000
+    python -m benchmarks.bench_sim --quick  # synthetic N=100/1,000, both HotpotQA N=1,000
 
 For every workload (benchmarks.workloads) and planner: the bound 1 − unique/total,
 arrival order, ContextPilot 0.5.0 (its own venv, benchmarks/peer/setup_peer.sh; its
@@ -43,6 +44,8 @@ LABELS = {
     "greedy": "greedy trie (DFS)",
     "cp_engine": "cp_engine.plan_batch",
 }
+# Row label per workload name prefix (the table's first column).
+FAMILIES = {"synthetic": "synthetic", "hotpotqa": "hotpotqa_bm25_k10", "hotpotkb": "hotpotqa_kb_bm25_k10"}
 HIT_TARGET = 1.05  # × ContextPilot, unbounded cache, every N
 SPEED_TARGET = 100.0  # × faster planning than ContextPilot at N=5,000
 P99_TARGET_MS = 1.0  # online reorder per request, 100k indexed
@@ -260,6 +263,9 @@ def build_workloads(quick: bool) -> list[W.Workload]:
     for n in (1000,) if quick else (1000, 5000):
         log(f"building hotpotqa N={n} (BM25 over the pooled corpus; cached after the first run)")
         wls.append(W.hotpotqa(n, k=10))
+    for n in (1000,) if quick else (1000, 5000):
+        log(f"building hotpotqa knowledge-base N={n} (BM25 over 200 questions' paragraphs)")
+        wls.append(W.hotpotqa_kb(n, k=10))
     return wls
 
 
@@ -288,8 +294,8 @@ def main(argv=None) -> int:
     results = []
     for wl in build_workloads(args.quick):
         s = wl.summary()
-        entry = {"name": wl.name, "family": wl.name.rsplit("_", 1)[0] if wl.name.startswith("synthetic")
-                 else "hotpotqa_bm25_k10", "requests": s["requests"], "bound": s["bound"],
+        entry = {"name": wl.name, "family": FAMILIES.get(wl.name.split("_", 1)[0], wl.name),
+                 "requests": s["requests"], "bound": s["bound"],
                  "bound_tokens": s["bound_tokens"], "blocks": s["blocks"],
                  "unique_blocks": s["unique_blocks"], "methods": {}}
         for m in METHODS:

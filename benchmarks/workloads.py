@@ -9,6 +9,8 @@ dense corpus indices so every planner (ours, the peer, baselines) sees the same 
   popularity, k uniform in 10..20 distinct docs, random retrieval order).
 - ``hotpotqa(n, k)``: HotpotQA dev questions, BM25 (bm25s) top-k over the pooled,
   de-duplicated paragraph corpus of all 7,405 questions.
+- ``hotpotqa_kb(n, k)``: HotpotQA questions, BM25 top-k over a small fixed knowledge
+  base (the paragraphs of 200 other questions), where blocks recur far more often.
 - ``memory_chat(sessions)``: multi-turn sessions of related HotpotQA questions; each
   turn retrieves with the current and previous question, so turns overlap (for dedup).
 
@@ -251,16 +253,56 @@ def hotpotqa(n: int, k: int = 10, seed: int = 0) -> Workload:
             "corpus_size": len(corpus),
         }
         _store(key, cached)
+    return _qa_workload(f"hotpotqa_{n}_k{k}", cached, k=k, seed=seed, question_ids=cached["question_ids"])
+
+
+def _qa_workload(name: str, cached: dict, **meta) -> Workload:
+    """A Workload from a cached QA retrieval record (contexts, queries, answers, texts)."""
     texts = {int(b): t for b, t in cached["texts"].items()}
     return Workload(
-        name=f"hotpotqa_{n}_k{k}",
+        name=name,
         contexts=cached["contexts"],
         tokens={b: estimate_tokens(t) for b, t in texts.items()},
         texts=texts,
         queries=cached["queries"],
-        meta={"k": k, "seed": seed, "corpus_size": cached["corpus_size"],
-              "answers": cached["answers"], "question_ids": cached["question_ids"]},
+        meta={"corpus_size": cached["corpus_size"], "answers": cached["answers"], **meta},
     )
+
+
+def hotpotqa_kb(n: int, k: int = 10, kb_questions: int = 200, seed: int = 1) -> Workload:
+    """A knowledge-base RAG workload: N HotpotQA questions, BM25 top-k over a fixed
+    corpus made of the paragraphs of ``kb_questions`` other questions (~2,000
+    paragraphs, the size of a team wiki). Unlike the pooled corpus, where most
+    paragraphs are retrieved once, a small corpus is hit again and again, so blocks
+    recur across requests as in production RAG over one knowledge base."""
+    key = f"hotpotkb_n{n}_k{k}_q{kb_questions}_s{seed}"
+    cached = _load(key)
+    if cached is None:
+        import bm25s
+
+        _, data, _ = _bm25()
+        order = [int(i) for i in np.random.default_rng(seed).permutation(len(data))]
+        corpus: list[str] = []
+        index: dict[str, int] = {}
+        for q in (data[i] for i in order[:kb_questions]):
+            for title, sentences in q["context"]:
+                text = title + "\n" + "".join(sentences).strip()
+                if text not in index:
+                    index[text] = len(corpus)
+                    corpus.append(text)
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+        picks = order[kb_questions:kb_questions + n]
+        queries = [data[i]["question"] for i in picks]
+        docs, _scores = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
+                                           k=k, show_progress=False, n_threads=1)
+        contexts = [[int(d) for d in row] for row in docs]
+        used = sorted({b for c in contexts for b in c})
+        cached = {"contexts": contexts, "queries": queries,
+                  "answers": [data[i]["answer"] for i in picks],
+                  "texts": {str(b): corpus[b] for b in used}, "corpus_size": len(corpus)}
+        _store(key, cached)
+    return _qa_workload(f"hotpotkb_{n}_k{k}", cached, k=k, seed=seed, kb_questions=kb_questions)
 
 
 # ----------------------------------------------------------------------- memory chat
@@ -380,11 +422,13 @@ def dump(wl: Workload) -> Path:
 
 
 def standard(quick: bool = False, with_hotpot: bool = True) -> list[Workload]:
-    """The benchmark's workloads: synthetic N=100/1,000(/5,000), HotpotQA N=1,000(/5,000)."""
+    """The benchmark's workloads: synthetic N=100/1,000(/5,000), HotpotQA pooled and
+    knowledge-base N=1,000(/5,000)."""
     sizes = (100, 1000) if quick else (100, 1000, 5000)
     out = [synthetic(n) for n in sizes]
     if with_hotpot and fetch_hotpotqa() is not None:
-        out += [hotpotqa(n) for n in ((1000,) if quick else (1000, 5000))]
+        real = (1000,) if quick else (1000, 5000)
+        out += [hotpotqa(n) for n in real] + [hotpotqa_kb(n) for n in real]
     return out
 
 

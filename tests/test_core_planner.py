@@ -98,10 +98,24 @@ def test_predicted_hit_ratio_matches_unbounded_simulation():
 def test_local_search_never_grows_the_tree():
     contexts = zipf_workload(300, seed=5)
     plan = plan_batch(contexts)
-    for tried in plan.stats["strategies"].values():
-        assert tried["tree_nodes"] <= tried["tree_nodes_before_local_search"]
+    chosen = plan.stats["strategies"][plan.stats["strategy"]]
+    assert chosen["tree_nodes"] == plan.stats["tree_nodes"] <= chosen["tree_nodes_before_local_search"]
+    # The candidate kept is the smallest tree before local search.
+    assert all(chosen["tree_nodes_before_local_search"] <= t["tree_nodes_before_local_search"]
+               for t in plan.stats["strategies"].values())
     no_ls = plan_batch(contexts, local_search_passes=0)
     assert simulate(plan.scheduled()).hits >= simulate(no_ls.scheduled()).hits
+
+
+def test_lone_blocks_go_last_in_retrieval_order():
+    # Blocks held by one request cannot be shared: they follow the shared ones, in
+    # the order the request gave them.
+    contexts = [["x1", "s", "x2", "t"], ["u", "s", "t", "y"], ["v", "t"]]
+    plan = plan_batch(contexts)
+    assert plan.contexts[0][2:] == ["x1", "x2"]
+    assert set(plan.contexts[1][:2]) == {"s", "t"} and plan.contexts[1][2:] == ["u", "y"]
+    assert plan.contexts[2] == ["t", "v"]
+    assert plan.stats["tree_nodes"] == len(set(map(tuple, [c[:i] for c in plan.contexts for i in range(1, len(c) + 1)])))
 
 
 def test_schedule_is_depth_first_groups_contiguous():
