@@ -119,7 +119,7 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float]) -> list[list[int]]:
 
 
 def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
-                    candidates: int = 8) -> list[list[int]]:
+                    candidates: int = 8, knn=None) -> list[list[int]]:
     """Bottom-up clustering: repeatedly merge the two clusters whose shared blocks
     (the intersection of their members' blocks) weigh most; ties go to the tighter
     pair (smaller intersections before the merge, i.e. more alike). Each merge is a
@@ -129,12 +129,18 @@ def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_
     ``hot_cap`` clusters are skipped when looking for candidates (they still count
     in the exact score) — popular blocks are the greedy split's strength, rare shared
     blocks are this one's.
+
+    With ``knn`` (an N×k array of each request's best partners, from
+    ``cp_engine.kernels.partner_candidates``), partners come from that graph instead:
+    a request's candidates are its kNN row, a merged cluster's the still-alive
+    clusters among its two parts' candidates, re-scored exactly. No posting list is
+    scanned, so hot blocks cost nothing and may count in the search.
     """
     inter: list[set[int]] = [set(s) for s in sets]
     alive = [True] * len(sets)
     parent = [-1] * len(sets)
     postings: dict[int, set[int]] = defaultdict(set)
-    for c, members in enumerate(inter):
+    for c, members in enumerate(inter if knn is None else ()):
         for b in members:
             postings[b].add(c)
 
@@ -159,6 +165,22 @@ def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_
         if len(ranked) > candidates:
             ranked = heapq.nlargest(candidates, ranked, key=lambda y: (acc[y], -y))
         return ranked
+
+    # kNN-graph mode: each cluster's candidate partners (cluster numbers, maybe dead).
+    cand: list[list[int]] = []
+    owner = list(range(len(sets)))  # cluster -> the cluster that absorbed it (union-find)
+
+    def alive_root(c: int) -> int:
+        root = c
+        while owner[root] != root:
+            root = owner[root]
+        while owner[c] != root:
+            owner[c], c = root, owner[c]
+        return root
+
+    if knn is not None:
+        cand = [[int(y) for y in row if y >= 0] for row in knn]
+        ranked_partners = lambda x: [y for y in dict.fromkeys(alive_root(z) for z in cand[x]) if y != x]  # noqa: E731
 
     def exact(x: int, y: int) -> tuple[float, int]:
         shared = inter[x] & inter[y]
@@ -194,10 +216,20 @@ def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_
         for z in (x, y):
             alive[z] = False
             parent[z] = c
-            for b in inter[z]:
-                postings[b].discard(z)
-        for b in shared:
-            postings[b].add(c)
+            if knn is None:
+                for b in inter[z]:
+                    postings[b].discard(z)
+        if knn is None:
+            for b in shared:
+                postings[b].add(c)
+        else:
+            owner.append(c)
+            owner[x] = owner[y] = c
+            # Keep the best few of both parts' candidates (exact scores, re-ranked).
+            pool = [z for z in dict.fromkeys(alive_root(z) for z in cand[x] + cand[y]) if z != c]
+            score = {z: exact(c, z)[0] for z in pool}
+            best = heapq.nsmallest(candidates * 2, (z for z in pool if score[z] > 0), key=lambda z: (-score[z], z))
+            cand.append(best)
         push_best(c)
 
     increments: dict[int, list[int]] = {}
@@ -299,8 +331,37 @@ def _cluster_cap(freq: list[int]) -> int | None:
     return None
 
 
+# kNN-graph clustering (partners from cp_engine.kernels.partner_candidates) for
+# batches whose hot blocks make the posting-list search too costly. Measured with
+# `python -m benchmarks.bench_planner_partners` (benchmarks/results/planner_partners.md):
+# on synthetic N=5,000 the kNN path beats the greedy tree (hit 0.318 vs 0.314) but
+# the NumPy kernel alone takes about as long as the whole greedy planner on 2 CPU
+# cores, so "auto" takes it only when the kernel runs on the GPU (and from
+# KNN_MIN_REQUESTS, below which the posting search is cheap); ``partners="kernel"``
+# forces it anywhere.
+KNN_MIN_REQUESTS = 1024
+KNN_PARTNERS = 16
+
+
+def _knn_partners(sets: list[list[int]], w: list[float]):
+    from .kernels import partner_candidates
+
+    weights = [max(1, round(x)) for x in w]  # the kernel scores whole token counts
+    idx, _score = partner_candidates(sets, KNN_PARTNERS, weights=weights)
+    return idx
+
+
+def _gpu_kernel_available(n: int) -> bool:
+    try:
+        from .kernels.backend import choose_backend
+
+        return choose_backend(None, pairs=n * n, k=KNN_PARTNERS)[0] == "triton"
+    except Exception:
+        return False  # a broken optional GPU stack never stops planning
+
+
 def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 2,
-               strategy: str = "auto") -> BatchPlan:
+               strategy: str = "auto", partners: str = "auto") -> BatchPlan:
     """Plan a batch for prefix sharing (see module docstring).
 
     ``contexts``: list of block lists (blocks are any hashables, e.g. text or ids;
@@ -312,9 +373,17 @@ def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 2,
     ``strategy``: ``"greedy"`` (top-down split by the most valuable shared block),
     ``"cluster"`` (bottom-up merging of the most alike requests), or ``"auto"``: both
     where clustering can pay off, keeping the smaller prefix tree.
+
+    ``partners``: where the clustering finds candidate partners: ``"postings"``
+    (inverted index, hot blocks capped), ``"kernel"`` (kNN graph from
+    ``cp_engine.kernels.partner_candidates``, GPU when available, else NumPy), or
+    ``"auto"``: postings, and the kernel for large hot-block batches when it runs
+    on the GPU.
     """
     if strategy not in ("auto", "greedy", "cluster"):
         raise ValueError(f"strategy must be auto, greedy or cluster, got {strategy!r}")
+    if partners not in ("auto", "postings", "kernel"):
+        raise ValueError(f"partners must be auto, postings or kernel, got {partners!r}")
     ctxs = _validate(contexts)
     dense: dict[Hashable, int] = {}
     originals: list[Hashable] = []
@@ -354,7 +423,13 @@ def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 2,
             orders.append(head + _tail_order([b for b in s if b not in placed], freq))
         candidates.append(("greedy", orders))
     cap = _cluster_cap(freq) if strategy == "auto" else max(freq, default=1)
-    if strategy == "cluster" or (strategy == "auto" and cap is not None):
+    use_knn = partners == "kernel" or (
+        partners == "auto" and strategy == "auto" and cap is None and len(sets) >= KNN_MIN_REQUESTS
+        and any(f > 1 for f in freq) and _gpu_kernel_available(len(sets)))
+    if strategy != "greedy" and use_knn:
+        candidates.append(("cluster_knn", _cluster_orders(sets, w, freq, hot_cap=0, candidates=KNN_PARTNERS,
+                                                          knn=_knn_partners(sets, w))))
+    elif strategy == "cluster" or (strategy == "auto" and cap is not None):
         candidates.append(("cluster", _cluster_orders(sets, w, freq, hot_cap=cap)))
 
     # Local search only on the smaller candidate tree: its gains are small next to the

@@ -161,3 +161,40 @@ def test_clustering_beats_greedy_on_topic_clustered_retrieval():
 def test_unknown_strategy_rejected():
     with pytest.raises(ValueError, match="strategy"):
         plan_batch([[1]], strategy="magic")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 30), max_size=12), max_size=40),
+       st.sampled_from(["auto", "cluster"]))
+def test_kernel_partner_search_gives_valid_plans(contexts, strategy):
+    # The kNN-graph clustering (partners from cp_engine.kernels) on any input.
+    plan = plan_batch(contexts, strategy=strategy, partners="kernel")
+    assert_valid(contexts, plan)
+    # The prediction counts distinct blocks; compare on requests without repeats.
+    contexts = [list(dict.fromkeys(c)) for c in contexts]
+    plan = plan_batch(contexts, strategy=strategy, partners="kernel")
+    assert simulate(plan.scheduled()).hit_ratio == pytest.approx(plan.stats["predicted_hit_ratio"])
+
+
+def test_kernel_partner_search_finds_the_shared_groups():
+    contexts = clustered_workload()
+    arrival = simulate(contexts).hits
+    knn = plan_batch(contexts, strategy="cluster", partners="kernel")
+    assert knn.stats["strategy"] == "cluster_knn"
+    postings = simulate(plan_batch(contexts, strategy="cluster", partners="postings").scheduled()).hits
+    # Close to the exact posting-list search, far above arrival order.
+    assert simulate(knn.scheduled()).hits >= 0.95 * postings > arrival
+
+
+def test_auto_uses_postings_without_a_gpu():
+    # On a CPU-only machine the kernel would run on NumPy: auto keeps the posting search.
+    from cp_engine.planner import _gpu_kernel_available
+    if _gpu_kernel_available(10_000):
+        pytest.skip("GPU kernel available: auto may take the kNN path")
+    plan = plan_batch(zipf_workload(1200), partners="auto")
+    assert plan.stats["strategy"] in ("greedy", "cluster")
+
+
+def test_unknown_partner_search_rejected():
+    with pytest.raises(ValueError, match="partners"):
+        plan_batch([[1]], partners="magic")
