@@ -23,7 +23,8 @@ No N×N matrix is built: work is proportional to the total number of blocks.
 from __future__ import annotations
 
 import heapq
-from collections import defaultdict
+from collections import Counter, defaultdict
+import itertools
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Sequence
 
@@ -144,18 +145,27 @@ def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_
         for b in members:
             postings[b].add(c)
 
+    unit = all(x == 1.0 for x in w)
+
     def ranked_partners(x: int) -> list[int]:
         """Partners that can have the best exact score with x."""
-        acc: dict[int, float] = defaultdict(float)
         skipped = 0.0  # weight of x's hot blocks, absent from acc
+        lists = []
         for b in inter[x]:
             holders = postings[b]
             if len(holders) > hot_cap:
                 skipped += w[b]
-                continue
-            wb = w[b]
-            for y in holders:
-                acc[y] += wb
+            else:
+                lists.append((b, holders))
+        if unit:
+            # Every block weighs 1: count in C (Counter) rather than a Python loop.
+            acc = Counter(itertools.chain.from_iterable(h for _, h in lists))
+        else:
+            acc = defaultdict(float)
+            for b, holders in lists:
+                wb = w[b]
+                for y in holders:
+                    acc[y] += wb
         acc.pop(x, None)
         if not acc:
             return []
