@@ -1,11 +1,12 @@
-"""Keys of the hints the API server attaches to a request for EngineCore.
+"""Keys of the hints the API server attaches to a request for the engine's scheduler.
 
-The chat/completion rewrite stores them in ``request.vllm_xargs``; vLLM copies that
-dict into ``SamplingParams.extra_args``, which EngineCore's ``Request`` carries as
-``request.sampling_params.extra_args``. Values are JSON scalars or lists (vLLM's
-``vllm_xargs`` type), so they cross the ZMQ hop unchanged.
+Engine-neutral: one definition for every adapter. vLLM carries them in
+``request.vllm_xargs`` → ``SamplingParams.extra_args`` (EngineCore reads
+``request.sampling_params.extra_args``); SGLang in ``custom_params`` →
+``SamplingParams.custom_params`` (``hooks.sglang.hints``). Values are JSON scalars or
+lists, so they cross the engines' process hops unchanged.
 
-Contract (API server writes, EngineCore reads with ``read_hints``):
+Contract (API server writes with ``build_xargs``, the scheduler reads with ``read_hints``):
 - ``cp_ns``    str: index namespace of the request (prompt text before the blocks);
 - ``cp_path``  list[str]: 16-hex-char index ids of the rendered blocks, in prompt order;
 - ``cp_ends``  list[int]: estimated token offset where each rendered block ends in the

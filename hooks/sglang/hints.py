@@ -2,14 +2,14 @@
 
 SGLang's chat request drops unknown top-level fields, but ``custom_params`` (a dict
 of JSON scalars / lists) travels unchanged into ``SamplingParams.custom_params`` of the
-scheduler's ``Req``. The hint keys and their meaning are the vLLM adapter's
-(``cp_engine.hooks.vllm.xargs``): one definition for both engines.
+scheduler's ``Req``. The hint keys and their meaning are shared with the vLLM adapter
+(``cp_engine.hooks.hintkeys``): one definition for both engines.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ..vllm.xargs import ALL_KEYS, Hints, build_xargs, read_hints
+from ..hintkeys import ALL_KEYS, Hints, build_xargs, read_hints
 
 __all__ = ["Hints", "attach", "of_req", "ALL_KEYS"]
 
