@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Hashable, Sequence
 
 from .annotate import labels_for, render_annotation, render_block, render_reference
@@ -43,6 +43,9 @@ class Prepared:
     reordered: bool
     conversation: Hashable | None = None
     extra: dict = field(default_factory=dict)
+    # (original user text, rendered user text, ids rendered in full) of this turn,
+    # remembered by ``commit_history`` so a later turn can replay it exactly.
+    turn: tuple[str, str, frozenset] | None = None
 
     def index_path(self) -> list[int]:
         """The ids the index records: references are keyed apart from full blocks."""
@@ -133,12 +136,37 @@ class ContextPipeline:
         )
 
     def commit(self, request_id: Hashable, prep: Prepared, base_offset: int = 0) -> None:
-        """Record what was sent: the index learns the path, dedup the blocks sent."""
+        """Record what was sent: ``record`` (index) then ``commit_history`` (dedup)."""
+        self.record(request_id, prep, base_offset=base_offset)
+        self.commit_history(prep)
+
+    def record(self, request_id: Hashable, prep: Prepared, base_offset: int = 0) -> None:
+        """Index the rendered order under ``request_id`` (undone by ``rollback``)."""
         if self.config.reorder:
             self.index.record(request_id, prep.index_path(), namespace=prep.namespace,
                               token_lengths=prep.token_lengths, base_offset=base_offset)
-        if prep.conversation is not None:
-            self.dedup.mark(prep.conversation, prep.block_ids, commit=True)
+
+    def commit_history(self, prep: Prepared) -> None:
+        """The conversation now holds ``prep``'s blocks and rendered turn.
+
+        ``prepare`` / ``rewrite_messages`` only read dedup state; this is the one
+        writer, so a request the engine rejects (never committed) leaves the
+        conversation exactly as it was: its next turn sends the blocks in full.
+        """
+        if prep.conversation is None:
+            return
+        self.dedup.mark(prep.conversation, prep.block_ids, commit=True)
+        if prep.turn is not None:
+            original, rendered, full_ids = prep.turn
+            self.dedup.remember_turn(prep.conversation, original, rendered, full_ids)
+
+    def rollback(self, request_id: Hashable) -> None:
+        """The engine rejected ``request_id`` after ``record``: drop its index path.
+
+        Block popularity counts taken by ``record`` stay (they only break ties
+        between unindexed blocks); no prefix of the request stays claimed.
+        """
+        self.index.forget([request_id])
 
     # -- whole chat requests ---------------------------------------------------
     def rewrite_messages(self, messages: Any, blocks: Any, conversation_id: str | None = None,
@@ -146,6 +174,7 @@ class ContextPipeline:
         """Messages with the blocks rendered into the last user turn; input is not mutated.
 
         Earlier user turns of the same conversation are replayed as they were sent.
+        Reads dedup state only: ``commit`` (or ``commit_history``) remembers this turn.
         Raises ``InvalidBlocks`` for malformed blocks or messages without a user turn.
         """
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
@@ -172,8 +201,8 @@ class ContextPipeline:
         if conv is not None:
             key = _content_key(question)
             if key is not None:
-                full_ids = [b for b, f in zip(prep.block_ids, prep.full) if f]
-                self.dedup.remember_turn(conv, key, out[last_user]["content"], full_ids)
+                full_ids = frozenset(b for b, f in zip(prep.block_ids, prep.full) if f)
+                prep = replace(prep, turn=(key, out[last_user]["content"], full_ids))
         return out, prep
 
     # -- engine feedback -------------------------------------------------------

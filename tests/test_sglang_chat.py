@@ -3,8 +3,9 @@ chat-template rendering and conversion to ``GenerateReqInput``, real thread pool
 
 The tokenizer manager is a small recording collaborator: it holds SGLang's real
 ``ModelConfig`` and a real HF tokenizer, and captures the ``GenerateReqInput`` that the
-serving class would send to the scheduler (then answers with a ValueError → 400, since
-no model runs here)."""
+serving class would send to the scheduler. No model runs here: by default it then
+answers like an engine that accepted the request (one output token, SGLang's output
+dict shape), with ``reject = True`` like one that refused it (ValueError → 400)."""
 from __future__ import annotations
 
 import asyncio
@@ -43,14 +44,20 @@ class RecordingTokenizerManager:
         self.served_model_name = "tiny"
         self.request_logger = _RequestLogger()
         self.captured: list = []
+        self.reject = False
 
     def config_value(self, name):
         return getattr(self.server_args, name, None)
 
     async def generate_request(self, obj, request=None):
         self.captured.append(obj)
-        raise ValueError("captured (no model in this test)")
-        yield  # pragma: no cover - makes this an async generator like the real one
+        if self.reject:
+            raise ValueError("captured (the engine refused it)")
+        n = len(obj.input_ids or [])
+        yield {"text": "ok", "output_ids": [1], "prompt_token_ids": list(obj.input_ids or []),
+               "meta_info": {"id": "x", "finish_reason": {"type": "stop", "matched": None},
+                             "prompt_tokens": n, "completion_tokens": 1, "cached_tokens": 0,
+                             "weight_version": "default"}}
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +121,10 @@ def post(serving, body, headers=None):
     """Returns (status, error message, captured GenerateReqInput or None)."""
     before = len(serving.tokenizer_manager.captured)
     resp = asyncio.run(_post_async(serving, body, headers))
-    payload = json.loads(resp.body)
     captured = serving.tokenizer_manager.captured[before:]
+    if not hasattr(resp, "body"):  # SGLang returns the response model itself on success
+        return 200, "", (captured[0] if captured else None)
+    payload = json.loads(resp.body)
     return resp.status_code, payload.get("message", ""), (captured[0] if captured else None)
 
 
@@ -134,7 +143,7 @@ def test_unmarked_request_is_untouched(chat):
     status, _, gen = post(chat, body())
     patch.unpatch()
     status2, _, plain = post(chat, body())
-    assert status == status2 == 400  # the recording collaborator's answer
+    assert status == status2 == 200  # the recording collaborator's answer
     assert gen.input_ids == plain.input_ids
     assert gen.sampling_params.get("custom_params") is None
     assert metrics.value("requests_rewritten") == 0
@@ -257,3 +266,40 @@ def test_chat_to_scheduler_to_cache_eviction_roundtrip(chat):
     while pipe.index.match_length(path, hints["cp_ns"]) and time.monotonic() < end:
         time.sleep(0.02)
     assert pipe.index.match_length(path, hints["cp_ns"]) == 0
+
+
+def _second_turn(conv: str, blocks: list | None = None) -> dict:
+    msgs = body()["messages"] + [{"role": "assistant", "content": "Paris."},
+                                 {"role": "user", "content": "And the fjord?"}]
+    return {**body(), "messages": msgs, "context_blocks": blocks or BLOCKS, "conversation_id": conv}
+
+
+def test_engine_rejection_records_nothing(chat):
+    """Commit after acceptance: a request SGLang refuses leaves no index path and no
+    dedup history, so the conversation's next turn still sends every block in full."""
+    chat.tokenizer_manager.reject = True
+    status, _, gen = post(chat, body(context_blocks=BLOCKS, conversation_id="rej-1"))
+    assert status == 400 and gen.sampling_params["custom_params"]["cp_path"]  # it was rewritten
+    pipe = runtime.pipeline()
+    assert pipe.index.requests == 0 and len(pipe.index) == 0
+    assert metrics.value("requests_rewritten") == 0
+    chat.tokenizer_manager.reject = False
+    status, _, second = post(chat, _second_turn("rej-1"))
+    text = prompt_of(chat, second)
+    assert status == 200 and all(text.count(b.strip()) == 1 for b in BLOCKS)
+    assert metrics.value("dedup_tokens_saved") == 0 and pipe.index.requests == 1
+
+
+def test_conversation_ids_are_scoped_by_api_key(chat):
+    """Another API key with the same conversation id reaches an empty conversation: the
+    first tenant's rendered turn (its documents) is not replayed into its prompt."""
+    secret = ["Tenant A private memo: the vault code is 7741. " * 3]
+    post(chat, body(context_blocks=secret + BLOCKS[:1], conversation_id="shared"),
+         headers={"Authorization": "Bearer key-a"})
+    _, _, other = post(chat, _second_turn("shared", BLOCKS[1:]), headers={"Authorization": "Bearer key-b"})
+    _, _, owner = post(chat, _second_turn("shared", BLOCKS[1:]), headers={"Authorization": "Bearer key-a"})
+    assert "vault code" not in prompt_of(chat, other)
+    assert "vault code" in prompt_of(chat, owner)  # same key: the turn is replayed as sent
+    _, _, salted = post(chat, {**_second_turn("shared", BLOCKS[1:]), "user": "someone-else"},
+                        headers={"Authorization": "Bearer key-a"})
+    assert "vault code" not in prompt_of(chat, salted)  # the `user` field narrows the scope too

@@ -16,9 +16,16 @@ the raw JSON body that Starlette keeps on the request:
   renders the blocks into the last user turn with ``ContextPipeline.rewrite_messages``
   (blocks after any system prompt and before the question, annotation after the
   blocks), attaches the scheduler hints to ``custom_params``, calls through, then
-  records the request in the index. The pipeline is shared: every call holds one lock.
-A failure inside the rewrite sends the blocks plainly joined in their given order
-(nothing lost) and is counted; a failure before that leaves the request unchanged.
+  indexes the rendered order and leaves a ``hooks.acceptance.PendingCommit`` on
+  ``raw_request.state``. The pipeline is shared: every call holds one lock;
+- back in ``around_handle_request``, SGLang's answer settles it: an error response
+  (status >= 400) or an exception rejects (index path dropped, dedup untouched), a
+  stream accepts at its first normal event, any other answer accepts (the
+  conversation's dedup history and the counters are committed then).
+Dedup is scoped by tenant (``hooks.tenant``: Authorization header, ``cache_salt``,
+``user`` of the JSON body). A failure inside the rewrite sends the blocks plainly
+joined in their given order (nothing lost) and is counted; a failure before that
+leaves the request unchanged.
 """
 from __future__ import annotations
 
@@ -28,11 +35,15 @@ import uuid
 from typing import Any, Callable
 
 from .. import faults, marking, metrics
+from ..acceptance import PendingCommit, accept_on_first_chunk
+from ..tenant import tenant_of_request
 from . import hints as _hints
 
 __all__ = ["around_handle_request", "around_convert", "after_init", "STATE_ATTR"]
 
 STATE_ATTR = "cp_engine_marks"
+TENANT_ATTR = "cp_engine_tenant"
+PENDING_ATTR = "cp_engine_pending"
 _pipe_lock = threading.Lock()
 _adapters: dict[type, Any] = {}
 
@@ -43,13 +54,14 @@ def _bind(args: tuple, kwargs: dict) -> tuple[Any, Any]:
     return request, raw
 
 
-async def _read_marks(request: Any, raw: Any) -> Any:
-    """Marks of this request, None when unmarked; raises InvalidBlocks (→ 400)."""
+async def _read_marks(request: Any, raw: Any) -> tuple[Any, str]:
+    """(marks or None when unmarked, tenant key); raises InvalidBlocks (→ 400)."""
     body = await raw.json()  # Starlette caches the body FastAPI already read
     if not isinstance(body, dict):
-        return None
-    messages = body.get("messages")
-    return marking.find_marks(body, messages, headers=getattr(raw, "headers", None))
+        return None, ""
+    headers = getattr(raw, "headers", None)
+    marks = marking.find_marks(body, body.get("messages"), headers=headers)
+    return marks, tenant_of_request(headers, body)
 
 
 def _is_chat(instance: Any) -> bool:
@@ -61,18 +73,46 @@ def _is_chat(instance: Any) -> bool:
 async def around_handle_request(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """``OpenAIServingBase.handle_request`` (shared by every OpenAI endpoint): chat only."""
     request, raw = _bind(args, kwargs)
+    marked = False
     if raw is not None and hasattr(raw, "json") and _is_chat(instance):
         try:
             faults.check_fault("sglang_chat")
-            marks = await _read_marks(request, raw)
+            marks, tenant = await _read_marks(request, raw)
             if marks is not None:
                 setattr(raw.state, STATE_ATTR, marks)
+                setattr(raw.state, TENANT_ATTR, tenant)
+                marked = True
         except marking.InvalidBlocks as exc:
             metrics.inc("requests_rejected", 1)
             return instance.create_error_response(str(exc), err_type="BadRequestError", status_code=400)
         except Exception as exc:
             faults.record_failure("sglang_chat", exc)
-    return await wrapped(*args, **kwargs)
+    if not marked:
+        return await wrapped(*args, **kwargs)
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException:
+        _settle(raw, None, error=True)
+        raise
+    return _settle(raw, result)
+
+
+def _settle(raw: Any, result: Any, error: bool = False) -> Any:
+    """Accept or reject the request's pending commit from SGLang's answer (module docs)."""
+    try:
+        pending = getattr(raw.state, PENDING_ATTR, None)
+        if not isinstance(pending, PendingCommit):
+            return result  # not rewritten (fail-open path or pre-tokenized input)
+        status = getattr(result, "status_code", None)
+        if error or (isinstance(status, int) and status >= 400):
+            pending.reject()
+        elif hasattr(getattr(result, "body_iterator", None), "__aiter__"):  # StreamingResponse
+            result.body_iterator = accept_on_first_chunk(result.body_iterator, pending)
+        else:
+            pending.accept()
+    except Exception as exc:
+        faults.record_failure("sglang_commit", exc)
+    return result
 
 
 def _messages_adapter(request_cls: type) -> Any:
@@ -89,20 +129,18 @@ def _set_messages(request: Any, messages: list) -> None:
     request.messages = _messages_adapter(type(request)).validate_python(messages)
 
 
-def _rewrite(request: Any, marks: Any) -> tuple[Any, str, int] | None:
+def _rewrite(request: Any, marks: Any, tenant: str) -> tuple[Any, str, int] | None:
     """Rewrite ``request`` in place; returns (prep, request id, base offset) to commit."""
-    from ..runtime import config, pipeline
+    from ..runtime import pipeline
 
     if getattr(request, "input_ids", None) is not None:
         metrics.inc("requests_passed_through", 1)  # pre-tokenized: messages are not rendered
         return None
-    if len(marks.blocks) > config().max_blocks_per_request:
-        metrics.inc("requests_passed_through", 1)
     try:
         faults.check_fault("sglang_rewrite")
         with _pipe_lock:
             messages, prep = pipeline().rewrite_messages(
-                marks.messages, marks.blocks, conversation_id=marks.conversation_id)
+                marks.messages, marks.blocks, conversation_id=marks.conversation_id, tenant=tenant)
     except marking.InvalidBlocks:
         raise  # a ValueError: SGLang answers 400 with our message
     except Exception as exc:
@@ -120,16 +158,17 @@ def _rewrite(request: Any, marks: Any) -> tuple[Any, str, int] | None:
 
 def around_convert(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     request, raw = _bind(args, kwargs)
-    marks = None
+    marks, tenant = None, ""
     try:
         state = getattr(raw, "state", None) if raw is not None else None
         marks = getattr(state, STATE_ATTR, None) if state is not None else None
+        tenant = getattr(state, TENANT_ATTR, "") if state is not None else ""
     except Exception as exc:
         faults.record_failure("sglang_rewrite", exc)
     if marks is None:
         return wrapped(*args, **kwargs)
     try:
-        todo = _rewrite(request, marks)
+        todo = _rewrite(request, marks, tenant if isinstance(tenant, str) else "")
     except marking.InvalidBlocks:
         metrics.inc("requests_rejected", 1)
         raise  # a ValueError: SGLang's handle_request answers 400 with our message
@@ -137,14 +176,12 @@ def around_convert(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
     if todo is not None:
         prep, rid, base = todo
         try:
-            from ..runtime import pipeline
+            from ..runtime import config, pipeline
 
             with _pipe_lock:
-                pipeline().commit(rid, prep, base_offset=base)
-            metrics.inc("requests_rewritten", 1)
-            metrics.inc("blocks_reordered", sum(1 for pos, i in enumerate(prep.order) if pos != i))
-            if prep.tokens_saved:
-                metrics.inc("dedup_tokens_saved", prep.tokens_saved)
+                pending = PendingCommit("sglang_commit", pipeline(), rid, prep, base,
+                                        len(marks.blocks), config().max_blocks_per_request)
+            setattr(raw.state, PENDING_ATTR, pending)
         except Exception as exc:
             faults.record_failure("sglang_commit", exc)
     return result

@@ -11,8 +11,11 @@ Contract for each request (see ``hooks.marking`` for how blocks are marked):
 - malformed marks: an HTTP 400 ``ErrorResponse`` naming the field, engine untouched;
 - marked: messages rewritten by ``ContextPipeline.rewrite_messages`` (blocks in the
   last user turn, before the question, annotation after the blocks), hints for
-  EngineCore merged into ``request.vllm_xargs`` (keys in ``xargs``), the rendered order
-  committed to the index under the request id;
+  EngineCore merged into ``request.vllm_xargs`` (keys in ``hooks.hintkeys``), the
+  rendered order indexed under the request id; the conversation's dedup history and
+  the counters are committed only once vLLM accepts the request, and the index path
+  is dropped again if it does not (``hooks.acceptance``). Dedup is scoped by tenant
+  (``hooks.tenant``: Authorization header, ``cache_salt``, ``user``);
 - any failure of ours: counted as ``hook_failures{hook="chat_rewrite"}``, the blocks
   are rendered plainly in their given order (nothing lost), else the request is left
   as it came.
@@ -22,10 +25,11 @@ from __future__ import annotations
 from typing import Any
 
 from .. import faults, ledger, metrics, runtime
+from ..acceptance import PendingCommit
 from ..marking import InvalidBlocks, Marks, fallback_messages, find_marks, prefix_tokens
-from ..tokenratio import TokenRatio
-from . import xargs
+from ..tenant import tenant_of_request
 from .serving_patch import MethodPatch
+from .staging import stage
 
 HOOK = "chat_rewrite"
 MODULES = ("vllm.entrypoints.openai.chat_completion.serving",  # 0.31+
@@ -49,64 +53,24 @@ def _headers(raw_request: Any) -> Any:
     return getattr(raw_request, "headers", None) if raw_request is not None else None
 
 
-def request_id_for(prefix: str, request: Any, raw_request: Any) -> str:
-    """The id vLLM will give the request (X-Request-Id header, else request.request_id)."""
-    headers = _headers(raw_request)
-    rid = None
-    if headers is not None:
-        try:
-            rid = headers.get("X-Request-Id")
-        except Exception:
-            rid = None
-    if rid is None:
-        rid = getattr(request, "request_id", None) or ""
-    return f"{prefix}{rid}"
-
-
-token_ratio = TokenRatio()
-
-
-def tokenizer_of(serving: Any) -> Any:
-    """The serving object's tokenizer (0.31+: ``renderer.tokenizer``; older: ``tokenizer``)."""
-    renderer = getattr(serving, "renderer", None)
-    tok = getattr(renderer, "tokenizer", None) if renderer is not None else None
-    return tok if tok is not None else getattr(serving, "tokenizer", None)
-
-
-def _count(prep: Any, n_blocks: int) -> None:
-    metrics.inc("requests_rewritten")
-    moved = sum(1 for pos, i in enumerate(prep.order) if pos != i)
-    if moved:
-        metrics.inc("blocks_reordered", moved)
-    if prep.tokens_saved:
-        metrics.inc("dedup_tokens_saved", prep.tokens_saved)
-    if n_blocks > runtime.config().max_blocks_per_request:
-        metrics.inc("requests_passed_through")
-
-
-def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | None:
-    """Rewrite ``request`` in place; return an error message for a 400, else None."""
+def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
+    """Rewrite ``request`` in place; an error message for a 400, the pending commit of
+    a rewritten request (settled by ``serving_patch`` from the engine's answer), else None."""
     marks: Marks | None = None
     try:
         faults.check_fault(HOOK)
         marks = find_marks(getattr(request, "model_extra", None), request.messages, _headers(raw_request))
         if marks is None:
             return None
-        pipe = runtime.pipeline()
-        tenant = getattr(request, "cache_salt", None) or ""
-        messages, prep = pipe.rewrite_messages(marks.messages, marks.blocks,
-                                               conversation_id=marks.conversation_id, tenant=tenant)
-        rid = request_id_for("chatcmpl-", request, raw_request)
-        base = prefix_tokens(messages)
-        hints = dict(getattr(request, "vllm_xargs", None) or {})
-        token_ratio.observe(tokenizer_of(serving), prep.context_text)
-        hints.update(xargs.build_xargs(prep, rid, base, scale=token_ratio.scale()))
-        pipe.commit(rid, prep, base_offset=base)
+        tenant = tenant_of_request(_headers(raw_request), request)
+        messages, prep = runtime.pipeline().rewrite_messages(
+            marks.messages, marks.blocks, conversation_id=marks.conversation_id, tenant=tenant)
+        hints, pending = stage(HOOK, request, raw_request, serving, prep, "chatcmpl-",
+                               prefix_tokens(messages), len(marks.blocks))
         # Assign last, together: a failure above leaves the request as it came.
         request.messages = messages
         request.vllm_xargs = hints
-        _count(prep, len(marks.blocks))
-        return None
+        return pending
     except InvalidBlocks as exc:
         metrics.inc("requests_rejected")
         return f"cp_engine: {exc}"

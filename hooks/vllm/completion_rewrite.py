@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from .. import faults, ledger, metrics, runtime
+from ..acceptance import PendingCommit
 from ..marking import BLOCKS_FIELD, InvalidBlocks
-from . import xargs
+from ..tenant import tenant_of_request
 from .serving_patch import MethodPatch
-from .chat_rewrite import _count, request_id_for, token_ratio, tokenizer_of
+from .staging import stage
 
 HOOK = "completion_rewrite"
 MODULES = ("vllm.entrypoints.openai.completion.serving", "vllm.entrypoints.openai.serving_completion")
@@ -32,7 +33,8 @@ PATCH = ledger.register(ledger.Patch(
 ))
 
 
-def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | None:
+def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
+    """Same return contract as ``chat_rewrite.rewrite``."""
     try:
         faults.check_fault(HOOK)
         extra = getattr(request, "model_extra", None) or {}
@@ -47,19 +49,14 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         if not isinstance(prompt, str):
             metrics.inc("requests_passed_through")
             return None
-        pipe = runtime.pipeline()
-        prep = pipe.prepare(blocks, conversation_id=None, tenant=getattr(request, "cache_salt", None) or "",
-                            namespace="completion")
-        rid = request_id_for("cmpl-", request, raw_request)
-        hints = dict(getattr(request, "vllm_xargs", None) or {})
-        token_ratio.observe(tokenizer_of(serving), prep.context_text)
-        hints.update(xargs.build_xargs(prep, rid, 0, scale=token_ratio.scale()))
+        headers = getattr(raw_request, "headers", None) if raw_request is not None else None
+        prep = runtime.pipeline().prepare(blocks, conversation_id=None, namespace="completion",
+                                          tenant=tenant_of_request(headers, request))
         new_prompt = f"{prep.context_text}\n\n{prompt}" if prompt else prep.context_text
-        pipe.commit(rid, prep, base_offset=0)
+        hints, pending = stage(HOOK, request, raw_request, serving, prep, "cmpl-", 0, len(blocks))
         request.prompt = new_prompt
         request.vllm_xargs = hints
-        _count(prep, len(blocks))
-        return None
+        return pending
     except InvalidBlocks as exc:
         metrics.inc("requests_rejected")
         return f"cp_engine: {exc}"

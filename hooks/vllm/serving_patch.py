@@ -3,8 +3,18 @@
 
 ``rewrite(request, raw_request, serving)`` (``serving`` is the wrapped method's
 instance) returns an error message (the wrapper answers it with the serving
-object's own 400 ``create_error_response``) or None (call through). Arguments are
-bound by name; a binding failure is counted and the request goes through untouched.
+object's own 400 ``create_error_response``), None (call through), or a
+``hooks.acceptance.PendingCommit`` (call through, then settle it from vLLM's answer):
+
+- an ``ErrorResponse`` (vLLM's own 400s: prompt or ``max_tokens`` beyond the model
+  length, bad sampling parameters, ...) or an exception → ``reject()``;
+- a full response → ``accept()``;
+- a stream → ``accept()`` when its first chunk is a normal one, ``reject()`` when it
+  is an error event or the stream ends or is closed before any chunk; chunks pass
+  through unchanged and closing our stream closes vLLM's (so a client disconnect
+  still aborts the request).
+Arguments are bound by name; a binding failure is counted and the request goes
+through untouched.
 """
 from __future__ import annotations
 
@@ -13,9 +23,10 @@ import sys
 from typing import Any, Callable, Sequence
 
 from .. import faults
+from ..acceptance import PendingCommit, accept_on_first_chunk
 from ..wrapping import bind_args, unwrap_method, wrap_method
 
-Rewrite = Callable[[Any, Any, Any], "str | None"]
+Rewrite = Callable[[Any, Any, Any], "str | PendingCommit | None"]
 
 
 def find_class(modules: Sequence[str], cls_name: str, method: str) -> type | None:
@@ -33,6 +44,22 @@ def find_class(modules: Sequence[str], cls_name: str, method: str) -> type | Non
     return None
 
 
+def is_error_response(result: Any) -> bool:
+    """vLLM's ``ErrorResponse`` (matched by class name: its module moved between releases)."""
+    return any(c.__name__ == "ErrorResponse" for c in type(result).__mro__)
+
+
+def settle(pending: PendingCommit, result: Any) -> Any:
+    """Accept/reject ``pending`` from ``result`` (see module docs); returns what to answer."""
+    if is_error_response(result):
+        pending.reject()
+        return result
+    if hasattr(result, "__aiter__"):  # a stream of SSE chunks
+        return accept_on_first_chunk(result, pending)
+    pending.accept()
+    return result
+
+
 def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
     async def call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         request = raw_request = None
@@ -42,11 +69,21 @@ def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
             raw_request = bound.arguments.get("raw_request")
         except Exception as exc:  # signature drifted: never block the request
             faults.record_failure(hook, exc)
-        if request is not None:
-            error = rewrite(request, raw_request, instance)
-            if error is not None:
-                return instance.create_error_response(error)
-        return await wrapped(*args, **kwargs)
+        outcome = rewrite(request, raw_request, instance) if request is not None else None
+        if isinstance(outcome, str):
+            return instance.create_error_response(outcome)
+        if outcome is None:
+            return await wrapped(*args, **kwargs)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException:
+            outcome.reject()  # raised inside vLLM: it never ran the request
+            raise
+        try:
+            return settle(outcome, result)
+        except Exception as exc:  # fail open: vLLM's answer goes out as it is
+            faults.record_failure(outcome.hook, exc)
+            return result
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         return call(wrapped, instance, args, kwargs)

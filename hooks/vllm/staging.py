@@ -1,0 +1,58 @@
+"""What the chat and completion rewrites share once a request's blocks are prepared:
+its request id, the EngineCore hints, and the pending commit.
+
+Contract of ``stage(hook, request, raw_request, serving, prep, rid_prefix, base, n_blocks)``:
+returns ``(hints, pending)`` where ``hints`` is the request's own ``vllm_xargs``
+merged with ours (``hooks.hintkeys``; the caller assigns it together with the new
+prompt) and ``pending`` a ``hooks.acceptance.PendingCommit`` that has indexed the
+rendered order; the wrapper (``serving_patch``) accepts or rejects it from the
+engine's answer. Raises on failure, before anything is recorded, so the caller's
+fail-open path sees an untouched pipeline.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import hintkeys, runtime
+from ..acceptance import PendingCommit
+from ..tokenratio import TokenRatio
+
+__all__ = ["request_id_for", "tokenizer_of", "token_ratio", "stage"]
+
+token_ratio = TokenRatio()
+
+
+def _headers(raw_request: Any) -> Any:
+    return getattr(raw_request, "headers", None) if raw_request is not None else None
+
+
+def request_id_for(prefix: str, request: Any, raw_request: Any) -> str:
+    """The id vLLM will give the request (X-Request-Id header, else request.request_id)."""
+    headers = _headers(raw_request)
+    rid = None
+    if headers is not None:
+        try:
+            rid = headers.get("X-Request-Id")
+        except Exception:
+            rid = None
+    if rid is None:
+        rid = getattr(request, "request_id", None) or ""
+    return f"{prefix}{rid}"
+
+
+def tokenizer_of(serving: Any) -> Any:
+    """The serving object's tokenizer (0.31+: ``renderer.tokenizer``; older: ``tokenizer``)."""
+    renderer = getattr(serving, "renderer", None)
+    tok = getattr(renderer, "tokenizer", None) if renderer is not None else None
+    return tok if tok is not None else getattr(serving, "tokenizer", None)
+
+
+def stage(hook: str, request: Any, raw_request: Any, serving: Any, prep: Any, rid_prefix: str,
+          base: int, n_blocks: int) -> tuple[dict, PendingCommit]:
+    rid = request_id_for(rid_prefix, request, raw_request)
+    hints = dict(getattr(request, "vllm_xargs", None) or {})
+    token_ratio.observe(tokenizer_of(serving), prep.context_text)
+    hints.update(hintkeys.build_xargs(prep, rid, base, scale=token_ratio.scale()))
+    pending = PendingCommit(f"{hook}.commit", runtime.pipeline(), rid, prep, base, n_blocks,
+                            runtime.config().max_blocks_per_request)
+    return hints, pending
