@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 __all__ = ["COUNTERS", "inc", "value", "snapshot", "merge", "reset", "export_prometheus"]
 
-# name -> help text; the names every adapter uses.
+# name -> help text; every name the hooks increment must be here (tests/test_hooks_metrics.py
+# scans hooks/ for metrics.inc calls), so /metrics documents each counter.
 COUNTERS: dict[str, str] = {
     "requests_rewritten": "Requests whose context blocks cp_engine rendered into the prompt.",
     "blocks_reordered": "Context blocks rendered at a position other than their given one.",
@@ -27,6 +28,18 @@ COUNTERS: dict[str, str] = {
     "hook_failures": "Plugin hook calls that failed open (engine behaviour unchanged).",
     "requests_rejected": "Requests rejected with HTTP 400 for malformed context fields.",
     "requests_passed_through": "Marked requests passed through unmodified (over limits).",
+    "requests_rolled_back": "Rewritten requests the engine rejected; their index path was dropped, "
+                            "their dedup history never committed.",
+    "cache_resets_applied": "Engine prefix-cache resets applied to the context index (index emptied).",
+    "evictions_sent": "Prefix evictions EngineCore sent to the API server's context index.",
+    "evictions_untracked": "Requests whose evictions cannot be mapped to the index (salted or "
+                           "extra-keyed prompts); their prefixes age out of the index instead.",
+    "queue_pops": "Requests admitted from cp_engine's cache-aware waiting queue.",
+    "queue_reorders": "Scheduler passes in which cp_engine changed the waiting-queue order.",
+    "channel_sent": "Messages the engine process delivered to the local eviction channel.",
+    "channel_dropped": "Channel messages dropped without blocking (no receiver, or receiver full).",
+    "channel_malformed": "Channel messages ignored as malformed (not JSON, wrong shape, too "
+                         "large); nothing is ever unpickled.",
 }
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]
