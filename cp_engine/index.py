@@ -18,6 +18,14 @@ Contracts:
 - At most ``max_nodes`` nodes: beyond that, least recently used requests are
   forgotten (their unshared tails are the engine's least recently used leaves).
 - All public methods are thread-safe.
+
+Kernel path (``kernel_min_requests``): once the index holds that many requests, a
+query is also scored against a packed view of the most recently recorded paths with
+``cp_engine.kernels.topk_overlap`` (metric ``overlap``); the ``KERNEL_CANDIDATES``
+best paths are followed in the trie as far as their blocks are in the query, and the
+deeper of that and the budgeted trie walk wins (same key as the walk: path weight,
+recency, older node). The head is therefore never shorter than the walk's, and equal
+to it whenever the walk is exhaustive. Off by default: see ``KERNEL_MIN_REQUESTS``.
 """
 from __future__ import annotations
 
@@ -30,6 +38,16 @@ from .trie import ROOT, BlockTrie
 
 _NS = "\x00ns"  # namespace nodes are keyed by (_NS, name): never equal to a block id
 
+# Requests held from which best_order also runs the kernel candidate search. None =
+# never. Measured on the 2-core CPU (``python -m benchmarks.bench_online --crossover``,
+# benchmarks/results/online.md): the budgeted trie walk costs the same at every index
+# size, while the NumPy kernel path grows with the index and is slower at every size
+# measured, so the CPU threshold is "never". A GPU run of the same command decides
+# whether the Triton backend earns a threshold; until then the path is opt-in.
+KERNEL_MIN_REQUESTS: int | None = None
+KERNEL_CANDIDATES = 8  # paths taken from the kernel's top-k and followed in the trie
+KERNEL_VIEW_MAX = 100_000  # most recent request paths kept in the packed view
+
 
 @dataclass
 class _Recorded:
@@ -39,14 +57,71 @@ class _Recorded:
     namespace: str
 
 
+def _deepest_contained(trie: BlockTrie, members, start: int, budget: int) -> int:
+    """Deepest node below ``start`` whose path uses only ``members``: the index's walk.
+
+    Same answer as ``BlockTrie.deepest_contained(members, start, budget,
+    prefer=last_use)`` when the budget does not bind (key: path weight, then the more
+    recently used node, then the older node). Cheaper per node, which is what keeps a
+    100k-request index under 1 ms: a child is pushed only if it has children and its
+    subtree can beat the best so far (so ``budget`` counts expansions, not leaves),
+    single-child nodes skip the scan, and a child's key is built only when its weight
+    can win. Tallest subtree first, as there.
+    """
+    height, dweight, children, last_use = trie.height, trie.depth_weight, trie.children, trie.last_use
+    best = start
+    best_w, best_use = dweight[start], last_use[start] if start else 0
+    stack = [start]
+    visited = 0
+    nmembers = len(members)
+    pop, push = stack.pop, stack.append
+    while stack and visited < budget:
+        node = pop()
+        if height[node] < best_w:
+            continue  # nothing below can be deeper than the best so far
+        visited += 1
+        kids = children[node]
+        nk = len(kids)
+        if nk == 1:  # chains are most nodes: no list, no sort
+            for b, c in kids.items():
+                if b not in members:
+                    break
+                w = dweight[c]
+                if w > best_w or (w == best_w and (last_use[c], -c) > (best_use, -best)):
+                    best, best_w, best_use = c, w, last_use[c]
+                if children[c] and height[c] >= best_w:
+                    push(c)
+            continue
+        if nk <= nmembers:
+            found = [c for b, c in kids.items() if b in members]
+        else:
+            found = [c for b in members if (c := kids.get(b)) is not None]
+        if not found:
+            continue
+        for c in found:
+            w = dweight[c]
+            if w > best_w or (w == best_w and (last_use[c], -c) > (best_use, -best)):
+                best, best_w, best_use = c, w, last_use[c]
+        if len(found) > 1:
+            found.sort(key=lambda c: (height[c], -c))
+        for c in found:
+            if children[c] and height[c] >= best_w:
+                push(c)
+    return best
+
+
 class ContextIndex:
     def __init__(self, max_nodes: int = 200_000, max_tracked_blocks: int = 1_000_000,
-                 search_budget: int = 256):
+                 search_budget: int = 128, kernel_min_requests: int | None = KERNEL_MIN_REQUESTS,
+                 kernel_backend: str | None = None):
         if max_nodes < 1:
             raise ValueError("max_nodes must be >= 1")
         self.max_nodes = max_nodes
-        # Nodes a query may visit: bounds latency on bushy tries (many orders of the
-        # same popular blocks); 256 lost <0.3% of hits in a 21k-request Zipf replay.
+        # Nodes a query may expand: bounds latency on bushy tries (many orders of the
+        # same popular blocks). 128, measured with 100k indexed zipf requests
+        # (`nice -n 5 python -m benchmarks.bench_online --workloads zipf --configs all
+        # --budget 128|256`, benchmarks/results/online.md): prefix hit 0.380 vs 0.381
+        # at 256, query CPU-time p99 0.98 vs 1.90 ms on the shared 2-core machine.
         self.search_budget = search_budget
         self._trie = BlockTrie()
         self._requests: OrderedDict[Hashable, _Recorded] = OrderedDict()
@@ -55,6 +130,11 @@ class ContextIndex:
         self._clock = 0
         self._lock = threading.RLock()
         self.evicted_nodes = 0
+        self.kernel_min_requests = kernel_min_requests
+        self.kernel_backend = kernel_backend
+        self._view = None  # (PackedLists of recent paths, their request ids)
+        self._view_stale = 0  # records since the view was packed
+        self.kernel_wins = 0  # queries where the kernel found a deeper head (observability)
 
     # -- introspection ---------------------------------------------------------
     def __len__(self) -> int:
@@ -100,13 +180,8 @@ class ContextIndex:
             first_pos: dict[Hashable, int] = {}
             for i, b in enumerate(blocks):
                 first_pos.setdefault(b, i)
-            head: list[int] = []
-            ns = self._trie.children[ROOT].get((_NS, namespace))
-            if ns is not None and first_pos:
-                trie = self._trie
-                node = trie.deepest_contained(first_pos.keys(), start=ns, budget=self.search_budget,
-                                              prefer=trie.last_use.__getitem__)
-                head = [first_pos[b] for b in trie.blocks_to(node)[1:]]
+            node = self._head_node(first_pos, namespace)
+            head = [] if node is None else [first_pos[b] for b in self._trie.blocks_to(node)[1:]]
             taken = set(head)
             freq = self._freq
             rest = sorted((i for i in first_pos.values() if i not in taken),
@@ -116,6 +191,74 @@ class ContextIndex:
             # Repeated blocks: extra copies keep their relative order after the rest.
             order.extend(i for i in range(len(blocks)) if i not in seen)
             return order
+
+    def _head_node(self, first_pos: dict, namespace: str) -> int | None:
+        """Deepest indexed node whose path uses only the query's blocks (lock held)."""
+        ns = self._trie.children[ROOT].get((_NS, namespace))
+        if ns is None or not first_pos:
+            return None
+        node = _deepest_contained(self._trie, first_pos, ns, self.search_budget)
+        if self.kernel_min_requests is not None and len(self._requests) >= self.kernel_min_requests:
+            node = self._kernel_deepest(first_pos, namespace, node)
+        return node
+
+    def _kernel_deepest(self, first_pos: dict, namespace: str, walked: int) -> int:
+        """The deeper of ``walked`` and the nodes reached by following the paths the
+        overlap kernel ranks best (lock held)."""
+        from cp_engine.kernels import pack_lists, topk_overlap
+
+        try:
+            view = self._packed_view()
+            if view is None:
+                return walked
+            packed, rids = view
+            top = topk_overlap(pack_lists([list(first_pos)], vocab=packed.vocab), packed, KERNEL_CANDIDATES,
+                               metric="overlap", backend=self.kernel_backend)
+        except (TypeError, ValueError, OverflowError):
+            return walked  # block ids that are not 64-bit integers: the walk alone answers
+        trie = self._trie
+        last_use, dweight = trie.last_use, trie.depth_weight
+        best, best_key = walked, (dweight[walked], last_use[walked], -walked)
+        for row in top.indices[0]:
+            rec = self._requests.get(rids[row]) if row >= 0 else None
+            if rec is None or rec.namespace != namespace:
+                continue
+            node = None
+            for n, g in zip(rec.nodes[1:], rec.gens[1:]):
+                if not trie.is_live(n) or trie.gen[n] != g or trie.block[n] not in first_pos:
+                    break
+                node = n
+            if node is not None and (dweight[node], last_use[node], -node) > best_key:
+                best, best_key = node, (dweight[node], last_use[node], -node)
+        if best != walked:
+            self.kernel_wins += 1
+        return best
+
+    def _packed_view(self):
+        """Packed block lists of the most recent recorded requests, repacked once a
+        tenth of them changed (stale rows are re-checked against the trie on use)."""
+        if self._view is not None and self._view_stale <= max(256, len(self._view[1]) // 10):
+            return self._view
+        from cp_engine.kernels import pack_lists
+
+        rids, paths = [], []
+        trie = self._trie
+        for rid in reversed(self._requests):
+            rec = self._requests[rid]
+            path = []
+            for n, g in zip(rec.nodes[1:], rec.gens[1:]):
+                if not trie.is_live(n) or trie.gen[n] != g:
+                    break  # evicted from here on
+                path.append(trie.block[n])
+            rids.append(rid)
+            paths.append(path)
+            if len(rids) >= KERNEL_VIEW_MAX:
+                break
+        if not rids:
+            return None
+        self._view = (pack_lists(paths, weights=None), rids)
+        self._view_stale = 0
+        return self._view
 
     # -- updates ---------------------------------------------------------------
     def record(self, request_id: Hashable, ordered_blocks: Sequence[Hashable], namespace: str = "",
@@ -137,6 +280,7 @@ class ContextIndex:
                 pos += n
                 ends.append(pos)
             self._requests[request_id] = _Recorded(nodes, [trie.gen[n] for n in nodes], ends, namespace)
+            self._view_stale += 1
             self._count(ordered_blocks)
             self._trim_locked()
 
@@ -182,6 +326,7 @@ class ContextIndex:
         with self._lock:
             self._trie = BlockTrie()
             self._requests.clear()
+            self._view = None
 
     # -- internals -------------------------------------------------------------
     def _forget_locked(self, request_id: Hashable) -> bool:

@@ -155,10 +155,12 @@ def launch(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self:
         qa, ca = q.set_ids, c.set_ids
     # Distinct pads on both sides (-1 query, -2 candidate) so pads never match.
     q_t = torch.as_tensor(np.ascontiguousarray(qa, np.int32), device=dev)
-    c_t = torch.as_tensor(np.ascontiguousarray(np.where(ca < 0, -2, ca), np.int32), device=dev)
+    # Candidates stay on the device between calls (an online index scores one request
+    # at a time against the same packed view): cached on the PackedLists.
+    c_t = _cached(c, ("c", metric, str(dev)), lambda: np.where(ca < 0, -2, ca), dev)
     qw = torch.as_tensor(np.ascontiguousarray(q.weights, np.int32), device=dev)
     qn = torch.as_tensor(q.set_sizes.astype(np.int32), device=dev)
-    cn = torch.as_tensor(c.set_sizes.astype(np.int32), device=dev)
+    cn = _cached(c, ("cn", str(dev)), lambda: c.set_sizes, dev)
     kp = max(2, triton.next_power_of_2(k))
     splits = splits or _plan(nq, nc, k, block_q, block_c, dev)
     per = triton.cdiv(triton.cdiv(nc, splits), block_c) * block_c
@@ -171,6 +173,14 @@ def launch(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self:
                        METRIC=METRIC_CODE[metric], EXCLUDE_SELF=bool(exclude_self), K=k, KP=kp,
                        BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=num_warps)
     return _merge(out_key.reshape(nq, splits * k), out_idx.reshape(nq, splits * k), k, metric)
+
+
+def _cached(p: PackedLists, key: tuple, make, dev):
+    """int32 device copy of ``make()``, kept in the (immutable) PackedLists' cache."""
+    hit = p._cache.get(key)
+    if hit is None:
+        hit = p._cache[key] = torch.as_tensor(np.ascontiguousarray(make(), np.int32), device=dev)
+    return hit
 
 
 def _merge(keys, idx, k: int, metric: str):

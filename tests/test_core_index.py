@@ -134,3 +134,79 @@ def test_thread_safety_under_concurrent_use():
     assert len(ix) <= 500
     live = [n for n in range(1, len(ix._trie.refs)) if ix._trie.is_live(n)]
     assert all(ix._trie.refs[n] >= 0 for n in live)
+
+
+# ---------------------------------------------------------------- kernel candidate path
+
+def _head_weight(ix, blocks):
+    """Token weight of the head ``best_order`` puts first (the node it aligns to)."""
+    node = ix._head_node(dict.fromkeys(blocks), "")
+    return 0 if node is None else ix._trie.depth_weight[node]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.sampled_from([1, 3, 8, 10**9]), st.sampled_from([6, 25, 60]))
+def test_kernel_path_never_worse_and_identical_when_walk_is_exhaustive(seed, budget, vocab):
+    # Same stream into two indexes, one with the kernel path forced on from the first
+    # request: the head it returns is never lighter than the walk's, and with an
+    # exhaustive walk the orders are identical.
+    rng = random.Random(seed)
+    plain = ContextIndex(search_budget=budget)
+    kern = ContextIndex(search_budget=budget, kernel_min_requests=0, kernel_backend="numpy")
+    for i in range(150):
+        q = rng.sample(range(vocab), rng.randint(1, min(vocab, 12)))
+        lens = [rng.randint(1, 50) for _ in q]
+        a, b = plain.best_order(q), kern.best_order(q)
+        if budget == 10**9:
+            assert a == b
+        assert _head_weight(kern, q) >= _head_weight(plain, q)
+        for ix in (plain, kern):  # both record the plain order: identical index states
+            ix.record(i, [q[j] for j in a], token_lengths=[lens[j] for j in a])
+        if i % 17 == 0:
+            victim = rng.sample(range(vocab), 2)
+            plain.evict_path(victim)
+            kern.evict_path(victim)
+
+
+def test_kernel_path_finds_what_a_tight_budget_misses():
+    ix = ContextIndex(search_budget=1, kernel_min_requests=0, kernel_backend="numpy")
+    for i in range(30):
+        ix.record(f"noise{i}", [100 + i, 1], token_lengths=[1, 1])  # many shallow paths
+    ix.record("deep", [7, 8, 9], token_lengths=[10, 10, 10])
+    query = [9, 8, 7, 1]
+    assert [query[i] for i in ix.best_order(query)][:3] == [7, 8, 9]
+    assert ix.kernel_wins == 1
+    off = ContextIndex(search_budget=1)
+    for i in range(30):
+        off.record(f"noise{i}", [100 + i, 1])
+    off.record("deep", [7, 8, 9])
+    # the one-expansion walk stops at [7]; the most frequent block follows
+    assert [query[i] for i in off.best_order(query)] == [7, 1, 9, 8]
+
+
+def test_kernel_path_skips_non_integer_blocks_and_other_namespaces():
+    ix = ContextIndex(kernel_min_requests=0, kernel_backend="numpy")
+    ix.record("a", ["x", "y"])
+    assert ix.best_order(["y", "x"]) == [1, 0]  # strings: the walk alone answers
+    ix2 = ContextIndex(search_budget=1, kernel_min_requests=0, kernel_backend="numpy")
+    ix2.record("a", [1, 2], namespace="other")
+    ix2.record("b", [5])
+    assert ix2.best_order([2, 1]) == [0, 1]
+    assert ix2.kernel_wins == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6))
+def test_index_walk_equals_trie_search_when_budget_does_not_bind(seed):
+    from cp_engine.index import _deepest_contained
+
+    rng = random.Random(seed)
+    ix = ContextIndex()
+    for i in range(120):
+        q = rng.sample(range(20), rng.randint(1, 8))
+        ix.record(i, [q[j] for j in ix.best_order(q)], token_lengths=[rng.randint(1, 9) for _ in q])
+    trie, ns = ix._trie, ix._trie.children[0][("\x00ns", "")]
+    for _ in range(20):
+        members = dict.fromkeys(rng.sample(range(20), rng.randint(1, 12)))
+        want = trie.deepest_contained(members.keys(), start=ns, budget=10**9, prefer=trie.last_use.__getitem__)
+        assert _deepest_contained(trie, members, ns, 10**9) == want
