@@ -35,7 +35,7 @@ import tempfile
 import threading
 from typing import Any, Callable
 
-from . import metrics
+from . import faults, metrics
 
 __all__ = [
     "MAX_MESSAGE_BYTES", "ChannelError", "Sender", "Receiver", "socket_dir", "socket_path",
@@ -271,12 +271,14 @@ class Receiver:
         if msg is None:
             return
         try:
+            # Fault point "channel": a raise or a stall of this thread; senders never
+            # wait for it (NOBLOCK, bounded queues), so the scheduler is unaffected.
+            faults.check_fault("channel")
             self.apply(msg)
             self.applied += 1
         except Exception as exc:  # the index must never take the thread down
             self.failed += 1
-            metrics.inc("hook_failures", 1, hook="channel_apply")
-            logger.debug("cp_engine channel: apply failed: %r", exc)
+            faults.record_failure("channel_apply", exc)
 
     def _run(self) -> None:
         import zmq

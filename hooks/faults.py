@@ -10,6 +10,12 @@ Contract:
   ``default`` instead of raising. Neither ever raises (``BaseException`` such as
   ``KeyboardInterrupt`` is not swallowed).
 - ``check_fault(hook)`` applies the switch; call it first thing inside a guarded body.
+  A hang is logged once per hook (tests read the log to see the fault was reached).
+- fault points (``docs/reliability.md``): ``chat_rewrite``, ``completion_rewrite``
+  (API-server prompt rewrite), ``index`` (every call into the API server's pipeline),
+  ``channel`` (the API-server receiver, per message), ``vllm_queue`` (EngineCore's
+  waiting-queue key), ``vllm_eviction`` (EngineCore's eviction capture),
+  ``bootstrap.<engine>``, ``install.<component>``; SGLang's ``sglang_*`` names.
 """
 from __future__ import annotations
 
@@ -72,6 +78,7 @@ def check_fault(hook: str) -> None:
     hang = faults[hook]
     if hang is None:
         raise InjectedFault(f"CP_ENGINE_FAULT injected a failure into hook {hook!r}")
+    log_once(f"hang:{hook}", "cp_engine: CP_ENGINE_FAULT hangs hook %r for %.1f s per call", hook, hang)
     time.sleep(hang)
 
 

@@ -6,7 +6,8 @@ Contract:
 - ``pipeline()``: one ``ContextPipeline`` per process (the API server's index), built
   on first use; every method call on it is serialised by one lock, because the
   eviction receiver thread (and SGLang's thread-pool chat path) use it concurrently
-  with the request path; ``pipeline().unwrapped`` is the plain object;
+  with the request path; ``pipeline().unwrapped`` is the plain object; each call
+  passes the ``index`` fault point (``hooks.faults``);
 - ``instance_id()``: the name of this server instance for the local eviction channel.
   The first process that asks (the API server, before it spawns EngineCore) picks a
   fresh id and stores it with its pid in ``CP_ENGINE_INSTANCE``; children inherit the
@@ -20,6 +21,8 @@ import os
 import secrets
 import threading
 from typing import Any
+
+from . import faults
 
 __all__ = ["config", "pipeline", "instance_id", "reset_for_tests", "INSTANCE_ENV"]
 
@@ -61,6 +64,7 @@ class LockedPipeline:
 
         def locked(*args: Any, **kwargs: Any) -> Any:
             with lock:
+                faults.check_fault("index")  # test switch: the index raises or stalls
                 return attr(*args, **kwargs)
 
         return locked

@@ -4,7 +4,8 @@ Patched symbol: ``OpenAIServingCompletion.create_completion(request, raw_request
 A string ``prompt`` with ``context_blocks`` becomes ``context_text + "\\n\\n" + prompt``
 (reordered and annotated; no per-conversation dedup: a completion prompt carries no
 history the reference hints could point to). Lists of prompts or token ids pass through
-unchanged (counted in ``requests_passed_through``). Same 400 / fail-open rules as chat.
+unchanged (counted in ``requests_passed_through``). Same 400 / fail-open rules as chat
+(a failed rewrite still puts the blocks, in given order, before the prompt).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ PATCH = ledger.register(ledger.Patch(
 
 def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
     """Same return contract as ``chat_rewrite.rewrite``."""
+    original_prompt = getattr(request, "prompt", None)
     try:
         faults.check_fault(HOOK)
         extra = getattr(request, "model_extra", None) or {}
@@ -62,7 +64,21 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         return f"cp_engine: {exc}"
     except Exception as exc:
         faults.record_failure(HOOK, exc)
+        _fallback(request, original_prompt)
         return None
+
+
+def _fallback(request: Any, prompt: Any) -> None:
+    """After a failure: the blocks plainly, in given order, before the prompt (as chat
+    does, and as the flags-off pipeline renders them), so no context is lost."""
+    try:
+        blocks = (getattr(request, "model_extra", None) or {}).get(BLOCKS_FIELD)
+        if isinstance(blocks, list) and blocks and all(isinstance(b, str) for b in blocks) \
+                and isinstance(prompt, str):
+            text = "\n\n".join(blocks)
+            request.prompt = f"{text}\n\n{prompt}" if prompt else text
+    except Exception:
+        pass
 
 
 _PATCH = MethodPatch(HOOK, MODULES, CLASS, METHOD, rewrite)
