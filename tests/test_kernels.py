@@ -194,6 +194,14 @@ def test_memory_stays_bounded_by_tiles(monkeypatch):
     tracemalloc.stop()
     assert (idx >= 0).all()
     assert peak < 3000 * 3000 * 8 / 4
+    # the planner's entry point (weighted overlap) streams the same way
+    monkeypatch.setattr(R, "PAIR_BUDGET", 1 << 15)
+    lists = np.sort(rng.integers(0, 400, (3000, 15)), axis=1).tolist()
+    tracemalloc.start()
+    idx, _ = K.partner_candidates(lists, 8, weights=rng.integers(1, 100, 400), backend="numpy")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert (idx >= 0).all() and peak < 3000 * 3000 * 8 / 4
 
 
 # ---------------------------------------------------------------- backend selection
