@@ -4,6 +4,8 @@ vs the Triton kernel (GPU only), with the two floors of each size.
     python -m benchmarks.bench_kernels                       # CPU table (a few minutes)
     python -m benchmarks.bench_kernels --gpu --sizes 1000,10000,100000   # on a CUDA GPU
     python -m benchmarks.bench_kernels --crossover --workloads ''   # call-site thresholds only
+    python -m benchmarks.bench_kernels --quick                   # CPU sizes 1k–5k, a minute or two
+    python -m benchmarks.bench_kernels --partners 5000,100000 --workloads uniform,zipf  # planner entry
 
 Workloads (N queries scored against M = N candidates, self-join, exclude_self, k=16):
 - ``zipf``: the peer's synthetic RAG workload (corpus 2,000 docs, Zipf s=1.0, 10–20
@@ -15,6 +17,9 @@ Columns: ``numpy`` = cp_engine.kernels NumPy reference (inverted index, tiles);
 matrix, computed tile by tile with all-pairs position compares, then a top-k per row
 (skipped where the matrix would not fit, see --peer-max); ``triton`` = the Triton
 kernel, ``triton.testing.do_bench`` median (GPU only).
+``--partners``: ``partner_candidates`` (the planner's entry point: self-join, k=16,
+per-block token weights 50–500, raw lists in, packing included) in lists per second,
+NumPy backend (Triton with ``--gpu``; wall time including copies and the merge).
 Floors (METHOD.md): bytes = inputs read once + outputs written once, over measured copy
 bandwidth; arithmetic = the operations the algorithm must do over the measured rate:
 shared postings P (one pass per pair) for NumPy, N·M·Lq·Lc compare-adds for the
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp_engine.kernels import pack_lists, topk_overlap
+from cp_engine.kernels import pack_lists, partner_candidates, topk_overlap
 from cp_engine.kernels.reference import _postings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -256,6 +261,29 @@ def crossover(ceiling_s: float = 0.5) -> list[dict]:
     return rows
 
 
+def partners(sizes: list[int], workloads: list[str], budget_s: float, backend: str = "numpy") -> list[dict]:
+    """partner_candidates throughput; a size is skipped once the previous one of its
+    workload, scaled by the measured growth, would exceed ``budget_s``."""
+    rows = []
+    for name in workloads:
+        prev = None
+        for n in sizes:
+            if prev is not None:
+                growth = (n / prev["n"]) ** (2 if name == "zipf" else 1)  # zipf pairs grow as N²
+                if prev["seconds"] * growth > budget_s:
+                    rows.append({"workload": name, "n": n, "skipped": f"estimated {prev['seconds'] * growth:.0f} s"})
+                    print(f"partners {name:8s} N={n:7d}  skipped (estimated {prev['seconds'] * growth:.0f} s "
+                          f"> --budget-s)", flush=True)
+                    continue
+            lists = WORKLOADS[name](n)
+            table = np.random.default_rng(1).integers(50, 501, max(max(r) for r in lists if r) + 1)
+            secs = time_cpu(lambda: partner_candidates(lists, K, weights=table, backend=backend), repeat=2)
+            prev = {"workload": name, "n": n, "k": K, "backend": backend, "seconds": secs, "lists_per_s": n / secs}
+            rows.append(prev)
+            print(f"partners {name:8s} N={n:7d}  {secs:9.3f} s  {n / secs:12,.0f} lists/s", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,2000,5000,10000,20000,50000,100000")
@@ -266,8 +294,12 @@ def main(argv=None) -> int:
     ap.add_argument("--zipf-max", type=int, default=20000, help="largest N for the zipf workload on CPU")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop timing NumPy after this much time")
     ap.add_argument("--crossover", action="store_true", help="measure call-site thresholds vs a Python loop")
+    ap.add_argument("--quick", action="store_true", help="CPU sizes 1k-5k only (peer at 1k)")
+    ap.add_argument("--partners", default="", help="sizes for partner_candidates throughput, e.g. 5000,100000")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.peer_max, args.budget_s = "1000,2000,5000", 1000, 60.0
     device = "cpu"
     ceil = cpu_ceilings()
     if args.gpu:
@@ -278,7 +310,14 @@ def main(argv=None) -> int:
               "k": K, "metric": args.metric, "rows": []}
     if args.crossover:
         result["crossover"] = crossover()
+    if args.partners:
+        result["partners"] = partners([int(x) for x in args.partners.split(",")],
+                                       list(filter(None, args.workloads.split(","))), args.budget_s * 4,
+                                       backend="triton" if args.gpu else "numpy")
+        args.workloads = ""  # partners only
     started = time.perf_counter()
+    if args.workloads and not args.gpu:
+        print("triton: GPU only (run with --gpu on a CUDA device); '-' below", flush=True)
     for name in filter(None, args.workloads.split(",")):
         for n in map(int, args.sizes.split(",")):
             numpy_ok = not (name == "zipf" and n > args.zipf_max) and time.perf_counter() - started < args.budget_s
@@ -295,7 +334,8 @@ def main(argv=None) -> int:
             print(f"{name:8s} N=M={n:7d}  floor_bw={row['floor_bw_s']*1e3:9.3f} ms  "
                   f"floor_arith={row['floor_arith_s']*1e3:10.2f} ms  {cols}  gap={t/floor:.1f}x", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"kernels_{device}.json"
+    suffix = "_partners" if args.partners else "_quick" if args.quick else ""
+    out = Path(args.out) if args.out else RESULTS / f"kernels_{device}{suffix}.json"
     out.write_text(json.dumps(result, indent=1))
     print("wrote", out)
     return 0
