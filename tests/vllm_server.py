@@ -12,6 +12,16 @@ def post_chat(srv: VllmServer, messages: list, headers: dict | None = None, **ex
     return srv.post("/v1/chat/completions", body, headers=headers)
 
 
+# Starting a server takes 20-80 s on an idle 2-core machine; on a shared one it has
+# taken over 300 s, so the live hooks/security/restart tests wait this long.
+START_TIMEOUT_S = 900.0
+
+
+def started(srv: VllmServer) -> VllmServer:
+    """``srv`` started with the patient timeout (use as ``with started(VllmServer(...))``)."""
+    return srv.start(timeout=START_TIMEOUT_S)
+
+
 def module_server(env: dict | None = None):
     """A module-scoped pytest fixture: one plugin-on server (tiny model) for the module,
     skipped where vLLM is not installed. Use as ``srv = module_server()``."""
@@ -21,7 +31,7 @@ def module_server(env: dict | None = None):
     def srv():
         if not vllm_available():
             pytest.skip("vllm not installed")
-        with VllmServer(tiny_model_dir(), env=env) as s:
+        with started(VllmServer(tiny_model_dir(), env=env)) as s:
             yield s
 
     return srv
