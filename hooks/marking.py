@@ -99,6 +99,9 @@ def find_marks(extra: Mapping[str, Any] | None, messages: Any,
         blocks = validate_blocks(extra[BLOCKS_FIELD])
         if not blocks:
             return None
+        if messages is not None and not isinstance(messages, (list, tuple)):
+            # Engines validate messages themselves; a caller that did not gets a 400 here.
+            raise InvalidBlocks(f"messages must be a list of objects, got {type(messages).__name__}")
         return Marks(blocks, _conversation(extra, headers), list(messages or []), "field")
     if isinstance(messages, list):
         found = _part_blocks(messages)
