@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cp_engine.annotate import labels_for, parse_annotation, render_annotation
+from cp_engine.annotate import ANNOTATION_HEAD, labels_for, parse_annotation, render_annotation
 from cp_engine.blocks import block_id, short_label
 from cp_engine.config import Config
 from cp_engine.dedup import Deduplicator
@@ -26,7 +26,21 @@ def test_labels_lengthen_on_collision():
     b = 0x1234567800000002
     labels = labels_for([a, b])
     assert labels[a] != labels[b] and len(labels[a]) == 16
-    assert labels_for([a])[a] == short_label(a)
+    assert labels_for([a])[a] == short_label(a, 4)
+    c, d = 0x1234000000000001, 0x1234ffff00000001  # same first 4 hex digits only
+    e = 0x5678000000000001
+    both = labels_for([c, d, e])
+    assert (both[c], both[d], both[e]) == (short_label(c, 8), short_label(d, 8), short_label(e, 4))
+
+
+def test_rendering_is_compact():
+    # Sent on every request and never cached: keep labels and ranking short.
+    ids = [block_id(f"block {i}") for i in range(15)]
+    labels = labels_for(ids)
+    annotation = render_annotation([labels[b] for b in ids])
+    assert all(len(lab) == 4 for lab in labels.values())
+    assert "[Doc" not in annotation
+    assert len(annotation) <= len(ANNOTATION_HEAD) + 50 + 7 * len(ids)
 
 
 @given(st.lists(st.lists(st.integers(0, 20), max_size=8), max_size=6))
@@ -103,7 +117,7 @@ def test_reorder_aligns_with_indexed_prefix():
     p.commit(1, prep1)
     out2, prep2 = p.rewrite_messages([{"role": "user", "content": "q2"}], ["c", "b", "a"])
     assert prep2.block_ids == prep1.block_ids
-    ctx1 = out1[0]["content"].split("Relevance ranking")[0]
+    ctx1 = out1[0]["content"].split(ANNOTATION_HEAD)[0]
     assert out2[0]["content"].startswith(ctx1)
 
 
