@@ -4,9 +4,8 @@
     python scripts/readme_sections.py          # rewrite README.md in place
     python scripts/readme_sections.py --check  # exit 1 when README.md is out of date
 
-Sections: ``flags`` (from ``cp_engine.config.markdown_table()``, so the table cannot
-drift from the code) and ``results`` / ``bench`` (from ``benchmarks/results/summary.md``
-when present: the headline table and the per-benchmark commands).
+Section ``flags``: the table from ``cp_engine.config.markdown_table()``, so README's
+flag table cannot drift from the code.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-SUMMARY = ROOT / "benchmarks" / "results" / "summary.md"
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -26,30 +24,12 @@ def replace_section(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(3), text)
 
 
-def summary_parts() -> dict[str, str]:
-    """``## Results`` and ``## Commands`` parts of summary.md, keyed results/bench."""
-    if not SUMMARY.exists():
-        return {}
-    text = SUMMARY.read_text()
-    parts = {}
-    for key, heading in (("results", "## Results"), ("bench", "## Commands")):
-        start = text.find(heading)
-        if start >= 0:
-            end = text.find("\n## ", start + len(heading))
-            parts[key] = text[start:end if end >= 0 else None].strip() + "\n"
-    if "bench" in parts:  # the README has its own "## Benchmarks" heading
-        parts["bench"] = parts["bench"].split("\n", 1)[1].lstrip("\n")
-    return parts
-
-
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from cp_engine.config import markdown_table
 
     old = README.read_text()
     new = replace_section(old, "flags", markdown_table())
-    for key, body in summary_parts().items():
-        new = replace_section(new, key, body)
     if "--check" in (argv or sys.argv[1:]):
         return 0 if new == old else 1
     README.write_text(new)
