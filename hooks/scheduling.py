@@ -39,7 +39,9 @@ __all__ = ["KERNEL_MIN_WAITING", "PrefixScheduler", "schedule_order", "chained_k
 # Measured (``python -m benchmarks.bench_queue --kernel``, benchmarks/results/kernels.md):
 # on the 2-core CPU the kernel path is slower at every length from 64 to 50,000 waiting
 # requests: turning hashable key parts into dense ids alone costs more than the whole
-# pure-Python walk. A GPU run of the same command would set a GPU value; none was run.
+# pure-Python walk. On a GPU it would not change: the path asks for every key's score
+# (k = queue length) and the Triton kernel keeps at most MAX_K = 128 per query, so auto
+# stays on NumPy there too; a score-all kernel would be needed first.
 KERNEL_MIN_WAITING: int | None = None
 
 
