@@ -18,7 +18,7 @@ def test_checks_flag_growth_and_errors():
                 "nodes": 10 * t, "refs_negative": 0, "unowned": 0} for t in range(0, 40, 5)]
     side = {"errors": 1, "duration_s": 40, "samples": samples, "plugin": True}
     c = soak.checks(side, index_limit=100)
-    assert not c["errors"] and not c["no_fd_growth"] and c["no_thread_growth"]
+    assert not c["no_errors"] and not c["no_fd_growth"] and c["no_thread_growth"]
     assert not c["index_bounded"] and not c["index_flat"] and not c["ok"]
 
 
