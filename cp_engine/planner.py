@@ -22,9 +22,11 @@ No N×N matrix is built: work is proportional to the total number of blocks.
 """
 from __future__ import annotations
 
+import glob
 import heapq
-from collections import Counter, defaultdict
 import itertools
+import os
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Sequence
 
@@ -361,7 +363,16 @@ def _knn_partners(sets: list[list[int]], w: list[float]):
     return idx
 
 
+def _gpu_device_present() -> bool:
+    """A GPU device node exists (NVIDIA or AMD): checked before anything imports torch,
+    which alone costs seconds and hundreds of MB on a CPU-only planner run."""
+    return (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")
+            or bool(glob.glob("/dev/nvidia[0-9]*")))
+
+
 def _gpu_kernel_available(n: int) -> bool:
+    if not _gpu_device_present():
+        return False
     try:
         from .kernels.backend import choose_backend
 

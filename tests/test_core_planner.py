@@ -198,3 +198,22 @@ def test_auto_uses_postings_without_a_gpu():
 def test_unknown_partner_search_rejected():
     with pytest.raises(ValueError, match="partners"):
         plan_batch([[1]], partners="magic")
+
+
+def test_cpu_planning_never_imports_torch():
+    # The GPU probe must not cost a torch import (seconds, hundreds of MB) without a GPU.
+    import subprocess
+    import sys
+    from cp_engine.planner import _gpu_device_present
+    if _gpu_device_present():
+        pytest.skip("GPU device present")
+    code = ("import random, sys\n"
+            "from cp_engine.planner import plan_batch\n"
+            "rng = random.Random(0)\n"
+            # ten blocks in every request: hot enough that the kNN path is considered
+            "ctx = [list(range(10)) + rng.sample(range(10, 3000), 5) for _ in range(2100)]\n"
+            "plan_batch(ctx)\n"
+            "print('torch' in sys.modules, 'triton' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
