@@ -5,7 +5,7 @@ position, so the same block renders to the same text in every request and shared
 blocks form byte-identical (hence token-identical) prompt prefixes.
 
 The annotation lists the labels of the distinct blocks in their original
-(retrieval/importance) order. It goes AFTER the blocks: a per-request text in front
+(retrieval/importance) order; callers add it only when the rendered order differs. It goes AFTER the blocks: a per-request text in front
 of them would break the shared prefix. ``parse_annotation`` recovers the order
 exactly; repeated blocks appear once, at their first original position.
 

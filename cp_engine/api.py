@@ -102,7 +102,9 @@ def render_planned(blocks: Sequence[str], planned: Sequence[str], annotate: bool
         if b not in seen:
             parts.append(render_block(labels[b], text))
             seen.add(b)
-    if annotate and len(seen) > 1:
+    original = list(dict.fromkeys(ids))
+    # Only a changed order needs stating (see ContextPipeline.prepare).
+    if annotate and len(seen) > 1 and list(dict.fromkeys(block_id(t) for t in planned)) != original:
         parts.append(render_annotation([labels[b] for b in ids]))
     return "\n\n".join(parts)
 

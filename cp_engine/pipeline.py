@@ -119,7 +119,9 @@ class ContextPipeline:
             if not is_full:
                 saved += max(0, estimate_tokens(render_block(label, texts[i])) - n)
         reordered = order != list(range(len(order)))
-        if cfg.annotate and cfg.reorder and not plain and len(set(ids)) > 1:
+        # The annotation restates the original order; when the blocks go out in that
+        # order it says nothing, and on a 0.5B model it cost answer F1 (quality.md).
+        if cfg.annotate and cfg.reorder and not plain and reordered and len(set(ids)) > 1:
             parts.append(render_annotation([labels[b] for b in ids]))
         first = f"{rendered_ids[0]:016x}" if rendered_ids else ""
         return Prepared(

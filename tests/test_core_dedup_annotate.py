@@ -92,8 +92,10 @@ def test_pipeline_round_trip_multi_turn(turn_blocks):
         for b in set(ids):
             assert f"[Doc {labels[b]}]\n" in shown  # shown in full somewhere in the prompt
         last = out[-1]["content"]
-        if len(set(ids)) > 1:
+        if len(set(ids)) > 1 and prep.order != list(range(len(blocks))):
             assert parse_annotation(last) == [labels[b] for b in dict.fromkeys(ids)]
+        else:  # sent in the original order: nothing to state
+            assert parse_annotation(last) == []
         assert sorted(prep.order) == list(range(len(blocks)))
         history = out[:-1] + [messages[-1], {"role": "assistant", "content": f"answer {t}"}]
 
@@ -117,7 +119,7 @@ def test_reorder_aligns_with_indexed_prefix():
     p.commit(1, prep1)
     out2, prep2 = p.rewrite_messages([{"role": "user", "content": "q2"}], ["c", "b", "a"])
     assert prep2.block_ids == prep1.block_ids
-    ctx1 = out1[0]["content"].split(ANNOTATION_HEAD)[0]
+    ctx1 = prep1.context_text.split(ANNOTATION_HEAD)[0]
     assert out2[0]["content"].startswith(ctx1)
 
 
@@ -156,3 +158,12 @@ def test_eviction_feedback_stops_alignment():
     p.commit("r1", prep)
     p.evict_path(prep.namespace, prep.index_path()[:1])
     assert p.index.match_length(prep.index_path(), prep.namespace) == 0
+
+
+def test_annotation_only_when_the_order_changed():
+    p = pipe()
+    out1, prep1 = p.rewrite_messages([{"role": "user", "content": "q"}], ["a", "b", "c"])
+    assert prep1.order == [0, 1, 2] and ANNOTATION_HEAD not in out1[0]["content"]
+    p.commit(1, prep1)
+    out2, prep2 = p.rewrite_messages([{"role": "user", "content": "q2"}], ["c", "b", "a"])
+    assert prep2.order != [0, 1, 2] and ANNOTATION_HEAD in out2[0]["content"]
