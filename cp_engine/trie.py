@@ -174,7 +174,8 @@ class BlockTrie:
         adversarial tries (many permutations of one set) stay cheap; past it the best
         node found so far is returned.
         """
-        score = prefer or (lambda n: self.refs[n])
+        # A bound C method, not a lambda: this runs once per candidate node.
+        score = prefer or self.refs.__getitem__
         # The node number closes ties so the answer does not depend on set iteration order.
         best, best_key = start, (self.depth_weight[start], score(start) if start else 0, -start)
         stack = [start]
@@ -197,8 +198,9 @@ class BlockTrie:
                 key = (dweight[c], score(c), -c)
                 if key > best_key:
                     best, best_key = c, key
-            # Most promising (tallest) subtree last, so it is searched first.
-            found.sort(key=lambda c: (height[c], -c))
+            if len(found) > 1:
+                # Most promising (tallest) subtree last, so it is searched first.
+                found.sort(key=lambda c: (height[c], -c))
             stack.extend(found)
         return best
 

@@ -217,3 +217,16 @@ def test_cpu_planning_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=6), max_size=12))
+def test_tree_size_counts_the_prefix_tree_nodes(orders):
+    """The sort-based count equals the node count of the prefix tree built block by block."""
+    from cp_engine.planner import _tree_size
+    from cp_engine.trie import BlockTrie
+
+    trie = BlockTrie()
+    for order in orders:
+        trie.insert(order, [1.0] * len(order))
+    assert _tree_size(orders) == trie.size
