@@ -37,6 +37,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("CP_ENGINE_DEDUP_MAX_BLOCKS", 512, "Blocks remembered per conversation."),
     Flag("CP_ENGINE_MAX_BLOCKS_PER_REQUEST", 4096, "Requests with more context blocks pass through unmodified."),
     Flag("CP_ENGINE_SCHEDULE_MAX_WAIT_S", 2.0, "Aging bound: a waiting request older than this is admitted in arrival order."),
+    Flag("CP_ENGINE_HOOK_STALL_S", 2.0, "A hook call that takes longer than this switches that hook off until restart (the engine runs unmodified); 0 never."),
     Flag("CP_ENGINE_KERNEL_BACKEND", "auto", "Overlap-scoring backend: auto, numpy or triton (a forced backend that cannot run raises)."),
     Flag("CP_ENGINE_FAULT", "", "Test switch: comma-separated hook names that raise (or 'name:hang'); never set in production."),
 )
@@ -55,6 +56,7 @@ class Config:
     dedup_max_blocks: int = 512
     max_blocks_per_request: int = 4096
     schedule_max_wait_s: float = 2.0
+    hook_stall_s: float = 2.0
     kernel_backend: str = "auto"
     fault: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -11,6 +11,13 @@ Contract:
   ``KeyboardInterrupt`` is not swallowed).
 - ``check_fault(hook)`` applies the switch; call it first thing inside a guarded body.
   A hang is logged once per hook (tests read the log to see the fault was reached).
+- stall breaker: ``stall_watched(hook)`` (a decorator) times each call of a hook
+  body; one call longer than ``CP_ENGINE_HOOK_STALL_S`` (0 = never) switches that
+  hook off for the rest of the process, logged once and counted in ``hook_stalls``.
+  A Python thread cannot be interrupted, so the stalled call itself is paid once;
+  afterwards ``check_fault(hook)`` raises ``HookSwitchedOff`` at entry, which every
+  hook already handles by leaving the request as the engine would have it; those
+  calls count in ``hook_calls_skipped``, not in ``hook_failures``.
 - fault points (``docs/reliability.md``): ``chat_rewrite``, ``completion_rewrite``
   (API-server prompt rewrite), ``index`` (every call into the API server's pipeline),
   ``channel`` (the API-server receiver, per message), ``vllm_queue`` (EngineCore's
@@ -19,6 +26,7 @@ Contract:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -29,7 +37,8 @@ from typing import Any, Callable, Iterator
 
 from . import metrics
 
-__all__ = ["InjectedFault", "check_fault", "guarded", "call_guarded", "log_once"]
+__all__ = ["InjectedFault", "HookSwitchedOff", "check_fault", "guarded", "call_guarded", "log_once",
+           "stall_watched", "switched_off", "reset_breaker"]
 
 logger = logging.getLogger("cp_engine.hooks")
 
@@ -39,6 +48,70 @@ _MAX_HANG_S = 60.0
 
 class InjectedFault(RuntimeError):
     """Raised by a hook named in ``CP_ENGINE_FAULT``."""
+
+
+class HookSwitchedOff(RuntimeError):
+    """Raised at the entry of a hook that the stall breaker switched off."""
+
+
+# Hooks switched off by the stall breaker (process lifetime; a set read without a
+# lock on the hot path: membership of a str is atomic under the GIL).
+_switched_off: set[str] = set()
+_stall_budget: float | None = None
+
+
+def _budget() -> float:
+    global _stall_budget
+    if _stall_budget is None:
+        try:
+            from .runtime import config
+
+            _stall_budget = float(config().hook_stall_s)
+        except Exception:  # no config: keep the documented default
+            _stall_budget = 2.0
+    return _stall_budget
+
+
+def reset_breaker() -> None:
+    """Switch every hook back on and re-read the budget (tests, ``runtime.reset_for_tests``)."""
+    global _stall_budget
+    _switched_off.clear()
+    _stall_budget = None
+
+
+def switched_off(hook: str) -> bool:
+    """Whether the stall breaker switched ``hook`` off in this process."""
+    return hook in _switched_off
+
+
+def _trip(hook: str, elapsed: float, budget: float) -> None:
+    if hook in _switched_off:
+        return
+    _switched_off.add(hook)
+    metrics.inc("hook_stalls", 1, hook=hook)
+    log_once(f"stall:{hook}", "cp_engine hook %r stalled %.2f s (budget %.2f s, CP_ENGINE_HOOK_STALL_S): "
+             "switched off until restart; the engine now runs that step unmodified", hook, elapsed, budget)
+
+
+def stall_watched(hook: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: time each call of a hook body; trip the breaker on a stall.
+
+    Cost per call: two ``time.monotonic()`` reads. The wrapped function's own result
+    and exceptions pass through unchanged.
+    """
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.monotonic() - start
+                budget = _budget()
+                if budget > 0 and elapsed > budget:
+                    _trip(hook, elapsed, budget)
+        return timed
+    return wrap
 
 
 _cache_lock = threading.Lock()
@@ -72,6 +145,8 @@ def _faults() -> dict[str, float | None]:
 
 
 def check_fault(hook: str) -> None:
+    if hook in _switched_off:
+        raise HookSwitchedOff(hook)
     faults = _faults()
     if hook not in faults:
         return
@@ -112,6 +187,9 @@ def record_failure(hook: str, exc: BaseException) -> None:
     content must never reach the logs at the default level. DEBUG logs the full
     exception, every time. (``InjectedFault`` messages, ours and content-free, are kept.)
     """
+    if isinstance(exc, HookSwitchedOff):  # the trip was logged; count the skip only
+        metrics.inc("hook_calls_skipped", 1, hook=hook)
+        return
     metrics.inc("hook_failures", 1, hook=hook)
     # Our own test switch's message names only the hook: safe, and tests look for it.
     what = f"{type(exc).__name__}: {exc}" if isinstance(exc, InjectedFault) else type(exc).__name__

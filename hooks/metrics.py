@@ -26,6 +26,9 @@ COUNTERS: dict[str, str] = {
     "dedup_tokens_saved": "Estimated prompt tokens removed by per-conversation de-duplication.",
     "evictions_applied": "Engine prefix-cache evictions applied to the context index.",
     "hook_failures": "Plugin hook calls that failed open (engine behaviour unchanged).",
+    "hook_stalls": "Hooks switched off for the rest of the process because one call stalled "
+                   "longer than CP_ENGINE_HOOK_STALL_S.",
+    "hook_calls_skipped": "Calls of a switched-off hook (the engine ran them unmodified).",
     "requests_rejected": "Requests rejected with HTTP 400 for malformed context fields.",
     "requests_passed_through": "Marked requests passed through unmodified (over limits).",
     "requests_rolled_back": "Rewritten requests the engine rejected; their index path was dropped, "

@@ -123,3 +123,4 @@ def reset_for_tests() -> None:
     global _config, _pipeline, _instance
     with _lock:
         _config = _pipeline = _instance = None
+    faults.reset_breaker()

@@ -49,6 +49,45 @@ def test_guarded_swallows_counts_and_call_guarded_defaults(monkeypatch):
             raise KeyboardInterrupt
 
 
+def test_stall_breaker_switches_a_hook_off_after_one_slow_call(monkeypatch):
+    from cp_engine.hooks import runtime
+
+    monkeypatch.setenv("CP_ENGINE_HOOK_STALL_S", "0.05")
+    monkeypatch.setenv("CP_ENGINE_FAULT", "unit_stall:hang=0.1")
+    runtime.reset_for_tests()
+    calls = []
+
+    @faults.stall_watched("unit_stall")
+    def hook(x):
+        faults.check_fault("unit_stall")
+        calls.append(x)
+        return x * 2
+
+    @faults.stall_watched("unit_quick")
+    def quick():
+        faults.check_fault("unit_quick")
+        return "ok"
+
+    try:
+        assert hook(2) == 4 and calls == [2]  # the stalled call itself completes
+        assert faults.switched_off("unit_stall") and metrics.value("hook_stalls", hook="unit_stall") == 1
+        failures = metrics.value("hook_failures", hook="unit_stall")
+        skipped = metrics.value("hook_calls_skipped", hook="unit_stall")
+        assert faults.call_guarded("unit_stall", hook, 3, default="plain") == "plain"
+        assert calls == [2]  # switched off: the body never ran again
+        assert metrics.value("hook_calls_skipped", hook="unit_stall") == skipped + 1
+        assert metrics.value("hook_failures", hook="unit_stall") == failures  # a skip is no failure
+        assert quick() == "ok" and not faults.switched_off("unit_quick")  # per hook
+        monkeypatch.setenv("CP_ENGINE_HOOK_STALL_S", "0")  # 0: the breaker never trips
+        runtime.reset_for_tests()
+        assert not faults.switched_off("unit_stall") and hook(1) == 2
+        assert not faults.switched_off("unit_stall")
+    finally:
+        monkeypatch.delenv("CP_ENGINE_FAULT")
+        monkeypatch.delenv("CP_ENGINE_HOOK_STALL_S")
+        runtime.reset_for_tests()
+
+
 def test_metrics_merge_and_labels():
     metrics.inc("evictions_applied", 2)
     base = metrics.value("evictions_applied")

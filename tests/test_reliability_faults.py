@@ -106,11 +106,12 @@ def _run_all(srv: VllmServer, reference: dict) -> list[float]:
     return latencies
 
 
-def _wait_metric(srv: VllmServer, hook: str, at_least: float, timeout: float = 20.0) -> float:
+def _wait_metric(srv: VllmServer, hook: str, at_least: float, timeout: float = 20.0,
+                 name: str = "cp_engine_hook_failures_total") -> float:
     """EngineCore's counts arrive over the channel at most once a second: poll."""
     deadline = time.monotonic() + timeout
     while True:
-        value = srv.metric("cp_engine_hook_failures_total", hook=hook)
+        value = srv.metric(name, hook=hook)
         if value >= at_least or time.monotonic() > deadline:
             return value
         srv.post("/v1/completions", {"model": srv.model, "prompt": "ping", "max_tokens": 1})  # triggers a flush
@@ -172,3 +173,32 @@ def test_failing_index_and_hung_channel_change_nothing(reference):
         counts = _failed_open_counts(log)
         assert counts.get("chat_rewrite") == 1 and counts.get("completion_rewrite") == 1, counts
         assert "injected a failure into hook 'index'" in log
+
+
+STALL_S = 4.0  # injected stall per call
+STALL_BUDGET_S = 1.0  # CP_ENGINE_HOOK_STALL_S on the faulted server
+STALLED = re.compile(r"cp_engine hook '([^']+)' stalled")
+
+
+def test_stalled_engine_hooks_switch_off_after_one_call(reference):
+    """A hook that stalls inside EngineCore's scheduler loop (queue key, eviction
+    tracking) is paid once: the stall breaker switches it off, later requests run at
+    plain speed, and every output still equals plugin-off (the rewrites raise here, so
+    requests reach EngineCore exactly as plain vLLM would see them)."""
+    env = {"CP_ENGINE_FAULT": f"chat_rewrite,completion_rewrite,vllm_queue:hang={STALL_S:g},"
+                              f"vllm_eviction:hang={STALL_S:g}",
+           "CP_ENGINE_HOOK_STALL_S": f"{STALL_BUDGET_S:g}"}
+    with started(plugin_server_kwargs(**env)) as srv:
+        latencies = _run_all(srv, reference) + _run_all(srv, reference)
+        # Without the breaker each request waits 2 x STALL_S in the scheduler; with it,
+        # only the first request meets the stalls.
+        slow = [round(x, 1) for x in latencies if x >= STALL_S]
+        assert len(slow) <= 1, latencies
+        # EngineCore's counts ride its next metrics flush (at most once a second).
+        for hook in ("vllm_queue", "vllm_eviction"):
+            assert _wait_metric(srv, hook, 1, timeout=30, name="cp_engine_hook_stalls_total") == 1, hook
+        skipped = _wait_metric(srv, "vllm_queue_key", len(latencies) - 1, timeout=30,
+                               name="cp_engine_hook_calls_skipped_total")
+        assert skipped >= len(latencies) - 1, skipped
+        stalled = STALLED.findall(srv.log_text())
+        assert sorted(stalled) == ["vllm_eviction", "vllm_queue"], stalled  # logged once each

@@ -113,13 +113,18 @@ def forward_events(events: list, page_size: int) -> int:
     return sent
 
 
+@faults.stall_watched("sglang_evictions")
+def _tap(events: Any, instance: Any) -> None:
+    faults.check_fault("sglang_evictions")
+    if _enabled():
+        forward_events(list(events), int(getattr(instance, "page_size", 1) or 1))
+
+
 def after_take_events(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     events = wrapped(*args, **kwargs)
     if events:
         try:
-            faults.check_fault("sglang_evictions")
-            if _enabled():
-                forward_events(list(events), int(getattr(instance, "page_size", 1) or 1))
+            _tap(events, instance)
         except Exception as exc:
             faults.record_failure("sglang_evictions", exc)
     return events
@@ -154,6 +159,7 @@ def event_hashes(token_ids: Any, page_size: int) -> list[int]:
     return [hash_str_to_int64(v) for v in values]
 
 
+@faults.stall_watched("sglang_track")
 def track_req(req: Any, page_size: int) -> int:
     """Remember the page hashes of a marked request; returns hashes tracked."""
     if not _enabled():

@@ -155,6 +155,7 @@ def _incremental(policy: Any, queue: list, last: _State, now: float, max_wait_s:
     return out
 
 
+@faults.stall_watched("sglang_schedule")
 def _reorder(policy: Any, queue: list, max_wait_s: float) -> None:
     faults.check_fault("sglang_schedule")
     if len(queue) < 2:

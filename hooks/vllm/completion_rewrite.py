@@ -34,6 +34,7 @@ PATCH = ledger.register(ledger.Patch(
 ))
 
 
+@faults.stall_watched(HOOK)
 def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
     """Same return contract as ``chat_rewrite.rewrite``."""
     original_prompt = getattr(request, "prompt", None)

@@ -86,6 +86,7 @@ def state() -> _EngineSide | None:
     return _state
 
 
+@faults.stall_watched("vllm_eviction")
 def track_request(request: Any) -> None:
     """Queue observer: remember a hinted request's prompt hashes."""
     st = _state
@@ -101,6 +102,7 @@ def track_request(request: Any) -> None:
         st.mapper.track(hashes, hints.namespace, hints.path, hints.ends)
 
 
+@faults.stall_watched("vllm_eviction")
 def _after_evict(pool: Any, keys: list) -> None:
     st = _state
     if st is None:

@@ -60,6 +60,7 @@ PATCHES = tuple(
 observers: list[Callable[[Any], None]] = []
 
 
+@faults.stall_watched("vllm_queue")
 def request_key(request: Any) -> tuple:
     """Prefix key of a vLLM ``Request`` (see module contract); never raises."""
     try:
