@@ -18,17 +18,40 @@ switch ``CP_ENGINE_FAULT=<hook>`` makes them fail, for tests). Engine-neutral: t
 adapters decide what "accepted" means for their response types; for a stream of
 server-sent events (both engines' OpenAI servers) ``accept_on_first_chunk`` decides:
 accepted at the first normal event, rejected at a first ``data: {"error": ...}``
-event or a stream that ends or is closed before any event.
+event or a stream that ends or is closed before any event. A stream dropped before
+it was ever iterated (the client left before the response started) never runs its
+own cleanup: a finalizer queues its commit, and the next ``PendingCommit`` rejects it
+on the request path (never from inside the garbage collector, which may run in the
+middle of an index update).
 """
 from __future__ import annotations
 
 import json
 import threading
+import weakref
+from collections import deque
 from typing import Any, AsyncIterator, Hashable
 
 from . import faults, metrics
 
-__all__ = ["PendingCommit", "count_rewrite", "is_error_chunk", "accept_on_first_chunk"]
+__all__ = ["PendingCommit", "count_rewrite", "is_error_chunk", "accept_on_first_chunk", "reject_abandoned"]
+
+# Commits of streams dropped unstarted, waiting for the next rewrite to reject them
+# (deque append/popleft are atomic: the finalizer may run in any thread).
+_abandoned: deque = deque()
+
+
+def reject_abandoned() -> int:
+    """Reject every queued commit of an abandoned stream; returns how many were pending."""
+    n = 0
+    while True:
+        try:
+            pending = _abandoned.popleft()
+        except IndexError:
+            return n
+        if pending.state == "pending":
+            pending.reject()
+            n += 1
 
 
 def count_rewrite(prep: Any, n_blocks: int, max_blocks: int) -> None:
@@ -56,6 +79,7 @@ class PendingCommit:
         self._max_blocks = max_blocks
         self._lock = threading.Lock()
         self.state = "pending"
+        reject_abandoned()
         # Raises into the caller's own guard: no PendingCommit, nothing recorded.
         pipe.record(request_id, prep, base_offset=base_offset)
 
@@ -94,12 +118,24 @@ def is_error_chunk(chunk: Any) -> bool:
         return False
 
 
-async def accept_on_first_chunk(stream: Any, pending: PendingCommit) -> AsyncIterator[Any]:
+def _queue_if_unsettled(pending: PendingCommit) -> None:
+    if pending.state == "pending":
+        _abandoned.append(pending)
+
+
+def accept_on_first_chunk(stream: Any, pending: PendingCommit) -> AsyncIterator[Any]:
     """``stream``'s chunks, unchanged, settling ``pending`` at the first one.
 
     Closing this generator closes ``stream`` (engines abort a request when their
-    generator is closed, e.g. on a client disconnect).
+    generator is closed, e.g. on a client disconnect); dropping it unstarted queues
+    ``pending`` for ``reject_abandoned``.
     """
+    gen = _settling(stream, pending)
+    weakref.finalize(gen, _queue_if_unsettled, pending)
+    return gen
+
+
+async def _settling(stream: Any, pending: PendingCommit) -> AsyncIterator[Any]:
     try:
         async for chunk in stream:
             if pending.state == "pending":

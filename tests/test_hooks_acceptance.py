@@ -17,7 +17,7 @@ import pytest
 
 from cp_engine.config import load_config
 from cp_engine.hooks import metrics
-from cp_engine.hooks.acceptance import PendingCommit, accept_on_first_chunk, is_error_chunk
+from cp_engine.hooks.acceptance import PendingCommit, accept_on_first_chunk, is_error_chunk, reject_abandoned
 from cp_engine.pipeline import ContextPipeline
 from vllm_server import module_server
 from vllm_server import post_chat as _post
@@ -111,6 +111,24 @@ def test_closing_the_stream_closes_the_engines_generator():
 
     asyncio.run(run())
     assert closed == [True]
+
+
+def test_a_stream_dropped_unstarted_is_rejected_by_the_next_rewrite():
+    import gc
+
+    pipe = ContextPipeline(load_config({}))
+    dropped = _pending(pipe, "d1", conv="cd")
+    gen = accept_on_first_chunk(_chunks('data: {"id": 1}\n\n'), dropped)
+    del gen  # the client left before the response started: never iterated
+    gc.collect()
+    assert dropped.state == "pending" and pipe.index.requests == 1  # nothing runs inside the GC
+    later = _pending(pipe, "d2", conv="ce")  # the next rewrite settles it first
+    assert dropped.state == "rejected" and later.state == "pending"
+    assert pipe.index.requests == 1  # only d2 stays indexed
+    finished = _pending(pipe, "d3", conv="cf")
+    _drain(accept_on_first_chunk(_chunks('data: {"id": 1}\n\n'), finished))
+    gc.collect()
+    assert reject_abandoned() == 0 and finished.state == "accepted"  # settled streams are left alone
 
 
 # -- the vLLM wrapper, around hand-written async callables ----------------------

@@ -12,7 +12,8 @@ object's own 400 ``create_error_response``), None (call through), or a
 - a stream → ``accept()`` when its first chunk is a normal one, ``reject()`` when it
   is an error event or the stream ends or is closed before any chunk; chunks pass
   through unchanged and closing our stream closes vLLM's (so a client disconnect
-  still aborts the request).
+  still aborts the request); a stream dropped before it was ever read is rejected by
+  the next rewrite (``acceptance.reject_abandoned``).
 Arguments are bound by name; a binding failure is counted and the request goes
 through untouched.
 """
