@@ -32,8 +32,8 @@ from .serving_patch import MethodPatch
 from .staging import stage
 
 HOOK = "chat_rewrite"
-MODULES = ("vllm.entrypoints.openai.chat_completion.serving",  # 0.31+
-           "vllm.entrypoints.openai.serving_chat")  # 0.27–0.30
+MODULES = ("vllm.entrypoints.openai.chat_completion.serving",  # every supported release (0.27.1-0.32)
+           "vllm.entrypoints.openai.serving_chat")  # the older layout, kept as a fallback
 CLASS, METHOD = "OpenAIServingChat", "create_chat_completion"
 
 PATCH = ledger.register(ledger.Patch(
@@ -44,7 +44,7 @@ PATCH = ledger.register(ledger.Patch(
         "edits request.messages and request.vllm_xargs, then calls through",
     min_version="0.27.0",
     max_version="0.33",
-    upstream="vllm/entrypoints/openai/chat_completion/serving.py (serving_chat.py before 0.31)",
+    upstream="vllm/entrypoints/openai/chat_completion/serving.py (serving_chat.py in older layouts)",
     remove_when="vLLM exposes a request pre-processing plugin hook for the OpenAI server",
 ))
 

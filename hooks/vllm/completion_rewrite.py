@@ -29,7 +29,7 @@ PATCH = ledger.register(ledger.Patch(
     how="wrapt FunctionWrapper on the class attribute; edits request.prompt and request.vllm_xargs",
     min_version="0.27.0",
     max_version="0.33",
-    upstream="vllm/entrypoints/openai/completion/serving.py (serving_completion.py before 0.31)",
+    upstream="vllm/entrypoints/openai/completion/serving.py (serving_completion.py in older layouts)",
     remove_when="vLLM exposes a request pre-processing plugin hook for the OpenAI server",
 ))
 

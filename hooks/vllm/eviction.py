@@ -135,7 +135,7 @@ def _evict_wrapper(wrapped, instance, args, kwargs):
     try:
         block = kwargs["block"] if "block" in kwargs else args[_block_pos]
         keys = [block.block_hash] if block.block_hash is not None else []
-        # 0.32+: a block can also serve extra hashes (kept beside the primary one).
+        # 0.27.1+: a block can also serve extra hashes (kept beside the primary one).
         extra = getattr(instance, "cached_block_hashes_by_block", None)
         if extra:
             keys.extend(extra.get(block.block_id, ()))

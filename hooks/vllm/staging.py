@@ -41,7 +41,7 @@ def request_id_for(prefix: str, request: Any, raw_request: Any) -> str:
 
 
 def tokenizer_of(serving: Any) -> Any:
-    """The serving object's tokenizer (0.31+: ``renderer.tokenizer``; older: ``tokenizer``)."""
+    """The serving object's tokenizer (``renderer.tokenizer`` in 0.27.1-0.32; ``tokenizer`` in older layouts)."""
     renderer = getattr(serving, "renderer", None)
     tok = getattr(renderer, "tokenizer", None) if renderer is not None else None
     return tok if tok is not None else getattr(serving, "tokenizer", None)
