@@ -375,6 +375,11 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (CPU builds)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
     ap.add_argument("--only", help="comma-separated run kinds to keep (rag_zipf, rag_hotpot, chat_memory, chat_sliding)")
+    ap.add_argument("--cache-runs-only", action="store_true",
+                    help="only the runs with a small KV cache (--num-gpu-blocks-override)")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="only the runs issue 3's targets name: batched RAG (Zipf, k 10-20, default cache) "
+                         "and the two multi-turn workloads (no k scaling, no cache-size runs)")
     ap.add_argument("--arms", default="off,on,on+batch,peer")
     ap.add_argument("--url-off", help="existing plugin-off server (GPU); needs --url-on too")
     ap.add_argument("--url-on", help="existing plugin-on server (started with VLLM_SERVER_DEV_MODE=1)")
@@ -404,6 +409,11 @@ def main(argv=None) -> int:
     if args.only:
         keep = set(args.only.split(","))
         runs = [r for r in runs if r["kind"] in keep]
+    if args.cache_runs_only:
+        runs = [r for r in runs if r["cache"] is not None]
+    if args.targets_only:
+        runs = [r for r in runs if r["cache"] is None and (r["kind"].startswith("chat") or
+                                                           (r["kind"] == "rag_zipf" and r["k"] is None))]
     doc = {"config": {
         "model_name": model_name, "vllm": vllm_version, "concurrency": args.concurrency,
         "chat_concurrency": args.chat_concurrency, "max_tokens": args.max_tokens,

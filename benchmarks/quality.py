@@ -22,8 +22,8 @@ exactly the prompt plain vLLM sees. Arms:
   (``workloads.memory_chat``); off re-sends every turn's documents with the full
   history, dedup sends ``context_blocks`` + ``conversation_id`` with the short history.
 
-Arms run in phases (off + reorder+annotate + reorder, then multi-turn, then peer),
-each over chunks of questions answered by every arm of the phase, and the JSON
+Arms run in phases (multi-turn first, it is short; then off + reorder+annotate +
+reorder + peer together), each over chunks of questions answered by every arm of the phase, and the JSON
 (``--out``, default ``benchmarks/results/quality[_quick].json``) is rewritten after
 every chunk: an interrupted run leaves paired results on the same questions, and
 ``--resume`` continues it. ``--plot`` redraws the PNG and markdown from the JSON.
@@ -316,7 +316,9 @@ def markdown(doc: dict) -> str:
 
 # ----------------------------------------------------------------------------- main
 
-PHASES = (("off", "reorder+annotate", "reorder"), MULTI_ARMS, ("peer",))
+# Multi-turn first (20 sessions, short), then every single-question arm per chunk, so a
+# run cut short still leaves all arms paired on the same questions.
+PHASES = (MULTI_ARMS, SINGLE_ARMS)
 
 
 def main(argv=None) -> int:
