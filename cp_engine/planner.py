@@ -22,6 +22,8 @@ No N×N matrix is built: work is proportional to the total number of blocks.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import glob
 import heapq
 import itertools
@@ -200,9 +202,35 @@ def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_
 
     heap: list[tuple[float, int, int, int]] = []
 
+    def push_best_unit(x: int) -> bool:
+        """push_best for unit weights when none of x's blocks is hot; False otherwise.
+
+        Same choice as the general path: the counts are then the exact scores, so
+        no pair is re-scored, and the ties at the top count are read from x's
+        rarest postings only (a partner sharing ``top`` of x's k blocks misses at
+        most k − top of them, so it holds one of the k − top + 1 rarest).
+        """
+        lists = [postings[b] for b in inter[x]]
+        if not lists or max(map(len, lists)) > hot_cap:
+            return False
+        acc = Counter(itertools.chain.from_iterable(lists))
+        del acc[x]
+        if acc:
+            top = max(acc.values())
+            lists.sort(key=len)
+            ties = {y for h in lists[:len(lists) - top + 1] for y in h if acc[y] == top}
+            ties.discard(x)
+            if len(ties) > candidates:  # the general path keeps the lowest numbers
+                ties = heapq.nsmallest(candidates, ties)
+            y = min(ties, key=lambda y: (len(inter[y]), y))  # tighter pair, then lower number
+            heapq.heappush(heap, (-top, len(lists) + len(inter[y]), x, y))
+        return True
+
     def push_best(x: int) -> None:
         # Scores only fall as clusters merge, so a heap entry is an upper bound and
         # the first valid entry popped is the best merge overall.
+        if unit and knn is None and push_best_unit(x):
+            return
         best = None
         for y in ranked_partners(x):
             score, spread = exact(x, y)
@@ -411,6 +439,29 @@ def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 2,
         raise ValueError(f"strategy must be auto, greedy or cluster, got {strategy!r}")
     if partners not in ("auto", "postings", "kernel"):
         raise ValueError(f"partners must be auto, postings or kernel, got {partners!r}")
+    with _gc_paused():
+        return _plan(contexts, token_lengths, local_search_passes, strategy, partners)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Cyclic GC off for the block, restored after (even on error).
+
+    Planning allocates millions of small lists, sets and tuples and builds no
+    reference cycles, so the collector's passes over them only cost time (about 10%
+    of a knowledge-base N=5,000 plan); everything is freed by reference counting.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, partners: str) -> BatchPlan:
+    """plan_batch's body, arguments already checked."""
     ctxs = _validate(contexts)
     dense: dict[Hashable, int] = {}
     originals: list[Hashable] = []

@@ -230,3 +230,38 @@ def test_tree_size_counts_the_prefix_tree_nodes(orders):
     for order in orders:
         trie.insert(order, [1.0] * len(order))
     assert _tree_size(orders) == trie.size
+
+
+@pytest.mark.parametrize("hot_cap", [10**9, 12])
+def test_unit_weight_partner_search_matches_the_general_one(hot_cap):
+    """The unit-weight shortcut (counts as exact scores, ties from the rarest postings)
+    merges exactly as the general path: uniform weight 2 takes the general path and
+    scales every score alike. hot_cap=12 mixes both paths (requests with hot blocks)."""
+    from cp_engine.planner import _cluster_orders
+
+    rng = random.Random(3)
+    # Blocks 0-2 are in a third of the requests each half the time: hot at hot_cap=12.
+    sets = [list(dict.fromkeys(rng.sample(range(120), rng.randint(1, 8)) + [rng.randrange(3)] * (i % 2)))
+            for i in range(200)]
+    freq = Counter(b for s in sets for b in s)
+    freq = [freq[b] for b in range(120)]
+    unit = _cluster_orders(sets, [1.0] * 120, freq, hot_cap=hot_cap)
+    general = _cluster_orders(sets, [2.0] * 120, freq, hot_cap=hot_cap)
+    assert unit == general
+    assert [sorted(o) for o in unit] == [sorted(s) for s in sets]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_planning_restores_the_garbage_collector_state(enabled):
+    import gc
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        plan_batch([[1, 2], [2, 3]])
+        assert gc.isenabled() is enabled
+        with pytest.raises(TypeError):
+            plan_batch([[1, [2]]])  # fails inside the paused block
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
