@@ -33,8 +33,21 @@ def test_plan_runs_cover_k_scaling_and_cache_sizes():
     full = bench_engine.plan_runs(quick=False)
     assert sorted(r["k"] for r in full if r["kind"] == "rag_zipf" and r["k"] and not r["cache"]) == [5, 10, 20]
     assert {r["cache"] for r in full if r["kind"] == "rag_zipf"} >= {None, 48}
-    assert {r["kind"] for r in bench_engine.plan_runs(quick=True)} == {
-        "rag_zipf", "rag_hotpot", "chat_memory", "chat_sliding"}
+    quick = bench_engine.plan_runs(quick=True)
+    assert {r["kind"] for r in quick} == {"rag_zipf", "rag_hotpot", "chat_memory", "chat_sliding"}
+    assert {r["cache"] for r in quick} == {None, 48}  # quick still covers cache size, only smaller
+    assert max(r.get("n", 0) for r in quick) < min(r.get("n", 10**9) for r in full)
+
+
+def test_targets_only_and_no_targets_split_the_full_run():
+    full = bench_engine.plan_runs(quick=False)
+    targets = [r for r in full if bench_engine.is_target_run(r)]
+    rest = [r for r in full if not bench_engine.is_target_run(r)]
+    assert len(targets) + len(rest) == len(full) and targets and rest
+    assert {r["kind"] for r in targets} == {"rag_zipf", "chat_memory", "chat_sliding"}
+    # the batched-RAG target runs where prefix reuse can reach 1.3x at all (N=400)
+    assert [r["n"] for r in targets if r["kind"] == "rag_zipf"] == [400]
+    assert all(r["cache"] is None for r in targets)
 
 
 @pytest.mark.skipif(not workloads.hotpotqa_available(), reason="HotpotQA not fetched (benchmarks/.cache)")
