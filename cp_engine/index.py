@@ -164,6 +164,11 @@ class ContextIndex:
                     stack.append((c, prefix + [b]))
             return out
 
+    def knows_namespace(self, namespace: str = "") -> bool:
+        """Whether any recorded path lives in ``namespace`` (something to align to)."""
+        with self._lock:
+            return (_NS, namespace) in self._trie.children[ROOT]
+
     def match_length(self, blocks: Sequence[Hashable], namespace: str = "") -> int:
         """How many leading blocks of ``blocks`` (in this order) are indexed."""
         with self._lock:

@@ -82,8 +82,18 @@ class ContextPipeline:
 
     # -- one request's blocks ----------------------------------------------------
     def prepare(self, blocks: Any, conversation_id: str | None = None, tenant: str = "",
-                namespace: str = "", available: frozenset | None = None) -> Prepared:
-        """Choose order and dedup for ``blocks`` and render them (see module docs)."""
+                namespace: str = "", available: frozenset | None = None,
+                follows_history: bool = False) -> Prepared:
+        """Choose order and dedup for ``blocks`` and render them (see module docs).
+
+        ``follows_history``: the blocks come after earlier chat turns. If nothing was
+        ever recorded behind that exact history (``namespace``), the blocks keep their
+        retrieval order and get no annotation: the prefix before them is this
+        conversation's own, so no other request can share a reordered block list, and
+        reordering would only cost annotation tokens on every turn. A second request
+        with the same history (parallel samples, agents forked from one state) finds
+        the first one's path and is aligned to it as usual.
+        """
         texts = validate_blocks(blocks)
         cfg = self.config
         ids = [block_id(t) for t in texts]
@@ -91,7 +101,7 @@ class ContextPipeline:
         plain = len(texts) > cfg.max_blocks_per_request or not (cfg.reorder or cfg.dedup or cfg.annotate)
         if plain:
             order = list(range(len(texts)))
-        elif cfg.reorder:
+        elif cfg.reorder and not (follows_history and not self.index.knows_namespace(namespace)):
             order = self.index.best_order(ids, namespace=namespace)
         else:
             order = list(range(len(texts)))
@@ -197,7 +207,8 @@ class ContextPipeline:
                         available |= hit[1]
         prep = self.prepare(blocks, conversation_id=conversation_id, tenant=tenant,
                             namespace=namespace_of(out[:last_user]),
-                            available=frozenset(available) if conv is not None else None)
+                            available=frozenset(available) if conv is not None else None,
+                            follows_history=any(m.get("role") in _TURN_ROLES for m in out[:last_user]))
         question = out[last_user].get("content")
         out[last_user]["content"] = _with_context(prep.context_text, question)
         if conv is not None:
@@ -218,6 +229,9 @@ class ContextPipeline:
 
     def reset(self) -> None:
         self.index.reset()
+
+
+_TURN_ROLES = ("user", "assistant", "tool", "function")  # messages that make a history (not "system")
 
 
 def _content_key(content: Any) -> str | None:

@@ -123,6 +123,37 @@ def test_reorder_aligns_with_indexed_prefix():
     assert out2[0]["content"].startswith(ctx1)
 
 
+def _popular_first_pipeline():
+    """A pipeline whose index has seen "c" often and "a" never: it would move c first."""
+    p = pipe()
+    for i in range(3):
+        _, prep = p.rewrite_messages([{"role": "user", "content": f"warm {i}"}], ["c", f"x{i}"])
+        p.commit(f"w{i}", prep)
+    return p
+
+
+def test_turn_after_unshared_history_keeps_retrieval_order_without_annotation():
+    p = _popular_first_pipeline()
+    first, _ = p.rewrite_messages([{"role": "user", "content": "fresh"}], ["a", "b", "c"])
+    assert ANNOTATION_HEAD in first[0]["content"]  # no history: reordered and annotated
+    history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+               {"role": "user", "content": "Q2"}]
+    out, prep = p.rewrite_messages(history, ["a", "b", "c"], conversation_id="conv")
+    # Nothing was recorded behind this history: reordering cannot create a shared prefix.
+    assert prep.order == [0, 1, 2] and not prep.reordered
+    assert ANNOTATION_HEAD not in out[-1]["content"]
+
+
+def test_second_request_behind_the_same_history_is_aligned():
+    p = _popular_first_pipeline()
+    history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+               {"role": "user", "content": "Q2"}]
+    _, prep1 = p.rewrite_messages(history, ["a", "b", "c"])
+    p.commit("fork-1", prep1)
+    _, prep2 = p.rewrite_messages(history, ["b", "c", "a"])  # same state, another sample
+    assert prep2.block_ids == prep1.block_ids  # aligned to the first fork's path
+
+
 def test_flags_off_render_plain_and_keep_everything():
     p = pipe(reorder=False, dedup=False, annotate=False)
     out, prep = p.rewrite_messages([{"role": "user", "content": "q"}], ["b", "a", "b"], conversation_id="c")
