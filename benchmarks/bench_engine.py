@@ -357,8 +357,9 @@ def cache_run_args(blocks: int, max_model_len: int) -> list[str]:
     in the cache, so the length is capped at the cache's size (these workloads'
     requests are far shorter). Later flags override the defaults given before them.
     """
+    # One block of the pool is vLLM's reserved null block: blocks - 1 hold tokens.
     return ["--num-gpu-blocks-override", str(blocks), "--block-size", str(CACHE_BLOCK_TOKENS),
-            "--max-model-len", str(min(max_model_len, blocks * CACHE_BLOCK_TOKENS))]
+            "--max-model-len", str(min(max_model_len, (blocks - 1) * CACHE_BLOCK_TOKENS))]
 
 
 def is_target_run(run: dict) -> bool:
@@ -412,6 +413,8 @@ def main(argv=None) -> int:
                          "and the two multi-turn workloads (no k scaling, no cache-size runs)")
     ap.add_argument("--no-targets", action="store_true",
                     help="every run except those of --targets-only (the full run in two pieces)")
+    ap.add_argument("--caches", help="comma-separated KV cache sizes in blocks for the cache-size runs "
+                                     "(default: 256,48 full, 48 quick)")
     ap.add_argument("--arms", default="off,on,on+batch,peer")
     ap.add_argument("--url-off", help="existing plugin-off server (GPU); needs --url-on too")
     ap.add_argument("--url-on", help="existing plugin-on server (started with VLLM_SERVER_DEV_MODE=1)")
@@ -441,6 +444,12 @@ def main(argv=None) -> int:
     if args.only:
         keep = set(args.only.split(","))
         runs = [r for r in runs if r["kind"] in keep]
+    if args.caches:
+        sizes = [int(x) for x in args.caches.split(",") if x]
+        template = next((r for r in runs if r["cache"] is not None), None)
+        runs = [r for r in runs if r["cache"] is None]
+        if template is not None:
+            runs += [{**template, "cache": c} for c in sizes]
     if args.cache_runs_only:
         runs = [r for r in runs if r["cache"] is not None]
     if args.targets_only:

@@ -136,6 +136,6 @@ def test_session_dedup_client_sends_blocks_and_short_history():
 def test_cache_runs_cap_the_model_length_to_the_cache():
     # vLLM will not start when one max-length request cannot fit in the KV cache.
     args = bench_engine.cache_run_args(48, 8192)
-    assert args[args.index("--max-model-len") + 1] == str(48 * 128)
+    assert args[args.index("--max-model-len") + 1] == str(47 * 128)  # minus the null block
     assert args[args.index("--num-gpu-blocks-override") + 1] == "48"
     assert bench_engine.cache_run_args(256, 8192)[-1] == "8192"
