@@ -289,9 +289,13 @@ def plot(doc: dict, path: Path) -> None:
         pts = [(e["k"], e["arms"][a]["engine_prefill_s"]) for e in ks if a in e["arms"]]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=a, color=COLORS[a])
-    ax.set_xlabel("k (blocks per request), Zipf RAG")
-    ax.set_ylabel("engine prefill time, s (sum over requests; noisy)")
-    ax.legend(fontsize=7)
+    if ks:
+        ax.set_xlabel("k (blocks per request), Zipf RAG")
+        ax.set_ylabel("engine prefill time, s (sum over requests; noisy)")
+        ax.legend(fontsize=7)
+    else:  # e.g. --targets-only: no k-scaling runs in this file
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no k-scaling runs in this file", ha="center", va="center", fontsize=9)
     # 3: hit ratio per run and arm
     ax = axes[2]
     allarms = ["off"] + arms
