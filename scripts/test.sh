@@ -21,6 +21,20 @@ if [ -x .venv-sglang/bin/python ]; then
     tests/test_sglang_chat.py tests/test_sglang_patching.py tests/test_sglang_live.py
   rc2=$?
 fi
+# The oldest supported vLLM release too: patch drift and the real scheduler/block pool
+# (the live smoke of every release is in scripts/vllm_matrix.sh; too slow for CI).
+# CP_CI_OLDEST_VLLM=0 skips it (e.g. offline with only the main wheels cached).
+rc3=0
+if [ "${CP_CI_OLDEST_VLLM:-1}" = "1" ] && [ $# -eq 0 ]; then
+  out=build/ci-vllm-oldest
+  rm -rf "$out"
+  MATRIX_GROUPS="drift core" MATRIX_OUT="$out" bash scripts/vllm_matrix.sh 0.27.1
+  rc3=$?
+  if [ $rc3 -ne 0 ]; then
+    for f in "$out"/*.log; do echo "== $f"; tail -n 40 "$f"; done
+  fi
+fi
 set -e
 [ $rc -ne 0 ] && exit $rc
-exit $rc2
+[ $rc2 -ne 0 ] && exit $rc2
+exit $rc3
