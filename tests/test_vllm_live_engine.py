@@ -94,22 +94,34 @@ def test_waiting_queue_admits_shared_prefix_groups_together(server):
         with lock:
             done.append((name, time.monotonic()))
 
-    # A long generation occupies the only running slot while the others queue up.
-    blocker = threading.Thread(target=send, args=("blocker", "Tell a long story.", 3500),
-                               kwargs={"ignore_eos": True})
-    blocker.start()
-    time.sleep(1.0)
-    arrivals = ["X1", "Y1", "X2", "Y2", "X3", "Y3"]  # interleaved: FCFS would keep this
-    threads = []
-    for name in arrivals:
-        t = threading.Thread(target=send, args=(name, prefixes[name[0]] + f" question {name}", 1))
-        t.start()
-        threads.append(t)
-        time.sleep(0.3)  # spaces arrivals at the engine
-    last_sent = time.monotonic()
-    for t in threads + [blocker]:
-        t.join(600)
-    names = [n for n, _ in done]
+    def scenario() -> tuple[list[str], float]:
+        """Blocker first, then interleaved arrivals; returns (completion order, last send time)."""
+        done.clear()
+        # A long generation occupies the only running slot while the others queue up.
+        blocker = threading.Thread(target=send, args=("blocker", "Tell a long story.", 3500),
+                                   kwargs={"ignore_eos": True})
+        blocker.start()
+        time.sleep(1.0)
+        arrivals = ["X1", "Y1", "X2", "Y2", "X3", "Y3"]  # interleaved: FCFS would keep this
+        threads = []
+        for name in arrivals:
+            t = threading.Thread(target=send, args=(name, prefixes[name[0]] + f" question {name}", 1))
+            t.start()
+            threads.append(t)
+            time.sleep(0.1)  # spaces arrivals at the engine
+        last_sent = time.monotonic()
+        for t in threads + [blocker]:
+            t.join(600)
+        return [n for n, _ in done], last_sent
+
+    # The check needs every arrival queued while the blocker runs. On an idle 2-core box
+    # the client's sends were occasionally held up until the blocker had finished (seen
+    # in CI, cause outside the plugin: commits touching only docs passed and failed), so
+    # the scenario is repeated a few times; failing every time still fails the test.
+    for _attempt in range(3):
+        names, last_sent = scenario()
+        if names[0] == "blocker" and done[0][1] > last_sent:
+            break
     assert names[0] == "blocker" and done[0][1] > last_sent, f"the blocker ended before the queue filled: {done}"
     admitted = names[1:]
     groups = [n[0] for n in admitted]
