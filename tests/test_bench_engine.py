@@ -139,3 +139,18 @@ def test_cache_runs_cap_the_model_length_to_the_cache():
     assert args[args.index("--max-model-len") + 1] == str(47 * 128)  # minus the null block
     assert args[args.index("--num-gpu-blocks-override") + 1] == "48"
     assert bench_engine.cache_run_args(256, 8192)[-1] == "8192"
+
+
+def test_noannot_arm_sends_the_same_plan_without_labels_or_annotation():
+    wl = workloads.synthetic(24)
+    texts = {b: f"Paragraph {b}: " + "words " * 30 for c in wl.contexts for b in c}
+    wl.tokens = {b: workloads.estimate_tokens(t) for b, t in texts.items()}
+    rag = bench_engine.Rag("t", wl, texts, [f"q{i}" for i in range(24)])
+    annotated, _ = bench_engine.rag_requests("on+batch", rag)
+    plain, _ = bench_engine.rag_requests(bench_engine.NOANNOT, rag)
+    assert [r.tag for r in annotated] == [r.tag for r in plain]  # one plan, one order
+    assert any("[Doc" in r.messages[-1]["content"] for r in annotated)
+    for r in plain:
+        user = r.messages[-1]["content"]
+        assert "[Doc" not in user and "ranked by relevance" not in user
+        assert all(t in user for t in rag.docs[r.tag])

@@ -50,3 +50,16 @@ def test_simulator_weights():
     res = simulate(seqs, weights={"a": 10, "b": 1, "c": 1})
     assert res.hits == 10 and res.total == 22
     assert Counter(b for s in seqs for b in s)["a"] == 2
+
+
+def test_batch_plan_weighs_blocks_by_tokens():
+    # Request 0 can share "s" (short, also in requests 2 and 3) or "L" (long, also in
+    # request 1) at its front, not both. Counted in blocks, s serves more; counted in
+    # tokens (what the cache serves), L must lead requests 0 and 1.
+    short, long_ = "s" * 8, "L" * 4000
+    items = [([short, long_], "q0"), ([long_, "a"], "q1"), ([short, "b"], "q2"), ([short, "c"], "q3")]
+    batch = cp_engine.build_batch_messages(items)
+    for i in range(2):
+        assert batch.messages[i][-1]["content"].startswith("[Doc"), i
+        assert batch.plan.contexts[i][0] == long_, i
+    assert batch.plan.contexts[2][0] == batch.plan.contexts[3][0] == short

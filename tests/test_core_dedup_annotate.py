@@ -198,3 +198,27 @@ def test_annotation_only_when_the_order_changed():
     p.commit(1, prep1)
     out2, prep2 = p.rewrite_messages([{"role": "user", "content": "q2"}], ["c", "b", "a"])
     assert prep2.order != [0, 1, 2] and ANNOTATION_HEAD in out2[0]["content"]
+
+
+def test_without_annotation_blocks_outside_a_conversation_go_unlabelled():
+    p = pipe(annotate=False)
+    out, prep = p.rewrite_messages([{"role": "user", "content": "q"}], ["b", "a", "b"])
+    text = out[0]["content"]
+    # Nothing refers to a label: no labels, and the repeat is left out, not referenced.
+    assert "[Doc" not in text and text.count("b") == 1 and text.endswith("\n\nq")
+    assert sorted(prep.order) == [0, 1, 2] and prep.token_lengths.count(0) == 1
+    assert prep.tokens_saved > 0
+    # A conversation keeps labels: a later turn's reference must name the block.
+    out, prep = p.rewrite_messages([{"role": "user", "content": "q"}], ["b", "a", "b"], conversation_id="c")
+    assert "[Doc" in out[0]["content"] and "(shown above)" in out[0]["content"]
+
+
+def test_unlabelled_requests_share_prefixes_with_batch_rendering():
+    import dataclasses
+
+    from cp_engine.api import render_planned
+    cfg = dataclasses.replace(Config(), annotate=False)
+    p = ContextPipeline(cfg)
+    prep = p.prepare(["a", "b", "c"])
+    assert prep.context_text == render_planned(["a", "b", "c"], ["a", "b", "c"], annotate=False) == "a\n\nb\n\nc"
+    assert "[Doc" in render_planned(["a", "b"], ["b", "a"], annotate=True)
