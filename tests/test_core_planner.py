@@ -265,3 +265,38 @@ def test_planning_restores_the_garbage_collector_state(enabled):
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def weighted_hits(plan, lengths):
+    return simulate(plan.scheduled(), weights=lengths).hits
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 30), min_size=1, max_size=10, unique=True), min_size=2, max_size=40),
+       st.lists(st.integers(2, 500), min_size=31, max_size=31))
+def test_weighted_plan_keeps_the_candidate_sharing_most_tokens(contexts, sizes):
+    # With token lengths the candidate trees are compared by tokens, not nodes: the
+    # one kept computes the fewest tokens, and local search never adds any.
+    lengths = dict(enumerate(sizes))
+    plan = plan_batch(contexts, token_lengths=lengths)
+    assert_valid(contexts, plan)
+    tried = plan.stats["strategies"]
+    chosen = tried[plan.stats["strategy"]]
+    if len(tried) > 1:
+        before = chosen["tree_tokens_before_local_search"]
+        assert all(before <= t["tree_tokens_before_local_search"] for t in tried.values())
+        assert chosen["tree_tokens"] <= before
+    total = sum(lengths[b] for c in contexts for b in set(c))
+    assert weighted_hits(plan, lengths) == pytest.approx(total - chosen["tree_tokens"])
+
+
+def test_weighted_plan_shares_at_least_as_many_tokens_as_each_candidate():
+    rng = random.Random(7)
+    contexts = zipf_workload(300, seed=2)
+    lengths = {b: rng.randint(20, 2000) for c in contexts for b in c}
+    plan = plan_batch(contexts, token_lengths=lengths)
+    assert len(plan.stats["strategies"]) == 2  # both candidates were built
+    got = weighted_hits(plan, lengths)
+    for strategy in ("greedy", "cluster"):
+        alone = plan_batch(contexts, token_lengths=lengths, strategy=strategy, local_search_passes=0)
+        assert got >= weighted_hits(alone, lengths)
