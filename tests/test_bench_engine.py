@@ -154,3 +154,18 @@ def test_noannot_arm_sends_the_same_plan_without_labels_or_annotation():
         user = r.messages[-1]["content"]
         assert "[Doc" not in user and "ranked by relevance" not in user
         assert all(t in user for t in rag.docs[r.tag])
+
+
+def test_token_sim_serves_whole_known_blocks_before_the_last_token():
+    from benchmarks.token_sim import prefix_cache_counts
+
+    a = list(range(10))
+    # b shares a's first 6 tokens: blocks of 4 -> one whole shared block (tokens 0-3).
+    b = a[:6] + [99, 98, 97, 96]
+    assert prefix_cache_counts([a, b], block_size=4) == (20, 4)
+    # An identical prompt: both full blocks (tokens 0-7) end before its last token.
+    assert prefix_cache_counts([a, a], block_size=4) == (20, 8)
+    # A prompt that is exactly two blocks can only reuse the first (the last token is computed).
+    assert prefix_cache_counts([a[:8], a[:8]], block_size=4) == (16, 4)
+    # A differing first block breaks the chain even when later blocks match.
+    assert prefix_cache_counts([a, [7] + a[1:]], block_size=4) == (20, 0)
