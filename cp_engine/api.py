@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterator, Sequence
 
-from .annotate import labels_for, render_annotation, render_block
+from .annotate import numbered_labels, render_annotation, render_block
 from .blocks import block_id, estimate_tokens
 from .config import Config, load_config
 from .pipeline import ContextPipeline, Prepared, validate_blocks
@@ -100,13 +100,13 @@ def render_planned(blocks: Sequence[str], planned: Sequence[str], annotate: bool
     conversation, so batch-planned and online requests still share prefixes).
     """
     ids = [block_id(t) for t in blocks]
-    labels = labels_for(ids)
+    labels = numbered_labels([block_id(t) for t in planned])
     seen: set[int] = set()
     parts = []
     for text in planned:
         b = block_id(text)
         if b not in seen:
-            parts.append(render_block(labels[b], text) if annotate else text)
+            parts.append(render_block(labels[b], text, numbered=True) if annotate else text)
             seen.add(b)
     original = list(dict.fromkeys(ids))
     # Only a changed order needs stating (see ContextPipeline.prepare).

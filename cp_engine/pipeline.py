@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Hashable, Sequence
 
-from .annotate import labels_for, render_annotation, render_block, render_reference
+from .annotate import labels_for, numbered_labels, render_annotation, render_block, render_reference
 from .blocks import block_id, estimate_tokens
 from .config import Config, load_config
 from .dedup import Deduplicator
@@ -116,24 +116,32 @@ class ContextPipeline:
             for b in rendered_ids:
                 full.append(b not in seen)
                 seen.add(b)
-        labels = labels_for(ids)
-        # Labels exist for what refers to them: the annotation, and dedup references in
-        # a conversation. Elsewhere they would only add tokens (see render_planned).
-        labelled = not plain and (cfg.annotate or conv is not None)
+        # Labels exist for what refers to them: the annotation (which needs reordering),
+        # and dedup references in a conversation. Elsewhere they would only add tokens
+        # (see render_planned). Outside a conversation nothing refers to a label from
+        # another prompt, so the short numbered scheme serves (see annotate.py).
+        labelled = not plain and ((cfg.annotate and cfg.reorder) or conv is not None)
+        numbered = conv is None
+        labels = numbered_labels(rendered_ids) if numbered else labels_for(ids)
         parts, lengths, saved = [], [], 0
         for i, is_full in zip(order, full):
             label = labels[ids[i]]
-            if labelled:
-                piece = render_block(label, texts[i]) if is_full else render_reference(label)
-            else:  # an unlabelled repeat cannot be referred to: it is simply left out
-                piece = texts[i] if is_full else ""
+            if is_full:
+                piece = render_block(label, texts[i], numbered) if labelled else texts[i]
+            elif conv is not None:  # sent in an earlier turn: say where it went
+                piece = render_reference(label, numbered)
+            else:  # a repeat inside this prompt adds nothing: left out, as render_planned does
+                piece = ""
             if piece:
                 parts.append(piece)
             n = estimate_tokens(piece) if piece else 0
             lengths.append(n)
             if not is_full:
-                saved += max(0, estimate_tokens(render_block(label, texts[i]) if labelled else texts[i]) - n)
-        reordered = order != list(range(len(order)))
+                whole = render_block(label, texts[i], numbered) if labelled else texts[i]
+                saved += max(0, estimate_tokens(whole) - n)
+        # Reordered = the distinct blocks go out in another order (swapping two copies
+        # of one block changes nothing the model could be told about).
+        reordered = list(dict.fromkeys(rendered_ids)) != list(dict.fromkeys(ids))
         # The annotation restates the original order; when the blocks go out in that
         # order it says nothing, and on a 0.5B model it cost answer F1 (quality.md).
         if cfg.annotate and cfg.reorder and not plain and reordered and len(set(ids)) > 1:

@@ -141,6 +141,9 @@ def test_cache_runs_cap_the_model_length_to_the_cache():
     assert bench_engine.cache_run_args(256, 8192)[-1] == "8192"
 
 
+from cp_engine.annotate import ANNOTATION_HEAD  # noqa: E402
+
+
 def test_noannot_arm_sends_the_same_plan_without_labels_or_annotation():
     wl = workloads.synthetic(24)
     texts = {b: f"Paragraph {b}: " + "words " * 30 for c in wl.contexts for b in c}
@@ -149,10 +152,11 @@ def test_noannot_arm_sends_the_same_plan_without_labels_or_annotation():
     annotated, _ = bench_engine.rag_requests("on+batch", rag)
     plain, _ = bench_engine.rag_requests(bench_engine.NOANNOT, rag)
     assert [r.tag for r in annotated] == [r.tag for r in plain]  # one plan, one order
-    assert any("[Doc" in r.messages[-1]["content"] for r in annotated)
+    assert any(r.messages[-1]["content"].startswith("[1] ") for r in annotated)
+    assert any(ANNOTATION_HEAD in r.messages[-1]["content"] for r in annotated)
     for r in plain:
         user = r.messages[-1]["content"]
-        assert "[Doc" not in user and "ranked by relevance" not in user
+        assert "[1] " not in user and ANNOTATION_HEAD not in user
         assert all(t in user for t in rag.docs[r.tag])
 
 

@@ -23,7 +23,7 @@ def test_build_batch_messages_covers_every_item_once():
     # the two requests sharing b and c start with the same rendered prefix
     c0, c1 = batch.messages[0][-1]["content"], batch.messages[1][-1]["content"]
     common = c0[:next((i for i, (x, y) in enumerate(zip(c0, c1)) if x != y), min(len(c0), len(c1)))]
-    assert "]\nb\n" in common and "]\nc\n" in common
+    assert "] b\n\n" in common and "] c\n\n" in common
 
 
 def test_build_messages_and_reorder_online():
@@ -60,6 +60,6 @@ def test_batch_plan_weighs_blocks_by_tokens():
     items = [([short, long_], "q0"), ([long_, "a"], "q1"), ([short, "b"], "q2"), ([short, "c"], "q3")]
     batch = cp_engine.build_batch_messages(items)
     for i in range(2):
-        assert batch.messages[i][-1]["content"].startswith("[Doc"), i
+        assert batch.messages[i][-1]["content"].startswith("[1] " + long_), i
         assert batch.plan.contexts[i][0] == long_, i
     assert batch.plan.contexts[2][0] == batch.plan.contexts[3][0] == short

@@ -2,7 +2,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cp_engine.annotate import ANNOTATION_HEAD, labels_for, parse_annotation, render_annotation
+from cp_engine.annotate import (ANNOTATION_HEAD, labels_for, numbered_labels, parse_annotation,
+                                render_annotation)
 from cp_engine.blocks import block_id, short_label
 from cp_engine.config import Config
 from cp_engine.dedup import Deduplicator
@@ -17,6 +18,17 @@ def test_annotation_recovers_original_order(ids):
     labels = labels_for(ids)
     text = "blocks...\n\n" + render_annotation([labels[b] for b in ids]) + "\n\nquestion"
     recovered = parse_annotation(text)
+    by_label = {v: k for k, v in labels.items()}
+    assert [by_label[lab] for lab in recovered] == list(dict.fromkeys(ids))
+
+
+@given(st.lists(st.integers(0, 40), max_size=30), st.randoms())
+def test_numbered_annotation_recovers_original_order(ids, rnd):
+    rendered = list(ids)
+    rnd.shuffle(rendered)
+    labels = numbered_labels(rendered)
+    assert sorted(labels.values(), key=int) == [str(n) for n in range(1, len(set(ids)) + 1)]
+    recovered = parse_annotation(render_annotation([labels[b] for b in ids]) + "\n\nquestion 12")
     by_label = {v: k for k, v in labels.items()}
     assert [by_label[lab] for lab in recovered] == list(dict.fromkeys(ids))
 
@@ -40,7 +52,13 @@ def test_rendering_is_compact():
     annotation = render_annotation([labels[b] for b in ids])
     assert all(len(lab) == 4 for lab in labels.values())
     assert "[Doc" not in annotation
-    assert len(annotation) <= len(ANNOTATION_HEAD) + 50 + 7 * len(ids)
+    assert len(annotation) <= len(ANNOTATION_HEAD) + 2 + 5 * len(ids)
+    numbered = render_annotation(list(numbered_labels(ids[::-1]).values()))
+    assert len(numbered) <= len(ANNOTATION_HEAD) + 2 + 3 * len(ids)
+    p = pipe()
+    p.commit(0, p.prepare(["x", "y"]))
+    prep = p.prepare(["y", "x"])  # aligned to the recorded order: x first, annotated
+    assert prep.context_text == "[1] x\n\n[2] y\n\n" + ANNOTATION_HEAD + " 2 1."
 
 
 @given(st.lists(st.lists(st.integers(0, 20), max_size=8), max_size=6))
@@ -92,7 +110,7 @@ def test_pipeline_round_trip_multi_turn(turn_blocks):
         for b in set(ids):
             assert f"[Doc {labels[b]}]\n" in shown  # shown in full somewhere in the prompt
         last = out[-1]["content"]
-        if len(set(ids)) > 1 and prep.order != list(range(len(blocks))):
+        if len(set(ids)) > 1 and list(dict.fromkeys(prep.block_ids)) != list(dict.fromkeys(ids)):
             assert parse_annotation(last) == [labels[b] for b in dict.fromkeys(ids)]
         else:  # sent in the original order: nothing to state
             assert parse_annotation(last) == []
@@ -221,4 +239,27 @@ def test_unlabelled_requests_share_prefixes_with_batch_rendering():
     p = ContextPipeline(cfg)
     prep = p.prepare(["a", "b", "c"])
     assert prep.context_text == render_planned(["a", "b", "c"], ["a", "b", "c"], annotate=False) == "a\n\nb\n\nc"
-    assert "[Doc" in render_planned(["a", "b"], ["b", "a"], annotate=True)
+    assert render_planned(["a", "b"], ["b", "a"], annotate=True) == f"[1] b\n\n[2] a\n\n{ANNOTATION_HEAD} 2 1."
+
+
+@settings(max_examples=60, deadline=None)
+@given(block_texts.filter(bool), block_texts.filter(bool),
+       st.booleans(), st.booleans())
+def test_online_and_batch_renderings_agree_and_share_prefixes(first, second, annotate, reorder):
+    """Outside a conversation, a request rendered online and the same order rendered by
+    the batch API are the same text, for every flag combination; two requests whose
+    rendered orders start with the same distinct blocks render that prefix identically."""
+    from cp_engine.api import render_planned
+    p = pipe(annotate=annotate, reorder=reorder)
+    preps = []
+    for blocks in (first, second):
+        prep = p.prepare(blocks)
+        planned = [blocks[i] for i in prep.order]
+        assert prep.context_text == render_planned(blocks, planned, annotate=annotate and reorder)
+        p.commit(len(preps), prep)
+        preps.append(prep)
+    a, b = (list(dict.fromkeys(x.block_ids)) for x in preps)
+    common = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if common:
+        shared = preps[0].context_text.split("\n\n")[:common]
+        assert preps[1].context_text.split("\n\n")[:common] == shared
