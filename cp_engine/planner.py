@@ -318,15 +318,20 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
     return ran
 
 
-def _tree_size(orders: list[list[int]], w: list[float] | None = None) -> float:
-    """Nodes of the prefix tree of ``orders`` (a lighter count than building a BlockTrie);
-    with ``w`` (weight per dense block id), their total weight instead.
+def _tree_size(orders: list[list[int]]) -> int:
+    """Nodes of the prefix tree of ``orders`` (see ``_tree_measure``)."""
+    return _tree_measure(orders)[0]
+
+
+def _tree_measure(orders: list[list[int]], w: list[float] | None = None) -> tuple[int, float]:
+    """(nodes, total weight) of the prefix tree of ``orders``, a lighter count than
+    building a BlockTrie; ``w`` is the weight per dense block id (None: 1 each).
 
     In sorted order each sequence shares with all earlier ones exactly its common
     prefix with its predecessor, so the tree adds its length minus that prefix; the
     sort runs in C, leaving a short Python loop per sequence.
     """
-    nodes = 0
+    nodes, weight = 0, 0.0
     prev: list[int] = []
     for order in sorted(orders):
         common = 0
@@ -334,15 +339,15 @@ def _tree_size(orders: list[list[int]], w: list[float] | None = None) -> float:
             if a != b:
                 break
             common += 1
-        nodes += len(order) - common if w is None else sum(w[b] for b in order[common:])
+        nodes += len(order) - common
+        weight += len(order) - common if w is None else sum(w[b] for b in order[common:])
         prev = order
-    return nodes
+    return nodes, weight
 
 
 def _live_weight(trie: BlockTrie) -> float:
     """Total weight of the trie's live nodes (tokens the cache must compute for them)."""
-    parent, weight = trie.parent, trie.weight
-    return sum(weight[n] for n in range(1, len(parent)) if parent[n] >= 0)
+    return sum(trie.weight[n] for n in range(1, len(trie.parent)) if trie.is_live(n))
 
 
 def _tail_order(tail: list[int], freq: list[int]) -> list[int]:
@@ -531,11 +536,9 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     built = []
     tried = {}
     for name, orders in candidates:
-        size = _tree_size(orders) if len(candidates) > 1 else 0
+        size, cost = _tree_measure(orders, w if weighted else None) if len(candidates) > 1 else (0, 0.0)
         tried[name] = {"tree_nodes_before_local_search": size + lone_count}
-        cost = size
         if weighted and len(candidates) > 1:
-            cost = _tree_size(orders, w)
             tried[name]["tree_tokens_before_local_search"] = cost + lone_weight
         built.append((cost, len(built), name, orders))
     _, _, name, orders = min(built)

@@ -220,16 +220,18 @@ def test_cpu_planning_never_imports_torch():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 5), max_size=6), max_size=12))
-def test_tree_size_counts_the_prefix_tree_nodes(orders):
-    """The sort-based count equals the node count of the prefix tree built block by block."""
-    from cp_engine.planner import _tree_size
+@given(st.lists(st.lists(st.integers(0, 5), max_size=6), max_size=12),
+       st.lists(st.integers(1, 50), min_size=6, max_size=6))
+def test_tree_size_counts_the_prefix_tree_nodes(orders, weights):
+    """The sort-based count and weight equal those of the prefix tree built block by block."""
+    from cp_engine.planner import _live_weight, _tree_measure, _tree_size
     from cp_engine.trie import BlockTrie
 
     trie = BlockTrie()
     for order in orders:
-        trie.insert(order, [1.0] * len(order))
+        trie.insert(order, [float(weights[b]) for b in order])
     assert _tree_size(orders) == trie.size
+    assert _tree_measure(orders, [float(x) for x in weights]) == (trie.size, _live_weight(trie))
 
 
 @pytest.mark.parametrize("hot_cap", [10**9, 12])
