@@ -30,12 +30,18 @@ Arms (a batched-RAG workload is sent all at once with ``--concurrency`` threads)
   (no annotation, so no block labels either): what the annotation costs in tokens.
 - ``peer``: the peer's ``contextpilot.optimize_batch`` messages in its execution order,
   sent to the plugin-off server.
+- ``off@on``: the ``off`` arm's requests again, on the plugin-on server (they pass
+  through it unmodified). A clock for that server: the two servers run minutes apart,
+  and this 2-core box's speed drifted ~10% between them (2026-11-24: the same
+  pre-rendered requests ran at 11,300 recomputed tokens/s on one server and 11,900 on
+  the other, each rate steady across arms), so time ratios of the plugin-on arms are
+  taken against ``off@on``; token ratios always against ``off``.
 
 Per arm: prompt tokens, recomputed prompt tokens (prompt - cached, from
 ``usage.prompt_tokens_details``), vLLM's prefix-cache hit ratio (``/metrics`` hits /
 queries deltas), engine prefill time (``vllm:request_prefill_time_seconds`` sum), TTFT
 (client, streaming: mean and p90), wall time and throughput, each also as a ratio vs
-``off``; beside them the bound 1 - unique/total (token-weighted, over context blocks)
+``off`` (times: vs the off arm on the same server); beside them the bound 1 - unique/total (token-weighted, over context blocks)
 and, for multi-turn, the dedup bound (share of block tokens already sent earlier in
 the session). The prefix cache is reset (``/reset_prefix_cache``, which the plugin
 mirrors into its index) before every arm.
@@ -63,10 +69,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM = "You are a helpful assistant. Answer the question from the documents."
 PREFILL, TTFT = "vllm:request_prefill_time_seconds_sum", "vllm:time_to_first_token_seconds_sum"
 NOANNOT = "on+batch-noannot"
-RAG_ARMS = ("off", "on", "on+batch", NOANNOT, "peer")
-COLORS = {"off": "#888888", "on": "#3366aa", "on+batch": "#66aadd", NOANNOT: "#99cc66", "peer": "#cc7733"}
+OFF_ON = "off@on"  # the off arm's requests on the plugin-on server: that server's clock
+RAG_ARMS = ("off", "on", "on+batch", NOANNOT, "peer", OFF_ON)
+COLORS = {"off": "#888888", "on": "#3366aa", "on+batch": "#66aadd", NOANNOT: "#99cc66", "peer": "#cc7733",
+          OFF_ON: "#bbbbbb"}
 CHAT_ARMS = ("off", "on")
-SERVER_OF = {"off": "off", "peer": "off", "on": "on", "on+batch": "on", NOANNOT: "on"}
+SERVER_OF = {"off": "off", "peer": "off", "on": "on", "on+batch": "on", NOANNOT: "on", OFF_ON: "on"}
 SERVER_ENV = {"off": {"CP_ENGINE_DISABLE": "1", "VLLM_SERVER_DEV_MODE": "1"},
               "on": {"VLLM_SERVER_DEV_MODE": "1"}}
 
@@ -148,7 +156,7 @@ def plain(blocks, question) -> list[dict]:
 
 def rag_requests(arm: str, rag: Rag) -> tuple[list[Request], float]:
     """Requests in submission order, plus client-side planning seconds."""
-    if arm == "off":
+    if arm in ("off", OFF_ON):
         return [Request(plain(d, q), tag=i) for i, (d, q) in enumerate(zip(rag.docs, rag.queries))], 0.0
     if arm == "on":
         return [Request([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
@@ -242,15 +250,22 @@ RATIO_KEYS = (("recomputed_tokens", "recomputed"), ("engine_prefill_s", "prefill
 
 
 def add_ratios(entry: dict) -> None:
-    """off/arm for costs (>1 = better), arm/off for the hit ratio."""
-    off = entry["arms"].get("off")
+    """off/arm for costs (>1 = better). Tokens against ``off``; times against the off
+    arm run on the same server (``off@on`` for plugin-on arms, when it ran), since the
+    box's speed drifts between the two servers' runs."""
+    arms = entry["arms"]
+    off = arms.get("off")
     if not off:
         return
-    for name, arm in entry["arms"].items():
+    for name, arm in arms.items():
+        clock = arms.get(OFF_ON) if SERVER_OF.get(name) == "on" else None
         rat = {}
         for key, label in RATIO_KEYS:
-            if off.get(key) and arm.get(key):
-                rat[label] = round(off[key] / arm[key], 3)
+            base = off if label == "recomputed" or clock is None else clock
+            if base.get(key) and arm.get(key):
+                rat[label] = round(base[key] / arm[key], 3)
+        if clock is not None:
+            rat["time_base"] = OFF_ON
         arm["vs_off"] = rat
 
 
@@ -272,7 +287,7 @@ def plot(doc: dict, path: Path) -> None:
     # 1: recomputed-token ratio vs off per run and arm, bound as 1/(1-bound)
     ax = axes[0]
     labels = [e["label"] for e in runs]
-    arms = [a for a in RAG_ARMS[1:] if any(a in e["arms"] for e in runs)]
+    arms = [a for a in RAG_ARMS[1:] if a != OFF_ON and any(a in e["arms"] for e in runs)]
     width = 0.8 / max(1, len(arms) + 1)
     for j, a in enumerate(arms):
         ys = [e["arms"].get(a, {}).get("vs_off", {}).get("recomputed", 0) for e in runs]
@@ -321,7 +336,7 @@ def plot(doc: dict, path: Path) -> None:
 
 def markdown(doc: dict) -> str:
     lines = ["| run | bound | arm | prompt tok | recomputed tok | recomputed off/arm | hit ratio | "
-             "prefill s (off/arm) | TTFT mean s (off/arm) | wall s (off/arm) | req/s |",
+             "prefill s (off/arm)¹ | TTFT mean s (off/arm)¹ | wall s (off/arm)¹ | req/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in doc["runs"]:
         if not e["arms"]:
@@ -340,6 +355,9 @@ def markdown(doc: dict) -> str:
                 f"{m['engine_prefill_s']:.1f}{rv('prefill')} | "
                 + (f"{m['ttft_mean_s']:.3f}{rv('ttft')}" if m.get("ttft_mean_s") is not None else "—")
                 + f" | {m['wall_s']:.1f}{rv('wall')} | {m['throughput_rps']} |")
+    lines.append("")
+    lines.append(f"¹ time ratios of plugin-on arms are against `{OFF_ON}` (the off requests on the "
+                 "plugin-on server) where it ran, otherwise against `off`.")
     return "\n".join(lines)
 
 

@@ -17,22 +17,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 ARMS = ("off", "on+batch", "on+batch-noannot", "peer")
 
 
-def prefix_cache_counts(prompts: Iterable[Sequence[int]], block_size: int = 128) -> tuple[int, int]:
-    """(prompt tokens, tokens served from cache) for prompts served in this order.
+def prefix_cache_served(prompts: Iterable[Sequence[int]], block_size: int = 128) -> list[tuple[int, int]]:
+    """(prompt tokens, tokens served from cache) per prompt, served in this order.
 
     A prompt's KV block j is served when blocks 0..j are all known (hash chain) and j
     ends before the prompt's last token; every full block is remembered afterwards.
     """
     seen: set[bytes] = set()
-    total = served = 0
+    out = []
     for ids in prompts:
-        total += len(ids)
-        chain, hit = b"", True
+        chain, hit, served = b"", True, 0
         servable = (len(ids) - 1) // block_size  # the last token is always computed
         for j in range(len(ids) // block_size):
             chunk = ",".join(map(str, ids[j * block_size:(j + 1) * block_size])).encode()
@@ -42,7 +42,47 @@ def prefix_cache_counts(prompts: Iterable[Sequence[int]], block_size: int = 128)
             else:
                 hit = False
             seen.add(chain)
-    return total, served
+        out.append((len(ids), served))
+    return out
+
+
+def prefix_cache_counts(prompts: Iterable[Sequence[int]], block_size: int = 128) -> tuple[int, int]:
+    """(prompt tokens, tokens served from cache) summed over ``prefix_cache_served``."""
+    per = prefix_cache_served(prompts, block_size)
+    return sum(n for n, _ in per), sum(c for _, c in per)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Decoder shape: what one prefill token costs (dense Llama-style layers)."""
+
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Dims":
+        heads = cfg["num_attention_heads"]
+        return cls(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
+                   cfg.get("num_key_value_heads", heads), cfg.get("head_dim") or cfg["hidden_size"] // heads)
+
+
+def prefill_flops(length: int, cached: int, d: Dims) -> float:
+    """FLOPs to compute positions ``cached .. length-1`` of one prompt.
+
+    Per token and layer: the projections and the MLP (fixed), plus attention to every
+    earlier position (QK^T and AV: 4 * heads * head_dim FLOPs per position). A token
+    behind a long cached prefix still attends to all of it, so when attention is a
+    large share (small models, long prompts) serving a prefix from cache saves a
+    smaller share of the work than of the tokens.
+    """
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    fixed = 2 * (d.hidden * (q + 2 * kv) + q * d.hidden) + 2 * 3 * d.hidden * d.ffn
+    positions = (length * (length - 1) - cached * (cached - 1)) / 2  # sum of p over computed p
+    return d.layers * (fixed * (length - cached) + 4 * q * positions)
 
 
 def arm_prompts(arm: str, rag, encode: Callable[[list], list[int]]) -> list[list[int]] | None:
@@ -62,14 +102,22 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--model", help="tokenizer/chat template directory (default: the tiny test model)")
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--dims", help="decoder shape for the prefill-work column, as hidden,ffn,layers,heads,"
+                                   "kv_heads,head_dim (default: the --model's config.json)")
     args = ap.parse_args(argv)
+
+    import json
+    from pathlib import Path
 
     from transformers import AutoTokenizer
 
     from benchmarks import bench_engine as be
     from cp_engine.devtools.vllm_server import tiny_model_dir
 
-    tok = AutoTokenizer.from_pretrained(args.model or tiny_model_dir())
+    model = args.model or tiny_model_dir()
+    tok = AutoTokenizer.from_pretrained(model)
+    dims = (Dims(*map(int, args.dims.split(","))) if args.dims
+            else Dims.from_config(json.loads((Path(model) / "config.json").read_text())))
 
     def encode(messages: list) -> list[int]:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -77,16 +125,18 @@ def main(argv=None) -> int:
 
     rag = be.rag_zipf(args.n, args.k)
     base = None
-    print(f"{rag.name}, {args.block_size}-token KV blocks, unbounded cache")
+    print(f"{rag.name}, {args.block_size}-token KV blocks, unbounded cache; prefill work for {dims}")
     for arm in [a for a in args.arms.split(",") if a]:
         prompts = arm_prompts(arm, rag, encode)
         if prompts is None:
             print(f"{arm:18s} skipped (peer unavailable)")
             continue
-        total, served = prefix_cache_counts(prompts, args.block_size)
+        per = prefix_cache_served(prompts, args.block_size)
+        total, served = sum(n for n, _ in per), sum(c for _, c in per)
         recomputed = total - served
-        base = base or (recomputed if arm == "off" else None)
-        ratio = f"  off/arm {base / recomputed:.3f}x" if base else ""
+        work = sum(prefill_flops(n, c, dims) for n, c in per)
+        base = base or ((recomputed, work) if arm == "off" else None)
+        ratio = f"  off/arm {base[0] / recomputed:.3f}x  work {work / 1e12:8.2f} TFLOP off/arm {base[1] / work:.3f}x" if base else ""
         print(f"{arm:18s} prompt {total:>10,}  cached {served:>9,}  recomputed {recomputed:>10,}{ratio}")
     return 0
 

@@ -29,6 +29,19 @@ def test_ratios_are_off_over_arm():
     assert "| rag | 0.700 | on | 1,050 | 400 | 2.00× |" in table
 
 
+def test_plugin_on_times_are_against_the_off_requests_on_the_same_server():
+    doc = _fake_doc()
+    arms = doc["runs"][0]["arms"]
+    # The plugin-on server's box ran 25% slower: its own off clock says so.
+    arms[bench_engine.OFF_ON] = {**arms["off"], "wall_s": 12.5, "engine_prefill_s": 10.0, "ttft_mean_s": 0.5}
+    arms["peer"] = {**arms["on"], "wall_s": 4.0}
+    bench_engine.add_ratios(doc["runs"][0])
+    assert arms["on"]["vs_off"] == {"recomputed": 2.0, "prefill": 2.5, "ttft": 2.5, "wall": 2.5,
+                                    "time_base": bench_engine.OFF_ON}
+    assert arms["peer"]["vs_off"]["wall"] == 2.5 and "time_base" not in arms["peer"]["vs_off"]  # off server
+    assert "off@on" in bench_engine.markdown(doc)
+
+
 def test_plan_runs_cover_k_scaling_and_cache_sizes():
     full = bench_engine.plan_runs(quick=False)
     assert sorted(r["k"] for r in full if r["kind"] == "rag_zipf" and r["k"] and not r["cache"]) == [5, 10, 20]
@@ -173,3 +186,27 @@ def test_token_sim_serves_whole_known_blocks_before_the_last_token():
     assert prefix_cache_counts([a[:8], a[:8]], block_size=4) == (16, 4)
     # A differing first block breaks the chain even when later blocks match.
     assert prefix_cache_counts([a, [7] + a[1:]], block_size=4) == (20, 0)
+
+
+@pytest.mark.parametrize("length,cached", [(1, 0), (300, 0), (300, 128), (4000, 3968)])
+def test_prefill_flops_count_the_computed_positions_only(length, cached):
+    from benchmarks.token_sim import Dims, prefill_flops
+
+    d = Dims(hidden=256, ffn=688, layers=4, heads=4, kv_heads=2, head_dim=64)
+    # Computing positions cached..length-1 = computing all minus computing the prefix.
+    assert prefill_flops(length, cached, d) == pytest.approx(prefill_flops(length, 0, d) - prefill_flops(cached, 0, d))
+    # Behind a long cached prefix a token costs more than at the start (attention).
+    if cached:
+        per_token = prefill_flops(length, cached, d) / (length - cached)
+        assert per_token > prefill_flops(1, 0, d)
+    # Hand count for one token at position 0 of a one-layer model: projections + MLP.
+    one = Dims(hidden=2, ffn=3, layers=1, heads=1, kv_heads=1, head_dim=2)
+    assert prefill_flops(1, 0, one) == 2 * (2 * (2 + 4) + 4) + 2 * 3 * 2 * 3
+
+
+def test_server_ab_rejects_unknown_servers_before_starting_any():
+    from benchmarks import bench_server_ab
+
+    with pytest.raises(SystemExit) as e:
+        bench_server_ab.main(["--servers", "off,bogus"])
+    assert e.value.code == 2
