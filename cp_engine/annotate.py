@@ -5,7 +5,7 @@ it byte-identically, hence token-identically):
 
 - numbered, ``[3]``: the block's position among the distinct blocks of the rendered
   list. It depends only on the blocks before it, so it is as shareable as a content
-  label, and it is short (4 tokens with the test tokenizer against 8). Used wherever
+  label, and it is short (3 tokens with the test tokenizer against 8). Used wherever
   the labels are only referred to inside the same prompt.
 - content, ``[Doc a3f1]``: derived from the block's content id, the same in every
   request. Used in conversations, where a later turn's dedup reference names a block
