@@ -33,7 +33,7 @@ POS = tl.constexpr(1.0e300)
 
 @triton.jit
 def _topk_kernel(Q, C, QW, QN, CN, OUT_KEY, OUT_IDX,
-                 nq, nc, Lq, Lc, c_per_split, n_splits, alpha,
+                 nq, nc, Lq, Lc, c_per_split, n_splits, ALPHA,
                  METRIC: tl.constexpr, EXCLUDE_SELF: tl.constexpr, K: tl.constexpr,
                  KP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_q = tl.program_id(0)
@@ -47,6 +47,10 @@ def _topk_kernel(Q, C, QW, QN, CN, OUT_KEY, OUT_IDX,
     top_idx = (BIG - slot[None, :]) + tl.zeros([BLOCK_Q, KP], tl.int32)
     if METRIC == 2:
         qn = tl.load(QN + q_offs, mask=q_mask, other=1).to(tl.float64)
+        # Read from memory: a Python float argument is compiled as fp32, which rounds
+        # alpha and made GPU distances differ from the reference (the interpreter keeps
+        # fp64, so only a GPU run showed it).
+        alpha = tl.load(ALPHA)
     c_begin = pid_s * c_per_split
     c_end = tl.minimum(c_begin + c_per_split, nc)
     for c0 in range(c_begin, c_end, BLOCK_C):
@@ -168,8 +172,9 @@ def launch(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self:
     out_key = torch.empty((nq, splits, k), dtype=torch.float64, device=dev)
     out_idx = torch.empty((nq, splits, k), dtype=torch.int32, device=dev)
     grid = (triton.cdiv(nq, block_q), splits)
+    alpha_t = torch.tensor([float(alpha)], dtype=torch.float64, device=dev)
     _topk_kernel[grid](q_t, c_t, qw, qn, cn, out_key, out_idx,
-                       nq, nc, q_t.shape[1], c_t.shape[1], per, splits, float(alpha),
+                       nq, nc, q_t.shape[1], c_t.shape[1], per, splits, alpha_t,
                        METRIC=METRIC_CODE[metric], EXCLUDE_SELF=bool(exclude_self), K=k, KP=kp,
                        BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=num_warps)
     return _merge(out_key.reshape(nq, splits * k), out_idx.reshape(nq, splits * k), k, metric)
