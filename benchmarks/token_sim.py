@@ -12,6 +12,7 @@ arrival timing in the server).
 
     python -m benchmarks.token_sim                 # Zipf k 10-20, N=400, tiny model
     python -m benchmarks.token_sim --n 200 --k 10 --block-size 16
+    python -m benchmarks.token_sim --model DIR --pairs-out pairs.json   # for prefill_gpu
 """
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--dims", help="decoder shape for the prefill-work column, as hidden,ffn,layers,heads,"
                                    "kv_heads,head_dim (default: the --model's config.json)")
+    ap.add_argument("--pairs-out", help="write each arm's per-prompt (prompt tokens, served from cache) "
+                                        "pairs, in send order, to this JSON file (input of benchmarks.prefill_gpu)")
     args = ap.parse_args(argv)
 
     import json
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         return tok(text, add_special_tokens=False)["input_ids"]
 
     rag = be.rag_zipf(args.n, args.k)
-    base = None
+    base, pairs = None, {}
     print(f"{rag.name}, {args.block_size}-token KV blocks, unbounded cache; prefill work for {dims}")
     for arm in [a for a in args.arms.split(",") if a]:
         prompts = arm_prompts(arm, rag, encode)
@@ -132,12 +135,16 @@ def main(argv=None) -> int:
             print(f"{arm:18s} skipped (peer unavailable)")
             continue
         per = prefix_cache_served(prompts, args.block_size)
+        pairs[arm] = per
         total, served = sum(n for n, _ in per), sum(c for _, c in per)
         recomputed = total - served
         work = sum(prefill_flops(n, c, dims) for n, c in per)
         base = base or ((recomputed, work) if arm == "off" else None)
         ratio = f"  off/arm {base[0] / recomputed:.3f}x  work {work / 1e12:8.2f} TFLOP off/arm {base[1] / work:.3f}x" if base else ""
         print(f"{arm:18s} prompt {total:>10,}  cached {served:>9,}  recomputed {recomputed:>10,}{ratio}")
+    if args.pairs_out:
+        meta = {"workload": rag.name, "tokenizer": Path(model).name, "block_size": args.block_size}
+        Path(args.pairs_out).write_text(json.dumps({"config": meta, "arms": pairs}) + "\n")
     return 0
 
 

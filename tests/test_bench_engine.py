@@ -204,6 +204,29 @@ def test_prefill_flops_count_the_computed_positions_only(length, cached):
     assert prefill_flops(1, 0, one) == 2 * (2 * (2 + 4) + 4) + 2 * 3 * 2 * 3
 
 
+def test_prefill_gpu_steps_cover_exactly_the_uncached_positions():
+    from benchmarks.prefill_gpu import plan_steps
+
+    pairs = [[10, 0], [10, 8], [5, 5], [7, 0]]  # the fully cached prompt still computes its last token
+    steps = plan_steps(pairs, step_tokens=8)
+    assert [sum(n for _, n, _ in s) for s in steps] == [8, 8, 4]  # 10 + 2 + 1 + 7 = 20 tokens
+    segments = [seg for s in steps for seg in s]
+    # (offset in step, new tokens, context after them): the first prompt spans steps 1 and 2.
+    assert segments == [(0, 8, 8), (0, 2, 10), (2, 2, 10), (4, 1, 5), (5, 3, 3), (0, 4, 7)]
+
+
+def test_prefill_gpu_stack_runs_on_cpu():
+    torch = pytest.importorskip("torch")
+    from benchmarks.prefill_gpu import DecoderStack, plan_steps
+    from benchmarks.token_sim import Dims
+
+    d = Dims(hidden=32, ffn=64, layers=2, heads=4, kv_heads=2, head_dim=8)
+    stack = DecoderStack(d, max_context=40, device="cpu")
+    for segs in plan_steps([[40, 16], [9, 0]], step_tokens=16):
+        tokens = segs[-1][0] + segs[-1][1]
+        stack.step(torch.randn(tokens, d.hidden, dtype=torch.bfloat16), segs)
+
+
 def test_server_ab_rejects_unknown_servers_before_starting_any():
     from benchmarks import bench_server_ab
 
