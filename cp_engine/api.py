@@ -62,7 +62,8 @@ def reorder(blocks: Sequence[str], pipeline: ContextPipeline | None = None, name
     """``blocks`` in the order that shares the longest prefix with what was sent before."""
     texts = validate_blocks(blocks)
     pipe = pipeline or default_pipeline()
-    order = pipe.index.best_order([block_id(t) for t in texts], namespace=namespace)
+    order = pipe.index.best_order([block_id(t) for t in texts], namespace=namespace,
+                                  token_lengths=[estimate_tokens(t) for t in texts])
     return [texts[i] for i in order]
 
 

@@ -7,10 +7,11 @@ path; each path node keeps its token span in that request's prompt so an engine
 eviction at token ``t`` maps to the first block that ends after ``t``.
 
 Contracts:
-- ``best_order(blocks)`` returns indices into ``blocks``: first the order of the
-  longest token-weighted prefix already indexed, then the other blocks, most
-  frequently seen first (so future requests can share them), ties in given order.
-  The same block set and index state always give the same order.
+- ``best_order(blocks, token_lengths=None)`` returns indices into ``blocks``: first
+  the order of the longest token-weighted prefix already indexed, then the other
+  blocks by what a later request could share of them: times seen × token length
+  (times seen alone without lengths), ties in given order. The same block set,
+  lengths and index state always give the same order.
 - ``record`` adds one reference along the request's path; ``forget`` drops it.
 - ``evict_path`` / ``evict_from_token`` remove a prefix and everything below it: the
   engine cannot hit anything under an evicted block. No node ever claims a prefix
@@ -184,6 +185,8 @@ class ContextIndex:
     def best_order(self, blocks: Sequence[Hashable], namespace: str = "",
                    token_lengths: Sequence[int] | None = None) -> list[int]:
         """Indices of ``blocks`` in the order to send them (see module contract)."""
+        if token_lengths is not None and len(token_lengths) != len(blocks):
+            raise ValueError(f"token_lengths has {len(token_lengths)} entries for {len(blocks)} blocks")
         with self._lock:
             first_pos: dict[Hashable, int] = {}
             for i, b in enumerate(blocks):
@@ -192,8 +195,15 @@ class ContextIndex:
             head = [] if node is None else [first_pos[b] for b in self._trie.blocks_to(node)[1:]]
             taken = set(head)
             freq = self._freq
-            rest = sorted((i for i in first_pos.values() if i not in taken),
-                          key=lambda i: (-freq.get(blocks[i], 0), i))
+            rest = [i for i in first_pos.values() if i not in taken]
+            if token_lengths is None:
+                rest.sort(key=lambda i: (-freq.get(blocks[i], 0), i))
+            else:
+                # Tokens, not blocks, are what the cache serves: a long block seen as
+                # often as a short one is worth more at the front. Engine benchmark
+                # (Zipf RAG, N=200-400, token_sim of the online path): 0.6-1.4% fewer
+                # recomputed tokens than ordering by count alone.
+                rest.sort(key=lambda i: (-freq.get(blocks[i], 0) * token_lengths[i], i))
             order = head + rest
             seen = set(order)
             # Repeated blocks: extra copies keep their relative order after the rest.

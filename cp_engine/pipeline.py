@@ -102,7 +102,8 @@ class ContextPipeline:
         if plain:
             order = list(range(len(texts)))
         elif cfg.reorder and not (follows_history and not self.index.knows_namespace(namespace)):
-            order = self.index.best_order(ids, namespace=namespace)
+            order = self.index.best_order(ids, namespace=namespace,
+                                          token_lengths=[estimate_tokens(t) for t in texts])
         else:
             order = list(range(len(texts)))
         rendered_ids = [ids[i] for i in order]

@@ -233,3 +233,17 @@ def test_server_ab_rejects_unknown_servers_before_starting_any():
     with pytest.raises(SystemExit) as e:
         bench_server_ab.main(["--servers", "off,bogus"])
     assert e.value.code == 2
+
+
+def test_token_sim_online_arm_aligns_a_later_request_to_an_earlier_one():
+    from types import SimpleNamespace
+
+    from benchmarks.token_sim import online_messages
+
+    a, b, c = "alpha " * 40, "bravo " * 40, "charlie " * 40
+    rag = SimpleNamespace(docs=[[a, b], [c], [b, a]], queries=["q1?", "q2?", "q3?"])
+    first, _, third = (m[-1]["content"] for m in online_messages(rag))
+    # The third request holds the first one's blocks in the other order: the index
+    # sends them in the first one's order, so the two prompts share that prefix.
+    assert first.index(a) < first.index(b) and third.index(a) < third.index(b)
+    assert first.split("q1?")[0][:200] == third.split("q3?")[0][:200]

@@ -2,6 +2,8 @@
 import random
 import threading
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 from cp_engine.index import ContextIndex
@@ -27,6 +29,20 @@ def test_best_order_prefers_longest_token_weighted_prefix():
     ix2 = ContextIndex()
     ix2.record("a", [1, 2, 3])
     assert [query[i] for i in ix2.best_order(query)][:3] == [1, 2, 3]
+
+
+def test_unindexed_blocks_go_by_shareable_tokens_when_lengths_are_given():
+    ix = ContextIndex()
+    # Block 7 seen three times, block 8 twice; neither starts an indexed path the query
+    # contains (every recorded path starts with a block the query lacks).
+    for i, seq in enumerate([[0, 7], [0, 7], [0, 7, 8], [0, 8]]):
+        ix.record(i, seq)
+    query = [9, 8, 7]
+    assert [query[i] for i in ix.best_order(query)] == [7, 8, 9]  # by count alone
+    # 8 is 10 tokens long, 7 is 2: 2 x 10 > 3 x 2, so 8 leads; 9 was never seen.
+    assert [query[i] for i in ix.best_order(query, token_lengths=[50, 10, 2])] == [8, 7, 9]
+    with pytest.raises(ValueError):
+        ix.best_order(query, token_lengths=[1, 2])
 
 
 def test_same_state_same_order_deterministic():
