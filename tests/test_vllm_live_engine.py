@@ -50,10 +50,12 @@ def rendered_order(echoed: str, blocks: list[str], names: list[str]) -> list[str
 
 
 def test_evictions_reach_the_index(server):
-    docs = {n: f"[{n}] " + words(ord(n), 220) for n in "ABC"}
+    # C longest, A shortest: once each is seen twice, the index ranks them C, B, A.
+    docs = {n: f"[{n}] " + words(ord(n), size) for n, size in zip("ABC", (200, 220, 240))}
     first = ["A", "B", "C"]
     r1 = complete(server, "Question one?", [docs[n] for n in first], echo=True)
     order1 = rendered_order(r1["choices"][0]["text"], [docs[n] for n in first], first)
+    assert order1 == first  # nothing indexed yet: the given order
     assert vs.prompt_tokens(r1) > 3 * 128  # the blocks span several KV blocks
 
     # Same set, other order: aligned to what the engine has cached (the control).
@@ -76,9 +78,10 @@ def test_evictions_reach_the_index(server):
             break
         last = now
 
-    # The evicted order is no longer offered: the request keeps its own order (ties in
-    # the index's frequency table fall back to the given order) and nothing is cached.
-    # Without eviction sync the index would still align it to ``order1``.
+    # The evicted order is no longer offered: with no indexed prefix to follow, blocks
+    # go by times seen x tokens (each seen twice, so longest first: C, B, A) and
+    # nothing is cached. Without eviction sync the index would still align it to
+    # ``order1`` (A, B, C).
     r3 = complete(server, "Question three?", [docs[n] for n in second], echo=True)
     assert vs.cached_tokens(r3) == 0
     assert rendered_order(r3["choices"][0]["text"], [docs[n] for n in second], second) == second
