@@ -200,9 +200,10 @@ class ContextIndex:
                 rest.sort(key=lambda i: (-freq.get(blocks[i], 0), i))
             else:
                 # Tokens, not blocks, are what the cache serves: a long block seen as
-                # often as a short one is worth more at the front. Engine benchmark
-                # (Zipf RAG, N=200-400, token_sim of the online path): 0.6-1.4% fewer
-                # recomputed tokens than ordering by count alone.
+                # often as a short one is worth more at the front. Zipf RAG: 0.6-1.4%
+                # fewer recomputed tokens than ordering by count alone with requests
+                # one at a time (token_sim on-seq, N=200-400), 0.5% live at N=400
+                # with 64 in flight (benchmarks/results/engine.md).
                 rest.sort(key=lambda i: (-freq.get(blocks[i], 0) * token_lengths[i], i))
             order = head + rest
             seen = set(order)
