@@ -198,7 +198,7 @@ def test_kernel_compiles_for_h100_without_a_gpu(metric):
     from cp_engine.kernels import triton_overlap as T
 
     sig = {name: "*i32" for name in ("Q", "C", "QW", "QN", "CN", "OUT_IDX")}
-    sig.update(OUT_KEY="*fp64", alpha="fp64")
+    sig.update(OUT_KEY="*fp64", ALPHA="*fp64")  # alpha travels in a buffer: a float argument would be fp32
     sig.update({name: "i32" for name in ("nq", "nc", "Lq", "Lc", "c_per_split", "n_splits")})
     const = dict(METRIC=T.METRIC_CODE[metric], EXCLUDE_SELF=True, K=16, KP=16, BLOCK_Q=64, BLOCK_C=64)
     sig.update({name: "constexpr" for name in const})
