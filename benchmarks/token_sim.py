@@ -8,8 +8,8 @@ engine's recomputed tokens exactly for the batch-planned arms (1,029,805 and 958
 and within 0.3% for off and peer, where two requests in flight together may both
 compute a block; use it to try rendering or planner changes in about a minute instead
 of a ten-minute live run. ``on-seq`` is the online "on" arm with requests arriving one
-at a time (live, 64 in flight, the count-ordered index recomputed 1.2% more than this;
-arrival order and timing).
+at a time (live, 64 in flight, it recomputed 2.0% more at N=400: arrival order and
+timing).
 
     python -m benchmarks.token_sim                 # Zipf k 10-20, N=400, tiny model
     python -m benchmarks.token_sim --n 200 --k 10 --block-size 16

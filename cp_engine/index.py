@@ -195,16 +195,14 @@ class ContextIndex:
             head = [] if node is None else [first_pos[b] for b in self._trie.blocks_to(node)[1:]]
             taken = set(head)
             freq = self._freq
-            rest = [i for i in first_pos.values() if i not in taken]
-            if token_lengths is None:
-                rest.sort(key=lambda i: (-freq.get(blocks[i], 0), i))
-            else:
-                # Tokens, not blocks, are what the cache serves: a long block seen as
-                # often as a short one is worth more at the front. Zipf RAG: 0.6-1.4%
-                # fewer recomputed tokens than ordering by count alone with requests
-                # one at a time (token_sim on-seq, N=200-400), 0.5% live at N=400
-                # with 64 in flight (benchmarks/results/engine.md).
-                rest.sort(key=lambda i: (-freq.get(blocks[i], 0) * token_lengths[i], i))
+            # Tokens, not blocks, are what the cache serves: a long block seen as often
+            # as a short one is worth more at the front. Zipf RAG: 0.6-1.4% fewer
+            # recomputed tokens than ordering by count alone with requests one at a
+            # time (token_sim on-seq, N=200-400), 0.5% live at N=400 with 64 in flight
+            # (benchmarks/results/engine.md). Without lengths every block weighs 1.
+            weight = token_lengths if token_lengths is not None else [1] * len(blocks)
+            rest = sorted((i for i in first_pos.values() if i not in taken),
+                          key=lambda i: (-freq.get(blocks[i], 0) * weight[i], i))
             order = head + rest
             seen = set(order)
             # Repeated blocks: extra copies keep their relative order after the rest.
