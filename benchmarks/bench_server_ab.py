@@ -9,10 +9,16 @@ starts): for example, what the plugin costs on traffic it does not rewrite.
 
     python -m benchmarks.bench_server_ab                      # off / on / on without the queue, 3 rounds
     python -m benchmarks.bench_server_ab --n 100 --rounds 5 --servers off,on
+    python -m benchmarks.bench_server_ab --servers on --n 400 --rounds 2 --model-shape prefill \
+        --lists off,on,on+batch,noannot,peer      # every batched-RAG arm on one server
 
-Request lists: ``off`` (the first N requests of the Zipf RAG batch, documents in
-retrieval order) and ``noannot`` (the first N of the batch plan, unlabelled), both
-plain prompts that pass through a plugin-on server unmodified.
+Request lists (``--lists``; default ``off,noannot``): the first N requests of the Zipf
+RAG batch as ``bench_engine`` sends them for an arm: ``off`` (documents in retrieval
+order), ``noannot`` (the batch plan, unlabelled), ``on+batch``, ``peer`` (plain prompts
+all, which pass through a plugin-on server unmodified) and ``on`` (``context_blocks``,
+rewritten online; only for plugin-on servers). With one server and several lists this
+is the drift-free way to time the arms against each other: the list order rotates
+every round too.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from pathlib import Path
 from benchmarks import bench_engine as be
 from benchmarks.live import run_stamp, send_all, start_server
 
+LISTS = {"off": "off", "on": "on", "on+batch": "on+batch", "noannot": be.NOANNOT, "peer": "peer"}
 SERVERS = {**be.SERVER_ENV, "nosched": {**be.SERVER_ENV["on"], "CP_ENGINE_SCHEDULE": "0"},
            "nosync": {**be.SERVER_ENV["on"], "CP_ENGINE_EVICTION_SYNC": "0"}}
 
@@ -36,25 +43,39 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=100, help="requests per list")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--lists", default="off,noannot", help=f"comma-separated, from {sorted(LISTS)}")
+    ap.add_argument("--model-shape", choices=("tiny", "prefill"), default="tiny",
+                    help="built-in random-weight model (see bench_engine --model-shape)")
     ap.add_argument("--out", default=str(be.RESULTS / "engine_ab.json"))
     args = ap.parse_args(argv)
     names = [s for s in args.servers.split(",") if s]
     unknown = [s for s in names if s not in SERVERS]
     if unknown:
         ap.error(f"unknown servers {unknown}; choose from {sorted(SERVERS)}")
+    list_names = [x for x in args.lists.split(",") if x]
+    bad = [x for x in list_names if x not in LISTS]
+    if bad:
+        ap.error(f"unknown lists {bad}; choose from {sorted(LISTS)}")
+    if "on" in list_names and any(SERVERS[s].get("CP_ENGINE_DISABLE") == "1" for s in names):
+        # A plugin-off server ignores context_blocks: it would answer without the documents.
+        ap.error("the 'on' list needs plugin-on servers only")
 
-    from cp_engine.devtools.vllm_server import tiny_model_dir
-
+    model = be.model_folder(args.model_shape)
     rag = be.rag_zipf(400)
-    lists = {"off": be.rag_requests("off", rag)[0][:args.n],
-             "noannot": be.rag_requests(be.NOANNOT, rag)[0][:args.n]}
+    lists = {x: be.rag_requests(LISTS[x], rag)[0][:args.n] for x in list_names}
+    empty = [x for x, reqs in lists.items() if not reqs]
+    if empty:
+        ap.error(f"no requests for {empty} (the peer list needs the peer's venv: benchmarks/setup_bench.sh)")
     rows = []
     with ExitStack() as stack:
-        srvs = {s: stack.enter_context(start_server(tiny_model_dir(), SERVERS[s], ["--max-model-len", "8192"]))
+        srvs = {s: stack.enter_context(start_server(model, SERVERS[s], ["--max-model-len", "8192"]))
                 for s in names}
+        for s in names:
+            be.warm_up(srvs[s], be.warmup_requests([rag], 128), args.concurrency, 2)
         for rnd in range(args.rounds):
             for s in names[rnd % len(names):] + names[:rnd % len(names)]:  # rotate who goes first
-                for lst, reqs in lists.items():
+                for lst in list_names[rnd % len(list_names):] + list_names[:rnd % len(list_names)]:
+                    reqs = lists[lst]
                     be.reset_cache(srvs[s])
                     res, wall = send_all(srvs[s].url + "/v1", srvs[s].model, reqs,
                                          concurrency=args.concurrency, max_tokens=2, stream=True)
@@ -66,11 +87,18 @@ def main(argv=None) -> int:
     summary = {f"{lst} on {s}": statistics.median(r["wall_s"] for r in rows if r["server"] == s and r["list"] == lst)
                for lst in lists for s in names}
     doc = {"config": {"n": args.n, "rounds": args.rounds, "concurrency": args.concurrency,
+                      "model_shape": args.model_shape,
                       **run_stamp("benchmarks.bench_server_ab", argv)},
            "median_wall_s": summary, "rows": rows}
+    # Fixed for plain lists; the online list's count moves a little with arrival timing.
+    tokens = {lst: statistics.median(r["recomputed_tokens"] for r in rows if r["list"] == lst) for lst in list_names}
+    doc["median_recomputed_tokens"] = tokens
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     for k, v in summary.items():
-        print(f"{k:24s} median wall {v:.2f} s")
+        lst, s = k.split(" on ")
+        base = summary.get(f"off on {s}")
+        ratio = f"  off/list: wall {base / v:.3f}x  tokens {tokens['off'] / tokens[lst]:.3f}x" if base else ""
+        print(f"{k:28s} median wall {v:7.2f} s  recomputed {tokens[lst]:>12,.0f}{ratio}")
     return 0
 
 

@@ -235,6 +235,25 @@ def test_server_ab_rejects_unknown_servers_before_starting_any():
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--lists", "off,bogus"], "unknown lists"),
+    # A plugin-off server ignores context_blocks: the online list would lose its documents.
+    (["--servers", "off,on", "--lists", "off,on"], "needs plugin-on servers only"),
+])
+def test_server_ab_rejects_bad_lists_before_starting_any(argv, says, capsys):
+    from benchmarks import bench_server_ab
+
+    with pytest.raises(SystemExit) as e:
+        bench_server_ab.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_server_ab_lists_are_the_engine_benchmarks_arms():
+    from benchmarks import bench_server_ab
+
+    assert set(bench_server_ab.LISTS.values()) <= set(bench_engine.RAG_ARMS)
+
+
 def test_token_sim_online_arm_aligns_a_later_request_to_an_earlier_one():
     from types import SimpleNamespace
 
@@ -247,3 +266,18 @@ def test_token_sim_online_arm_aligns_a_later_request_to_an_earlier_one():
     # sends them in the first one's order, so the two prompts share that prefix.
     assert first.index(a) < first.index(b) and third.index(a) < third.index(b)
     assert first.split("q1?")[0][:200] == third.split("q3?")[0][:200]
+
+
+def test_warmup_sends_plain_requests_of_the_first_rag_workload_only():
+    wl = workloads.synthetic(12)
+    texts = {b: f"Paragraph {b}." for c in wl.contexts for b in c}
+    wl.tokens = {b: workloads.estimate_tokens(t) for b, t in texts.items()}
+    rag = bench_engine.Rag("t", wl, texts, [f"q{i}" for i in range(12)])
+    chat = bench_engine.chat_sliding(2, 2, 2)
+    warm = bench_engine.warmup_requests([chat, rag], 5)
+    assert [r.tag for r in warm] == list(range(5))
+    # Plain: no plugin field, so the plugin's index learns nothing from the warm-up.
+    assert all(r.extra == {} for r in warm)
+    assert warm[0].messages == bench_engine.plain(rag.docs[0], rag.queries[0])
+    assert bench_engine.warmup_requests([chat], 5) == []
+    assert bench_engine.warmup_requests([rag], 0) == []

@@ -1,6 +1,6 @@
 """Build a tiny random-weight Llama model with a real trained tokenizer, offline.
 
-    python -m cp_engine.devtools.tiny_model OUT_DIR [--force]
+    python -m cp_engine.devtools.tiny_model OUT_DIR [--force] [--shape prefill]
 
 Contract: OUT_DIR gets a HuggingFace folder (``config.json``, safetensors weights,
 ``tokenizer.json`` + ``tokenizer_config.json`` with a ChatML-style chat template) that
@@ -8,6 +8,13 @@ vLLM and SGLang load with ``--model OUT_DIR``. Deterministic (fixed seeds, fixed
 training text: the Python standard library's own sources), no network, ~13 MB.
 A folder that already holds a complete model is left alone (``--force`` rebuilds).
 Weights are random: cache hits and prompt-token counts do not depend on them.
+Shapes (``SHAPES``): ``tiny`` (the default; tests and demos) and ``prefill``, for
+prefill wall-time benchmarks: in ``tiny`` attention to earlier positions is over half
+of a token's prefill FLOPs at the engine benchmark's prompt lengths (~3k tokens), so a
+cached prefix saves less time than tokens; ``prefill`` splits the work between
+attention and the linear layers as Qwen2.5-0.5B does there (``benchmarks.token_sim
+--dims`` predicts the same off/arm work ratios within 1%), at about the tiny model's
+cost per token. Both shapes share the tokenizer, so prompts tokenize identically.
 Needs ``transformers``, ``tokenizers`` and ``torch`` (present wherever vLLM is).
 """
 from __future__ import annotations
@@ -19,6 +26,13 @@ import sysconfig
 import tempfile
 
 VOCAB_SIZE = 8192
+# Decoder shapes by name (LlamaConfig fields).
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64),
+    "prefill": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=1, head_dim=64),
+}
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -63,13 +77,12 @@ def build_tokenizer(out_dir: str):
     return fast
 
 
-def build_model(out_dir: str, vocab_size: int, eos_id: int, bos_id: int) -> None:
+def build_model(out_dir: str, vocab_size: int, eos_id: int, bos_id: int, shape: str = "tiny") -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+    cfg = LlamaConfig(vocab_size=vocab_size, **SHAPES[shape], max_position_embeddings=8192,
                       rope_theta=10000.0, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=bos_id,
                       tie_word_embeddings=True, torch_dtype="float32")
     model = LlamaForCausalLM(cfg)
@@ -81,9 +94,31 @@ def is_built(out_dir: str) -> bool:
         glob.glob(os.path.join(out_dir, "*.safetensors")))
 
 
-def build(out_dir: str, force: bool = False) -> str:
-    """Build (or reuse) the tiny model in ``out_dir``; returns the folder path."""
+def built_shape(out_dir: str) -> str | None:
+    """Name of the shape whose fields the folder's config.json has, else None."""
+    import json
+
+    try:
+        cfg = json.loads(open(os.path.join(out_dir, "config.json")).read())
+    except (OSError, ValueError):
+        return None
+    for name, fields in SHAPES.items():
+        if all(cfg.get(k) == v for k, v in fields.items()):
+            return name
+    return None
+
+
+def build(out_dir: str, force: bool = False, shape: str = "tiny") -> str:
+    """Build (or reuse) the model of ``shape`` in ``out_dir``; returns the folder path.
+
+    A folder holding a complete model is left alone, except one of another shape of
+    ours: that is an error rather than a silent mismatch (``force`` rebuilds)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     out_dir = os.path.abspath(out_dir)
+    held = built_shape(out_dir) if is_built(out_dir) and not force else None
+    if held not in (None, shape):
+        raise ValueError(f"{out_dir} holds the {held!r} model, not {shape!r} (use force to rebuild)")
     if is_built(out_dir) and not force:
         return out_dir
     parent = os.path.dirname(out_dir)
@@ -91,7 +126,8 @@ def build(out_dir: str, force: bool = False) -> str:
     # Build beside the target and rename: concurrent test workers never see half a model.
     tmp = tempfile.mkdtemp(prefix=".tiny-model-", dir=parent)
     fast = build_tokenizer(tmp)
-    build_model(tmp, len(fast), fast.convert_tokens_to_ids("<|im_end|>"), fast.convert_tokens_to_ids("<|endoftext|>"))
+    build_model(tmp, len(fast), fast.convert_tokens_to_ids("<|im_end|>"), fast.convert_tokens_to_ids("<|endoftext|>"),
+                shape)
     if is_built(out_dir):
         import shutil
 
@@ -109,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build a tiny offline Llama model for tests and demos.")
     ap.add_argument("out_dir")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     args = ap.parse_args(argv)
-    print(build(args.out_dir, force=args.force))
+    print(build(args.out_dir, force=args.force, shape=args.shape))
     return 0
 
 
