@@ -234,9 +234,10 @@ def warmup_requests(workloads_: Sequence, count: int) -> list[Request]:
 
 
 def warm_up(srv, reqs: list[Request], concurrency: int, max_tokens: int) -> None:
-    """Untimed requests before a server's first arm: on this CPU build the first few
-    hundred requests after start ran ~10% slower than the same requests later (first arm
-    on each server), which would bill start-up cost to whichever arm goes first."""
+    """Untimed requests before a server's first arm, so start-up costs are not billed to
+    whichever arm goes first. On this 2-core box it was not enough: with 128 of them the
+    first timed arm still ran up to ~20% slower per token than the same server's later
+    arms (2026-11-24), so compare wall times with ``bench_server_ab`` (interleaved)."""
     if not reqs:
         return
     send_all(srv.url + "/v1", srv.model, reqs, concurrency=concurrency, max_tokens=max_tokens, stream=True)
