@@ -116,10 +116,10 @@ def build(out_dir: str, force: bool = False, shape: str = "tiny") -> str:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     out_dir = os.path.abspath(out_dir)
-    held = built_shape(out_dir) if is_built(out_dir) and not force else None
-    if held not in (None, shape):
-        raise ValueError(f"{out_dir} holds the {held!r} model, not {shape!r} (use force to rebuild)")
     if is_built(out_dir) and not force:
+        held = built_shape(out_dir)
+        if held not in (None, shape):
+            raise ValueError(f"{out_dir} holds the {held!r} model, not {shape!r} (use force to rebuild)")
         return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
