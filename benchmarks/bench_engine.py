@@ -65,6 +65,7 @@ from benchmarks import workloads
 from benchmarks.live import (HIT, QUERY, Remote, Request, choose_model, finish, peer_messages, plain_messages,
                              replot, run_stamp,
                              save_results, send_all, start_server)
+from cp_engine.devtools.tiny_model import SHAPES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM = "You are a helpful assistant. Answer the question from the documents."
@@ -457,7 +458,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", help="local model folder (default: the tiny offline model)")
-    ap.add_argument("--model-shape", choices=("tiny", "prefill"), default="tiny",
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default="tiny",
                     help="shape of the built-in random-weight model when no --model is given: 'prefill' "
                          "splits prefill work between attention and linear layers as Qwen2.5-0.5B does "
                          "(for wall-time ratios; cp_engine.devtools.tiny_model)")

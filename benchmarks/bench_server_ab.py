@@ -31,6 +31,7 @@ from pathlib import Path
 
 from benchmarks import bench_engine as be
 from benchmarks.live import run_stamp, send_all, start_server
+from cp_engine.devtools.tiny_model import SHAPES
 
 LISTS = {"off": "off", "on": "on", "on+batch": "on+batch", "noannot": be.NOANNOT, "peer": "peer"}
 SERVERS = {**be.SERVER_ENV, "nosched": {**be.SERVER_ENV["on"], "CP_ENGINE_SCHEDULE": "0"},
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--lists", default="off,noannot", help=f"comma-separated, from {sorted(LISTS)}")
-    ap.add_argument("--model-shape", choices=("tiny", "prefill"), default="tiny",
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default="tiny",
                     help="built-in random-weight model (see bench_engine --model-shape)")
     ap.add_argument("--out", default=str(be.RESULTS / "engine_ab.json"))
     args = ap.parse_args(argv)
