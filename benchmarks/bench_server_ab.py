@@ -63,7 +63,8 @@ def main(argv=None) -> int:
 
     model = be.model_folder(args.model_shape)
     rag = be.rag_zipf(400)
-    lists = {x: be.rag_requests(LISTS[x], rag)[0][:args.n] for x in list_names}
+    count_tokens = be.block_token_counter(model)
+    lists = {x: be.rag_requests(LISTS[x], rag, count_tokens)[0][:args.n] for x in list_names}
     empty = [x for x, reqs in lists.items() if not reqs]
     if empty:
         ap.error(f"no requests for {empty} (the peer list needs the peer's venv: benchmarks/setup_bench.sh)")

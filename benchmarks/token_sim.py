@@ -87,15 +87,17 @@ def prefill_flops(length: int, cached: int, d: Dims) -> float:
     return d.layers * (fixed * (length - cached) + 4 * q * positions)
 
 
-def arm_prompts(arm: str, rag, encode: Callable[[list], list[int]]) -> list[list[int]] | None:
-    """Token ids of ``arm``'s requests in the order bench_engine sends them."""
+def arm_prompts(arm: str, rag, encode: Callable[[list], list[int]],
+                count_tokens: Callable[[str], int] | None = None) -> list[list[int]] | None:
+    """Token ids of ``arm``'s requests in the order bench_engine sends them
+    (``count_tokens``: the batch plan's block token counts, as bench_engine passes them)."""
     from benchmarks import bench_engine as be
 
     if arm == "off":
         return [encode(be.plain(d, q)) for d, q in zip(rag.docs, rag.queries)]
     if arm == "on-seq":
         return [encode(m) for m in online_messages(rag)]
-    reqs, _ = be.rag_requests(arm, rag)
+    reqs, _ = be.rag_requests(arm, rag, count_tokens)
     return [encode(r.messages) for r in reqs] if reqs else None
 
 
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--dims", help="decoder shape for the prefill-work column, as hidden,ffn,layers,heads,"
                                    "kv_heads,head_dim (default: the --model's config.json)")
+    ap.add_argument("--estimate-tokens", action="store_true",
+                    help="plan the batch with characters/4 block lengths instead of the tokenizer's counts")
     ap.add_argument("--pairs-out", help="write each arm's per-prompt (prompt tokens, served from cache) "
                                         "pairs, in send order, to this JSON file (input of benchmarks.prefill_gpu)")
     args = ap.parse_args(argv)
@@ -142,6 +146,9 @@ def main(argv=None) -> int:
     dims = (Dims(*map(int, args.dims.split(","))) if args.dims
             else Dims.from_config(json.loads((Path(model) / "config.json").read_text())))
 
+    def count_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
     def encode(messages: list) -> list[int]:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
@@ -150,7 +157,7 @@ def main(argv=None) -> int:
     base, pairs = None, {}
     print(f"{rag.name}, {args.block_size}-token KV blocks, unbounded cache; prefill work for {dims}")
     for arm in [a for a in args.arms.split(",") if a]:
-        prompts = arm_prompts(arm, rag, encode)
+        prompts = arm_prompts(arm, rag, encode, None if args.estimate_tokens else count_tokens)
         if prompts is None:
             print(f"{arm:18s} skipped (peer unavailable)")
             continue

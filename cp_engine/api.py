@@ -18,9 +18,10 @@ server does the same rewrite (see README).
 """
 from __future__ import annotations
 
+import numbers
 import threading
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 from .annotate import numbered_labels, render_annotation, render_block
 from .blocks import block_id, estimate_tokens
@@ -115,16 +116,44 @@ def render_planned(blocks: Sequence[str], planned: Sequence[str], annotate: bool
     return "\n\n".join(parts)
 
 
+def _block_token_counts(block_lists: Sequence[Sequence[str]],
+                        count_tokens: Callable[[str], int] | None) -> dict[str, int]:
+    """Token count per distinct block text: ``count_tokens`` where given (checked), else estimates."""
+    if count_tokens is None:
+        return {t: estimate_tokens(t) for blocks in block_lists for t in blocks}
+    counts: dict[str, int] = {}
+    for blocks in block_lists:
+        for t in blocks:
+            if t not in counts:
+                n = count_tokens(t)
+                # Integral: ints and NumPy integers; a float or bool is a caller's bug.
+                if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+                    raise ValueError(f"count_tokens returned {n!r} for a block of {len(t)} characters; "
+                                     "expected a non-negative int")
+                counts[t] = int(n)
+    return counts
+
+
 def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str | None = None,
-                         config: Config | None = None) -> BatchMessages:
-    """Plan a batch of (blocks, query) pairs for prefix sharing and render each one."""
+                         config: Config | None = None,
+                         count_tokens: Callable[[str], int] | None = None) -> BatchMessages:
+    """Plan a batch of (blocks, query) pairs for prefix sharing and render each one.
+
+    ``count_tokens``: the served model's token count of a block's text, e.g.
+    ``lambda t: len(tokenizer.encode(t, add_special_tokens=False))``, called once per
+    distinct block. Without it blocks are weighed by a characters/4 estimate.
+    """
+    if count_tokens is not None and not callable(count_tokens):
+        raise TypeError(f"count_tokens must be callable (str -> int), got {type(count_tokens).__name__}")
     cfg = config or load_config()
     block_lists = [validate_blocks(blocks) for blocks, _ in items]
     # Weighted by tokens: the cache serves tokens, and a long shared block is worth
-    # more than a short one (+5% cached tokens on the engine benchmark's Zipf batch).
-    lengths = {t: estimate_tokens(t) for blocks in block_lists for t in blocks}
-    plan = plan_batch(block_lists, token_lengths=lengths) if cfg.reorder else BatchPlan(
-        contexts=[list(b) for b in block_lists], order=list(range(len(block_lists))))
+    # more than a short one (+5% cached tokens on the engine benchmark's Zipf batch;
+    # exact counts another 0.4% there, see benchmarks/results/engine.md).
+    if cfg.reorder:
+        plan = plan_batch(block_lists, token_lengths=_block_token_counts(block_lists, count_tokens))
+    else:
+        plan = BatchPlan(contexts=[list(b) for b in block_lists], order=list(range(len(block_lists))))
     messages = []
     for (blocks, query), planned in zip(items, plan.contexts):
         msgs = [{"role": "system", "content": system}] if system is not None else []

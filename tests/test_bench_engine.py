@@ -173,6 +173,40 @@ def test_noannot_arm_sends_the_same_plan_without_labels_or_annotation():
         assert all(t in user for t in rag.docs[r.tag])
 
 
+
+def test_batch_arms_plan_with_the_given_block_token_counts():
+    wl = workloads.synthetic(24)
+    texts = {b: f"Paragraph {b}: " + "words " * 30 for c in wl.contexts for b in c}
+    rag = bench_engine.Rag("t", wl, texts, [f"q{i}" for i in range(24)])
+    counted = []
+
+    def count(text):
+        counted.append(text)
+        return 7
+
+    for arm in ("on+batch", bench_engine.NOANNOT):
+        counted.clear()
+        assert bench_engine.rag_requests(arm, rag, count)[0]
+        assert set(counted) == set(texts.values()), arm
+    counted.clear()
+    bench_engine.rag_requests("off", rag, count)
+    bench_engine.rag_requests("on", rag, count)
+    assert not counted  # only the client-side plan weighs blocks
+
+
+def test_block_token_counter_uses_the_tokenizer_or_falls_back(tmp_path, capsys):
+    from cp_engine.devtools.vllm_server import tiny_model_dir
+    from transformers import AutoTokenizer
+
+    assert bench_engine.block_token_counter(None) is None
+    assert bench_engine.block_token_counter(str(tmp_path / "absent")) is None
+    assert "block tokens estimated" in capsys.readouterr().err
+    folder = tiny_model_dir()
+    count = bench_engine.block_token_counter(folder)
+    text = "A paragraph of ordinary English prose, for counting."
+    assert count(text) == len(AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"])
+
+
 def test_token_sim_serves_whole_known_blocks_before_the_last_token():
     from benchmarks.token_sim import prefix_cache_counts
 

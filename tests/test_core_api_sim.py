@@ -1,6 +1,8 @@
 """Public API and the prefix-cache simulator."""
 from collections import Counter
 
+import pytest
+
 import cp_engine
 from cp_engine.sim import PrefixCacheSim, bound, simulate
 
@@ -63,3 +65,33 @@ def test_batch_plan_weighs_blocks_by_tokens():
         assert batch.messages[i][-1]["content"].startswith("[1] " + long_), i
         assert batch.plan.contexts[i][0] == long_, i
     assert batch.plan.contexts[2][0] == batch.plan.contexts[3][0] == short
+
+
+def test_batch_plan_uses_exact_token_counts_when_given():
+    # Same choice as above, but the texts are equally long: only the caller's token
+    # counts (a tokenizer that splits "L" finely) can say that "L..." is worth more.
+    short, long_ = "s" * 40, "L" * 40
+    items = [([short, long_], "q0"), ([long_, "a"], "q1"), ([short, "b"], "q2"), ([short, "c"], "q3")]
+    calls = []
+
+    def count(text):
+        calls.append(text)
+        return 1000 if text == long_ else 3
+
+    by_estimate = cp_engine.build_batch_messages(items)
+    assert by_estimate.plan.contexts[0][0] == short
+    exact = cp_engine.build_batch_messages(items, count_tokens=count)
+    assert exact.plan.contexts[0][0] == exact.plan.contexts[1][0] == long_
+    assert sorted(calls) == sorted({t for blocks, _ in items for t in blocks})  # once per distinct block
+
+
+def test_batch_count_tokens_bad_values_are_clear_errors():
+    import numpy as np
+
+    items = [(["a", "b"], "q0"), (["b", "a"], "q1")]
+    assert cp_engine.build_batch_messages(items, count_tokens=lambda t: np.int64(2)).plan.contexts
+    for bad in (lambda t: 2.5, lambda t: -1, lambda t: True, lambda t: "3"):
+        with pytest.raises(ValueError, match="count_tokens returned"):
+            cp_engine.build_batch_messages(items, count_tokens=bad)
+    with pytest.raises(TypeError, match="count_tokens must be callable"):
+        cp_engine.build_batch_messages(items, count_tokens=7)
