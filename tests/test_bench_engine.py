@@ -315,3 +315,14 @@ def test_warmup_sends_plain_requests_of_the_first_rag_workload_only():
     assert warm[0].messages == bench_engine.plain(rag.docs[0], rag.queries[0])
     assert bench_engine.warmup_requests([chat], 5) == []
     assert bench_engine.warmup_requests([rag], 0) == []
+
+
+def test_served_model_name_is_none_without_a_reachable_server(capsys):
+    import socket
+
+    assert bench_engine.served_model_name(None) is None
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert bench_engine.served_model_name(f"http://127.0.0.1:{port}") is None
+    assert "no model id from" in capsys.readouterr().err
