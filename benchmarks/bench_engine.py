@@ -26,7 +26,8 @@ Arms (a batched-RAG workload is sent all at once with ``--concurrency`` threads)
   the plugin reorders online (arrival order), dedups, annotates, orders the waiting queue.
 - ``on+batch``: ``cp_engine.build_batch_messages`` planned client-side for the whole batch,
   sent in its execution order to the plugin-on server; blocks weighed by the served
-  model's token counts (``--tokenizer``, default the model folder; else estimated).
+  model's token counts (``--tokenizer``, default the model folder or the ``--url-on``
+  server's model id; characters/4 estimates when it cannot be loaded here).
 - ``on+batch-noannot``: the same plan rendered with ``CP_ENGINE_ANNOTATE=0`` semantics
   (no annotation, so no block labels either): what the annotation costs in tokens.
 - ``peer``: the peer's ``contextpilot.optimize_batch`` messages in its execution order,
