@@ -18,13 +18,12 @@ server does the same rewrite (see README).
 """
 from __future__ import annotations
 
-import numbers
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 from .annotate import numbered_labels, render_annotation, render_block
-from .blocks import block_id, estimate_tokens
+from .blocks import block_id, estimate_tokens, token_lengths
 from .config import Config, load_config
 from .pipeline import ContextPipeline, Prepared, validate_blocks
 from .planner import BatchPlan, plan_batch
@@ -119,19 +118,9 @@ def render_planned(blocks: Sequence[str], planned: Sequence[str], annotate: bool
 def _block_token_counts(block_lists: Sequence[Sequence[str]],
                         count_tokens: Callable[[str], int] | None) -> dict[str, int]:
     """Token count per distinct block text: ``count_tokens`` where given (checked), else estimates."""
-    if count_tokens is None:
-        return {t: estimate_tokens(t) for blocks in block_lists for t in blocks}
-    counts: dict[str, int] = {}
-    for blocks in block_lists:
-        for t in blocks:
-            if t not in counts:
-                n = count_tokens(t)
-                # Integral: ints and NumPy integers; a float or bool is a caller's bug.
-                if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-                    raise ValueError(f"count_tokens returned {n!r} for a block of {len(t)} characters; "
-                                     "expected a non-negative int")
-                counts[t] = int(n)
-    return counts
+    distinct = list(dict.fromkeys(t for blocks in block_lists for t in blocks))
+    given = None if count_tokens is None else [count_tokens(t) for t in distinct]
+    return dict(zip(distinct, token_lengths(distinct, given)))
 
 
 def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str | None = None,

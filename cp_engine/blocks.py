@@ -10,6 +10,7 @@ Contract:
 from __future__ import annotations
 
 import hashlib
+import numbers
 from typing import Hashable, Iterable, Sequence
 
 BlockId = int
@@ -62,7 +63,8 @@ def token_lengths(blocks: Sequence[Hashable], given: Sequence[int] | None = None
         raise ValueError(f"token_lengths has {len(given)} entries for {len(blocks)} blocks")
     out = []
     for n in given:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        # Integral: ints and NumPy integers; a float, bool or string is a caller's bug.
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise ValueError(f"token lengths must be non-negative ints, got {n!r}")
-        out.append(n)
+        out.append(int(n))
     return out

@@ -91,7 +91,7 @@ def test_batch_count_tokens_bad_values_are_clear_errors():
     items = [(["a", "b"], "q0"), (["b", "a"], "q1")]
     assert cp_engine.build_batch_messages(items, count_tokens=lambda t: np.int64(2)).plan.contexts
     for bad in (lambda t: 2.5, lambda t: -1, lambda t: True, lambda t: "3"):
-        with pytest.raises(ValueError, match="count_tokens returned"):
+        with pytest.raises(ValueError, match="token lengths must be non-negative ints"):
             cp_engine.build_batch_messages(items, count_tokens=bad)
     with pytest.raises(TypeError, match="count_tokens must be callable"):
         cp_engine.build_batch_messages(items, count_tokens=7)
