@@ -10,7 +10,7 @@ F1 / exact match (HotpotQA's rule: yes/no answers only count when exact); 95%
 percentile-bootstrap intervals per arm and for each arm's paired difference to off.
 
 One plugin-on server answers every arm; requests without ``context_blocks`` pass
-through it byte-identical (tests/test_vllm_live.py), so ``off`` and ``peer`` see
+through it byte-identical (tests/live/test_vllm_live.py), so ``off`` and ``peer`` see
 exactly the prompt plain vLLM sees. Arms:
 
 - ``off``: the documents in retrieval order in the user turn (a client without the plugin).

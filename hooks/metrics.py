@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 __all__ = ["COUNTERS", "inc", "value", "snapshot", "merge", "reset", "export_prometheus"]
 
-# name -> help text; every name the hooks increment must be here (tests/test_hooks_metrics.py
+# name -> help text; every name the hooks increment must be here (tests/unit/test_hooks_metrics.py
 # scans hooks/ for metrics.inc calls), so /metrics documents each counter.
 COUNTERS: dict[str, str] = {
     "requests_rewritten": "Requests whose context blocks cp_engine rendered into the prompt.",

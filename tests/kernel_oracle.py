@@ -1,6 +1,6 @@
 """Plain-Python oracle for cp_engine.kernels.topk_overlap (pairwise loops, no numpy).
 
-Shared by tests/test_kernels.py and tests/test_kernels_triton.py. Written from the
+Shared by tests/unit/test_kernels.py and tests/unit/test_kernels_triton.py. Written from the
 formulas in the topk_overlap docstring, independently of the NumPy reference.
 """
 from __future__ import annotations

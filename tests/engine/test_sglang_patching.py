@@ -128,13 +128,13 @@ if __name__ == "__main__":
 
 
 def _spawn(tmp_path, use_entry_point: bool, no_site: bool) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     head = ""
     if no_site:  # site off: no .pth runs, here or in the spawned child (spawn passes -S on)
-        head = (f"import sys; sys.path[:0] = [{root!r}, {os.path.dirname(os.path.abspath(__file__))!r}]; "
+        head = (f"import sys; sys.path[:0] = [{root!r}, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}]; "
                 f"sys.path.append({sysconfig.get_paths()['purelib']!r})\n")
     else:
-        head = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        head = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
     script = tmp_path / "spawn_check.py"
     script.write_text(head + _SPAWN.replace("POLICY", POLICY).replace("USE_EP", str(use_entry_point)))
     cmd = [sys.executable] + (["-S"] if no_site else []) + [str(script)]

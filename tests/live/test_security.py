@@ -27,7 +27,7 @@ from cp_engine.hooks.tenant import tenant_key, tenant_of_request
 from vllm_server import VllmServer, module_server
 from vllm_server import post_chat as _post
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARKER = "zq7Xmarker" + "".join(random.Random(7).choice("abcdefghijk") for _ in range(12))
 
 

@@ -27,7 +27,7 @@ from vllm_server import VllmServer, post_chat, started, tiny_model_dir, vllm_ava
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHAT_MOD = "vllm.entrypoints.openai.chat_completion.serving"
 
 

@@ -25,7 +25,7 @@ from sglang_support import build_tiny_model, require_sglang
 require_sglang()
 
 pytestmark = pytest.mark.sglang
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM = "Answer from the documents."
 BLOCKS = [f"Document {name}: " + (f"{name} facts and figures. " * 12) for name in ("red", "green", "blue")]
 MAX_TOTAL_TOKENS = 4096

@@ -20,7 +20,7 @@ from vllm_server import vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHAT_MOD = "vllm.entrypoints.openai.chat_completion.serving"
 SCHED_MOD = "vllm.v1.core.sched.scheduler"
 

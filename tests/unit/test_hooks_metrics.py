@@ -11,7 +11,7 @@ import os
 
 from cp_engine.hooks import metrics
 
-HOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hooks")
+HOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "hooks")
 
 
 def _incremented() -> dict[str, list[str]]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from cp_engine.config import markdown_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sections():

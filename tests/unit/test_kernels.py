@@ -18,7 +18,7 @@ from cp_engine.kernels import BackendUnavailable, pack_lists, pack_pair, topk_ov
 from kernel_oracle import as_pairs, oracle_partners, oracle_topk, pairs_of
 
 METRICS = ("overlap", "prefix", "distance")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---------------------------------------------------------------- packing
