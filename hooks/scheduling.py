@@ -16,12 +16,7 @@ Contract:
 - cost: ``add`` / ``remove`` are O(d log c) and ``pop`` / ``peek`` amortised
   O(d log c) (d = key depth, c = siblings), independent of the number waiting.
 
-``schedule_order`` sorts a whole list once (SGLang's ``calc_priority``). For long
-lists it can find the last served request's group with the prefix-scoring kernel
-(``cp_engine.kernels.topk_overlap``, metric ``prefix``): every waiting key is scored
-against the last served key and the items are walked deepest shared prefix first.
-Same order as the radix walk (tested on random inputs); off unless a list reaches
-``KERNEL_MIN_WAITING`` (see there: never on the CPU).
+``schedule_order`` sorts a whole list once (SGLang's ``calc_priority``).
 """
 from __future__ import annotations
 
@@ -32,17 +27,7 @@ from typing import Callable, Generic, Hashable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["KERNEL_MIN_WAITING", "PrefixScheduler", "schedule_order", "chained_key", "truncated_key"]
-
-# Waiting requests from which ``schedule_order`` scores the keys against the last
-# served key with the kernel instead of walking the radix groups. None = never.
-# Measured (``python -m benchmarks.bench_queue --kernel``, benchmarks/results/kernels.md):
-# on the 2-core CPU the kernel path is slower at every length from 64 to 50,000 waiting
-# requests: turning hashable key parts into dense ids alone costs more than the whole
-# pure-Python walk. On a GPU it would not change: the path asks for every key's score
-# (k = queue length) and the Triton kernel keeps at most MAX_K = 128 per query, so auto
-# stays on NumPy there too; a score-all kernel would be needed first.
-KERNEL_MIN_WAITING: int | None = None
+__all__ = ["PrefixScheduler", "schedule_order", "chained_key", "truncated_key"]
 
 
 def chained_key(hashes: Sequence[Hashable], dense: int = 32, max_depth: int = 128) -> tuple:
@@ -318,8 +303,6 @@ def schedule_order(
     now: float | None = None,
     max_wait_s: float = 2.0,
     last_key: Sequence[Hashable] | None = None,
-    kernel_min_waiting: int | None = KERNEL_MIN_WAITING,
-    backend: str | None = None,
 ) -> list[int]:
     """Serving order (indices into ``keys``) for a whole waiting list at once.
 
@@ -329,9 +312,6 @@ def schedule_order(
     The result equals popping every item from a ``PrefixScheduler`` frozen at ``now``
     (aged items first in arrival order, then depth-first from the last one served),
     computed in one pass without the per-pop bookkeeping.
-    ``kernel_min_waiting`` / ``backend``: from that many keys (None: never) the group
-    of the last served key is found with the prefix kernel on ``backend`` (see
-    ``KERNEL_MIN_WAITING``); the order is the same either way.
     """
     n = len(keys)
     live = bytearray(b"\x01") * n
@@ -351,34 +331,8 @@ def schedule_order(
     tuples = [k if isinstance(k, tuple) else tuple(k) for k in keys]
     cursor = tuple(last_key) if last_key is not None else None
     out = list(aged)
-    if cursor and kernel_min_waiting is not None and n >= kernel_min_waiting:
-        # Deepest shared prefix with the last served key first; inside one depth the
-        # plain walk (its own items, then the other groups, largest first).
-        for depth, members in _by_cursor_depth(tuples, ranked, cursor, backend):
-            _walk(tuples, live, members, depth, None, out)
-    else:
-        _walk(tuples, live, ranked, 0, cursor, out)
+    _walk(tuples, live, ranked, 0, cursor, out)
     return out
-
-
-def _by_cursor_depth(keys: list[tuple], items: list[int], cursor: tuple, backend: str | None):
-    """``items`` grouped by the length of their common prefix with ``cursor`` (scored
-    by the prefix kernel), deepest first, arrival order kept inside a group."""
-    from cp_engine.kernels import topk_overlap
-
-    dense: dict = {}
-    as_ids = [[dense.setdefault(p, len(dense)) for p in keys[i]] for i in items]
-    cur = [dense.setdefault(p, len(dense)) for p in cursor]
-    top = topk_overlap([cur], as_ids, len(items), metric="prefix", backend=backend)
-    depth = [0] * len(items)
-    for row, score in zip(top.indices[0].tolist(), top.scores[0].tolist()):
-        if row < 0:
-            break
-        depth[row] = score
-    groups: dict[int, list[int]] = {}
-    for pos, i in enumerate(items):
-        groups.setdefault(depth[pos], []).append(i)
-    return sorted(groups.items(), reverse=True)
 
 
 def _walk(keys: list[tuple], live: bytearray, items: list[int], k: int, cursor: tuple | None,
