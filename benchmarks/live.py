@@ -157,7 +157,7 @@ def send_all(url: str, model: str, reqs: Sequence[Request], concurrency: int = 8
 
 def plain_messages(system: str, blocks: Sequence[str], question: str, history: Sequence[dict] = ()) -> list[dict]:
     """What a client without the plugin sends: documents joined in retrieval order, then the question."""
-    from cp_engine.hooks.marking import fallback_messages, find_marks
+    from cp_engine.marking import fallback_messages, find_marks
 
     msgs = [{"role": "system", "content": system}, *history, {"role": "user", "content": question}]
     return fallback_messages(find_marks({"context_blocks": list(blocks)}, msgs))

@@ -22,7 +22,7 @@ import sys
 import time
 
 from cp_engine.devtools.vllm_server import VllmServer, cached_tokens, prompt_tokens, tiny_model_dir
-from cp_engine.hooks.marking import fallback_messages, find_marks
+from cp_engine.marking import fallback_messages, find_marks
 
 SYSTEM = "You are a helpful assistant. Answer from the documents."
 _WORDS = ("river mountain library engine market garden signal window harbor planet theory lantern "

@@ -35,7 +35,7 @@ from typing import Any
 
 import requests
 
-from cp_engine.hooks.marking import fallback_messages, find_marks
+from cp_engine.marking import fallback_messages, find_marks
 
 from .procstats import tree_stats
 

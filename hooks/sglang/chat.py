@@ -1,6 +1,6 @@
 """Context-block rewrite in SGLang's OpenAI chat path (``OpenAIServingChat``).
 
-Client interface (same as the vLLM adapter, see ``hooks.marking``): top-level
+Client interface (same as the vLLM adapter, see ``cp_engine.marking``): top-level
 ``context_blocks`` (list of str) and optional ``conversation_id`` sent through the
 openai client's ``extra_body``, or text content parts flagged ``"cp_block": true``.
 
@@ -34,7 +34,8 @@ import threading
 import uuid
 from typing import Any, Callable
 
-from .. import faults, marking, metrics
+from cp_engine import marking
+from .. import faults, metrics
 from ..acceptance import PendingCommit, accept_on_first_chunk
 from ..tenant import tenant_of_request
 from . import hints as _hints

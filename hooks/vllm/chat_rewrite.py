@@ -6,7 +6,7 @@ the parsed request (``model_extra`` keeps our fields) and the HTTP headers, befo
 templating; the render path below it moved between releases (``OnlineRenderer`` in
 0.32), this method did not.
 
-Contract for each request (see ``hooks.marking`` for how blocks are marked):
+Contract for each request (see ``cp_engine.marking`` for how blocks are marked):
 - unmarked: not touched at all (byte-identical prompt);
 - malformed marks: an HTTP 400 ``ErrorResponse`` naming the field, engine untouched;
 - marked: messages rewritten by ``ContextPipeline.rewrite_messages`` (blocks in the
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from cp_engine.marking import InvalidBlocks, Marks, fallback_messages, find_marks, prefix_tokens
 from .. import faults, ledger, metrics, runtime
 from ..acceptance import PendingCommit
-from ..marking import InvalidBlocks, Marks, fallback_messages, find_marks, prefix_tokens
 from ..tenant import tenant_of_request
 from .serving_patch import MethodPatch
 from .staging import stage

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from cp_engine.marking import BLOCKS_FIELD, InvalidBlocks
 from .. import faults, ledger, metrics, runtime
 from ..acceptance import PendingCommit
-from ..marking import BLOCKS_FIELD, InvalidBlocks
 from ..tenant import tenant_of_request
 from .serving_patch import MethodPatch
 from .staging import stage

@@ -25,7 +25,7 @@ import time
 import pytest
 
 from benchmarks.reliability.servers import plugin_server_kwargs, started
-from cp_engine.hooks.marking import fallback_messages, find_marks
+from cp_engine.marking import fallback_messages, find_marks
 from vllm_server import VllmServer, vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]

@@ -1,7 +1,7 @@
 """Fuzzing (issue 7, item 2): the request-parsing / rewrite layer with hypothesis, and a
 short run of the live request fuzzer (``benchmarks/reliability/fuzz_live.py``).
 
-Oracle of the pure layer (``hooks.marking.find_marks`` → ``ContextPipeline``):
+Oracle of the pure layer (``cp_engine.marking.find_marks`` → ``ContextPipeline``):
 every payload is either rejected with ``InvalidBlocks`` (the HTTP 400 path, with a
 message naming the field), or passes through (unmarked: ``None``), or is rewritten;
 nothing else is raised, inputs are never mutated, a rewrite keeps every block's text
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from benchmarks.reliability.payloads import payload
 from cp_engine.config import Config
 from cp_engine.hooks.debugview import index_status
-from cp_engine.hooks.marking import InvalidBlocks, find_marks
+from cp_engine.marking import InvalidBlocks, find_marks
 from cp_engine.pipeline import ContextPipeline
 
 INVARIANTS = ("refs_negative", "unowned", "child_over_parent", "unreachable")

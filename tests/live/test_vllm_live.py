@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from cp_engine.hooks.marking import fallback_messages, find_marks
+from cp_engine.marking import fallback_messages, find_marks
 from vllm_server import VllmServer, cached_tokens, prompt_tokens, tiny_model_dir, vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]

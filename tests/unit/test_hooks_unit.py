@@ -9,7 +9,7 @@ import pytest
 
 from cp_engine.config import Config
 from cp_engine.hooks import bootstrap, faults, ledger, metrics
-from cp_engine.hooks.marking import InvalidBlocks, fallback_messages, find_marks
+from cp_engine.marking import InvalidBlocks, fallback_messages, find_marks
 from cp_engine.hooks.vllm import xargs
 from cp_engine.hooks.wrapping import bind_args, is_wrapped, unwrap_method, wrap_method
 from cp_engine.pipeline import ContextPipeline
@@ -275,7 +275,7 @@ def test_cp_ends_track_real_token_positions_with_a_real_tokenizer():
     from transformers import AutoTokenizer
 
     from cp_engine.devtools.vllm_server import tiny_model_dir
-    from cp_engine.hooks.marking import prefix_tokens
+    from cp_engine.marking import prefix_tokens
     from cp_engine.hooks.tokenratio import TokenRatio
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir())
