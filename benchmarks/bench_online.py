@@ -2,8 +2,6 @@
 
     nice -n 5 python -m benchmarks.bench_online                 # zipf 100k + HotpotQA if cached
     python -m benchmarks.bench_online --indexed 20000 --measured 2000   # quick
-    nice -n 5 python -m benchmarks.bench_online --crossover     # kernel path vs trie walk
-    python -m benchmarks.bench_online --crossover --backend triton   # the same on a CUDA GPU
 
 Replays requests the way the API server does (``ContextPipeline.prepare`` then
 ``commit``): ``best_order(blocks)`` (the query, timed), then ``record`` of the
@@ -21,14 +19,7 @@ Workloads: ``zipf`` = ``benchmarks.workloads.synthetic`` (the peer's synthetic R
 workload: 2,000 docs, Zipf s = 1, 10–20 docs per request); ``hotpotqa`` = the cached
 BM25 top-10 contexts of HotpotQA questions (``benchmarks/.cache``; skipped when absent),
 cycled in a seeded shuffle to reach the request count (the question pool is 7,405).
-Writes ``benchmarks/results/online.json`` (``--crossover``: ``online_crossover.json``).
-
-``--crossover`` measures what ``cp_engine.index.KERNEL_MIN_REQUESTS`` is set from: at
-growing index sizes (zipf), per query, the budgeted trie walk alone vs the kernel
-candidate search alone (``topk_overlap`` over the packed view + following the top
-paths) vs both (what best_order does with the kernel path on), best of three wall
-times per query, and the token weight of the head each finds. The packed view's
-repack time (every tenth of the index recorded) is reported separately.
+Writes ``benchmarks/results/online.json``.
 """
 from __future__ import annotations
 
@@ -131,58 +122,6 @@ def replay(requests, tokens, indexed: int, measured: int, max_nodes: int, budget
             "hit_tokens": hit / max(total, 1)}
 
 
-def crossover(sizes: list[int], queries: int = 500, backend: str = "numpy") -> list[dict]:
-    from cp_engine.index import _NS, _deepest_contained
-
-    requests, tokens = zipf_requests(max(sizes) + queries)
-    probe = requests[max(sizes): max(sizes) + queries]
-    ix = ContextIndex(max_nodes=1 << 30, kernel_backend=backend)
-    rows, done = [], 0
-    pc = time.perf_counter
-    for size in sizes:
-        for i in range(done, size):
-            blocks = requests[i]
-            order = ix.best_order(blocks)
-            ix.record(i, [blocks[j] for j in order], token_lengths=[tokens.get(blocks[j], 1) for j in order])
-        done = size
-        trie, ns = ix._trie, ix._trie.children[0][(_NS, "")]
-        t0 = pc()
-        ix._view = None
-        ix._packed_view()
-        repack = pc() - t0
-        walk_t, kern_t, both_t = [], [], []
-        w = {"walk": 0.0, "kernel": 0.0, "both": 0.0}
-        for blocks in probe:
-            fp = dict.fromkeys(blocks)
-            times = {"walk": [], "kernel": [], "both": []}
-            for _ in range(3):
-                t0 = pc()
-                a = _deepest_contained(trie, fp, ns, ix.search_budget)
-                t1 = pc()
-                b = ix._kernel_deepest(fp, "", ns)
-                t2 = pc()
-                c = ix._kernel_deepest(fp, "", _deepest_contained(trie, fp, ns, ix.search_budget))
-                t3 = pc()
-                times["walk"].append(t1 - t0)
-                times["kernel"].append(t2 - t1)
-                times["both"].append(t3 - t2)
-            walk_t.append(min(times["walk"]))
-            kern_t.append(min(times["kernel"]))
-            both_t.append(min(times["both"]))
-            for key, node in (("walk", a), ("kernel", b), ("both", c)):
-                w[key] += trie.depth_weight[node]
-        row = {"requests": size, "nodes": len(ix), "repack_ms": repack * 1e3, "walk": _pcts(walk_t),
-               "kernel": _pcts(kern_t), "walk_plus_kernel": _pcts(both_t),
-               "head_tokens": w, "kernel_gain": w["both"] / max(w["walk"], 1e-9) - 1}
-        rows.append(row)
-        print(f"index={size:7d} repack={row['repack_ms']:8.1f} ms  walk p50/p99="
-              f"{row['walk']['p50_ms']:.3f}/{row['walk']['p99_ms']:.3f}  kernel="
-              f"{row['kernel']['p50_ms']:.3f}/{row['kernel']['p99_ms']:.3f}  both="
-              f"{row['walk_plus_kernel']['p50_ms']:.3f}/{row['walk_plus_kernel']['p99_ms']:.3f} ms  "
-              f"head tokens walk={w['walk']:.0f} kernel={w['kernel']:.0f} both={w['both']:.0f}", flush=True)
-    return rows
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--indexed", type=int, default=100_000)
@@ -190,18 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workloads", default="zipf,hotpotqa")
     ap.add_argument("--budget", type=int, default=None, help="ContextIndex search_budget (default: its own)")
     ap.add_argument("--configs", default="all,bound", help="all: nothing trimmed; bound: Config().index_max_nodes")
-    ap.add_argument("--crossover", action="store_true", help="kernel candidate search vs trie walk")
-    ap.add_argument("--sizes", default="1000,4000,16000,64000,100000", help="--crossover index sizes")
-    ap.add_argument("--backend", default="numpy", choices=("numpy", "triton"), help="--crossover kernel backend")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.crossover:
-        out = Path(args.out or RESULTS / "online_crossover.json")
-        rows = crossover([int(x) for x in args.sizes.split(",")], backend=args.backend)
-        out.write_text(json.dumps({"host": platform.node(), "cpu_count": os.cpu_count(), "backend": args.backend,
-                                   "rows": rows}, indent=1))
-        print("wrote", out)
-        return 0
     n = args.indexed + args.measured
     result = {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
               "target_p99_ms": TARGET_P99_MS, "runs": []}

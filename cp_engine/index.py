@@ -19,14 +19,6 @@ Contracts:
 - At most ``max_nodes`` nodes: beyond that, least recently used requests are
   forgotten (their unshared tails are the engine's least recently used leaves).
 - All public methods are thread-safe.
-
-Kernel path (``kernel_min_requests``): once the index holds that many requests, a
-query is also scored against a packed view of the most recently recorded paths with
-``cp_engine.kernels.topk_overlap`` (metric ``overlap``); the ``KERNEL_CANDIDATES``
-best paths are followed in the trie as far as their blocks are in the query, and the
-deeper of that and the budgeted trie walk wins (same key as the walk: path weight,
-recency, older node). The head is therefore never shorter than the walk's, and equal
-to it whenever the walk is exhaustive. Off by default: see ``KERNEL_MIN_REQUESTS``.
 """
 from __future__ import annotations
 
@@ -38,19 +30,6 @@ from typing import Hashable, Iterable, Sequence
 from .trie import ROOT, BlockTrie
 
 _NS = "\x00ns"  # namespace nodes are keyed by (_NS, name): never equal to a block id
-
-# Requests held from which best_order also runs the kernel candidate search. None =
-# never. Measured on the 2-core CPU (``python -m benchmarks.bench_online --crossover``,
-# benchmarks/results/online.md): the trie walk is bounded by its budget (median 0.03 ms
-# at 1k requests, 0.27 ms at 100k), the NumPy kernel path grows with the index and is
-# 5-8x slower at every size from 1k to 100k for at most +0.2 % head tokens, so the
-# CPU threshold is "never". A GPU run of the same command decides
-# whether the Triton backend earns a threshold; until then the path is opt-in. Its
-# view is repacked under the lock every tenth of the index (3.4 s at 100k requests on
-# this CPU): move that off the request path before turning it on anywhere.
-KERNEL_MIN_REQUESTS: int | None = None
-KERNEL_CANDIDATES = 8  # paths taken from the kernel's top-k and followed in the trie
-KERNEL_VIEW_MAX = 100_000  # most recent request paths kept in the packed view
 
 
 @dataclass
@@ -116,8 +95,7 @@ def _deepest_contained(trie: BlockTrie, members, start: int, budget: int) -> int
 
 class ContextIndex:
     def __init__(self, max_nodes: int = 200_000, max_tracked_blocks: int = 1_000_000,
-                 search_budget: int = 128, kernel_min_requests: int | None = KERNEL_MIN_REQUESTS,
-                 kernel_backend: str | None = None):
+                 search_budget: int = 128):
         if max_nodes < 1:
             raise ValueError("max_nodes must be >= 1")
         self.max_nodes = max_nodes
@@ -134,11 +112,6 @@ class ContextIndex:
         self._clock = 0
         self._lock = threading.RLock()
         self.evicted_nodes = 0
-        self.kernel_min_requests = kernel_min_requests
-        self.kernel_backend = kernel_backend
-        self._view = None  # (PackedLists of recent paths, their request ids)
-        self._view_stale = 0  # records since the view was packed
-        self.kernel_wins = 0  # queries where the kernel found a deeper head (observability)
 
     # -- introspection ---------------------------------------------------------
     def __len__(self) -> int:
@@ -214,68 +187,7 @@ class ContextIndex:
         ns = self._trie.children[ROOT].get((_NS, namespace))
         if ns is None or not first_pos:
             return None
-        node = _deepest_contained(self._trie, first_pos, ns, self.search_budget)
-        if self.kernel_min_requests is not None and len(self._requests) >= self.kernel_min_requests:
-            node = self._kernel_deepest(first_pos, namespace, node)
-        return node
-
-    def _kernel_deepest(self, first_pos: dict, namespace: str, walked: int) -> int:
-        """The deeper of ``walked`` and the nodes reached by following the paths the
-        overlap kernel ranks best (lock held)."""
-        from cp_engine.kernels import pack_lists, topk_overlap
-
-        try:
-            view = self._packed_view()
-            if view is None:
-                return walked
-            packed, rids = view
-            top = topk_overlap(pack_lists([list(first_pos)], vocab=packed.vocab), packed, KERNEL_CANDIDATES,
-                               metric="overlap", backend=self.kernel_backend)
-        except (TypeError, ValueError, OverflowError):
-            return walked  # block ids that are not 64-bit integers: the walk alone answers
-        trie = self._trie
-        last_use, dweight = trie.last_use, trie.depth_weight
-        best, best_key = walked, (dweight[walked], last_use[walked], -walked)
-        for row in top.indices[0]:
-            rec = self._requests.get(rids[row]) if row >= 0 else None
-            if rec is None or rec.namespace != namespace:
-                continue
-            node = None
-            for n, g in zip(rec.nodes[1:], rec.gens[1:]):
-                if not trie.is_live(n) or trie.gen[n] != g or trie.block[n] not in first_pos:
-                    break
-                node = n
-            if node is not None and (dweight[node], last_use[node], -node) > best_key:
-                best, best_key = node, (dweight[node], last_use[node], -node)
-        if best != walked:
-            self.kernel_wins += 1
-        return best
-
-    def _packed_view(self):
-        """Packed block lists of the most recent recorded requests, repacked once a
-        tenth of them changed (stale rows are re-checked against the trie on use)."""
-        if self._view is not None and self._view_stale <= max(256, len(self._view[1]) // 10):
-            return self._view
-        from cp_engine.kernels import pack_lists
-
-        rids, paths = [], []
-        trie = self._trie
-        for rid in reversed(self._requests):
-            rec = self._requests[rid]
-            path = []
-            for n, g in zip(rec.nodes[1:], rec.gens[1:]):
-                if not trie.is_live(n) or trie.gen[n] != g:
-                    break  # evicted from here on
-                path.append(trie.block[n])
-            rids.append(rid)
-            paths.append(path)
-            if len(rids) >= KERNEL_VIEW_MAX:
-                break
-        if not rids:
-            return None
-        self._view = (pack_lists(paths, weights=None), rids)
-        self._view_stale = 0
-        return self._view
+        return _deepest_contained(self._trie, first_pos, ns, self.search_budget)
 
     # -- updates ---------------------------------------------------------------
     def record(self, request_id: Hashable, ordered_blocks: Sequence[Hashable], namespace: str = "",
@@ -297,7 +209,6 @@ class ContextIndex:
                 pos += n
                 ends.append(pos)
             self._requests[request_id] = _Recorded(nodes, [trie.gen[n] for n in nodes], ends, namespace)
-            self._view_stale += 1
             self._count(ordered_blocks)
             self._trim_locked()
 
@@ -343,7 +254,6 @@ class ContextIndex:
         with self._lock:
             self._trie = BlockTrie()
             self._requests.clear()
-            self._view = None
 
     # -- internals -------------------------------------------------------------
     def _forget_locked(self, request_id: Hashable) -> bool:
