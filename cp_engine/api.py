@@ -15,6 +15,11 @@ Batch (offline)::
 
 Inside vLLM/SGLang with the plugin installed, send ``context_blocks`` instead and the
 server does the same rewrite (see README).
+
+Blocks are non-empty strings: a block list that is not a list of strings, or holds an
+empty or whitespace-only block, raises ``InvalidBlocks`` (a ``ValueError``) with the
+message the server's 400 carries, e.g. ``context_blocks[3] is empty`` (prefixed with
+``items[i]: `` in a batch). An empty list is valid: the question goes out alone.
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 from .annotate import numbered_labels, render_annotation, render_block
 from .blocks import block_id, estimate_tokens, token_lengths
 from .config import Config, load_config
-from .pipeline import ContextPipeline, Prepared, validate_blocks
-from .planner import BatchPlan, plan_batch
+from .pipeline import ContextPipeline, InvalidBlocks, Prepared, validate_blocks
+from . import planner
+from .kernels.planning import PARTNER_SEARCH
+from .planner import BatchPlan
 
 _default: ContextPipeline | None = None
 _default_lock = threading.Lock()
@@ -123,6 +130,21 @@ def _block_token_counts(block_lists: Sequence[Sequence[str]],
     return dict(zip(distinct, token_lengths(distinct, given)))
 
 
+def _item_blocks(i: int, blocks: Any) -> list[str]:
+    try:
+        return validate_blocks(blocks)
+    except InvalidBlocks as exc:
+        raise InvalidBlocks(f"items[{i}]: {exc}") from None
+
+
+def plan_batch(contexts, token_lengths=None, **options) -> BatchPlan:
+    """``cp_engine.planner.plan_batch`` (same arguments and result) with the overlap
+    kernels' kNN partner search as ``partner_search``: ``partners="auto"`` takes it
+    only where it runs on a GPU, ``partners="kernel"`` forces it."""
+    options.setdefault("partner_search", PARTNER_SEARCH)
+    return planner.plan_batch(contexts, token_lengths, **options)
+
+
 def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str | None = None,
                          config: Config | None = None,
                          count_tokens: Callable[[str], int] | None = None) -> BatchMessages:
@@ -135,7 +157,7 @@ def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str
     if count_tokens is not None and not callable(count_tokens):
         raise TypeError(f"count_tokens must be callable (str -> int), got {type(count_tokens).__name__}")
     cfg = config or load_config()
-    block_lists = [validate_blocks(blocks) for blocks, _ in items]
+    block_lists = [_item_blocks(i, blocks) for i, (blocks, _) in enumerate(items)]
     # Weighted by tokens: the cache serves tokens, and a long shared block is worth
     # more than a short one (+5% cached tokens on the engine benchmark's Zipf batch;
     # exact counts another 0.4% there, see benchmarks/results/engine.md).
@@ -154,5 +176,5 @@ def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str
 
 __all__ = [
     "BatchMessages", "Prepared", "build_batch_messages", "build_messages", "deduplicate",
-    "default_pipeline", "render_planned", "reorder",
+    "default_pipeline", "plan_batch", "render_planned", "reorder",
 ]

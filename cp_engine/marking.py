@@ -9,8 +9,13 @@ Ways to mark, in order of precedence (documented in README with openai-client co
 3. the conversation id may also come from the ``X-CP-Conversation-Id`` header.
 
 Contract: ``find_marks`` returns None for an unmarked request (the caller then leaves it
-byte-identical), a ``Marks`` otherwise, and raises ``InvalidBlocks`` (HTTP 400) for
-fields that are invalid for the API. It never mutates its inputs.
+byte-identical), a ``Marks`` otherwise, and raises ``InvalidBlocks`` (HTTP 400, a
+``ValueError``) for fields that are invalid for the API, naming the field:
+``context_blocks`` not a list of non-empty strings (an empty or whitespace-only block is
+named by its index), a marked content part that is not non-empty text, or a
+conversation id (field or header) that is not a 1..256-character string. The
+conversation id is checked whenever it is sent, with or without blocks. An empty
+``context_blocks`` list marks nothing. It never mutates its inputs.
 """
 from __future__ import annotations
 
@@ -21,12 +26,14 @@ from cp_engine.blocks import estimate_tokens
 from cp_engine.pipeline import InvalidBlocks, validate_blocks
 
 __all__ = ["Marks", "InvalidBlocks", "find_marks", "fallback_messages", "prefix_tokens",
-           "BLOCKS_FIELD", "CONVERSATION_FIELD", "PART_FLAG", "CONVERSATION_HEADER"]
+           "BLOCKS_FIELD", "CONVERSATION_FIELD", "PART_FLAG", "CONVERSATION_HEADER",
+           "CONVERSATION_HEADER_NAME"]
 
 BLOCKS_FIELD = "context_blocks"
 CONVERSATION_FIELD = "conversation_id"
 PART_FLAG = "cp_block"
 CONVERSATION_HEADER = "x-cp-conversation-id"
+CONVERSATION_HEADER_NAME = "X-CP-Conversation-Id"  # as documented, for error messages
 _MAX_ID_CHARS = 256
 
 
@@ -39,19 +46,22 @@ class Marks:
 
 
 def _conversation(extra: Mapping[str, Any], headers: Mapping[str, str] | None) -> str | None:
-    conv = extra.get(CONVERSATION_FIELD)
+    """The request's conversation id (the field wins over the header), checked."""
+    conv, source = extra.get(CONVERSATION_FIELD), CONVERSATION_FIELD
     if conv is None and headers is not None:
         try:
             conv = headers.get(CONVERSATION_HEADER)
         except Exception:
             conv = None
+        source = f"{CONVERSATION_FIELD} (header {CONVERSATION_HEADER_NAME})"
     if conv is None:
         return None
-    if isinstance(conv, bool) or not isinstance(conv, (str, int)):
-        raise InvalidBlocks(f"{CONVERSATION_FIELD} must be a string, got {type(conv).__name__}")
-    conv = str(conv)
+    # The documented type only: turning 42 into "42" would hide a client bug, and the
+    # same id sent both ways would silently name one conversation.
+    if not isinstance(conv, str):
+        raise InvalidBlocks(f"{source} must be a string, got {type(conv).__name__}")
     if not conv or len(conv) > _MAX_ID_CHARS:
-        raise InvalidBlocks(f"{CONVERSATION_FIELD} must be 1..{_MAX_ID_CHARS} characters")
+        raise InvalidBlocks(f"{source} must be 1..{_MAX_ID_CHARS} characters, got {len(conv)}")
     return conv
 
 
@@ -71,10 +81,12 @@ def _part_blocks(messages: list[Any]) -> tuple[list[str], list[Any]] | None:
     if not isinstance(content, list):
         return None
     blocks, rest = [], []
-    for part in content:
+    for j, part in enumerate(content):
         if isinstance(part, Mapping) and part.get(PART_FLAG) is True:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise InvalidBlocks(f"content parts marked {PART_FLAG!r} must be text parts")
+            if not part["text"].strip():
+                raise InvalidBlocks(f"messages[{i}].content[{j}] (marked {PART_FLAG!r}) is empty")
             blocks.append(part["text"])
         else:
             rest.append(part)
@@ -94,7 +106,10 @@ def _part_blocks(messages: list[Any]) -> tuple[list[str], list[Any]] | None:
 
 def find_marks(extra: Mapping[str, Any] | None, messages: Any,
                headers: Mapping[str, str] | None = None) -> Marks | None:
+    """The request's marks (module docs). ``messages`` is None for a text completion,
+    which can only be marked by the field."""
     extra = extra or {}
+    conversation = _conversation(extra, headers)
     if BLOCKS_FIELD in extra and extra[BLOCKS_FIELD] is not None:
         blocks = validate_blocks(extra[BLOCKS_FIELD])
         if not blocks:
@@ -102,11 +117,11 @@ def find_marks(extra: Mapping[str, Any] | None, messages: Any,
         if messages is not None and not isinstance(messages, (list, tuple)):
             # Engines validate messages themselves; a caller that did not gets a 400 here.
             raise InvalidBlocks(f"messages must be a list of objects, got {type(messages).__name__}")
-        return Marks(blocks, _conversation(extra, headers), list(messages or []), "field")
+        return Marks(blocks, conversation, list(messages or []), "field")
     if isinstance(messages, list):
         found = _part_blocks(messages)
         if found is not None:
-            return Marks(found[0], _conversation(extra, headers), found[1], "parts")
+            return Marks(found[0], conversation, found[1], "parts")
     return None
 
 

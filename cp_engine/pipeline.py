@@ -53,12 +53,19 @@ class Prepared:
 
 
 def validate_blocks(blocks: Any) -> list[str]:
-    """Return ``blocks`` as a list of str or raise ``InvalidBlocks`` with the reason."""
+    """Return ``blocks`` as a list of str or raise ``InvalidBlocks`` naming the first bad one.
+
+    An empty or whitespace-only block is malformed: it carries no context, and keeping
+    it would either render a bare label or silently change the block count. An empty
+    list is valid (nothing to render).
+    """
     if not isinstance(blocks, (list, tuple)):
         raise InvalidBlocks(f"context_blocks must be a list of strings, got {type(blocks).__name__}")
     for i, b in enumerate(blocks):
         if not isinstance(b, str):
             raise InvalidBlocks(f"context_blocks[{i}] must be a string, got {type(b).__name__}")
+        if not b.strip():
+            raise InvalidBlocks(f"context_blocks[{i}] is empty" + (" (whitespace only)" if b else ""))
     return list(blocks)
 
 

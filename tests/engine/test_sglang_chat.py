@@ -192,6 +192,8 @@ def test_conversation_dedup_second_turn_is_shorter(chat):
     ({"context_blocks": "not a list"}, "context_blocks"),
     ({"context_blocks": ["ok", 7]}, "context_blocks[1]"),
     ({"context_blocks": ["ok"], "conversation_id": {"x": 1}}, "conversation_id"),
+    ({"context_blocks": ["ok"], "conversation_id": 42}, "conversation_id must be a string"),
+    ({"context_blocks": ["ok", "ok too", " "]}, "context_blocks[2] is empty"),
 ])
 def test_bad_fields_get_a_clear_400(chat, bad, needle):
     status, message, gen = post(chat, body(**bad))
