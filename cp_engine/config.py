@@ -21,6 +21,8 @@ class Flag:
     env: str
     default: object
     help: str
+    choices: tuple[str, ...] = ()  # allowed values of a text flag (lower-cased)
+    maximum: float | None = None  # upper bound of a numeric flag
 
 
 # The single table of flags; README's table is generated from it
@@ -38,7 +40,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("CP_ENGINE_MAX_BLOCKS_PER_REQUEST", 4096, "Requests with more context blocks pass through unmodified."),
     Flag("CP_ENGINE_SCHEDULE_MAX_WAIT_S", 2.0, "Aging bound: a waiting request older than this is admitted in arrival order."),
     Flag("CP_ENGINE_HOOK_STALL_S", 2.0, "A hook call that takes longer than this switches that hook off until restart (the engine runs unmodified); 0 never."),
-    Flag("CP_ENGINE_KERNEL_BACKEND", "auto", "Overlap-scoring backend: auto, numpy or triton (a forced backend that cannot run raises)."),
+    Flag("CP_ENGINE_KERNEL_BACKEND", "auto", "Overlap-scoring backend: auto, numpy or triton (a forced backend that cannot run raises).",
+         choices=("auto", "numpy", "triton")),
+    Flag("CP_ENGINE_BLEND", False, "1 reuses a stored context block's KV at any position, re-rotated and stitched by recomputing a share of its tokens (docs/blend.md). Approximate: outputs can differ from a full prefill. Off by default until its quality is measured."),
+    Flag("CP_ENGINE_BLEND_STORE_MB", 2048, "Host memory bound of the blend block-KV store in MiB; blocks of least value (reuse count x tokens, decayed by age) are evicted beyond it."),
+    Flag("CP_ENGINE_BLEND_RATIO", 0.15, "Share (0 to 1) of the claimed tokens blend recomputes; tokens no stored block covers are always recomputed on top. 1 recomputes everything claimed (exact up to float rounding).",
+         maximum=1.0),
+    Flag("CP_ENGINE_BLEND_MODE", "both", "Which reused tokens blend recomputes within the ratio: both (each block's first tokens, then the largest K deviation), first_tokens or deviation.",
+         choices=("both", "first_tokens", "deviation")),
+    Flag("CP_ENGINE_BLEND_FIRST_TOKENS", 16, "Leading tokens of each reused block that blend recomputes first (modes both and first_tokens)."),
+    Flag("CP_ENGINE_BLEND_CHECK_LAYERS", 1, "Leading layers over which blend measures the K deviation between stored and fresh KV (modes both and deviation)."),
     Flag("CP_ENGINE_FAULT", "", "Test switch: comma-separated hook names that raise (or 'name:hang'); never set in production."),
 )
 
@@ -58,6 +69,12 @@ class Config:
     schedule_max_wait_s: float = 2.0
     hook_stall_s: float = 2.0
     kernel_backend: str = "auto"
+    blend: bool = False
+    blend_store_mb: int = 2048
+    blend_ratio: float = 0.15
+    blend_mode: str = "both"
+    blend_first_tokens: int = 16
+    blend_check_layers: int = 1
     fault: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -65,7 +82,7 @@ class Config:
         """Names of the features switched on (for the startup log line)."""
         if self.disable:
             return []
-        names = ("reorder", "dedup", "annotate", "schedule", "eviction_sync")
+        names = ("reorder", "dedup", "annotate", "schedule", "eviction_sync", "blend")
         return [n for n in names if getattr(self, n)]
 
 
@@ -90,12 +107,16 @@ def _parse(flag: Flag, raw: str) -> object:
         return value
     if isinstance(default, float):
         value = float(text)
-        if value < 0:
+        if not value >= 0:  # also refuses NaN
             raise ValueError(f"expected a non-negative number, got {raw!r}")
+        if flag.maximum is not None and value > flag.maximum:
+            raise ValueError(f"expected at most {flag.maximum:g}, got {raw!r}")
         return value
-    if flag.env == "CP_ENGINE_KERNEL_BACKEND" and text.lower() not in {"auto", "numpy", "triton"}:
-        raise ValueError(f"expected auto, numpy or triton, got {raw!r}")
-    return text.lower() if flag.env == "CP_ENGINE_KERNEL_BACKEND" else text
+    if flag.choices:
+        if text.lower() not in flag.choices:
+            raise ValueError(f"expected one of {', '.join(flag.choices)}, got {raw!r}")
+        return text.lower()
+    return text
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
