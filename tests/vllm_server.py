@@ -12,6 +12,16 @@ def post_chat(srv: VllmServer, messages: list, headers: dict | None = None, **ex
     return srv.post("/v1/chat/completions", body, headers=headers)
 
 
+# What the shared plugin server (tests/conftest.py) serves on top of the reliability
+# settings (40-block KV cache, bounded index, ``/cp_engine/index`` view), so that the
+# live tests can share it:
+# - a block cap of 500: a request with more blocks passes through (the live request
+#   fuzzer's 500-block case is still rewritten; its 4097- and 10000-block ones pass
+#   through, as with the default cap);
+# - vLLM's dev endpoints (``POST /reset_prefix_cache`` for the restart test).
+PLUGIN_MAX_BLOCKS = 500
+PLUGIN_TEST_ENV = {"CP_ENGINE_MAX_BLOCKS_PER_REQUEST": str(PLUGIN_MAX_BLOCKS), "VLLM_SERVER_DEV_MODE": "1"}
+
 # Starting a server takes 20-80 s on an idle 2-core machine; on a shared one it has
 # taken over 300 s, so the live hooks/security/restart tests wait this long.
 START_TIMEOUT_S = 900.0
@@ -21,17 +31,3 @@ def started(srv: VllmServer) -> VllmServer:
     """``srv`` started with the patient timeout (use as ``with started(VllmServer(...))``)."""
     return srv.start(timeout=START_TIMEOUT_S)
 
-
-def module_server(env: dict | None = None):
-    """A module-scoped pytest fixture: one plugin-on server (tiny model) for the module,
-    skipped where vLLM is not installed. Use as ``srv = module_server()``."""
-    import pytest
-
-    @pytest.fixture(scope="module")
-    def srv():
-        if not vllm_available():
-            pytest.skip("vllm not installed")
-        with started(VllmServer(tiny_model_dir(), env=env)) as s:
-            yield s
-
-    return srv

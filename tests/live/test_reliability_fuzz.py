@@ -1,5 +1,5 @@
 """Fuzzing (issue 7, item 2): the request-parsing / rewrite layer with hypothesis, and a
-short run of the live request fuzzer (``benchmarks/reliability/fuzz_live.py``).
+short run of the live request fuzzer (``cp_engine/devtools/reliability/fuzz_live.py``).
 
 Oracle of the pure layer (``cp_engine.marking.find_marks`` → ``ContextPipeline``):
 every payload is either rejected with ``InvalidBlocks`` (the HTTP 400 path, with a
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.reliability.payloads import payload
+from cp_engine.devtools.reliability.payloads import payload
 from cp_engine.config import Config
 from cp_engine.hooks.debugview import index_status
 from cp_engine.marking import InvalidBlocks, find_marks
@@ -169,7 +169,7 @@ def test_adversarial_generator_payloads_through_the_pure_layer():
 # -- live -------------------------------------------------------------------------
 @pytest.mark.vllm
 def test_live_fuzzer_short_run(plugin_server):
-    from benchmarks.reliability.fuzz_live import run
+    from cp_engine.devtools.reliability.fuzz_live import run
 
     summary = run(plugin_server.url, plugin_server.model, n=300, seed=1, workers=4, health_every=100)
     assert summary["verdicts"].get("crash", 0) == 0, summary["crashes"]
@@ -181,7 +181,7 @@ def test_live_fuzzer_short_run(plugin_server):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_live_fuzzer_full_run(plugin_server):
-    from benchmarks.reliability.fuzz_live import run
+    from cp_engine.devtools.reliability.fuzz_live import run
 
     summary = run(plugin_server.url, plugin_server.model, n=10000, seed=0, workers=4)
     assert summary["ok"], {k: summary[k] for k in ("verdicts", "crashes", "unhealthy_at", "index_consistent")}

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.reliability import soak
-from benchmarks.reliability.servers import INDEX_MAX_NODES
+from cp_engine.devtools.reliability import soak
+from cp_engine.devtools.reliability.servers import INDEX_MAX_NODES
 
 pytestmark = pytest.mark.vllm
 

