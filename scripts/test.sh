@@ -6,34 +6,66 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
+# Wall time of each phase, printed as one table at the end (where CI time goes).
+PHASES=()
+t_phase=$(date +%s)
+phase_done() { local now; now=$(date +%s); PHASES+=("$1 $((now - t_phase))"); t_phase=$now; }
+report_phases() { printf '[test.sh] phase seconds:\n'; printf '  %-28s %5s\n' ${PHASES[@]}; }
+
+# The oldest supported vLLM release too: patch drift and the real scheduler/block pool
+# (the live smoke of every release is in scripts/vllm_matrix.sh; too slow for CI).
+# CP_CI_OLDEST_VLLM=0 skips it (e.g. offline with only the main wheels cached). It runs
+# in the background beside the main suite: most of it is single-threaded interpreter
+# start-up, and so is most of a live-server start, so two cores take both at once.
+matrix_pid=""
+matrix_out=build/ci-vllm-oldest
+if [ "${CP_CI_OLDEST_VLLM:-1}" = "1" ] && [ $# -eq 0 ]; then
+  rm -rf "$matrix_out"
+  mkdir -p "$matrix_out"
+  MATRIX_GROUPS="drift core" MATRIX_OUT="$matrix_out" bash scripts/vllm_matrix.sh 0.27.1 \
+    >"$matrix_out/matrix.out" 2>&1 &
+  matrix_pid=$!
+fi
+
 setup_main_venv
-if [ -x scripts/setup_sglang_env.sh ] || [ -f scripts/setup_sglang_env.sh ]; then
-  bash scripts/setup_sglang_env.sh
+phase_done main-venv
+# The SGLang venv is built while the main suite runs (it is needed only after it).
+sglang_pid=""
+if [ -f scripts/setup_sglang_env.sh ]; then
+  mkdir -p build
+  bash scripts/setup_sglang_env.sh >build/sglang-env.log 2>&1 &
+  sglang_pid=$!
 fi
 
 # Default selection excludes the long runs (soak, full fuzz): see README.
 set +e
-"$VENV/bin/python" -m pytest tests -m "not slow" -p no:cacheprovider --ignore-glob='tests/*/test_sglang_*' "$@"
+# The benchmark code's own tests live beside it (benchmarks/tests), engine-free.
+"$VENV/bin/python" -m pytest tests benchmarks/tests -m "not slow" -p no:cacheprovider \
+  --ignore-glob='tests/*/test_sglang_*' --durations=25 "$@"
 rc=$?
+phase_done pytest-main
 rc2=0
-if [ -x .venv-sglang/bin/python ]; then
+if [ -n "$sglang_pid" ]; then
+  wait "$sglang_pid" || { rc2=$?; cat build/sglang-env.log; }
+fi
+phase_done wait-sglang-venv
+if [ $rc2 -eq 0 ] && [ -x .venv-sglang/bin/python ]; then
   .venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/engine/test_sglang_evictions.py tests/engine/test_sglang_ordering.py \
     tests/engine/test_sglang_chat.py tests/engine/test_sglang_patching.py tests/live/test_sglang_live.py
   rc2=$?
 fi
-# The oldest supported vLLM release too: patch drift and the real scheduler/block pool
-# (the live smoke of every release is in scripts/vllm_matrix.sh; too slow for CI).
-# CP_CI_OLDEST_VLLM=0 skips it (e.g. offline with only the main wheels cached).
+phase_done pytest-sglang
 rc3=0
-if [ "${CP_CI_OLDEST_VLLM:-1}" = "1" ] && [ $# -eq 0 ]; then
-  out=build/ci-vllm-oldest
-  rm -rf "$out"
-  MATRIX_GROUPS="drift core" MATRIX_OUT="$out" bash scripts/vllm_matrix.sh 0.27.1
+if [ -n "$matrix_pid" ]; then
+  wait "$matrix_pid"
   rc3=$?
+  cat "$matrix_out/matrix.out"  # the per-group seconds (build, drift, core)
   if [ $rc3 -ne 0 ]; then
-    for f in "$out"/*.log; do echo "== $f"; tail -n 40 "$f"; done
+    for f in "$matrix_out"/*.log; do echo "== $f"; tail -n 40 "$f"; done
   fi
 fi
+phase_done wait-vllm-0.27.1-matrix
+report_phases
 set -e
 [ $rc -ne 0 ] && exit $rc
 [ $rc2 -ne 0 ] && exit $rc2
