@@ -5,7 +5,6 @@
   ``base_url``, ``model`` and ``metric()``.
 - ``send_all``: sends requests with N threads through the openai client, in the given
   order, optionally streaming (TTFT), and returns one ``Result`` per request.
-- ``bootstrap_ci`` / ``paired_bootstrap_ci``: percentile bootstrap, seeded.
 
 The canonical plugin interface is used as a user would: ``extra_body={"context_blocks":
 [...], "conversation_id": ...}``.
@@ -13,7 +12,6 @@ The canonical plugin interface is used as a user would: ``extra_body={"context_b
 from __future__ import annotations
 
 import os
-import random
 import sys
 import threading
 import time
@@ -190,27 +188,6 @@ def run_session(client, model: str, system: str, turns, dedup: bool, conversatio
 
 
 # ----------------------------------------------------------------------------- stats
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap of the mean."""
-    vals = list(values)
-    if not vals:
-        return (float("nan"),) * 3
-    rng = random.Random(seed)
-    n = len(vals)
-    means = sorted(sum(vals[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    lo = means[int(alpha / 2 * n_boot)]
-    hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))]
-    return sum(vals) / n, lo, hi
-
-
-def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], **kw) -> tuple[float, float, float]:
-    """CI of mean(b - a) over paired items (same questions in both arms)."""
-    if len(a) != len(b):
-        raise ValueError("paired samples must have equal length")
-    return bootstrap_ci([y - x for x, y in zip(a, b)], **kw)
-
 
 # ------------------------------------------------------------------------------ peer
 

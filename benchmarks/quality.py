@@ -41,8 +41,9 @@ import time
 from pathlib import Path
 
 from benchmarks import live, workloads
-from benchmarks.live import (Remote, Request, bootstrap_ci, choose_model, finish, paired_bootstrap_ci,
-                             peer_messages, replot, run_stamp, save_results, send_all, start_server)
+from benchmarks.live import (Remote, Request, choose_model, finish, peer_messages, replot, run_stamp, save_results,
+                             send_all, start_server)
+from cp_engine.devtools.stats import bootstrap_ci, paired_bootstrap_ci
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM = ("Answer the question using the documents. Reply with the answer only: "

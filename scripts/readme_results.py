@@ -59,7 +59,7 @@ def _sim_rows(sim: dict) -> list[tuple[str, str, str]]:
 
 
 def _paired_delta(arms: dict, arm: str, base: str = "off") -> str:
-    from benchmarks.live import paired_bootstrap_ci
+    from cp_engine.devtools.stats import paired_bootstrap_ci
 
     mean, lo, hi = paired_bootstrap_ci(arms[base]["f1"], arms[arm]["f1"])
     return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
