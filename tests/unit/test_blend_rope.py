@@ -139,3 +139,23 @@ def test_yarn_moves_exactly_with_the_engines_frequencies():
 
     moved = shift_k(at(5), 9000 - 5, spec)
     assert (moved - at(9000)).abs().max() <= 5e-4 * at(9000).abs().max()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gptj"])
+def test_other_families_move_exactly_too(family):
+    # Random small decoders of each family built in memory: their own layer-0 K decides.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "gptj":  # interleaved pairs, partial rotary
+        cfg = transformers.GPTJConfig(vocab_size=200, n_embd=128, n_layer=1, n_head=2, rotary_dim=32, n_positions=4096)
+    else:
+        cls = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[family]
+        cfg = cls(vocab_size=200, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=4096, rope_theta=1e6)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    spec = RopeSpec.from_hf_config(cfg)
+    assert spec.style == ("gptj" if family == "gptj" else "neox")
+    ids = list(range(3, 23))
+    k5, k900 = _layer0_keys(model, ids, 5), _layer0_keys(model, ids, 900)
+    assert (shift_k(k5, 895, spec) - k900).abs().max() <= 2e-4 * k900.abs().max()
+    assert (k5 - k900).abs().max() > 1e-2 * k900.abs().max()
