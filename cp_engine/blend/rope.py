@@ -96,16 +96,19 @@ class RopeSpec:
             kind = "mrope"
         if kind not in SCALINGS:
             raise UnsupportedRope(f"rope type {kind!r}: " + _WHY.get(kind, "not a fixed-frequency rotation known here"))
-        theta = params.get("rope_theta") or get("rope_theta", None) or 10000.0
-        head_dim = get("head_dim", None) or get("hidden_size") // get("num_attention_heads")
-        rotary_dim = get("rotary_dim", None) or int(head_dim * float(params.get("partial_rotary_factor")
-                                                                     or get("partial_rotary_factor", None) or 1.0))
-        inv = 1.0 / float(theta) ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
-        if kind == "linear":
-            inv = inv / float(params["factor"])
-        elif kind == "llama3":
-            inv = _llama3(inv, params, get("max_position_embeddings"))
-        return cls(tuple(float(v) for v in inv), style, int(head_dim), f"{kind}-theta{float(theta):g}")
+        try:
+            theta = float(params.get("rope_theta") or get("rope_theta", None) or 10000.0)
+            head_dim = int(get("head_dim", None) or get("hidden_size") // get("num_attention_heads"))
+            rotary_dim = int(get("rotary_dim", None) or head_dim * float(params.get("partial_rotary_factor")
+                                                                      or get("partial_rotary_factor", None) or 1.0))
+            inv = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+            if kind == "linear":
+                inv = inv / float(params["factor"])
+            elif kind == "llama3":
+                inv = _llama3(inv, params, get("max_position_embeddings"))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise UnsupportedRope(f"rope type {kind!r}: incomplete or malformed parameters ({exc!r})") from exc
+        return cls(tuple(float(v) for v in inv), style, head_dim, f"{kind}-theta{theta:g}")
 
 
 def _llama3(inv: np.ndarray, params: Mapping[str, Any], max_pos: int | None) -> np.ndarray:

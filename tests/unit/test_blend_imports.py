@@ -5,7 +5,8 @@ import sys
 CODE = """
 import sys
 before = set(sys.modules)
-import cp_engine.blend.keys, cp_engine.blend.rope, cp_engine.blend.store, cp_engine.blend.selection, cp_engine.blend.spans
+import cp_engine.blend.keys, cp_engine.blend.rope, cp_engine.blend.store
+import cp_engine.blend.selection, cp_engine.blend.spans
 new = set(sys.modules) - before
 bad = sorted(m for m in new if m.split('.')[0] in ('vllm', 'sglang', 'torch', 'transformers')
              or m.startswith(('cp_engine.hooks', 'cp_engine.kernels')))

@@ -59,6 +59,10 @@ def test_config_variants():
                             ({"rope_type": "wavy"}, "not a fixed-frequency")]:
         with pytest.raises(UnsupportedRope, match=reason):
             RopeSpec.from_hf_config(dict(base, rope_scaling=scaling))
+    with pytest.raises(UnsupportedRope, match="malformed"):
+        RopeSpec.from_hf_config(dict(base, rope_scaling={"type": "linear"}))  # no factor
+    with pytest.raises(UnsupportedRope, match="malformed"):
+        RopeSpec.from_hf_config({"model_type": "llama"})  # no dims
     with pytest.raises(UnsupportedRope, match="pair style unknown"):
         RopeSpec.from_hf_config(dict(base, model_type="phi3"))
     with pytest.raises(UnsupportedRope, match="per layer type"):
