@@ -31,7 +31,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from benchmarks import workloads as W
-from cp_engine.planner import _tree_size, plan_batch
+from cp_engine import plan_batch
+from cp_engine.planner import _tree_size
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

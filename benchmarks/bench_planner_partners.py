@@ -21,7 +21,8 @@ from pathlib import Path
 
 from benchmarks import workloads as W
 from cp_engine.kernels import partner_candidates
-from cp_engine.planner import KNN_PARTNERS, plan_batch
+from cp_engine import plan_batch
+from cp_engine.planner import KNN_PARTNERS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

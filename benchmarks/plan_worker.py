@@ -3,7 +3,7 @@
     python -m benchmarks.plan_worker METHOD IN.json OUT.json
 
 METHOD: ``arrival``, ``greedy`` (benchmarks.baselines) or ``cp_engine``
-(``cp_engine.planner.plan_batch(contexts)``, the exact public call). Writes the plan
+(``cp_engine.plan_batch(contexts)``, the exact public call). Writes the plan
 (``contexts``, ``order``) with ``seconds`` (wall time of the planning call only) and
 ``peak_rss_delta_mb`` (peak RSS during the call, the Linux peak counter being reset
 just before it, minus RSS before it: the memory the planner itself needed).
@@ -25,7 +25,7 @@ from benchmarks.peer.memwatch import peak_mb, reset_peak, rss_mb  # noqa: E402
 
 def planner(method: str):
     if method == "cp_engine":
-        from cp_engine.planner import plan_batch
+        from cp_engine import plan_batch
 
         return plan_batch
     from benchmarks.baselines import PLANNERS

@@ -21,6 +21,7 @@ from .api import (  # noqa: E402  (public API, after the source-layout shim)
     build_messages,
     deduplicate,
     default_pipeline,
+    plan_batch,
     reorder,
 )
 from .blocks import block_id  # noqa: E402
@@ -28,7 +29,7 @@ from .config import Config, load_config  # noqa: E402
 from .dedup import Deduplicator  # noqa: E402
 from .index import ContextIndex  # noqa: E402
 from .pipeline import ContextPipeline, InvalidBlocks, Prepared  # noqa: E402
-from .planner import BatchPlan, plan_batch  # noqa: E402
+from .planner import BatchPlan  # noqa: E402
 from .sim import simulate  # noqa: E402
 
 __all__ = [

@@ -27,11 +27,13 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
+from . import planner
 from .annotate import numbered_labels, render_annotation, render_block
 from .blocks import block_id, estimate_tokens, token_lengths
 from .config import Config, load_config
+from .kernels.planning import PARTNER_SEARCH
 from .pipeline import ContextPipeline, InvalidBlocks, Prepared, validate_blocks
-from .planner import BatchPlan, plan_batch
+from .planner import BatchPlan
 
 _default: ContextPipeline | None = None
 _default_lock = threading.Lock()
@@ -135,6 +137,14 @@ def _item_blocks(i: int, blocks: Any) -> list[str]:
         raise InvalidBlocks(f"items[{i}]: {exc}") from None
 
 
+def plan_batch(contexts, token_lengths=None, **options) -> BatchPlan:
+    """``cp_engine.planner.plan_batch`` (same arguments and result) with the overlap
+    kernels' kNN partner search as ``partner_search``: ``partners="auto"`` takes it
+    only where it runs on a GPU, ``partners="kernel"`` forces it."""
+    options.setdefault("partner_search", PARTNER_SEARCH)
+    return planner.plan_batch(contexts, token_lengths, **options)
+
+
 def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str | None = None,
                          config: Config | None = None,
                          count_tokens: Callable[[str], int] | None = None) -> BatchMessages:
@@ -166,5 +176,5 @@ def build_batch_messages(items: Sequence[tuple[Sequence[str], str]], system: str
 
 __all__ = [
     "BatchMessages", "Prepared", "build_batch_messages", "build_messages", "deduplicate",
-    "default_pipeline", "render_planned", "reorder",
+    "default_pipeline", "plan_batch", "render_planned", "reorder",
 ]

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import glob
 import heapq
 import itertools
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 from .trie import ROOT, BlockTrie
 
@@ -48,6 +46,23 @@ class BatchPlan:
     def scheduled(self) -> list[list]:
         """Reordered contexts in execution order."""
         return [self.contexts[i] for i in self.order]
+
+
+@dataclass(frozen=True)
+class PartnerSearch:
+    """A k-nearest-partner search the clustering can use instead of posting lists.
+
+    The core has none of its own; a scoring backend supplies it (the overlap kernels:
+    ``cp_engine.kernels.planning.PARTNER_SEARCH``, plugged into ``cp_engine.plan_batch``).
+    ``find(sets, k, weights)``: for every request (a list of distinct dense block ids),
+    the indices of up to ``k`` other requests sharing the most block weight
+    (``weights[b]``: tokens of block ``b``), best first, -1 in empty slots.
+    ``use_for(n)``: whether ``partners="auto"`` takes it for a batch of ``n`` requests
+    whose hot blocks rule out the posting-list search.
+    """
+
+    find: Callable[[list[list[int]], int, list[float]], Sequence[Sequence[int]]]
+    use_for: Callable[[int], bool]
 
 
 def _validate(contexts) -> list[Sequence]:
@@ -137,8 +152,8 @@ def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_
     in the exact score) — popular blocks are the greedy split's strength, rare shared
     blocks are this one's.
 
-    With ``knn`` (an N×k array of each request's best partners, from
-    ``cp_engine.kernels.partner_candidates``), partners come from that graph instead:
+    With ``knn`` (an N×k array of each request's best partners, from a
+    ``PartnerSearch``), partners come from that graph instead:
     a request's candidates are its kNN row, a merged cluster's the still-alive
     clusters among its two parts' candidates, re-scored exactly. No posting list is
     scanned, so hot blocks cost nothing and may count in the search.
@@ -391,46 +406,21 @@ def _cluster_cap(freq: list[int]) -> int | None:
     return None
 
 
-# kNN-graph clustering (partners from cp_engine.kernels.partner_candidates) for
-# batches whose hot blocks make the posting-list search too costly. Measured with
-# `python -m benchmarks.bench_planner_partners` (benchmarks/results/planner_partners.md):
-# on synthetic N=5,000 the kNN path beats the greedy tree (hit 0.318 vs 0.314) but
-# the NumPy kernel alone takes about as long as the whole greedy planner on 2 CPU
-# cores, so "auto" takes it only when the kernel runs on the GPU (and from
-# KNN_MIN_REQUESTS, below which the posting search is cheap); ``partners="kernel"``
-# forces it anywhere.
+# kNN-graph clustering (partners from a PartnerSearch) for batches whose hot blocks
+# make the posting-list search too costly. Measured with the overlap kernels'
+# search (`python -m benchmarks.bench_planner_partners`,
+# benchmarks/results/planner_partners.md): on synthetic N=5,000 the kNN path beats
+# the greedy tree (hit 0.318 vs 0.314) but the NumPy kernel alone takes about as long
+# as the whole greedy planner on 2 CPU cores, so that search tells "auto" to take it
+# only when it runs on a GPU, and "auto" asks only from KNN_MIN_REQUESTS, below which
+# the posting search is cheap; ``partners="kernel"`` forces it anywhere.
 KNN_MIN_REQUESTS = 1024
 KNN_PARTNERS = 16
 
 
-def _knn_partners(sets: list[list[int]], w: list[float]):
-    from .kernels import partner_candidates
-
-    weights = [max(1, round(x)) for x in w]  # the kernel scores whole token counts
-    idx, _score = partner_candidates(sets, KNN_PARTNERS, weights=weights)
-    return idx
-
-
-def _gpu_device_present() -> bool:
-    """A GPU device node exists (NVIDIA or AMD): checked before anything imports torch,
-    which alone costs seconds and hundreds of MB on a CPU-only planner run."""
-    return (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")
-            or bool(glob.glob("/dev/nvidia[0-9]*")))
-
-
-def _gpu_kernel_available(n: int) -> bool:
-    if not _gpu_device_present():
-        return False
-    try:
-        from .kernels.backend import choose_backend
-
-        return choose_backend(None, pairs=n * n, k=KNN_PARTNERS)[0] == "triton"
-    except Exception:
-        return False  # a broken optional GPU stack never stops planning
-
-
 def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 2,
-               strategy: str = "auto", partners: str = "auto") -> BatchPlan:
+               strategy: str = "auto", partners: str = "auto",
+               partner_search: PartnerSearch | None = None) -> BatchPlan:
     """Plan a batch for prefix sharing (see module docstring).
 
     ``contexts``: list of block lists (blocks are any hashables, e.g. text or ids;
@@ -445,16 +435,19 @@ def plan_batch(contexts, token_lengths=None, *, local_search_passes: int = 2,
 
     ``partners``: where the clustering finds candidate partners: ``"postings"``
     (inverted index, hot blocks capped), ``"kernel"`` (kNN graph from
-    ``cp_engine.kernels.partner_candidates``, GPU when available, else NumPy), or
-    ``"auto"``: postings, and the kernel for large hot-block batches when it runs
-    on the GPU.
+    ``partner_search``, which must then be given), or ``"auto"``: postings, and
+    ``partner_search`` for large hot-block batches where its ``use_for`` says so.
+    ``cp_engine.plan_batch`` passes the overlap kernels' search (GPU when available,
+    else NumPy); without one this core planner only uses its posting lists.
     """
     if strategy not in ("auto", "greedy", "cluster"):
         raise ValueError(f"strategy must be auto, greedy or cluster, got {strategy!r}")
     if partners not in ("auto", "postings", "kernel"):
         raise ValueError(f"partners must be auto, postings or kernel, got {partners!r}")
+    if partners == "kernel" and partner_search is None:
+        raise ValueError("partners='kernel' needs a partner_search (cp_engine.plan_batch passes the kernels' one)")
     with _gc_paused():
-        return _plan(contexts, token_lengths, local_search_passes, strategy, partners)
+        return _plan(contexts, token_lengths, local_search_passes, strategy, partners, partner_search)
 
 
 @contextlib.contextmanager
@@ -474,7 +467,8 @@ def _gc_paused():
             gc.enable()
 
 
-def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, partners: str) -> BatchPlan:
+def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, partners: str,
+          partner_search: PartnerSearch | None) -> BatchPlan:
     """plan_batch's body, arguments already checked."""
     ctxs = _validate(contexts)
     dense: dict[Hashable, int] = {}
@@ -517,10 +511,11 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     cap = _cluster_cap(freq) if strategy == "auto" else max(freq, default=1)
     use_knn = partners == "kernel" or (
         partners == "auto" and strategy == "auto" and cap is None and len(sets) >= KNN_MIN_REQUESTS
-        and any(f > 1 for f in freq) and _gpu_kernel_available(len(sets)))
+        and any(f > 1 for f in freq) and partner_search is not None and partner_search.use_for(len(sets)))
     if strategy != "greedy" and use_knn:
+        knn = partner_search.find(sets, KNN_PARTNERS, w)
         candidates.append(("cluster_knn", _cluster_orders(sets, w, freq, hot_cap=0, candidates=KNN_PARTNERS,
-                                                          knn=_knn_partners(sets, w))))
+                                                          knn=knn)))
     elif strategy == "cluster" or (strategy == "auto" and cap is not None):
         candidates.append(("cluster", _cluster_orders(sets, w, freq, hot_cap=cap)))
 

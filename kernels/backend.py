@@ -8,6 +8,7 @@ torch and triton are imported only here, lazily, and only when Triton is conside
 """
 from __future__ import annotations
 
+import glob
 import os
 from functools import lru_cache
 
@@ -24,6 +25,13 @@ _auto_failed: list[str] = []  # set once an automatic Triton run failed: auto st
 
 class BackendUnavailable(RuntimeError):
     """A forced backend cannot run in this process."""
+
+
+def gpu_device_present() -> bool:
+    """A GPU device node exists (NVIDIA or AMD): checked before anything imports torch,
+    which alone costs seconds and hundreds of MB on a CPU-only machine."""
+    return (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")
+            or bool(glob.glob("/dev/nvidia[0-9]*")))
 
 
 @lru_cache(maxsize=1)

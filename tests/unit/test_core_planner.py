@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cp_engine.planner import plan_batch
+from cp_engine.kernels.planning import PARTNER_SEARCH
+from cp_engine.planner import PartnerSearch, plan_batch
 from cp_engine.sim import bound, simulate
 
 
@@ -168,18 +169,18 @@ def test_unknown_strategy_rejected():
        st.sampled_from(["auto", "cluster"]))
 def test_kernel_partner_search_gives_valid_plans(contexts, strategy):
     # The kNN-graph clustering (partners from cp_engine.kernels) on any input.
-    plan = plan_batch(contexts, strategy=strategy, partners="kernel")
+    plan = plan_batch(contexts, strategy=strategy, partners="kernel", partner_search=PARTNER_SEARCH)
     assert_valid(contexts, plan)
     # The prediction counts distinct blocks; compare on requests without repeats.
     contexts = [list(dict.fromkeys(c)) for c in contexts]
-    plan = plan_batch(contexts, strategy=strategy, partners="kernel")
+    plan = plan_batch(contexts, strategy=strategy, partners="kernel", partner_search=PARTNER_SEARCH)
     assert simulate(plan.scheduled()).hit_ratio == pytest.approx(plan.stats["predicted_hit_ratio"])
 
 
 def test_kernel_partner_search_finds_the_shared_groups():
     contexts = clustered_workload()
     arrival = simulate(contexts).hits
-    knn = plan_batch(contexts, strategy="cluster", partners="kernel")
+    knn = plan_batch(contexts, strategy="cluster", partners="kernel", partner_search=PARTNER_SEARCH)
     assert knn.stats["strategy"] == "cluster_knn"
     postings = simulate(plan_batch(contexts, strategy="cluster", partners="postings").scheduled()).hits
     # Close to the exact posting-list search, far above arrival order.
@@ -188,27 +189,110 @@ def test_kernel_partner_search_finds_the_shared_groups():
 
 def test_auto_uses_postings_without_a_gpu():
     # On a CPU-only machine the kernel would run on NumPy: auto keeps the posting search.
-    from cp_engine.planner import _gpu_kernel_available
-    if _gpu_kernel_available(10_000):
+    import cp_engine
+    from cp_engine.kernels.planning import runs_on_gpu
+    if runs_on_gpu(10_000):
         pytest.skip("GPU kernel available: auto may take the kNN path")
-    plan = plan_batch(zipf_workload(1200), partners="auto")
+    plan = cp_engine.plan_batch(zipf_workload(1200), partners="auto")
     assert plan.stats["strategy"] in ("greedy", "cluster")
+
+
+def test_public_plan_batch_plugs_in_the_kernel_partner_search():
+    import cp_engine
+
+    contexts = clustered_workload()
+    assert cp_engine.plan_batch(contexts, strategy="cluster", partners="kernel").stats["strategy"] == "cluster_knn"
+    assert cp_engine.plan_batch(contexts) == plan_batch(contexts, partner_search=PARTNER_SEARCH)
 
 
 def test_unknown_partner_search_rejected():
     with pytest.raises(ValueError, match="partners"):
         plan_batch([[1]], partners="magic")
+    with pytest.raises(ValueError, match="partner_search"):
+        plan_batch([[1]], partners="kernel")  # the core has no kNN search of its own
+
+
+def hot_batch(n=1100, seed=0):
+    """Every request holds blocks 0-9: too hot for the posting search (auto's kNN case)."""
+    rng = random.Random(seed)
+    return [list(range(10)) + rng.sample(range(10, 3000), 5) for _ in range(n)]
+
+
+def test_auto_asks_the_supplied_partner_search_and_uses_its_graph():
+    asked, found = [], []
+
+    def find(sets, k, weights):
+        found.append((len(sets), k, len(weights)))
+        return [[(i + 1) % len(sets)] + [-1] * (k - 1) for i in range(len(sets))]  # a ring
+
+    def use_for(n):
+        asked.append(n)
+        return True
+
+    contexts = hot_batch()
+    plan = plan_batch(contexts, partner_search=PartnerSearch(find=find, use_for=use_for))
+    assert asked == [len(contexts)] and found and found[0][:2] == (len(contexts), 16)
+    assert "cluster_knn" in plan.stats["strategies"]
+    assert_valid(contexts, plan)
+    declined = PartnerSearch(find=find, use_for=lambda n: False)
+    found.clear()
+    assert "cluster_knn" not in plan_batch(contexts, partner_search=declined).stats["strategies"]
+    assert not found
+    assert "cluster_knn" not in plan_batch(contexts).stats["strategies"]  # none supplied: postings only
+
+
+def test_core_modules_import_no_kernels_or_hooks():
+    """Dependencies run one way (core <- kernels <- hooks): the core receives a scoring
+    backend and never imports one. cp_engine/api.py is the composition point that
+    plugs the kernels' partner search into the public plan_batch; devtools are tools."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cp_engine
+
+    pkg = Path(cp_engine.__file__).parent
+    core = sorted(p for p in pkg.glob("*.py") if p.name not in ("__init__.py", "api.py"))
+    assert any(p.name == "planner.py" for p in core)
+    upward = ("kernels", "hooks")
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [(node.module or "")] if node.level == 0 else [
+                    f".{node.module or ''}"] + [f".{a.name}" for a in node.names if not node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.lstrip(".").split(".")
+                local = name.startswith(".") or parts[0] == "cp_engine"
+                first = parts[0] if name.startswith(".") else (parts[1] if len(parts) > 1 else "")
+                assert not (local and first in upward), f"{path.name} imports {name}"
+    # What the package itself loads (the public facade) is the composition point's business.
+    modules = ", ".join(f"cp_engine.{p.stem}" for p in core)
+    code = ("import sys, cp_engine\n"
+            "before = set(sys.modules)\n"
+            f"import {modules}\n"
+            "print(sorted(m for m in set(sys.modules) - before\n"
+            "             if m.startswith(('cp_engine.kernels', 'cp_engine.hooks'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CP_ENGINE_DISABLE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_cpu_planning_never_imports_torch():
     # The GPU probe must not cost a torch import (seconds, hundreds of MB) without a GPU.
     import subprocess
     import sys
-    from cp_engine.planner import _gpu_device_present
-    if _gpu_device_present():
+    from cp_engine.kernels.backend import gpu_device_present
+    if gpu_device_present():
         pytest.skip("GPU device present")
     code = ("import random, sys\n"
-            "from cp_engine.planner import plan_batch\n"
+            "from cp_engine import plan_batch\n"
             "rng = random.Random(0)\n"
             # ten blocks in every request: hot enough that the kNN path is considered
             "ctx = [list(range(10)) + rng.sample(range(10, 3000), 5) for _ in range(2100)]\n"
