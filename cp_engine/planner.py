@@ -140,173 +140,211 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float]) -> list[list[int]]:
     return prefix
 
 
-def _cluster_orders(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
-                    candidates: int = 8, knn=None) -> list[list[int]]:
-    """Bottom-up clustering: repeatedly merge the two clusters whose shared blocks
-    (the intersection of their members' blocks) weigh most; ties go to the tighter
-    pair (smaller intersections before the merge, i.e. more alike). Each merge is a
-    tree node whose blocks become the shared prefix of all its members.
+class _Merges:
+    """Bottom-up clustering state shared by both partner searches.
 
-    Candidate partners come from an inverted index; blocks held by more than
-    ``hot_cap`` clusters are skipped when looking for candidates (they still count
-    in the exact score) — popular blocks are the greedy split's strength, rare shared
-    blocks are this one's.
-
-    With ``knn`` (an N×k array of each request's best partners, from a
-    ``PartnerSearch``), partners come from that graph instead:
-    a request's candidates are its kNN row, a merged cluster's the still-alive
-    clusters among its two parts' candidates, re-scored exactly. No posting list is
-    scanned, so hot blocks cost nothing and may count in the search.
+    Cluster ``c`` holds ``inter[c]``, the blocks all its members share; clusters
+    ``0..N-1`` are the requests and each merge appends one, a tree node whose blocks
+    become the shared prefix of all its members. ``heap`` holds candidate merges
+    ``(-score, spread, x, y)``: score = weight of the blocks x and y share, ties to the
+    tighter pair (smaller intersections before the merge, i.e. more alike).
     """
-    inter: list[set[int]] = [set(s) for s in sets]
-    alive = [True] * len(sets)
-    parent = [-1] * len(sets)
-    postings: dict[int, set[int]] = defaultdict(set)
-    for c, members in enumerate(inter if knn is None else ()):
-        for b in members:
-            postings[b].add(c)
 
-    unit = all(x == 1.0 for x in w)
+    def __init__(self, sets: list[list[int]], w: list[float]) -> None:
+        self.requests = len(sets)
+        self.w = w
+        self.inter: list[set[int]] = [set(s) for s in sets]
+        self.alive = [True] * len(sets)
+        self.parent = [-1] * len(sets)
+        self.heap: list[tuple[float, int, int, int]] = []
 
-    def ranked_partners(x: int) -> list[int]:
-        """Partners that can have the best exact score with x."""
-        skipped = 0.0  # weight of x's hot blocks, absent from acc
-        lists = []
-        for b in inter[x]:
-            holders = postings[b]
-            if len(holders) > hot_cap:
-                skipped += w[b]
-            else:
-                lists.append((b, holders))
-        if unit:
-            # Every block weighs 1: count in C (Counter) rather than a Python loop.
-            acc = Counter(itertools.chain.from_iterable(h for _, h in lists))
-        else:
-            acc = defaultdict(float)
-            for b, holders in lists:
-                wb = w[b]
-                for y in holders:
-                    acc[y] += wb
-        acc.pop(x, None)
-        if not acc:
-            return []
-        # exact(x, y) <= acc[y] + skipped, so only these can reach the top acc value.
-        floor = max(acc.values()) - skipped
-        ranked = [y for y, v in acc.items() if v >= floor]
-        if len(ranked) > candidates:
-            ranked = heapq.nlargest(candidates, ranked, key=lambda y: (acc[y], -y))
-        return ranked
+    def exact(self, x: int, y: int) -> tuple[float, int]:
+        """(weight of the blocks x and y share, sum of their sizes)."""
+        shared = self.inter[x] & self.inter[y]
+        return sum(self.w[b] for b in shared), len(self.inter[x]) + len(self.inter[y])
 
-    # kNN-graph mode: each cluster's candidate partners (cluster numbers, maybe dead).
-    cand: list[list[int]] = []
-    owner = list(range(len(sets)))  # cluster -> the cluster that absorbed it (union-find)
-
-    def alive_root(c: int) -> int:
-        root = c
-        while owner[root] != root:
-            root = owner[root]
-        while owner[c] != root:
-            owner[c], c = root, owner[c]
-        return root
-
-    if knn is not None:
-        cand = [[int(y) for y in row if y >= 0] for row in knn]
-        ranked_partners = lambda x: [y for y in dict.fromkeys(alive_root(z) for z in cand[x]) if y != x]  # noqa: E731
-
-    def exact(x: int, y: int) -> tuple[float, int]:
-        shared = inter[x] & inter[y]
-        return sum(w[b] for b in shared), len(inter[x]) + len(inter[y])
-
-    heap: list[tuple[float, int, int, int]] = []
-
-    def push_best_unit(x: int) -> bool:
-        """push_best for unit weights when none of x's blocks is hot; False otherwise.
-
-        Same choice as the general path: the counts are then the exact scores, so
-        no pair is re-scored, and the ties at the top count are read from x's
-        rarest postings only (a partner sharing ``top`` of x's k blocks misses at
-        most k − top of them, so it holds one of the k − top + 1 rarest).
-        """
-        lists = [postings[b] for b in inter[x]]
-        if not lists or max(map(len, lists)) > hot_cap:
-            return False
-        acc = Counter(itertools.chain.from_iterable(lists))
-        del acc[x]
-        if acc:
-            top = max(acc.values())
-            lists.sort(key=len)
-            ties = {y for h in lists[:len(lists) - top + 1] for y in h if acc[y] == top}
-            ties.discard(x)
-            if len(ties) > candidates:  # the general path keeps the lowest numbers
-                ties = heapq.nsmallest(candidates, ties)
-            y = min(ties, key=lambda y: (len(inter[y]), y))  # tighter pair, then lower number
-            heapq.heappush(heap, (-top, len(lists) + len(inter[y]), x, y))
-        return True
-
-    def push_best(x: int) -> None:
-        # Scores only fall as clusters merge, so a heap entry is an upper bound and
-        # the first valid entry popped is the best merge overall.
-        if unit and knn is None and push_best_unit(x):
-            return
+    def push_best(self, x: int, partners) -> None:
+        """Score ``partners`` of x exactly; queue the best that shares anything."""
         best = None
-        for y in ranked_partners(x):
-            score, spread = exact(x, y)
+        for y in partners:
+            score, spread = self.exact(x, y)
             if score > 0 and (best is None or (score, -spread, -y) > (best[0], -best[1], -best[2])):
                 best = (score, spread, y)
         if best is not None:
-            heapq.heappush(heap, (-best[0], best[1], x, best[2]))
+            heapq.heappush(self.heap, (-best[0], best[1], x, best[2]))
+
+    def next_merge(self, requeue) -> tuple[int, int, int] | None:
+        """Merge the best queued pair; returns ``(x, y, new cluster)``, None when done.
+
+        Scores only fall as clusters merge, so a heap entry is an upper bound and the
+        first valid entry popped is the best merge overall. An entry whose partner was
+        merged away meanwhile is dropped and ``requeue(x)`` finds x's current best.
+        """
+        while self.heap:
+            _, _, x, y = heapq.heappop(self.heap)
+            if not self.alive[x]:
+                continue
+            if not self.alive[y]:
+                requeue(x)
+                continue
+            c = len(self.inter)
+            self.inter.append(self.inter[x] & self.inter[y])
+            self.alive.append(True)
+            self.parent.append(-1)
+            for z in (x, y):
+                self.alive[z] = False
+                self.parent[z] = c
+            return x, y, c
+        return None
+
+    def orders(self, freq: list[int]) -> list[list[int]]:
+        """Each request's blocks: what every node on its path adds, root first."""
+        increments: dict[int, list[int]] = {}
+        for c in range(len(self.inter)):
+            p = self.parent[c]
+            added = self.inter[c] - self.inter[p] if p >= 0 else self.inter[c]
+            increments[c] = _tail_order(list(added), freq)
+        orders = []
+        for r in range(self.requests):
+            chain = []
+            c = r
+            while c >= 0:
+                chain.append(c)
+                c = self.parent[c]
+            orders.append([b for node in reversed(chain) for b in increments[node]])
+        return orders
+
+
+def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
+                         candidates: int = 8) -> list[list[int]]:
+    """Bottom-up clustering (see ``_Merges``) with partners from an inverted index.
+
+    Blocks held by more than ``hot_cap`` clusters are skipped when looking for
+    partners (they still count in the exact score): popular blocks are the greedy
+    split's strength, rare shared blocks are this one's.
+    """
+    m = _Merges(sets, w)
+    postings: dict[int, set[int]] = defaultdict(set)
+    for c, members in enumerate(m.inter):
+        for b in members:
+            postings[b].add(c)
+    unit = all(x == 1.0 for x in w)
+
+    def push_best(x: int) -> None:
+        if not (unit and _push_best_unit(m, postings, x, hot_cap, candidates)):
+            m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, unit))
 
     for x in range(len(sets)):
         push_best(x)
-    while heap:
-        _, _, x, y = heapq.heappop(heap)
-        if not alive[x]:
-            continue
-        if not alive[y]:
-            push_best(x)
-            continue
-        c = len(inter)
-        shared = inter[x] & inter[y]
-        inter.append(shared)
-        alive.append(True)
-        parent.append(-1)
+    while (merged := m.next_merge(push_best)) is not None:
+        x, y, c = merged
         for z in (x, y):
-            alive[z] = False
-            parent[z] = c
-            if knn is None:
-                for b in inter[z]:
-                    postings[b].discard(z)
-        if knn is None:
-            for b in shared:
-                postings[b].add(c)
-        else:
-            owner.append(c)
-            owner[x] = owner[y] = c
-            # Keep the best few of both parts' candidates (exact scores, re-ranked).
-            pool = [z for z in dict.fromkeys(alive_root(z) for z in cand[x] + cand[y]) if z != c]
-            score = {z: exact(c, z)[0] for z in pool}
-            best = heapq.nsmallest(candidates * 2, (z for z in pool if score[z] > 0), key=lambda z: (-score[z], z))
-            cand.append(best)
+            for b in m.inter[z]:
+                postings[b].discard(z)
+        for b in m.inter[c]:
+            postings[b].add(c)
         push_best(c)
+    return m.orders(freq)
 
-    increments: dict[int, list[int]] = {}
 
-    def increment(c: int) -> list[int]:
-        inc = increments.get(c)
-        if inc is None:
-            p = parent[c]
-            inc = increments[c] = _tail_order(list(inter[c] - inter[p]) if p >= 0 else list(inter[c]), freq)
-        return inc
+def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int,
+                      unit: bool) -> list[int]:
+    """Up to ``candidates`` clusters that can have the best exact score with x."""
+    skipped = 0.0  # weight of x's hot blocks, absent from acc
+    lists = []
+    for b in m.inter[x]:
+        holders = postings[b]
+        if len(holders) > hot_cap:
+            skipped += m.w[b]
+        else:
+            lists.append((b, holders))
+    if unit:
+        # Every block weighs 1: count in C (Counter) rather than a Python loop.
+        acc = Counter(itertools.chain.from_iterable(h for _, h in lists))
+    else:
+        acc = defaultdict(float)
+        for b, holders in lists:
+            wb = m.w[b]
+            for y in holders:
+                acc[y] += wb
+    acc.pop(x, None)
+    if not acc:
+        return []
+    # exact(x, y) <= acc[y] + skipped, so only these can reach the top acc value.
+    floor = max(acc.values()) - skipped
+    ranked = [y for y, v in acc.items() if v >= floor]
+    if len(ranked) > candidates:
+        ranked = heapq.nlargest(candidates, ranked, key=lambda y: (acc[y], -y))
+    return ranked
 
-    orders = []
-    for r in range(len(sets)):
-        chain = []
-        c = r
-        while c >= 0:
-            chain.append(c)
-            c = parent[c]
-        orders.append([b for node in reversed(chain) for b in increment(node)])
-    return orders
+
+def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int) -> bool:
+    """``push_best`` for unit weights when none of x's blocks is hot; False otherwise.
+
+    Same choice as scoring ``_posting_partners`` exactly: the counts are then the exact
+    scores, so no pair is re-scored, and the ties at the top count are read from x's
+    rarest postings only (a partner sharing ``top`` of x's k blocks misses at most
+    k − top of them, so it holds one of the k − top + 1 rarest).
+    """
+    lists = [postings[b] for b in m.inter[x]]
+    if not lists or max(map(len, lists)) > hot_cap:
+        return False
+    acc = Counter(itertools.chain.from_iterable(lists))
+    del acc[x]
+    if acc:
+        top = max(acc.values())
+        lists.sort(key=len)
+        ties = {y for h in lists[:len(lists) - top + 1] for y in h if acc[y] == top}
+        ties.discard(x)
+        if len(ties) > candidates:  # the general path keeps the lowest numbers
+            ties = heapq.nsmallest(candidates, ties)
+        y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
+        heapq.heappush(m.heap, (-top, len(lists) + len(m.inter[y]), x, y))
+    return True
+
+
+def _cluster_by_knn(sets: list[list[int]], w: list[float], freq: list[int], knn,
+                    candidates: int) -> list[list[int]]:
+    """Bottom-up clustering (see ``_Merges``) with partners from a kNN graph.
+
+    ``knn``: an N×k array of each request's best partners (from a ``PartnerSearch``,
+    -1 in empty slots). A request's candidates are its row; a merged cluster's are the
+    still-alive clusters among its two parts' candidates, re-scored exactly, best
+    ``2 * candidates`` kept. No posting list is scanned, so hot blocks cost nothing
+    and count in the search.
+    """
+    m = _Merges(sets, w)
+    cand = [[int(y) for y in row if y >= 0] for row in knn]
+    owner = list(range(len(sets)))  # cluster -> the cluster that absorbed it (union-find)
+
+    def alive_partners(x: int, pool: list[int]) -> list[int]:
+        return [y for y in dict.fromkeys(_find_root(owner, z) for z in pool) if y != x]
+
+    def push_best(x: int) -> None:
+        m.push_best(x, alive_partners(x, cand[x]))
+
+    for x in range(len(sets)):
+        push_best(x)
+    while (merged := m.next_merge(push_best)) is not None:
+        x, y, c = merged
+        owner.append(c)
+        owner[x] = owner[y] = c
+        pool = alive_partners(c, cand[x] + cand[y])
+        score = {z: m.exact(c, z)[0] for z in pool}
+        cand.append(heapq.nsmallest(candidates * 2, (z for z in pool if score[z] > 0),
+                                    key=lambda z: (-score[z], z)))
+        push_best(c)
+    return m.orders(freq)
+
+
+def _find_root(owner: list[int], c: int) -> int:
+    """The live cluster that absorbed ``c`` (union-find with path compression)."""
+    root = c
+    while owner[root] != root:
+        root = owner[root]
+    while owner[c] != root:
+        owner[c], c = root, owner[c]
+    return root
 
 
 def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]], w: list[float],
@@ -514,10 +552,9 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         and any(f > 1 for f in freq) and partner_search is not None and partner_search.use_for(len(sets)))
     if strategy != "greedy" and use_knn:
         knn = partner_search.find(sets, KNN_PARTNERS, w)
-        candidates.append(("cluster_knn", _cluster_orders(sets, w, freq, hot_cap=0, candidates=KNN_PARTNERS,
-                                                          knn=knn)))
+        candidates.append(("cluster_knn", _cluster_by_knn(sets, w, freq, knn, candidates=KNN_PARTNERS)))
     elif strategy == "cluster" or (strategy == "auto" and cap is not None):
-        candidates.append(("cluster", _cluster_orders(sets, w, freq, hot_cap=cap)))
+        candidates.append(("cluster", _cluster_by_postings(sets, w, freq, hot_cap=cap)))
 
     # Local search only on the smaller candidate tree: its gains are small next to the
     # gap between the candidates (measured on synthetic, HotpotQA and knowledge-base

@@ -323,7 +323,7 @@ def test_unit_weight_partner_search_matches_the_general_one(hot_cap):
     """The unit-weight shortcut (counts as exact scores, ties from the rarest postings)
     merges exactly as the general path: uniform weight 2 takes the general path and
     scales every score alike. hot_cap=12 mixes both paths (requests with hot blocks)."""
-    from cp_engine.planner import _cluster_orders
+    from cp_engine.planner import _cluster_by_postings
 
     rng = random.Random(3)
     # Blocks 0-2 are in a third of the requests each half the time: hot at hot_cap=12.
@@ -331,8 +331,8 @@ def test_unit_weight_partner_search_matches_the_general_one(hot_cap):
             for i in range(200)]
     freq = Counter(b for s in sets for b in s)
     freq = [freq[b] for b in range(120)]
-    unit = _cluster_orders(sets, [1.0] * 120, freq, hot_cap=hot_cap)
-    general = _cluster_orders(sets, [2.0] * 120, freq, hot_cap=hot_cap)
+    unit = _cluster_by_postings(sets, [1.0] * 120, freq, hot_cap=hot_cap)
+    general = _cluster_by_postings(sets, [2.0] * 120, freq, hot_cap=hot_cap)
     assert unit == general
     assert [sorted(o) for o in unit] == [sorted(s) for s in sets]
 
