@@ -1,6 +1,6 @@
 """cp_engine: reuse KV cache for context blocks that recur across requests."""
-from __future__ import annotations
-
+# No ``from __future__`` import: this package is imported at every interpreter start
+# (hooks/autoload.py), so it loads nothing it does not need.
 import os as _os
 
 __version__ = "0.1.0"
@@ -15,25 +15,22 @@ if not _os.path.isdir(_os.path.join(_here, "hooks")) and _os.path.isfile(
 ):
     __path__.append(_root)  # type: ignore[name-defined]
 
-from .api import (  # noqa: E402  (public API, after the source-layout shim)
-    BatchMessages,
-    build_batch_messages,
-    build_messages,
-    deduplicate,
-    default_pipeline,
-    plan_batch,
-    reorder,
-)
-from .blocks import block_id  # noqa: E402
-from .config import Config, load_config  # noqa: E402
-from .dedup import Deduplicator  # noqa: E402
-from .index import ContextIndex  # noqa: E402
-from .pipeline import ContextPipeline, InvalidBlocks, Prepared  # noqa: E402
-from .planner import BatchPlan  # noqa: E402
-from .sim import simulate  # noqa: E402
+from . import lazy as _lazy  # noqa: E402  (after the source-layout shim)
 
-__all__ = [
-    "BatchMessages", "BatchPlan", "Config", "ContextIndex", "ContextPipeline", "Deduplicator",
-    "InvalidBlocks", "Prepared", "block_id", "build_batch_messages", "build_messages",
-    "deduplicate", "default_pipeline", "load_config", "plan_batch", "reorder", "simulate",
-]
+# The public API, loaded on first use (PEP 562): the autoload .pth imports this package
+# in every Python process, which must not pay for numpy and the core.
+_EXPORTS = {
+    "BatchMessages": "api", "build_batch_messages": "api", "build_messages": "api",
+    "deduplicate": "api", "default_pipeline": "api", "reorder": "api",
+    "block_id": "blocks",
+    "Config": "config", "load_config": "config",
+    "Deduplicator": "dedup",
+    "ContextIndex": "index",
+    "ContextPipeline": "pipeline", "InvalidBlocks": "pipeline", "Prepared": "pipeline",
+    "BatchPlan": "planner", "plan_batch": "api",  # api: the planner with the kernels' partner search
+    "simulate": "sim",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS, globals())

@@ -5,6 +5,8 @@ Public API, loaded on first use (so ``cp_engine.kernels.planning`` is cheap to p
 ``topk_overlap``, ``partner_candidates`` (the planner's entry point), ``pack_lists``,
 ``pack_pair``, ``PackedLists``, ``TopK``, ``BackendUnavailable``, ``TRITON_MIN_PAIRS``.
 """
+from cp_engine import lazy as _lazy
+
 _EXPORTS = {
     "ALPHA": "overlap", "METRICS": "overlap", "TopK": "overlap", "partner_candidates": "overlap",
     "topk_overlap": "overlap",
@@ -15,13 +17,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS, globals())
