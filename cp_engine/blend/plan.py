@@ -1,0 +1,190 @@
+"""The scheduler-side reuse decision for one request, and which blocks to store after it.
+
+``plan_reuse`` takes the prompt ids, the located block spans (``spans.locate_spans``),
+the engine's prefix-cache hit in tokens, the engine's KV block size, the store's
+``contains`` and the selection settings, and returns a ``ReusePlan``:
+
+- **claim**: ``[hit, end)``, where ``hit`` is the engine's prefix-cache hit and ``end``
+  the end of the last stored block after it, capped at ``len(prompt) - 1`` (the engine
+  always computes the last prompt token). Anything after the last stored block (the
+  question, later unstored blocks) is left to the engine. The start is block-aligned
+  because the engine's hit is; the end is not rounded: the engine allocates whole KV
+  blocks for the claim anyway, the connector writes exactly the claimed token slots, and
+  the engine computes the rest of a partly claimed last block itself. Rounding the end
+  down would drop up to ``block_size - 1`` reused tokens per request; rounding it up
+  would claim tokens no stored block covers.
+- **reused**: per stored block in the claim, its store key, the destination span in the
+  prompt and the offset into the stored entry (non-zero only for a block that starts
+  inside the engine's hit: its tokens after the hit are reused).
+- **recompute**: ``select_recompute`` over the claim. Claimed tokens no stored block
+  covers (labels, separators, blocks not stored) are always recomputed; of the reused
+  ones, ``ceil(ratio * reused)`` by the mode. Their count does not depend on the K
+  deviation, so the scheduler knows it; the positions of modes that rank by deviation
+  are picked by the worker with ``ReusePlan.selection(deviation)``.
+- **counts**: claimed, reused (claimed tokens taken from the store, not recomputed),
+  recomputed (claimed tokens computed by the connector).
+
+The plan is empty (nothing claimed) when no stored block ends after the hit, or when it
+would save fewer than ``MIN_SAVED_TOKENS`` tokens.
+
+``blocks_to_store`` is the store side: the located blocks of a finished request whose
+KV it computed itself (not reused from the store in this request) and that the store
+does not hold yet, each once.
+
+Pure functions of their inputs; NumPy only. ``key_of`` maps a block's token ids to its
+store key (e.g. ``lambda ids: keys.block_key(layout, scope, ids)``); ``contains`` answers
+for such a key (``BlockKVStore.contains`` fits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+from .selection import MODES, Selection, select_recompute
+
+__all__ = ["MIN_SAVED_TOKENS", "ReusedBlock", "ReusePlan", "plan_reuse", "blocks_to_store", "plan_from_config"]
+
+# A plan that saves fewer tokens than this is not made. Every reuse is approximate and
+# costs a store lookup, a copy into the paged cache and a pass of the recomputed tokens
+# through every layer outside the engine's batch; 32 tokens is a quarter of one
+# 128-token CPU KV block (two 16-token GPU blocks) and well under what one reused
+# paragraph saves at any ratio below 0.7 (~100+ tokens), so only plans that reuse
+# scraps (a few tokens of a block cut by the hit) are dropped.
+MIN_SAVED_TOKENS = 32
+
+Span = "tuple[int, int] | None"
+
+
+def _identity_key(ids: Sequence[int]) -> Hashable:
+    return tuple(int(t) for t in ids)
+
+
+@dataclass(frozen=True)
+class ReusedBlock:
+    """A stored block's KV put at ``[start, end)`` of the prompt, taken from entry
+    ``key`` at ``[offset, offset + end - start)`` (its positions normalised to 0)."""
+
+    key: Any
+    start: int
+    end: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    """What the connector claims for one request (see module docstring).
+
+    ``claim_start``/``claim_end`` are absolute prompt positions; an empty plan has
+    ``claim_end == claim_start`` and no blocks. ``reason`` says why a plan is empty.
+    """
+
+    claim_start: int
+    claim_end: int
+    blocks: tuple[ReusedBlock, ...] = ()
+    ratio: float = 0.0
+    mode: str = "both"
+    first_tokens: int = 16
+    recomputed: int = 0
+    reason: str = ""
+    _spans: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+
+    @property
+    def claimed(self) -> int:
+        return self.claim_end - self.claim_start
+
+    @property
+    def reused(self) -> int:
+        """Claimed tokens whose stored KV is kept (not recomputed)."""
+        return self.claimed - self.recomputed
+
+    @property
+    def empty(self) -> bool:
+        return self.claimed == 0
+
+    def selection(self, deviation: Sequence[float] | None = None) -> Selection:
+        """The recompute choice with positions absolute in the prompt. ``deviation``
+        (one value per claimed token) is needed where the mode ranks by it."""
+        sel = select_recompute(self.claimed, self._spans, self.ratio, self.mode, self.first_tokens, deviation)
+        return Selection(sel.positions + self.claim_start, sel.uncovered, sel.first_tokens, sel.deviation)
+
+
+def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int, block_size: int,
+               contains: Callable[[Any], bool], *, ratio: float, mode: str = "both", first_tokens: int = 16,
+               key_of: Callable[[Sequence[int]], Any] = _identity_key) -> ReusePlan:
+    """See module docstring. ``spans`` are the blocks' ``(start, end)`` in ``prompt_ids``
+    in order, ``None`` for a block not found; ``prefix_hit`` must be a multiple of
+    ``block_size`` within the prompt."""
+    n = len(prompt_ids)
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size!r}")
+    if prefix_hit < 0 or prefix_hit % block_size or prefix_hit > n:
+        raise ValueError(f"prefix_hit {prefix_hit!r} must be a multiple of block_size {block_size} within [0, {n}]")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} unknown; one of {', '.join(MODES)}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be within [0, 1], got {ratio!r}")
+    limit = n - 1  # the engine computes the last prompt token itself
+    settings = dict(ratio=float(ratio), mode=mode, first_tokens=int(first_tokens))
+    blocks: list[ReusedBlock] = []
+    last_end = 0
+    for span in spans:
+        if span is None:
+            continue
+        start, end = int(span[0]), int(span[1])
+        if not (last_end <= start < end <= n):
+            raise ValueError(f"spans must be sorted, non-empty, disjoint and inside the prompt: {span!r}")
+        last_end = end
+        lo, hi = max(start, prefix_hit), min(end, limit)
+        if lo >= hi:
+            continue  # inside the engine's hit, or only the last prompt token
+        key = key_of(prompt_ids[start:end])
+        if contains(key):
+            blocks.append(ReusedBlock(key, lo, hi, lo - start))
+    if not blocks:
+        return ReusePlan(prefix_hit, prefix_hit, reason="no stored block after the prefix hit", **settings)
+    claim_end = blocks[-1].end
+    rel = tuple((b.start - prefix_hit, b.end - prefix_hit) for b in blocks)
+    # The count of recomputed tokens does not depend on the deviation ranking.
+    needs_dev = mode != "first_tokens"
+    sel = select_recompute(claim_end - prefix_hit, rel, ratio, mode, first_tokens,
+                           np.zeros(claim_end - prefix_hit) if needs_dev else None)
+    plan = ReusePlan(prefix_hit, claim_end, tuple(blocks), recomputed=len(sel.positions), _spans=rel, **settings)
+    if plan.reused < MIN_SAVED_TOKENS:
+        return ReusePlan(prefix_hit, prefix_hit, reason=f"saves {plan.reused} < {MIN_SAVED_TOKENS} tokens",
+                         **settings)
+    return plan
+
+
+def blocks_to_store(prompt_ids: Sequence[int], spans: Sequence[Span], contains: Callable[[Any], bool],
+                    plan: ReusePlan | None = None,
+                    key_of: Callable[[Sequence[int]], Any] = _identity_key) -> list[tuple[Any, tuple[int, int]]]:
+    """``(key, (start, end))`` of each located block worth storing after the request ran:
+    not held by the store, not reused from it by ``plan``, each key once, in prompt order.
+
+    A block is stored from the KV its request computed for it (its context may hold
+    stitched KV; the entry itself is never stitched KV)."""
+    reused = {b.key for b in plan.blocks} if plan is not None else set()
+    seen: set = set()
+    out = []
+    for span in spans:
+        if span is None:
+            continue
+        start, end = int(span[0]), int(span[1])
+        if not 0 <= start < end <= len(prompt_ids):
+            raise ValueError(f"span {span!r} is outside the prompt of {len(prompt_ids)} tokens")
+        key = key_of(prompt_ids[start:end])
+        if key in reused or key in seen or contains(key):
+            continue
+        seen.add(key)
+        out.append((key, (start, end)))
+    return out
+
+
+def plan_from_config(config: Any, prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int,
+                     block_size: int, contains: Callable[[Any], bool],
+                     key_of: Callable[[Sequence[int]], Any] = _identity_key) -> ReusePlan:
+    """``plan_reuse`` with ``CP_ENGINE_BLEND_RATIO``/``_MODE``/``_FIRST_TOKENS`` from ``config``."""
+    return plan_reuse(prompt_ids, spans, prefix_hit, block_size, contains, ratio=config.blend_ratio,
+                      mode=config.blend_mode, first_tokens=config.blend_first_tokens, key_of=key_of)
