@@ -3,7 +3,6 @@ vs the Triton kernel (GPU only), with the two floors of each size.
 
     python -m benchmarks.bench_kernels                       # CPU table (a few minutes)
     python -m benchmarks.bench_kernels --gpu --sizes 1000,10000,100000   # on a CUDA GPU
-    python -m benchmarks.bench_kernels --crossover --workloads ''   # call-site thresholds only
     python -m benchmarks.bench_kernels --quick                   # CPU sizes 1k–5k, a minute or two
     python -m benchmarks.bench_kernels --partners 5000,100000 --workloads uniform,zipf  # planner entry
 
@@ -216,51 +215,6 @@ def bench_size(name: str, n: int, metric: str, ceil: dict, gpu: bool, peer_max: 
     return row
 
 
-def python_pairs_topk(sets, queries, k=K):
-    """The plain per-pair Python loop the kernels replace (candidate sets prebuilt)."""
-    out = []
-    for q in queries:
-        a = set(q)
-        scores = []
-        for i, b in enumerate(sets):
-            n = len(a & b)
-            if n:
-                scores.append((-n, i))
-        scores.sort()
-        out.append([i for _, i in scores[:k]])
-    return out
-
-
-def crossover(ceiling_s: float = 0.5) -> list[dict]:
-    """Where NumPy beats the per-pair Python loop, zipf workload, overlap, k=16.
-
-    ``1xM`` (online index search): one new request against M cached ones; both sides
-    keep their candidates prepared (Python: sets; NumPy: a PackedLists, the query packed
-    against its vocab). ``NxN`` (batch planner, waiting queue): raw lists in, packing
-    included on the NumPy side.
-    """
-    rows = []
-    for shape in ("1xM", "NxN"):
-        for n in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536):
-            lists = zipf_lists(n)
-            if shape == "1xM":
-                sets = [set(x) for x in lists]
-                packed = pack_lists(lists)
-                _ = packed.set_ids  # built once when the index is packed
-                query = lists[:1]
-                py = time_cpu(lambda: python_pairs_topk(sets, query))
-                npy = time_cpu(lambda: topk_overlap(pack_lists(query, vocab=packed.vocab), packed, K,
-                                                    backend="numpy"))
-            else:
-                py = time_cpu(lambda: python_pairs_topk([set(x) for x in lists], lists))
-                npy = time_cpu(lambda: topk_overlap(lists, None, K, exclude_self=True, backend="numpy"))
-            rows.append({"shape": shape, "n": n, "python_s": py, "numpy_s": npy})
-            print(f"{shape:4s} n={n:6d} python={py*1e3:9.2f} ms numpy={npy*1e3:9.2f} ms", flush=True)
-            if py > ceiling_s:
-                break
-    return rows
-
-
 def partners(sizes: list[int], workloads: list[str], budget_s: float, backend: str = "numpy") -> list[dict]:
     """partner_candidates throughput; a size is skipped once the previous one of its
     workload, scaled by the measured growth, would exceed ``budget_s``."""
@@ -288,12 +242,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,2000,5000,10000,20000,50000,100000")
     ap.add_argument("--workloads", default="uniform,zipf")
-    ap.add_argument("--metric", default="distance", choices=("overlap", "prefix", "distance"))
+    ap.add_argument("--metric", default="distance", choices=("overlap", "distance"))
     ap.add_argument("--gpu", action="store_true", help="time the Triton kernel on CUDA (do_bench medians)")
     ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the dense N×N peer approach")
     ap.add_argument("--zipf-max", type=int, default=20000, help="largest N for the zipf workload on CPU")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop timing NumPy after this much time")
-    ap.add_argument("--crossover", action="store_true", help="measure call-site thresholds vs a Python loop")
     ap.add_argument("--quick", action="store_true", help="CPU sizes 1k-5k only (peer at 1k)")
     ap.add_argument("--partners", default="", help="sizes for partner_candidates throughput, e.g. 5000,100000")
     ap.add_argument("--out", default=None)
@@ -308,8 +261,6 @@ def main(argv=None) -> int:
     print(json.dumps({k: (f"{v:.3e}" if isinstance(v, float) else v) for k, v in ceil.items()}), flush=True)
     result = {"device": device, "host": platform.node(), "cpu_count": os.cpu_count(), "ceilings": ceil,
               "k": K, "metric": args.metric, "rows": []}
-    if args.crossover:
-        result["crossover"] = crossover()
     if args.partners:
         result["partners"] = partners([int(x) for x in args.partners.split(",")],
                                        list(filter(None, args.workloads.split(","))), args.budget_s * 4,

@@ -10,7 +10,7 @@ from .backend import auto_failed, choose_backend
 from .packing import PackedLists, pack_lists, pack_pair
 from .reference import topk_numpy
 
-METRICS = ("overlap", "prefix", "distance")
+METRICS = ("overlap", "distance")
 ALPHA = 0.001
 
 __all__ = ["ALPHA", "METRICS", "TopK", "partner_candidates", "topk_overlap"]
@@ -21,17 +21,12 @@ class TopK:
     """``indices[q, r]``: r-th best candidate of query q (-1: none); ``scores`` alike."""
 
     indices: np.ndarray  # int64 [nq, k]
-    scores: np.ndarray  # int64 (overlap, prefix) or float64 (distance) [nq, k]
+    scores: np.ndarray  # int64 (overlap) or float64 (distance) [nq, k]
     metric: str
     backend: str
 
 
 def _packed(queries, candidates, query_weights, candidate_weights):
-    if isinstance(candidates, PackedLists) and not isinstance(queries, PackedLists):
-        # Online pattern: raw new requests against an index packed once.
-        if candidates.vocab is None and not isinstance(queries, np.ndarray):
-            raise TypeError("candidates hold dense ids (no vocab): pass queries as a dense id array")
-        return pack_lists(queries, weights=query_weights, vocab=candidates.vocab), candidates
     if isinstance(queries, PackedLists):
         cand = queries if candidates is None else candidates
         if not isinstance(cand, PackedLists):
@@ -43,6 +38,8 @@ def _packed(queries, candidates, query_weights, candidate_weights):
     if candidates is None:
         q = pack_lists(queries, weights=query_weights)
         return q, q
+    if isinstance(candidates, PackedLists):
+        raise TypeError("pass both queries and candidates packed, or both as lists")
     if isinstance(queries, np.ndarray) and isinstance(candidates, np.ndarray):
         return pack_lists(queries, weights=query_weights), pack_lists(candidates, weights=candidate_weights)
     return pack_pair(queries, candidates, query_weights=query_weights, candidate_weights=candidate_weights)
@@ -54,25 +51,20 @@ def topk_overlap(queries, candidates=None, k: int = 8, *, metric: str = "overlap
     """Best ``k`` candidates for every query, streamed over tiles (no N×M matrix).
 
     ``queries`` / ``candidates``: lists of block-id lists (any 64-bit ints), dense int
-    ``[n, L]`` arrays padded with -1, or ``PackedLists`` from ``pack_pair``; raw
-    queries against packed candidates are packed with the candidates' id map (keep an
-    index packed once and score each new request against it).
+    ``[n, L]`` arrays padded with -1, or ``PackedLists`` from ``pack_pair`` (both sides
+    alike).
     ``candidates=None`` scores the queries against themselves (then ``exclude_self``
     skips candidate i for query i). Metrics, for query A and candidate B, with A, B
     taken as sets (an id repeated inside one list counts once, at its first position):
     - ``overlap``: ``Σ_{x∈A∩B} w_A(x)``, ``w_A(x)`` the query's token weight at x's
-      first position (default 1, i.e. ``|A∩B|``; with per-block weights, a mapping or
-      a table, the score is symmetric); larger is better.
-    - ``prefix``: ``Σ w_A[i]`` over ``i < lcp(A, B)``, the longest common prefix of A
-      and B as sequences, ``w_A`` the query's per-position token weights
-      (``query_weights``: mapping block id -> tokens, a 1-D array indexed by block
-      id, or one list per query; default 1, i.e. the prefix length in blocks);
-      larger is better.
-    - ``distance`` (the planner's): ``d = 1 − |A∩B| / max(|A|,|B|)
+      first position (``query_weights``: a mapping block id -> tokens, a 1-D array
+      indexed by block id, or one list per query; default 1, i.e. ``|A∩B|``; with
+      per-block weights, a mapping or a table, the score is symmetric); larger is better.
+    - ``distance`` (the peer planner's clustering distance): ``d = 1 − |A∩B| / max(|A|,|B|)
       + alpha · mean_{x∈A∩B} |pos_A(x) − pos_B(x)|``, alpha = 0.001, d = 1 when A∩B
       is empty; smaller is better.
-    Only candidates sharing at least one block (prefix: at least the first block) are
-    ranked; free slots hold index -1 and score 0 (overlap, prefix) or 1.0 (distance).
+    Only candidates sharing at least one block are ranked; free slots hold index -1 and
+    score 0 (overlap) or 1.0 (distance).
     Ties go to the lower candidate index. Integer scores are exact on every backend.
     ``backend``: "auto", "numpy", "triton", or None to read CP_ENGINE_KERNEL_BACKEND
     (default auto = Triton on CUDA for ≥ ``TRITON_MIN_PAIRS`` pairs and k ≤ ``MAX_K``,

@@ -42,8 +42,7 @@ class PackedLists:
 
     @property
     def vocab_size(self) -> int:
-        """One more than the largest dense id used (ids packed against a shared vocab
-        may exceed ``len(vocab)``)."""
+        """One more than the largest dense id used (at least ``len(vocab)``)."""
         top = int(self.ids.max()) + 1 if self.ids.size else 0
         return max(top, 0 if self.vocab is None else int(self.vocab.shape[0]))
 
@@ -103,8 +102,6 @@ def _weights_matrix(lists: Sequence[Sequence[int]], weights, ids: np.ndarray, vo
         w[valid] = 1
     elif isinstance(weights, np.ndarray) and weights.ndim == 1:
         # Per-block table indexed by the original (small, non-negative) block id.
-        if vocab is not None and ids.size and int(ids.max()) >= vocab.shape[0]:
-            raise ValueError("ids outside the shared vocab: pass token weights as a mapping")
         orig = ids if vocab is None else vocab.astype(np.int64)[np.maximum(ids, 0)]
         if valid.any() and (orig[valid].min() < 0 or orig[valid].max() >= weights.shape[0]):
             raise ValueError("a weight table indexed by block id must cover every block id")
@@ -140,24 +137,8 @@ def _integral(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _lookup(vocab: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """Dense ids of ``raw`` in a sorted ``vocab``; unknown ids numbered from len(vocab)."""
-    pos = np.searchsorted(vocab, raw)
-    pos_c = np.minimum(pos, max(vocab.size - 1, 0))
-    known = (pos < vocab.size) & (vocab[pos_c] == raw) if vocab.size else np.zeros(raw.size, bool)
-    dense = pos.astype(np.int64)
-    if not known.all():
-        _, fresh = np.unique(raw[~known], return_inverse=True)
-        dense[~known] = vocab.size + fresh
-    return dense
-
-
-def pack_lists(lists, *, weights=None, vocab: np.ndarray | None = None) -> PackedLists:
+def pack_lists(lists, *, weights=None) -> PackedLists:
     """Remap 64-bit block ids to dense int32 ids and pad to ``[n, L]`` with -1.
-
-    ``vocab``: reuse the id map of an earlier ``PackedLists`` (``other.vocab``) so the
-    result can be scored against it (e.g. one new request against a packed index);
-    ids missing from it get fresh dense ids ``>= len(vocab)``, which match nothing there.
 
     ``lists``: sequence of sequences of integer block ids (any 64-bit value), or an
     int ``[n, L]`` array of already-dense ids padded with negative values (kept as is,
@@ -182,11 +163,7 @@ def pack_lists(lists, *, weights=None, vocab: np.ndarray | None = None) -> Packe
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
         width = int(lengths.max()) if len(rows) else 0
         flat = [b for r in rows for b in r]
-        raw = _as_uint64(flat)
-        if vocab is None:
-            vocab, dense = np.unique(raw, return_inverse=True)
-        else:
-            dense = _lookup(vocab, raw)
+        vocab, dense = np.unique(_as_uint64(flat), return_inverse=True)
         ids = np.full((len(rows), width), PAD, dtype=np.int32)
         mask = np.arange(width)[None, :] < lengths[:, None]
         ids[mask] = dense.astype(np.int32)  # row-major fill matches the flat order

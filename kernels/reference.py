@@ -1,12 +1,9 @@
 """NumPy reference backend: CPU fallback, test oracle for the Triton kernel, benchmark baseline.
 
-Work is proportional to the shared postings, never to N×M:
-- overlap / distance: an inverted index block -> (candidate, position) over the
-  candidates' distinct ids; each query tile expands its blocks' postings into
-  (query, candidate, pos_q, pos_c) pairs and reduces them per (query, candidate);
-- prefix: candidates grouped by their first block (a shared prefix must start there);
-  the pairs in a group are compared position by position.
-Query tiles are cut so a tile's pairs stay under ``pair_budget``; the per-(query,
+Work is proportional to the shared postings, never to N×M: an inverted index
+block -> (candidate, position) over the candidates' distinct ids; each query tile
+expands its blocks' postings into (query, candidate, pos_q, pos_c) pairs and reduces
+them per (query, candidate). Query tiles are cut so a tile's pairs stay under ``pair_budget``; the per-(query,
 candidate) reduction is a dense ``np.bincount`` over ``T × M`` when the tile is dense
 in pairs, else a sort of the pairs, so memory stays bounded by the tile.
 Ranking and output conventions are those of ``cp_engine.kernels.topk_overlap``.
@@ -32,8 +29,7 @@ def _postings(ids: np.ndarray, nvocab: int):
 
 
 def _cached_postings(c: PackedLists):
-    """Postings of the candidates' distinct ids, built once per PackedLists (an online
-    index scores many single queries against the same packed candidates)."""
+    """Postings of the candidates' distinct ids, built once per PackedLists."""
     hit = c._cache.get("postings")
     if hit is None:
         hit = c._cache["postings"] = _postings(c.set_ids, max(c.vocab_size, 1))
@@ -168,13 +164,10 @@ def topk_numpy(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_s
     out_s = np.full((nq, k), empty, np.float64 if metric == "distance" else np.int64)
     if nq == 0 or m == 0 or k == 0:
         return out_i, out_s
-    if metric == "prefix":
-        _prefix(q, c, k, exclude_self, pair_budget, max(q.vocab_size, c.vocab_size, 1), out_i, out_s)
-        return out_i, out_s
     q_ids = q.set_ids
     post_row, post_col, deg, offs = _cached_postings(c)
-    # Query ids the candidates never use (fresh ids of pack_lists(..., vocab=)) match
-    # nothing: mask them for the expansion only; positions and set sizes are unchanged.
+    # Query ids the candidates never use match nothing: mask them for the expansion
+    # only; positions and set sizes are unchanged.
     q_ids = np.where(q_ids < deg.size, q_ids, -1)
     cost = np.where(q_ids >= 0, deg[np.maximum(q_ids, 0)], 0).sum(axis=1)
     qsize, csize = q.set_sizes, c.set_sizes
@@ -224,33 +217,3 @@ def _write(out_i, out_s, s, cols, vals, metric):
     else:  # integer scores below 2**53 survive the float64 key exactly
         out_s[rows, :kk] = np.where(ok, -np.where(ok, vals, 0.0), 0).astype(np.int64)
 
-
-def _prefix(q, c, k, exclude_self, pair_budget, nvocab, out_i, out_s):
-    """Weighted longest common prefix: only candidates whose first id equals the query's."""
-    first = c.ids[:, 0] if c.width else np.full(c.n, -1, np.int32)
-    cand = np.nonzero(first >= 0)[0]
-    order = np.argsort(first[cand], kind="stable")
-    post_row = cand[order].astype(np.int64)
-    deg = np.bincount(first[cand], minlength=nvocab).astype(np.int64)
-    offs = np.concatenate(([0], np.cumsum(deg)[:-1])) if nvocab else np.zeros(0, np.int64)
-    width = min(q.width, c.width)
-    q_first = q.ids[:, :1] if q.width else np.full((q.n, 1), -1, np.int32)
-    cost = np.where(q_first[:, 0] >= 0, deg[np.maximum(q_first[:, 0], 0)], 0) * max(width, 1)
-    m = c.n
-    for s, e in _tiles(cost, pair_budget):
-        qi, ci, _, _ = _expand(q_first[s:e], deg, offs, post_row, None, False)
-        if exclude_self:
-            keep = ci != qi + s
-            qi, ci = qi[keep], ci[keep]
-        eq = (q.ids[s + qi, :width] == c.ids[ci, :width]) & (q.ids[s + qi, :width] >= 0)
-        alive = np.logical_and.accumulate(eq, axis=1)
-        score = (alive * q.weights[s + qi, :width].astype(np.int64)).sum(axis=1)
-        primary = -score.astype(np.float64)
-        t = e - s
-        if t * m <= DENSE_LIMIT and t * m <= 8 * max(qi.size, 1):
-            dense_p = np.full((t, m), np.inf)
-            dense_p[qi, ci] = primary
-            cols, vals = _select_dense(dense_p, k)
-        else:
-            cols, vals = _select_sparse(qi, ci, primary, t, k)
-        _write(out_i, out_s, s, cols, vals, "prefix")

@@ -22,8 +22,8 @@ import triton.language as tl
 from .backend import MAX_K
 from .packing import PackedLists
 
-OVERLAP, PREFIX, DISTANCE = 0, 1, 2
-METRIC_CODE = {"overlap": OVERLAP, "prefix": PREFIX, "distance": DISTANCE}
+OVERLAP, DISTANCE = 0, 1
+METRIC_CODE = {"overlap": OVERLAP, "distance": DISTANCE}
 # Globals read inside @triton.jit must be constexpr. Finite sentinels (not ±inf) keep
 # the compiled and interpreted paths on plain comparisons.
 BIG = tl.constexpr(2**31 - 1)
@@ -45,7 +45,7 @@ def _topk_kernel(Q, C, QW, QN, CN, OUT_KEY, OUT_IDX,
     # worst; empty slots get distinct indices so exactly one is replaced at a time.
     top_key = tl.where(slot[None, :] < K, tl.full([BLOCK_Q, KP], NEG, tl.float64), POS)
     top_idx = (BIG - slot[None, :]) + tl.zeros([BLOCK_Q, KP], tl.int32)
-    if METRIC == 2:
+    if METRIC == 1:
         qn = tl.load(QN + q_offs, mask=q_mask, other=1).to(tl.float64)
         # Read from memory: a Python float argument is compiled as fp32, which rounds
         # alpha and made GPU distances differ from the reference (the interpreter keeps
@@ -59,45 +59,32 @@ def _topk_kernel(Q, C, QW, QN, CN, OUT_KEY, OUT_IDX,
         valid = q_mask[:, None] & c_mask[None, :]
         if EXCLUDE_SELF:
             valid = valid & (q_offs[:, None] != c_offs[None, :])
-        if METRIC == 1:
-            # Longest common prefix, weighted by the query's token weights. Query pads
-            # are -1 and candidate pads -2, so padding never matches.
-            alive = valid
-            score = tl.zeros([BLOCK_Q, BLOCK_C], tl.int64)
-            for j in range(0, tl.minimum(Lq, Lc)):
-                qv = tl.load(Q + q_offs * Lq + j, mask=q_mask, other=-1)
-                cv = tl.load(C + c_offs * Lc + j, mask=c_mask, other=-2)
-                w = tl.load(QW + q_offs * Lq + j, mask=q_mask, other=0).to(tl.int64)
-                alive = alive & (qv[:, None] == cv[None, :])
-                score += tl.where(alive, w[:, None], 0)
-            key = tl.where(valid & (score > 0), score.to(tl.float64), NEG)
+        # |A∩B| over first occurrences (repeats are pads), token-weighted by the
+        # query's weights for overlap; Σ|pos_A − pos_B| for the distance.
+        cnt = tl.zeros([BLOCK_Q, BLOCK_C], tl.int32)
+        dsum = tl.zeros([BLOCK_Q, BLOCK_C], tl.int32)
+        for j in range(0, Lc):
+            cv = tl.load(C + c_offs * Lc + j, mask=c_mask, other=-2)
+            for i in range(0, Lq):
+                qv = tl.load(Q + q_offs * Lq + i, mask=q_mask, other=-1)
+                eq = qv[:, None] == cv[None, :]
+                if METRIC == 0:
+                    wq = tl.load(QW + q_offs * Lq + i, mask=q_mask, other=0)
+                    cnt += tl.where(eq, wq[:, None], 0)
+                else:
+                    cnt += eq.to(tl.int32)
+                if METRIC == 1:
+                    dpos = i - j
+                    dpos = tl.where(dpos < 0, -dpos, dpos)
+                    dsum += tl.where(eq, dpos, 0)
+        if METRIC == 0:
+            key = tl.where(valid & (cnt > 0), cnt.to(tl.float64), NEG)
         else:
-            # |A∩B| over first occurrences (repeats are pads), token-weighted by the
-            # query's weights for overlap; Σ|pos_A − pos_B| for the distance.
-            cnt = tl.zeros([BLOCK_Q, BLOCK_C], tl.int32)
-            dsum = tl.zeros([BLOCK_Q, BLOCK_C], tl.int32)
-            for j in range(0, Lc):
-                cv = tl.load(C + c_offs * Lc + j, mask=c_mask, other=-2)
-                for i in range(0, Lq):
-                    qv = tl.load(Q + q_offs * Lq + i, mask=q_mask, other=-1)
-                    eq = qv[:, None] == cv[None, :]
-                    if METRIC == 0:
-                        wq = tl.load(QW + q_offs * Lq + i, mask=q_mask, other=0)
-                        cnt += tl.where(eq, wq[:, None], 0)
-                    else:
-                        cnt += eq.to(tl.int32)
-                    if METRIC == 2:
-                        dpos = i - j
-                        dpos = tl.where(dpos < 0, -dpos, dpos)
-                        dsum += tl.where(eq, dpos, 0)
-            if METRIC == 0:
-                key = tl.where(valid & (cnt > 0), cnt.to(tl.float64), NEG)
-            else:
-                cn = tl.load(CN + c_offs, mask=c_mask, other=1).to(tl.float64)
-                big = tl.maximum(tl.maximum(qn[:, None], cn[None, :]), 1.0)  # 0 only where cnt == 0
-                cf = tl.maximum(cnt, 1).to(tl.float64)
-                d = (1.0 - cnt.to(tl.float64) / big) + (alpha * dsum.to(tl.float64)) / cf
-                key = tl.where(valid & (cnt > 0), -d, NEG)
+            cn = tl.load(CN + c_offs, mask=c_mask, other=1).to(tl.float64)
+            big = tl.maximum(tl.maximum(qn[:, None], cn[None, :]), 1.0)  # 0 only where cnt == 0
+            cf = tl.maximum(cnt, 1).to(tl.float64)
+            d = (1.0 - cnt.to(tl.float64) / big) + (alpha * dsum.to(tl.float64)) / cf
+            key = tl.where(valid & (cnt > 0), -d, NEG)
         # Merge: candidates arrive in ascending index order, so a tie with a running
         # entry never wins (the running one has the lower index): strict '>' suffices.
         tile_best = tl.max(key, 1)
@@ -143,7 +130,7 @@ def launch(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self:
     ``splits`` overrides the number of candidate ranges (tests use it to exercise the
     cross-split merge on the interpreter, where the automatic choice is 1).
     ``num_warps=8``: ptxas for sm_90 (64×64 tiles, k=16) reports 255 registers and
-    0.5–4.7 KB of spills with 4 warps, none (overlap, prefix) or 0.3 KB (distance) with 8.
+    0.5–4.7 KB of spills with 4 warps, none (overlap) or 0.3 KB (distance) with 8.
     """
     if metric not in METRIC_CODE:
         raise ValueError(f"unknown metric {metric!r}")
@@ -153,14 +140,10 @@ def launch(q: PackedLists, c: PackedLists, k: int, metric: str, *, exclude_self:
         raise ValueError("tiles must be powers of two >= 64")
     nq, nc = q.n, c.n
     dev = _device()
-    if metric == "prefix":
-        qa, ca = q.ids, c.ids
-    else:
-        qa, ca = q.set_ids, c.set_ids
+    qa, ca = q.set_ids, c.set_ids
     # Distinct pads on both sides (-1 query, -2 candidate) so pads never match.
     q_t = torch.as_tensor(np.ascontiguousarray(qa, np.int32), device=dev)
-    # Candidates stay on the device between calls (an online index scores one request
-    # at a time against the same packed view): cached on the PackedLists.
+    # Candidates stay on the device between calls against the same PackedLists.
     c_t = _cached(c, ("c", metric, str(dev)), lambda: np.where(ca < 0, -2, ca), dev)
     qw = torch.as_tensor(np.ascontiguousarray(q.weights, np.int32), device=dev)
     qn = torch.as_tensor(q.set_sizes.astype(np.int32), device=dev)

@@ -15,13 +15,6 @@ def first_positions(blocks):
 
 def pair_score(metric, a, b, wa=None, alpha=0.001):
     """Score of candidate b for query a, or None when b is not eligible."""
-    if metric == "prefix":
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        if n == 0:
-            return None
-        return sum(wa[:n]) if wa is not None else n
     pa, pb = first_positions(a), first_positions(b)
     shared = set(pa) & set(pb)
     if not shared:

@@ -23,7 +23,7 @@ from kernel_oracle import as_pairs, oracle_partners, oracle_topk, pairs_of
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("torch") is not None
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-METRICS = ("overlap", "prefix", "distance")
+METRICS = ("overlap", "distance")
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton/torch not installed (use .venv-kernels)")
 interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside test_interpreter_suite's TRITON_INTERPRET=1 subprocess")
@@ -116,16 +116,16 @@ def test_lists_longer_than_one_tile(metric):
 
 
 @interp
-def test_prefix_weights_and_larger_tiles():
+def test_weights_and_larger_tiles():
     rng = np.random.default_rng(2)
     q = _random_lists(rng, 20, 3, 6, min_len=1)
     c = _random_lists(rng, 90, 3, 6)
     w = [rng.integers(1, 1000, len(r)).tolist() for r in q]
     qp, cp = pack_pair(q, c, query_weights=w)
-    ref = topk_overlap(qp, cp, 4, metric="prefix", backend="numpy")
+    ref = topk_overlap(qp, cp, 4, metric="overlap", backend="numpy")
     from cp_engine.kernels import triton_overlap
 
-    idx, scores = triton_overlap.launch(qp, cp, 4, "prefix", block_q=64, block_c=128)
+    idx, scores = triton_overlap.launch(qp, cp, 4, "overlap", block_q=64, block_c=128)
     assert np.array_equal(idx, ref.indices) and np.array_equal(scores, ref.scores)
 
 
