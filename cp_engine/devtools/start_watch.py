@@ -62,7 +62,8 @@ class StartFailed(RuntimeError):
 def _last_line(text: str) -> str:
     for line in reversed(text.splitlines()):
         if line.strip():
-            return line.strip()[-200:]
+            line = line.strip()
+            return line if len(line) <= 160 else line[:157] + "..."
     return "(no output yet)"
 
 
