@@ -30,8 +30,8 @@ CONFIGS: dict[str, dict] = {}
 class _Slot:
     """One configuration's server: started in a thread, waited for on first use."""
 
-    def __init__(self, kwargs: dict):
-        self.server = VllmServer(tiny_model_dir(), **kwargs)
+    def __init__(self, name: str, kwargs: dict):
+        self.server = VllmServer(tiny_model_dir(), name=name, **kwargs)
         self.error: BaseException | None = None
         self.stopped = False
         self.thread = threading.Thread(target=self._start, daemon=True)
@@ -80,7 +80,7 @@ class _Pool:
             if alive >= LIMIT:
                 break
             if name not in self.slots:
-                self.slots[name] = _Slot(CONFIGS[name])
+                self.slots[name] = _Slot(name, CONFIGS[name])
                 alive += 1
 
     def done(self, nodeid: str) -> None:
@@ -96,7 +96,7 @@ class _Pool:
     def get(self, name: str) -> VllmServer:
         slot = self.slots.get(name)
         if slot is None or slot.stopped:  # not planned (e.g. called outside the plan)
-            slot = self.slots[name] = _Slot(CONFIGS[name])
+            slot = self.slots[name] = _Slot(name, CONFIGS[name])
         return slot.wait()
 
     def stop_all(self) -> None:
