@@ -8,15 +8,17 @@ Contract:
   sends its own through the eviction channel) so one ``/metrics`` shows both;
 - ``export_prometheus()`` registers one collector on ``prometheus_client.REGISTRY``
   (the registry vLLM's and SGLang's ``/metrics`` serve) if prometheus_client is
-  importable; idempotent; returns whether a collector is registered.
+  importable; idempotent; returns whether a collector is registered. ``register_on`` /
+  ``unexport_prometheus`` are the same registration as a reversible patch-table row.
 Exported names: ``cp_engine_<name>_total`` (counters), label ``hook`` for failures.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-__all__ = ["COUNTERS", "inc", "value", "snapshot", "merge", "reset", "export_prometheus"]
+__all__ = ["COUNTERS", "inc", "value", "snapshot", "merge", "reset", "export_prometheus", "register_on",
+           "unexport_prometheus"]
 
 # name -> help text; every name the hooks increment must be here (tests/unit/test_hooks_metrics.py
 # scans hooks/ for metrics.inc calls), so /metrics documents each counter.
@@ -48,7 +50,7 @@ COUNTERS: dict[str, str] = {
 _Key = tuple[str, tuple[tuple[str, str], ...]]
 _lock = threading.Lock()
 _values: dict[_Key, float] = {}
-_exported = False
+_exported: tuple[Any, Any] | None = None  # (registry, collector) while registered
 
 
 def _key(name: str, labels: dict[str, Any]) -> _Key:
@@ -114,18 +116,42 @@ class _Collector:
         return []
 
 
-def export_prometheus() -> bool:
+def register_on(registry: Any) -> Callable[[], None] | None:
+    """Put the collector on ``registry`` (idempotent); returns the undo, None on failure.
+
+    The registry row of each engine's patch table applies this; ``unexport_prometheus``
+    (the undo) takes the collector off again.
+    """
     global _exported
     with _lock:
-        if _exported:
-            return True
+        if _exported is None:
+            collector = _Collector()
+            try:
+                registry.register(collector)
+            except Exception:
+                return None
+            _exported = (registry, collector)
+    return unexport_prometheus
+
+
+def unexport_prometheus() -> None:
+    """Take the collector off the registry it was put on (idempotent)."""
+    global _exported
+    with _lock:
+        done, _exported = _exported, None
+    if done is not None:
         try:
-            from prometheus_client import REGISTRY
+            done[0].unregister(done[1])
         except Exception:
-            return False
-        try:
-            REGISTRY.register(_Collector())
-        except Exception:
-            return False
-        _exported = True
+            pass
+
+
+def export_prometheus() -> bool:
+    """The collector on ``prometheus_client.REGISTRY``; whether it is there."""
+    if _exported is not None:
         return True
+    try:
+        from prometheus_client import REGISTRY
+    except Exception:
+        return False
+    return register_on(REGISTRY) is not None

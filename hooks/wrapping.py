@@ -1,7 +1,8 @@
 """Reversible method wrapping with wrapt, shared by the engine adapters.
 
-Contract: ``wrap_method(cls, name, wrapper)`` replaces ``cls.<name>`` (looked up in the
-class's own ``__dict__``, so a subclass is never patched through its base) with a
+Contract: ``wrap_method(owner, name, wrapper)`` replaces ``owner.<name>`` (a class or a
+module; looked up in the owner's own ``__dict__``, so a subclass is never patched
+through its base) with a
 ``wrapt.FunctionWrapper`` tagged as ours and returns True; wrapping an already wrapped
 method is a no-op returning False. ``unwrap_method`` restores the original exactly.
 ``bind_args(wrapped, args, kwargs)`` binds a call by parameter *name* (never by
@@ -14,28 +15,28 @@ from typing import Any, Callable
 
 import wrapt
 
-_TAG = "_self_cp_engine_original"  # "_self_" attributes live on the wrapt proxy, not the function
+TAG = "_self_cp_engine_original"  # "_self_" attributes live on the wrapt proxy, not the function
 
 
 def is_wrapped(cls: type, name: str) -> bool:
-    return hasattr(cls.__dict__.get(name), _TAG)
+    return hasattr(cls.__dict__.get(name), TAG)
 
 
 def wrap_method(cls: type, name: str, wrapper: Callable[..., Any]) -> bool:
     original = cls.__dict__.get(name)
     if original is None:
-        raise AttributeError(f"{cls.__qualname__} defines no {name!r} itself")
-    if hasattr(original, _TAG):
+        raise AttributeError(f"{getattr(cls, '__qualname__', cls.__name__)} defines no {name!r} itself")
+    if hasattr(original, TAG):
         return False
     proxy = wrapt.FunctionWrapper(original, wrapper)
-    setattr(proxy, _TAG, original)
+    setattr(proxy, TAG, original)
     setattr(cls, name, proxy)
     return True
 
 
 def unwrap_method(cls: type, name: str) -> bool:
     current = cls.__dict__.get(name)
-    original = getattr(current, _TAG, None)
+    original = getattr(current, TAG, None)
     if original is None:
         return False
     setattr(cls, name, original)

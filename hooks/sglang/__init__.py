@@ -1,3 +1,4 @@
 """SGLang adapter: eviction capture via KV events, cache-aware waiting order, and the
-OpenAI chat rewrite. Entry: ``cp_engine.hooks.sglang.patch:patch`` (called by
-``hooks.bootstrap``). Importing this package imports no SGLang module."""
+OpenAI chat rewrite. ``table.py`` lists every change it makes to an SGLang process
+(plain data); ``patch.patch()`` (called by ``hooks.bootstrap``) hands it to
+``hooks.installer``. Importing this package imports no SGLang module."""

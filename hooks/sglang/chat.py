@@ -190,12 +190,19 @@ def around_convert(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
 
 
 def after_init(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """``OpenAIServingChat.__init__``: this is the API server; start the eviction receiver
-    and put cp_engine's counters on SGLang's ``/metrics``."""
+    """``OpenAIServingChat.__init__``: this is the API server; apply the table's rows that
+    belong there (eviction receiver, cp_engine's counters on SGLang's ``/metrics``)."""
     result = wrapped(*args, **kwargs)
-    from ..channel import start_receiver
-    from . import promexport
+    from .patch import INSTALLER
 
-    faults.call_guarded("sglang_receiver", start_receiver)
-    faults.call_guarded("sglang_metrics", promexport.attach_to_server)
+    for name in ("receiver", "metrics_registry", "metrics_route"):
+        INSTALLER.apply(name)  # fails open and counts by itself
     return result
+
+
+def start_receiver(_serving_cls: Any = None) -> Callable[[], None]:
+    """Row ``receiver``: start the API server's eviction receiver; returns the undo."""
+    from ..channel import start_receiver as start, stop_all
+
+    start()
+    return stop_all

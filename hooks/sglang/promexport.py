@@ -3,21 +3,22 @@
 SGLang serves ``/metrics`` from a private ``CollectorRegistry`` holding only a
 multiprocess collector (``sglang.srt.utils.common.add_prometheus_middleware``), so a
 collector on prometheus_client's default registry is not shown there. With metrics
-enabled, ``attach_to_server`` swaps the app behind the ``/metrics`` mount of SGLang's
-FastAPI app for one serving a registry with the same multiprocess collector plus
-cp_engine's families (``hooks.metrics``). Idempotent; without ``--enable-metrics``
-there is no mount and nothing changes.
+enabled, ``swap_metrics_route`` (row ``metrics_route`` of ``hooks/sglang/table.py``)
+swaps the app behind the ``/metrics`` mount of SGLang's FastAPI app for one serving a
+registry with the same multiprocess collector plus cp_engine's families
+(``hooks.metrics``), and its undo puts SGLang's app back. Idempotent; without
+``--enable-metrics`` there is no mount and nothing changes.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from .. import metrics
 
-__all__ = ["attach_to_server", "CpEngineFamilies"]
+__all__ = ["attach_to_server", "swap_metrics_route", "CpEngineFamilies"]
 
-_MARK = "_cp_engine_metrics"
+_MARK = "_cp_engine_original_app"  # on the route while swapped: SGLang's own app
 
 
 class CpEngineFamilies:
@@ -34,6 +35,34 @@ class CpEngineFamilies:
         return []
 
 
+def swap_metrics_route(app: Any) -> Callable[[], None] | None:
+    """Row ``metrics_route``: serve SGLang's multiprocess collector plus cp_engine's
+    families behind ``app``'s ``/metrics`` mount; returns the undo (the original app
+    back), None when there is no mount (metrics off)."""
+    from prometheus_client import CollectorRegistry, make_asgi_app, multiprocess
+
+    for route in list(getattr(app, "routes", [])):
+        if getattr(route, "path", None) != "/metrics" or not hasattr(route, "app"):
+            continue
+        original = getattr(route, _MARK, None)
+        if original is None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # what SGLang serves
+            registry.register(CpEngineFamilies())
+            original = route.app
+            route.app = make_asgi_app(registry=registry)
+            setattr(route, _MARK, original)
+
+        def undo(route: Any = route) -> None:
+            first = getattr(route, _MARK, None)
+            if first is not None:
+                route.app = first
+                delattr(route, _MARK)
+
+        return undo
+    return None
+
+
 def attach_to_server(app: Any = None) -> bool:
     """Add cp_engine's families to the ``/metrics`` mount of ``app`` (default: SGLang's)."""
     if not metrics.export_prometheus():
@@ -41,19 +70,4 @@ def attach_to_server(app: Any = None) -> bool:
     if app is None:
         server = sys.modules.get("sglang.srt.entrypoints.http_server")
         app = getattr(server, "app", None)
-    if app is None:
-        return False
-    from prometheus_client import CollectorRegistry, make_asgi_app, multiprocess
-
-    for route in list(getattr(app, "routes", [])):
-        if getattr(route, "path", None) != "/metrics" or not hasattr(route, "app"):
-            continue
-        if getattr(route, _MARK, False):
-            return True
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # what SGLang serves
-        registry.register(CpEngineFamilies())
-        route.app = make_asgi_app(registry=registry)
-        setattr(route, _MARK, True)
-        return True
-    return False
+    return app is not None and swap_metrics_route(app) is not None

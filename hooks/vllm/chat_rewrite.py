@@ -1,7 +1,8 @@
 """Prompt rewrite for ``/v1/chat/completions`` inside vLLM's API server.
 
-Patched symbol: ``OpenAIServingChat.create_chat_completion(request, raw_request)``.
-It is the one method every vLLM 0.27–0.33 chat request passes through that sees both
+Patched symbol: ``OpenAIServingChat.create_chat_completion(request, raw_request)``
+(row ``chat_rewrite`` of ``hooks/vllm/table.py``). It is the one method every chat
+request of the supported releases passes through that sees both
 the parsed request (``model_extra`` keeps our fields) and the HTTP headers, before any
 templating; the render path below it moved between releases (``OnlineRenderer`` in
 0.32), this method did not.
@@ -25,28 +26,13 @@ from __future__ import annotations
 from typing import Any
 
 from cp_engine.marking import InvalidBlocks, Marks, fallback_messages, find_marks, prefix_tokens
-from .. import faults, ledger, metrics, runtime
+from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
-from .serving_patch import MethodPatch
+from .serving_patch import make_wrapper
 from .staging import stage
 
 HOOK = "chat_rewrite"
-MODULES = ("vllm.entrypoints.openai.chat_completion.serving",  # every supported release (0.27.1-0.32)
-           "vllm.entrypoints.openai.serving_chat")  # the older layout, kept as a fallback
-CLASS, METHOD = "OpenAIServingChat", "create_chat_completion"
-
-PATCH = ledger.register(ledger.Patch(
-    engine="vllm",
-    target=f"{MODULES[0]}.{CLASS}.{METHOD}",
-    why="render marked context blocks (reordered, de-duplicated, annotated) into the prompt before templating",
-    how="wrapt FunctionWrapper on the class attribute; request/raw_request bound by name; "
-        "edits request.messages and request.vllm_xargs, then calls through",
-    min_version="0.27.0",
-    max_version="0.33",
-    upstream="vllm/entrypoints/openai/chat_completion/serving.py (serving_chat.py in older layouts)",
-    remove_when="vLLM exposes a request pre-processing plugin hook for the OpenAI server",
-))
 
 
 def _headers(raw_request: Any) -> Any:
@@ -92,6 +78,5 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         return None
 
 
-_PATCH = MethodPatch(HOOK, MODULES, CLASS, METHOD, rewrite)
-install = _PATCH.install
-uninstall = _PATCH.uninstall
+# The patch table's chat_rewrite row wraps OpenAIServingChat.create_chat_completion with this.
+wrapper = make_wrapper(HOOK, rewrite)

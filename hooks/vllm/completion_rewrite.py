@@ -1,6 +1,7 @@
 """Prompt rewrite for ``/v1/completions`` (single text prompt only).
 
-Patched symbol: ``OpenAIServingCompletion.create_completion(request, raw_request)``.
+Patched symbol: ``OpenAIServingCompletion.create_completion(request, raw_request)``
+(row ``completion_rewrite`` of ``hooks/vllm/table.py``).
 A string ``prompt`` with ``context_blocks`` becomes ``context_text + "\\n\\n" + prompt``
 (reordered and annotated; no per-conversation dedup: a completion prompt carries no
 history the reference hints could point to). Lists of prompts or token ids pass through
@@ -11,27 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from cp_engine.marking import BLOCKS_FIELD, InvalidBlocks
-from .. import faults, ledger, metrics, runtime
+from cp_engine.marking import BLOCKS_FIELD, InvalidBlocks, find_marks
+from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
-from .serving_patch import MethodPatch
+from .serving_patch import make_wrapper
 from .staging import stage
 
 HOOK = "completion_rewrite"
-MODULES = ("vllm.entrypoints.openai.completion.serving", "vllm.entrypoints.openai.serving_completion")
-CLASS, METHOD = "OpenAIServingCompletion", "create_completion"
-
-PATCH = ledger.register(ledger.Patch(
-    engine="vllm",
-    target=f"{MODULES[0]}.{CLASS}.{METHOD}",
-    why="render marked context blocks in front of a text completion prompt",
-    how="wrapt FunctionWrapper on the class attribute; edits request.prompt and request.vllm_xargs",
-    min_version="0.27.0",
-    max_version="0.33",
-    upstream="vllm/entrypoints/openai/completion/serving.py (serving_completion.py in older layouts)",
-    remove_when="vLLM exposes a request pre-processing plugin hook for the OpenAI server",
-))
 
 
 @faults.stall_watched(HOOK)
@@ -40,19 +28,16 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
     original_prompt = getattr(request, "prompt", None)
     try:
         faults.check_fault(HOOK)
-        extra = getattr(request, "model_extra", None) or {}
-        if extra.get(BLOCKS_FIELD) is None:
+        headers = getattr(raw_request, "headers", None) if raw_request is not None else None
+        # The chat paths' checks (conversation id included, though unused here).
+        marks = find_marks(getattr(request, "model_extra", None), None, headers)
+        if marks is None:
             return None
-        from cp_engine.pipeline import validate_blocks
-
-        blocks = validate_blocks(extra[BLOCKS_FIELD])
+        blocks = marks.blocks
         prompt = getattr(request, "prompt", None)
-        if not blocks:
-            return None
         if not isinstance(prompt, str):
             metrics.inc("requests_passed_through")
             return None
-        headers = getattr(raw_request, "headers", None) if raw_request is not None else None
         prep = runtime.pipeline().prepare(blocks, conversation_id=None, namespace="completion",
                                           tenant=tenant_of_request(headers, request))
         new_prompt = f"{prep.context_text}\n\n{prompt}" if prompt else prep.context_text
@@ -82,6 +67,5 @@ def _fallback(request: Any, prompt: Any) -> None:
         pass
 
 
-_PATCH = MethodPatch(HOOK, MODULES, CLASS, METHOD, rewrite)
-install = _PATCH.install
-uninstall = _PATCH.uninstall
+# The patch table's completion_rewrite row wraps OpenAIServingCompletion.create_completion with this.
+wrapper = make_wrapper(HOOK, rewrite)

@@ -4,19 +4,21 @@ Contract:
 - every request the waiting queue sees is tracked (``track_request``): its prompt
   block hashes with the API server's hints (``cp_ns``/``cp_path``/``cp_ends``);
   requests without hints are ignored;
-- ``BlockPool._maybe_evict_cached_block`` is wrapped: the block's hashes are read
+- ``BlockPool._maybe_evict_cached_block`` is wrapped (row ``block_evicted`` of
+  ``hooks/vllm/table.py``): the block's hashes are read
   *before* calling through; when vLLM reports the block evicted, each hash that no
   longer has any physical copy in the pool (vLLM keeps duplicates) goes through
   ``hooks.eviction.EvictionMapper`` and the shallowest broken context-block prefix
   is sent as ``evict_path`` on ``hooks.channel``. ``evict_blocks`` evicts through the
   same method, so it is covered too;
-- ``BlockPool.reset_prefix_cache`` is wrapped: a successful reset sends ``reset``;
+- ``BlockPool.reset_prefix_cache`` is wrapped (row ``prefix_cache_reset``): a
+  successful reset sends ``reset``;
 - why not KV events (``take_events``): they exist only when the user enables
   ``--kv-events-config``, and then they belong to vLLM's publisher;
 - nothing here blocks the scheduler (channel sends are NOBLOCK) or raises into it.
-``install()`` / ``uninstall()`` are idempotent and reversible; ``install`` also installs
-the waiting queue (FCFS order when ``CP_ENGINE_SCHEDULE=0``) when nothing else did,
-and ``uninstall`` removes it again in that case.
+``on_patch()`` / ``on_unpatch()`` (called by ``hooks.installer``) start and stop the
+tracking; the waiting queue rows are on whenever eviction sync is (FCFS order when
+``CP_ENGINE_SCHEDULE=0``), since requests are seen there.
 """
 from __future__ import annotations
 
@@ -28,37 +30,16 @@ from typing import Any
 from vllm.v1.core import block_pool as _bp
 from vllm.v1.core.kv_cache_utils import get_block_hash
 
-from .. import channel, faults, ledger, metrics, wrapping
+from .. import channel, faults, metrics
 from ..eviction import EvictionMapper
 from . import queue as _queue
 from . import xargs
 
-__all__ = ["install", "uninstall", "installed", "track_request", "state", "PATCHES"]
+__all__ = ["evict_wrapper", "reset_wrapper", "on_patch", "on_unpatch", "track_request", "state"]
 
 logger = logging.getLogger("cp_engine.hooks")
 
 _EVICT = "_maybe_evict_cached_block"
-_RESET = "reset_prefix_cache"
-
-PATCHES = tuple(
-    ledger.register(ledger.Patch(
-        engine="vllm",
-        target=f"vllm.v1.core.block_pool.BlockPool.{name}",
-        why=why,
-        how=f"wrapt wrapper on the class attribute; {how}",
-        min_version="0.27.0",
-        max_version="0.33",
-        upstream=f"vllm/v1/core/block_pool.py ({upstream})",
-        remove_when="vLLM exposes always-on eviction callbacks (KV events without a publisher)",
-        feature="eviction_sync",
-    ))
-    for name, why, how, upstream in (
-        (_EVICT, "learn which cached prompt blocks the prefix cache drops, so the index stops aligning to them",
-         "reads block.block_hash before calling through", "get_new_blocks / evict_blocks → _maybe_evict_cached_block"),
-        (_RESET, "a prefix-cache reset must empty the context index too",
-         "sends reset when vLLM reports success", "reset_prefix_cache"),
-    )
-)
 
 
 class _EngineSide:
@@ -78,7 +59,6 @@ class _EngineSide:
 
 _lock = threading.Lock()
 _state: _EngineSide | None = None
-_queue_ours = False  # the queue was installed by us (for tracking), not by patch()
 _block_pos: int = 0  # position of ``block`` among the wrapped method's arguments (after self)
 
 
@@ -127,7 +107,8 @@ def _after_evict(pool: Any, keys: list) -> None:
     channel.forward_metrics()
 
 
-def _evict_wrapper(wrapped, instance, args, kwargs):
+def evict_wrapper(wrapped, instance, args, kwargs):
+    """Row ``block_evicted``: read the block's hashes, call through, report what left."""
     st = _state
     if st is None or not len(st.mapper):
         return wrapped(*args, **kwargs)
@@ -148,7 +129,8 @@ def _evict_wrapper(wrapped, instance, args, kwargs):
     return result
 
 
-def _reset_wrapper(wrapped, instance, args, kwargs):
+def reset_wrapper(wrapped, instance, args, kwargs):
+    """Row ``prefix_cache_reset``: a successful reset empties the mapper and the index."""
     result = wrapped(*args, **kwargs)
     st = _state
     if result and st is not None:
@@ -158,58 +140,25 @@ def _reset_wrapper(wrapped, instance, args, kwargs):
     return result
 
 
-_WRAPPERS = {_EVICT: _evict_wrapper, _RESET: _reset_wrapper}
-
-
-def installed() -> bool:
-    return any(wrapping.is_wrapped(_bp.BlockPool, name) for name in _WRAPPERS)
-
-
-def install() -> bool:
-    """Wrap the BlockPool methods and start tracking (idempotent); False when skipped."""
-    global _state, _block_pos, _queue_ours
-    try:
-        import vllm
-
-        if not ledger.supported(PATCHES[0], vllm.__version__):
-            faults.log_once("vllm_eviction_version", "cp_engine: vLLM %s outside the eviction patch's range; "
-                            "eviction sync off", vllm.__version__)
-            return False
-        cls = _bp.BlockPool
-        params = list(inspect.signature(cls.__dict__[_EVICT]).parameters)
-        if params[:1] != ["self"] or "block" not in params:
-            faults.log_once("vllm_eviction_drift", "cp_engine: BlockPool.%s%s moved; eviction sync off",
-                            _EVICT, params)
-            return False
-        with _lock:
-            # The wrapper reads ``block`` by the position its *name* has now, resolved
-            # once here: binding a signature per call would tax every allocation.
-            _block_pos = params.index("block") - 1
-            if _state is None:
-                _state = _EngineSide()
-            for name, fn in _WRAPPERS.items():
-                wrapping.wrap_method(cls, name, fn)
-            if track_request not in _queue.observers:
-                _queue.observers.append(track_request)
-            if not _queue.installed():
-                # Requests are seen in the queue; with CP_ENGINE_SCHEDULE=0 it keeps FCFS.
-                _queue_ours = _queue.install()
-        return True
-    except Exception as exc:
-        faults.record_failure("vllm_eviction_install", exc)
-        uninstall()
-        return False
-
-
-def uninstall() -> None:
-    """Restore vLLM's methods and stop tracking (idempotent)."""
-    global _state, _queue_ours
+def on_patch() -> None:
+    """Before the first row of this module is applied: start tracking."""
+    global _state, _block_pos
+    params = list(inspect.signature(_bp.BlockPool.__dict__[_EVICT]).parameters)
     with _lock:
-        for name in _WRAPPERS:
-            wrapping.unwrap_method(_bp.BlockPool, name)
+        # The wrapper reads ``block`` by the position its *name* has now (the row's
+        # signature check guarantees it is there), resolved once here: binding a
+        # signature per call would tax every allocation.
+        _block_pos = params.index("block") - 1
+        if _state is None:
+            _state = _EngineSide()
+        if track_request not in _queue.observers:
+            _queue.observers.append(track_request)
+
+
+def on_unpatch() -> None:
+    """After this module's rows were undone: stop tracking."""
+    global _state
+    with _lock:
         if track_request in _queue.observers:
             _queue.observers.remove(track_request)
-        if _queue_ours:
-            _queue.uninstall()
-            _queue_ours = False
         _state = None

@@ -10,11 +10,11 @@ Contract:
 - prefix key of a request: its prompt's chained block hashes (what the prefix cache
   matches on); without hashes (prefix caching off, prompt under one block) the
   API server's hints (namespace + context-block path, else group key); else none.
-- ``install()`` replaces ``create_request_queue`` in ``request_queue`` and, when
-  already imported, in ``scheduler`` (which imports the name), so every scheduler
-  class vLLM builds gets this queue for the FCFS policy; the priority policy keeps
-  vLLM's order (``ObservedPriorityQueue`` only reports added requests to
-  ``observers``). ``uninstall()`` restores the originals. Both are idempotent and fail open.
+- ``factory_wrapper`` wraps ``create_request_queue`` in ``request_queue`` and in
+  ``scheduler`` (which imports the name; rows ``queue_factory*`` of
+  ``hooks/vllm/table.py``), so every scheduler class vLLM builds gets this queue for
+  the FCFS policy; the priority policy keeps vLLM's order (``ObservedPriorityQueue``
+  only reports added requests to ``observers``). Fails open to vLLM's factory.
 - each added request is shown to ``observers`` (eviction tracking) under a guard;
   with ``CP_ENGINE_SCHEDULE=0`` the queue (installed for those observers) keeps
   vLLM's FCFS order exactly.
@@ -22,39 +22,19 @@ Contract:
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from vllm.v1.core.sched import request_queue as _rq
 
-from .. import channel, faults, ledger, metrics
+from .. import channel, faults, metrics
 from ..scheduling import PrefixScheduler, chained_key, truncated_key
 from . import xargs
 
-__all__ = ["CacheAwareRequestQueue", "ObservedPriorityQueue", "request_key", "install", "uninstall", "installed", "PATCHES"]
+__all__ = ["CacheAwareRequestQueue", "ObservedPriorityQueue", "request_key", "factory_wrapper", "observers"]
 
 logger = logging.getLogger("cp_engine.hooks")
-
-_RQ_MODULE = "vllm.v1.core.sched.request_queue"
-_SCHED_MODULE = "vllm.v1.core.sched.scheduler"
-_ATTR = "create_request_queue"
-
-PATCHES = tuple(
-    ledger.register(ledger.Patch(
-        engine="vllm",
-        target=f"{module}.{_ATTR}",
-        why="serve waiting requests that share a prompt prefix consecutively (depth-first, with aging)",
-        how="module attribute replaced by a factory returning CacheAwareRequestQueue for the FCFS policy",
-        min_version="0.27.0",
-        max_version="0.33",
-        upstream="vllm/v1/core/sched/request_queue.py (RequestQueue, create_request_queue)",
-        remove_when="vLLM offers a pluggable waiting-queue policy (or an equivalent cache-aware one)",
-        feature="schedule",
-    ))
-    for module in (_RQ_MODULE, _SCHED_MODULE)
-)
 
 # Callables given each request on add_request (eviction tracking registers here).
 observers: list[Callable[[Any], None]] = []
@@ -184,64 +164,16 @@ class ObservedPriorityQueue(_rq.PriorityRequestQueue):
 
 
 # --------------------------------------------------------------------------- patching
-_originals: dict[str, Callable] = {}
-# vLLM's own factory, kept for good: a stale reference to ours (a module that copied
-# the name while we were installed) must still work after uninstall.
-_vllm_factory: Callable = _rq.create_request_queue
-
-
-def _factory(policy: Any, *args: Any, **kwargs: Any) -> Any:
-    original = _originals.get(_RQ_MODULE, _vllm_factory)
+def factory_wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper of ``create_request_queue(policy)`` (rows ``queue_factory*`` of
+    ``hooks/vllm/table.py``): our queue for FCFS, the observed priority queue when
+    someone observes, vLLM's own otherwise or on any failure."""
     try:
+        policy = kwargs["policy"] if "policy" in kwargs else args[0]
         if policy == _rq.SchedulingPolicy.FCFS:
             return CacheAwareRequestQueue()
         if policy == _rq.SchedulingPolicy.PRIORITY and observers:
             return ObservedPriorityQueue()
     except Exception as exc:  # fail open: vLLM's own queue
         faults.record_failure("vllm_queue_factory", exc)
-    return original(policy, *args, **kwargs)
-
-
-_factory.__cp_engine__ = True  # type: ignore[attr-defined]
-
-
-def _ours(fn: Any) -> bool:
-    return getattr(fn, "__cp_engine__", False) is True
-
-
-def installed() -> bool:
-    return _ours(getattr(_rq, _ATTR, None))
-
-
-def install() -> bool:
-    """Patch the factory (idempotent); False when skipped or failed (engine unchanged)."""
-    try:
-        import vllm
-
-        if not ledger.supported(PATCHES[0], vllm.__version__):
-            faults.log_once("vllm_queue_version", "cp_engine: vLLM %s outside the queue patch's range; "
-                            "waiting queue left unchanged", vllm.__version__)
-            return False
-        current = getattr(_rq, _ATTR)
-        if not _ours(current):
-            _originals[_RQ_MODULE] = current
-            setattr(_rq, _ATTR, _factory)
-        sched = sys.modules.get(_SCHED_MODULE)
-        if sched is not None and not _ours(getattr(sched, _ATTR, None)):
-            _originals[_SCHED_MODULE] = getattr(sched, _ATTR)
-            setattr(sched, _ATTR, _factory)
-        # A scheduler module imported from now on binds the patched name itself.
-        return True
-    except Exception as exc:
-        faults.record_failure("vllm_queue_install", exc)
-        return False
-
-
-def uninstall() -> None:
-    """Restore vLLM's factory everywhere it was replaced (idempotent). Queues already
-    built keep working: they are complete RequestQueue implementations."""
-    for name in (_SCHED_MODULE, _RQ_MODULE):
-        module = sys.modules.get(name)
-        if module is not None and _ours(getattr(module, _ATTR, None)):
-            setattr(module, _ATTR, _originals.get(name, _originals.get(_RQ_MODULE, _vllm_factory)))
-    _originals.clear()
+    return wrapped(*args, **kwargs)

@@ -1,5 +1,6 @@
-"""Shared mechanics of the API-server rewrites: find the serving class, wrap its
-``create_*`` method so a synchronous rewrite of the request runs first.
+"""Shared mechanics of the API-server rewrites: the wrapt wrapper of a serving class's
+``create_*`` method (applied by the patch table) that runs a synchronous rewrite of the
+request first.
 
 ``rewrite(request, raw_request, serving)`` (``serving`` is the wrapped method's
 instance) returns an error message (the wrapper answers it with the serving
@@ -19,30 +20,13 @@ through untouched.
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from .. import faults
 from ..acceptance import PendingCommit, accept_on_first_chunk
-from ..wrapping import bind_args, unwrap_method, wrap_method
+from ..wrapping import bind_args
 
 Rewrite = Callable[[Any, Any, Any], "str | PendingCommit | None"]
-
-
-def find_class(modules: Sequence[str], cls_name: str, method: str) -> type | None:
-    """The first of ``modules`` (newest layout first) defining ``cls_name.method``."""
-    for name in modules:
-        module = sys.modules.get(name)
-        if module is None:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-        cls = getattr(module, cls_name, None)
-        if cls is not None and method in cls.__dict__:
-            return cls
-    return None
 
 
 def is_error_response(result: Any) -> bool:
@@ -90,26 +74,3 @@ def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
         return call(wrapped, instance, args, kwargs)
 
     return wrapper
-
-
-class MethodPatch:
-    """Install/uninstall of one wrapped serving method (idempotent)."""
-
-    def __init__(self, hook: str, modules: Sequence[str], cls_name: str, method: str, rewrite: Rewrite):
-        self.hook, self.modules, self.cls_name, self.method = hook, tuple(modules), cls_name, method
-        self.wrapper = make_wrapper(hook, rewrite)
-        self._patched: list[type] = []
-
-    def install(self) -> bool:
-        cls = find_class(self.modules, self.cls_name, self.method)
-        if cls is None:
-            faults.log_once(f"{self.hook}_missing", "cp_engine: %s.%s not found; %s off",
-                            self.cls_name, self.method, self.hook)
-            return False
-        if wrap_method(cls, self.method, self.wrapper):
-            self._patched.append(cls)
-        return True
-
-    def uninstall(self) -> None:
-        while self._patched:
-            unwrap_method(self._patched.pop(), self.method)

@@ -176,19 +176,22 @@ def _params(fn) -> list[str]:
 
 def test_drift_version_in_supported_range():
     assert patch.engine_version() is not None
-    from cp_engine.hooks import ledger
+    from cp_engine.hooks.sglang.table import TABLE
 
-    assert ledger.supported(patch.PATCHES[0], patch.engine_version())
+    assert TABLE.versions.admits(patch.engine_version())
 
 
 def test_drift_every_target_is_a_plain_function_defined_on_its_class():
-    import importlib
+    from cp_engine.hooks.installer import target_of
+    from cp_engine.hooks.sglang.table import TABLE
 
-    for t in patch.TARGETS:
-        owner = getattr(importlib.import_module(t.module), t.owner)
-        raw = owner.__dict__.get(t.attr)
+    for row in TABLE.rows:
+        if row.kind != "method":
+            continue
+        owner, attr = target_of(row)
+        raw = owner.__dict__.get(attr)
         raw = getattr(raw, "_self_cp_engine_original", raw)  # when the .pth patched it already
-        assert inspect.isfunction(raw), f"{t.module}.{t.owner}.{t.attr} moved or changed kind"
+        assert inspect.isfunction(raw), f"{row.target} moved or changed kind"
 
 
 def test_drift_signatures_the_wrappers_bind():

@@ -22,18 +22,37 @@ from vllm.v1.core.sched import request_queue as rq  # noqa: E402
 from vllm.v1.core.sched import scheduler as sched_mod  # noqa: E402
 
 from cp_engine.hooks import channel, metrics, runtime  # noqa: E402
+from cp_engine.hooks.installer import Installer  # noqa: E402
 from cp_engine.hooks.vllm import eviction as vev  # noqa: E402
+from cp_engine.hooks.vllm import patch as vpatch  # noqa: E402
 from cp_engine.hooks.vllm import queue as vq  # noqa: E402
 from cp_engine.hooks.vllm import xargs  # noqa: E402
+from cp_engine.hooks.vllm.table import TABLE  # noqa: E402
+from cp_engine.hooks.wrapping import is_wrapped  # noqa: E402
 from cp_engine.pipeline import ContextPipeline  # noqa: E402
+
+QUEUE_ROWS = ("queue_factory", "queue_factory_in_scheduler")
+EVICTION_ROWS = ("block_evicted", "prefix_cache_reset")
+vpatch.unpatch()  # this process's .pth may have patched at import: start from vLLM as shipped
+
+
+def rows_installer(names, wanted=None) -> Installer:
+    """An installer of the vLLM table applying only ``names`` (EngineCore rows)."""
+    inst = Installer(TABLE, wanted or (lambda row: row.name in names))
+    assert inst.patch(vpatch.vllm_version())  # the trigger module is imported: applied now
+    return inst
+
+
+def queue_installed() -> bool:
+    return is_wrapped(rq, "create_request_queue")
 
 
 @pytest.fixture
 def patched():
-    assert vq.install() and vev.install()
-    yield
-    vev.uninstall()
-    vq.uninstall()
+    queue, eviction = rows_installer(QUEUE_ROWS), rows_installer(EVICTION_ROWS)
+    yield queue
+    eviction.unpatch()
+    queue.unpatch()
 
 
 @pytest.fixture
@@ -63,23 +82,34 @@ def test_factory_gives_our_queue_for_fcfs_only(patched):
     assert len(vev.state().mapper) == size + 2  # both prompt blocks lie inside the context block
 
 
-def test_uninstall_restores_vllm_queue_and_block_pool():
+def test_uninstall_restores_vllm_queue_and_block_pool(monkeypatch):
     original_factory = rq.create_request_queue
     original_evict = bp.BlockPool.__dict__["_maybe_evict_cached_block"]
     for _ in range(2):  # double install, double remove
-        assert vq.install() and vq.install() and vev.install() and vev.install()
-        assert sched_mod.create_request_queue is rq.create_request_queue is not original_factory
-        vev.uninstall()
-        vev.uninstall()
-        vq.uninstall()
-        vq.uninstall()
+        queue, eviction = rows_installer(QUEUE_ROWS), rows_installer(EVICTION_ROWS)
+        assert queue.patch(vpatch.vllm_version()) and eviction.patch(vpatch.vllm_version())
+        assert queue_installed() and is_wrapped(sched_mod, "create_request_queue")
+        assert sched_mod.create_request_queue is not original_factory and rq.create_request_queue is not original_factory
+        assert is_wrapped(bp.BlockPool, "_maybe_evict_cached_block")
+        eviction.unpatch()
+        eviction.unpatch()
+        queue.unpatch()
+        queue.unpatch()
     assert rq.create_request_queue is original_factory and sched_mod.create_request_queue is original_factory
     assert bp.BlockPool.__dict__["_maybe_evict_cached_block"] is original_evict
     assert type(vc.make_scheduler(64).waiting) is rq.FCFSRequestQueue
     # Eviction sync alone brings the queue (requests are tracked there) and takes it away.
-    assert vev.install() and vq.installed()
-    vev.uninstall()
-    assert not vq.installed() and rq.create_request_queue is original_factory
+    monkeypatch.setenv("CP_ENGINE_SCHEDULE", "0")
+    runtime.reset_for_tests()
+    try:
+        alone = rows_installer(None, wanted=vpatch._wanted)
+        assert queue_installed() and is_wrapped(bp.BlockPool, "_maybe_evict_cached_block")
+        assert type(vc.make_scheduler(64).waiting) is vq.CacheAwareRequestQueue
+        alone.unpatch()
+    finally:
+        monkeypatch.delenv("CP_ENGINE_SCHEDULE")
+        runtime.reset_for_tests()
+    assert not queue_installed() and rq.create_request_queue is original_factory
 
 
 def _admission(s, reqs) -> list[str]:
@@ -95,7 +125,7 @@ def test_admission_groups_shared_prefixes_and_hits_the_cache(patched):
     reqs = [vc.make_request(f"r{i}", tokens(g, 4, i)) for i, g in enumerate(order)]
     ids, _ = _admission(vc.make_scheduler(64), reqs)
     assert ids == ["r0", "r2", "r4", "r1", "r3", "r5"]  # depth-first by prefix
-    vq.uninstall()
+    patched.unpatch()
     reqs = [vc.make_request(f"r{i}", tokens(g, 4, i)) for i, g in enumerate(order)]
     ids, _ = _admission(vc.make_scheduler(64), reqs)
     assert ids == ["r0", "r1", "r2", "r3", "r4", "r5"]
@@ -106,7 +136,7 @@ def test_grouping_saves_prefill_when_the_cache_is_small(patched):
     # Admitted one at a time (max_num_seqs=1): grouped order computes each prefix
     # once, interleaved order evicts most of it before its next use.
     def run(installed: bool) -> int:
-        (vq.install() if installed else vq.uninstall())
+        (patched.patch(vpatch.vllm_version()) if installed else patched.unpatch())
         s = vc.make_scheduler(7, max_num_seqs=1)
         for i, g in enumerate([0, 1, 0, 1, 0, 1]):
             s.add_request(vc.make_request(f"q{i}", tokens(g, 4, i)))

@@ -38,7 +38,7 @@ def state():
     sched = sys.modules.get("{SCHED_MOD}")
     return {{
         "chat_wrapped": bool(chat) and is_wrapped(chat.OpenAIServingChat, "create_chat_completion"),
-        "queue_ours": bool(sched) and getattr(sched.create_request_queue, "__cp_engine__", False) is True,
+        "queue_ours": bool(sched) and is_wrapped(sched, "create_request_queue"),
         **patch.status(),
     }}
 """
@@ -139,16 +139,15 @@ def test_drift_request_fields_reach_sampling_params():
 
 
 def test_drift_version_in_supported_range():
+    import importlib.util
+
     import vllm
 
-    from cp_engine.hooks import ledger
-    from cp_engine.hooks.vllm import chat_rewrite, patch
+    from cp_engine.hooks.vllm.table import TABLE
 
-    assert patch._version_ok(vllm.__version__), vllm.__version__
-    assert ledger.supported(chat_rewrite.PATCH, vllm.__version__)
-    for comp in patch.COMPONENTS:
-        if comp.name in ("chat_rewrite", "queue", "eviction", "receiver"):
-            assert any(__import__("importlib").util.find_spec(t) for t in comp.triggers), comp
+    assert TABLE.versions.admits(vllm.__version__), vllm.__version__
+    for row in TABLE.rows:  # every row's trigger module exists in this release
+        assert row.on_demand or importlib.util.find_spec(row.trigger_module), row
 
 
 # -- a real wheel install puts the .pth in site-packages --------------------------

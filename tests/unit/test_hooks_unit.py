@@ -16,13 +16,15 @@ from cp_engine.pipeline import ContextPipeline
 
 
 def test_ledger_version_ranges():
-    p = ledger.Patch("vllm", "x.y", "why", "how", "0.27.0", "0.33", "up", "never")
-    assert ledger.supported(p, "0.27.0") and ledger.supported(p, "0.32.0")
-    assert ledger.supported(p, "0.33.4rc1+cpu")
-    assert not ledger.supported(p, "0.26.9") and not ledger.supported(p, "0.34.0")
-    assert not ledger.supported(p, "garbage")
-    ledger.register(p)
-    assert ledger.get("x.y") is p and "x.y" in ledger.as_markdown("vllm")
+    v = ledger.Versions("0.27.0", "0.33")
+    assert v.admits("0.27.0") and v.admits("0.32.0")
+    assert v.admits("0.33.4rc1+cpu")
+    assert not v.admits("0.26.9") and not v.admits("0.34.0")
+    assert not v.admits("garbage") and not v.admits(None)
+    row = ledger.Row("r", "x.y:Owner.attr", "method", "pkg.mod:fn", "why", "never")
+    table = ledger.Table("vllm", v, (row,))
+    assert table.row("r") is row and row.module == "x.y" and row.path == ("Owner", "attr")
+    assert "`x.y:Owner.attr`" in table.as_markdown() and "0.27.0–0.33" in table.as_markdown()
 
 
 def test_fault_switch_raise_and_hang(monkeypatch):
