@@ -1,4 +1,4 @@
-"""Per-operation cost of the cache-aware waiting order (hooks/scheduling.py) as the
+"""Per-operation cost of the cache-aware waiting order (cp_engine/queue_order.py) as the
 number of waiting requests grows: it should stay flat (O(d log c), not O(n)).
 
     python -m benchmarks.bench_queue [--sizes 1000,10000,50000] [--depth 32]
@@ -15,7 +15,7 @@ import json
 import random
 import time
 
-from cp_engine.hooks.scheduling import PrefixScheduler, schedule_order
+from cp_engine.queue_order import PrefixScheduler, schedule_order
 
 
 def keys(n: int, depth: int, seed: int = 0) -> list[tuple]:

@@ -3,15 +3,15 @@
 SGLang's chat request drops unknown top-level fields, but ``custom_params`` (a dict
 of JSON scalars / lists) travels unchanged into ``SamplingParams.custom_params`` of the
 scheduler's ``Req``. The hint keys and their meaning are shared with the vLLM adapter
-(``cp_engine.hooks.hintkeys``): one definition for both engines.
+(``cp_engine.request_hints``): one definition for both engines.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ..hintkeys import ALL_KEYS, Hints, build_xargs, read_hints
+from cp_engine.request_hints import Hints, build_xargs, read_hints
 
-__all__ = ["Hints", "attach", "of_req", "ALL_KEYS"]
+__all__ = ["attach", "of_request"]
 
 
 def attach(request: Any, prep: Any, request_id: str, base_offset: int = 0) -> None:
@@ -22,7 +22,7 @@ def attach(request: Any, prep: Any, request_id: str, base_offset: int = 0) -> No
     request.custom_params = merged
 
 
-def of_req(req: Any) -> Hints | None:
+def of_request(req: Any) -> Hints | None:
     """Hints carried by a scheduler ``Req`` (None when absent); never raises."""
     params = getattr(req, "sampling_params", None)
     custom = getattr(params, "custom_params", None) if params is not None else None

@@ -5,7 +5,7 @@
 process. It checks the version against the table (``hooks/sglang/table.py``), then
 hands the table to ``hooks.installer``: each row is applied as soon as its module is
 imported (or at once if it already is), whatever the import order; the API-server
-rows are applied by ``chat.after_init``. ``unpatch()`` undoes every applied row;
+rows are applied by ``chat_rewrite.after_init``. ``unpatch()`` undoes every applied row;
 later imports are then left alone.
 """
 from __future__ import annotations
@@ -55,11 +55,11 @@ def patch() -> bool:
                         "%s; leaving it unpatched", version, VERSIONS)
         return False
     from .. import runtime
-    from . import evictions, ordering
+    from . import eviction, queue
 
     runtime.instance_id()  # fix the channel id before the launcher spawns the scheduler
-    if ordering.observers.count(evictions.observe) == 0:
-        ordering.observers.append(evictions.observe)
+    if queue.observers.count(eviction.observe) == 0:
+        queue.observers.append(eviction.observe)
     INSTALLER.patch(version)
     cfg = runtime.config()
     faults.log_once("sglang:startup", "cp_engine active in SGLang %s (pid %d): features %s",
@@ -70,11 +70,11 @@ def patch() -> bool:
 
 def unpatch() -> int:
     """Undo every applied row; returns how many were undone."""
-    from . import evictions, ordering
+    from . import eviction, queue
 
     n = INSTALLER.unpatch()
-    while evictions.observe in ordering.observers:
-        ordering.observers.remove(evictions.observe)
+    while eviction.observe in queue.observers:
+        queue.observers.remove(eviction.observe)
     return n
 
 

@@ -12,7 +12,7 @@ Contract for each request (see ``cp_engine.marking`` for how blocks are marked):
 - malformed marks: an HTTP 400 ``ErrorResponse`` naming the field, engine untouched;
 - marked: messages rewritten by ``ContextPipeline.rewrite_messages`` (blocks in the
   last user turn, before the question, annotation after the blocks), hints for
-  EngineCore merged into ``request.vllm_xargs`` (keys in ``hooks.hintkeys``), the
+  EngineCore merged into ``request.vllm_xargs`` (``cp_engine.request_hints``), the
   rendered order indexed under the request id; the conversation's dedup history and
   the counters are committed only once vLLM accepts the request, and the index path
   is dropped again if it does not (``hooks.acceptance``). Dedup is scoped by tenant

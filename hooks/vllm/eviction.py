@@ -8,7 +8,7 @@ Contract:
   ``hooks/vllm/table.py``): the block's hashes are read
   *before* calling through; when vLLM reports the block evicted, each hash that no
   longer has any physical copy in the pool (vLLM keeps duplicates) goes through
-  ``hooks.eviction.EvictionMapper`` and the shallowest broken context-block prefix
+  ``cp_engine.eviction_mapping.EvictionMapper`` and the shallowest broken context-block prefix
   is sent as ``evict_path`` on ``hooks.channel``. ``evict_blocks`` evicts through the
   same method, so it is covered too;
 - ``BlockPool.reset_prefix_cache`` is wrapped (row ``prefix_cache_reset``): a
@@ -30,10 +30,11 @@ from typing import Any
 from vllm.v1.core import block_pool as _bp
 from vllm.v1.core.kv_cache_utils import get_block_hash
 
+from cp_engine.eviction_mapping import EvictionMapper
+
 from .. import channel, faults, metrics
-from ..eviction import EvictionMapper
+from . import hints as _hints
 from . import queue as _queue
-from . import xargs
 
 __all__ = ["evict_wrapper", "reset_wrapper", "on_patch", "on_unpatch", "track_request", "state"]
 
@@ -73,8 +74,7 @@ def track_request(request: Any) -> None:
     if st is None:
         return
     faults.check_fault("vllm_eviction")
-    params = getattr(request, "sampling_params", None)
-    hints = xargs.read_hints(getattr(params, "extra_args", None)) if params is not None else None
+    hints = _hints.of_request(request)
     if hints is None or not hints.ends:
         return
     hashes = getattr(request, "block_hashes", None)

@@ -5,7 +5,7 @@ Contract:
   Prepended requests (preempted or skipped ones, which vLLM puts back at the head)
   sit in a front deque served first, with ``FCFSRequestQueue``'s exact prepend
   semantics; everything added with ``add_request`` is ordered by
-  ``hooks.scheduling.PrefixScheduler`` (shared prefix depth-first, aging bound
+  ``cp_engine.queue_order.PrefixScheduler`` (shared prefix depth-first, aging bound
   ``CP_ENGINE_SCHEDULE_MAX_WAIT_S``). Iteration yields the order pops would take.
 - prefix key of a request: its prompt's chained block hashes (what the prefix cache
   matches on); without hashes (prefix caching off, prompt under one block) the
@@ -28,9 +28,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from vllm.v1.core.sched import request_queue as _rq
 
+from cp_engine.queue_order import PrefixScheduler, chained_key, truncated_key
+
 from .. import channel, faults, metrics
-from ..scheduling import PrefixScheduler, chained_key, truncated_key
-from . import xargs
+from . import hints as _hints
 
 __all__ = ["CacheAwareRequestQueue", "ObservedPriorityQueue", "request_key", "factory_wrapper", "observers"]
 
@@ -49,8 +50,7 @@ def request_key(request: Any) -> tuple:
         if hashes:
             # Chained hashes: sampling fixed positions keeps long prompts cheap.
             return ("h",) + chained_key(hashes)
-        params = getattr(request, "sampling_params", None)
-        hints = xargs.read_hints(getattr(params, "extra_args", None)) if params is not None else None
+        hints = _hints.of_request(request)
         if hints is not None and hints.path:
             return ("p", hints.namespace) + truncated_key(hints.path)
         if hints is not None and hints.group:

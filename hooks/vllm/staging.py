@@ -3,7 +3,7 @@ its request id, the EngineCore hints, and the pending commit.
 
 Contract of ``stage(hook, request, raw_request, serving, prep, rid_prefix, base, n_blocks)``:
 returns ``(hints, pending)`` where ``hints`` is the request's own ``vllm_xargs``
-merged with ours (``hooks.hintkeys``; the caller assigns it together with the new
+merged with ours (``hooks/vllm/hints.py``; the caller assigns it together with the new
 prompt) and ``pending`` a ``hooks.acceptance.PendingCommit`` that has indexed the
 rendered order; the wrapper (``serving_patch``) accepts or rejects it from the
 engine's answer. Raises on failure, before anything is recorded, so the caller's
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import hintkeys, runtime
+from .. import runtime
 from ..acceptance import PendingCommit
 from ..tokenratio import TokenRatio
+from .hints import merged
 
 __all__ = ["request_id_for", "tokenizer_of", "token_ratio", "stage"]
 
@@ -50,9 +51,8 @@ def tokenizer_of(serving: Any) -> Any:
 def stage(hook: str, request: Any, raw_request: Any, serving: Any, prep: Any, rid_prefix: str,
           base: int, n_blocks: int) -> tuple[dict, PendingCommit]:
     rid = request_id_for(rid_prefix, request, raw_request)
-    hints = dict(getattr(request, "vllm_xargs", None) or {})
     token_ratio.observe(tokenizer_of(serving), prep.context_text)
-    hints.update(hintkeys.build_xargs(prep, rid, base, scale=token_ratio.scale()))
+    hints = merged(request, prep, rid, base, scale=token_ratio.scale())
     pending = PendingCommit(f"{hook}.commit", runtime.pipeline(), rid, prep, base, n_blocks,
                             runtime.config().max_blocks_per_request)
     return hints, pending

@@ -11,8 +11,8 @@ from sglang_support import build_cache, block_tokens, evict, insert, make_req, m
 require_sglang()
 
 from cp_engine.hooks import channel, metrics, runtime  # noqa: E402
-from cp_engine.hooks.sglang import evictions, hints, patch  # noqa: E402
-from cp_engine.hooks.vllm.xargs import build_xargs  # noqa: E402
+from cp_engine.hooks.sglang import eviction, hints, patch  # noqa: E402
+from cp_engine.request_hints import build_xargs  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 KINDS = ["radix", "unified-python", "unified-rust"]
@@ -25,7 +25,7 @@ def plugged(monkeypatch, scheduler_ctx):
     monkeypatch.delenv("CP_ENGINE_FAULT", raising=False)
     channel.stop_all()
     runtime.reset_for_tests()
-    evictions.reset_for_tests()
+    eviction.reset_for_tests()
     metrics.reset()
     assert patch.patch()
     channel.start_receiver(runtime.pipeline())
@@ -65,7 +65,7 @@ def test_event_hashes_match_the_recorder(kind, page_size, scheduler_ctx):
     tokens = [7 + (i * 13) % 50 for i in range(64)]
     insert(cache, alloc, tokens)
     stored = [h for ev in cache.take_events() if type(ev).__name__ == "BlockStored" for h in ev.block_hashes]
-    assert stored == evictions.event_hashes(tokens, page_size)
+    assert stored == eviction.event_hashes(tokens, page_size)
 
 
 def test_default_unified_core_is_rust_in_this_install(scheduler_ctx):
@@ -167,7 +167,7 @@ def test_salted_requests_are_not_tracked(plugged):
     cache, _ = build_cache("radix")
     prep, tokens, req = _marked(plugged, ["x " * 40], "Q")
     req.cache_salt = "tenant-a"
-    assert evictions.track_req(req, 1) == 0
+    assert eviction.track_req(req, 1) == 0
     assert metrics.value("evictions_untracked", engine="sglang") == 1
 
 

@@ -11,7 +11,7 @@ from sglang_support import build_cache, make_req, require_sglang, scheduler_ctx 
 require_sglang()
 
 from cp_engine.hooks import metrics, runtime  # noqa: E402
-from cp_engine.hooks.sglang import ordering, patch  # noqa: E402
+from cp_engine.hooks.sglang import patch, queue  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 
@@ -148,10 +148,10 @@ def test_req_key_depends_only_on_prompt_prefix(scheduler_ctx):
     a = make_req("a", shared + [5] * 64)
     b = make_req("b", shared + [6] * 64)
     c = make_req("c", [12] * 192 + [5] * 64)
-    ka, kb, kc = ordering.req_key(a), ordering.req_key(b), ordering.req_key(c)
+    ka, kb, kc = queue.req_key(a), queue.req_key(b), queue.req_key(c)
     assert len(ka) == 4 and ka[:3] == kb[:3] and ka[3] != kb[3]  # one part per 64 tokens
     assert ka[0] != kc[0]
-    assert ordering.req_key(a) is ka  # computed once per request
+    assert queue.req_key(a) is ka  # computed once per request
 
 
 def test_incremental_update_keeps_groups(patched):

@@ -239,7 +239,7 @@ def test_drift_hints_survive_sampling_params_and_ipc(scheduler_ctx_once):
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     from cp_engine.hooks.sglang import hints
-    from cp_engine.hooks.vllm.xargs import build_xargs
+    from cp_engine.request_hints import build_xargs
     from cp_engine.pipeline import ContextPipeline
 
     prep = ContextPipeline().prepare(["a " * 50, "b " * 50], namespace="ns")
@@ -250,10 +250,10 @@ def test_drift_hints_survive_sampling_params_and_ipc(scheduler_ctx_once):
     back = msgspec.msgpack.decode(msgspec.msgpack.encode(sp.custom_params))
     assert back == custom
 
-    class _Req:  # only the attribute path hints.of_req reads
+    class _Req:  # only the attribute path hints.of_request reads
         sampling_params = sp
 
-    h = hints.of_req(_Req())
+    h = hints.of_request(_Req())
     assert h is not None and h.request_id == "cp-1" and len(h.path) == 2
 
 

@@ -26,7 +26,7 @@ from cp_engine.hooks.installer import Installer  # noqa: E402
 from cp_engine.hooks.vllm import eviction as vev  # noqa: E402
 from cp_engine.hooks.vllm import patch as vpatch  # noqa: E402
 from cp_engine.hooks.vllm import queue as vq  # noqa: E402
-from cp_engine.hooks.vllm import xargs  # noqa: E402
+from cp_engine import request_hints  # noqa: E402
 from cp_engine.hooks.vllm.table import TABLE  # noqa: E402
 from cp_engine.hooks.wrapping import is_wrapped  # noqa: E402
 from cp_engine.pipeline import ContextPipeline  # noqa: E402
@@ -75,8 +75,8 @@ def test_factory_gives_our_queue_for_fcfs_only(patched):
     assert isinstance(s.waiting, vq.CacheAwareRequestQueue)
     p = vc.make_scheduler(64, policy="priority")
     assert isinstance(p.waiting, rq.PriorityRequestQueue)  # vLLM's order, observed for tracking
-    hinted = vc.make_request("pri", tokens(0, 2, 0), {xargs.NAMESPACE: "n", xargs.PATH: ["00" * 8],
-                                                      xargs.ENDS: [2 * vc.BLOCK]})
+    hinted = vc.make_request("pri", tokens(0, 2, 0), {request_hints.NAMESPACE: "n", request_hints.PATH: ["00" * 8],
+                                                      request_hints.ENDS: [2 * vc.BLOCK]})
     size = len(vev.state().mapper)
     p.add_request(hinted)
     assert len(vev.state().mapper) == size + 2  # both prompt blocks lie inside the context block
@@ -240,9 +240,9 @@ def _hinted(pipe, rid, texts, n_prompt_tokens_per_block):
     """Prepare + commit like the API server, and the xargs it would attach."""
     prep = pipe.prepare(texts, namespace="ns")
     pipe.commit(rid, prep)
-    hints = xargs.build_xargs(prep, rid)
+    hints = request_hints.build_xargs(prep, rid)
     # The test prompt lays each context block over exactly this many tokens.
-    hints[xargs.ENDS] = [n_prompt_tokens_per_block * (i + 1) for i in range(len(texts))]
+    hints[request_hints.ENDS] = [n_prompt_tokens_per_block * (i + 1) for i in range(len(texts))]
     return prep, hints
 
 
@@ -344,9 +344,9 @@ def test_drift_block_pool_eviction_path():
 
 
 def test_drift_request_fields():
-    r = vc.make_request("d", [1] * (2 * vc.BLOCK + 3), {xargs.PATH: ["00" * 8]})
+    r = vc.make_request("d", [1] * (2 * vc.BLOCK + 3), {request_hints.PATH: ["00" * 8]})
     assert len(r.block_hashes) == 2 and all(isinstance(h, bytes) for h in r.block_hashes)
-    assert r.sampling_params.extra_args == {xargs.PATH: ["00" * 8]}
+    assert r.sampling_params.extra_args == {request_hints.PATH: ["00" * 8]}
     assert isinstance(r.arrival_time, float) and r.request_id == "d"
 
 
@@ -357,7 +357,7 @@ def test_queue_never_raises_into_the_scheduler_on_odd_input():
     q.add_request(r)
     q.add_request(r)  # vLLM never does this; the queue keeps one copy instead of raising
     assert len(q) == 1 and metrics.value("hook_failures", hook="vllm_queue_duplicate") == before + 1
-    odd = vc.make_request("odd", [1, 2, 3], {xargs.PATH: "not-a-list"})  # malformed hints
+    odd = vc.make_request("odd", [1, 2, 3], {request_hints.PATH: "not-a-list"})  # malformed hints
     q.add_request(odd)
     # Unkeyed (no full block, hints ignored) ends at the root: served before subtrees.
     assert [q.pop_request(), q.pop_request()] == [odd, r] and not q

@@ -20,7 +20,7 @@ if not vs.vllm_available():  # pragma: no cover
 SCRIPT = r'''
 import json, os, random, sys
 from cp_engine.hooks import bootstrap, channel, runtime
-from cp_engine.hooks.vllm import xargs
+from cp_engine import request_hints
 
 def words(seed, n):
     rng = random.Random(seed)
@@ -40,7 +40,7 @@ if __name__ == "__main__":
     pipe.commit("r1", prep)
     path = prep.index_path()
     before = pipe.index.match_length(path, namespace="completion")
-    params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=xargs.build_xargs(prep, "r1", 0))
+    params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=request_hints.build_xargs(prep, "r1", 0))
     llm.generate([prep.context_text + "\n\nQuestion?"], params, use_tqdm=False)
     for i in range(3):  # unrelated prompts push every earlier block out of the 40-block cache
         llm.generate([words(100 + i, 700)], SamplingParams(max_tokens=1), use_tqdm=False)

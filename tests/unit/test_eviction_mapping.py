@@ -1,4 +1,4 @@
-"""Unit tests for the engine-neutral eviction mapping (hooks/eviction.py)."""
+"""Unit tests for the engine-neutral eviction mapping (cp_engine/eviction_mapping.py)."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cp_engine.hooks.eviction import EvictionMapper
+from cp_engine.eviction_mapping import EvictionMapper
 
 
 def test_hash_maps_to_shallowest_broken_block():

@@ -10,7 +10,7 @@ import pytest
 from cp_engine.config import Config
 from cp_engine.hooks import bootstrap, faults, ledger, metrics
 from cp_engine.marking import InvalidBlocks, fallback_messages, find_marks
-from cp_engine.hooks.vllm import xargs
+from cp_engine import request_hints
 from cp_engine.hooks.wrapping import bind_args, is_wrapped, unwrap_method, wrap_method
 from cp_engine.pipeline import ContextPipeline
 
@@ -139,14 +139,14 @@ def test_fallback_rendering_matches_flags_off_pipeline():
 def test_xargs_roundtrip():
     pipe = ContextPipeline(Config())
     prep = pipe.prepare(["x" * 400, "y" * 800], namespace="ns")
-    xa = xargs.build_xargs(prep, "chatcmpl-1", base_offset=10)
-    assert set(xa) == set(xargs.ALL_KEYS)
-    assert all(len(p) == 16 for p in xa[xargs.PATH])
-    assert xa[xargs.ENDS] == sorted(xa[xargs.ENDS]) and xa[xargs.ENDS][0] > 10
-    h = xargs.read_hints(xa)
+    xa = request_hints.build_xargs(prep, "chatcmpl-1", base_offset=10)
+    assert set(xa) == set(request_hints.ALL_KEYS)
+    assert all(len(p) == 16 for p in xa[request_hints.PATH])
+    assert xa[request_hints.ENDS] == sorted(xa[request_hints.ENDS]) and xa[request_hints.ENDS][0] > 10
+    h = request_hints.read_hints(xa)
     assert h.path == tuple(b & (2**64 - 1) for b in prep.index_path()) and h.request_id == "chatcmpl-1"
-    assert xargs.read_hints({}) is None and xargs.read_hints({xargs.PATH: ["zz"]}) is None
-    assert xargs.read_hints({xargs.PATH: "abc"}) is None
+    assert request_hints.read_hints({}) is None and request_hints.read_hints({request_hints.PATH: ["zz"]}) is None
+    assert request_hints.read_hints({request_hints.PATH: "abc"}) is None
 
 
 class _Target:
@@ -288,10 +288,10 @@ def test_cp_ends_track_real_token_positions_with_a_real_tokenizer():
     for _ in range(3):
         out, prep = pipe.rewrite_messages(msgs, blocks)
         ratio.observe(tok, prep.context_text)
-    xa = xargs.build_xargs(prep, "r", prefix_tokens(out), scale=ratio.scale())
+    xa = request_hints.build_xargs(prep, "r", prefix_tokens(out), scale=ratio.scale())
     text = tok.apply_chat_template(out, tokenize=False)
     end_of_context = text.index(prep.context_text) + len(prep.context_text)
     real = len(tok(text[:end_of_context], add_special_tokens=False)["input_ids"])
-    unscaled = xargs.build_xargs(prep, "r", prefix_tokens(out))[xargs.ENDS][-1]
-    assert abs(xa[xargs.ENDS][-1] - real) <= 0.1 * real, (xa[xargs.ENDS][-1], real, unscaled)
+    unscaled = request_hints.build_xargs(prep, "r", prefix_tokens(out))[request_hints.ENDS][-1]
+    assert abs(xa[request_hints.ENDS][-1] - real) <= 0.1 * real, (xa[request_hints.ENDS][-1], real, unscaled)
     assert abs(unscaled - real) > 0.1 * real  # the fixed 4-chars estimate alone would be off

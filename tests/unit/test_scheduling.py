@@ -1,4 +1,4 @@
-"""Unit tests for the engine-neutral cache-aware ordering (hooks/scheduling.py)."""
+"""Unit tests for the engine-neutral cache-aware ordering (cp_engine/queue_order.py)."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cp_engine.hooks.scheduling import PrefixScheduler, chained_key, schedule_order, truncated_key
+from cp_engine.queue_order import PrefixScheduler, chained_key, schedule_order, truncated_key
 
 
 class Clock:

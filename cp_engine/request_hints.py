@@ -3,7 +3,7 @@
 Engine-neutral: one definition for every adapter. vLLM carries them in
 ``request.vllm_xargs`` → ``SamplingParams.extra_args`` (EngineCore reads
 ``request.sampling_params.extra_args``); SGLang in ``custom_params`` →
-``SamplingParams.custom_params`` (``hooks.sglang.hints``). Values are JSON scalars or
+``SamplingParams.custom_params`` (``hooks/sglang/hints.py``). Values are JSON scalars or
 lists, so they cross the engines' process hops unchanged.
 
 Contract (API server writes with ``build_xargs``, the scheduler reads with ``read_hints``):

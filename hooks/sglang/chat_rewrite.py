@@ -198,11 +198,3 @@ def after_init(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> A
     for name in ("receiver", "metrics_registry", "metrics_route"):
         INSTALLER.apply(name)  # fails open and counts by itself
     return result
-
-
-def start_receiver(_serving_cls: Any = None) -> Callable[[], None]:
-    """Row ``receiver``: start the API server's eviction receiver; returns the undo."""
-    from ..channel import start_receiver as start, stop_all
-
-    start()
-    return stop_all

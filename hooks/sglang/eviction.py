@@ -12,7 +12,7 @@ alike because it uses only their KV-event recorder, never node-deletion internal
   the user's publisher is off, so the queue stays bounded;
 - ``track_req`` (an ordering observer) hashes a marked request's prompt pages with
   SGLang's own event hash, so ``BlockRemoved`` hashes map to context-block paths
-  through ``hooks.eviction.EvictionMapper``; the resulting ``evict_path`` / ``reset``
+  through ``cp_engine.eviction_mapping.EvictionMapper``; the resulting ``evict_path`` / ``reset``
   messages go over ``hooks.channel`` (non-blocking, never raises).
 Requests with a cache salt or extra key (LoRA) publish namespaced hashes: they are not
 tracked (the index then stays optimistic for them, which only costs ordering quality).
@@ -24,9 +24,10 @@ import threading
 from array import array
 from typing import Any, Callable
 
+from cp_engine.eviction_mapping import EvictionMapper
+
 from .. import faults, metrics
 from ..channel import engine_sender, hex_ids
-from ..eviction import EvictionMapper
 from . import hints as _hints
 
 __all__ = ["around_cache_init", "after_take_events", "around_publish", "track_req", "mapper",
@@ -165,7 +166,7 @@ def track_req(req: Any, page_size: int) -> int:
     if not _enabled():
         return 0
     faults.check_fault("sglang_track")
-    h = _hints.of_req(req)
+    h = _hints.of_request(req)
     if h is None or not h.path or not h.ends:
         return 0
     if getattr(req, "extra_key", None) or getattr(req, "cache_salt", None):

@@ -4,7 +4,7 @@ Contract:
 - ``around_calc_priority`` wraps the original AROUND and binds nothing by position:
   SGLang's own policy runs first, unchanged (its prefix matching sets fields the
   scheduler reads later); then the list it sorted in place is re-sorted, in place,
-  by ``hooks.scheduling.schedule_order``: requests sharing a prompt prefix run
+  by ``cp_engine.queue_order.schedule_order``: requests sharing a prompt prefix run
   consecutively, depth-first, and a request older than
   ``CP_ENGINE_SCHEDULE_MAX_WAIT_S`` goes first in arrival order (aging);
 - there is no queue-length cut-off (SGLang's LPM falls back to FCFS above 128
@@ -23,8 +23,9 @@ import time
 import weakref
 from typing import Any, Callable
 
+from cp_engine.queue_order import chained_key, schedule_order
+
 from .. import faults, metrics
-from ..scheduling import chained_key, schedule_order
 
 __all__ = ["around_calc_priority", "req_key", "observers", "CHUNK_TOKENS"]
 
