@@ -6,7 +6,8 @@ Contract (``Installer(table, wanted)``, ``wanted(row) -> bool`` reads the featur
   module of the wanted rows, so a row is applied at once when its module is already
   imported (import-then-patch) or right after the import (patch-then-import);
 - ``apply(name)`` applies an on-demand row (the adapter knows when its moment came);
-- applying a row is idempotent and fails open: a target that is missing or whose
+- applying a row is idempotent and fails open: a route whose server module is not
+  imported in this process is skipped quietly; a target that is missing or whose
   leading parameters differ from ``row.signature`` (drift) is skipped, logged once
   and counted; an optional row's absent target is only noted. Nothing is wrapped twice;
 - a handler module may define ``on_patch()`` / ``on_unpatch()``: called once before
@@ -43,8 +44,15 @@ def resolve(ref: str) -> Any:
 
 
 def target_of(row: Row) -> tuple[Any, str]:
-    """(owner, attribute name) of ``row``'s target; imports the target's module."""
-    owner: Any = importlib.import_module(row.module)
+    """(owner, attribute name) of ``row``'s target; imports the target's module, except
+    for a route: a route lives on a running server's app, whose module is imported by
+    then (``ImportError`` otherwise, never a server module imported by us)."""
+    if row.kind == "route":
+        owner: Any = sys.modules.get(row.module)
+        if owner is None:
+            raise ImportError(f"{row.module} is not imported (no server in this process)", name=row.module)
+    else:
+        owner = importlib.import_module(row.module)
     *owners, attr = row.path
     for part in owners:
         owner = getattr(owner, part)
@@ -93,6 +101,7 @@ class Installer:
         self._applied: dict[str, Undo] = {}  # row name -> undo, in apply order
         self._modules: dict[str, Any] = {}  # handler modules whose on_patch ran
         self._skipped: dict[str, str] = {}
+        self._applying: set[str] = set()  # importing a handler may fire other hooks: no re-entry
 
     # -- switching on and off ----------------------------------------------------
     def patch(self, version: str | None) -> bool:
@@ -169,7 +178,17 @@ class Installer:
     def _apply(self, row: Row) -> bool:
         if row.name in self._applied:
             return True
-        if not self._wanted(row):
+        if row.name in self._applying or not self._wanted(row):
+            return False
+        self._applying.add(row.name)
+        try:
+            return self._apply_now(row)
+        finally:
+            self._applying.discard(row.name)
+
+    def _apply_now(self, row: Row) -> bool:
+        if row.kind == "route" and row.module not in sys.modules:
+            self._skipped[row.name] = "no server in this process"
             return False
         try:
             faults.check_fault(f"install.{row.name}")
