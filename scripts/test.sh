@@ -55,7 +55,8 @@ fi
 phase_done wait-sglang-venv
 if [ $rc2 -eq 0 ] && [ -x .venv-sglang/bin/python ]; then
   .venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/engine/test_sglang_evictions.py tests/engine/test_sglang_ordering.py \
-    tests/engine/test_sglang_chat.py tests/engine/test_sglang_patching.py tests/live/test_sglang_live.py
+    tests/engine/test_sglang_chat.py tests/engine/test_sglang_patching.py tests/live/test_sglang_live.py \
+    tests/engine/test_patch_table.py::test_sglang_row_drift_patch_unpatch  # every SGLang patch-table row
   rc2=$?
 fi
 phase_done pytest-sglang
