@@ -196,5 +196,5 @@ def after_init(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> A
     from .patch import INSTALLER
 
     for name in ("receiver", "metrics_registry", "metrics_route"):
-        INSTALLER.apply(name)  # fails open and counts by itself
+        faults.call_guarded("sglang_api_server", INSTALLER.apply, name)
     return result

@@ -4,6 +4,8 @@
 ``patch.patch()`` / ``patch.unpatch()`` hand it to ``hooks.installer``, which applies
 each row when the vLLM module it patches is imported. Glue modules: ``chat_rewrite``
 and ``completion_rewrite`` (API server prompt rewrite), ``queue`` (EngineCore waiting
-queue), ``eviction`` (EngineCore prefix-cache evictions), ``receiver`` (API server
-end of the eviction channel). Importing this package does not import vLLM.
+queue), ``eviction`` (EngineCore prefix-cache evictions), ``hints`` (how vLLM carries
+the request hints), ``receiver`` (API server end of the eviction channel); SGLang's
+adapter uses the same file names for the same roles. Importing this package does not
+import vLLM.
 """
