@@ -22,14 +22,18 @@ the engine's prefix-cache hit in tokens, the engine's KV block size, the store's
   deviation, so the scheduler knows it; the positions of modes that rank by deviation
   are picked by the worker with ``ReusePlan.selection(deviation)``.
 - **counts**: claimed, reused (claimed tokens taken from the store, not recomputed),
-  recomputed (claimed tokens computed by the connector).
+  recomputed (claimed tokens computed by the connector through every layer). Where the
+  worker must measure the K deviation to pick positions (``needs_deviation``), it runs
+  every claimed token through the check layers first; ``full_depth_tokens`` adds that
+  work in whole-model tokens.
 
 The plan is empty (nothing claimed) when no stored block ends after the hit, or when it
 would save fewer than ``MIN_SAVED_TOKENS`` tokens.
 
-``blocks_to_store`` is the store side: the located blocks of a finished request whose
-KV it computed itself (not reused from the store in this request) and that the store
-does not hold yet, each once.
+``blocks_to_store`` is the store side: the located blocks of a finished request that
+the store does not hold yet, each once, whose KV the request computed exactly: every
+token before its first stitched token (a plan's first reused block). Blocks after it
+attend to approximate KV; ``after_stitched=True`` stores them too (not reused ones).
 
 Pure functions of their inputs; NumPy only. ``key_of`` maps a block's token ids to its
 store key (e.g. ``lambda ids: keys.block_key(layout, scope, ids)``); ``contains`` answers
@@ -37,6 +41,7 @@ for such a key (``BlockKVStore.contains`` fits).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
@@ -87,6 +92,7 @@ class ReusePlan:
     mode: str = "both"
     first_tokens: int = 16
     recomputed: int = 0
+    needs_deviation: bool = False
     reason: str = ""
     _spans: tuple[tuple[int, int], ...] = field(default=(), repr=False)
 
@@ -102,6 +108,19 @@ class ReusePlan:
     @property
     def empty(self) -> bool:
         return self.claimed == 0
+
+    @property
+    def first_stitched(self) -> int | None:
+        """Prompt position of the first token whose KV comes from the store (None: none)."""
+        return self.blocks[0].start if self.blocks else None
+
+    def full_depth_tokens(self, num_layers: int, check_layers: int) -> float:
+        """The connector's compute in whole-model tokens: the recomputed tokens, plus the
+        kept claimed tokens' pass through the check layers when the deviation is measured."""
+        if num_layers <= 0 or check_layers < 0:
+            raise ValueError("num_layers must be positive and check_layers non-negative")
+        extra = self.reused * min(check_layers, num_layers) / num_layers if self.needs_deviation else 0.0
+        return self.recomputed + extra
 
     def selection(self, deviation: Sequence[float] | None = None) -> Selection:
         """The recompute choice with positions absolute in the prompt. ``deviation``
@@ -146,11 +165,15 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
         return ReusePlan(prefix_hit, prefix_hit, reason="no stored block after the prefix hit", **settings)
     claim_end = blocks[-1].end
     rel = tuple((b.start - prefix_hit, b.end - prefix_hit) for b in blocks)
-    # The count of recomputed tokens does not depend on the deviation ranking.
-    needs_dev = mode != "first_tokens"
-    sel = select_recompute(claim_end - prefix_hit, rel, ratio, mode, first_tokens,
-                           np.zeros(claim_end - prefix_hit) if needs_dev else None)
-    plan = ReusePlan(prefix_hit, claim_end, tuple(blocks), recomputed=len(sel.positions), _spans=rel, **settings)
+    lengths = np.array([e - s for s, e in rel])
+    covered = int(lengths.sum())
+    # The counts follow select_recompute's budget; they do not depend on the ranking.
+    budget = min(covered, math.ceil(ratio * covered - 1e-9))
+    leading = int(np.minimum(lengths, first_tokens).sum()) if mode == "both" else 0
+    needs_dev = mode != "first_tokens" and leading < budget < covered
+    recomputed = (claim_end - prefix_hit - covered) + budget
+    plan = ReusePlan(prefix_hit, claim_end, tuple(blocks), recomputed=recomputed, needs_deviation=needs_dev,
+                     _spans=rel, **settings)
     if plan.reused < MIN_SAVED_TOKENS:
         return ReusePlan(prefix_hit, prefix_hit, reason=f"saves {plan.reused} < {MIN_SAVED_TOKENS} tokens",
                          **settings)
@@ -158,14 +181,14 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
 
 
 def blocks_to_store(prompt_ids: Sequence[int], spans: Sequence[Span], contains: Callable[[Any], bool],
-                    plan: ReusePlan | None = None,
-                    key_of: Callable[[Sequence[int]], Any] = _identity_key) -> list[tuple[Any, tuple[int, int]]]:
+                    plan: ReusePlan | None = None, key_of: Callable[[Sequence[int]], Any] = _identity_key,
+                    after_stitched: bool = False) -> list[tuple[Any, tuple[int, int]]]:
     """``(key, (start, end))`` of each located block worth storing after the request ran:
-    not held by the store, not reused from it by ``plan``, each key once, in prompt order.
-
-    A block is stored from the KV its request computed for it (its context may hold
-    stitched KV; the entry itself is never stitched KV)."""
+    not held by the store, not reused from it by ``plan``, ending at or before ``plan``'s
+    first stitched token unless ``after_stitched``, each key once, in prompt order."""
     reused = {b.key for b in plan.blocks} if plan is not None else set()
+    exact_end = len(prompt_ids) if plan is None or plan.first_stitched is None or after_stitched \
+        else plan.first_stitched
     seen: set = set()
     out = []
     for span in spans:
@@ -174,6 +197,8 @@ def blocks_to_store(prompt_ids: Sequence[int], spans: Sequence[Span], contains: 
         start, end = int(span[0]), int(span[1])
         if not 0 <= start < end <= len(prompt_ids):
             raise ValueError(f"span {span!r} is outside the prompt of {len(prompt_ids)} tokens")
+        if end > exact_end:
+            break  # this block and every later one attend to stitched KV
         key = key_of(prompt_ids[start:end])
         if key in reused or key in seen or contains(key):
             continue

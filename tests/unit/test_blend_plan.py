@@ -119,11 +119,35 @@ def test_store_side_keeps_each_new_block_once():
     assert twice == [((3,) * 4, (0, 4))]
 
 
-def test_store_side_skips_blocks_the_plan_reused():
-    plan = plan_reuse(PROMPT, SPANS, 0, 16, holder(SPANS[0]), ratio=0.0)
-    # the store evicted A meanwhile: still not stored again from this (stitched) request
+def test_store_side_keeps_only_blocks_computed_before_the_first_stitched_token():
+    plan = plan_reuse(PROMPT, SPANS, 0, 16, holder(SPANS[1]), ratio=0.0)
+    assert plan.first_stitched == SPANS[1][0]
+    # the store evicted B meanwhile: A (exact, before B) is stored; B was stitched, C
+    # attends to stitched KV
     out = blocks_to_store(PROMPT, SPANS, lambda k: False, plan)
-    assert [s for _, s in out] == [SPANS[1], SPANS[2]]
+    assert [s for _, s in out] == [SPANS[0]]
+    # asked to, C is stored too; the reused block B never is
+    out = blocks_to_store(PROMPT, SPANS, lambda k: False, plan, after_stitched=True)
+    assert [s for _, s in out] == [SPANS[0], SPANS[2]]
+    # an empty plan stitched nothing: every new block is stored
+    empty = plan_reuse(PROMPT, SPANS, 0, 16, lambda k: False, ratio=0.0)
+    assert [s for _, s in blocks_to_store(PROMPT, SPANS, lambda k: False, empty)] == SPANS
+
+
+def test_deviation_is_measured_only_when_the_ratio_reaches_past_the_first_tokens():
+    # 3 blocks of 100 tokens, 16 first tokens each = 48 leading tokens
+    small = plan_reuse(PROMPT, SPANS, 0, 16, holder(*SPANS), ratio=0.15)  # budget 45 <= 48
+    assert not small.needs_deviation and small.full_depth_tokens(4, 1) == small.recomputed
+    assert len(small.selection().positions) == small.recomputed  # no deviation needed
+    big = plan_reuse(PROMPT, SPANS, 0, 16, holder(*SPANS), ratio=0.3)  # budget 90 > 48
+    assert big.needs_deviation
+    # the kept tokens pass through 1 of 4 layers to be ranked
+    assert big.full_depth_tokens(4, 1) == big.recomputed + big.reused / 4
+    assert big.full_depth_tokens(4, 9) == big.claimed
+    first = plan_reuse(PROMPT, SPANS, 0, 16, holder(*SPANS), ratio=0.3, mode="first_tokens")
+    assert not first.needs_deviation and first.recomputed == big.recomputed
+    with pytest.raises(ValueError):
+        big.full_depth_tokens(0, 1)
 
 
 def test_settings_come_from_the_config():
