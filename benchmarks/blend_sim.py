@@ -17,12 +17,16 @@ computed). Arms:
   retrieval order kept, no annotation) at each ``--ratios`` value: blocks tokenized
   apart (``spans.encode_segments``), the engine's prefix hit first, then
   ``plan.plan_reuse`` against a ``BlockKVStore`` bounded by ``--store-mb`` (entries
-  sized from the model shape), ``plan.blocks_to_store`` after each request. A request
-  blend claimed commits only its blocks before the claim to the prefix cache (the
-  safe default: stitched KV never passes as exact); ``--commit-stitched`` lifts that.
+  sized from the model shape), ``plan.blocks_to_store`` after each request: blocks
+  computed exactly, i.e. before the request's first stitched token (the connector
+  design's rule), and, in the ``+after`` arms, later new blocks too. A request blend claimed commits only its blocks before the
+  claim to the prefix cache (the safe default: stitched KV never passes as exact);
+  ``--commit-stitched`` lifts that.
 
-The recomputed count does not depend on the selection mode (uncovered tokens plus
-``ceil(ratio * reused)``), so one sweep covers every mode. Multi-turn sessions run in
+Blend's compute counts in whole-model tokens: the recomputed tokens, plus, where the
+mode ranks by K deviation past the blocks' first tokens, every kept claimed token's
+pass through ``--check-layers`` of the model's layers. The selection settings default
+to the flags' defaults. Multi-turn sessions run in
 waves of ``--chat-concurrency``, turns taken round-robin (the live benchmark's
 concurrency, made deterministic); an assistant answer is a fixed short sentence.
 
@@ -240,7 +244,8 @@ def prefix_arm(prompts: Sequence[Sequence[int]], block_size: int, capacity: int 
 
 
 def blend_arm(prompts: Sequence[Rendered], ratio: float, block_size: int, capacity: int | None,
-              store_bytes: int, layout: KVLayout, commit_stitched: bool = False) -> dict:
+              store_bytes: int, layout: KVLayout, commit_stitched: bool = False, mode: str = "both",
+              first_tokens: int = 16, check_layers: int = 1, store_after_stitched: bool = False) -> dict:
     """Engine prefix hit, then the blend plan against a bounded block store."""
     cache = PrefixCache(block_size, capacity)
     store = BlockKVStore(store_bytes)
@@ -251,11 +256,12 @@ def blend_arm(prompts: Sequence[Rendered], ratio: float, block_size: int, capaci
         return block_key(layout, scope, ids)
 
     c = {"prompt_tokens": 0, "engine_cached_tokens": 0, "claimed_tokens": 0, "reused_tokens": 0,
-         "recomputed_tokens": 0, "engine_computed_tokens": 0, "requests_blended": 0}
+         "recomputed_tokens": 0, "check_layer_tokens": 0.0, "engine_computed_tokens": 0, "requests_blended": 0}
     for r in prompts:
         ids, n = r.ids, len(r.ids)
         hit = cache.lookup(ids)
-        plan = plan_reuse(ids, r.spans, hit, block_size, store.contains, ratio=ratio, key_of=key_of)
+        plan = plan_reuse(ids, r.spans, hit, block_size, store.contains, ratio=ratio, mode=mode,
+                          first_tokens=first_tokens, key_of=key_of)
         for b in plan.blocks:
             store.get(b.key)  # the loader's read: counts the hit, refreshes the entry
         c["prompt_tokens"] += n
@@ -263,12 +269,14 @@ def blend_arm(prompts: Sequence[Rendered], ratio: float, block_size: int, capaci
         c["claimed_tokens"] += plan.claimed
         c["reused_tokens"] += plan.reused
         c["recomputed_tokens"] += plan.recomputed
+        c["check_layer_tokens"] += plan.full_depth_tokens(layout.num_layers, check_layers) - plan.recomputed
         c["engine_computed_tokens"] += n - hit - plan.claimed
         c["requests_blended"] += not plan.empty
         cache.commit(ids, None if plan.empty or commit_stitched else plan.claim_start)
-        for key, _ in blocks_to_store(ids, r.spans, store.contains, plan, key_of=key_of):
+        for key, _ in blocks_to_store(ids, r.spans, store.contains, plan, key_of, store_after_stitched):
             store.put(key, np.broadcast_to(zero, kv_shape(key)))
-    c["computed_tokens"] = c["engine_computed_tokens"] + c["recomputed_tokens"]
+    c["check_layer_tokens"] = round(c["check_layer_tokens"])
+    c["computed_tokens"] = c["engine_computed_tokens"] + c["recomputed_tokens"] + c["check_layer_tokens"]
     st = store.stats()
     c["store"] = {k: st[k] for k in ("blend_store_entries", "blend_store_tokens", "blend_stored_tokens",
                                      "blend_hits", "blend_evictions", "blend_store_refused")}
@@ -286,12 +294,16 @@ def run_workload(kind: str, w: dict, tok: Tokenizer, args, capacity: int, layout
     else:
         arms["prefix"] = prefix_arm([tok.whole(m) for m, _ in w["prefix"]], bs, capacity)
         renders["blend-aligned"] = [tok.blocks(m, b) for m, b in w["prefix"]]
-    for arm, rendered in renders.items():
-        arms[arm] = {f"{r:g}": blend_arm(rendered, r, bs, capacity, args.store_mb << 20, layout,
-                                         args.commit_stitched) for r in ratios}
+    for arm, rendered in list(renders.items()):
+        for suffix, after in (("", False), ("+after", True)):
+            arms[arm + suffix] = {f"{r:g}": blend_arm(rendered, r, bs, capacity, args.store_mb << 20, layout,
+                                                      args.commit_stitched, args.mode, args.first_tokens,
+                                                      args.check_layers, after) for r in ratios}
+            renders[arm + suffix] = rendered
     # What block reuse could reach at all: ratio 0, unbounded cache and store, stitched
     # KV committed as exact (unsafe; a bound, not an arm).
-    arms["ceiling"] = blend_arm(renders["blend-order"], 0.0, bs, None, 1 << 62, layout, commit_stitched=True)
+    arms["ceiling"] = blend_arm(renders["blend-order"], 0.0, bs, None, 1 << 62, layout, commit_stitched=True,
+                                store_after_stitched=True)
     base, pre = arms["plain"]["computed_tokens"], arms["prefix"]["computed_tokens"]
     for arm in ("plain", "prefix"):
         arms[arm]["vs_plain"] = round(base / arms[arm]["computed_tokens"], 3)
@@ -318,8 +330,11 @@ def markdown(doc: dict) -> str:
         f"Command: `{cfg['command']}`", "",
         f"Tokenizer: {cfg['model']}; {cfg['block_size']}-token KV blocks, engine cache {cfg['cache_blocks']:,} "
         f"blocks ({cfg['kv_cache_gib']} GiB at {cfg['kv_bytes_per_token']:,} B/token); block store "
-        f"{cfg['store_mb']:,} MiB; stitched blocks {'committed' if cfg['commit_stitched'] else 'never committed'} "
-        "to the prefix cache. Token counts are exact for these renderings; no engine ran.", "",
+        f"{cfg['store_mb']:,} MiB, storing new blocks before a request's first stitched token (`+after` arms: "
+        "after it too); stitched blocks "
+        f"{'committed' if cfg['commit_stitched'] else 'never committed'} to the prefix cache; selection mode "
+        f"{cfg['mode']}, {cfg['first_tokens']} first tokens, deviation over {cfg['check_layers']} of "
+        f"{cfg['num_layers']} layers. Token counts are exact for these renderings; no engine ran.", "",
         "| workload | arm | ratio¹ | prompt tok | computed tok | of which blend recomputed | plain/arm | prefix/arm |",
         "|---|---|---|---|---|---|---|---|"]
     for w in doc["workloads"]:
@@ -333,15 +348,17 @@ def markdown(doc: dict) -> str:
         m = arms["ceiling"]
         lines.append(f"| {w['name']} | ceiling² | 0 | {m['prompt_tokens']:,} | {m['computed_tokens']:,} | "
                      f"{m['recomputed_tokens']:,} | {m['vs_plain']:.2f}× | {m['vs_prefix']:.2f}× |")
-        for a in ("blend-aligned", "blend-order"):
+        for a in ("blend-aligned", "blend-aligned+after", "blend-order", "blend-order+after"):
             for r, m in arms.get(a, {}).items():
                 lines.append(f"| {w['name']} | {a} | {r} | {m['prompt_tokens']:,} | {m['computed_tokens']:,} | "
-                             f"{m['recomputed_tokens']:,} | {m['vs_plain']:.2f}× | {m['vs_prefix']:.2f}× |")
-    lines += ["", "¹ The recomputed count is the same in every selection mode (uncovered claimed tokens plus "
-              "ceil(ratio × reused)); ratio 1 recomputes everything claimed, so no plan saves anything and the "
-              "arm is prefix caching on the blend rendering.",
-              "² blend-order at ratio 0 with an unbounded engine cache and store and stitched KV committed to the "
-              "prefix cache (unsafe): the most any block-level reuse can save on these prompts.",
+                             f"{m['recomputed_tokens'] + m['check_layer_tokens']:,} | {m['vs_plain']:.2f}× | "
+                             f"{m['vs_prefix']:.2f}× |")
+    lines += ["", "¹ Blend recomputes the uncovered claimed tokens plus ceil(ratio × reused); where the mode "
+              "ranks by K deviation past the first tokens, every kept claimed token also passes the check layers "
+              "(counted in whole-model tokens, included in the blend column). Ratio 1 recomputes everything "
+              "claimed, so no plan saves anything and the arm is prefix caching on the blend rendering.",
+              "² blend-order at ratio 0 with an unbounded engine cache and store, every new block stored and "
+              "stitched KV committed to the prefix cache (unsafe): the most block-level reuse can save here.",
               "", "Targets (computed tokens, reference/arm):", ""]
     for w in doc["workloads"]:
         t = w["target"]
@@ -362,11 +379,12 @@ def plot(doc: dict, path: Path) -> None:
     for ax, w in zip(axes[0], ws):
         arms = w["arms"]
         for a, color in (("blend-aligned", "#3366aa"), ("blend-order", "#66aa33")):
-            if a in arms:
-                rs = sorted(arms[a], key=float)
-                ax.plot([float(r) for r in rs], [arms[a][r]["computed_tokens"] for r in rs], marker="o",
-                        color=color, label=a)
-        ax.axhline(arms["plain"]["computed_tokens"], color="#888888", ls="--", label="plain (prefix caching)")
+            for suffix, style in (("", "-"), ("+after", "--")):
+                if a + suffix in arms:
+                    rs = sorted(arms[a + suffix], key=float)
+                    ax.plot([float(r) for r in rs], [arms[a + suffix][r]["computed_tokens"] for r in rs],
+                            marker="o", ls=style, color=color, label=a + suffix)
+        ax.axhline(arms["plain"]["computed_tokens"], color="#888888", ls=(0, (1, 3)), label="plain (prefix caching)")
         ax.axhline(arms["ceiling"]["computed_tokens"], color="k", lw=0.6, ls="-.", label="block-reuse ceiling")
         if not arms["prefix"].get("same_as"):
             ax.axhline(arms["prefix"]["computed_tokens"], color="#cc7733", ls=":", label="best prefix plan")
@@ -394,6 +412,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
     ap.add_argument("--chat-concurrency", type=int, default=8, help="sessions in flight (bench_engine's default)")
     ap.add_argument("--only", help="comma-separated workloads: rag, chat, agent")
+    ap.add_argument("--mode", help="selection mode (default: CP_ENGINE_BLEND_MODE's default)")
+    ap.add_argument("--first-tokens", type=int, help="first tokens per block (default: the flag's default)")
+    ap.add_argument("--check-layers", type=int, help="layers over which the deviation is measured (default: the flag's)")
     ap.add_argument("--commit-stitched", action="store_true",
                     help="let blended requests commit every block to the prefix cache (unsafe upper bound)")
     ap.add_argument("--out", help="results JSON (default: benchmarks/results/blend_sim[_quick].json)")
@@ -404,7 +425,11 @@ def main(argv=None) -> int:
     from cp_engine.devtools.vllm_server import tiny_model_dir
 
     model = args.model or tiny_model_dir()
-    args.store_mb = args.store_mb if args.store_mb is not None else Config().blend_store_mb
+    defaults = Config()
+    args.store_mb = args.store_mb if args.store_mb is not None else defaults.blend_store_mb
+    args.mode = args.mode or defaults.blend_mode
+    args.first_tokens = args.first_tokens if args.first_tokens is not None else defaults.blend_first_tokens
+    args.check_layers = args.check_layers if args.check_layers is not None else defaults.blend_check_layers
     dims = Dims.from_config(json.loads((Path(model) / "config.json").read_text()))
     per_token = 2 * dims.layers * dims.kv_heads * dims.head_dim * args.dtype_bytes
     capacity = int(args.kv_cache_gib * (1 << 30)) // (args.block_size * per_token) - 1  # less vLLM's null block
@@ -424,7 +449,8 @@ def main(argv=None) -> int:
     doc = {"config": {"command": command, "model": Path(model).name, "block_size": args.block_size,
                       "kv_cache_gib": args.kv_cache_gib, "kv_bytes_per_token": per_token,
                       "cache_blocks": capacity, "store_mb": args.store_mb, "ratios": args.ratios,
-                      "commit_stitched": args.commit_stitched, "chat_concurrency": args.chat_concurrency,
+                      "commit_stitched": args.commit_stitched, "mode": args.mode, "first_tokens": args.first_tokens, "check_layers": args.check_layers,
+                      "num_layers": dims.layers, "chat_concurrency": args.chat_concurrency,
                       "sizes": size},
            "workloads": []}
     t0 = time.perf_counter()
