@@ -281,21 +281,36 @@ def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap
 def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int) -> bool:
     """``push_best`` for unit weights when none of x's blocks is hot; False otherwise.
 
-    Same choice as scoring ``_posting_partners`` exactly: the counts are then the exact
-    scores, so no pair is re-scored, and the ties at the top count are read from x's
-    rarest postings only (a partner sharing ``top`` of x's k blocks misses at most
-    k − top of them, so it holds one of the k − top + 1 rarest).
+    Same choice as scoring ``_posting_partners`` exactly: the counts are the exact
+    scores, so no pair is re-scored. The ``skip`` longest postings are not counted:
+    a partner seen only there shares at most ``skip`` blocks with x, so when the best
+    count exceeds ``skip`` every partner with that count was seen in the others, and
+    membership tests in the long postings finish their counts (far less work than
+    counting the long postings when few partners are seen). Otherwise x is recounted
+    in full.
     """
     lists = [postings[b] for b in m.inter[x]]
-    if not lists or max(map(len, lists)) > hot_cap:
+    if not lists:
+        return True
+    lists.sort(key=len)
+    if len(lists[-1]) > hot_cap:
         return False
-    acc = Counter(itertools.chain.from_iterable(lists))
+    skip, seen = 0, sum(map(len, lists)) - len(lists[-1])
+    while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
+        skip += 1
+        seen -= len(lists[-1 - skip])
+    acc = Counter(itertools.chain.from_iterable(lists[:len(lists) - skip]))
     del acc[x]
+    if skip and acc:
+        keys = list(acc)
+        for h in lists[len(lists) - skip:]:
+            acc.update(filter(h.__contains__, keys))
+    if skip and (not acc or max(acc.values()) <= skip):
+        acc = Counter(itertools.chain.from_iterable(lists))
+        del acc[x]
     if acc:
         top = max(acc.values())
-        lists.sort(key=len)
-        ties = {y for h in lists[:len(lists) - top + 1] for y in h if acc[y] == top}
-        ties.discard(x)
+        ties = [y for y, v in acc.items() if v == top]
         if len(ties) > candidates:  # the general path keeps the lowest numbers
             ties = heapq.nsmallest(candidates, ties)
         y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
@@ -349,15 +364,28 @@ def _find_root(owner: list[int], c: int) -> int:
 
 def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]], w: list[float],
                   freq: list[int], passes: int) -> int:
-    """Re-insert each request at the deepest node it fully contains; returns passes run."""
+    """Re-insert each request at the deepest node it fully contains; returns passes run.
+
+    A request's move depends only on the subtrees below root children it holds: once
+    re-inserted, it is skipped until a move changes one of those subtrees (the result
+    would be the same order and the same node numbers, so skipping changes nothing).
+    """
     ran = 0
+    step = 0
+    changed: dict[int, int] = {}  # root-child block -> step its subtree last changed
+    placed_at = [-1] * len(orders)  # step each request was last re-inserted
     for _ in range(passes):
         ran += 1
         before = trie.size
         for r, order in enumerate(orders):
+            step += 1
             if not order or trie.refs[paths[r][-1]] >= 2:
                 # Empty, or its whole path is shared already: no node can hold more of it.
                 continue
+            since = placed_at[r]
+            if since >= 0 and all(changed.get(b, -1) <= since for b in order):
+                continue
+            placed_at[r] = step
             members = set(order)
             trie.release(paths[r])
             node = trie.deepest_contained(members)
@@ -365,7 +393,10 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
             placed = set(head)
             tail = _tail_order([b for b in order if b not in placed], freq)
             paths[r] = trie.insert(tail, [w[b] for b in tail], start=node)
-            orders[r] = head + tail
+            moved = head + tail
+            if moved != order:
+                changed[order[0]] = changed[moved[0]] = step
+                orders[r] = moved
         if trie.size >= before:
             break
     return ran
