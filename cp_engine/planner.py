@@ -305,12 +305,13 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
         keys = list(acc)
         for h in lists[len(lists) - skip:]:
             acc.update(filter(h.__contains__, keys))
-    if skip and (not acc or max(acc.values()) <= skip):
+    top = max(acc.values(), default=0)
+    if skip and top <= skip:
         acc = Counter(itertools.chain.from_iterable(lists))
         del acc[x]
-    if acc:
-        top = max(acc.values())
-        ties = [y for y, v in acc.items() if v == top]
+        top = max(acc.values(), default=0)
+    if top:
+        ties = list(itertools.compress(acc, map(top.__eq__, acc.values())))  # in C, not a Python loop
         if len(ties) > candidates:  # the general path keeps the lowest numbers
             ties = heapq.nsmallest(candidates, ties)
         y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
@@ -386,17 +387,25 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
             if since >= 0 and all(changed.get(b, -1) <= since for b in order):
                 continue
             placed_at[r] = step
-            members = set(order)
-            trie.release(paths[r])
-            node = trie.deepest_contained(members)
+            path = paths[r]
+            node = trie.deepest_contained(set(order), without=path)
             head = trie.blocks_to(node)
             placed = set(head)
             tail = _tail_order([b for b in order if b not in placed], freq)
-            paths[r] = trie.insert(tail, [w[b] for b in tail], start=node)
             moved = head + tail
-            if moved != order:
-                changed[order[0]] = changed[moved[0]] = step
-                orders[r] = moved
+            if moved == order:
+                # Re-inserting would rebuild the same path with the same node numbers;
+                # only the bound on the heights of the nodes it alone holds would reset.
+                top = trie.depth_weight[path[-1]]
+                for n in reversed(path):
+                    if trie.refs[n] > 1:
+                        break
+                    trie.height[n] = top
+                continue
+            trie.release(path)
+            paths[r] = trie.insert(tail, [w[b] for b in tail], start=node)
+            changed[order[0]] = changed[moved[0]] = step
+            orders[r] = moved
         if trie.size >= before:
             break
     return ran

@@ -165,6 +165,7 @@ class BlockTrie:
         start: int = ROOT,
         budget: int = 4096,
         prefer: Callable[[int], float] | None = None,
+        without: Sequence[int] = (),
     ) -> int:
         """Deepest node (by path weight) whose path uses only blocks in ``members``.
 
@@ -172,10 +173,19 @@ class BlockTrie:
         larger ``prefer(node)`` (default: more references), then to the older node
         (lower number), which makes the answer deterministic. ``budget`` caps visited nodes so
         adversarial tries (many permutations of one set) stay cheap; past it the best
-        node found so far is returned.
+        node found so far is returned. ``without``: a path as returned by ``insert``;
+        the answer is the one ``release(without)`` would give (its nodes count one
+        reference less, those only it holds are absent), with the trie left as is.
         """
         # A bound C method, not a lambda: this runs once per candidate node.
         score = prefer or self.refs.__getitem__
+        gone: set[int] = set()
+        if without:
+            refs, own = self.refs, set(without)
+            gone = {n for n in without if refs[n] <= 1}
+            if prefer is None:
+                def score(c: int) -> int:
+                    return refs[c] - (c in own)
         # The node number closes ties so the answer does not depend on set iteration order.
         best, best_key = start, (self.depth_weight[start], score(start) if start else 0, -start)
         stack = [start]
@@ -194,6 +204,8 @@ class BlockTrie:
                 found = [c for b, c in kids.items() if b in members]
             else:
                 found = [c for b in members if (c := kids.get(b)) is not None]
+            if gone:
+                found = [c for c in found if c not in gone]
             for c in found:
                 key = (dweight[c], score(c), -c)
                 if key > best_key:

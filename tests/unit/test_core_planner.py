@@ -318,6 +318,24 @@ def test_tree_size_counts_the_prefix_tree_nodes(orders, weights):
     assert _tree_measure(orders, [float(x) for x in weights]) == (trie.size, _live_weight(trie))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=6, unique=True), min_size=1, max_size=15),
+       st.data())
+def test_deepest_contained_without_a_path_answers_as_if_it_were_released(orders, data):
+    """The local search asks with the request still inserted: same node as after release."""
+    import copy
+
+    from cp_engine.trie import BlockTrie
+
+    trie = BlockTrie()
+    paths = [trie.insert(o, [1.0 + (b % 3) for b in o]) for o in orders]
+    r = data.draw(st.integers(0, len(orders) - 1))
+    members = set(data.draw(st.lists(st.integers(0, 6), max_size=7))) | set(orders[r])
+    released = copy.deepcopy(trie)
+    released.release(paths[r])
+    assert trie.deepest_contained(members, without=paths[r]) == released.deepest_contained(members)
+
+
 @pytest.mark.parametrize("hot_cap", [10**9, 12])
 def test_unit_weight_partner_search_matches_the_general_one(hot_cap):
     """The unit-weight shortcut (counts as exact scores, ties from the rarest postings)
