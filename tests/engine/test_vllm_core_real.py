@@ -102,7 +102,8 @@ def test_uninstall_restores_vllm_queue_and_block_pool(monkeypatch):
     monkeypatch.setenv("CP_ENGINE_SCHEDULE", "0")
     runtime.reset_for_tests()
     try:
-        alone = rows_installer(None, wanted=vpatch._wanted)
+        engine_rows = QUEUE_ROWS + EVICTION_ROWS  # the flags decide among EngineCore's rows
+        alone = rows_installer(None, wanted=lambda row: row.name in engine_rows and vpatch._wanted(row))
         assert queue_installed() and is_wrapped(bp.BlockPool, "_maybe_evict_cached_block")
         assert type(vc.make_scheduler(64).waiting) is vq.CacheAwareRequestQueue
         alone.unpatch()
