@@ -272,15 +272,16 @@ def _qa_workload(name: str, cached: dict, **meta) -> Workload:
     )
 
 
-def hotpotqa_kb(n: int, k: int = 10, kb_questions: int = 200, seed: int = 1) -> Workload:
-    """A knowledge-base RAG workload: N HotpotQA questions, BM25 top-k over a fixed
-    corpus made of the paragraphs of ``kb_questions`` other questions (~2,000
-    paragraphs, the size of a team wiki). Unlike the pooled corpus, where most
-    paragraphs are retrieved once, a small corpus is hit again and again, so blocks
-    recur across requests as in production RAG over one knowledge base."""
-    key = f"hotpotkb_n{n}_k{k}_q{kb_questions}_s{seed}"
-    cached = _load(key)
-    if cached is None:
+_KB: dict = {}  # (kb_questions, seed) -> (question order, corpus, retriever)
+
+
+def kb_retriever(kb_questions: int = 200, seed: int = 1):
+    """The knowledge base of ``hotpotqa_kb``: (question order, corpus, BM25 retriever).
+
+    The corpus is the paragraphs of the first ``kb_questions`` questions in the seeded
+    order; the questions after them are the ones asked.
+    """
+    if (kb_questions, seed) not in _KB:
         import bm25s
 
         _, data, _ = _bm25()
@@ -295,6 +296,23 @@ def hotpotqa_kb(n: int, k: int = 10, kb_questions: int = 200, seed: int = 1) -> 
                     corpus.append(text)
         retriever = bm25s.BM25()
         retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+        _KB[(kb_questions, seed)] = (order, corpus, retriever)
+    return _KB[(kb_questions, seed)]
+
+
+def hotpotqa_kb(n: int, k: int = 10, kb_questions: int = 200, seed: int = 1) -> Workload:
+    """A knowledge-base RAG workload: N HotpotQA questions, BM25 top-k over a fixed
+    corpus made of the paragraphs of ``kb_questions`` other questions (~2,000
+    paragraphs, the size of a team wiki). Unlike the pooled corpus, where most
+    paragraphs are retrieved once, a small corpus is hit again and again, so blocks
+    recur across requests as in production RAG over one knowledge base."""
+    key = f"hotpotkb_n{n}_k{k}_q{kb_questions}_s{seed}"
+    cached = _load(key)
+    if cached is None:
+        import bm25s
+
+        _, data, _ = _bm25()
+        order, corpus, retriever = kb_retriever(kb_questions, seed)
         picks = order[kb_questions:kb_questions + n]
         queries = [data[i]["question"] for i in picks]
         docs, _scores = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
