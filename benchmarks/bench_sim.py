@@ -51,6 +51,7 @@ SPEED_TARGET = 100.0  # × faster planning than ContextPilot at N=5,000
 P99_TARGET_MS = 1.0  # online reorder per request, 100k indexed
 
 _T0 = time.perf_counter()
+_LOAD0 = os.getloadavg()[0]  # the CPU may be shared: timings read against the load
 
 
 def log(msg: str) -> None:
@@ -212,8 +213,10 @@ def targets(results: list[dict], online: dict | None) -> list[dict]:
 
 def markdown(results: list[dict], online: dict | None, rows: list[dict], meta: dict) -> str:
     out = [f"# Simulation benchmark ({'quick' if meta['quick'] else 'full'} run)", "",
-           f"{meta['machine']}; {meta['date']}; wall time {meta['wall_seconds']:.0f} s. "
-           "Hit ratio = fraction of context blocks served from a block-level prefix cache, "
+           f"{meta['machine']}; {meta['date']}; wall time {meta['wall_seconds']:.0f} s"
+           + (f"; 1-min load average {meta['load_1min'][0]:.1f} at start, {meta['load_1min'][1]:.1f} at end. "
+              if "load_1min" in meta else ". ")
+           + "Hit ratio = fraction of context blocks served from a block-level prefix cache, "
            "each plan replayed in its own execution order; `tok` = token-weighted, unbounded. "
            "Plan time/peak memory: planning call only, fresh process each (peer: `*` = "
            "reused from the on-disk cache of an earlier run on this machine; its process-pool "
@@ -345,6 +348,7 @@ def main(argv=None) -> int:
     rows = targets(results, online)
     meta = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "load_1min": [_LOAD0, os.getloadavg()[0]],
             "wall_seconds": time.perf_counter() - _T0, "command": " ".join(["python -m benchmarks.bench_sim"] +
                                                                           (argv if argv is not None else sys.argv[1:]))}
     args.out.mkdir(parents=True, exist_ok=True)
