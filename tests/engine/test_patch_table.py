@@ -48,7 +48,8 @@ def _state(row: Row):
     if row.kind == "service":
         return channel._receiver is not None
     if row.kind == "route":
-        return [(getattr(r, "path", None), getattr(r, "app", None)) for r in owner.routes]
+        app = getattr(owner, attr)  # a route row's target is the server's app
+        return [(getattr(r, "path", None), getattr(r, "app", None)) for r in app.routes]
     raise AssertionError(row.kind)
 
 
