@@ -1,9 +1,9 @@
-"""README's results table and reliability line, computed from the benchmark result files.
+"""README's results table, reliability line and first-run timings, from the result files.
 
 Every figure README states about performance, quality or reliability is read here from
 ``benchmarks/results/*.json`` (each row names its file), so README cannot drift from
 what a benchmark last wrote. ``scripts/readme_sections.py`` puts the output between the
-``results`` / ``reliability`` markers; a test keeps them in sync.
+``results`` / ``reliability`` / ``first-run`` markers; a test keeps them in sync.
 """
 from __future__ import annotations
 
@@ -123,4 +123,15 @@ def reliability_line() -> str:
             "on 2 CPU cores (`benchmarks/results/reliability.json`).\n")
 
 
-SECTIONS: dict[str, Callable[[], str]] = {"results": results_table, "reliability": reliability_line}
+def first_run_line() -> str:
+    """How long README's two commands took when last measured (``first_run.json``)."""
+    run = _load("first_run.json")
+    demo, ci = run["demo"], run["ci"]
+    starts = " and ".join(f"{s:.0f} s" for s in demo["server_start_s"].values())
+    return (f"Measured on this project's 2-core machine: the demo took {demo['wall_s'] / 60:.1f} min "
+            f"(two server starts, {starts}); a clean-clone `.ci/run` took {ci['wall_s'] / 60:.0f} min "
+            f"({ci['machine']}; `benchmarks/results/first_run.json`).\n")
+
+
+SECTIONS: dict[str, Callable[[], str]] = {"results": results_table, "reliability": reliability_line,
+                                          "first-run": first_run_line}

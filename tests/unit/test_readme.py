@@ -23,7 +23,7 @@ def test_flag_table_matches_config():
 def test_results_and_reliability_figures_match_the_result_files():
     sections = _sections()
     text = (ROOT / "README.md").read_text()
-    for name in ("results", "reliability"):
+    for name in ("results", "reliability", "first-run"):
         body = sections.generated_sections()[name]
         assert sections.replace_section(text, name, body) == text, \
             f"README {name} section differs from benchmarks/results: run python scripts/readme_sections.py"
