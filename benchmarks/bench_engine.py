@@ -34,7 +34,7 @@ Arms (a batched-RAG workload is sent all at once with ``--concurrency`` threads)
   sent to the plugin-off server.
 - ``off@on``: the ``off`` arm's requests again, on the plugin-on server (they pass
   through it unmodified). A clock for that server: the two servers run minutes apart,
-  and this 2-core box's speed drifted ~10% between them (2026-11-24: the same
+  and this 2-core box's speed drifted ~10% between them (measured: the same
   pre-rendered requests ran at 11,300 recomputed tokens/s on one server and 11,900 on
   the other, each rate steady across arms), so time ratios of the plugin-on arms are
   taken against ``off@on``; token ratios always against ``off``.
@@ -271,7 +271,7 @@ def warm_up(srv, reqs: list[Request], concurrency: int, max_tokens: int) -> None
     """Untimed requests before a server's first arm, so start-up costs are not billed to
     whichever arm goes first. On this 2-core box it was not enough: with 128 of them the
     first timed arm still ran up to ~20% slower per token than the same server's later
-    arms (2026-11-24), so compare wall times with ``bench_server_ab`` (interleaved)."""
+    arms, so compare wall times with ``bench_server_ab`` (interleaved)."""
     if not reqs:
         return
     send_all(srv.url + "/v1", srv.model, reqs, concurrency=concurrency, max_tokens=max_tokens, stream=True)
@@ -457,7 +457,7 @@ def cache_run_args(blocks: int, max_model_len: int) -> list[str]:
 
 
 def is_target_run(run: dict) -> bool:
-    """The runs issue 3's targets name: batched Zipf RAG (k 10-20, default cache) and multi-turn."""
+    """The runs the engine targets name: batched Zipf RAG (k 10-20, default cache) and multi-turn."""
     return run["cache"] is None and (run["kind"].startswith("chat") or (run["kind"] == "rag_zipf" and run["k"] is None))
 
 
@@ -509,7 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-runs-only", action="store_true",
                     help="only the runs with a small KV cache (--num-gpu-blocks-override)")
     ap.add_argument("--targets-only", action="store_true",
-                    help="only the runs issue 3's targets name: batched RAG (Zipf, k 10-20, default cache) "
+                    help="only the runs the engine targets name: batched RAG (Zipf, k 10-20, default cache) "
                          "and the two multi-turn workloads (no k scaling, no cache-size runs)")
     ap.add_argument("--no-targets", action="store_true",
                     help="every run except those of --targets-only (the full run in two pieces)")

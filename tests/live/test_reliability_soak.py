@@ -1,4 +1,4 @@
-"""Soak and load (issue 7, item 4). CI: 16 clients x 30 s per side on the shared
+"""Soak and load. CI: 16 clients x 30 s per side on the shared
 servers (plugin on, then plain vLLM with the same engine settings); the full run
 (64 clients x 600 s per side, fresh servers, results in ``benchmarks/results``) is
 ``python -m benchmarks.reliability.soak`` and the ``slow`` test below."""

@@ -1,4 +1,4 @@
-"""Eviction storm (issue 7, item 3), short CI variant: 150 overlapping requests against
+"""Eviction storm, short CI variant: 150 overlapping requests against
 a 40-block KV cache; after every request the index's claim is checked against the
 engine's own ``cached_tokens`` and the index invariants (no negative reference
 count, no unowned or leaked node) against ``/cp_engine/index``. The checks and the

