@@ -57,6 +57,9 @@ def patched():
 
 @pytest.fixture
 def runtime_dir(monkeypatch):
+    # A sender or receiver left by an earlier test of this process may belong to another
+    # instance id or socket directory: start from none, as a fresh engine process does.
+    channel.stop_all()
     base = tempfile.mkdtemp(prefix="cpv", dir="/tmp")
     monkeypatch.setenv("XDG_RUNTIME_DIR", base)
     yield base
