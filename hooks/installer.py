@@ -29,18 +29,9 @@ from typing import Any, Callable
 from . import faults, wrapping
 from .ledger import Row, Table
 
-__all__ = ["Installer", "resolve", "target_of", "drift"]
+__all__ = ["Installer", "target_of", "drift"]
 
 Undo = Callable[[], Any]
-
-
-def resolve(ref: str) -> Any:
-    """``"module:attr.attr"`` -> the object (imports the module)."""
-    mod_name, _, attrs = ref.partition(":")
-    obj: Any = importlib.import_module(mod_name)
-    for part in attrs.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def target_of(row: Row) -> tuple[Any, str]:
@@ -96,7 +87,6 @@ class Installer:
         self._wanted = wanted
         self._lock = threading.RLock()
         self._enabled = False
-        self._generation = 0
         self._registered: set[str] = set()  # trigger modules with a post-import hook
         self._applied: dict[str, Undo] = {}  # row name -> undo, in apply order
         self._modules: dict[str, Any] = {}  # handler modules whose on_patch ran
@@ -130,7 +120,6 @@ class Installer:
         """Undo every applied row (reverse order); returns how many were undone."""
         with self._lock:
             self._enabled = False
-            self._generation += 1
             undone = 0
             for name in reversed(list(self._applied)):
                 undo = self._applied.pop(name)
