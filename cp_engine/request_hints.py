@@ -15,6 +15,14 @@ Contract (API server writes with ``build_xargs``, the scheduler reads with ``rea
 - ``cp_rid``   str: the request id the API server recorded in the index (vLLM adds a
   suffix to the engine-side id, so EngineCore reports evictions under this one).
 A request without ``cp_path`` was not rewritten; EngineCore must treat it as plain.
+
+Blend hints (read independently of ``cp_path``; see ``docs/blend-design.md``):
+- ``cp_spans`` list[[int, int]]: exact ``[start, end)`` token offsets of the context
+  blocks in the prompt, in prompt order. EngineCore trusts them only as far as
+  ``read_spans`` validates them, and keys stored KV by the prompt's own ids in each
+  span, so a wrong span can only miss. A client may send them itself (token prompts).
+- ``cp_scope`` str: the tenant scope of the request's stored KV. Only the API server
+  sets it; a client's own value must be dropped there (``strip_reserved``).
 """
 from __future__ import annotations
 
@@ -26,7 +34,11 @@ PATH = "cp_path"
 ENDS = "cp_ends"
 GROUP = "cp_group"
 REQUEST_ID = "cp_rid"
-ALL_KEYS = (NAMESPACE, PATH, ENDS, GROUP, REQUEST_ID)
+SPANS = "cp_spans"
+SCOPE = "cp_scope"
+ALL_KEYS = (NAMESPACE, PATH, ENDS, GROUP, REQUEST_ID, SPANS, SCOPE)
+SERVER_ONLY_KEYS = (SCOPE,)
+MAX_SPANS = 4096
 
 
 @dataclass(frozen=True)
@@ -75,3 +87,43 @@ def read_hints(extra_args: Mapping[str, Any] | None) -> Hints | None:
                      str(extra_args.get(GROUP, "")), str(extra_args.get(REQUEST_ID, "")))
     except Exception:
         return None
+
+
+def read_spans(extra_args: Mapping[str, Any] | None, prompt_len: int) -> tuple[tuple[int, int], ...] | None:
+    """The blend spans of a request, or None when absent or invalid.
+
+    Valid means: a list of at most ``MAX_SPANS`` pairs of ints, each non-empty, sorted,
+    disjoint and inside ``[0, prompt_len)``. Never raises.
+    """
+    try:
+        raw = (extra_args or {}).get(SPANS)
+        if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)) or not raw or len(raw) > MAX_SPANS:
+            return None
+        spans: list[tuple[int, int]] = []
+        last_end = 0
+        for pair in raw:
+            if isinstance(pair, (str, bytes)) or len(pair) != 2:
+                return None
+            start, end = pair
+            if type(start) is not int or type(end) is not int:  # bool and float are refused too
+                return None
+            if not (last_end <= start < end <= prompt_len):
+                return None
+            spans.append((start, end))
+            last_end = end
+        return tuple(spans)
+    except Exception:
+        return None
+
+
+def read_scope(extra_args: Mapping[str, Any] | None) -> str:
+    """The tenant scope the API server attached ("" when none)."""
+    value = (extra_args or {}).get(SCOPE, "")
+    return value if isinstance(value, str) else ""
+
+
+def strip_reserved(extra_args: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A client's ``vllm_xargs`` without the keys only the API server may set."""
+    if extra_args is None:
+        return None
+    return {k: v for k, v in extra_args.items() if k not in SERVER_ONLY_KEYS}
