@@ -17,5 +17,5 @@ elif command -v uv >/dev/null 2>&1; then
 else
     "$py" -m pip install -q $deps
 fi
-"$py" -m benchmarks.workloads --dump || echo "workload build failed (offline?): HotpotQA rows will be skipped" >&2
+"$py" -m benchmarks.common.workloads --dump || echo "workload build failed (offline?): HotpotQA rows will be skipped" >&2
 bash "$root/benchmarks/peer/setup_peer.sh"

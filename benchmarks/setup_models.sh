@@ -12,5 +12,5 @@ if command -v uv >/dev/null 2>&1; then
 else
     "$py" -m pip install -q gguf accelerate bm25s
 fi
-"$py" -c "from benchmarks.workloads import fetch_hotpotqa; assert fetch_hotpotqa(), 'HotpotQA download failed'"
-"$py" -m benchmarks.models "${1:-all}"
+"$py" -c "from benchmarks.common.workloads import fetch_hotpotqa; assert fetch_hotpotqa(), 'HotpotQA download failed'"
+"$py" -m benchmarks.quality.models "${1:-all}"

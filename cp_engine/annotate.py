@@ -22,7 +22,7 @@ cache, so the text is kept short: a numbered block costs 3 tokens more than the 
 text (``[Doc a3f1]`` and a newline cost 8), and the ranking is a space-separated line
 of bare labels. Engine benchmark (Zipf, N=400, test tokenizer): the content-label
 rendering with a ``>``-separated ranking had recomputed 1,029,805 prompt tokens, this
-one 980,846 (``python -m benchmarks.token_sim``).
+one 980,846 (``python -m benchmarks.engine.token_sim``).
 """
 from __future__ import annotations
 

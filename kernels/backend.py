@@ -15,7 +15,7 @@ from functools import lru_cache
 BACKENDS = ("auto", "numpy", "triton")
 
 # Pairs (nq × nc) from which auto prefers the GPU kernel. Provisional: no GPU was lent
-# when this was written; `python -m benchmarks.bench_kernels --gpu` prints the measured
+# when this was written; `python -m benchmarks.micro.kernels --gpu` prints the measured
 # crossover (numpy vs triton median) and this constant should take that value.
 TRITON_MIN_PAIRS = 4_000_000
 MAX_K = 128  # the Triton kernel keeps the running top-k in registers: KP × BLOCK_Q

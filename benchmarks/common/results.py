@@ -166,3 +166,10 @@ def read_result(name: str | Path, out_dir: Path | None = None) -> tuple[dict, di
     if prov is None:
         raise ValueError(f"{name}: no {PROVENANCE!r} (not written by write_result)")
     return doc, prov
+
+
+def redraw(name: str | Path, *, table: Table | str, plot: Plot | None = None, out_dir: Path | None = None,
+           echo: bool = True) -> ResultFiles:
+    """Table and PNG again from a result's JSON alone (a benchmark's ``--plot``)."""
+    data, prov = read_result(name, out_dir)
+    return write_result(name, data, table=table, plot=plot, prov=prov, out_dir=out_dir, echo=echo)

@@ -6,7 +6,12 @@ import zipfile
 
 import pytest
 
-from benchmarks import bench_engine, models, workloads
+from benchmarks.common import workloads
+from benchmarks.engine import arms as engine_arms
+from benchmarks.engine import report, runner, runs, servers
+from benchmarks.engine import tokens as engine_tokens
+from benchmarks.engine import workloads as engine_workloads
+from benchmarks.quality import models
 
 
 def _fake_doc():
@@ -21,11 +26,11 @@ def _fake_doc():
 
 def test_ratios_are_off_over_arm():
     doc = _fake_doc()
-    bench_engine.add_ratios(doc["runs"][0])
+    report.add_ratios(doc["runs"][0])
     r = doc["runs"][0]["arms"]["on"]["vs_off"]
     assert r == {"recomputed": 2.0, "prefill": 2.0, "ttft": 2.0, "wall": 2.0}
     assert doc["runs"][0]["arms"]["off"]["vs_off"]["recomputed"] == 1.0
-    table = bench_engine.markdown(doc)
+    table = report.markdown(doc)
     assert "| rag | 0.700 | on | 1,050 | 400 | 2.00× |" in table
 
 
@@ -33,29 +38,29 @@ def test_plugin_on_times_are_against_the_off_requests_on_the_same_server():
     doc = _fake_doc()
     arms = doc["runs"][0]["arms"]
     # The plugin-on server's box ran 25% slower: its own off clock says so.
-    arms[bench_engine.OFF_ON] = {**arms["off"], "wall_s": 12.5, "engine_prefill_s": 10.0, "ttft_mean_s": 0.5}
+    arms[engine_arms.OFF_ON] = {**arms["off"], "wall_s": 12.5, "engine_prefill_s": 10.0, "ttft_mean_s": 0.5}
     arms["peer"] = {**arms["on"], "wall_s": 4.0}
-    bench_engine.add_ratios(doc["runs"][0])
+    report.add_ratios(doc["runs"][0])
     assert arms["on"]["vs_off"] == {"recomputed": 2.0, "prefill": 2.5, "ttft": 2.5, "wall": 2.5,
-                                    "time_base": bench_engine.OFF_ON}
+                                    "time_base": engine_arms.OFF_ON}
     assert arms["peer"]["vs_off"]["wall"] == 2.5 and "time_base" not in arms["peer"]["vs_off"]  # off server
-    assert "off@on" in bench_engine.markdown(doc)
+    assert "off@on" in report.markdown(doc)
 
 
 def test_plan_runs_cover_k_scaling_and_cache_sizes():
-    full = bench_engine.plan_runs(quick=False)
+    full = runs.plan_runs(quick=False)
     assert sorted(r["k"] for r in full if r["kind"] == "rag_zipf" and r["k"] and not r["cache"]) == [5, 10, 20]
     assert {r["cache"] for r in full if r["kind"] == "rag_zipf"} >= {None, 48}
-    quick = bench_engine.plan_runs(quick=True)
+    quick = runs.plan_runs(quick=True)
     assert {r["kind"] for r in quick} == {"rag_zipf", "rag_hotpot", "chat_memory", "chat_sliding"}
     assert {r["cache"] for r in quick} == {None, 48}  # quick still covers cache size, only smaller
     assert max(r.get("n", 0) for r in quick) < min(r.get("n", 10**9) for r in full)
 
 
 def test_targets_only_and_no_targets_split_the_full_run():
-    full = bench_engine.plan_runs(quick=False)
-    targets = [r for r in full if bench_engine.is_target_run(r)]
-    rest = [r for r in full if not bench_engine.is_target_run(r)]
+    full = runs.plan_runs(quick=False)
+    targets = [r for r in full if runs.is_target_run(r)]
+    rest = [r for r in full if not runs.is_target_run(r)]
     assert len(targets) + len(rest) == len(full) and targets and rest
     assert {r["kind"] for r in targets} == {"rag_zipf", "chat_memory", "chat_sliding"}
     # the batched-RAG target runs where prefix reuse can reach 1.3x at all (N=400)
@@ -65,8 +70,8 @@ def test_targets_only_and_no_targets_split_the_full_run():
 
 @pytest.mark.skipif(not workloads.hotpotqa_available(), reason="HotpotQA not fetched (benchmarks/.cache)")
 def test_sliding_chat_is_deterministic_and_overlaps():
-    a = bench_engine.chat_sliding(3, turns=4, k=4, seed=7)
-    b = bench_engine.chat_sliding(3, turns=4, k=4, seed=7)
+    a = engine_workloads.chat_sliding(3, turns=4, k=4, seed=7)
+    b = engine_workloads.chat_sliding(3, turns=4, k=4, seed=7)
     assert a.sessions == b.sessions
     for sess in a.sessions:
         for (prev, _), (cur, _) in zip(sess, sess[1:]):
@@ -119,7 +124,7 @@ def _fake_client():
 
 
 def test_session_plain_client_resends_documents_with_full_history():
-    from benchmarks.live import run_session
+    from benchmarks.common.live import run_session
 
     client, comp = _fake_client()
     turns = [(["doc A", "doc B"], "q1", 0), (["doc B", "doc C"], "q2", 1)]
@@ -134,7 +139,7 @@ def test_session_plain_client_resends_documents_with_full_history():
 
 
 def test_session_dedup_client_sends_blocks_and_short_history():
-    from benchmarks.live import run_session
+    from benchmarks.common.live import run_session
 
     client, comp = _fake_client()
     turns = [(["doc A"], "q1", 0), (["doc A", "doc C"], "q2", 1)]
@@ -148,10 +153,10 @@ def test_session_dedup_client_sends_blocks_and_short_history():
 
 def test_cache_runs_cap_the_model_length_to_the_cache():
     # vLLM will not start when one max-length request cannot fit in the KV cache.
-    args = bench_engine.cache_run_args(48, 8192)
+    args = servers.cache_run_args(48, 8192)
     assert args[args.index("--max-model-len") + 1] == str(47 * 128)  # minus the null block
     assert args[args.index("--num-gpu-blocks-override") + 1] == "48"
-    assert bench_engine.cache_run_args(256, 8192)[-1] == "8192"
+    assert servers.cache_run_args(256, 8192)[-1] == "8192"
 
 
 from cp_engine.annotate import ANNOTATION_HEAD  # noqa: E402
@@ -161,9 +166,9 @@ def test_noannot_arm_sends_the_same_plan_without_labels_or_annotation():
     wl = workloads.synthetic(24)
     texts = {b: f"Paragraph {b}: " + "words " * 30 for c in wl.contexts for b in c}
     wl.tokens = {b: workloads.estimate_tokens(t) for b, t in texts.items()}
-    rag = bench_engine.Rag("t", wl, texts, [f"q{i}" for i in range(24)])
-    annotated, _ = bench_engine.rag_requests("on+batch", rag)
-    plain, _ = bench_engine.rag_requests(bench_engine.NOANNOT, rag)
+    rag = engine_workloads.Rag("t", wl, texts, [f"q{i}" for i in range(24)])
+    annotated, _ = engine_arms.rag_requests("on+batch", rag)
+    plain, _ = engine_arms.rag_requests(engine_arms.NOANNOT, rag)
     assert [r.tag for r in annotated] == [r.tag for r in plain]  # one plan, one order
     assert any(r.messages[-1]["content"].startswith("[1] ") for r in annotated)
     assert any(ANNOTATION_HEAD in r.messages[-1]["content"] for r in annotated)
@@ -177,20 +182,20 @@ def test_noannot_arm_sends_the_same_plan_without_labels_or_annotation():
 def test_batch_arms_plan_with_the_given_block_token_counts():
     wl = workloads.synthetic(24)
     texts = {b: f"Paragraph {b}: " + "words " * 30 for c in wl.contexts for b in c}
-    rag = bench_engine.Rag("t", wl, texts, [f"q{i}" for i in range(24)])
+    rag = engine_workloads.Rag("t", wl, texts, [f"q{i}" for i in range(24)])
     counted = []
 
     def count(text):
         counted.append(text)
         return 7
 
-    for arm in ("on+batch", bench_engine.NOANNOT):
+    for arm in ("on+batch", engine_arms.NOANNOT):
         counted.clear()
-        assert bench_engine.rag_requests(arm, rag, count)[0]
+        assert engine_arms.rag_requests(arm, rag, count)[0]
         assert set(counted) == set(texts.values()), arm
     counted.clear()
-    bench_engine.rag_requests("off", rag, count)
-    bench_engine.rag_requests("on", rag, count)
+    engine_arms.rag_requests("off", rag, count)
+    engine_arms.rag_requests("on", rag, count)
     assert not counted  # only the client-side plan weighs blocks
 
 
@@ -198,17 +203,17 @@ def test_block_token_counter_uses_the_tokenizer_or_falls_back(tmp_path, capsys):
     from cp_engine.devtools.vllm_server import tiny_model_dir
     from transformers import AutoTokenizer
 
-    assert bench_engine.block_token_counter(None) is None
-    assert bench_engine.block_token_counter(str(tmp_path / "absent")) is None
+    assert engine_tokens.block_token_counter(None) is None
+    assert engine_tokens.block_token_counter(str(tmp_path / "absent")) is None
     assert "block tokens estimated" in capsys.readouterr().err
     folder = tiny_model_dir()
-    count = bench_engine.block_token_counter(folder)
+    count = engine_tokens.block_token_counter(folder)
     text = "A paragraph of ordinary English prose, for counting."
     assert count(text) == len(AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"])
 
 
 def test_token_sim_serves_whole_known_blocks_before_the_last_token():
-    from benchmarks.token_sim import prefix_cache_counts
+    from benchmarks.engine.token_sim import prefix_cache_counts
 
     a = list(range(10))
     # b shares a's first 6 tokens: blocks of 4 -> one whole shared block (tokens 0-3).
@@ -224,7 +229,7 @@ def test_token_sim_serves_whole_known_blocks_before_the_last_token():
 
 @pytest.mark.parametrize("length,cached", [(1, 0), (300, 0), (300, 128), (4000, 3968)])
 def test_prefill_flops_count_the_computed_positions_only(length, cached):
-    from benchmarks.token_sim import Dims, prefill_flops
+    from benchmarks.engine.token_sim import Dims, prefill_flops
 
     d = Dims(hidden=256, ffn=688, layers=4, heads=4, kv_heads=2, head_dim=64)
     # Computing positions cached..length-1 = computing all minus computing the prefix.
@@ -239,7 +244,7 @@ def test_prefill_flops_count_the_computed_positions_only(length, cached):
 
 
 def test_prefill_gpu_steps_cover_exactly_the_uncached_positions():
-    from benchmarks.prefill_gpu import plan_steps
+    from benchmarks.engine.prefill_gpu import plan_steps
 
     pairs = [[10, 0], [10, 8], [5, 5], [7, 0]]  # the fully cached prompt still computes its last token
     steps = plan_steps(pairs, step_tokens=8)
@@ -251,8 +256,8 @@ def test_prefill_gpu_steps_cover_exactly_the_uncached_positions():
 
 def test_prefill_gpu_stack_runs_on_cpu():
     torch = pytest.importorskip("torch")
-    from benchmarks.prefill_gpu import DecoderStack, plan_steps
-    from benchmarks.token_sim import Dims
+    from benchmarks.engine.prefill_gpu import DecoderStack, plan_steps
+    from benchmarks.engine.token_sim import Dims
 
     d = Dims(hidden=32, ffn=64, layers=2, heads=4, kv_heads=2, head_dim=8)
     stack = DecoderStack(d, max_context=40, device="cpu")
@@ -262,10 +267,10 @@ def test_prefill_gpu_stack_runs_on_cpu():
 
 
 def test_server_ab_rejects_unknown_servers_before_starting_any():
-    from benchmarks import bench_server_ab
+    from benchmarks.engine import server_ab
 
     with pytest.raises(SystemExit) as e:
-        bench_server_ab.main(["--servers", "off,bogus"])
+        server_ab.main(["--servers", "off,bogus"])
     assert e.value.code == 2
 
 
@@ -275,23 +280,23 @@ def test_server_ab_rejects_unknown_servers_before_starting_any():
     (["--servers", "off,on", "--lists", "off,on"], "needs plugin-on servers only"),
 ])
 def test_server_ab_rejects_bad_lists_before_starting_any(argv, says, capsys):
-    from benchmarks import bench_server_ab
+    from benchmarks.engine import server_ab
 
     with pytest.raises(SystemExit) as e:
-        bench_server_ab.main(argv)
+        server_ab.main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_server_ab_lists_are_the_engine_benchmarks_arms():
-    from benchmarks import bench_server_ab
+    from benchmarks.engine import server_ab
 
-    assert set(bench_server_ab.LISTS.values()) <= set(bench_engine.RAG_ARMS)
+    assert set(server_ab.LISTS.values()) <= set(engine_arms.RAG_ARMS)
 
 
 def test_token_sim_online_arm_aligns_a_later_request_to_an_earlier_one():
     from types import SimpleNamespace
 
-    from benchmarks.token_sim import online_messages
+    from benchmarks.engine.token_sim import online_messages
 
     a, b, c = "alpha " * 40, "bravo " * 40, "charlie " * 40
     rag = SimpleNamespace(docs=[[a, b], [c], [b, a]], queries=["q1?", "q2?", "q3?"])
@@ -306,23 +311,23 @@ def test_warmup_sends_plain_requests_of_the_first_rag_workload_only():
     wl = workloads.synthetic(12)
     texts = {b: f"Paragraph {b}." for c in wl.contexts for b in c}
     wl.tokens = {b: workloads.estimate_tokens(t) for b, t in texts.items()}
-    rag = bench_engine.Rag("t", wl, texts, [f"q{i}" for i in range(12)])
-    chat = bench_engine.chat_sliding(2, 2, 2)
-    warm = bench_engine.warmup_requests([chat, rag], 5)
+    rag = engine_workloads.Rag("t", wl, texts, [f"q{i}" for i in range(12)])
+    chat = engine_workloads.chat_sliding(2, 2, 2)
+    warm = runner.warmup_requests([chat, rag], 5)
     assert [r.tag for r in warm] == list(range(5))
     # Plain: no plugin field, so the plugin's index learns nothing from the warm-up.
     assert all(r.extra == {} for r in warm)
-    assert warm[0].messages == bench_engine.plain(rag.docs[0], rag.queries[0])
-    assert bench_engine.warmup_requests([chat], 5) == []
-    assert bench_engine.warmup_requests([rag], 0) == []
+    assert warm[0].messages == engine_arms.plain(rag.docs[0], rag.queries[0])
+    assert runner.warmup_requests([chat], 5) == []
+    assert runner.warmup_requests([rag], 0) == []
 
 
 def test_served_model_name_is_none_without_a_reachable_server(capsys):
     import socket
 
-    assert bench_engine.served_model_name(None) is None
+    assert engine_tokens.served_model_name(None) is None
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert bench_engine.served_model_name(f"http://127.0.0.1:{port}") is None
+    assert engine_tokens.served_model_name(f"http://127.0.0.1:{port}") is None
     assert "no model id from" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from cp_engine.devtools.stats import bootstrap_ci, paired_bootstrap_ci
-from benchmarks.quality import (clean_prediction, exact_match, f1_score, markdown, normalize_answer,
+from benchmarks.quality.bench import (clean_prediction, exact_match, f1_score, markdown, normalize_answer,
                                 summarize)
 
 

@@ -7,7 +7,7 @@ better, so a bound that undercuts the optimum would be a false proof).
 """
 from hypothesis import given, settings, strategies as st
 
-from benchmarks.bench_optimality import best_tree, exact_best_hits, hit_upper_bound
+from benchmarks.planner.optimality import best_tree, exact_best_hits, hit_upper_bound
 
 # Few requests over few blocks so that blocks repeat across requests (sharing is the
 # whole problem) and brute force stays at most 4!^4 orderings.

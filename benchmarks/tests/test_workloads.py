@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from benchmarks import workloads as W
-from benchmarks.baselines import arrival, greedy_trie
+from benchmarks.common import workloads as W
+from benchmarks.planner.baselines import arrival, greedy_trie
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,7 @@ def test_greedy_beats_arrival_in_simulation():
 def test_hotpotqa_builder(monkeypatch, request):
     real_cache = request.config.rootpath / "benchmarks" / ".cache"
     if not (real_cache / "lce" / W.HOTPOT_MEMBER).exists():
-        pytest.skip("HotpotQA not fetched (python -m benchmarks.workloads fetches it)")
+        pytest.skip("HotpotQA not fetched (python -m benchmarks.common.workloads fetches it)")
     pytest.importorskip("bm25s")
     monkeypatch.setattr(W, "CACHE", real_cache)  # reuse the fetched data and its BM25 cache
     wl = W.hotpotqa(30, k=4, seed=0)

@@ -12,7 +12,7 @@ Shapes (``SHAPES``): ``tiny`` (the default; tests and demos) and ``prefill``, fo
 prefill wall-time benchmarks: in ``tiny`` attention to earlier positions is over half
 of a token's prefill FLOPs at the engine benchmark's prompt lengths (~3k tokens), so a
 cached prefix saves less time than tokens; ``prefill`` splits the work between
-attention and the linear layers as Qwen2.5-0.5B does there (``benchmarks.token_sim
+attention and the linear layers as Qwen2.5-0.5B does there (``benchmarks.engine.token_sim
 --dims`` predicts the same off/arm work ratios within 1%), at about the tiny model's
 cost per token. Both shapes share the tokenizer, so prompts tokenize identically.
 Needs ``transformers``, ``tokenizers`` and ``torch`` (present wherever vLLM is).

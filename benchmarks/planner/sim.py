@@ -1,13 +1,13 @@
 """Simulation benchmark: prefix-cache hit ratio and planning cost, side by side in one run.
 
-    python -m benchmarks.bench_sim          # full: synthetic N=100/1,000/5,000,
+    python -m benchmarks.planner.sim          # full: synthetic N=100/1,000/5,000,
                                             # HotpotQA pooled and knowledge-base N=1,000/5,000
-    python -m benchmarks.bench_sim --quick  # synthetic N=100/1,000, both HotpotQA N=1,000
+    python -m benchmarks.planner.sim --quick  # synthetic N=100/1,000, both HotpotQA N=1,000
 
-For every workload (benchmarks.workloads) and planner: the bound 1 − unique/total,
+For every workload (benchmarks.common.workloads) and planner: the bound 1 − unique/total,
 arrival order, ContextPilot 0.5.0 (its own venv, benchmarks/peer/setup_peer.sh; its
 plans are cached by workload hash; skipped with a message when missing), a plain
-frequency-greedy trie (benchmarks.baselines) and ``cp_engine.plan_batch``. Each plan is
+frequency-greedy trie (benchmarks.planner.baselines) and ``cp_engine.plan_batch``. Each plan is
 replayed in its own execution order through ``cp_engine.sim.simulate`` with an
 unbounded cache and LRU caches of 250 and 1,000 blocks. Planning time and peak memory
 are measured in a fresh process per planner (peak RSS minus RSS before the call).
@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `cp_engine` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import workloads as W  # noqa: E402
-from benchmarks.peer_client import peer_available, peer_plan, SETUP_HINT  # noqa: E402
+from benchmarks.common import workloads as W  # noqa: E402
+from benchmarks.peer.client import peer_available, peer_plan, SETUP_HINT  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 CAPACITIES = (None, 250, 1000)
 METHODS = ("arrival", "contextpilot", "greedy", "cp_engine")
 LABELS = {
@@ -69,10 +69,10 @@ def plan_in_subprocess(method: str, contexts, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
         src.write_text(json.dumps(contexts))
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.plan_worker", method, str(src), str(dst)],
+            [sys.executable, "-m", "benchmarks.planner.plan_worker", method, str(src), str(dst)],
             capture_output=True, text=True, timeout=timeout, cwd=root, env=env,
         )
         if proc.returncode != 0:
@@ -106,7 +106,7 @@ def run_method(method: str, wl: W.Workload, args) -> dict:
         if n > args.peer_max_n:
             return {"skipped": f"N > --peer-max-n {args.peer_max_n}"}
         if not peer_available():
-            from benchmarks.peer_client import cached_plan
+            from benchmarks.peer.client import cached_plan
 
             if cached_plan(wl.contexts) is None:
                 return {"skipped": f"peer venv missing ({SETUP_HINT})"}
@@ -171,7 +171,7 @@ def online_latency(indexed: int, measured: int) -> dict:
 # ------------------------------------------------------------------------- targets
 
 def proven_ceiling(workload: str) -> float | None:
-    """Best hit ratio vs the peer any prefix plan can reach, if ``bench_optimality`` proved one."""
+    """Best hit ratio vs the peer any prefix plan can reach, if ``benchmarks.planner.optimality`` proved one."""
     path = RESULTS / f"optimality_{workload}.json"
     try:
         return float(json.loads(path.read_text())["max_ratio_vs_peer_upper_bound"])
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     meta = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "load_1min": [_LOAD0, os.getloadavg()[0]],
-            "wall_seconds": time.perf_counter() - _T0, "command": " ".join(["python -m benchmarks.bench_sim"] +
+            "wall_seconds": time.perf_counter() - _T0, "command": " ".join(["python -m benchmarks.planner.sim"] +
                                                                           (argv if argv is not None else sys.argv[1:]))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sim.json").write_text(json.dumps(

@@ -1,8 +1,8 @@
 """Plan one workload with one planner in a fresh process, for a fair peak-memory reading.
 
-    python -m benchmarks.plan_worker METHOD IN.json OUT.json
+    python -m benchmarks.planner.plan_worker METHOD IN.json OUT.json
 
-METHOD: ``arrival``, ``greedy`` (benchmarks.baselines) or ``cp_engine``
+METHOD: ``arrival``, ``greedy`` (benchmarks.planner.baselines) or ``cp_engine``
 (``cp_engine.plan_batch(contexts)``, the exact public call). Writes the plan
 (``contexts``, ``order``) with ``seconds`` (wall time of the planning call only) and
 ``peak_rss_delta_mb`` (peak RSS during the call, the Linux peak counter being reset
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 from benchmarks.peer.memwatch import peak_mb, reset_peak, rss_mb  # noqa: E402
@@ -28,7 +28,7 @@ def planner(method: str):
         from cp_engine import plan_batch
 
         return plan_batch
-    from benchmarks.baselines import PLANNERS
+    from benchmarks.planner.baselines import PLANNERS
 
     return PLANNERS[method]
 

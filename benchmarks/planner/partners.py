@@ -1,8 +1,8 @@
 """Planner partner search, side by side: posting lists vs the kNN graph from the
 overlap kernel (``plan_batch(partners=...)``), hit ratio and planning time per workload.
 
-    python -m benchmarks.bench_planner_partners          # synthetic 1k/5k (+ HotpotQA if cached)
-    python -m benchmarks.bench_planner_partners --quick  # synthetic 1k only
+    python -m benchmarks.planner.partners          # synthetic 1k/5k (+ HotpotQA if cached)
+    python -m benchmarks.planner.partners --quick  # synthetic 1k only
 
 Writes benchmarks/results/planner_partners.{json,md}. The kernel backend is whatever
 ``cp_engine.kernels`` picks (NumPy on a CPU-only machine; set
@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import workloads as W
+from benchmarks.common import workloads as W
 from cp_engine.kernels import partner_candidates
 from cp_engine import plan_batch
 from cp_engine.planner import KNN_PARTNERS
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def timed(fn, repeat: int):
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     (RESULTS / "planner_partners.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["# Planner partner search: posting lists vs kNN graph (overlap kernel)", "",
              f"{meta['machine']}; {meta['date']}; median of {args.repeat}. "
-             "Command: `python -m benchmarks.bench_planner_partners`.", "",
+             "Command: `python -m benchmarks.planner.partners`.", "",
              "| workload | N | postings: hit / s (tree) | kernel kNN: hit / s | kernel call alone s |",
              "|---|---|---|---|---|"]
     for r in rows:

@@ -1,11 +1,11 @@
-"""Run ``bench_engine``'s GPU-server path on CPU: two servers started first, then
+"""Run the engine benchmark's GPU-server path on CPU: two servers started first, then
 ``--url-off`` / ``--url-on`` against them (what the GPU command in
 results/engine.md does with hand-started ``vllm serve`` processes).
 
-    python -m benchmarks.remote_check                 # tiny model, --quick --targets-only, ~8 min on 2 cores
-    python -m benchmarks.remote_check --out F.json    # where bench_engine writes its results
+    python -m benchmarks.engine.remote_check                 # tiny model, --quick --targets-only, ~8 min on 2 cores
+    python -m benchmarks.engine.remote_check --out F.json    # where the engine benchmark writes its results
 
-Exit status: bench_engine's.
+Exit status: the engine benchmark's.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import argparse
 import subprocess
 import sys
 
-from benchmarks.bench_engine import SERVER_ENV
-from benchmarks.live import start_server
+from benchmarks.engine.servers import SERVER_ENV
+from benchmarks.common.live import start_server
 from cp_engine.devtools.vllm_server import tiny_model_dir
 
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     server_args = ["--max-model-len", "8192"]
     with start_server(model, SERVER_ENV["off"], server_args) as off, \
             start_server(model, SERVER_ENV["on"], server_args) as on:
-        return subprocess.run([sys.executable, "-m", "benchmarks.bench_engine", "--quick", "--targets-only",
+        return subprocess.run([sys.executable, "-m", "benchmarks.engine", "--quick", "--targets-only",
                                "--url-off", off.url, "--url-on", on.url, "--out", args.out]).returncode
 
 

@@ -5,7 +5,7 @@
     python -m benchmarks.quality --url http://GPU-HOST:8000   # an existing plugin-on server
 
 HotpotQA dev questions, BM25 (bm25s) top-k=10 over the pooled paragraph corpus
-(``benchmarks.workloads.hotpotqa``), greedy decoding, answers scored with SQuAD-style
+(``benchmarks.common.workloads.hotpotqa``), greedy decoding, answers scored with SQuAD-style
 F1 / exact match (HotpotQA's rule: yes/no answers only count when exact); 95%
 percentile-bootstrap intervals per arm and for each arm's paired difference to off.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import re
 import statistics
 import string
@@ -40,12 +39,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import live, workloads
-from benchmarks.live import (Remote, Request, choose_model, finish, peer_messages, replot, run_stamp, save_results,
-                             send_all, start_server)
+from benchmarks.common import live, workloads
+from benchmarks.common.live import Remote, Request, choose_model, peer_messages, send_all, start_server
+from benchmarks.common.results import provenance, read_result, redraw, write_result
 from cp_engine.devtools.stats import bootstrap_ci, paired_bootstrap_ci
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 SYSTEM = ("Answer the question using the documents. Reply with the answer only: "
           "a few words, no explanation.")
 SINGLE_ARMS = ("off", "reorder+annotate", "reorder", "peer")
@@ -205,7 +204,7 @@ def run_multiturn_phase(doc, arms, srv, wl, chunk: int, concurrency: int, max_to
     """Sessions in chunks; within a chunk every (session, arm) runs its turns in order, in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from benchmarks.live import _client, run_session
+    from benchmarks.common.live import _client, run_session
 
     answers = wl.meta["answers"]
     client = _client(srv.url + "/v1")
@@ -253,8 +252,8 @@ def summarize(arm: dict, base: dict | None) -> dict:
 
 # --------------------------------------------------------------------------- output
 
-def write_outputs(doc: dict, out: Path) -> None:
-    save_results(doc, out, plot)
+def write_outputs(doc: dict, out: Path, prov: dict, echo: bool = False) -> None:
+    write_result(out, doc, table=markdown, plot=plot, prov=prov, echo=echo)
 
 
 def summary_rows(doc: dict) -> list[dict]:
@@ -268,9 +267,6 @@ def summary_rows(doc: dict) -> list[dict]:
 
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = summary_rows(doc)
@@ -299,7 +295,7 @@ def markdown(doc: dict) -> str:
         f"Model `{cfg['model_name']}`; HotpotQA dev, {cfg['questions']} questions, BM25 top-{cfg['k']} "
         f"over the pooled corpus; multi-turn: {cfg.get('sessions')} sessions ({cfg.get('turns')} turns, "
         f"k={cfg.get('chat_k')}), {cfg.get('multiturn_questions', '?')} turns; greedy, max {cfg['max_tokens']} "
-        f"tokens; {cfg['started']}; wall time {doc.get('wall_s', '?')} s; {cfg['machine']}.",
+        f"tokens; wall time {doc.get('wall_s', '?')} s.",
         "",
         "| arm | n | F1 (95% CI) | EM (95% CI) | ΔF1 vs off (paired 95% CI) | prompt tokens / question |",
         "|---|---|---|---|---|---|",
@@ -323,7 +319,8 @@ PHASES = (MULTI_ARMS, SINGLE_ARMS)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="SmolLM2-135M, 50 questions, 6 sessions")
     ap.add_argument("--model", help="local HF folder (default: smollm2 with --quick, else qwen0.5b)")
     ap.add_argument("--url", help="an already running plugin-on vLLM server (e.g. a GPU server)")
@@ -345,12 +342,13 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else RESULTS / ("quality_quick.json" if args.quick else "quality.json")
     if args.plot:
-        return replot(out, write_outputs, markdown)
+        redraw(out, table=markdown, plot=plot)
+        return 0
     n_q = args.questions or (50 if args.quick else 300)
     n_s = args.sessions if args.sessions is not None else (6 if args.quick else 20)
     turns = (2, 4)
     def packaged():
-        from benchmarks.models import SPECS, model_dir
+        from benchmarks.quality.models import SPECS, model_dir
 
         key = "smollm2" if args.quick else "qwen0.5b"
         return model_dir(key), SPECS[key].name
@@ -366,22 +364,22 @@ def main(argv=None) -> int:
     cfg = {"model_name": model_name, "questions": n_q, "k": args.k, "sessions": n_s, "turns": list(turns),
            "chat_k": args.chat_k, "multiturn_questions": len(chat.contexts) if chat else 0,
            "max_tokens": args.max_tokens, "concurrency": args.concurrency, "system": SYSTEM,
-           **run_stamp("benchmarks.quality", argv),
            "bound_tokens": round(wl.bound(weighted=True), 4)}
     doc = {"config": cfg, "arms": {}, "wall_s": 0.0}
+    prov = provenance("benchmarks.quality", argv)
     if args.resume and out.exists():
-        old = json.loads(out.read_text())
+        old, old_prov = read_result(out)
         keys = ("model_name", "questions", "k", "sessions", "chat_k", "max_tokens", "system")
         if all(old["config"].get(k) == cfg[k] for k in keys):
             doc["arms"], doc["wall_s"] = old["arms"], old.get("wall_s", 0.0)
-            cfg["started"] = old["config"]["started"]
+            prov["date"] = old_prov["date"]
             print(f"[quality] resuming: " + ", ".join(f"{a} n={v['n']}" for a, v in doc["arms"].items()),
                   file=sys.stderr)
     t_start = time.perf_counter() - float(doc["wall_s"] or 0)
 
     def save() -> None:
         doc["wall_s"] = round(time.perf_counter() - t_start, 1)
-        write_outputs(doc, out)
+        write_outputs(doc, out, prov)
 
     if args.url:
         srv_cm = Remote(args.url)
@@ -402,7 +400,9 @@ def main(argv=None) -> int:
             else:
                 run_single_phase(doc, mine, srv, wl, builder, args.chunk, args.concurrency, args.max_tokens, save)
     doc["wall_s"] = round(time.perf_counter() - t_start, 1)
-    return finish(doc, out, write_outputs, markdown)
+    write_outputs(doc, out, prov, echo=True)
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

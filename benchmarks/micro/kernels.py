@@ -1,14 +1,14 @@
 """Kernel benchmark: top-k overlap scoring, NumPy reference vs the peer's dense approach
 vs the Triton kernel (GPU only), with the two floors of each size.
 
-    python -m benchmarks.bench_kernels                       # CPU table (a few minutes)
-    python -m benchmarks.bench_kernels --gpu --sizes 1000,10000,100000   # on a CUDA GPU
-    python -m benchmarks.bench_kernels --quick                   # CPU sizes 1k–5k, a minute or two
-    python -m benchmarks.bench_kernels --partners 5000,100000 --workloads uniform,zipf  # planner entry
+    python -m benchmarks.micro.kernels                       # CPU table (a few minutes)
+    python -m benchmarks.micro.kernels --gpu --sizes 1000,10000,100000   # on a CUDA GPU
+    python -m benchmarks.micro.kernels --quick                   # CPU sizes 1k–5k, a minute or two
+    python -m benchmarks.micro.kernels --partners 5000,100000 --workloads uniform,zipf  # planner entry
 
 Workloads (N queries scored against M = N candidates, self-join, exclude_self, k=16):
 - ``zipf``: the peer's synthetic RAG workload (corpus 2,000 docs, Zipf s=1.0, 10–20
-  distinct docs per request; ``benchmarks.workloads.synthetic``): dense in shared
+  distinct docs per request; ``benchmarks.common.workloads.synthetic``): dense in shared
   postings, ~N²·E[overlap] pairs;
 - ``uniform``: 10–20 distinct blocks drawn uniformly from a corpus of 20·N: sparse.
 Columns: ``numpy`` = cp_engine.kernels NumPy reference (inverted index, tiles);
@@ -39,7 +39,7 @@ import numpy as np
 from cp_engine.kernels import pack_lists, partner_candidates, topk_overlap
 from cp_engine.kernels.reference import _postings
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 K = 16
 
 
@@ -59,7 +59,7 @@ def uniform_lists(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def zipf_lists(n: int) -> list[list[int]]:
-    from benchmarks.workloads import synthetic
+    from benchmarks.common.workloads import synthetic
 
     return synthetic(n).contexts
 

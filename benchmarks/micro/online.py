@@ -1,7 +1,7 @@
 """Online reorder latency of ``ContextIndex`` with a large index (target: p99 ≤ 1 ms).
 
-    nice -n 5 python -m benchmarks.bench_online                 # zipf 100k + HotpotQA if cached
-    python -m benchmarks.bench_online --indexed 20000 --measured 2000   # quick
+    nice -n 5 python -m benchmarks.micro.online                 # zipf 100k + HotpotQA if cached
+    python -m benchmarks.micro.online --indexed 20000 --measured 2000   # quick
 
 Replays requests the way the API server does (``ContextPipeline.prepare`` then
 ``commit``): ``best_order(blocks)`` (the query, timed), then ``record`` of the
@@ -15,7 +15,7 @@ against the final index, which removes preemption by other processes on a shared
 machine), the record and both together, the prefix hit (tokens of the returned head
 already indexed) and the index size.
 
-Workloads: ``zipf`` = ``benchmarks.workloads.synthetic`` (the peer's synthetic RAG
+Workloads: ``zipf`` = ``benchmarks.common.workloads.synthetic`` (the peer's synthetic RAG
 workload: 2,000 docs, Zipf s = 1, 10–20 docs per request); ``hotpotqa`` = the cached
 BM25 top-10 contexts of HotpotQA questions (``benchmarks/.cache``; skipped when absent),
 cycled in a seeded shuffle to reach the request count (the question pool is 7,405).
@@ -38,19 +38,19 @@ import numpy as np
 from cp_engine.config import Config
 from cp_engine.index import ContextIndex
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_P99_MS = 1.0
 
 
 def zipf_requests(n: int) -> tuple[list[list[int]], dict[int, int]]:
-    from benchmarks.workloads import synthetic
+    from benchmarks.common.workloads import synthetic
 
     wl = synthetic(n)
     return wl.contexts, wl.tokens
 
 
 def hotpot_requests(n: int) -> tuple[list[list[int]], dict[int, int]] | None:
-    from benchmarks import workloads
+    from benchmarks.common import workloads
 
     cached = sorted(workloads.CACHE.glob("hotpotqa_n*_k10_s0.json"),
                     key=lambda p: int(p.name.split("_n")[1].split("_")[0]))

@@ -1,9 +1,9 @@
 """Planning time against batch size N on the three simulation workloads, one plot.
 
-    python -m benchmarks.bench_scaling                 # N = 1k, 2k, 5k, 10k, 20k, 50k
-    python -m benchmarks.bench_scaling --ns 1000 5000  # a subset
+    python -m benchmarks.planner.scaling                 # N = 1k, 2k, 5k, 10k, 20k, 50k
+    python -m benchmarks.planner.scaling --ns 1000 5000  # a subset
 
-Workloads (benchmarks.workloads): the peer's synthetic Zipf RAG, HotpotQA BM25 top-10
+Workloads (benchmarks.common.workloads): the peer's synthetic Zipf RAG, HotpotQA BM25 top-10
 over the pooled corpus, and the knowledge-base workload (BM25 top-10 over ~2,000
 paragraphs). HotpotQA dev has 7,405 questions (7,205 outside the knowledge base), so
 above that the extra requests are compound questions: two seeded random questions
@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `cp_engine` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks import workloads as W  # noqa: E402
+from benchmarks.common import workloads as W  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 NS = (1000, 2000, 5000, 10000, 20000, 50000)
 FAMILIES = ("synthetic", "hotpotqa", "hotpotkb")
 LABELS = {"synthetic": "synthetic (Zipf)", "hotpotqa": "HotpotQA pooled BM25",
@@ -164,7 +164,7 @@ def markdown(data: dict) -> str:
            f"{meta['machine']}; {meta['date']}; command `{meta['command']}`. Times: wall clock of one "
            f"`cp_engine.plan_batch` call in-process, best of {meta['repeat']} (CPU time beside it), load "
            "average at the call (the CPU is shared with other agents). ContextPilot 0.5.0: measured in "
-           "`python -m benchmarks.bench_sim` (results/sim.json, N = 1,000 and 5,000); above 5,000 its time is "
+           "`python -m benchmarks.planner.sim` (results/sim.json, N = 1,000 and 5,000); above 5,000 its time is "
            "a quadratic extrapolation from N = 5,000 (`~`), not a measurement. Speedup = peer / cp_engine. "
            f"Peer times from {meta.get('peer_source', 'benchmarks/results/sim.json')}.",
            "", "| workload | N | compound | cp_engine s | CPU s | load | strategy | hit ∞ | peer s | speedup |",
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--peer-only", action="store_true",
                     help="re-read ContextPilot's times from results/sim.json into an existing scaling.json "
-                         "(after re-running bench_sim) without re-timing cp_engine")
+                         "(after re-running benchmarks.planner.sim) without re-timing cp_engine")
     args = ap.parse_args(argv)
     if args.peer_only:
         data = json.loads((args.out / "scaling.json").read_text())
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         data = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
                          "repeat": args.repeat,
-                         "command": " ".join(["python -m benchmarks.bench_scaling"]
+                         "command": " ".join(["python -m benchmarks.planner.scaling"]
                                              + (argv if argv is not None else sys.argv[1:]))},
                 "families": {}}
         for fam in args.families:

@@ -1,6 +1,6 @@
 """Token-exact prefix-cache simulation of the engine benchmark's batched RAG arms.
 
-Renders each arm's requests exactly as ``bench_engine`` sends them, applies the served
+Renders each arm's requests exactly as the engine benchmark sends them, applies the served
 model's chat template and tokenizer, and counts what vLLM's prefix cache would serve
 (whole KV blocks of ``--block-size`` tokens, hash-chained; unbounded cache; the last
 prompt token is always computed). At N=400 it reproduced the live
@@ -11,9 +11,9 @@ of a ten-minute live run. ``on-seq`` is the online "on" arm with requests arrivi
 at a time (live, 64 in flight, it recomputed 2.0% more at N=400: arrival order and
 timing).
 
-    python -m benchmarks.token_sim                 # Zipf k 10-20, N=400, tiny model
-    python -m benchmarks.token_sim --n 200 --k 10 --block-size 16
-    python -m benchmarks.token_sim --model DIR --pairs-out pairs.json   # for prefill_gpu
+    python -m benchmarks.engine.token_sim                 # Zipf k 10-20, N=400, tiny model
+    python -m benchmarks.engine.token_sim --n 200 --k 10 --block-size 16
+    python -m benchmarks.engine.token_sim --model DIR --pairs-out pairs.json   # for prefill_gpu
 """
 from __future__ import annotations
 
@@ -89,15 +89,15 @@ def prefill_flops(length: int, cached: int, d: Dims) -> float:
 
 def arm_prompts(arm: str, rag, encode: Callable[[list], list[int]],
                 count_tokens: Callable[[str], int] | None = None) -> list[list[int]] | None:
-    """Token ids of ``arm``'s requests in the order bench_engine sends them
-    (``count_tokens``: the batch plan's block token counts, as bench_engine passes them)."""
-    from benchmarks import bench_engine as be
+    """Token ids of ``arm``'s requests in the order the engine benchmark sends them
+    (``count_tokens``: the batch plan's block token counts, as the engine benchmark passes them)."""
+    from benchmarks.engine.arms import plain, rag_requests
 
     if arm == "off":
-        return [encode(be.plain(d, q)) for d, q in zip(rag.docs, rag.queries)]
+        return [encode(plain(d, q)) for d, q in zip(rag.docs, rag.queries)]
     if arm == "on-seq":
         return [encode(m) for m in online_messages(rag)]
-    reqs, _ = be.rag_requests(arm, rag, count_tokens)
+    reqs, _ = rag_requests(arm, rag, count_tokens)
     return [encode(r.messages) for r in reqs] if reqs else None
 
 
@@ -105,13 +105,13 @@ def online_messages(rag) -> list[list[dict]]:
     """The "on" arm's requests as the in-server rewrite renders them when they arrive
     one at a time in send order (the live arm has 64 in flight; its order and what is
     cached when each runs then depend on timing)."""
-    from benchmarks import bench_engine as be
+    from benchmarks.engine.arms import rag_requests
     from cp_engine import Config
     from cp_engine.pipeline import ContextPipeline
 
     pipe = ContextPipeline(Config())
     out = []
-    for i, req in enumerate(be.rag_requests("on", rag)[0]):
+    for i, req in enumerate(rag_requests("on", rag)[0]):
         messages, prep = pipe.rewrite_messages(req.messages, req.extra["context_blocks"])
         pipe.commit(i, prep)
         out.append(messages)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--estimate-tokens", action="store_true",
                     help="plan the batch with characters/4 block lengths instead of the tokenizer's counts")
     ap.add_argument("--pairs-out", help="write each arm's per-prompt (prompt tokens, served from cache) "
-                                        "pairs, in send order, to this JSON file (input of benchmarks.prefill_gpu)")
+                                        "pairs, in send order, to this JSON file (input of benchmarks.engine.prefill_gpu)")
     args = ap.parse_args(argv)
 
     import json
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from benchmarks import bench_engine as be
+    from benchmarks.engine.workloads import rag_zipf
     from cp_engine.devtools.vllm_server import tiny_model_dir
 
     model = args.model or tiny_model_dir()
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    rag = be.rag_zipf(args.n, args.k)
+    rag = rag_zipf(args.n, args.k)
     base, pairs = None, {}
     print(f"{rag.name}, {args.block_size}-token KV blocks, unbounded cache; prefill work for {dims}")
     for arm in [a for a in args.arms.split(",") if a]:

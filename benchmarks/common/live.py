@@ -1,4 +1,4 @@
-"""Client side of the live-server benchmarks (bench_engine.py, quality.py).
+"""Client side of the live-server benchmarks (engine, quality).
 
 - ``Server``: either a vLLM server this process starts (``VllmServer``, 127.0.0.1)
   or an existing one (``--url``, e.g. a GPU server started by hand); both expose
@@ -200,8 +200,8 @@ def peer_messages(docs: list[list[str]], queries: list[str], system: str | None)
     import tempfile
     from pathlib import Path
 
-    from benchmarks.peer_client import PEER_PY, SETUP_HINT, peer_available
-    from benchmarks.workloads import CACHE
+    from benchmarks.peer.client import PEER_PY, SETUP_HINT, peer_available
+    from benchmarks.common.workloads import CACHE
 
     spec = {"docs": docs, "queries": queries, "system": system}
     key = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=10).hexdigest()
@@ -211,7 +211,7 @@ def peer_messages(docs: list[list[str]], queries: list[str], system: str | None)
     if not peer_available():
         print(f"[peer] skipped: no peer venv ({SETUP_HINT} creates it)", file=sys.stderr)
         return None
-    runner = Path(__file__).resolve().parent / "peer" / "optimize_batch.py"
+    runner = Path(__file__).resolve().parents[1] / "peer" / "optimize_batch.py"
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
@@ -228,17 +228,7 @@ def peer_messages(docs: list[list[str]], queries: list[str], system: str | None)
     return out
 
 
-# --------------------------------------------------------------------------- outputs
-
-def run_stamp(module: str, argv) -> dict:
-    """When, where and how a benchmark ran (goes into its results JSON)."""
-    import platform
-    from datetime import datetime, timezone
-
-    return {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-            "command": f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])}
-
+# ---------------------------------------------------------------------------- models
 
 def choose_model(model_arg: str | None, remote: bool, default) -> tuple[str | None, str]:
     """(model folder or None for a remote server, display name); ``default()`` builds one."""
@@ -247,34 +237,3 @@ def choose_model(model_arg: str | None, remote: bool, default) -> tuple[str | No
     if remote:
         return None, "remote"
     return default()
-
-
-def save_results(doc: dict, out, plot=None) -> None:
-    """Atomic JSON write (a killed run never leaves half a file), then the plot if any."""
-    import json
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out)
-    if plot is not None:
-        try:
-            plot(doc, out.with_suffix(".png"))
-        except Exception as e:  # a plot must never lose the numbers
-            print(f"[bench] plot failed: {e!r}", file=sys.stderr)
-
-
-def finish(doc: dict, out, write, markdown) -> int:
-    """Write JSON + PNG + ``.table.md`` and print the table."""
-    write(doc, out)
-    md = markdown(doc)
-    out.with_suffix(".table.md").write_text(md + "\n")
-    print(md)
-    return 0
-
-
-def replot(out, write, markdown) -> int:
-    """``--plot``: redraw PNG and table from a results JSON only."""
-    import json
-
-    return finish(json.loads(out.read_text()), out, write, markdown)

@@ -6,8 +6,8 @@ component small enough (``--max-orderings`` orderings of its requests' shared
 blocks), this tries all of them and compares the smallest tree with
 ``cp_engine.plan_batch`` (and ContextPilot's cached plan, when present).
 
-    python -m benchmarks.bench_optimality                 # HotpotQA pooled N=1,000
-    python -m benchmarks.bench_optimality --workload synthetic --n 100
+    python -m benchmarks.planner.optimality                 # HotpotQA pooled N=1,000
+    python -m benchmarks.planner.optimality --workload synthetic --n 100
 
 Components too large to enumerate go to an exact branch and bound
 (``exact_best_hits``); where its node budget runs out they keep an upper bound on
@@ -30,11 +30,11 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from benchmarks import workloads as W
+from benchmarks.common import workloads as W
 from cp_engine import plan_batch
 from cp_engine.planner import _tree_size
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def components(contexts: list[list[int]]) -> list[list[int]]:
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     ours = plan_batch(ctx).contexts
     peer = None
     try:
-        from benchmarks.peer_client import cached_plan
+        from benchmarks.peer.client import cached_plan
 
         cached = cached_plan(ctx)
         peer = cached["contexts"] if cached else None

@@ -12,10 +12,10 @@ its whole prefix (cached part included) with causal masking aligned to the end.
 
 It times GPU work only: no scheduler, no sampling, no KV-cache paging. It is the
 measured counterpart of ``token_sim``'s FLOP column, not a substitute for running
-``bench_engine`` against a GPU vLLM server (the command is in results/engine.md).
+``python -m benchmarks.engine`` against a GPU vLLM server (the command is in results/engine.md).
 
-    python -m benchmarks.token_sim --model QWEN_DIR --pairs-out pairs.json
-    python -m benchmarks.prefill_gpu pairs.json --dims 3584,18944,28,28,4,128   # Qwen2.5-7B
+    python -m benchmarks.engine.token_sim --model QWEN_DIR --pairs-out pairs.json
+    python -m benchmarks.engine.prefill_gpu pairs.json --dims 3584,18944,28,28,4,128   # Qwen2.5-7B
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.token_sim import Dims, prefill_flops
+from benchmarks.engine.token_sim import Dims, prefill_flops
 
 
 class DecoderStack:

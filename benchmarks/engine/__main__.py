@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.engine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,2 @@
+"""Micro-benchmarks of one component each: online reorder latency (``online``), the
+overlap kernels (``kernels``), the cache-aware waiting order (``queue_order``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.quality.bench import main
+
+sys.exit(main())
