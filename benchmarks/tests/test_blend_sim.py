@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import random
 
-from benchmarks.blend_sim import PrefixCache, blend_arm, block_segments, prefix_arm
-from benchmarks.token_sim import prefix_cache_served
+from benchmarks.blend.blend_sim import PrefixCache, blend_arm, prefix_arm
+from benchmarks.blend.prompts import block_segments
+from benchmarks.engine.token_sim import prefix_cache_served
 from cp_engine.blend.keys import KVLayout
 from cp_engine.blend.spans import encode_segments
 

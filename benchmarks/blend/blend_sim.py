@@ -1,8 +1,8 @@
 """Token-exact simulation of blend: prompt tokens computed = the engine's uncached tokens
 + the tokens blend recomputes, per workload and arm, without an engine.
 
-Prompts are rendered as the engine benchmark sends them (``bench_engine``'s builders,
-the served model's chat template and tokenizer, as in ``token_sim``). Every arm runs
+Prompts are rendered as the engine benchmark sends them (``benchmarks.blend.prompts``:
+the engine benchmark's builders, the served model's chat template and tokenizer). Every arm runs
 the requests in send order through a bounded prefix cache like vLLM's (hash-chained
 KV blocks of ``--block-size`` tokens, as many as ``--kv-cache-gib`` holds for the
 model's shape, least recently used evicted first, the last prompt token always
@@ -30,8 +30,8 @@ to the flags' defaults. Multi-turn sessions run in
 waves of ``--chat-concurrency``, turns taken round-robin (the live benchmark's
 concurrency, made deterministic); an assistant answer is a fixed short sentence.
 
-    python -m benchmarks.blend_sim            # RAG N=400, memory chat 50 sessions, agent 24x8
-    python -m benchmarks.blend_sim --quick    # N=48, 8 sessions, agent 6x6
+    python -m benchmarks.blend.blend_sim            # RAG N=400, memory chat 50 sessions, agent 24x8
+    python -m benchmarks.blend.blend_sim --quick    # N=48, 8 sessions, agent 6x6
 """
 from __future__ import annotations
 
@@ -45,16 +45,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from benchmarks.blend.prompts import Tokenizer, agent_prompts, chat_prompts, rag_prompts
 from cp_engine.blend.keys import KVLayout, Scope, block_key
 from cp_engine.blend.plan import blocks_to_store, plan_reuse
-from cp_engine.blend.spans import Rendered, Segment, encode_segments
+from cp_engine.blend.spans import Rendered
 from cp_engine.blend.store import BlockKVStore, kv_shape
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 TARGETS = {"rag": ("plain", 3.0), "chat": ("plain", 2.0), "agent": ("prefix", 2.5)}
-AGENT_SYSTEM = ("You are a planning agent. Read the current state, then your memory and the history "
-                "of earlier steps, and answer with the next action only.")
 FULL = {"rag_n": 400, "chat_sessions": 50, "agent_sessions": 24, "agent_turns": 8}
 QUICK = {"rag_n": 48, "chat_sessions": 8, "agent_sessions": 6, "agent_turns": 6}
 
@@ -97,137 +96,6 @@ class PrefixCache:
             self._lru.move_to_end(h)
         while self.capacity is not None and len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
-
-
-# ------------------------------------------------------------------------- rendering
-
-def block_segments(text: str, block_texts: Sequence[str]) -> list[Segment]:
-    """``text`` cut into segments, every occurrence of a block text marked as a block
-    (overlaps: the earlier, then longer, occurrence wins)."""
-    hits = []
-    for bt in set(block_texts):
-        i = text.find(bt)
-        while i >= 0:
-            hits.append((i, -len(bt)))
-            i = text.find(bt, i + len(bt))
-    segs, pos = [], 0
-    for start, neg in sorted(hits):
-        if start < pos:
-            continue
-        if start > pos:
-            segs.append(Segment(text[pos:start]))
-        segs.append(Segment(text[start:start - neg], block=True))
-        pos = start - neg
-    if pos < len(text):
-        segs.append(Segment(text[pos:]))
-    return segs
-
-
-class Tokenizer:
-    """The served model's chat template and tokenizer: whole prompts as the engine
-    tokenizes them today, and block-exact prompts as blend sends them."""
-
-    def __init__(self, model: str):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model)
-        self._pieces: dict[str, list[int]] = {}
-
-    def text(self, messages: list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def encode(self, text: str) -> list[int]:
-        ids = self._pieces.get(text)
-        if ids is None:
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            if len(text) > 64:  # blocks and long labels recur; short joints are cheap
-                self._pieces[text] = ids
-        return list(ids)
-
-    def count(self, text: str) -> int:
-        return len(self.encode(text))
-
-    def whole(self, messages: list[dict]) -> list[int]:
-        return self.tok(self.text(messages), add_special_tokens=False)["input_ids"]
-
-    def blocks(self, messages: list[dict], block_texts: Sequence[str]) -> Rendered:
-        return encode_segments(self.encode, block_segments(self.text(messages), block_texts))
-
-
-# ------------------------------------------------------------------------- workloads
-
-def rag_prompts(n: int, tok: Tokenizer) -> dict:
-    """Batched Zipf RAG (the engine benchmark's target run): plain and on+batch messages."""
-    from benchmarks import bench_engine as be
-
-    rag = be.rag_zipf(n)
-    plain = [(be.plain(d, q), d) for d, q in zip(rag.docs, rag.queries)]
-    batch = [(r.messages, rag.docs[r.tag]) for r in be.rag_requests("on+batch", rag, tok.count)[0]]
-    return {"name": rag.name, "plain": plain, "prefix": batch}
-
-
-def _waves(sessions: Sequence[Sequence], width: int) -> list[tuple[int, int]]:
-    """(session, turn) in send order: ``width`` sessions at a time, turns round-robin."""
-    order = []
-    for w in range(0, len(sessions), width):
-        wave = range(w, min(w + width, len(sessions)))
-        for t in range(max(len(sessions[s]) for s in wave)):
-            order += [(s, t) for s in wave if t < len(sessions[s])]
-    return order
-
-
-def answer(s: int, t: int) -> str:
-    return f"Noted for step {t} of session {s}."
-
-
-def chat_prompts(sessions: int, tok: Tokenizer, width: int) -> dict:
-    """Multi-turn memory chat (k=5, the engine benchmark's): the plain client re-sends
-    every turn with documents and full history; the plugin client sends
-    ``context_blocks`` + ``conversation_id``, rewritten as the in-server hook does."""
-    from benchmarks import bench_engine as be
-    from cp_engine import Config
-    from cp_engine.pipeline import ContextPipeline
-
-    chat = be.chat_memory(sessions, 5)
-    pipe = ContextPipeline(Config())
-    full: dict[int, list[dict]] = {}
-    short: dict[int, list[dict]] = {}
-    seen: dict[int, list[str]] = {}
-    plain, dedup = [], []
-    for i, (s, t) in enumerate(_waves(chat.sessions, width)):
-        blocks, q = chat.sessions[s][t]
-        seen[s] = seen.get(s, []) + list(blocks)  # earlier turns' blocks sit in the history
-        msgs = be.plain_messages(be.SYSTEM, blocks, q, full.get(s, [])[1:])  # as live.run_session sends
-        plain.append((msgs, list(seen[s])))
-        base = [{"role": "system", "content": be.SYSTEM}, *short.get(s, []), {"role": "user", "content": q}]
-        rewritten, prep = pipe.rewrite_messages(base, list(blocks), conversation_id=f"s{s}")
-        pipe.commit(i, prep)
-        dedup.append((rewritten, list(seen[s])))
-        reply = {"role": "assistant", "content": answer(s, t)}
-        full[s] = msgs + [reply]
-        short[s] = short.get(s, []) + [{"role": "user", "content": q}, reply]
-    return {"name": chat.name, "plain": plain, "prefix": dedup}
-
-
-def agent_messages(texts: dict, dynamic: Sequence[int], suffix: Sequence[int], query: str) -> list[dict]:
-    state = "\n\n".join(texts[b] for b in dynamic)
-    memory = "\n\n".join(texts[b] for b in suffix)
-    return [{"role": "system", "content": AGENT_SYSTEM},
-            {"role": "user", "content": f"Current state:\n{state}\n\nMemory and history:\n{memory}\n\n{query}"}]
-
-
-def agent_prompts(sessions: int, turns: int, width: int) -> dict:
-    """CacheSlide-style agent sessions (``workloads.agent_shifted``); the suffix blocks
-    are the marked blocks, the dynamic segment is not."""
-    from benchmarks import workloads
-
-    wl = workloads.agent_shifted(sessions, turns)
-    plain = []
-    for s, t in _waves(wl.sessions, width):
-        i = wl.sessions[s][t]
-        msgs = agent_messages(wl.texts, wl.meta["dynamic"][i], wl.contexts[i], wl.queries[i])
-        plain.append((msgs, [wl.texts[b] for b in wl.contexts[i]]))
-    return {"name": wl.name, "plain": plain, "prefix": None}
 
 
 # ------------------------------------------------------------------------------ arms
@@ -420,7 +288,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="results JSON (default: benchmarks/results/blend_sim[_quick].json)")
     args = ap.parse_args(argv)
 
-    from benchmarks.token_sim import Dims
+    from benchmarks.engine.token_sim import Dims
     from cp_engine import Config
     from cp_engine.devtools.vllm_server import tiny_model_dir
 
@@ -444,7 +312,7 @@ def main(argv=None) -> int:
         "agent": lambda: agent_prompts(size["agent_sessions"], size["agent_turns"], args.chat_concurrency),
     }
     kinds = args.only.split(",") if args.only else list(builders)
-    command = "python -m benchmarks.blend_sim" + ("" if argv is None and len(sys.argv) == 1
+    command = "python -m benchmarks.blend.blend_sim" + ("" if argv is None and len(sys.argv) == 1
                                                  else " " + " ".join(sys.argv[1:] if argv is None else argv))
     doc = {"config": {"command": command, "model": Path(model).name, "block_size": args.block_size,
                       "kv_cache_gib": args.kv_cache_gib, "kv_bytes_per_token": per_token,

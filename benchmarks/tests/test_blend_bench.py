@@ -1,0 +1,194 @@
+"""The live blend benchmarks' engine-free parts: prompt rendering and spans, send
+rounds, /metrics deltas, the span wire forms, server plans, and the quality sweep's
+orders, F1 and paired intervals. No server runs."""
+from __future__ import annotations
+
+import argparse
+import random
+
+import pytest
+
+from benchmarks.blend import bench_blend_engine as eng
+from benchmarks.blend import bench_blend_quality as qual
+from benchmarks.blend.prompts import Tokenizer, agent_prompts, block_segments, rounds, waves
+from benchmarks.blend.server_io import Server, TokenRequest, computed_tokens, counters, delta, span_xargs
+from cp_engine.request_hints import read_spans
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from cp_engine.devtools.vllm_server import tiny_model_dir
+
+    return Tokenizer(tiny_model_dir())
+
+
+# ---------------------------------------------------------------- prompts and spans
+
+def test_every_block_occurrence_is_marked_and_the_rest_is_kept():
+    text = "Sys. alpha beta. Then gamma. alpha beta. End"
+    segs = block_segments(text, ["alpha beta.", "gamma."])
+    assert "".join(s.text for s in segs) == text
+    assert [s.text for s in segs if s.block] == ["alpha beta.", "gamma.", "alpha beta."]
+
+
+def test_spans_point_exactly_at_each_blocks_own_ids(tok):
+    blocks = ["The river Avon flows through Bath.", "abc", "def ghi", "Bath has Roman baths  "]
+    msgs = [{"role": "system", "content": "Answer."},
+            {"role": "user", "content": "\n\n".join(blocks) + "\n\nWhere?"}]
+    r = tok.blocks(msgs, blocks)
+    assert len(r.spans) == len(blocks)
+    for (s, e), b in zip(r.spans, blocks):
+        assert r.ids[s:e] == tok.encode(b)  # the block's ids wherever it sits
+    # the text is kept whole: decoding the ids gives the rendered prompt back
+    assert tok.tok.decode(r.ids) == tok.text(msgs)
+    # and the hint reader accepts these spans as sent
+    assert read_spans({"cp_spans": span_xargs(r.spans)}, len(r.ids)) == tuple(r.spans)
+
+
+def test_agent_prompts_mark_the_suffix_not_the_dynamic_segment(tok):
+    w = agent_prompts(3, 4, width=2)
+    assert len(w["plain"]) == 12 and w["prefix"] is None
+    msgs, suffix = w["plain"][5]
+    content = msgs[-1]["content"]
+    state, memory = content.split("Memory and history:\n")
+    assert all(b in memory for b in suffix) and not any(b in state for b in suffix)
+    r = tok.blocks(msgs, suffix)
+    assert [tok.tok.decode(r.ids[s:e]) for s, e in r.spans] == list(suffix)
+    # the suffix keeps its order and grows by one block a turn within a session
+    by_session = {}
+    for (s, t), (_, sfx) in zip(w["order"], w["plain"]):
+        by_session.setdefault(s, []).append(sfx)
+    for turns in by_session.values():
+        for a, b in zip(turns, turns[1:]):
+            assert b[:len(a)] == a and len(b) == len(a) + 1
+
+
+def test_rounds_keep_each_sessions_turns_in_order_and_apart():
+    rng = random.Random(3)
+    sessions = [[None] * rng.randint(1, 6) for _ in range(11)]
+    order = waves(sessions, 4)
+    assert sorted(order) == sorted((s, t) for s, ts in enumerate(sessions) for t in range(len(ts)))
+    rs = rounds(order)
+    assert [i for r in rs for i in r] == list(range(len(order)))
+    where = {}
+    for k, r in enumerate(rs):
+        assert len({order[i][0] for i in r}) == len(r)  # a session at most once per round
+        for i in r:
+            where[order[i]] = k
+    for (s, t), k in where.items():
+        if t:
+            assert where[(s, t - 1)] < k
+
+
+# ---------------------------------------------------------------- metrics and the wire
+
+METRICS_BEFORE = """# HELP vllm:prompt_tokens_by_source_total Number of prompt tokens by source.
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} 100.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_cache_hit"} 50.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="external_kv_transfer"} 0.0
+vllm:prompt_tokens_total{engine="0",model_name="m"} 150.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 1.5
+"""
+METRICS_AFTER = """vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} 400.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_cache_hit"} 50.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="external_kv_transfer"} 900.0
+vllm:prompt_tokens_total{engine="0",model_name="m"} 1350.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 4.0
+cp_engine_blend_recomputed_tokens_total 120.5
+cp_engine_blend_hits_total 7
+cp_engine_blend_fallbacks_total{reason="step_cap"} 2
+cp_engine_blend_fallbacks_total{reason="no_full_block"} 1
+"""
+
+
+def test_metric_deltas_give_vllms_uncached_plus_blends_recomputed_tokens():
+    d = delta(counters(METRICS_BEFORE), counters(METRICS_AFTER))
+    assert d["local_compute"] == 300 and d["external"] == 900 and d["prompt"] == 1200
+    assert d["blend_recomputed"] == 120.5 and d["blend_hits"] == 7
+    assert d["prefill_s"] == pytest.approx(2.5)
+    assert computed_tokens(d) == 420.5
+    assert d["blend:cp_engine_blend_fallbacks"] == 3  # labelled samples summed by name
+
+
+def test_counters_read_names_without_the_total_suffix_and_missing_ones_as_zero():
+    c = counters('vllm:prompt_tokens_by_source{source="local_compute"} 12\n')
+    assert c["local_compute"] == 12 and c["blend_recomputed"] == 0
+
+
+def test_span_wire_forms_and_the_request_body():
+    spans = [(3, 9), (9, 20)]
+    assert span_xargs(spans, "pairs") == [[3, 9], [9, 20]]
+    assert span_xargs(spans, "flat") == [3, 9, 9, 20]
+    with pytest.raises(ValueError):
+        span_xargs(spans, "csv")
+    srv = Server("http://h:1/", "m")
+    body = srv.body(TokenRequest([1, 2, 3], spans, "salt-1", 0, {"x": 1}), 4)
+    assert body == {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0.0,
+                    "vllm_xargs": {"x": 1, "cp_spans": [[3, 9], [9, 20]]}, "cache_salt": "salt-1"}
+    plain = srv.body(TokenRequest([1, 2]), 1)
+    assert "vllm_xargs" not in plain and "cache_salt" not in plain
+
+
+def _engine_args(**kw):
+    base = dict(arms=list(eng.BASE_ARMS), ratios=[0.0, 0.15], mode=None, ratio_xarg=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_engine_server_plan_one_server_per_ratio_each_with_its_plain_clock():
+    plans = eng.server_plan(_engine_args())
+    assert [p["env"]["CP_ENGINE_BLEND_RATIO"] for p in plans] == ["0", "0.15"]
+    assert plans[0]["arms"] == ["plain", "prefix", "blend-order", "blend-aligned"]
+    assert plans[1]["arms"] == ["plain", "blend-order", "blend-aligned"]
+    one = eng.server_plan(_engine_args(ratio_xarg="cp_blend_ratio", mode="deviation"))
+    assert len(one) == 1 and one[0]["ratios"] == [0.0, 0.15]
+    assert one[0]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_MODE": "deviation"}
+
+
+def test_engine_summary_ratios_against_plain_and_the_same_servers_clock():
+    data = {"workloads": [{"name": "w", "kind": "rag", "arms": [
+        {"arm": "plain", "server": "A", "computed_tokens": 1000, "wall_s": 10.0, "prefill_sum_s": 8.0, "ratio": None},
+        {"arm": "plain", "server": "B", "computed_tokens": 1000, "wall_s": 12.0, "prefill_sum_s": 9.0, "ratio": None},
+        {"arm": "blend-order", "server": "B", "computed_tokens": 250, "wall_s": 4.0, "prefill_sum_s": 3.0,
+         "ratio": 0.0}]}]}
+    eng.summarize(data)
+    blend = data["workloads"][0]["arms"][2]
+    assert blend["plain_over_arm"] == 4.0
+    assert blend["wall_plain_over_arm"] == 3.0 and blend["prefill_plain_over_arm"] == 3.0
+    (t,) = eng.targets(data)
+    assert t["best"] == 4.0 and t["goal"] == 3.0 and t["arm"] == "blend-order@0"
+
+
+# ---------------------------------------------------------------- quality sweep
+
+def test_measured_order_is_a_seeded_permutation_that_moves_the_first_document():
+    for i in range(50):
+        o = qual.measured_order(10, 0, i)
+        assert sorted(o) == list(range(10)) and o[0] != 0
+        assert o == qual.measured_order(10, 0, i)
+    assert qual.measured_order(1, 0, 0) == [0]
+    assert len({tuple(qual.measured_order(10, 0, i)) for i in range(20)}) > 1
+
+
+def test_f1_and_paired_interval_against_plain():
+    f1, preds = qual.score(["Answer: Paris.", "no", "the Beatles"], ["Paris", "yes", "Beatles"])
+    assert preds == ["Paris", "no", "the Beatles"] and f1 == [1.0, 0.0, 1.0]
+    plain = {"ids": [0, 1, 2, 3], "f1": [1.0, 0.0, 1.0, 0.5], "computed_tokens": 400, "prompt_tokens": 400}
+    worse = {"ids": [0, 1, 2, 3], "f1": [0.0, 0.0, 1.0, 0.5], "computed_tokens": 100, "prompt_tokens": 400}
+    rows = {r["arm"]: r for r in qual.summarize({"plain": plain, "blend@0": worse, "same": dict(plain)})}
+    assert rows["blend@0"]["df1_vs_plain"][0] == -25.0 and rows["blend@0"]["paired_n"] == 4
+    lo, hi = rows["blend@0"]["df1_vs_plain"][1:]
+    assert lo <= -25.0 <= hi and hi <= 0.0
+    assert rows["same"]["df1_vs_plain"] == [0.0, 0.0, 0.0]
+    assert rows["blend@0"]["computed_plain_over_arm"] == 4.0
+    assert "df1_vs_plain" not in rows["plain"]
+
+
+def test_quality_arm_plan_puts_the_exact_arms_on_the_first_server():
+    args = argparse.Namespace(ratios=[0.0, 0.05, 1.0], modes=["first_tokens", "deviation"], mode_ratio=0.15)
+    plan = qual.arm_plan(args, have_peer=False)
+    assert [p["arms"] for p in plan] == [["plain", "prefix", "blend@0"], ["blend@0.05"], ["blend@1"],
+                                          ["first_tokens@0.15"], ["deviation@0.15"]]
+    assert plan[3]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0.15",
+                              "CP_ENGINE_BLEND_MODE": "first_tokens"}
+    assert "peer" in qual.arm_plan(args, have_peer=True)[0]["arms"]
