@@ -18,6 +18,10 @@ Contracts:
   that was evicted.
 - At most ``max_nodes`` nodes: beyond that, least recently used requests are
   forgotten (their unshared tails are the engine's least recently used leaves).
+- With ``max_tokens``, at most that many tokens in the indexed paths (each node's
+  span counted once, however many requests share it), trimmed the same way: the
+  bound for an engine that sends no eviction events (the rewrite proxy), set to the
+  size of its prefix cache.
 - All public methods are thread-safe.
 """
 from __future__ import annotations
@@ -95,10 +99,13 @@ def _deepest_contained(trie: BlockTrie, members, start: int, budget: int) -> int
 
 class ContextIndex:
     def __init__(self, max_nodes: int = 200_000, max_tracked_blocks: int = 1_000_000,
-                 search_budget: int = 128):
+                 search_budget: int = 128, max_tokens: int | None = None):
         if max_nodes < 1:
             raise ValueError("max_nodes must be >= 1")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
         self.max_nodes = max_nodes
+        self.max_tokens = max_tokens
         # Nodes a query may expand: bounds latency on bushy tries (many orders of the
         # same popular blocks). 128, measured with 100k indexed zipf requests
         # (`nice -n 5 python -m benchmarks.bench_online --workloads zipf --configs all
@@ -121,6 +128,11 @@ class ContextIndex:
     @property
     def requests(self) -> int:
         return len(self._requests)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens spanned by the live nodes, each counted once."""
+        return int(round(self._trie.total_weight))
 
     def paths(self, namespace: str = "") -> list[list[Hashable]]:
         """Every indexed root-to-leaf block path of ``namespace`` (for tests/debugging)."""
@@ -270,12 +282,17 @@ class ContextIndex:
         self.evicted_nodes += removed
         return removed
 
+    def _over_bound(self) -> bool:
+        trie = self._trie
+        return trie.size > self.max_nodes or (
+            self.max_tokens is not None and trie.total_weight > self.max_tokens)
+
     def _trim_locked(self) -> None:
         # Oldest requests first; their unshared tails are the least recently used leaves.
-        while self._trie.size > self.max_nodes and self._requests:
+        while self._over_bound() and self._requests:
             _, rec = self._requests.popitem(last=False)
             self._trie.release(rec.nodes, rec.gens)
-        if self._trie.size > self.max_nodes:  # only force-removed leftovers can remain
+        if self._over_bound():  # only force-removed leftovers can remain
             self.reset()
 
     def _count(self, blocks: Iterable[Hashable]) -> None:

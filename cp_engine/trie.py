@@ -33,6 +33,7 @@ class BlockTrie:
         self.gen: list[int] = [0]
         self._free: list[int] = []
         self.size = 0  # live nodes, root excluded
+        self.total_weight = 0.0  # summed weight of the live nodes
 
     # -- structure -------------------------------------------------------------
     def _new(self, parent: int, block: Hashable, weight: float) -> int:
@@ -63,6 +64,7 @@ class BlockTrie:
             self.gen.append(0)
         self.children[parent][block] = n
         self.size += 1
+        self.total_weight += weight
         return n
 
     def is_live(self, node: int) -> bool:
@@ -123,6 +125,7 @@ class BlockTrie:
         self.children[n] = {}
         self._free.append(n)
         self.size -= 1
+        self.total_weight -= self.weight[n]
 
     def remove_subtree(self, node: int) -> list[int]:
         """Remove ``node`` and everything below it; return the removed nodes."""
