@@ -20,7 +20,7 @@ from aiohttp import web  # noqa: E402
 
 from cp_engine.config import load_config  # noqa: E402
 from cp_engine.index import ContextIndex  # noqa: E402
-from cp_engine.marking import InvalidBlocks, find_marks  # noqa: E402
+from cp_engine.marking import InvalidBlocks, fallback_messages, find_marks  # noqa: E402
 from cp_engine.pipeline import ContextPipeline  # noqa: E402
 from cp_engine.proxy.app import build_app  # noqa: E402
 from cp_engine.proxy.background import BackgroundServer  # noqa: E402
@@ -130,6 +130,7 @@ def test_unmarked_chat_is_forwarded_byte_identical_and_answered_unchanged(upstre
     ("POST", "/tokenize", b'{"prompt": "hi", "context_blocks": ["not rewritten here"]}'),
     ("PUT", "/v1/anything/else", b"\x00\x01binary\xff"),
     ("DELETE", "/v1/files/abc", b""),
+    ("HEAD", "/health", b""),
 ])
 def test_other_routes_pass_through_byte_identical(upstream, proxy, method, path, body):
     r = requests.request(method, proxy.url + path, data=body or None, timeout=WAIT_S,
@@ -138,7 +139,8 @@ def test_other_routes_pass_through_byte_identical(upstream, proxy, method, path,
     got = upstream.received[-1]
     assert (got["method"], got["path"], got["body"]) == (method, path, body)
     assert got["headers"]["X-Custom"] == "kept" and got["headers"]["Authorization"] == "Bearer k"
-    assert r.json()["path"] == path.split("?")[0]
+    if method != "HEAD":
+        assert r.json()["path"] == path.split("?")[0]
 
 
 def test_compressed_answer_is_relayed_as_the_same_bytes(upstream, proxy):
@@ -223,6 +225,15 @@ def test_not_json_or_not_an_object_passes_through(upstream, proxy):
     for raw in (b"not json", b"[1, 2]", b'{"messages": "x", "context_blocks"'):
         assert post(proxy, CHAT, raw).status_code == 200
         assert upstream.received[-1]["body"] == raw
+
+
+def test_a_failing_rewrite_sends_the_blocks_plainly_and_commits_nothing(upstream, proxy, monkeypatch):
+    monkeypatch.setenv("CP_ENGINE_FAULT", "proxy_rewrite")
+    body = chat_body(question("q"), context_blocks=DOCS[:3], conversation_id="c")
+    assert post(proxy, CHAT, body).status_code == 200
+    assert upstream.body()["messages"] == fallback_messages(find_marks(body, body["messages"]))
+    assert "context_blocks" not in upstream.body()
+    assert pipeline_of(proxy).index.requests == 0
 
 
 # -- malformed marks: the plugin's 400 -------------------------------------------------------

@@ -101,3 +101,9 @@ def test_without_a_token_bound_nothing_changes():
     assert index.requests == 50 and index.tokens == 100 * 1000  # 50 paths of two distinct nodes
     with pytest.raises(ValueError):
         ContextIndex(max_tokens=0)
+
+
+def test_the_core_never_imports_the_proxy():
+    for path in sorted((ROOT / "cp_engine").glob("*.py")) + sorted((ROOT / "hooks").rglob("*.py")):
+        text = path.read_text()
+        assert "cp_engine.proxy" not in text and "from .proxy" not in text, path
