@@ -6,7 +6,9 @@ are rewritten first (``rewrite.stage``); everything else goes byte-identical. An
 the proxy makes itself (``errors``): 400 for malformed marks (the plugin's message),
 413 for a body over ``max_body_bytes``, 503 with ``Retry-After`` beyond
 ``max_concurrency`` requests in flight, 502/504 from ``forward``. A client that
-disconnects cancels its request, upstream included.
+disconnects cancels its request, upstream included. A successful ``POST`` to a route
+that drops the upstream's whole prefix cache (vLLM's ``/reset_prefix_cache``,
+SGLang's ``/flush_cache``) resets the context index too.
 
 ``build_app(cfg, pipeline=None)`` gives the aiohttp application (its own
 ``ContextPipeline`` whose index is bounded by ``cfg.upstream_cache_tokens``, unless
@@ -35,6 +37,7 @@ CONFIG = web.AppKey("cp_engine_proxy_config", ProxyConfig)
 PIPELINE = web.AppKey("cp_engine_proxy_pipeline", ContextPipeline)
 UPSTREAM = web.AppKey("cp_engine_proxy_upstream", Upstream)
 _IN_FLIGHT = web.AppKey("cp_engine_proxy_in_flight", list)
+_CACHE_RESETS = ("/reset_prefix_cache", "/flush_cache")
 
 
 def make_pipeline(cfg: ProxyConfig) -> ContextPipeline:
@@ -93,7 +96,10 @@ async def _forward(request: web.Request, cfg: ProxyConfig) -> web.StreamResponse
         if pending is not None:
             pending.reject()
         raise
-    return await relay(request, upstream, pending)
+    resp = await relay(request, upstream, pending)
+    if request.method == "POST" and request.path.rstrip("/").endswith(_CACHE_RESETS) and upstream.status < 400:
+        request.app[PIPELINE].reset()  # the upstream forgot every prefix: so does the index
+    return resp
 
 
 def build_app(cfg: ProxyConfig, pipeline: ContextPipeline | None = None) -> web.Application:

@@ -236,6 +236,23 @@ def test_a_failing_rewrite_sends_the_blocks_plainly_and_commits_nothing(upstream
     assert pipeline_of(proxy).index.requests == 0
 
 
+@pytest.mark.parametrize("path", ["/reset_prefix_cache", "/flush_cache"])
+def test_a_successful_cache_reset_upstream_resets_the_index(upstream, proxy, path):
+    post(proxy, CHAT, chat_body(question("q"), context_blocks=DOCS[:2]))
+    index = pipeline_of(proxy).index
+
+    async def refuse(request, body):
+        return web.json_response({"error": "not in dev mode"}, status=404)
+
+    upstream.answer = refuse
+    assert requests.post(proxy.url + path, timeout=WAIT_S).status_code == 404
+    assert index.requests == 1  # the upstream kept its cache
+    upstream.answer = FakeUpstream.ok
+    assert requests.post(proxy.url + path, timeout=WAIT_S).status_code == 200
+    assert upstream.received[-1]["path"] == path
+    assert pipeline_of(proxy).index.requests == 0 and pipeline_of(proxy).index.tokens == 0
+
+
 # -- malformed marks: the plugin's 400 -------------------------------------------------------
 
 @pytest.mark.parametrize("extra, messages", [
