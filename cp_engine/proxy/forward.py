@@ -13,10 +13,8 @@ or 504 (no connection within ``connect_timeout_s``, silence longer than
 from __future__ import annotations
 
 import asyncio
-from typing import Mapping
-
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 __all__ = ["HOP_BY_HOP", "Upstream", "UpstreamError", "forwarded_headers"]
@@ -33,10 +31,10 @@ class UpstreamError(Exception):
         self.message = message
 
 
-def forwarded_headers(headers: Mapping[str, str], drop: tuple[str, ...] = ()) -> CIMultiDict:
-    """``headers`` without hop-by-hop ones, those the Connection header names, and ``drop``."""
-    named = {t.strip().lower() for v in headers.getall("connection", []) for t in v.split(",")} \
-        if hasattr(headers, "getall") else set()
+def forwarded_headers(headers: CIMultiDictProxy, drop: tuple[str, ...] = ()) -> CIMultiDict:
+    """``headers`` (repeated names kept) without hop-by-hop ones, those the Connection
+    header names, and ``drop``."""
+    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
     skip = HOP_BY_HOP | named | {d.lower() for d in drop}
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in skip)
 
@@ -61,7 +59,7 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    async def send(self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes) -> aiohttp.ClientResponse:
+    async def send(self, method: str, path_qs: str, headers: CIMultiDictProxy, body: bytes) -> aiohttp.ClientResponse:
         assert self._session is not None, "Upstream.start() first"
         url = URL(self.base_url + path_qs, encoded=True)
         out = forwarded_headers(headers, drop=("host", "content-length"))

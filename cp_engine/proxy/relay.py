@@ -79,31 +79,45 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
                               headers=forwarded_headers(upstream.headers, drop=("content-length",)))
     if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
         resp.content_length = upstream.content_length
+    broke: BaseException | None = None
     try:
         await resp.prepare(request)
-        async for chunk in upstream.content.iter_any():
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                broke = exc
+                break
+            if not chunk:
+                break
             if watch is not None:
                 watch.feed(chunk)
             await resp.write(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # the upstream broke mid-answer
-        upstream.close()
-        if pending is not None:
-            pending.reject()
-        logger.warning("cp_engine proxy: upstream answer to %s broke off: %s: %s",
-                       request.path, type(exc).__name__, exc)
-        if stream and resp.prepared:
-            message = f"cp_engine proxy: upstream answer broke off ({type(exc).__name__})"
-            await resp.write(b"data: " + json.dumps(error_body(502, message)).encode() + b"\n\n")
-            await resp.write_eof()
-            return resp
-        raise ConnectionResetError("upstream answer broke off") from exc
     except BaseException:  # client gone or handler cancelled: stop the upstream too
         upstream.close()
         if pending is not None:
             pending.reject()
         raise
+    if broke is not None:
+        return await _broke_off(request, resp, upstream, pending, stream, broke)
     if watch is not None:
         watch.end()
     upstream.release()
+    await resp.write_eof()
+    return resp
+
+
+async def _broke_off(request: web.Request, resp: web.StreamResponse, upstream: aiohttp.ClientResponse,
+                     pending: PendingCommit | None, stream: bool, exc: BaseException) -> web.StreamResponse:
+    """The upstream failed mid-answer: end the client's answer as an error (module docs)."""
+    upstream.close()
+    if pending is not None:
+        pending.reject()
+    logger.warning("cp_engine proxy: upstream answer to %s broke off: %s: %s",
+                   request.path, type(exc).__name__, exc)
+    if not stream:
+        raise ConnectionResetError("upstream answer broke off") from exc  # aiohttp drops the connection
+    message = f"cp_engine proxy: upstream answer broke off ({type(exc).__name__})"
+    await resp.write(b"data: " + json.dumps(error_body(502, message)).encode() + b"\n\n")
     await resp.write_eof()
     return resp

@@ -402,6 +402,27 @@ def test_stream_that_breaks_off_ends_with_an_error_event(upstream, make_proxy):
     assert json.loads(events[-1][6:])["error"]["code"] == 502
 
 
+def test_a_client_leaving_mid_stream_stops_the_upstream(upstream, proxy):
+    never, stopped = asyncio.Event(), threading.Event()
+
+    async def stream(request, body):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_sse({"choices": [{"delta": {"content": "one"}}]}))
+        try:
+            await never.wait()  # generating until someone stops it
+        finally:
+            stopped.set()
+        return resp
+
+    upstream.answer = stream
+    r = post(proxy, CHAT, chat_body(question("q"), context_blocks=DOCS[:2], stream=True), stream=True)
+    assert next(r.iter_content(chunk_size=None)).startswith(b"data: ")
+    r.close()  # the client goes away
+    assert stopped.wait(WAIT_S)  # the proxy closed its upstream request
+    assert pipeline_of(proxy).index.requests == 1  # accepted at the first event, as in the plugin
+
+
 # -- bounds --------------------------------------------------------------------------------
 
 def test_oversized_body_is_a_413_and_reaches_no_upstream(upstream, make_proxy):
