@@ -36,8 +36,19 @@ logger = logging.getLogger("cp_engine.proxy")
 CONFIG = web.AppKey("cp_engine_proxy_config", ProxyConfig)
 PIPELINE = web.AppKey("cp_engine_proxy_pipeline", ContextPipeline)
 UPSTREAM = web.AppKey("cp_engine_proxy_upstream", Upstream)
-_IN_FLIGHT = web.AppKey("cp_engine_proxy_in_flight", list)
+# Routes that drop the upstream's whole prefix cache (vLLM, SGLang).
 _CACHE_RESETS = ("/reset_prefix_cache", "/flush_cache")
+
+
+class InFlight:
+    """Requests being handled; the event loop is the only writer, so no lock."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+
+
+IN_FLIGHT = web.AppKey("cp_engine_proxy_in_flight", InFlight)
 
 
 def make_pipeline(cfg: ProxyConfig) -> ContextPipeline:
@@ -62,15 +73,15 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
 async def handle(request: web.Request) -> web.StreamResponse:
     app = request.app
     cfg = app[CONFIG]
-    in_flight = app[_IN_FLIGHT]
-    if in_flight[0] >= cfg.max_concurrency:
-        return error_response(503, f"cp_engine proxy: {cfg.max_concurrency} requests already in flight",
+    in_flight = app[IN_FLIGHT]
+    if in_flight.count >= in_flight.limit:
+        return error_response(503, f"cp_engine proxy: {in_flight.limit} requests already in flight",
                               headers={"Retry-After": "1"})
-    in_flight[0] += 1
+    in_flight.count += 1
     try:
         return await _forward(request, cfg)
     finally:
-        in_flight[0] -= 1
+        in_flight.count -= 1
 
 
 async def _forward(request: web.Request, cfg: ProxyConfig) -> web.StreamResponse:
@@ -107,7 +118,7 @@ def build_app(cfg: ProxyConfig, pipeline: ContextPipeline | None = None) -> web.
     app[CONFIG] = cfg
     app[PIPELINE] = pipeline if pipeline is not None else make_pipeline(cfg)
     app[UPSTREAM] = Upstream(cfg.upstream_base, cfg.connect_timeout_s, cfg.read_timeout_s, cfg.max_concurrency)
-    app[_IN_FLIGHT] = [0]
+    app[IN_FLIGHT] = InFlight(cfg.max_concurrency)
 
     async def start(app: web.Application) -> None:
         await app[UPSTREAM].start()
