@@ -280,6 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-concurrency", type=int, default=8, help="sessions per wave")
     ap.add_argument("--max-tokens", type=int, default=1)
     ap.add_argument("--kv-cache-gib", type=int, default=2)
+    ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--env", action="append", default=[], help="extra server env KEY=VALUE (repeatable)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
     ap.add_argument("--url", help="an already running blend server (started with VLLM_SERVER_DEV_MODE=1)")
@@ -320,7 +321,8 @@ def main(argv=None) -> int:
             cm = nullcontext(Remote(args.url))
         else:
             print(f"[blend-engine] starting vLLM ({label}) ...", file=sys.stderr, flush=True)
-            cm = start_server(model, env, list(args.server_arg), kv_cache_gib=args.kv_cache_gib)
+            cm = start_server(model, env, ["--max-model-len", str(args.max_model_len), *args.server_arg],
+                              kv_cache_gib=args.kv_cache_gib)
         with cm as raw:
             srv = Server(raw.url, raw.model)
             fmt = srv.probe_span_format(wls[0].plain_ids[0][:16])

@@ -14,7 +14,7 @@ Contract:
   ``Completion`` per request in input order; an HTTP error raises with the body.
 - ``span_xargs(spans, fmt)`` is the wire form: ``"pairs"`` ``[[s, e], ...]`` (the hint's
   contract, ``cp_engine.request_hints.read_spans``) or ``"flat"`` ``[s0, e0, s1, e1, ...]``
-  (what vLLM's own ``vllm_xargs`` type, lists of scalars, admits unpatched).
+  (vLLM's own ``vllm_xargs`` type admits only lists of scalars; ``read_spans`` reads both).
 """
 from __future__ import annotations
 

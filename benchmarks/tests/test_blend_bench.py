@@ -192,3 +192,10 @@ def test_quality_arm_plan_puts_the_exact_arms_on_the_first_server():
     assert plan[3]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0.15",
                               "CP_ENGINE_BLEND_MODE": "first_tokens"}
     assert "peer" in qual.arm_plan(args, have_peer=True)[0]["arms"]
+
+
+def test_the_flat_wire_form_reads_back_as_the_same_spans():
+    spans = [(3, 9), (9, 20), (25, 26)]
+    assert read_spans({"cp_spans": span_xargs(spans, "flat")}, 30) == tuple(spans)
+    assert read_spans({"cp_spans": [3, 9, 9]}, 30) is None  # odd length: not pairs
+    assert read_spans({"cp_spans": [9, 3]}, 30) is None  # an empty or reversed span stays refused
