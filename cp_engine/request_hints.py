@@ -36,7 +36,8 @@ GROUP = "cp_group"
 REQUEST_ID = "cp_rid"
 SPANS = "cp_spans"
 SCOPE = "cp_scope"
-ALL_KEYS = (NAMESPACE, PATH, ENDS, GROUP, REQUEST_ID, SPANS, SCOPE)
+INDEX_KEYS = (NAMESPACE, PATH, ENDS, GROUP, REQUEST_ID)  # what build_xargs writes
+ALL_KEYS = INDEX_KEYS + (SPANS, SCOPE)
 SERVER_ONLY_KEYS = (SCOPE,)
 MAX_SPANS = 4096
 
@@ -93,11 +94,19 @@ def read_spans(extra_args: Mapping[str, Any] | None, prompt_len: int) -> tuple[t
     """The blend spans of a request, or None when absent or invalid.
 
     Valid means: a list of at most ``MAX_SPANS`` pairs of ints, each non-empty, sorted,
-    disjoint and inside ``[0, prompt_len)``. Never raises.
+    disjoint and inside ``[0, prompt_len)``; or the same flat, ``[s0, e0, s1, e1, ...]``
+    (vLLM's ``vllm_xargs`` type admits only lists of scalars, so a client sends this
+    form). Never raises.
     """
     try:
         raw = (extra_args or {}).get(SPANS)
-        if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)) or not raw or len(raw) > MAX_SPANS:
+        if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)) or not raw:
+            return None
+        if all(type(x) is int for x in raw):
+            if len(raw) % 2:
+                return None
+            raw = list(zip(raw[0::2], raw[1::2]))
+        if len(raw) > MAX_SPANS:
             return None
         spans: list[tuple[int, int]] = []
         last_end = 0
