@@ -45,6 +45,24 @@ COUNTERS: dict[str, str] = {
     "channel_dropped": "Channel messages dropped without blocking (no receiver, or receiver full).",
     "channel_malformed": "Channel messages ignored as malformed (not JSON, wrong shape, too "
                          "large); nothing is ever unpickled.",
+    # blend (KV connector, hooks/vllm/blend_*.py)
+    "blend_recomputed_tokens": "Claimed prompt tokens blend computed itself, in full-depth-equivalent "
+                               "tokens (tokens per layer summed, divided by the layers).",
+    "blend_reused_tokens": "Claimed prompt tokens whose stored KV blend kept (not recomputed).",
+    "blend_claimed_tokens": "Prompt tokens blend claimed from the block store (vLLM counts them as "
+                            "external cache hits).",
+    "blend_loads": "Requests whose claim blend loaded and stitched.",
+    "blend_load_failures": "Claims that could not be loaded (store miss, error); vLLM recomputed them.",
+    "blend_fallbacks": "Requests or engines that fell back to prefix-only, by reason.",
+    "blend_disabled": "Engines where blend was asked for and not installed or not usable, by reason.",
+    "blend_stored_tokens": "Tokens of blocks put into the blend block store.",
+    "blend_store_bytes": "Host bytes held by the blend block store (a gauge: the current value).",
+    "blend_store_entries": "Blocks held by the blend block store (a gauge: the current value).",
+    "blend_hits": "Blend store lookups that returned a verified block.",
+    "blend_misses": "Blend store lookups that found no usable block (rejects included).",
+    "blend_evictions": "Blocks evicted from the blend store to stay within its byte bound.",
+    "blend_rejects": "Blend store entries dropped on lookup: token ids, shape or dtype did not match.",
+    "blend_store_refused": "Blocks the blend store refused (wrong shape, dtype, device, or too large).",
 }
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]

@@ -52,6 +52,11 @@ TABLE = Table("vllm", VERSIONS, (
         "learn which cached prompt blocks the prefix cache drops (get_new_blocks, evict_blocks), so the "
         "index stops aligning to them", _EVICT_GONE,
         feature="eviction_sync", signature=("self", "block"), trigger=_SCHED),
+    Row("blend_config", "vllm.engine.arg_utils:EngineArgs.create_engine_config", "method",
+        f"{_HOOKS}.blend_config:create_engine_config_wrapper",
+        "CP_ENGINE_BLEND=1 installs the blend KV connector (kv_transfer_config) when the user configured "
+        "none; a user's own connector is kept", "vLLM loads KV connectors from a plugin entry point",
+        feature="blend", signature=("self",)),
     Row("prefix_cache_reset", "vllm.v1.core.block_pool:BlockPool.reset_prefix_cache", "method",
         f"{_HOOKS}.eviction:reset_wrapper", "a prefix-cache reset must empty the context index too",
         _EVICT_GONE, feature="eviction_sync", signature=("self",), trigger=_SCHED),

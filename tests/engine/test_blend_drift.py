@@ -186,3 +186,61 @@ def test_prompt_token_sources_for_counting():
     # computed prompt tokens = vllm:prompt_tokens_by_source{source="local_compute"}
     #                        + cp_engine_blend_recomputed_tokens_total
     assert {"local_compute", "external_kv_transfer"} <= set(PromptTokenStats.ALL_SOURCES)
+
+
+def test_worker_to_scheduler_channels_the_connector_uses():
+    """Worker meta and stats ride in KVConnectorOutput; the scheduler hands it to the
+    connector and its stats to the logger, which rebuilds them by class method."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorWorkerMetadata
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging, KVConnectorStats
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
+
+    assert "aggregate" in KVConnectorWorkerMetadata.__abstractmethods__
+    assert {"kv_connector_stats", "kv_connector_worker_meta", "invalid_block_ids"} <= set(
+        KVConnectorOutput.__dataclass_fields__)
+    assert "data" in KVConnectorStats.__dataclass_fields__
+    for name in ("aggregate", "reduce", "is_empty", "reset"):
+        assert callable(getattr(KVConnectorStats, name))
+    assert _params(KVConnectorBase_V1.build_kv_connector_stats) == ["data"]
+    assert "build_kv_connector_stats(" in _source(KVConnectorLogging.observe)
+    mixin = _source(KVConnectorModelRunnerMixin)
+    for call in ("kv_connector.get_block_ids_with_load_errors()", "kv_connector.get_kv_connector_stats()",
+                 "kv_connector.build_connector_worker_meta()"):
+        assert call in mixin, call
+    assert "self.connector.update_connector_output(kv_connector_output)" in _source(Scheduler)
+
+
+def test_scheduler_data_the_connector_reads():
+    from vllm.config import CacheConfig, KVTransferConfig
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_utils import BlockHash  # noqa: F401
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    assert "recompute" in str(KVTransferConfig.__dataclass_fields__["kv_load_failure_policy"].type)
+    assert {"block_size", "prefix_caching_hash_algo", "hash_block_size"} <= set(CacheConfig.__dataclass_fields__)
+    assert callable(get_hash_fn_by_name)
+    assert callable(KVCacheBlocks.get_block_ids)
+    assert {"req_id", "prompt_token_ids", "num_computed_tokens", "block_ids"} <= set(
+        NewRequestData.__dataclass_fields__)
+    assert {"req_ids", "resumed_req_ids", "new_block_ids", "num_computed_tokens"} <= set(
+        CachedRequestData.__dataclass_fields__)
+    out = SchedulerOutput.make_empty()
+    assert out.scheduled_new_reqs == [] and out.num_scheduled_tokens == {}
+    init = _source(Request.__init__)
+    for attr in ("self.prompt_embeds", "self.mm_features", "self.cache_salt", "self.block_hashes"):
+        assert attr in init, attr
+    src = _source(Scheduler)
+    # a None answer skips the request this step; the claim is asked with a block-aligned hit
+    assert "if ext_tokens is None:" in src
+    assert "self.kv_cache_manager.get_blocks(request_id)" in src
+
+
+def test_engine_args_create_engine_config_binds_self_first():
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert _params(EngineArgs.create_engine_config)[:2] == ["usage_context", "headless"]

@@ -1,0 +1,239 @@
+"""Worker side of the blend connector: stitch stored block KV into a request's paged
+blocks, recompute the selection, store exactly computed blocks, report counts.
+
+Contract (docs/blend-design.md, sections 3 and 6):
+- ``register(kv_caches, runner)`` runs once: it takes the model from the model runner
+  (``runner.get_model()``; every registered layer name must be one of its modules, else
+  ``disabled="model_unreachable"``), builds ``PagedKV`` and ``DecoderRecompute`` (their
+  ``reason`` disables blend on an unsupported layout or model), the ``KVLayout`` store
+  keys are built under, and the ``BlockKVStore``. A disabled worker never touches the
+  cache; the reason reaches the scheduler in the next worker meta;
+- ``load(order)`` (before the forward): ``store.get`` every reused block, moves K to its
+  new start (``shift_k``), writes K/V into the claimed slots through ``PagedKV.write``,
+  then runs ``DecoderRecompute.run`` over the plan's selection (measuring the K
+  deviation over the check layers when the plan ranks by it). Any failure (a miss after
+  eviction, a corrupt entry, an error in the pass) puts the request's claimed blocks in
+  ``load_errors`` so vLLM recomputes them (``kv_load_failure_policy="recompute"``);
+- ``save(order)`` (after the forward): reads the block's K/V, normalises K to position 0
+  and ``put``s it, unless the store holds it already. Entries loaded in the step are
+  put back if a save evicted them (pinned for the step);
+- ``take_stats()`` / ``take_meta()`` hand over what happened since the last call.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from cp_engine.blend.keys import KVLayout, block_key, model_fingerprint
+from cp_engine.blend.rope import shift_k
+from cp_engine.blend.store import BlockKVStore
+
+from .. import faults
+from .blend_meta import BlendWorkerMeta, LoadOrder, SaveOrder
+from .blend_stats import BlendStats
+
+from .blend_layout import PagedKV, UnsupportedLayout
+
+try:
+    from .blend_recompute import DecoderRecompute, UnsupportedModel
+except ImportError:  # the recompute pass is not in this tree yet
+    from ._blend_shim import DecoderRecompute, UnsupportedModel
+
+__all__ = ["BlendWorker"]
+
+logger = logging.getLogger("cp_engine.hooks")
+
+
+def _refusal(vllm_config: Any) -> str:
+    """Why blend cannot run on this engine whatever the model ("" when it can)."""
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "tensor_parallel_size", 1) > 1 or getattr(parallel, "pipeline_parallel_size", 1) > 1:
+        return "parallel"
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        return "speculative"
+    if str(getattr(vllm_config.cache_config, "cache_dtype", "auto")) != "auto":
+        return "quantized_kv"
+    if getattr(vllm_config.model_config, "get_sliding_window", lambda: None)():
+        return "sliding_window"
+    return ""
+
+
+def _fingerprint(model: str, revision: str | None) -> str:
+    if os.path.isdir(model):
+        return model_fingerprint(model)
+    return revision or "no-revision"
+
+
+class BlendWorker:
+    def __init__(self, vllm_config: Any, config: Any) -> None:
+        self.vllm_config = vllm_config
+        self.config = config
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.disabled = ""
+        self.paged = self.recompute = self.layout = self.store = None
+        self.stats = BlendStats()
+        self.meta = BlendWorkerMeta()
+        self.load_errors: set[int] = set()
+        self._stored: dict[tuple[str, str], Any] = {}  # lookup -> key, as reported to the scheduler
+        self._pinned: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._store_changed = False
+
+    # -- setup ---------------------------------------------------------------------------
+    def _disable(self, reason: str) -> None:
+        if not self.disabled:
+            self.disabled = self.meta.disabled = reason
+            logger.warning("cp_engine: blend disabled on this worker (%s); prefix caching only", reason)
+
+    def register(self, kv_caches: dict, runner: Any) -> None:
+        try:
+            self._setup(kv_caches, runner)
+        except (UnsupportedLayout, UnsupportedModel) as exc:
+            self._disable(getattr(exc, "reason", "unsupported"))
+        except Exception as exc:
+            faults.record_failure("vllm_blend_worker", exc)
+            self._disable("setup_error")
+
+    def _setup(self, kv_caches: dict, runner: Any) -> None:
+        reason = _refusal(self.vllm_config)
+        if reason:
+            return self._disable(reason)
+        model = runner.get_model() if hasattr(runner, "get_model") else None
+        modules = dict(model.named_modules()) if isinstance(model, torch.nn.Module) else {}
+        if not kv_caches or not set(kv_caches) <= set(modules):
+            return self._disable("model_unreachable")
+        attention = {name: mod for name, mod in modules.items() if name in kv_caches}  # model order
+        self.paged = PagedKV(kv_caches, attention, self.block_size)
+        self.recompute = DecoderRecompute.from_model(model, self.paged)
+        mc = self.vllm_config.model_config
+        self.layout = KVLayout.make(
+            model=str(mc.model), fingerprint=_fingerprint(str(mc.model), getattr(mc, "revision", None)),
+            dtype=str(self.paged.dtype).removeprefix("torch."), num_layers=len(self.paged.layer_names),
+            num_kv_heads=int(self.paged.num_kv_heads), head_dim=int(self.paged.head_dim),
+            block_size=self.block_size, rope=self.recompute.rope.identity(),
+            extra={"tp_rank": 0, "kv_cache_dtype": str(self.vllm_config.cache_config.cache_dtype)})
+        self.store = BlockKVStore.from_config(self.config)
+        self.meta.layout = self.layout
+        logger.info("cp_engine: blend worker ready (%d layers, store %d MiB)", self.layout.num_layers,
+                    self.config.blend_store_mb)
+
+    @property
+    def ready(self) -> bool:
+        return self.store is not None and not self.disabled
+
+    # -- load ----------------------------------------------------------------------------
+    def _claimed_blocks(self, order: LoadOrder) -> set[int]:
+        plan, bs = order.plan, self.block_size
+        return set(order.block_ids[plan.claim_start // bs:-(-plan.claim_end // bs)])
+
+    def load(self, order: LoadOrder) -> None:
+        if not self.ready:
+            self.load_errors |= self._claimed_blocks(order)
+            return
+        try:
+            self._load(order)
+        except Exception as exc:
+            self.load_errors |= self._claimed_blocks(order)
+            self.stats.add("load_failures")
+            self.stats.fallback("store_miss" if isinstance(exc, KeyError) else "load_error")
+            self._store_changed = True
+            if not isinstance(exc, KeyError):
+                faults.record_failure("vllm_blend_worker", exc)
+
+    def _load(self, order: LoadOrder) -> None:
+        plan, paged, rope = order.plan, self.paged, self.recompute.rope
+        entries = []
+        for block in plan.blocks:
+            kv = self.store.get(block.key)
+            if kv is None:
+                raise KeyError("store miss")
+            entries.append((block, kv))
+        slots = paged.slots(order.block_ids, 0, plan.claim_end)
+        device = slots.device
+        for block, kv in entries:
+            n = block.end - block.start
+            part = kv[:, :, block.offset:block.offset + n].to(device)
+            k = shift_k(part[:, 0], block.start - block.offset, rope)
+            dest = slots[block.start:block.end]
+            for i, name in enumerate(paged.layer_names):
+                paged.write(name, dest, k[i], part[i, 1])
+        if plan.needs_deviation:
+            select = torch.arange(plan.claim_start, plan.claim_end)
+            check = min(int(self.config.blend_check_layers), self.recompute.num_layers)
+
+            def narrow(deviation: np.ndarray) -> np.ndarray:
+                return np.asarray(plan.selection(deviation).positions) - plan.claim_start
+        else:
+            select = torch.as_tensor(np.asarray(plan.selection(None).positions), dtype=torch.long)
+            check, narrow = 0, None
+        if select.numel():
+            report = self.recompute.run(order.token_ids, slots, select, check_layers=check, narrow=narrow)
+            recomputed, kept = report.full_depth_tokens(), int(report.kept.numel())
+        else:
+            recomputed, kept = 0.0, 0
+        self.stats.add("loads")
+        self.stats.add("claimed_tokens", plan.claimed)
+        self.stats.add("recomputed_tokens", float(recomputed))
+        self.stats.add("reused_tokens", plan.claimed - kept)
+        for block, kv in entries:
+            self._pinned[block.key.lookup] = (block.key, kv)
+        self._store_changed = True
+
+    # -- save ----------------------------------------------------------------------------
+    def save(self, order: SaveOrder) -> None:
+        if not self.ready:
+            return
+        with faults.guarded("vllm_blend_worker"):
+            key = block_key(self.layout, order.scope, order.token_ids)
+            if self.store.contains(key):
+                return
+            slots = self.paged.slots(order.block_ids, order.start, order.end)
+            ks, vs = [], []
+            for name in self.paged.layer_names:
+                k, v = self.paged.read(name, slots)
+                ks.append(k)
+                vs.append(v)
+            k = shift_k(torch.stack(ks), -order.start, self.recompute.rope)
+            kv = torch.stack([k, torch.stack(vs)], dim=1).cpu().contiguous()
+            if self.store.put(key, kv):
+                self._stored[key.lookup] = key
+                self.meta.stored.append(key.lookup)
+            self._store_changed = True
+
+    def end_step(self) -> None:
+        """After this step's saves: put back pinned entries, report what left the store."""
+        if not self.ready:
+            return
+        with faults.guarded("vllm_blend_worker"):
+            for lookup, (key, kv) in self._pinned.items():
+                if not self.store.contains(key) and self.store.put(key, kv):
+                    self._stored[lookup] = key
+                    self.meta.stored.append(lookup)
+            self._pinned.clear()
+            if self._store_changed:
+                gone = [lookup for lookup, key in self._stored.items() if not self.store.contains(key)]
+                for lookup in gone:
+                    del self._stored[lookup]
+                self.meta.dropped.extend(gone)
+                self.stats.data["store"] = self.store.stats()
+                self._store_changed = False
+
+    # -- hand-over -----------------------------------------------------------------------
+    def take_load_errors(self) -> set[int]:
+        errors, self.load_errors = self.load_errors, set()
+        return errors
+
+    def take_stats(self) -> BlendStats | None:
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, BlendStats()
+        return stats
+
+    def take_meta(self) -> BlendWorkerMeta | None:
+        if not self.meta:
+            return None
+        meta, self.meta = self.meta, BlendWorkerMeta()
+        return meta
