@@ -50,6 +50,7 @@ FLAGS: tuple[Flag, ...] = (
          choices=("both", "first_tokens", "deviation")),
     Flag("CP_ENGINE_BLEND_FIRST_TOKENS", 16, "Leading tokens of each reused block that blend recomputes before ranking by K deviation (mode both)."),
     Flag("CP_ENGINE_BLEND_CHECK_LAYERS", 1, "Leading layers over which blend measures the K deviation between stored and fresh KV (modes both and deviation)."),
+    Flag("CP_ENGINE_BLEND_KEEP_ORDER", False, "With blend on, 1 renders context blocks in retrieval order with no annotation (blend reuses them at any position); a request's context_keep_order overrides it."),
     Flag("CP_ENGINE_FAULT", "", "Test switch: comma-separated hook names that raise (or 'name:hang'); never set in production."),
 )
 
@@ -75,6 +76,7 @@ class Config:
     blend_mode: str = "both"
     blend_first_tokens: int = 16
     blend_check_layers: int = 1
+    blend_keep_order: bool = False
     fault: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 

@@ -90,7 +90,7 @@ class ContextPipeline:
     # -- one request's blocks ----------------------------------------------------
     def prepare(self, blocks: Any, conversation_id: str | None = None, tenant: str = "",
                 namespace: str = "", available: frozenset | None = None,
-                follows_history: bool = False) -> Prepared:
+                follows_history: bool = False, keep_order: bool = False) -> Prepared:
         """Choose order and dedup for ``blocks`` and render them (see module docs).
 
         ``follows_history``: the blocks come after earlier chat turns. If nothing was
@@ -100,6 +100,11 @@ class ContextPipeline:
         reordering would only cost annotation tokens on every turn. A second request
         with the same history (parallel samples, agents forked from one state) finds
         the first one's path and is aligned to it as usual.
+
+        ``keep_order`` (blend's retrieval-order mode, ``docs/blend.md``): the blocks go
+        out in their given order with no annotation and, outside a conversation, no
+        labels; blend reuses a block's KV wherever it sits, so the model can read the
+        documents as retrieved. Dedup still applies in a conversation.
         """
         texts = validate_blocks(blocks)
         cfg = self.config
@@ -108,7 +113,7 @@ class ContextPipeline:
         plain = len(texts) > cfg.max_blocks_per_request or not (cfg.reorder or cfg.dedup or cfg.annotate)
         if plain:
             order = list(range(len(texts)))
-        elif cfg.reorder and not (follows_history and not self.index.knows_namespace(namespace)):
+        elif cfg.reorder and not keep_order and not (follows_history and not self.index.knows_namespace(namespace)):
             order = self.index.best_order(ids, namespace=namespace,
                                           token_lengths=[estimate_tokens(t) for t in texts])
         else:
@@ -128,7 +133,7 @@ class ContextPipeline:
         # and dedup references in a conversation. Elsewhere they would only add tokens
         # (see render_planned). Outside a conversation nothing refers to a label from
         # another prompt, so the short numbered scheme serves (see annotate.py).
-        labelled = not plain and ((cfg.annotate and cfg.reorder) or conv is not None)
+        labelled = not plain and ((cfg.annotate and cfg.reorder and not keep_order) or conv is not None)
         numbered = conv is None
         labels = numbered_labels(rendered_ids) if numbered else labels_for(ids)
         parts, lengths, saved = [], [], 0
@@ -152,7 +157,7 @@ class ContextPipeline:
         reordered = list(dict.fromkeys(rendered_ids)) != list(dict.fromkeys(ids))
         # The annotation restates the original order; when the blocks go out in that
         # order it says nothing, and on a 0.5B model it cost answer F1 (quality.md).
-        if cfg.annotate and cfg.reorder and not plain and reordered and len(set(ids)) > 1:
+        if cfg.annotate and cfg.reorder and not plain and not keep_order and reordered and len(set(ids)) > 1:
             parts.append(render_annotation([labels[b] for b in ids]))
         first = f"{rendered_ids[0]:016x}" if rendered_ids else ""
         return Prepared(
@@ -203,7 +208,7 @@ class ContextPipeline:
 
     # -- whole chat requests ---------------------------------------------------
     def rewrite_messages(self, messages: Any, blocks: Any, conversation_id: str | None = None,
-                         tenant: str = "") -> tuple[list[dict], Prepared]:
+                         tenant: str = "", keep_order: bool = False) -> tuple[list[dict], Prepared]:
         """Messages with the blocks rendered into the last user turn; input is not mutated.
 
         Earlier user turns of the same conversation are replayed as they were sent.
@@ -229,7 +234,8 @@ class ContextPipeline:
         prep = self.prepare(blocks, conversation_id=conversation_id, tenant=tenant,
                             namespace=namespace_of(out[:last_user]),
                             available=frozenset(available) if conv is not None else None,
-                            follows_history=any(m.get("role") in _TURN_ROLES for m in out[:last_user]))
+                            follows_history=any(m.get("role") in _TURN_ROLES for m in out[:last_user]),
+                            keep_order=keep_order)
         question = out[last_user].get("content")
         out[last_user]["content"] = _with_context(prep.context_text, question)
         if conv is not None:

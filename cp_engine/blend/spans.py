@@ -12,18 +12,28 @@ blocks' ids. Hence:
   joined text would differ (for callers that must send text);
 - ``locate_spans(prompt_ids, blocks)`` finds each block's ids in the prompt, in order;
   a block not found verbatim is ``None`` (never reused), so a merge costs reuse, never
-  correctness.
+  correctness;
+- ``encode_cut(encode, text, ranges, cache)`` is ``encode_segments`` for a prompt that
+  already exists as text: it cuts ``text`` at the blocks' character ranges, takes each
+  block's ids from a ``TokenCache`` (a bounded LRU, so a block is tokenized once while
+  it stays popular) and tokenizes only the text between them;
+- ``concatenates_cleanly(encode, decode)`` tells whether a tokenizer's pieces, tokenized
+  apart and joined, still read as the joined text (false for tokenizers that prefix
+  every encoded text with a space); only then may a prompt be sent as cut ids.
 ``encode`` is any ``str -> list[int]`` without special-token additions, e.g.
 ``lambda s: tok.encode(s, add_special_tokens=False)``.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Segment", "Rendered", "encode_segments", "boundary_merges", "locate_spans"]
+__all__ = ["Segment", "Rendered", "TokenCache", "encode_segments", "encode_cut", "boundary_merges",
+           "locate_spans", "concatenates_cleanly"]
 
 Encode = Callable[[str], Sequence[int]]
 
@@ -94,3 +104,87 @@ def locate_spans(prompt_ids: Sequence[int], blocks: Sequence[Sequence[int]]) -> 
         if found is not None:
             pos = found[1]
     return out
+
+
+class TokenCache:
+    """Bounded LRU of block text -> ids (an int32 array), for one tokenizer.
+
+    Bounded by the tokens it holds (``max_tokens``); a text longer than the bound is
+    encoded but not kept. Thread-safe: the API server tokenizes on worker threads.
+    """
+
+    def __init__(self, encode: Encode, max_tokens: int = 1 << 21):
+        self._encode = encode
+        self.max_tokens = int(max_tokens)
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.tokens = 0
+        self.hits = 0
+        self.misses = 0
+
+    def ids(self, text: str) -> np.ndarray:
+        with self._lock:
+            found = self._entries.get(text)
+            if found is not None:
+                self._entries.move_to_end(text)
+                self.hits += 1
+                return found
+        ids = np.asarray([int(t) for t in self._encode(text)], dtype=np.int32)
+        ids.flags.writeable = False
+        with self._lock:
+            self.misses += 1
+            if ids.size > self.max_tokens or text in self._entries:
+                return ids
+            self._entries[text] = ids
+            self.tokens += ids.size
+            while self.tokens > self.max_tokens:
+                _, old = self._entries.popitem(last=False)
+                self.tokens -= old.size
+        return ids
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def encode_cut(encode: Encode, text: str, ranges: Sequence[tuple[int, int]],
+               cache: TokenCache) -> Rendered:
+    """``text`` tokenized as segments cut at the block character ``ranges`` (sorted,
+    disjoint, non-empty, inside ``text``): each block's ids come from ``cache``, the
+    text around them from ``encode``. ``spans[i]`` is block ``i``'s place in ``ids``.
+    Raises ``ValueError`` for ranges that are not so, or a block with no tokens."""
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for start, end in ranges:
+        if not pos <= start < end <= len(text):
+            raise ValueError(f"block range {(start, end)} is not sorted, disjoint and inside the text")
+        if start > pos:
+            ids.extend(int(t) for t in encode(text[pos:start]))
+        block = cache.ids(text[start:end])
+        if not block.size:
+            raise ValueError("a block segment tokenizes to no tokens")
+        spans.append((len(ids), len(ids) + int(block.size)))
+        ids.extend(block.tolist())
+        pos = end
+    if pos < len(text):
+        ids.extend(int(t) for t in encode(text[pos:]))
+    return Rendered(ids, spans)
+
+
+# Cuts the prompts really have: a label or newline before a block, punctuation and a
+# blank line after it, a space-led word, a multi-byte character.
+_PROBES = (("<|im_start|>user\n", "Paris is"), ("[1] ", "text"), ("end.", "\n\nNext"),
+           ("a\n\n", " spaced"), ("caf", "é au lait"), ("x = 1", "\n"))
+
+
+def concatenates_cleanly(encode: Encode, decode: Callable[[Sequence[int]], str]) -> bool:
+    """Whether ids of pieces tokenized apart decode to the joined text, as the joined
+    text's own ids do, on a set of typical cuts. Never raises (False on error)."""
+    try:
+        for left, right in _PROBES:
+            apart = [int(t) for t in encode(left)] + [int(t) for t in encode(right)]
+            if decode(apart) != decode([int(t) for t in encode(left + right)]):
+                return False
+        return True
+    except Exception:
+        return False

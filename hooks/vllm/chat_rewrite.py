@@ -17,20 +17,29 @@ Contract for each request (see ``cp_engine.marking`` for how blocks are marked):
   the counters are committed only once vLLM accepts the request, and the index path
   is dropped again if it does not (``hooks.acceptance``). Dedup is scoped by tenant
   (``hooks.tenant``: Authorization header, ``cache_salt``, ``user``);
+- ``context_suffix`` (``cp_engine.blend.marks``): appended verbatim after the last
+  user turn's content, with or without ``context_blocks``; ``context_keep_order``
+  keeps the blocks' retrieval order;
+- blend on (``CP_ENGINE_BLEND=1``): a plan of the rendered blocks is attached for the
+  tokenizer and the engine-request gate (``hooks/vllm/blend_spans.py``), which turn
+  it into exact spans and the tenant scope; a client's ``cp_scope`` never passes;
 - any failure of ours: counted as ``hook_failures{hook="chat_rewrite"}``, the blocks
-  are rendered plainly in their given order (nothing lost), else the request is left
-  as it came.
+  are rendered plainly in their given order, the suffix after the question (nothing
+  lost), else the request is left as it came.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from cp_engine.blend.marks import (Anchor, context_anchor, last_user_index, read_blend_marks,
+                                   suffix_anchor, with_suffix)
 from cp_engine.marking import InvalidBlocks, Marks, fallback_messages, find_marks, prefix_tokens
 from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
+from .blend_spans import activate, attach, make_plan
 from .serving_patch import make_wrapper
-from .staging import stage
+from .staging import keep_order, stage
 
 HOOK = "chat_rewrite"
 
@@ -44,38 +53,70 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
     """Rewrite ``request`` in place; an error message for a 400, the pending commit of
     a rewritten request (settled by ``serving_patch`` from the engine's answer), else None."""
     marks: Marks | None = None
+    suffix: Anchor | None = None
     try:
         faults.check_fault(HOOK)
-        marks = find_marks(getattr(request, "model_extra", None), request.messages, _headers(raw_request))
-        if marks is None:
+        extra = getattr(request, "model_extra", None)
+        marks = find_marks(extra, request.messages, _headers(raw_request))
+        suffix = suffix_anchor(read_blend_marks(extra).suffix)
+        if marks is None and not suffix.text:
             return None
         tenant = tenant_of_request(_headers(raw_request), request)
-        messages, prep = runtime.pipeline().rewrite_messages(
-            marks.messages, marks.blocks, conversation_id=marks.conversation_id, tenant=tenant)
-        hints, pending = stage(HOOK, request, raw_request, serving, prep, "chatcmpl-",
-                               prefix_tokens(messages), len(marks.blocks))
+        pending: PendingCommit | None = None
+        hints = getattr(request, "vllm_xargs", None)
+        anchors = [suffix]
+        if marks is None:
+            messages = list(request.messages)
+        else:
+            messages, prep = runtime.pipeline().rewrite_messages(
+                marks.messages, marks.blocks, conversation_id=marks.conversation_id, tenant=tenant,
+                keep_order=keep_order(extra))
+            anchors.insert(0, context_anchor(prep.context_text, prep.order, prep.full, marks.blocks))
+        messages = _with_suffix(messages, suffix)
+        if marks is not None:
+            hints, pending = stage(HOOK, request, raw_request, serving, prep, "chatcmpl-",
+                                   prefix_tokens(messages), len(marks.blocks))
+        plan = make_plan(anchors, tenant)
         # Assign last, together: a failure above leaves the request as it came.
         request.messages = messages
-        request.vllm_xargs = hints
+        request.vllm_xargs = attach(plan, hints)
+        activate(plan)
         return pending
     except InvalidBlocks as exc:
         metrics.inc("requests_rejected")
         return f"cp_engine: {exc}"
     except Exception as exc:
         faults.record_failure(HOOK, exc)
-        if marks is None:  # failed before the marks were read: read them for the fallback
-            try:
-                marks = find_marks(getattr(request, "model_extra", None), request.messages, _headers(raw_request))
-            except Exception:
-                marks = None
-        if marks is not None:
-            try:
-                plain = fallback_messages(marks)
-                if plain is not None:
-                    request.messages = plain
-            except Exception:
-                pass
+        _fallback(request, raw_request, marks, suffix)
         return None
+
+
+def _with_suffix(messages: list, suffix: Anchor) -> list:
+    if not suffix.text:
+        return messages
+    i = last_user_index(messages)
+    out = list(messages)
+    out[i] = dict(out[i])
+    out[i]["content"] = with_suffix(out[i].get("content"), suffix)
+    return out
+
+
+def _fallback(request: Any, raw_request: Any, marks: Marks | None, suffix: Anchor | None) -> None:
+    """After a failure: the blocks plainly, in given order, and the suffix after the
+    question, so no context is lost."""
+    try:
+        extra = getattr(request, "model_extra", None)
+        if marks is None:  # failed before the marks were read: read them for the fallback
+            marks = find_marks(extra, request.messages, _headers(raw_request))
+        if suffix is None:
+            suffix = suffix_anchor(read_blend_marks(extra).suffix)
+        if marks is None and not suffix.text:
+            return
+        messages = fallback_messages(marks) if marks is not None else list(request.messages)
+        if messages is not None:
+            request.messages = _with_suffix(messages, suffix)
+    except Exception:
+        pass
 
 
 # The patch table's chat_rewrite row wraps OpenAIServingChat.create_chat_completion with this.

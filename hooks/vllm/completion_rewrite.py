@@ -5,19 +5,23 @@ Patched symbol: ``OpenAIServingCompletion.create_completion(request, raw_request
 A string ``prompt`` with ``context_blocks`` becomes ``context_text + "\\n\\n" + prompt``
 (reordered and annotated; no per-conversation dedup: a completion prompt carries no
 history the reference hints could point to). Lists of prompts or token ids pass through
-unchanged (counted in ``requests_passed_through``). Same 400 / fail-open rules as chat
-(a failed rewrite still puts the blocks, in given order, before the prompt).
+unchanged (counted in ``requests_passed_through``). ``context_suffix`` goes after the
+prompt (``prompt + "\n\n" + suffix``), ``context_keep_order`` and blend's plan work as
+in ``chat_rewrite``. Same 400 / fail-open rules as chat (a failed rewrite still puts the
+blocks, in given order, before the prompt and the suffix after it).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from cp_engine.blend.marks import context_anchor, read_blend_marks, suffix_anchor, with_suffix
 from cp_engine.marking import BLOCKS_FIELD, InvalidBlocks, find_marks
 from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
+from .blend_spans import activate, attach, make_plan
 from .serving_patch import make_wrapper
-from .staging import stage
+from .staging import keep_order, stage
 
 HOOK = "completion_rewrite"
 
@@ -29,21 +33,32 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
     try:
         faults.check_fault(HOOK)
         headers = getattr(raw_request, "headers", None) if raw_request is not None else None
+        extra = getattr(request, "model_extra", None)
         # The chat paths' checks (conversation id included, though unused here).
-        marks = find_marks(getattr(request, "model_extra", None), None, headers)
-        if marks is None:
+        marks = find_marks(extra, None, headers)
+        suffix = suffix_anchor(read_blend_marks(extra).suffix)
+        if marks is None and not suffix.text:
             return None
-        blocks = marks.blocks
         prompt = getattr(request, "prompt", None)
         if not isinstance(prompt, str):
             metrics.inc("requests_passed_through")
             return None
-        prep = runtime.pipeline().prepare(blocks, conversation_id=None, namespace="completion",
-                                          tenant=tenant_of_request(headers, request))
-        new_prompt = f"{prep.context_text}\n\n{prompt}" if prompt else prep.context_text
-        hints, pending = stage(HOOK, request, raw_request, serving, prep, "cmpl-", 0, len(blocks))
-        request.prompt = new_prompt
-        request.vllm_xargs = hints
+        tenant = tenant_of_request(headers, request)
+        pending: PendingCommit | None = None
+        hints = getattr(request, "vllm_xargs", None)
+        anchors = [suffix]
+        new_prompt = prompt
+        if marks is not None:
+            blocks = marks.blocks
+            prep = runtime.pipeline().prepare(blocks, conversation_id=None, namespace="completion",
+                                              tenant=tenant, keep_order=keep_order(extra))
+            new_prompt = f"{prep.context_text}\n\n{prompt}" if prompt else prep.context_text
+            anchors.insert(0, context_anchor(prep.context_text, prep.order, prep.full, blocks))
+            hints, pending = stage(HOOK, request, raw_request, serving, prep, "cmpl-", 0, len(blocks))
+        plan = make_plan(anchors, tenant)
+        request.prompt = with_suffix(new_prompt, suffix)
+        request.vllm_xargs = attach(plan, hints)
+        activate(plan)
         return pending
     except InvalidBlocks as exc:
         metrics.inc("requests_rejected")
@@ -56,13 +71,23 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
 
 def _fallback(request: Any, prompt: Any) -> None:
     """After a failure: the blocks plainly, in given order, before the prompt (as chat
-    does, and as the flags-off pipeline renders them), so no context is lost."""
+    does, and as the flags-off pipeline renders them), and the suffix after it, so no
+    context is lost."""
     try:
-        blocks = (getattr(request, "model_extra", None) or {}).get(BLOCKS_FIELD)
-        if isinstance(blocks, list) and blocks and all(isinstance(b, str) for b in blocks) \
-                and isinstance(prompt, str):
+        extra = getattr(request, "model_extra", None) or {}
+        if not isinstance(prompt, str):
+            return
+        blocks = extra.get(BLOCKS_FIELD)
+        new = prompt
+        if isinstance(blocks, list) and blocks and all(isinstance(b, str) for b in blocks):
             text = "\n\n".join(blocks)
-            request.prompt = f"{text}\n\n{prompt}" if prompt else text
+            new = f"{text}\n\n{prompt}" if prompt else text
+        try:
+            new = with_suffix(new, suffix_anchor(read_blend_marks(extra).suffix))
+        except InvalidBlocks:
+            pass
+        if new != prompt:
+            request.prompt = new
     except Exception:
         pass
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from .. import faults
 from ..acceptance import PendingCommit, accept_on_first_chunk
 from ..wrapping import bind_args
+from .blend_spans import request_scope
 
 Rewrite = Callable[[Any, Any, Any], "str | PendingCommit | None"]
 
@@ -47,6 +48,11 @@ def settle(pending: PendingCommit, result: Any) -> Any:
 
 def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
     async def call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        # A rewrite may activate a blend plan for the tokenizer; it ends with this call.
+        with request_scope():
+            return await _call(wrapped, instance, args, kwargs)
+
+    async def _call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         request = raw_request = None
         try:
             bound = bind_args(wrapped, args, kwargs)

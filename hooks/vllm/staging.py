@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from cp_engine.blend.marks import read_blend_marks
+
 from .. import runtime
 from ..acceptance import PendingCommit
 from ..tokenratio import TokenRatio
 from .hints import merged
 
-__all__ = ["request_id_for", "tokenizer_of", "token_ratio", "stage"]
+__all__ = ["request_id_for", "tokenizer_of", "token_ratio", "stage", "keep_order"]
 
 token_ratio = TokenRatio()
 
@@ -56,3 +58,13 @@ def stage(hook: str, request: Any, raw_request: Any, serving: Any, prep: Any, ri
     pending = PendingCommit(f"{hook}.commit", runtime.pipeline(), rid, prep, base, n_blocks,
                             runtime.config().max_blocks_per_request)
     return hints, pending
+
+
+def keep_order(extra: Any) -> bool:
+    """Retrieval order for this request's blocks: its ``context_keep_order`` when sent,
+    else ``CP_ENGINE_BLEND_KEEP_ORDER`` with blend on."""
+    asked = read_blend_marks(extra).keep_order
+    if asked is not None:
+        return asked
+    cfg = runtime.config()
+    return bool(cfg.blend and cfg.blend_keep_order)

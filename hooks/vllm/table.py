@@ -60,4 +60,14 @@ TABLE = Table("vllm", VERSIONS, (
     Row("prefix_cache_reset", "vllm.v1.core.block_pool:BlockPool.reset_prefix_cache", "method",
         f"{_HOOKS}.eviction:reset_wrapper", "a prefix-cache reset must empty the context index too",
         _EVICT_GONE, feature="eviction_sync", signature=("self",), trigger=_SCHED),
+    Row("blend_tokenize", "vllm.renderers.base:BaseRenderer._tokenize_singleton_prompt_async", "method",
+        f"{_HOOKS}.blend_spans:tokenize_wrapper",
+        "blend: tokenize a rewritten prompt cut at its context blocks, so each block keeps its standalone ids "
+        "wherever it sits (exact spans for EngineCore)", "vLLM tokenizes marked segments of a prompt apart",
+        feature="blend", signature=("self", "prompt", "params"), optional=True),
+    Row("request_gate", "vllm.v1.engine.input_processor:InputProcessor.process_inputs", "method",
+        f"{_HOOKS}.blend_spans:process_inputs_wrapper",
+        "every request to EngineCore: drop a client's server-only hint keys (cp_scope); a rewritten request's "
+        "exact block spans and tenant scope (blend)", "never while hints ride in client-writable extra_args",
+        signature=("self", "request_id", "prompt", "params"), optional=True),
 ))

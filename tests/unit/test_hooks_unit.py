@@ -140,7 +140,7 @@ def test_xargs_roundtrip():
     pipe = ContextPipeline(Config())
     prep = pipe.prepare(["x" * 400, "y" * 800], namespace="ns")
     xa = request_hints.build_xargs(prep, "chatcmpl-1", base_offset=10)
-    assert set(xa) == set(request_hints.ALL_KEYS)
+    assert set(xa) == set(request_hints.INDEX_KEYS)
     assert all(len(p) == 16 for p in xa[request_hints.PATH])
     assert xa[request_hints.ENDS] == sorted(xa[request_hints.ENDS]) and xa[request_hints.ENDS][0] > 10
     h = request_hints.read_hints(xa)

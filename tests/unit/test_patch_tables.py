@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import patch_tables  # noqa: E402
 
-FEATURES = {"reorder", "dedup", "annotate", "schedule", "eviction_sync"}
+FEATURES = {"reorder", "dedup", "annotate", "schedule", "eviction_sync", "blend"}
 
 
 def test_tables_load_without_any_engine():
