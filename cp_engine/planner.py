@@ -487,7 +487,7 @@ def _cluster_cap(freq: list[int]) -> int | None:
 # kNN-graph clustering (partners from a PartnerSearch) for batches whose hot blocks
 # make the posting-list search too costly. Measured with the overlap kernels'
 # search (`python -m benchmarks.planner.partners`,
-# benchmarks/results/planner_partners.md): on synthetic N=5,000 the kNN path beats
+# benchmarks/results/planner_partners.table.md): on synthetic N=5,000 the kNN path beats
 # the greedy tree (hit 0.318 vs 0.314) but the NumPy kernel alone takes about as long
 # as the whole greedy planner on 2 CPU cores, so that search tells "auto" to take it
 # only when it runs on a GPU, and "auto" asks only from KNN_MIN_REQUESTS, below which

@@ -4,7 +4,7 @@
 request's partners with ``partner_candidates`` (Triton on a GPU, else NumPy);
 ``use_for`` lets ``partners="auto"`` take it only where the kernel runs on a GPU
 (on 2 CPU cores the NumPy kernel alone costs as much as the whole greedy planner,
-benchmarks/results/planner_partners.md). ``cp_engine.plan_batch`` plugs it in.
+benchmarks/results/planner_partners.table.md). ``cp_engine.plan_batch`` plugs it in.
 """
 from __future__ import annotations
 

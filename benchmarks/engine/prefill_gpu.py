@@ -16,6 +16,10 @@ measured counterpart of ``token_sim``'s FLOP column, not a substitute for runnin
 
     python -m benchmarks.engine.token_sim --model QWEN_DIR --pairs-out pairs.json
     python -m benchmarks.engine.prefill_gpu pairs.json --dims 3584,18944,28,28,4,128   # Qwen2.5-7B
+    python -m benchmarks.engine.prefill_gpu pairs.json --quick   # CPU smoke run: small shape, 16 prompts per arm
+
+Results: each run is appended to benchmarks/results/prefill_gpu.json (``--quick``: a
+fresh prefill_gpu_quick.json), with its table, by the shared results writer.
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks.common.results import RESULTS, provenance, read_result, write_result
 from benchmarks.engine.token_sim import Dims, prefill_flops
+
+QUICK_DIMS = "64,128,2,4,2,16"
 
 
 class DecoderStack:
@@ -121,13 +128,21 @@ def time_arm(stack: DecoderStack, steps, hidden: int, device: str = "cuda") -> f
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pairs", help="JSON written by token_sim --pairs-out")
-    ap.add_argument("--dims", required=True, help="hidden,ffn,layers,heads,kv_heads,head_dim")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run on the CPU: shape {QUICK_DIMS}, 16 prompts per arm, one round")
+    ap.add_argument("--dims", help="hidden,ffn,layers,heads,kv_heads,head_dim (required without --quick)")
     ap.add_argument("--step-tokens", type=int, default=8192, help="new tokens per step (vLLM's max_num_batched_tokens)")
     ap.add_argument("--rounds", type=int, default=2, help="each round times every arm; order alternates")
-    ap.add_argument("--out", help="append the result to this JSON list")
+    ap.add_argument("--out", help="results JSON this run is appended to (default: results/prefill_gpu.json)")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke run of small shapes")
     ap.add_argument("--limit", type=int, help="first N prompts of each arm only (smoke runs)")
     args = ap.parse_args(argv)
+    prov = provenance("benchmarks.engine.prefill_gpu", argv)
+    if args.quick:
+        args.dims, args.device = args.dims or QUICK_DIMS, "cpu"
+        args.limit, args.rounds = args.limit or 16, 1
+    if not args.dims:
+        ap.error("--dims is required (or --quick)")
 
     import torch
 
@@ -162,13 +177,28 @@ def main(argv=None) -> int:
         print(f"{arm:18s} recomputed {recomputed:>9,}  tokens {row['token_ratio']:.3f}x  work {row['work_ratio']:.3f}x"
               f"  time {best:7.2f} s {row['time_ratio']:.3f}x  ({row['achieved_tflops']:.0f} TFLOP/s; rounds "
               + " ".join(f"{t:.2f}" for t in times[arm]) + ")")
-    if args.out:
-        out = Path(args.out)
-        prior = json.loads(out.read_text()) if out.exists() else []
-        prior.append({"device": device, "config": data["config"], "dims": dims.__dict__,
-                      "step_tokens": args.step_tokens, "rows": rows})
-        out.write_text(json.dumps(prior, indent=1) + "\n")
+    out = Path(args.out) if args.out else RESULTS / ("prefill_gpu_quick.json" if args.quick else "prefill_gpu.json")
+    runs = read_result(out)[0]["runs"] if out.exists() and not args.quick else []
+    runs.append({"device": device, "config": data["config"], "dims": dims.__dict__,
+                 "step_tokens": args.step_tokens, "rows": rows})
+    write_result(out, {"runs": runs}, table=markdown, prov=prov)
     return 0
+
+
+def markdown(data: dict) -> str:
+    """One table per run: each arm's recomputed tokens, work and best time, as off / arm ratios."""
+    lines = []
+    for run in data["runs"]:
+        d = run["dims"]
+        lines += [f"{run['device']}; {run['config']['workload']}, tokenizer {run['config']['tokenizer']}; "
+                  f"shape {','.join(str(v) for v in d.values())}; steps of {run['step_tokens']} tokens.", "",
+                  "| arm | recomputed tok | tokens off/arm | work off/arm | best s | time off/arm | TFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['arm']} | {r['recomputed']:,} | {r['token_ratio']:.3f}× | {r['work_ratio']:.3f}× | "
+                  f"{min(r['seconds']):.2f} | {r['time_ratio']:.3f}× | {r['achieved_tflops']:.0f} |"
+                  for r in run["rows"]]
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ timing).
     python -m benchmarks.engine.token_sim                 # Zipf k 10-20, N=400, tiny model
     python -m benchmarks.engine.token_sim --n 200 --k 10 --block-size 16
     python -m benchmarks.engine.token_sim --model DIR --pairs-out pairs.json   # for prefill_gpu
+    python -m benchmarks.engine.token_sim --quick   # N=48, seconds: results/token_sim_quick.*
+
+Results: benchmarks/results/token_sim.json and .table.md (the shared results writer).
 """
 from __future__ import annotations
 
@@ -120,7 +123,8 @@ def online_messages(rag) -> list[list[dict]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--quick", action="store_true", help="N=48 (seconds)")
+    ap.add_argument("--n", type=int, default=None, help="requests (default 400, 48 with --quick)")
     ap.add_argument("--k", type=int, help="blocks per request (default: 10-20)")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--model", help="tokenizer/chat template directory (default: the tiny test model)")
@@ -131,6 +135,7 @@ def main(argv=None) -> int:
                     help="plan the batch with characters/4 block lengths instead of the tokenizer's counts")
     ap.add_argument("--pairs-out", help="write each arm's per-prompt (prompt tokens, served from cache) "
                                         "pairs, in send order, to this JSON file (input of benchmarks.engine.prefill_gpu)")
+    ap.add_argument("--out", help="results JSON (default: results/token_sim[_quick].json)")
     args = ap.parse_args(argv)
 
     import json
@@ -138,8 +143,12 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
+    from benchmarks.common.results import RESULTS, provenance, write_result
     from benchmarks.engine.workloads import rag_zipf
     from cp_engine.devtools.vllm_server import tiny_model_dir
+
+    prov = provenance("benchmarks.engine.token_sim", argv)
+    args.n = args.n or (48 if args.quick else 400)
 
     model = args.model or tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(model)
@@ -154,25 +163,44 @@ def main(argv=None) -> int:
         return tok(text, add_special_tokens=False)["input_ids"]
 
     rag = rag_zipf(args.n, args.k)
-    base, pairs = None, {}
-    print(f"{rag.name}, {args.block_size}-token KV blocks, unbounded cache; prefill work for {dims}")
+    pairs, rows, skipped = {}, [], []
     for arm in [a for a in args.arms.split(",") if a]:
         prompts = arm_prompts(arm, rag, encode, None if args.estimate_tokens else count_tokens)
         if prompts is None:
-            print(f"{arm:18s} skipped (peer unavailable)")
+            skipped.append(arm)
             continue
         per = prefix_cache_served(prompts, args.block_size)
         pairs[arm] = per
         total, served = sum(n for n, _ in per), sum(c for _, c in per)
-        recomputed = total - served
-        work = sum(prefill_flops(n, c, dims) for n, c in per)
-        base = base or ((recomputed, work) if arm == "off" else None)
-        ratio = f"  off/arm {base[0] / recomputed:.3f}x  work {work / 1e12:8.2f} TFLOP off/arm {base[1] / work:.3f}x" if base else ""
-        print(f"{arm:18s} prompt {total:>10,}  cached {served:>9,}  recomputed {recomputed:>10,}{ratio}")
+        rows.append({"arm": arm, "prompt_tokens": total, "cached_tokens": served, "recomputed_tokens": total - served,
+                     "prefill_tflop": sum(prefill_flops(n, c, dims) for n, c in per) / 1e12})
+    data = {"workload": rag.name, "block_size": args.block_size, "tokenizer": Path(model).name,
+            "dims": dims.__dict__, "block_weights": "estimate" if args.estimate_tokens else "tokenizer",
+            "arms": rows, "skipped": skipped}
+    out = args.out or RESULTS / ("token_sim_quick.json" if args.quick else "token_sim.json")
+    write_result(out, data, table=markdown, prov=prov)
     if args.pairs_out:
         meta = {"workload": rag.name, "tokenizer": Path(model).name, "block_size": args.block_size}
         Path(args.pairs_out).write_text(json.dumps({"config": meta, "arms": pairs}) + "\n")
     return 0
+
+
+def markdown(data: dict) -> str:
+    """Per arm: prompt, cached and recomputed tokens and prefill work, as off / arm ratios."""
+    lines = [f"{data['workload']}, {data['block_size']}-token KV blocks, unbounded cache, tokenizer "
+             f"{data['tokenizer']} (batch plan block weights: {data['block_weights']}); prefill work for "
+             + ",".join(str(v) for v in data["dims"].values()) + " (hidden, ffn, layers, heads, kv heads, head dim).",
+             "", "| arm | prompt tok | cached tok | recomputed tok | recomputed off/arm | prefill TFLOP | work off/arm |",
+             "|---|---|---|---|---|---|---|"]
+    off = next((r for r in data["arms"] if r["arm"] == "off"), None)
+    for r in data["arms"]:
+        tok = f"{off['recomputed_tokens'] / r['recomputed_tokens']:.3f}×" if off else "–"
+        work = f"{off['prefill_tflop'] / r['prefill_tflop']:.3f}×" if off else "–"
+        lines.append(f"| {r['arm']} | {r['prompt_tokens']:,} | {r['cached_tokens']:,} | {r['recomputed_tokens']:,} | "
+                     f"{tok} | {r['prefill_tflop']:.2f} | {work} |")
+    if data["skipped"]:
+        lines += ["", "Skipped (peer unavailable): " + ", ".join(data["skipped"]) + "."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

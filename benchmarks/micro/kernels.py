@@ -22,24 +22,24 @@ NumPy backend (Triton with ``--gpu``; wall time including copies and the merge).
 Floors (METHOD.md): bytes = inputs read once + outputs written once, over measured copy
 bandwidth; arithmetic = the operations the algorithm must do over the measured rate:
 shared postings P (one pass per pair) for NumPy, N·M·Lq·Lc compare-adds for the
-all-pairs kernels. JSON goes to benchmarks/results/kernels_<device>.json.
+all-pairs kernels. Results: benchmarks/results/kernels_<device>[_quick|_partners].json,
+.table.md and .png (time against N), by the shared results writer.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common.results import RESULTS, provenance, write_result
 from cp_engine.kernels import pack_lists, partner_candidates, topk_overlap
 from cp_engine.kernels.reference import _postings
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 K = 16
 
 
@@ -240,26 +240,28 @@ def partners(sizes: list[int], workloads: list[str], budget_s: float, backend: s
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1000,2000,5000,10000,20000,50000,100000")
+    ap.add_argument("--sizes", default=None, help="default 1000,...,100000 (1000,2000,5000 with --quick)")
     ap.add_argument("--workloads", default="uniform,zipf")
     ap.add_argument("--metric", default="distance", choices=("overlap", "distance"))
     ap.add_argument("--gpu", action="store_true", help="time the Triton kernel on CUDA (do_bench medians)")
     ap.add_argument("--peer-max", type=int, default=5000, help="largest N for the dense N×N peer approach")
     ap.add_argument("--zipf-max", type=int, default=20000, help="largest N for the zipf workload on CPU")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop timing NumPy after this much time")
-    ap.add_argument("--quick", action="store_true", help="CPU sizes 1k-5k only (peer at 1k)")
+    ap.add_argument("--quick", action="store_true", help="CPU sizes 1k-5k only (peer at 1k), 60 s budget")
     ap.add_argument("--partners", default="", help="sizes for partner_candidates throughput, e.g. 5000,100000")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    prov = provenance("benchmarks.micro.kernels", argv)
     if args.quick:
-        args.sizes, args.peer_max, args.budget_s = "1000,2000,5000", 1000, 60.0
+        args.peer_max, args.budget_s = min(args.peer_max, 1000), min(args.budget_s, 60.0)
+    args.sizes = args.sizes or ("1000,2000,5000" if args.quick else "1000,2000,5000,10000,20000,50000,100000")
     device = "cpu"
     ceil = cpu_ceilings()
     if args.gpu:
         ceil = gpu_ceilings()
         device = ceil["device"].replace(" ", "_")
     print(json.dumps({k: (f"{v:.3e}" if isinstance(v, float) else v) for k, v in ceil.items()}), flush=True)
-    result = {"device": device, "host": platform.node(), "cpu_count": os.cpu_count(), "ceilings": ceil,
+    result = {"device": device, "cpu_count": os.cpu_count(), "ceilings": ceil,
               "k": K, "metric": args.metric, "rows": []}
     if args.partners:
         result["partners"] = partners([int(x) for x in args.partners.split(",")],
@@ -284,12 +286,58 @@ def main(argv=None) -> int:
             cols = "  ".join(f"{key[:-2]}={'-' if v is None else f'{v*1e3:.1f} ms'}" for key, v in shown.items())
             print(f"{name:8s} N=M={n:7d}  floor_bw={row['floor_bw_s']*1e3:9.3f} ms  "
                   f"floor_arith={row['floor_arith_s']*1e3:10.2f} ms  {cols}  gap={t/floor:.1f}x", flush=True)
-    RESULTS.mkdir(exist_ok=True)
     suffix = "_partners" if args.partners else "_quick" if args.quick else ""
     out = Path(args.out) if args.out else RESULTS / f"kernels_{device}{suffix}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print("wrote", out)
+    write_result(out, result, table=markdown, plot=plot if result["rows"] else None, prov=prov)
     return 0
+
+
+def _ms(v) -> str:
+    return "–" if v is None else f"{v * 1e3:,.1f}"
+
+
+def markdown(result: dict) -> str:
+    """Milliseconds per self-join of N lists (k nearest), beside its two floors; partner throughput."""
+    lines = [f"Device {result['device']}, k={result['k']}, metric {result['metric']}; milliseconds.", "",
+             "| workload | N | NumPy | peer N×N | Triton | bandwidth floor | arithmetic floor |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['workload']} | {r['n']:,} | {_ms(r.get('numpy_s'))} | {_ms(r.get('peer_dense_s'))} | "
+                     f"{_ms(r.get('triton_s'))} | {_ms(r['floor_bw_s'])} | {_ms(r['floor_arith_s'])} |")
+    if result.get("skipped_numpy"):
+        lines += ["", "NumPy not timed (budget or size cap): " + ", ".join(result["skipped_numpy"]) + "."]
+    if result.get("partners"):
+        lines += ["", "| partner_candidates | N | backend | s | lists/s |", "|---|---|---|---|---|"]
+        for p in result["partners"]:
+            if "skipped" in p:
+                lines.append(f"| {p['workload']} | {p['n']:,} | | skipped: {p['skipped']} | |")
+            else:
+                lines.append(f"| {p['workload']} | {p['n']:,} | {p.get('backend', 'numpy')} | {p['seconds']:.3f} | "
+                             f"{p['lists_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["workload"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = [r for r in result["rows"] if r["workload"] == name]
+        for key, label in (("numpy_s", "NumPy"), ("peer_dense_s", "peer N×N"), ("triton_s", "Triton"),
+                           ("floor_bw_s", "bandwidth floor"), ("floor_arith_s", "arithmetic floor")):
+            pts = [(r["n"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label, linestyle=":" if "floor" in key else "-")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N lists (self-join)")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"{name}, {result['device']}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Online reorder latency of ``ContextIndex`` with a large index (target: p99 ≤ 1 ms).
 
     nice -n 5 python -m benchmarks.micro.online                 # zipf 100k + HotpotQA if cached
-    python -m benchmarks.micro.online --indexed 20000 --measured 2000   # quick
+    python -m benchmarks.micro.online --quick   # zipf, 20,000 indexed, 2,000 measured: results/online_quick.*
 
 Replays requests the way the API server does (``ContextPipeline.prepare`` then
 ``commit``): ``best_order(blocks)`` (the query, timed), then ``record`` of the
@@ -19,15 +19,12 @@ Workloads: ``zipf`` = ``benchmarks.common.workloads.synthetic`` (the peer's synt
 workload: 2,000 docs, Zipf s = 1, 10–20 docs per request); ``hotpotqa`` = the cached
 BM25 top-10 contexts of HotpotQA questions (``benchmarks/.cache``; skipped when absent),
 cycled in a seeded shuffle to reach the request count (the question pool is 7,405).
-Writes ``benchmarks/results/online.json``.
+Writes ``benchmarks/results/online.json`` and its table (the shared results writer).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import random
 import sys
 import time
@@ -35,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common.results import RESULTS, provenance, write_result
 from cp_engine.config import Config
 from cp_engine.index import ContextIndex
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_P99_MS = 1.0
 
 
@@ -124,16 +121,20 @@ def replay(requests, tokens, indexed: int, measured: int, max_nodes: int, budget
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--indexed", type=int, default=100_000)
-    ap.add_argument("--measured", type=int, default=10_000)
-    ap.add_argument("--workloads", default="zipf,hotpotqa")
+    ap.add_argument("--quick", action="store_true", help="zipf only, 20,000 indexed, 2,000 measured")
+    ap.add_argument("--indexed", type=int, default=None, help="default 100,000 (20,000 with --quick)")
+    ap.add_argument("--measured", type=int, default=None, help="default 10,000 (2,000 with --quick)")
+    ap.add_argument("--workloads", default=None, help="default zipf,hotpotqa (zipf with --quick)")
     ap.add_argument("--budget", type=int, default=None, help="ContextIndex search_budget (default: its own)")
     ap.add_argument("--configs", default="all,bound", help="all: nothing trimmed; bound: Config().index_max_nodes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    prov = provenance("benchmarks.micro.online", argv)
+    args.indexed = args.indexed or (20_000 if args.quick else 100_000)
+    args.measured = args.measured or (2_000 if args.quick else 10_000)
+    args.workloads = args.workloads or ("zipf" if args.quick else "zipf,hotpotqa")
     n = args.indexed + args.measured
-    result = {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-              "target_p99_ms": TARGET_P99_MS, "runs": []}
+    result = {"target_p99_ms": TARGET_P99_MS, "runs": []}
     for name in filter(None, args.workloads.split(",")):
         got = zipf_requests(n) if name == "zipf" else hot if (hot := hotpot_requests(n)) else None
         if got is None:
@@ -152,11 +153,25 @@ def main(argv=None) -> int:
                   f"cpu p50={qc['p50_ms']:.3f} p99={qc['p99_ms']:.3f} | best-of-3 p50={q3['p50_ms']:.3f} "
                   f"p99={q3['p99_ms']:.3f}  query+record wall p99={qr['p99_ms']:.3f}  hit={row['hit_tokens']:.3f}",
                   flush=True)
-    out = Path(args.out or RESULTS / "online.json")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print("wrote", out)
+    out = Path(args.out) if args.out else RESULTS / ("online_quick.json" if args.quick else "online.json")
+    write_result(out, result, table=markdown, prov=prov)
     return 0
+
+
+def markdown(result: dict) -> str:
+    """Per workload and index bound: query latency three ways, query + record, prefix hit."""
+    lines = [f"Target: query p99 ≤ {result['target_p99_ms']} ms. Milliseconds per request.", "",
+             "| workload | index | requests held | nodes | query p50 / p99 (wall) | CPU p50 / p99 | "
+             "best of 3 p50 / p99 | query + record p99 | prefix hit (tokens) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        q, qc, q3, qr = r["query"], r["query_cpu"], r["query_best_of_3"], r["query_plus_record"]
+        lines.append(f"| {r['workload']} | {r['config']} | {r['requests_held']:,} | {r['nodes']:,} | "
+                     f"{q['p50_ms']:.3f} / {q['p99_ms']:.3f} | {qc['p50_ms']:.3f} / {qc['p99_ms']:.3f} | "
+                     f"{q3['p50_ms']:.3f} / {q3['p99_ms']:.3f} | {qr['p99_ms']:.3f} | {r['hit_tokens']:.3f} |")
+    if result.get("skipped"):
+        lines += ["", "Skipped (not cached): " + ", ".join(result["skipped"]) + "."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ blocks), this tries all of them and compares the smallest tree with
 
     python -m benchmarks.planner.optimality                 # HotpotQA pooled N=1,000
     python -m benchmarks.planner.optimality --workload synthetic --n 100
+    python -m benchmarks.planner.optimality --quick      # synthetic N=20: results/optimality_quick.*
 
 Components too large to enumerate go to an exact branch and bound
 (``exact_best_hits``); where its node budget runs out they keep an upper bound on
@@ -16,14 +17,13 @@ the run also bounds the best hit count any prefix plan can reach on the whole
 workload (the optimum where proven, the bound elsewhere): if even that is below a
 target, no planner can meet it.
 
-Prints one JSON line and writes benchmarks/results/optimality_<workload>.json.
+Writes benchmarks/results/optimality_<workload>.json and its table (the shared results writer).
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import itertools
-import json
 import math
 import operator
 import sys
@@ -31,10 +31,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from benchmarks.common import workloads as W
+from benchmarks.common.results import provenance, write_result
 from cp_engine import plan_batch
 from cp_engine.planner import _tree_size
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def components(contexts: list[list[int]]) -> list[list[int]]:
@@ -334,15 +334,36 @@ def best_tree(shared: list[list[int]]) -> int:
     return min(_tree_size(list(o)) for o in itertools.product(*(itertools.permutations(s) for s in shared)))
 
 
+def markdown(out: dict) -> str:
+    """Hits of our plan, the peer's and the best any prefix plan can reach."""
+    peer = out["peer_hits"]
+    lines = ["| workload | blocks | cp_engine hits | ContextPilot hits | best possible (upper bound) | "
+             "best / ContextPilot | components enumerated / branch and bound (exact) / bounded |",
+             "|---|---|---|---|---|---|---|"]
+    ratio = out.get("max_ratio_vs_peer_upper_bound")
+    bounded = out["skipped_components"] - out["solved_exactly"]
+    lines.append(f"| {out['workload']} | {out['total_blocks']:,} | {out['ours_hits']:,} | "
+                 + (f"{peer:,}" if peer is not None else "–") + f" | {out['max_hits_upper_bound']:,} | "
+                 + (f"{ratio:.4f}×" if ratio is not None else "–")
+                 + f" | {out['checked_components']} / {out['solved_exactly']} / {bounded} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", choices=("hotpotqa", "hotpotkb", "synthetic"), default="hotpotqa")
-    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true", help="synthetic N=20 (seconds)")
+    ap.add_argument("--workload", choices=("hotpotqa", "hotpotkb", "synthetic"), default=None,
+                    help="default hotpotqa (synthetic with --quick)")
+    ap.add_argument("--n", type=int, default=None, help="default 1000 (20 with --quick)")
+    ap.add_argument("--out", type=Path, help="results JSON (default: results/optimality_<workload>.json)")
     ap.add_argument("--max-orderings", type=int, default=200_000)
     # Search nodes per skipped component: the small ones close in < 100; more buys
     # nothing on the 169-request HotpotQA component but minutes.
     ap.add_argument("--exact-budget", type=int, default=500)
     args = ap.parse_args(argv)
+    prov = provenance("benchmarks.planner.optimality", argv)
+    args.workload = args.workload or ("synthetic" if args.quick else "hotpotqa")
+    args.n = args.n or (20 if args.quick else 1000)
     wl = {"hotpotqa": W.hotpotqa, "hotpotkb": W.hotpotqa_kb, "synthetic": W.synthetic}[args.workload](args.n)
     ctx = wl.contexts
     freq: dict[int, int] = defaultdict(int)
@@ -394,9 +415,8 @@ def main(argv=None) -> int:
         out["peer_extra_nodes"] = None
     else:  # the best ratio to the peer any prefix plan could reach on this workload
         out["max_ratio_vs_peer_upper_bound"] = round(out["max_hits_upper_bound"] / max(out["peer_hits"], 1), 4)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"optimality_{wl.name}.json").write_text(json.dumps(out, indent=1))
-    print(json.dumps(out))
+    name = args.out or ("optimality_quick" if args.quick else f"optimality_{wl.name}")
+    write_result(name, out, table=markdown, prov=prov)
     return 0
 
 

@@ -4,7 +4,8 @@ overlap kernel (``plan_batch(partners=...)``), hit ratio and planning time per w
     python -m benchmarks.planner.partners          # synthetic 1k/5k (+ HotpotQA if cached)
     python -m benchmarks.planner.partners --quick  # synthetic 1k only
 
-Writes benchmarks/results/planner_partners.{json,md}. The kernel backend is whatever
+Writes benchmarks/results/planner_partners.json and .table.md (``--quick``:
+planner_partners_quick.*). The kernel backend is whatever
 ``cp_engine.kernels`` picks (NumPy on a CPU-only machine; set
 CP_ENGINE_KERNEL_BACKEND=triton on a GPU machine). Each timing is the median of
 ``--repeat`` runs in this process; run on an idle machine.
@@ -13,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.common import workloads as W
+from benchmarks.common.results import provenance, write_result
 from cp_engine.kernels import partner_candidates
 from cp_engine import plan_batch
 from cp_engine.planner import KNN_PARTNERS
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def timed(fn, repeat: int):
@@ -36,11 +36,24 @@ def timed(fn, repeat: int):
     return out, statistics.median(times)
 
 
+def markdown(data: dict) -> str:
+    lines = [f"Median of {data['meta']['repeat']} in one process.", "",
+             "| workload | N | postings: hit / s (tree) | kernel kNN: hit / s | kernel call alone s |",
+             "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        p, k = r["postings"], r["kernel"]
+        lines.append(f"| {r['workload']} | {r['requests']:,} | {p['hit']:.4f} / {p['seconds']:.2f} ({p['strategy']}) "
+                     f"| {k['hit']:.4f} / {k['seconds']:.2f} | {r['kernel_only_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="synthetic N=1,000 only")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, help="results JSON (default: results/planner_partners[_quick].json)")
     args = ap.parse_args(argv)
+    prov = provenance("benchmarks.planner.partners", argv)
     wls = [W.synthetic(n) for n in ((1000,) if args.quick else (1000, 5000))]
     if not args.quick and W.hotpotqa_available():
         wls += [W.hotpotqa(5000), W.hotpotqa_kb(5000)]
@@ -54,21 +67,8 @@ def main(argv=None) -> int:
                          "strategy": plan.stats["strategy"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"machine": f"{platform.machine()}, {platform.python_version()}",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": args.repeat}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "planner_partners.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["# Planner partner search: posting lists vs kNN graph (overlap kernel)", "",
-             f"{meta['machine']}; {meta['date']}; median of {args.repeat}. "
-             "Command: `python -m benchmarks.planner.partners`.", "",
-             "| workload | N | postings: hit / s (tree) | kernel kNN: hit / s | kernel call alone s |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        p, k = r["postings"], r["kernel"]
-        lines.append(f"| {r['workload']} | {r['requests']:,} | {p['hit']:.4f} / {p['seconds']:.2f} ({p['strategy']}) "
-                     f"| {k['hit']:.4f} / {k['seconds']:.2f} | {r['kernel_only_s']:.2f} |")
-    (RESULTS / "planner_partners.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    name = args.out or ("planner_partners_quick" if args.quick else "planner_partners")
+    write_result(name, {"meta": {"repeat": args.repeat}, "rows": rows}, table=markdown, prov=prov)
     return 0
 
 

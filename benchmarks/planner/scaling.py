@@ -2,6 +2,7 @@
 
     python -m benchmarks.planner.scaling                 # N = 1k, 2k, 5k, 10k, 20k, 50k
     python -m benchmarks.planner.scaling --ns 1000 5000  # a subset
+    python -m benchmarks.planner.scaling --quick         # N = 1k, 2k, synthetic only: results/scaling_quick.*
 
 Workloads (benchmarks.common.workloads): the peer's synthetic Zipf RAG, HotpotQA BM25 top-10
 over the pooled corpus, and the knowledge-base workload (BM25 top-10 over ~2,000
@@ -17,7 +18,8 @@ there, N = 1,000 and 5,000); above 5,000 they are extrapolated quadratically fro
 N = 5,000 time and drawn dashed, labelled as extrapolation: the peer does not fit in
 memory or time there on this machine.
 
-Writes benchmarks/results/scaling.json, scaling.md and scaling.png.
+Writes benchmarks/results/scaling.json, scaling.table.md and scaling.png (the shared
+results writer).
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,10 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `cp_engine
 import numpy as np  # noqa: E402
 
 from benchmarks.common import workloads as W  # noqa: E402
+from benchmarks.common.results import RESULTS, provenance, read_result, write_result  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 NS = (1000, 2000, 5000, 10000, 20000, 50000)
+QUICK_NS = (1000, 2000)
 FAMILIES = ("synthetic", "hotpotqa", "hotpotkb")
 LABELS = {"synthetic": "synthetic (Zipf)", "hotpotqa": "HotpotQA pooled BM25",
           "hotpotkb": "HotpotQA knowledge base BM25"}
@@ -123,9 +125,6 @@ def growth(points: list[tuple[int, float]]) -> float | None:
 
 
 def plot(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -160,8 +159,7 @@ def plot(data: dict, path: Path) -> None:
 
 def markdown(data: dict) -> str:
     meta = data["meta"]
-    out = ["# Planning time against N", "",
-           f"{meta['machine']}; {meta['date']}; command `{meta['command']}`. Times: wall clock of one "
+    out = ["Times: wall clock of one "
            f"`cp_engine.plan_batch` call in-process, best of {meta['repeat']} (CPU time beside it), load "
            "average at the call (the CPU is shared with other agents). ContextPilot 0.5.0: measured in "
            "`python -m benchmarks.planner.sim` (results/sim.json, N = 1,000 and 5,000); above 5,000 its time is "
@@ -194,23 +192,24 @@ def markdown(data: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ns", type=int, nargs="+", default=list(NS))
-    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--quick", action="store_true", help=f"N = {QUICK_NS}, synthetic only (seconds)")
+    ap.add_argument("--ns", type=int, nargs="+", default=None, help=f"default {NS}")
+    ap.add_argument("--families", nargs="+", default=None, choices=FAMILIES, help="default: all (synthetic with --quick)")
     ap.add_argument("--repeat", type=int, default=1, help="timed calls per point (best kept)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default: results/scaling.json, results/scaling_quick.json with --quick)")
     ap.add_argument("--peer-only", action="store_true",
                     help="re-read ContextPilot's times from results/sim.json into an existing scaling.json "
                          "(after re-running benchmarks.planner.sim) without re-timing cp_engine")
     args = ap.parse_args(argv)
+    args.ns = args.ns or list(QUICK_NS if args.quick else NS)
+    args.families = args.families or (["synthetic"] if args.quick else list(FAMILIES))
+    out = args.out or RESULTS / ("scaling_quick.json" if args.quick else "scaling.json")
     if args.peer_only:
-        data = json.loads((args.out / "scaling.json").read_text())
+        data, prov = read_result(out)
     else:
-        data = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-                         "repeat": args.repeat,
-                         "command": " ".join(["python -m benchmarks.planner.scaling"]
-                                             + (argv if argv is not None else sys.argv[1:]))},
-                "families": {}}
+        prov = provenance("benchmarks.planner.scaling", argv)
+        data = {"meta": {"repeat": args.repeat}, "families": {}}
         for fam in args.families:
             points = []
             for n in sorted(args.ns):
@@ -222,12 +221,7 @@ def main(argv=None) -> int:
             data["families"][fam] = {"points": points,
                                      "growth": growth([(p["requests"], p["seconds"]) for p in points])}
     add_peer(data, peer_times())
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scaling.json").write_text(json.dumps(data, indent=1))
-    md = markdown(data)
-    (args.out / "scaling.md").write_text(md)
-    plot(data, args.out / "scaling.png")
-    print(md)
+    write_result(out, data, table=markdown, plot=plot, prov=prov)
     return 0
 
 
@@ -235,7 +229,7 @@ def add_peer(data: dict, peers: dict[str, dict[int, float]]) -> None:
     """ContextPilot's measured times per family, and the quadratic extrapolation above them."""
     data["peer_growth"] = {}
     data["meta"]["peer_source"] = "benchmarks/results/sim.json, " + (
-        json.loads((RESULTS / "sim.json").read_text())["meta"]["date"] if (RESULTS / "sim.json").exists() else "missing")
+        read_result("sim")[1]["date"] if (RESULTS / "sim.json").exists() else "missing")
     for fam, rows in data["families"].items():
         measured = peers.get(fam, {})
         top = max(measured, default=None)

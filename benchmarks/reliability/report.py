@@ -1,50 +1,48 @@
-"""``benchmarks/results/reliability.json`` (one section per run) -> ``reliability.md``.
+"""``benchmarks/results/reliability.json``: one section per run (``soak``, ``fuzz_live``,
+``storm``), each with the provenance of the run that produced it.
 
-Each script (``soak``, ``fuzz_live``, ``storm``) stores its summary under its own key
-with ``record(section, summary)``, which also rewrites the markdown from every
-section present, so one file always shows the latest result of each run.
+``record(section, summary, prov)`` stores a script's summary under its own key and
+rewrites the file, its table (every section present) and its plot (the soak's
+timelines) through the shared results writer, so one file always shows the latest
+result of each run. ``--quick`` runs record into ``reliability_quick`` instead.
 """
 from __future__ import annotations
 
 import json
-import os
-import sys
-from typing import Any
+from pathlib import Path
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
-JSON_PATH = os.path.join(RESULTS, "reliability.json")
-MD_PATH = os.path.join(RESULTS, "reliability.md")
+from benchmarks.common.results import PROVENANCE, paths, provenance, read_result, write_result
+
+NAME = "reliability"
 
 
-def record(section: str, summary: Any, json_path: str = JSON_PATH, md_path: str = MD_PATH) -> None:
-    try:
-        with open(json_path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = {}
-    data[section] = summary
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    with open(md_path, "w") as f:
-        f.write(markdown(data))
+def start(section: str, argv: list[str] | None) -> dict:
+    """The provenance of a run of ``benchmarks.reliability.<section>``, taken at its start."""
+    return provenance(f"benchmarks.reliability.{section}", argv)
 
 
-def publish(section: str, summary: dict, argv: list[str] | None, store: bool = True) -> None:
-    """A script's end: print the summary as JSON and (with ``store``) record it with
-    the command line that produced it."""
-    summary["command"] = f"python -m benchmarks.reliability.{section} " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+def record(section: str, summary: dict, prov: dict, name: str = NAME, out_dir: Path | None = None) -> None:
+    data = read_result(name, out_dir)[0] if paths(name, out_dir).json.exists() else {}
+    data[section] = {**summary, PROVENANCE: prov}
+    write_result(name, data, table=markdown, plot=plot if "soak" in data else None, prov=prov,
+                 out_dir=out_dir, echo=False)
+
+
+def publish(section: str, summary: dict, prov: dict, store: bool = True, quick: bool = False) -> None:
+    """A script's end: print the summary as JSON and (with ``store``) record it."""
     print(json.dumps(summary, indent=1))
     if store:
-        record(section, summary)
+        record(section, summary, prov, name=NAME + "_quick" if quick else NAME)
 
 
-def _soak(r: dict) -> list[str]:
+def _command(r: dict, default: str) -> str:
+    return (r.get(PROVENANCE) or {}).get("command") or r.get("command") or r.get("config", {}).get("command") or default
+
+
+def _soak(r: dict, png: str | None) -> list[str]:
     cfg = r["config"]
     out = [f"## Soak: {cfg['clients']} clients x {cfg['duration_s']:.0f} s per side ({r['date']})", "",
-           f"`{cfg['command']}` on {cfg['host']}", "",
+           f"`{_command(r, 'python -m benchmarks.reliability.soak')}` on {cfg['host']}", "",
            "| side | requests | errors | req/s | p50 (s) | p90 (s) | p99 (s) |", "|---|---|---|---|---|---|---|"]
     for name, side in r["sides"].items():
         lat = side["latency_s"]
@@ -58,8 +56,8 @@ def _soak(r: dict) -> list[str]:
     for name, c in r["checks"].items():
         out += [f"| {name} | {k} | {v} |" for k, v in c.items()]
     out += ["", f"Verdict: **{'PASS' if r['ok'] else 'FAIL'}**"]
-    if r.get("png"):
-        out += ["", f"![soak: latency, index nodes, fds/threads over time]({os.path.basename(r['png'])})"]
+    if png:
+        out += ["", f"![soak: latency, index nodes, fds/threads over time]({png})"]
     return out
 
 
@@ -67,7 +65,7 @@ def _fuzz(r: dict) -> list[str]:
     v = r["verdicts"]
     return [f"## Live fuzzer: {r['payloads']} payloads (seed {r['seed']}, {r['workers']} clients, "
             f"{r['elapsed_s']:.0f} s)", "",
-            f"`{r.get('command', 'python -m benchmarks.reliability.fuzz_live')}`", "",
+            f"`{_command(r, 'python -m benchmarks.reliability.fuzz_live')}`", "",
             f"200 with choices: {v.get('ok', 0)}; 4xx JSON errors: {v.get('error', 0)}; "
             f"crashes (5xx, non-JSON, dropped connection): {v.get('crash', 0)}.  ",
             f"Statuses: {r['statuses']}.  ",
@@ -80,7 +78,7 @@ def _fuzz(r: dict) -> list[str]:
 def _storm(r: dict) -> list[str]:
     return [f"## Eviction storm: {r['requests']} requests, {r.get('kv_blocks', 40)} KV blocks "
             f"({r['elapsed_s']:.0f} s)", "",
-            f"`{r.get('command', 'python -m benchmarks.reliability.storm')}`", "",
+            f"`{_command(r, 'python -m benchmarks.reliability.storm')}`", "",
             f"Errors: {r['errors']}; index claims checked: {r['claims']} "
             f"({r['claimed_tokens_total']} claimed tokens, {r['cached_tokens_total']} tokens served from cache).  ",
             f"Claims with any deficit: {r['stale_claims']}; largest deficit: {r['max_deficit_tokens']} tokens "
@@ -92,9 +90,12 @@ def _storm(r: dict) -> list[str]:
 
 
 def markdown(data: dict) -> str:
-    out = ["# cp_engine reliability results", "",
-           "Generated by `benchmarks/reliability/` (see `docs/reliability.md` for what each run checks).", ""]
-    for key, fn in (("soak", _soak), ("fuzz_live", _fuzz), ("storm", _storm), ("soak_first_run", _soak)):
+    """Every section present; ``docs/reliability.md`` says what each run checks."""
+    out = []
+    # The soak's timelines are this file's plot; an earlier soak kept its own image.
+    sections = (("soak", lambda r: _soak(r, f"{NAME}.png")), ("fuzz_live", _fuzz), ("storm", _storm),
+                ("soak_first_run", lambda r: _soak(r, Path(r["png"]).name if r.get("png") else None)))
+    for key, fn in sections:
         if key in data:
             section = fn(data[key])
             if data[key].get("note"):
@@ -103,3 +104,29 @@ def markdown(data: dict) -> str:
                 section.insert(3, "")
             out += section + [""]
     return "\n".join(out)
+
+
+def plot(data: dict, path: Path) -> None:
+    """The soak's latency, index size and server fds/threads over time, per side."""
+    import matplotlib.pyplot as plt
+
+    result = data["soak"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, side in result["sides"].items():
+        w = side["windows"]
+        axes[0].plot([x["t"] for x in w], [x["p50"] for x in w], label=f"{name} p50")
+        axes[0].plot([x["t"] for x in w], [x["p99"] for x in w], "--", label=f"{name} p99")
+        s = [x for x in side["samples"] if "fds" in x]
+        axes[2].plot([x["t"] for x in s], [x["fds"] for x in s], label=f"{name} fds")
+        axes[2].plot([x["t"] for x in s], [x["threads"] for x in s], "--", label=f"{name} threads")
+        if name == "on":
+            n = [x for x in side["samples"] if x.get("nodes") is not None]
+            axes[1].plot([x["t"] for x in n], [x["nodes"] for x in n], label="index nodes")
+            if result.get("index_limit"):
+                axes[1].axhline(result["index_limit"], color="red", linestyle=":", label="configured limit")
+    for ax, title in zip(axes, ("latency (s)", "index nodes (plugin on)", "server fds / threads")):
+        ax.set_title(title)
+        ax.set_xlabel("time (s)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)

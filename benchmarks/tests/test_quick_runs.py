@@ -1,0 +1,120 @@
+"""Every engine-free benchmark's ``--quick`` path, end to end, at its smallest size: it
+runs, and the shared writer leaves JSON (with the command that reproduces it), table
+and plot. The live-server benchmarks' ``--quick`` runs need a server (their parts are
+tested in test_bench_engine.py and test_bench_quality.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.common.results import read_result
+from benchmarks.common.workloads import hotpotqa_available
+
+
+def _run(main, module: str, argv: list[str], out) -> dict:
+    assert main(argv) == 0
+    data, prov = read_result(out)
+    assert prov["command"] == " ".join(["python", "-m", module, *argv])
+    table = out.with_name(out.stem + ".table.md").read_text()
+    assert table.startswith(f"`{prov['command']}` on ") and "|---" in table
+    return data
+
+
+def _png(out) -> bool:
+    return out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_planner_sim_quick(tmp_path):
+    from benchmarks.planner import sim
+
+    out = tmp_path / "sim.json"
+    data = _run(sim.main, "benchmarks.planner.sim", ["--quick", "--no-peer", "--index-requests", "500",
+                                                      "--measure-requests", "50", "--out", str(out)], out)
+    synthetic = [w for w in data["workloads"] if w["family"] == "synthetic"]
+    assert [w["requests"] for w in synthetic] == [100, 1000]
+    for w in synthetic:
+        ours, arrival = w["methods"]["cp_engine"]["hit"]["inf"], w["methods"]["arrival"]["hit"]["inf"]
+        assert arrival <= ours <= w["bound"]
+        assert w["methods"]["contextpilot"] == {"skipped": "--no-peer"}
+    assert data["online"]["indexed_requests"] == 500 and data["meta"]["quick"]
+    assert _png(out)
+
+
+def test_planner_scaling_quick(tmp_path):
+    from benchmarks.planner import scaling
+
+    out = tmp_path / "scaling.json"
+    data = _run(scaling.main, "benchmarks.planner.scaling", ["--quick", "--out", str(out)], out)
+    points = data["families"]["synthetic"]["points"]
+    assert [p["requests"] for p in points] == list(scaling.QUICK_NS) and all(p["seconds"] > 0 for p in points)
+    assert _png(out)
+
+
+def test_planner_optimality_quick(tmp_path):
+    from benchmarks.planner import optimality
+
+    out = tmp_path / "opt.json"
+    data = _run(optimality.main, "benchmarks.planner.optimality", ["--quick", "--n", "10", "--out", str(out)], out)
+    assert data["workload"].startswith("synthetic_10")
+    assert data["ours_hits"] <= data["max_hits_upper_bound"] <= data["total_blocks"]
+
+
+def test_planner_partners_quick(tmp_path):
+    from benchmarks.planner import partners
+
+    out = tmp_path / "partners.json"
+    data = _run(partners.main, "benchmarks.planner.partners", ["--quick", "--repeat", "1", "--out", str(out)], out)
+    assert [r["workload"] for r in data["rows"]] == ["synthetic_1000"]
+    assert 0 < data["rows"][0]["postings"]["hit"] < 1
+
+
+def test_micro_online_quick(tmp_path):
+    from benchmarks.micro import online
+
+    out = tmp_path / "online.json"
+    data = _run(online.main, "benchmarks.micro.online",
+                ["--quick", "--indexed", "500", "--measured", "50", "--out", str(out)], out)
+    assert {r["workload"] for r in data["runs"]} == {"zipf"}
+    assert {r["config"] for r in data["runs"]} == {"all indexed", "shipped bound"}
+    assert all(0 < r["query"]["p50_ms"] <= r["query"]["p99_ms"] for r in data["runs"])
+
+
+def test_micro_kernels_quick(tmp_path):
+    from benchmarks.micro import kernels
+
+    out = tmp_path / "kernels.json"
+    data = _run(kernels.main, "benchmarks.micro.kernels",
+                ["--quick", "--sizes", "200", "--workloads", "uniform", "--out", str(out)], out)
+    (row,) = data["rows"]
+    assert row["n"] == 200 and row["numpy_s"] > 0 and row["peer_dense_s"] > 0  # the peer runs up to 1k
+    assert _png(out)
+
+
+def test_micro_queue_order_quick(tmp_path):
+    from benchmarks.micro import queue_order
+
+    out = tmp_path / "queue.json"
+    data = _run(queue_order.main, "benchmarks.micro.queue_order", ["--quick", "--sizes", "300", "--out", str(out)],
+                out)
+    assert [r["n"] for r in data["rows"]] == [300] and data["rows"][0]["add_us"] > 0
+    assert _png(out)
+
+
+@pytest.mark.skipif(not hotpotqa_available(), reason="HotpotQA not fetched (benchmarks/setup_bench.sh)")
+def test_engine_token_sim_and_prefill_quick(tmp_path):
+    pytest.importorskip("transformers")  # the tiny model's tokenizer and chat template
+    pytest.importorskip("torch")
+    from benchmarks.engine import prefill_gpu, token_sim
+
+    out, pairs = tmp_path / "token_sim.json", tmp_path / "pairs.json"
+    data = _run(token_sim.main, "benchmarks.engine.token_sim",
+                ["--quick", "--n", "4", "--arms", "off,on+batch", "--out", str(out), "--pairs-out", str(pairs)], out)
+    off, batch = data["arms"]
+    assert off["cached_tokens"] <= batch["cached_tokens"] and off["prompt_tokens"] == off["recomputed_tokens"]
+    assert len(json.loads(pairs.read_text())["arms"]["off"]) == 4
+    out = tmp_path / "prefill.json"
+    data = _run(prefill_gpu.main, "benchmarks.engine.prefill_gpu",
+                [str(pairs), "--quick", "--limit", "1", "--out", str(out)], out)
+    (run,) = data["runs"]
+    assert run["device"] == "cpu" and [r["arm"] for r in run["rows"]] == ["off", "on+batch"]
