@@ -108,7 +108,7 @@ class ContextIndex:
         self.max_tokens = max_tokens
         # Nodes a query may expand: bounds latency on bushy tries (many orders of the
         # same popular blocks). 128, measured with 100k indexed zipf requests
-        # (`nice -n 5 python -m benchmarks.bench_online --workloads zipf --configs all
+        # (`nice -n 5 python -m benchmarks.micro.online --workloads zipf --configs all
         # --budget 128|256`, benchmarks/results/online.md): prefix hit 0.380 vs 0.381
         # at 256, query CPU-time p99 0.98 vs 1.90 ms on the shared 2-core machine.
         self.search_budget = search_budget
