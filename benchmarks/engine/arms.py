@@ -40,7 +40,6 @@ def plain(blocks, question) -> list[dict]:
     return plain_messages(SYSTEM, blocks, question)
 
 
-
 def rag_requests(arm: str, rag: Rag, count_tokens: Callable[[str], int] | None = None
                  ) -> tuple[list[Request], float]:
     """Requests in submission order, plus client-side planning seconds (``count_tokens``:

@@ -34,6 +34,47 @@ from benchmarks.engine.workloads import Chat
 from cp_engine.devtools.tiny_model import SHAPES
 
 
+def new_entry(run: dict, w) -> dict:
+    """A run's record in the results: its workload, reuse bounds and (filled later) arms."""
+    cache = run["cache"]
+    e = {"label": w.name + (f" cache={cache} blk" if cache else ""), "kind": run["kind"], "k": run.get("k"),
+         "cache_blocks": cache, "bound_tokens": round(w.bound_tokens, 4), "arms": {}}
+    if isinstance(w, Chat):
+        e["dedup_bound_tokens"] = round(w.dedup_bound_tokens, 4)
+        e["turns"] = sum(len(s) for s in w.sessions)
+    return e
+
+
+def run_server_arms(srv, server: str, entries: list, want_arms: list[str], args, count_tokens, save) -> None:
+    """Every wanted arm that runs on ``server`` ("off" or "on"), for each (workload, entry)."""
+    warm = warmup_requests([w for w, _ in entries], args.warmup)
+    if warm:
+        print(f"[engine] warm-up: {len(warm)} untimed plain requests", file=sys.stderr, flush=True)
+        warm_up(srv, warm, args.concurrency, args.max_tokens)
+    for w, e in entries:
+        for arm in CHAT_ARMS if isinstance(w, Chat) else RAG_ARMS:
+            if arm not in want_arms or SERVER_OF[arm] != server:
+                continue
+            t0 = time.perf_counter()
+            try:
+                if isinstance(w, Chat):
+                    res = run_chat(arm, srv, w, args.chat_concurrency, args.chat_max_tokens,
+                                   tag=f"{e['label']}-{time.time_ns()}")
+                else:
+                    res = run_rag(arm, srv, w, args.concurrency, args.max_tokens, count_tokens)
+            except Exception as exc:  # one failed arm must not lose the others
+                print(f"[engine] {e['label']} {arm} failed: {exc!r}", file=sys.stderr, flush=True)
+                e.setdefault("errors", {})[arm] = repr(exc)[:500]
+                continue
+            if res is None:
+                continue
+            e["arms"][arm] = res
+            save()
+            print(f"[engine] {e['label']} {arm}: recomputed {res['recomputed_tokens']:,} of "
+                  f"{res['prompt_tokens']:,}, hit {res['hit_ratio']:.3f}, prefill "
+                  f"{res['engine_prefill_s']:.1f} s ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,26 +135,22 @@ def main(argv=None) -> int:
         "batch_plan_token_counts": "tokenizer" if count_tokens else "estimate"}, "runs": []}
     prov = provenance("benchmarks.engine", argv)
     t_start = time.perf_counter()
+
+    def save() -> None:  # after every arm: a run cut short keeps what it measured
+        doc["wall_s"] = round(time.perf_counter() - t_start, 1)
+        write(doc, out, prov)
+
     extra_base = ["--max-model-len", str(args.max_model_len), *args.server_arg]
-    caches = list(dict.fromkeys(r["cache"] for r in runs))
     built: dict = {}
-    for cache in caches:
-        mine = [r for r in runs if r["cache"] == cache]
+    for cache in dict.fromkeys(r["cache"] for r in runs):
         extra = extra_base + (cache_run_args(cache, args.max_model_len) if cache else [])
         entries = []
-        for r in mine:
+        for r in (r for r in runs if r["cache"] == cache):
             key = json.dumps({k: v for k, v in r.items() if k != "cache"}, sort_keys=True)
             if key not in built:
                 built[key] = build(r)
-            w = built[key]
-            label = w.name + (f" cache={cache} blk" if cache else "")
-            e = {"label": label, "kind": r["kind"], "k": r.get("k"), "cache_blocks": cache,
-                 "bound_tokens": round(w.bound_tokens, 4), "arms": {}}
-            if isinstance(w, Chat):
-                e["dedup_bound_tokens"] = round(w.dedup_bound_tokens, 4)
-                e["turns"] = sum(len(s) for s in w.sessions)
-            doc["runs"].append(e)
-            entries.append((r, w, e))
+            entries.append((built[key], new_entry(r, built[key])))
+            doc["runs"].append(entries[-1][1])
         for server in ("off", "on"):
             if args.url_on:
                 if cache:
@@ -123,39 +160,10 @@ def main(argv=None) -> int:
                 print(f"[engine] starting vLLM ({server}, cache={cache or 'default'}) ...", file=sys.stderr, flush=True)
                 srv_cm = start_server(model, SERVER_ENV[server], extra, kv_cache_gib=args.kv_cache_gib)
             with srv_cm as srv:
-                warm = warmup_requests([w for _, w, _ in entries], args.warmup)
-                if warm:
-                    print(f"[engine] warm-up: {len(warm)} untimed plain requests", file=sys.stderr, flush=True)
-                    warm_up(srv, warm, args.concurrency, args.max_tokens)
-                for r, w, e in entries:
-                    arms = CHAT_ARMS if isinstance(w, Chat) else RAG_ARMS
-                    for arm in arms:
-                        if arm not in want_arms or SERVER_OF[arm] != server:
-                            continue
-                        t0 = time.perf_counter()
-                        try:
-                            if isinstance(w, Chat):
-                                res = run_chat(arm, srv, w, args.chat_concurrency, args.chat_max_tokens,
-                                               tag=f"{e['label']}-{time.time_ns()}")
-                            else:
-                                res = run_rag(arm, srv, w, args.concurrency, args.max_tokens, count_tokens)
-                        except Exception as exc:  # one failed arm must not lose the others
-                            print(f"[engine] {e['label']} {arm} failed: {exc!r}", file=sys.stderr, flush=True)
-                            e.setdefault("errors", {})[arm] = repr(exc)[:500]
-                            continue
-                        if res is None:
-                            continue
-                        e["arms"][arm] = res
-                        doc["wall_s"] = round(time.perf_counter() - t_start, 1)
-                        write(doc, out, prov)
-                        print(f"[engine] {e['label']} {arm}: recomputed {res['recomputed_tokens']:,} of "
-                              f"{res['prompt_tokens']:,}, hit {res['hit_ratio']:.3f}, prefill "
-                              f"{res['engine_prefill_s']:.1f} s ({time.perf_counter() - t0:.0f} s)",
-                              file=sys.stderr, flush=True)
+                run_server_arms(srv, server, entries, want_arms, args, count_tokens, save)
     doc["wall_s"] = round(time.perf_counter() - t_start, 1)
     write(doc, out, prov, echo=True)
     return 0
-
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ def measure(srv, results, wall: float, before: dict, plan_s: float = 0.0) -> dic
     }
 
 
-
 def warmup_requests(workloads_: Sequence, count: int) -> list[Request]:
     """The first ``count`` plain requests of the first batched-RAG workload (none: []).
 

@@ -20,7 +20,8 @@ def is_target_run(run: dict) -> bool:
 
 
 def plan_runs(quick: bool) -> list[dict]:
-    """(workload builder, label, kind, server extra args) of every run."""
+    """Every run of a full or ``--quick`` invocation: kind, size, k and the KV cache in
+    blocks (None: the server's default)."""
     size = QUICK_SIZES if quick else FULL_SIZES
     runs = [{"kind": "rag_zipf", "n": size["n_target"], "k": None, "cache": None}]
     for k in (5, 10, 20):  # scaling with k: the same Zipf popularity, k blocks per request
@@ -44,7 +45,6 @@ def build(run: dict):
     if kind == "chat_sliding":
         return chat_sliding(run["sessions"], run["turns"], run["k"])
     raise ValueError(kind)
-
 
 
 def select_runs(runs: list[dict], *, only: str | None = None, caches: str | None = None,

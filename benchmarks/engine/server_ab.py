@@ -11,6 +11,7 @@ starts): for example, what the plugin costs on traffic it does not rewrite.
     python -m benchmarks.engine.server_ab --n 100 --rounds 5 --servers off,on
     python -m benchmarks.engine.server_ab --servers on --n 400 --rounds 2 --model-shape prefill \
         --lists off,on,on+batch,noannot,peer      # every batched-RAG arm on one server
+    python -m benchmarks.engine.server_ab --quick              # off / on, 16 requests, 1 round: engine_ab_quick.*
 
 Request lists (``--lists``; default ``off,noannot``): the first N requests of the Zipf
 RAG batch as the engine benchmark sends them for an arm: ``off`` (documents in retrieval
@@ -45,15 +46,21 @@ SERVERS = {**SERVER_ENV, "nosched": {**SERVER_ENV["on"], "CP_ENGINE_SCHEDULE": "
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--servers", default="off,on,nosched", help=f"comma-separated, from {sorted(SERVERS)}")
-    ap.add_argument("--n", type=int, default=100, help="requests per list")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="servers off,on, 16 requests per list, one round")
+    ap.add_argument("--servers", default=None, help=f"comma-separated, from {sorted(SERVERS)} "
+                                                    "(default off,on,nosched; off,on with --quick)")
+    ap.add_argument("--n", type=int, default=None, help="requests per list (default 100, 16 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--lists", default="off,noannot", help=f"comma-separated, from {sorted(LISTS)}")
     ap.add_argument("--model-shape", choices=sorted(SHAPES), default="tiny",
                     help="built-in random-weight model (see python -m benchmarks.engine --model-shape)")
-    ap.add_argument("--out", default=str(RESULTS / "engine_ab.json"))
+    ap.add_argument("--out", default=None, help="results JSON (default: results/engine_ab[_quick].json)")
     args = ap.parse_args(argv)
+    args.servers = args.servers or ("off,on" if args.quick else "off,on,nosched")
+    args.n = args.n or (16 if args.quick else 100)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.out = args.out or str(RESULTS / ("engine_ab_quick.json" if args.quick else "engine_ab.json"))
     names = [s for s in args.servers.split(",") if s]
     unknown = [s for s in names if s not in SERVERS]
     if unknown:

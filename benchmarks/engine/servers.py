@@ -21,7 +21,6 @@ def cache_run_args(blocks: int, max_model_len: int) -> list[str]:
             "--max-model-len", str(min(max_model_len, (blocks - 1) * CACHE_BLOCK_TOKENS))]
 
 
-
 def model_folder(shape: str) -> str:
     """Folder of the built-in random-weight model of ``shape`` (built on first use)."""
     from cp_engine.devtools.vllm_server import tiny_model_dir

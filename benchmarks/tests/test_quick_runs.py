@@ -29,10 +29,10 @@ def test_planner_sim_quick(tmp_path):
     from benchmarks.planner import sim
 
     out = tmp_path / "sim.json"
-    data = _run(sim.main, "benchmarks.planner.sim", ["--quick", "--no-peer", "--index-requests", "500",
+    data = _run(sim.main, "benchmarks.planner.sim", ["--quick", "--families", "synthetic", "--no-peer", "--index-requests", "500",
                                                       "--measure-requests", "50", "--out", str(out)], out)
-    synthetic = [w for w in data["workloads"] if w["family"] == "synthetic"]
-    assert [w["requests"] for w in synthetic] == [100, 1000]
+    synthetic = data["workloads"]
+    assert [(w["family"], w["requests"]) for w in synthetic] == [("synthetic", 100), ("synthetic", 1000)]
     for w in synthetic:
         ours, arrival = w["methods"]["cp_engine"]["hit"]["inf"], w["methods"]["arrival"]["hit"]["inf"]
         assert arrival <= ours <= w["bound"]
