@@ -16,7 +16,12 @@ table) and ``blend_quality.png``, and prints the table. ``provenance`` holds the
 command that reproduces the file, the machine, package versions, the git commit and
 the start date. Calling ``write_result`` again (e.g. after every arm of a long run)
 rewrites all three; the JSON is replaced atomically, and a failing plot is reported
-and never loses the numbers. ``read_result`` loads a file back (data and provenance).
+and never loses the numbers. ``read_result`` loads a file back (data and provenance);
+``redraw`` rewrites table and PNG from the JSON alone (a benchmark's ``--plot``). A
+``name`` is a stem in ``benchmarks/results`` or a path to the ``.json`` (``--out``);
+by convention a ``--quick`` run writes ``<name>_quick``. After a run that changes a
+result shown in ``benchmarks/RESULTS.md``, ``python -m benchmarks.common.results_page``
+regenerates its figures.
 """
 from __future__ import annotations
 
