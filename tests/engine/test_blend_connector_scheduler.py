@@ -267,3 +267,21 @@ def test_stats_aggregate_and_rebuild_from_their_data():
     assert both.reduce() == {"loads": 3, "fallback:store_miss": 1}
     assert BlendConnector.build_kv_connector_stats(both.data).data == both.data
     assert BlendStats().is_empty() and not both.is_empty()
+
+
+def test_a_hinted_request_drops_its_rendered_path_from_the_first_stitched_block(vllm_bits, config, monkeypatch):
+    from cp_engine.hooks import channel
+
+    sent = []
+    monkeypatch.setattr(channel, "engine_sender", lambda: SimpleNamespace(send=sent.append))
+    sched = _make(vllm_bits, config)
+    first, spans1, second, spans2 = _swapped()
+    _store(sched, first, spans1)
+    path = [format(i, "016x") for i in (11, 12, 13)]
+    hints = {"cp_spans": spans2, "cp_ns": "ns", "cp_path": path, "cp_ends": [30, 77, 120], "cp_rid": "r"}
+    req = _request(vllm_bits, "h", second, hints)
+    assert sched.matched_tokens(req, 32)[0] > 0
+    # first stitched token 37 lies in the second rendered block (ends 30 | 77)
+    assert sent == [{"op": "evict_path", "ns": "ns", "path": path[:2]}]
+    sched.matched_tokens(req, 32)  # asked again: already re-keyed, nothing sent twice
+    assert len(sent) == 1
