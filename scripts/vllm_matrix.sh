@@ -15,6 +15,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# Write bytecode into the venvs (uv installs none): see scripts/test.sh.
+unset PYTHONDONTWRITEBYTECODE
 
 ALL_VERSIONS=(0.27.0 0.27.1 0.28.0 0.29.0 0.30.0 0.31.0 0.32.0)
 GROUPS_TO_RUN=(${MATRIX_GROUPS:-drift core live})

@@ -3,6 +3,7 @@ shared live servers."""
 import pytest
 
 from cp_engine.devtools import hypothesis_profile
+import early_runs
 from cp_engine.devtools.reliability.servers import plain_server_kwargs, plugin_server_kwargs
 from server_pool import POOL, server_fixture
 from vllm_server import PLUGIN_TEST_ENV
@@ -25,6 +26,7 @@ plugin_server = server_fixture("plugin_server", plugin_server_kwargs(**PLUGIN_TE
 def pytest_collection_finish(session):
     if not session.config.option.collectonly:
         POOL.plan(session.items)
+        early_runs.start_selected(session.items)  # fresh-interpreter runs, in the background
 
 
 @pytest.hookimpl(trylast=True)
@@ -34,3 +36,4 @@ def pytest_runtest_teardown(item, nextitem):
 
 def pytest_sessionfinish(session, exitstatus):
     POOL.stop_all()
+    early_runs.stop_all()

@@ -123,13 +123,15 @@ def _progress(name: str) -> Any:
 
 class VllmServer:
     def __init__(self, model_dir: str, env: Mapping[str, str] | None = None, extra_args: tuple = (),
-                 kv_cache_gib: int = 1, python: str | None = None, name: str = "server"):
+                 kv_cache_gib: int = 1, python: str | None = None, name: str = "server",
+                 cwd: str | None = None):
         self.model_dir = model_dir
         self.env_overrides = dict(env or {})
         self.extra_args = tuple(extra_args)
         self.kv_cache_gib = kv_cache_gib
         self.python = python or sys.executable
         self.name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "server"
+        self.cwd = cwd  # the server's working directory (None: the caller's)
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.workdir = ""
@@ -180,7 +182,7 @@ class VllmServer:
             log.write(("$ " + " ".join(cmd) + "\n").encode())
             log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
-                                         start_new_session=True)  # own group: stop() kills children too
+                                         cwd=self.cwd, start_new_session=True)  # own group: stop() kills children too
         self._tracked = set()
         try:
             took = wait_for_start(self._healthy, self.proc.poll, self.log_text, limits, report)

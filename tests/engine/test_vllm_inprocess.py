@@ -1,17 +1,18 @@
 """One process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): EngineCore runs inside the caller,
 so eviction messages are delivered in-process to the same process's index. Runs a real
-offline ``vllm.LLM`` with 40 KV blocks of 128 tokens in a fresh subprocess."""
+offline ``vllm.LLM`` with 40 KV blocks of 128 tokens in a fresh subprocess, started in
+the background when the selection is known."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import pytest
 
 import vllm_server as vs
+from early_runs import early_run
 
 pytestmark = pytest.mark.vllm
 if not vs.vllm_available():  # pragma: no cover
@@ -60,14 +61,21 @@ if __name__ == "__main__":
 '''
 
 
-def test_single_process_engine_delivers_evictions_in_process():
+def _engine_run() -> dict:
     workdir = tempfile.mkdtemp(prefix="cp_inproc_")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CP_ENGINE_")}
     env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                 "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "TMPDIR": workdir,
                 "VLLM_CACHE_ROOT": os.path.join(workdir, "vllm-cache"), "XDG_RUNTIME_DIR": workdir})
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, vs.tiny_model_dir()], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=workdir)
+    return {"args": [sys.executable, "-c", SCRIPT, vs.tiny_model_dir()], "env": env, "timeout": 900, "cwd": workdir}
+
+
+# Started in the background when the selection is known (tests/early_runs.py).
+inprocess_engine_run = early_run("inprocess_engine_run", _engine_run)
+
+
+def test_single_process_engine_delivers_evictions_in_process(inprocess_engine_run):
+    proc = inprocess_engine_run
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(lines[-1][len("RESULT "):])

