@@ -1,0 +1,268 @@
+"""Recompute selected prompt tokens layer by layer through the model's own modules.
+
+Contract:
+- ``DecoderRecompute.from_model(model, paged)`` accepts the decoder classes in
+  ``ACCEPTED`` (Llama, Mistral, Qwen2: embedding, fused-residual RMSNorm, ``qkv_proj``,
+  optional per-head q/k norm, ``rotary_emb``, ``o_proj``, MLP) with full causal attention,
+  one fixed-frequency RoPE shared by every layer, tensor and pipeline parallel size 1 and
+  attention layer names equal to ``paged.layer_names``. Anything else raises
+  ``UnsupportedModel`` with a short ``reason`` label (``architecture``, ``sliding_window``,
+  ``rope_<why>``, ``layer_names``, ...). ``rope`` is the ``RopeSpec`` built from the
+  engine's own rotary embedding, checked against its cos/sin cache.
+- ``run(token_ids, slots, select, check_layers, narrow)`` recomputes the positions in
+  ``select`` (sorted, inside ``[0, len(token_ids))``) at every layer: fresh q, k, v from
+  the model's modules, fresh k, v written to their slots through ``paged``, then exact
+  causal attention (key position <= query position, GQA) over the K/V that the cache
+  holds for ``[0, end)``, ``o_proj`` and the MLP. Precondition: every position in
+  ``[0, end)`` already holds K/V. vLLM's ``Attention`` module is never called (it reads
+  the forward context). Queries are processed in chunks, so the score matrix stays under
+  ``SCORE_BUDGET`` elements whatever the prompt length.
+- With ``narrow`` and ``check_layers > 0``: at each of the first ``check_layers`` layers
+  (fewer than the model has), each selected token's K deviation (mean squared difference
+  between the fresh K and the K the cache held before it was overwritten) is summed; after
+  them ``narrow(deviation)`` returns indices into ``select`` to keep, and later layers
+  recompute those rows only. ``check_layers <= 0`` or ``narrow=None``: no narrowing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cp_engine.blend.rope import RopeSpec, UnsupportedRope
+
+from .blend_layout import PagedKV
+
+__all__ = ["ACCEPTED", "UnsupportedModel", "RecomputeReport", "DecoderRecompute"]
+
+# Model class -> (decoder layer class, attention class) whose forward this module mirrors.
+ACCEPTED = {
+    "LlamaForCausalLM": ("LlamaDecoderLayer", "LlamaAttention"),
+    "MistralForCausalLM": ("MistralDecoderLayer", "MistralAttention"),
+    "Qwen2ForCausalLM": ("Qwen2DecoderLayer", "Qwen2Attention"),
+}
+# Rotary classes with fixed per-pair frequencies (a stored K moves by one more rotation).
+_FIXED_ROPE = ("RotaryEmbedding", "LinearScalingRotaryEmbedding", "Llama3RotaryEmbedding",
+               "YaRNScalingRotaryEmbedding")
+_ROPE_REASONS = {
+    "DynamicNTKScalingRotaryEmbedding": "rope_dynamic", "DynamicNTKAlphaRotaryEmbedding": "rope_dynamic",
+    "NTKScalingRotaryEmbedding": "rope_dynamic", "Phi3LongRoPEScaledRotaryEmbedding": "rope_longrope",
+    "MRotaryEmbedding": "rope_mrope", "MRotaryEmbeddingInterleaved": "rope_mrope",
+}
+SCORE_BUDGET = 1 << 22  # attention scores held at once (heads x queries x keys), 16 MiB in float32
+
+
+class UnsupportedModel(RuntimeError):
+    """The model cannot be recomputed here; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class RecomputeReport:
+    tokens_per_layer: list[int]
+    kept: torch.LongTensor
+
+    def full_depth_tokens(self) -> float:
+        """Recomputed tokens summed over layers, divided by the number of layers."""
+        return sum(self.tokens_per_layer) / len(self.tokens_per_layer) if self.tokens_per_layer else 0.0
+
+
+def _engine_inv_freq(rot: torch.nn.Module) -> torch.Tensor:
+    """The per-pair frequencies the engine's rotary class rotates by (float32, as it computes them)."""
+    name = type(rot).__name__
+    if name == "YaRNScalingRotaryEmbedding":
+        return rot._compute_inv_freq(rot.scaling_factor)
+    inv = rot._compute_inv_freq(rot.base)
+    if name == "LinearScalingRotaryEmbedding":
+        if len(rot.scaling_factors) != 1:
+            raise UnsupportedModel("rope_linear_multi", "several linear scaling factors share one cache")
+        inv = inv / float(rot.scaling_factors[0])
+    return inv
+
+
+def rope_spec(rot: torch.nn.Module, hf_config=None) -> RopeSpec:
+    """``RopeSpec`` of an engine rotary embedding; ``UnsupportedModel`` when it cannot be moved."""
+    name = type(rot).__name__
+    if name not in _FIXED_ROPE:
+        detail = f"rotary class {name}"
+        if hf_config is not None:
+            try:
+                RopeSpec.from_hf_config(hf_config)
+            except UnsupportedRope as exc:
+                detail = f"{detail}: {exc}"
+        raise UnsupportedModel(_ROPE_REASONS.get(name, "rope_unknown"), detail)
+    style = "neox" if rot.is_neox_style else "gptj"
+    spec = RopeSpec.from_inv_freq(_engine_inv_freq(rot), style, int(rot.head_size), label=name)
+    # The class's frequencies must be what its cos/sin cache rotates by (scale factors cancel in atan2).
+    cache = rot.cos_sin_cache.float()
+    rows = sorted({1, 7, min(cache.shape[0] - 1, 1000)})
+    cos, sin = cache[rows].chunk(2, dim=-1)
+    got = torch.atan2(sin, cos).double()
+    want = torch.tensor(rows, dtype=torch.float64)[:, None] * torch.tensor(spec.inv_freq, dtype=torch.float64)
+    err = torch.remainder(got - want + math.pi, 2 * math.pi) - math.pi
+    if float(err.abs().max()) > 1e-3:
+        raise UnsupportedModel("rope_mismatch", f"{name}: frequencies differ from its cos/sin cache")
+    return spec
+
+
+def _check_parallel() -> None:
+    try:
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+
+        tp, pp = get_tensor_model_parallel_world_size(), get_pp_group().world_size
+    except (ImportError, AssertionError, AttributeError):  # no parallel state: a single process
+        return
+    if tp > 1:
+        raise UnsupportedModel("tensor_parallel", f"tensor parallel size {tp}")
+    if pp > 1:
+        raise UnsupportedModel("pipeline_parallel", f"pipeline parallel size {pp}")
+
+
+def _check_layer(i: int, layer: torch.nn.Module, want: tuple[str, str], paged: PagedKV) -> None:
+    if (type(layer).__name__, type(layer.self_attn).__name__) != want:
+        raise UnsupportedModel("architecture", f"layer {i} is {type(layer).__name__}/{type(layer.self_attn).__name__}")
+    sa, attn = layer.self_attn, layer.self_attn.attn
+    if type(attn).__name__ != "Attention" or getattr(attn, "attn_type", "decoder") != "decoder":  # a str enum
+        raise UnsupportedModel("attention_type", f"layer {i}: {type(attn).__name__} ({getattr(attn, 'attn_type', '?')})")
+    if getattr(attn, "sliding_window", None) is not None:
+        raise UnsupportedModel("sliding_window", f"layer {i}: window {attn.sliding_window}")
+    impl = getattr(attn, "impl", None)
+    if getattr(attn, "has_sink", False) or getattr(impl, "alibi_slopes", None) is not None \
+            or getattr(impl, "logits_soft_cap", 0) or getattr(impl, "sinks", None) is not None:
+        raise UnsupportedModel("attention_variant", f"layer {i}: sinks, ALiBi or a logit soft cap")
+    if getattr(sa, "do_llama_4_scaling", False):
+        raise UnsupportedModel("attention_variant", f"layer {i}: position-dependent query scaling")
+    if getattr(layer, "ada_rms_norm_t_cond", None) is not None:
+        raise UnsupportedModel("architecture", f"layer {i}: time-conditioned RMSNorm")
+    if (int(sa.num_kv_heads), int(sa.head_dim)) != (paged.num_kv_heads, paged.head_dim):
+        raise UnsupportedModel("layout_mismatch", f"layer {i}: {sa.num_kv_heads} KV heads x {sa.head_dim} vs the cache")
+
+
+class DecoderRecompute:
+    """Layer-by-layer recompute of selected prompt positions over the paged cache."""
+
+    def __init__(self, model: torch.nn.Module, paged: PagedKV, rope: RopeSpec):
+        self.model, self.paged, self.rope = model, paged, rope
+        self.layers = list(model.model.layers)
+        self.num_layers = len(self.layers)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, paged: PagedKV) -> "DecoderRecompute":
+        want = ACCEPTED.get(type(model).__name__)
+        if want is None:
+            raise UnsupportedModel("architecture", f"{type(model).__name__} (accepted: {', '.join(ACCEPTED)})")
+        _check_parallel()
+        body = model.model
+        layers = list(body.layers)
+        if getattr(body, "start_layer", 0) != 0 or getattr(body, "end_layer", len(layers)) != len(layers):
+            raise UnsupportedModel("pipeline_parallel", "the model holds only part of its layers")
+        for i, layer in enumerate(layers):
+            _check_layer(i, layer, want, paged)
+        names = tuple(layer.self_attn.attn.layer_name for layer in layers)
+        if names != tuple(paged.layer_names):
+            raise UnsupportedModel("layer_names", f"model layers {names[:2]}... vs cache layers {paged.layer_names[:2]}...")
+        hf_config = getattr(model, "config", None)
+        specs = {rope_spec(layer.self_attn.rotary_emb, hf_config) for layer in layers}
+        if len(specs) != 1:
+            raise UnsupportedModel("rope_per_layer", f"{len(specs)} different rotations across layers")
+        spec = specs.pop()
+        if spec.head_dim != paged.head_dim:
+            raise UnsupportedModel("layout_mismatch", f"RoPE head dim {spec.head_dim} vs cache {paged.head_dim}")
+        return cls(model, paged, spec)
+
+    @torch.inference_mode()
+    def run(self, token_ids: Sequence[int], slots: torch.LongTensor, select: torch.LongTensor,
+            check_layers: int = 0, narrow: Callable[[np.ndarray], np.ndarray] | None = None) -> RecomputeReport:
+        """See the module docstring. Returns the tokens recomputed per layer and the kept positions."""
+        end = len(token_ids)
+        slots = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
+        sel = torch.as_tensor(select, dtype=torch.int64).reshape(-1)
+        if slots.numel() != end:
+            raise ValueError(f"{slots.numel()} slots for {end} tokens")
+        if sel.numel() and (int(sel[0]) < 0 or int(sel[-1]) >= end or bool((sel[1:] <= sel[:-1]).any())):
+            raise ValueError(f"select must be sorted, unique positions inside [0, {end})")
+        ids = torch.as_tensor(list(token_ids), dtype=torch.int64)
+        if sel.numel() == 0:
+            return RecomputeReport([0] * self.num_layers, sel)
+        checking = narrow is not None and 0 < check_layers < self.num_layers
+        deviation = torch.zeros(sel.numel(), dtype=torch.float64)
+        report = RecomputeReport([], sel)
+        h = self.model.model.embed_input_ids(ids[sel])
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if checking and i == check_layers:
+                keep = self._narrowed(narrow, deviation, sel.numel())
+                sel, h, residual = sel[keep], h[keep], residual[keep]
+            report.tokens_per_layer.append(int(sel.numel()))
+            if sel.numel():
+                h, residual = self._layer(layer, sel, slots, h, residual, deviation if checking and i < check_layers else None)
+        report.kept = sel
+        return report
+
+    @staticmethod
+    def _narrowed(narrow, deviation: torch.Tensor, n: int) -> torch.Tensor:
+        keep = np.asarray(narrow(deviation.numpy().copy()))
+        if keep.ndim != 1 or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
+            raise ValueError("narrow must return a 1-D array of indices into select")
+        keep = np.unique(keep)
+        if keep.size and (keep[0] < 0 or keep[-1] >= n):
+            raise ValueError(f"narrow returned indices outside [0, {n})")
+        return torch.from_numpy(keep.astype(np.int64))
+
+    def _layer(self, layer, sel, slots, h, residual, deviation):
+        """One decoder layer for the rows ``sel``; returns the next (hidden, residual)."""
+        sa, name = layer.self_attn, layer.self_attn.attn.layer_name
+        if residual is None:  # the first layer, as the model's own forward does it
+            residual = h
+            x = layer.input_layernorm(h)
+        else:
+            x, residual = layer.input_layernorm(h, residual)
+        n, heads, kv_heads, dim = sel.numel(), int(sa.num_heads), int(sa.num_kv_heads), int(sa.head_dim)
+        qkv, _ = sa.qkv_proj(x)
+        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
+        if getattr(sa, "qk_norm", False):
+            q = sa.q_norm(q.reshape(n, heads, dim)).reshape(n, sa.q_size)
+            k = sa.k_norm(k.reshape(n, kv_heads, dim)).reshape(n, sa.kv_size)
+        q, k = sa.rotary_emb(sel, q, k)
+        k, v = k.reshape(n, kv_heads, dim), v.reshape(n, kv_heads, dim)
+        own = slots[sel]
+        if deviation is not None:
+            stitched, _ = self.paged.read(name, own)
+            deviation += (k.float() - stitched.float()).pow(2).mean(dim=(1, 2)).double()
+        self.paged.write(name, own, k, v)
+        keys, values = self.paged.read(name, slots[: int(sel[-1]) + 1])
+        out = _causal_attention(q.reshape(n, heads, dim), keys, values, sel, float(sa.scaling))
+        o, _ = sa.o_proj(out.reshape(n, heads * dim).to(h.dtype))
+        h, residual = layer.post_attention_layernorm(o, residual)
+        return layer.mlp(h), residual
+
+
+def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Softmax attention of queries ``q [n, H, D]`` at positions ``pos`` over ``keys``/``values``
+    ``[L, Hkv, D]`` at positions ``0..L-1`` (key position <= query position), float32, in query
+    chunks of at most ``SCORE_BUDGET`` scores. Returns ``[n, H, D]``."""
+    n, heads, dim = q.shape
+    length, kv_heads, _ = keys.shape
+    group = heads // kv_heads
+    k = keys.float().permute(1, 0, 2)            # [Hkv, L, D]
+    v = values.float().permute(1, 0, 2)
+    key_pos = torch.arange(length)
+    out = torch.empty(n, heads, dim, dtype=torch.float32)
+    chunk = max(1, SCORE_BUDGET // (heads * length))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        qc = q[start:stop].float().reshape(stop - start, kv_heads, group, dim).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
+        scores = torch.matmul(qc, k.unsqueeze(1).transpose(-1, -2)) * scale                       # [Hkv, G, c, L]
+        allowed = key_pos[None, :] <= pos[start:stop, None]                                          # [c, L]
+        scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        oc = torch.matmul(probs, v.unsqueeze(1))                                                     # [Hkv, G, c, D]
+        out[start:stop] = oc.permute(2, 0, 1, 3).reshape(stop - start, heads, dim)
+    return out
