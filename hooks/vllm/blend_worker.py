@@ -37,11 +37,7 @@ from .blend_meta import BlendWorkerMeta, LoadOrder, SaveOrder
 from .blend_stats import BlendStats
 
 from .blend_layout import PagedKV, UnsupportedLayout
-
-try:
-    from .blend_recompute import DecoderRecompute, UnsupportedModel
-except ImportError:  # the recompute pass is not in this tree yet
-    from ._blend_shim import DecoderRecompute, UnsupportedModel
+from .blend_recompute import DecoderRecompute, UnsupportedModel
 
 __all__ = ["BlendWorker"]
 
