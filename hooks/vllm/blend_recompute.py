@@ -13,9 +13,9 @@ Contract:
   ``select`` (sorted, inside ``[0, len(token_ids))``) at every layer: fresh q, k, v from
   the model's modules, fresh k, v written to their slots through ``paged``, then exact
   causal attention (key position <= query position, GQA) over the K/V that the cache
-  holds for ``[0, end)``, ``o_proj`` and the MLP. Precondition: every position in
-  ``[0, end)`` already holds K/V. vLLM's ``Attention`` module is never called (it reads
-  the forward context). Queries are processed in chunks, so the score matrix stays under
+  holds for ``[0, end)``, ``o_proj`` and the MLP (the last layer stops once its K/V are
+  written). Precondition: every position in ``[0, end)`` already holds K/V. vLLM's
+  ``Attention`` module is never called (it reads the forward context). Queries are processed in chunks, so the score matrix stays under
   ``SCORE_BUDGET`` elements whatever the prompt length.
 - With ``narrow`` and ``check_layers > 0``: at each of the first ``check_layers`` layers
   (fewer than the model has), each selected token's K deviation (mean squared difference
@@ -201,7 +201,9 @@ class DecoderRecompute:
                 sel, h, residual = sel[keep], h[keep], residual[keep]
             report.tokens_per_layer.append(int(sel.numel()))
             if sel.numel():
-                h, residual = self._layer(layer, sel, slots, h, residual, deviation if checking and i < check_layers else None)
+                h, residual = self._layer(layer, sel, slots, h, residual,
+                                          deviation if checking and i < check_layers else None,
+                                          last=i == self.num_layers - 1)
         report.kept = sel
         return report
 
@@ -215,8 +217,9 @@ class DecoderRecompute:
             raise ValueError(f"narrow returned indices outside [0, {n})")
         return torch.from_numpy(keep.astype(np.int64))
 
-    def _layer(self, layer, sel, slots, h, residual, deviation):
-        """One decoder layer for the rows ``sel``; returns the next (hidden, residual)."""
+    def _layer(self, layer, sel, slots, h, residual, deviation, last: bool = False):
+        """One decoder layer for the rows ``sel``; returns the next (hidden, residual). The last
+        layer stops once its K/V are written: nothing reads its attention or MLP output."""
         sa, name = layer.self_attn, layer.self_attn.attn.layer_name
         if residual is None:  # the first layer, as the model's own forward does it
             residual = h
@@ -236,6 +239,8 @@ class DecoderRecompute:
             stitched, _ = self.paged.read(name, own)
             deviation += (k.float() - stitched.float()).pow(2).mean(dim=(1, 2)).double()
         self.paged.write(name, own, k, v)
+        if last:
+            return h, residual
         keys, values = self.paged.read(name, slots[: int(sel[-1]) + 1])
         out = _causal_attention(q.reshape(n, heads, dim), keys, values, sel, float(sa.scaling))
         o, _ = sa.o_proj(out.reshape(n, heads * dim).to(h.dtype))

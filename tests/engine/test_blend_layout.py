@@ -28,8 +28,11 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLL
 
 @pytest.fixture(scope="module")
 def engine():
-    """(llm, worker): one in-process engine for the module, shut down afterwards."""
-    saved = {k: os.environ.get(k) for k in ENGINE_ENV}
+    """(llm, worker): one in-process engine for the module, shut down afterwards. The CPU
+    worker swaps out ``torch.set_num_threads`` and lowers the thread count for the whole
+    process; both are put back so later tests in this pytest process are unaffected."""
+    saved = {k: os.environ.get(k) for k in (*ENGINE_ENV, "VLLM_DIST_IDENT")}
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     os.environ.update(ENGINE_ENV)
     from vllm import LLM
 
@@ -42,6 +45,8 @@ def engine():
     from vllm.distributed import cleanup_dist_env_and_memory
 
     cleanup_dist_env_and_memory()
+    torch.set_num_threads = set_threads
+    torch.set_num_threads(threads)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
