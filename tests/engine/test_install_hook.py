@@ -55,12 +55,23 @@ def test_deep_status_lists_every_patch_of_the_table_applied():
     assert "patches" in probe, probe
     assert [p["name"] for p in probe["patches"]] == [r.name for r in TABLE.rows]
     assert probe["import_failures"] == {}
-    # All features are on by default: every row the installed vLLM has is applied,
-    # on the API server's modules and on EngineCore's (scheduler, block pool) alike.
-    states = {p["name"]: p["state"] for p in probe["patches"]}
+    # Every row whose feature is on by default is applied, on the API server's modules
+    # and on EngineCore's (scheduler, block pool) alike; a default-off feature (blend)
+    # leaves its rows skipped, saying which feature.
+    from cp_engine.config import Config
+
+    defaults = Config()
+    states = {p["name"]: p for p in probe["patches"]}
     for row in TABLE.rows:
-        if not row.optional:
-            assert states[row.name] == "applied", probe["patches"]
+        wanted = not row.features() or any(getattr(defaults, f, False) for f in row.features())
+        if wanted and not row.optional:
+            assert states[row.name]["state"] == "applied", probe["patches"]
+        elif not wanted:
+            assert states[row.name]["state"] == "skipped", probe["patches"]
+            assert row.feature in states[row.name]["detail"], probe["patches"]
+    assert any(not (not r.features() or any(getattr(defaults, f, False) for f in r.features()))
+               for r in TABLE.rows), "the default-off branch is exercised by the blend rows"
+    states = {name: p["state"] for name, p in states.items()}
     assert {"chat_rewrite", "completion_rewrite", "queue_factory", "block_evicted"} <= set(states)
 
 
