@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import statistics
 import sys
 import time
@@ -220,8 +221,14 @@ def run_pass(srv: Server, prompts, spans: bool, salt: str, args) -> tuple[list, 
     return out, d
 
 
+def arm_salt(arm: str) -> str:
+    """A fresh ``cache_salt`` for one arm's run. vLLM refuses a salt holding ``@``, ``/``,
+    ``\\`` or NUL, or longer than 128 characters, and arm names carry ``@``."""
+    return f"q-{re.sub(r'[^A-Za-z0-9._-]', '_', arm)[:80]}-{uuid.uuid4().hex[:12]}"
+
+
 def run_arm(srv: Server, arm: str, qs: Questions, prompts: dict, args) -> dict | None:
-    salt = f"q-{arm}-{uuid.uuid4().hex[:12]}"
+    salt = arm_salt(arm)
     blend = "@" in arm
     if arm == "plain":
         warm, measured = None, qs.measured

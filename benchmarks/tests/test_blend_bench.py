@@ -194,6 +194,16 @@ def test_quality_arm_plan_puts_the_exact_arms_on_the_first_server():
     assert "peer" in qual.arm_plan(args, have_peer=True)[0]["arms"]
 
 
+def test_every_arms_cache_salt_passes_vllms_own_check_and_is_fresh():
+    protocol = pytest.importorskip("vllm.entrypoints.generate.base.protocol")
+    args = argparse.Namespace(ratios=[0.0, 0.15, 1.0], modes=["first_tokens", "deviation"], mode_ratio=0.15)
+    arms = [a for p in qual.arm_plan(args, have_peer=True) for a in p["arms"]] + ["x" * 300, "a/b\\c\0d"]
+    for arm in arms:
+        protocol.validate_cache_salt(qual.arm_salt(arm))
+    assert qual.arm_salt("blend@0.15") != qual.arm_salt("blend@0.15")
+    assert qual.arm_salt("blend@0.15") != qual.arm_salt("blend@1")
+
+
 def test_the_flat_wire_form_reads_back_as_the_same_spans():
     spans = [(3, 9), (9, 20), (25, 26)]
     assert read_spans({"cp_spans": span_xargs(spans, "flat")}, 30) == tuple(spans)
