@@ -221,6 +221,18 @@ def run_pass(srv: Server, prompts, spans: bool, salt: str, args) -> tuple[list, 
     return out, d
 
 
+def run_note(arms: dict, mode_ratio: float, have_peer: bool) -> str:
+    """The result's note, saying only what the arms that actually ran did."""
+    note = "Warm pass (retrieval order) then measured pass (seeded shuffle, first document moved)"
+    if any(a.startswith(("first_tokens", "deviation")) for a in arms):
+        note += f"; mode arms at ratio {mode_ratio:g}"
+    if "peer" in arms:
+        note += "; peer ran"
+    elif have_peer:
+        note += "; peer available, not run"
+    return note + "; arms run: " + ", ".join(arms) + "."
+
+
 def arm_salt(arm: str) -> str:
     """A fresh ``cache_salt`` for one arm's run. vLLM refuses a salt holding ``@``, ``/``,
     ``\\`` or NUL, or longer than 128 characters, and arm names carry ``@``."""
@@ -302,11 +314,10 @@ def main(argv=None) -> int:
     if peer is not None:
         prompts["peer"] = peer
     keep = set(args.arms.split(",")) if args.arms else None
-    data["note"] = (f"Warm pass (retrieval order) then measured pass (seeded shuffle, first document moved); "
-                    f"mode arms at ratio {args.mode_ratio:g}; peer {'ran' if peer is not None else 'not available'}.")
     t_start = time.perf_counter()
 
     def save(echo=False):
+        data["note"] = run_note(data["arms"], args.mode_ratio, peer is not None)
         data["summary"] = summarize(data["arms"])
         data["wall_s"] = round(time.perf_counter() - t_start, 1)
         write_result(name, data, table=table, plot=plot, prov=prov, echo=echo)

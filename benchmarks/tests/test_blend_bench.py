@@ -209,3 +209,13 @@ def test_the_flat_wire_form_reads_back_as_the_same_spans():
     assert read_spans({"cp_spans": span_xargs(spans, "flat")}, 30) == tuple(spans)
     assert read_spans({"cp_spans": [3, 9, 9]}, 30) is None  # odd length: not pairs
     assert read_spans({"cp_spans": [9, 3]}, 30) is None  # an empty or reversed span stays refused
+
+
+def test_quality_note_names_only_the_arms_that_ran():
+    from benchmarks.blend.bench_blend_quality import run_note
+
+    note = run_note({"plain": {}, "blend@0.15": {}}, 0.15, have_peer=True)
+    assert "mode arms" not in note and "peer ran" not in note and "peer available, not run" in note
+    assert note.endswith("arms run: plain, blend@0.15.")
+    note = run_note({"plain": {}, "peer": {}, "deviation@0.15": {}}, 0.15, have_peer=True)
+    assert "mode arms at ratio 0.15" in note and "peer ran" in note
