@@ -70,19 +70,41 @@ def validate_blocks(blocks: Any) -> list[str]:
 
 
 def namespace_of(messages_before: Sequence[Any]) -> str:
-    """Stable key of the prompt text before the blocks; "" when there is none."""
+    """Stable key of the prompt text before the blocks; "" when there is none.
+
+    Equal message lists (key order aside) give equal keys in every process; different
+    ones differ. The usual message (a dict of strings) is hashed field by field, each
+    length-prefixed, which costs a fraction of serialising the history to JSON; any
+    other message is hashed as sorted JSON under its own tag.
+    """
     if not messages_before:
         return ""
-    data = json.dumps(list(messages_before), sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    h = hashlib.blake2b(digest_size=8)
+    for m in messages_before:
+        if type(m) is dict and all(type(k) is str and type(v) is str for k, v in m.items()):
+            h.update(b"\x01%d:" % len(m))
+            for k in sorted(m):
+                _update_str(h, k)
+                _update_str(h, m[k])
+        else:
+            h.update(b"\x02")
+            _update_str(h, json.dumps(m, sort_keys=True, ensure_ascii=False, default=str))
+    return h.hexdigest()
+
+
+def _update_str(h: Any, text: str) -> None:
+    data = text.encode("utf-8", "surrogatepass")
+    h.update(b"%d:" % len(data))
+    h.update(data)
 
 
 class ContextPipeline:
     def __init__(self, config: Config | None = None, index: ContextIndex | None = None,
                  deduplicator: Deduplicator | None = None):
         self.config = config or load_config()
-        self.index = index or ContextIndex(max_nodes=self.config.index_max_nodes)
-        self.dedup = deduplicator or Deduplicator(
+        # `is None`, not `or`: an empty index or deduplicator has len 0 and is falsy.
+        self.index = index if index is not None else ContextIndex(max_nodes=self.config.index_max_nodes)
+        self.dedup = deduplicator if deduplicator is not None else Deduplicator(
             max_conversations=self.config.dedup_max_conversations,
             max_blocks=self.config.dedup_max_blocks,
         )
