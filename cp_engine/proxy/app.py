@@ -8,7 +8,9 @@ the proxy makes itself (``errors``): 400 for malformed marks (the plugin's messa
 ``max_concurrency`` requests in flight, 502/504 from ``forward``. A client that
 disconnects cancels its request, upstream included. A successful ``POST`` to a route
 that drops the upstream's whole prefix cache (vLLM's ``/reset_prefix_cache``,
-SGLang's ``/flush_cache``) resets the context index too.
+SGLang's ``/flush_cache``) resets the context index too. ``GET /cp_engine/metrics`` is
+the proxy's own route (never forwarded): its counters and index size as Prometheus
+text (``counters``), served even when the concurrency bound is reached.
 
 ``build_app(cfg, pipeline=None)`` gives the aiohttp application (its own
 ``ContextPipeline`` whose index is bounded by ``cfg.upstream_cache_tokens``, unless
@@ -21,21 +23,25 @@ import logging
 from aiohttp import web
 
 from cp_engine.config import load_config
+from cp_engine.hooks.acceptance import PendingCommit
 from cp_engine.index import ContextIndex
 from cp_engine.pipeline import ContextPipeline
 from . import rewrite
 from .config import ProxyConfig
+from .counters import CONTENT_TYPE, ProxyCounters, render
 from .errors import error_response
 from .forward import Upstream, UpstreamError
 from .relay import relay
 
-__all__ = ["PIPELINE", "build_app", "make_pipeline", "run"]
+__all__ = ["COUNTERS", "METRICS_PATH", "PIPELINE", "build_app", "make_pipeline", "run"]
 
 logger = logging.getLogger("cp_engine.proxy")
 
 CONFIG = web.AppKey("cp_engine_proxy_config", ProxyConfig)
 PIPELINE = web.AppKey("cp_engine_proxy_pipeline", ContextPipeline)
 UPSTREAM = web.AppKey("cp_engine_proxy_upstream", Upstream)
+COUNTERS = web.AppKey("cp_engine_proxy_counters", ProxyCounters)
+METRICS_PATH = "/cp_engine/metrics"
 # Routes that drop the upstream's whole prefix cache (vLLM, SGLang).
 _CACHE_RESETS = ("/reset_prefix_cache", "/flush_cache")
 
@@ -70,11 +76,18 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
         return None
 
 
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    text = render(app[COUNTERS], app[PIPELINE].index, app[IN_FLIGHT].count + 1)
+    return web.Response(body=text.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     app = request.app
     cfg = app[CONFIG]
     in_flight = app[IN_FLIGHT]
     if in_flight.count >= in_flight.limit:
+        app[COUNTERS].inc("requests_rejected", 503)
         return error_response(503, f"cp_engine proxy: {in_flight.limit} requests already in flight",
                               headers={"Retry-After": "1"})
     in_flight.count += 1
@@ -85,29 +98,47 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _forward(request: web.Request, cfg: ProxyConfig) -> web.StreamResponse:
+    counters = request.app[COUNTERS]
     body = await _read_body(request, cfg.max_body_bytes)
     if body is None:
+        counters.inc("requests_rejected", 413)
         return error_response(413, f"cp_engine proxy: request body over {cfg.max_body_bytes} bytes")
-    pending = None
+    outcome = None
     route = rewrite.route_of(request.method, request.path)
     if route is not None:
         outcome = rewrite.stage(route, body, request.headers, request.app[PIPELINE])
         if isinstance(outcome, rewrite.Invalid):
+            counters.inc("requests_rejected", 400)
             return error_response(400, outcome.message)
-        if outcome is not None:
-            body, pending = outcome.body, outcome.pending
+    if outcome is None:
+        counters.inc("requests_passed_through")
+        pending = None
+    else:
+        body, pending = outcome.body, outcome.pending
+        counters.inc("requests_rewritten" if pending is not None else "requests_rewrite_failed")
+    try:
+        return await _exchange(request, body, pending, counters)
+    finally:
+        if pending is not None and pending.state == "rejected":
+            counters.inc("rewrites_rolled_back")
+
+
+async def _exchange(request: web.Request, body: bytes, pending: PendingCommit | None,
+                    counters: ProxyCounters) -> web.StreamResponse:
+    """Send to the upstream and relay its answer; ``pending`` is settled either way."""
     try:
         upstream = await request.app[UPSTREAM].send(request.method, request.raw_path, request.headers, body)
     except UpstreamError as exc:
         if pending is not None:
             pending.reject()
+        counters.inc("upstream_errors", exc.status)
         logger.warning("%s", exc.message)
         return error_response(exc.status, exc.message)
     except BaseException:  # cancelled (client gone) while waiting
         if pending is not None:
             pending.reject()
         raise
-    resp = await relay(request, upstream, pending)
+    resp = await relay(request, upstream, pending, on_broken=lambda: counters.inc("upstream_errors", 502))
     if request.method == "POST" and request.path.rstrip("/").endswith(_CACHE_RESETS) and upstream.status < 400:
         request.app[PIPELINE].reset()  # the upstream forgot every prefix: so does the index
     return resp
@@ -119,6 +150,7 @@ def build_app(cfg: ProxyConfig, pipeline: ContextPipeline | None = None) -> web.
     app[PIPELINE] = pipeline if pipeline is not None else make_pipeline(cfg)
     app[UPSTREAM] = Upstream(cfg.upstream_base, cfg.connect_timeout_s, cfg.read_timeout_s, cfg.max_concurrency)
     app[IN_FLIGHT] = InFlight(cfg.max_concurrency)
+    app[COUNTERS] = ProxyCounters()
 
     async def start(app: web.Application) -> None:
         await app[UPSTREAM].start()
@@ -128,6 +160,7 @@ def build_app(cfg: ProxyConfig, pipeline: ContextPipeline | None = None) -> web.
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
+    app.router.add_get(METRICS_PATH, metrics)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -11,13 +11,15 @@ accepted at once. A relay that breaks (client gone, upstream silent or broken)
 rejects a still-pending commit, closes the upstream connection (so the upstream
 stops generating) and ends the client's answer as an error rather than leaving it
 waiting: an event stream gets a final ``data: {"error": ...}`` event, any other body
-is cut off (the client sees an incomplete body).
+is cut off (the client sees an incomplete body). ``on_broken`` (optional) is called
+once when the upstream's answer broke off (not when the client left).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
@@ -65,7 +67,7 @@ class FirstEvent:
 
 
 async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
-                pending: PendingCommit | None) -> web.StreamResponse:
+                pending: PendingCommit | None, on_broken: Callable[[], None] | None = None) -> web.StreamResponse:
     stream = _is_event_stream(upstream)
     watch: FirstEvent | None = None
     if pending is not None:
@@ -99,6 +101,8 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
             pending.reject()
         raise
     if broke is not None:
+        if on_broken is not None:
+            on_broken()
         return await _broke_off(request, resp, upstream, pending, stream, broke)
     if watch is not None:
         watch.end()

@@ -433,7 +433,8 @@ def test_oversized_body_is_a_413_and_reaches_no_upstream(upstream, make_proxy):
     assert post(srv, CHAT, chat_body(question("small"))).status_code == 200
 
 
-def test_requests_beyond_the_concurrency_bound_get_503(upstream, make_proxy):
+def hold(upstream: FakeUpstream) -> tuple[asyncio.Event, threading.Event]:
+    """Make the upstream hold each request until ``release`` is set; ``arrived`` tells one came."""
     release, arrived = asyncio.Event(), threading.Event()
 
     async def held(request, body):
@@ -442,6 +443,11 @@ def test_requests_beyond_the_concurrency_bound_get_503(upstream, make_proxy):
         return web.json_response({"done": True})
 
     upstream.answer = held
+    return release, arrived
+
+
+def test_requests_beyond_the_concurrency_bound_get_503(upstream, make_proxy):
+    release, arrived = hold(upstream)
     srv = make_proxy(max_concurrency=1)
     first: list = []
     t = threading.Thread(target=lambda: first.append(post(srv, CHAT, chat_body(question("a")))))
@@ -512,3 +518,96 @@ def test_the_command_serves_the_proxy(upstream):
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     assert f"cp_engine proxy on http://127.0.0.1:{port} -> {upstream.server.url}" in out
+
+
+# -- the proxy's own counters ------------------------------------------------------------
+
+def scrape(srv: BackgroundServer) -> dict[tuple[str, str], float]:
+    """``GET /cp_engine/metrics`` parsed by prometheus_client: (sample, status label) -> value."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    r = requests.get(srv.url + "/cp_engine/metrics", timeout=WAIT_S)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {(s.name, s.labels.get("status", "")): s.value
+            for fam in parser.text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics_route_counts_each_outcome_and_is_never_forwarded(upstream, make_proxy):
+    srv = make_proxy(max_body_bytes=4000)
+    before = scrape(srv)
+    assert before[("cp_engine_proxy_requests_rewritten_total", "")] == 0
+    assert before[("cp_engine_proxy_index_requests", "")] == 0
+    assert post(srv, CHAT, chat_body(question("a"), context_blocks=DOCS[:2])).status_code == 200
+    assert post(srv, CHAT, chat_body(question("b"))).status_code == 200  # unmarked
+    assert requests.get(srv.url + "/v1/models", timeout=WAIT_S).status_code == 200
+    assert post(srv, CHAT, chat_body(question("c"), context_blocks=["x", " "])).status_code == 400
+    assert post(srv, CHAT, chat_body(question("x" * 5000))).status_code == 413
+
+    async def refuse(request, body):
+        return web.json_response({"error": {"message": "no"}}, status=400)
+
+    upstream.answer = refuse
+    assert post(srv, CHAT, chat_body(question("d"), context_blocks=DOCS[2:4])).status_code == 400
+    got = scrape(srv)
+    assert got[("cp_engine_proxy_requests_rewritten_total", "")] == 2
+    assert got[("cp_engine_proxy_requests_passed_through_total", "")] == 2
+    assert got[("cp_engine_proxy_requests_rejected_total", "400")] == 1
+    assert got[("cp_engine_proxy_requests_rejected_total", "413")] == 1
+    assert got[("cp_engine_proxy_rewrites_rolled_back_total", "")] == 1
+    assert got[("cp_engine_proxy_requests_rewrite_failed_total", "")] == 0
+    index = pipeline_of(srv).index
+    assert got[("cp_engine_proxy_index_requests", "")] == index.requests == 1
+    assert got[("cp_engine_proxy_index_tokens", "")] == index.tokens > 0
+    assert got[("cp_engine_proxy_index_max_tokens", "")] == index.max_tokens
+    assert got[("cp_engine_proxy_in_flight", "")] == 1  # the scrape itself
+    assert all("/cp_engine/metrics" not in r["path"] for r in upstream.received)
+    assert len(upstream.received) == 4
+
+
+def test_metrics_count_upstream_failures_and_failed_rewrites(upstream, make_proxy, monkeypatch):
+    with socket_closed() as port:
+        dead = make_proxy(upstream=f"http://127.0.0.1:{port}")
+        assert post(dead, CHAT, chat_body(question("q"), context_blocks=DOCS[:2])).status_code == 502
+    got = scrape(dead)
+    assert got[("cp_engine_proxy_upstream_errors_total", "502")] == 1
+    assert got[("cp_engine_proxy_rewrites_rolled_back_total", "")] == 1
+
+    async def breaks(request, body):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_sse({"choices": [{"delta": {"content": "one"}}]}))
+        request.transport.close()
+        return resp
+
+    upstream.answer = breaks
+    srv = make_proxy()
+    post(srv, CHAT, chat_body(question("q"), stream=True))
+    monkeypatch.setenv("CP_ENGINE_FAULT", "proxy_rewrite")
+    upstream.answer = FakeUpstream.ok
+    assert post(srv, CHAT, chat_body(question("q"), context_blocks=DOCS[:2])).status_code == 200
+    got = scrape(srv)
+    assert got[("cp_engine_proxy_upstream_errors_total", "502")] == 1
+    assert got[("cp_engine_proxy_requests_rewrite_failed_total", "")] == 1
+    assert got[("cp_engine_proxy_requests_passed_through_total", "")] == 1
+
+
+def test_metrics_are_served_when_the_concurrency_bound_is_reached(upstream, make_proxy):
+    release, arrived = hold(upstream)
+    srv = make_proxy(max_concurrency=1)
+    t = threading.Thread(target=lambda: post(srv, CHAT, chat_body(question("a"))))
+    t.start()
+    try:
+        assert arrived.wait(WAIT_S)
+        assert post(srv, CHAT, chat_body(question("b"))).status_code == 503
+        got = scrape(srv)
+    finally:
+        upstream.set_event(release)
+        t.join(WAIT_S)
+    assert got[("cp_engine_proxy_requests_rejected_total", "503")] == 1
+    assert got[("cp_engine_proxy_in_flight", "")] == 2
+
+
+def test_the_proxys_index_is_bounded_by_the_upstream_cache_tokens():
+    from cp_engine.proxy.app import PIPELINE
+
+    app = build_app(ProxyConfig(upstream="http://127.0.0.1:9", upstream_cache_tokens=1234))
+    assert app[PIPELINE].index.max_tokens == 1234
