@@ -1,0 +1,1 @@
+"""Scale-out simulation: replicas behind a router (see simulate.py, docs/scale-out.md)."""

@@ -1,0 +1,80 @@
+"""The scale-out simulation's parts: replica prefix cache, eviction sync, arms; no engine."""
+from __future__ import annotations
+
+import random
+
+from benchmarks.scaleout.replica import PromptCache, Replica
+from benchmarks.scaleout.simulate import ARMS, SimRequest, markdown, router_view, run_arm
+from cp_engine.sim import simulate
+
+
+def _requests(n, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        blocks = rng.sample(range(1, 40), rng.randrange(3, 8))
+        out.append(SimRequest(tuple(blocks), tuple(5 + b * 7 % 45 for b in blocks), 7))  # a block's tokens are fixed
+    return out
+
+
+def test_an_unbounded_cache_serves_what_the_core_simulator_serves():
+    reqs = _requests(60)
+    weights = {b: n for r in reqs for b, n in zip(r.blocks, r.tokens)}
+    cache = PromptCache(None)
+    served = sum(cache.access(r.blocks, r.tokens)[0] for r in reqs)
+    assert served == simulate([r.blocks for r in reqs], weights=weights).hits
+
+
+def test_the_cache_evicts_least_recently_used_leaves_and_reports_their_paths():
+    cache = PromptCache(capacity=30)
+    assert cache.access([1, 2], [10, 10]) == (0, [])
+    assert cache.access([3], [10]) == (0, [])
+    served, evicted = cache.access([1, 4], [10, 10])  # 40 tokens: leaf 2, last used first, goes
+    assert served == 10 and evicted == [[1, 2]]
+    served, evicted = cache.access([5], [10])  # then 3, now the least recently used leaf
+    assert evicted == [[3]] and cache.used == 30
+    assert cache.access([1, 4], [10, 10])[0] == 20
+
+
+def test_the_prompt_being_served_is_never_evicted():
+    cache = PromptCache(capacity=10)
+    served, evicted = cache.access([1, 2, 3], [10, 10, 10])
+    assert served == 0 and evicted == [] and cache.used == 30
+    assert cache.access([1, 2, 3], [10, 10, 10])[0] == 30
+
+
+def test_a_replica_with_the_plugin_aligns_to_its_cache_and_forgets_what_it_evicted():
+    rep = Replica(capacity=None, plugin=True)
+    head = [(("system",), 5)]
+    assert rep.serve([1, 2, 3], [10, 10, 10], head, [(("q", 0), 2)]) == (37, 0)
+    total, served = rep.serve([3, 2, 1, 9], [10, 10, 10, 10], head, [(("q", 1), 2)])
+    assert served == 35  # reordered to 1, 2, 3 behind the system prompt
+    small = Replica(capacity=40, plugin=True)
+    small.serve([1, 2, 3], [10, 10, 10], head, [(("q", 0), 2)])
+    small.serve([7, 8, 9], [10, 10, 10], head, [(("q", 1), 2)])  # pushes 1, 2, 3 out
+    assert small.index.match_length([1, 2, 3]) < 3  # eviction sync reached the index
+    off = Replica(capacity=None, plugin=False)
+    off.serve([1, 2, 3], [10, 10, 10], head, [(("q", 0), 2)])
+    assert off.serve([3, 2, 1], [10, 10, 10], head, [(("q", 1), 2)])[1] == 5  # only the system prompt
+
+
+def test_router_views_and_keys_do_not_depend_on_retrieval_order():
+    a = SimRequest((5, 3, 9), (1, 2, 3), 4)
+    b = SimRequest((9, 5, 3), (3, 1, 2), 4)
+    assert router_view(a, 0, "canonical", 6) == router_view(b, 0, "canonical", 6)
+    assert router_view(a, 0, "blind", 6).units == (("system",), ("q", 0))
+    assert router_view(a, 0, "retrieval", 6).units[1:4] == (5, 3, 9)
+    assert router_view(a, 0, "retrieval", 6).key == router_view(b, 0, "retrieval", 6).key
+
+
+def test_every_arm_runs_and_the_table_compares_with_round_robin():
+    reqs = _requests(120, 1)
+    rows = [run_arm(arm, reqs, 4, 400, 6, 1.25, 0.5) for arm in ARMS]
+    for row in rows:
+        assert row["prompt_tokens"] == row["cached_tokens"] + row["recomputed_tokens"]
+        assert 0.25 <= row["hottest_share"] <= 1.25 * 0.25 + 1 / 120
+    by = {r["arm"]: r for r in rows}
+    assert by["round_robin+plugin"]["cached_tokens"] > by["round_robin"]["cached_tokens"]
+    table = markdown({"workload": "w", "requests": 120, "capacity_tokens": 400, "factor": 1.25, "threshold": 0.5,
+                      "rows": rows})
+    assert table.count("\n| 4 |") == len(ARMS) and "1.00×" in table

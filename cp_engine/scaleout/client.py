@@ -1,0 +1,55 @@
+"""What a client adds to a block-marked request so a router in front of several
+plugin-on replicas can route it by its blocks (see docs/scale-out.md).
+
+- ``routing_headers(blocks)``: the block-set key (``key.routing_key``) under the
+  header names a consistent-hash router reads as a session key (vllm-router's
+  ``consistent_hash`` policy hashes ``X-Session-Id``), plus ``X-CP-Route-Key`` for
+  routers configured by header name. Requests retrieving mostly the same documents
+  get the same key in any retrieval order, so they land on the same replica.
+- ``canonical_messages(messages, blocks)``: the blocks as ``cp_block`` content parts
+  of the last user turn, in canonical order (``key.canonical_order`` of their ids),
+  then that turn's own text. A prefix-matching router (``cache_aware``) reads the
+  prompt text and now sees the blocks, in an order that does not depend on retrieval
+  order; the plugin on the replica still reorders them against its own cache. Without
+  the plugin the parts are plain text parts, so the request still works.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..blocks import block_id
+from ..marking import PART_FLAG
+from ..pipeline import InvalidBlocks, validate_blocks
+from .key import ROUTING_HEADER, routing_key
+
+SESSION_HEADER = "X-Session-Id"  # vllm-router's consistent_hash reads it as the hash key
+
+
+def routing_headers(blocks: Sequence[str], lead: int = 1) -> dict[str, str]:
+    """Headers carrying the block-set key; empty when there are no blocks."""
+    key = routing_key(validate_blocks(blocks), lead)
+    return {SESSION_HEADER: key, ROUTING_HEADER: key} if key else {}
+
+
+def canonical_messages(messages: Sequence[dict], blocks: Sequence[str]) -> list[dict]:
+    """``messages`` with ``blocks`` as canonical-order ``cp_block`` parts of the last
+    user turn (before its text); the input is not mutated. Raises ``InvalidBlocks``
+    for malformed blocks or when there is no user turn with text content."""
+    texts = validate_blocks(blocks)
+    out = [dict(m) for m in messages]
+    last = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
+    if last is None:
+        raise InvalidBlocks("canonical_messages needs a user message to attach the blocks to")
+    question = out[last].get("content")
+    if isinstance(question, str):
+        tail: list[Any] = [{"type": "text", "text": question}]
+    elif isinstance(question, list):
+        tail = list(question)
+    else:
+        raise InvalidBlocks("the last user message has no text content")
+    first: dict[int, str] = {}
+    for t in texts:
+        first.setdefault(block_id(t), t)
+    parts = [{"type": "text", "text": first[b], PART_FLAG: True} for b in sorted(first)]
+    out[last]["content"] = parts + tail
+    return out
