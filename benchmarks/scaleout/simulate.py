@@ -179,15 +179,19 @@ def markdown(data: dict) -> str:
     cap = f"{data['capacity_tokens']:,}-token" if data["capacity_tokens"] else "unbounded"
     lines = [f"{data['workload']}, {data['requests']:,} requests in order, {cap} LRU prefix cache per replica "
              f"(block granularity), load bound {data['factor']}x the even share, prefix_aware threshold "
-             f"{data['threshold']}. Recomputed ratio: round_robin of the same plugin setting / arm.", "",
-             "| replicas | arm | hit ratio | recomputed tok | vs round-robin | hottest share (x even) "
-             "| hottest recompute share |", "|---|---|---|---|---|---|---|"]
+             f"{data['threshold']}. Ratios: recomputed tokens of round_robin (same plugin setting, or plugin off) / the arm's.",
+             "",
+             "| replicas | arm | hit ratio | recomputed tok | vs round-robin | vs plugin-off round-robin "
+             "| hottest share (x even) | hottest recompute share |", "|---|---|---|---|---|---|---|---|"]
     rr = {(r["replicas"], r["plugin"]): r for r in data["rows"] if r["policy"] == "round_robin"}
+
+    def ratio(base: dict | None, r: dict) -> str:
+        return f"{base['recomputed_tokens'] / r['recomputed_tokens']:.2f}×" if base and r["recomputed_tokens"] else "–"
+
     for r in data["rows"]:
-        base = rr.get((r["replicas"], r["plugin"]))
-        ratio = f"{base['recomputed_tokens'] / r['recomputed_tokens']:.2f}×" if base and r["recomputed_tokens"] else "–"
-        lines.append(f"| {r['replicas']} | {r['arm']} | {r['hit_ratio']:.3f} | {r['recomputed_tokens']:,} | {ratio} | "
-                     f"{r['hottest_share']:.3f} ({r['hottest_share_x_even']:.2f}×) | "
+        same, off = rr.get((r["replicas"], r["plugin"])), rr.get((r["replicas"], False))
+        lines.append(f"| {r['replicas']} | {r['arm']} | {r['hit_ratio']:.3f} | {r['recomputed_tokens']:,} | "
+                     f"{ratio(same, r)} | {ratio(off, r)} | {r['hottest_share']:.3f} ({r['hottest_share_x_even']:.2f}×) | "
                      f"{r['hottest_recompute_share']:.3f} |")
     return "\n".join(lines)
 
