@@ -214,7 +214,7 @@ class Receiver:
     """Binds the instance's socket and applies messages on one daemon thread."""
 
     def __init__(self, instance_id: str, apply: Callable[[dict], None], hwm: int = DEFAULT_HWM,
-                 poll_ms: int = 50, tag: str | None = None) -> None:
+                 poll_ms: int = 1000, tag: str | None = None) -> None:
         self.instance_id = instance_id
         self.tag = str(os.getpid()) if tag is None else tag
         self.apply = apply
@@ -229,6 +229,10 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self._ctx = None
         self._sock = None
+        # The thread sleeps in poll until a socket message, a local message or stop
+        # wakes it (a byte on this pipe); ``poll_ms`` is only a safety net. A short
+        # poll timeout woke an idle API server's interpreter 20 times a second.
+        self._wake: tuple[int, int] | None = None
 
     def start(self) -> "Receiver":
         import zmq
@@ -251,6 +255,10 @@ class Receiver:
         sock.bind(f"ipc://{self.path}")
         os.chmod(self.path, 0o600)
         self._sock = sock
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wake = (r, w)
         with _local_lock:
             _local_receivers[self.instance_id] = self
         self._thread = threading.Thread(target=self._run, name="cp_engine-channel", daemon=True)
@@ -261,9 +269,18 @@ class Receiver:
         """In-process delivery (same validation as the socket); False when full."""
         try:
             self._local.put_nowait(msg)
-            return True
         except queue.Full:
             return False
+        self._signal()
+        return True
+
+    def _signal(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            try:
+                os.write(wake[1], b"\0")
+            except OSError:  # a full pipe has a wake-up pending already; a closed one is stopping
+                pass
 
     def _handle(self, raw: Any) -> None:
         self.received += 1
@@ -283,15 +300,25 @@ class Receiver:
     def _run(self) -> None:
         import zmq
 
-        sock = self._sock
+        sock, wake = self._sock, self._wake[0]
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if sock.poll(self.poll_ms, zmq.POLLIN):
+                ready = dict(poller.poll(self.poll_ms))
+                if sock in ready:
                     for _ in range(self.hwm):  # bounded drain per wake-up
                         try:
                             self._handle(sock.recv(zmq.NOBLOCK))
                         except zmq.Again:
                             break
+                if wake in ready:  # before the local queue: a later put signals again
+                    try:
+                        while os.read(wake, 4096):
+                            pass
+                    except OSError:
+                        pass
                 while True:
                     try:
                         self._handle(self._local.get_nowait())
@@ -308,8 +335,13 @@ class Receiver:
             if _local_receivers.get(self.instance_id) is self:
                 del _local_receivers[self.instance_id]
         self._stop.set()
+        self._signal()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._wake is not None and (self._thread is None or not self._thread.is_alive()):
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
         if self._sock is not None:
             self._sock.close(0)
         if self._ctx is not None:

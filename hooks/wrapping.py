@@ -43,7 +43,29 @@ def unwrap_method(cls: type, name: str) -> bool:
     return True
 
 
+# Signatures of the wrapped callables, keyed by (function, bound or not): building one
+# costs tens of microseconds, and the API-server wrappers bind on every request.
+_signatures: dict[tuple[Any, bool], inspect.Signature] = {}
+_MAX_SIGNATURES = 256
+
+
+def _signature(wrapped: Callable[..., Any]) -> inspect.Signature:
+    key = (getattr(wrapped, "__func__", wrapped), hasattr(wrapped, "__self__"))
+    try:
+        return _signatures[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable, never cached
+        pass
+    sig = inspect.signature(wrapped)
+    try:
+        if len(_signatures) >= _MAX_SIGNATURES:
+            _signatures.clear()
+        _signatures[key] = sig
+    except TypeError:
+        pass
+    return sig
+
+
 def bind_args(wrapped: Callable[..., Any], args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    bound = _signature(wrapped).bind(*args, **kwargs)
     bound.apply_defaults()
     return bound

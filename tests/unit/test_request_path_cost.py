@@ -1,0 +1,94 @@
+"""The request-path pieces made cheap for the API server keep their contracts: the
+eviction receiver sleeps until something arrives (yet still applies in-process
+messages and stops at once), ``bind_args`` binds by name with cached signatures, and
+``namespace_of`` keys message histories exactly as before (equal iff equal)."""
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import threading
+
+import pytest
+
+from cp_engine.hooks.wrapping import bind_args
+from cp_engine.pipeline import namespace_of
+
+
+class _Got:
+    def __init__(self) -> None:
+        self.msgs: list[dict] = []
+        self.event = threading.Event()
+
+    def __call__(self, msg: dict) -> None:
+        self.msgs.append(msg)
+        self.event.set()
+
+
+def test_receiver_with_a_long_poll_applies_local_messages_and_stops_without_waiting_it_out(monkeypatch):
+    zmq = pytest.importorskip("zmq")
+    from cp_engine.hooks import channel
+
+    base = tempfile.mkdtemp(prefix="cpwk", dir="/tmp")  # ipc paths are short
+    monkeypatch.setenv("XDG_RUNTIME_DIR", base)
+    got = _Got()
+    # A poll timeout of an hour: only the wake-up can get either step done in time.
+    recv = channel.Receiver(f"w-{secrets.token_hex(4)}", got, poll_ms=3_600_000).start()
+    try:
+        assert recv.deliver_local({"v": 1, "op": "reset"})
+        assert got.event.wait(30), "a local message waited for the poll timeout"
+        assert got.msgs == [{"op": "reset"}]  # validated, version stripped
+        sender = zmq.Context.instance().socket(zmq.PUSH)
+        sender.connect(f"ipc://{recv.path}")
+        got.event.clear()
+        sender.send(channel.encode({"op": "reset"}))
+        assert got.event.wait(30) and len(got.msgs) == 2
+        sender.close(0)
+    finally:
+        recv.stop(timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+    assert recv._thread is not None and not recv._thread.is_alive()
+
+
+class _Serving:
+    def create(self, request, raw_request=None, *, stream=False):
+        return request
+
+
+def test_bind_args_binds_bound_methods_and_functions_by_name_with_cached_signatures():
+    obj = _Serving()
+    for _ in range(2):  # second round: from the cache
+        bound = bind_args(obj.create, ("req",), {"stream": True})
+        assert dict(bound.arguments) == {"request": "req", "raw_request": None, "stream": True}
+        # The same function unbound: ``self`` is a parameter again.
+        plain = bind_args(_Serving.create, (obj, "req", "raw"), {})
+        assert plain.arguments["self"] is obj and plain.arguments["raw_request"] == "raw"
+    with pytest.raises(TypeError):
+        bind_args(obj.create, (), {"nope": 1})
+
+    def grown(request, extra, raw_request=None):
+        return request
+
+    assert bind_args(grown, ("a", "b"), {}).arguments["extra"] == "b"
+
+
+def test_namespace_key_is_equal_for_equal_histories_and_differs_otherwise():
+    a = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "hi"}]
+    assert namespace_of([]) == ""
+    assert namespace_of(a) == namespace_of([dict(reversed(list(m.items()))) for m in a])  # key order
+    assert namespace_of(a) == namespace_of(tuple(a))
+    different = [
+        [{"role": "system", "content": "Answer"}, {"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Answer.\x00"}, {"role": "user", "content": "hi"}],
+        a[:1],
+        a + [{"role": "assistant", "content": ""}],
+        [{"role": "system:", "content": "x"}], [{"role": "system", "content": ":x"}],  # field boundaries
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],  # parts: the JSON fallback
+        [{"role": "user", "content": "hi", "name": None}],
+        [{"role": "user", "content": "hi"}, {"role": "system", "content": "Answer."}],  # message order
+    ]
+    keys = [namespace_of(a)] + [namespace_of(d) for d in different]
+    assert len(set(keys)) == len(keys)
+    assert all(len(k) == 16 and int(k, 16) >= 0 for k in keys)
+    parts = [{"role": "user", "content": [{"text": "hi", "type": "text"}]}]
+    assert namespace_of(parts) == namespace_of(different[6])  # sorted JSON: key order aside
