@@ -7,7 +7,9 @@ Contract (docs/blend-design.md, sections 4 and 6):
   a client can send through vLLM's HTTP schema) and no ``prompt_embeds`` or multimodal
   inputs. Otherwise it plans with ``cp_engine.blend.plan`` against the mirror index
   of stored keys (fed by the worker, one step late), scoped by ``cp_scope`` and
-  ``cache_salt``, and claims ``plan.claimed`` tokens as a synchronous load;
+  ``cache_salt``, and claims ``plan.claimed`` tokens as a synchronous load; the recompute
+  ratio and mode are the request's own ``cp_blend_ratio`` / ``cp_blend_mode`` where valid
+  (``cp_engine.blend.settings``), else the flags';
 - before returning a claim it re-keys the request's block hashes from the block holding
   the first stitched token onward, so vLLM never serves stitched KV (or anything that
   attended to it) as an exact prefix hit; a hinted request (``cp_path``) also gets
@@ -29,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cp_engine.blend.keys import Scope, block_key
-from cp_engine.blend.plan import ReusePlan, blocks_to_store, plan_from_config, plan_reuse
+from cp_engine.blend.plan import ReusePlan, blocks_to_store, plan_reuse
+from cp_engine.blend.settings import BlendSettings, read_settings
 from cp_engine.request_hints import SPANS, read_scope, read_spans
 
 from .. import channel, faults, metrics
@@ -82,6 +85,7 @@ class _Request:
     scope: Scope
     spans: tuple[tuple[int, int], ...]
     exact_end: int  # tokens before this were computed exactly (first stitched token)
+    settings: BlendSettings
     block_ids: list[int] = field(default_factory=list)
     pending: list[tuple[int, int]] = field(default_factory=list)  # spans not yet saved
     plan: ReusePlan | None = None  # claimed, not yet ordered to load
@@ -131,22 +135,28 @@ class BlendScheduler:
         if not spans:
             return None
         scope = Scope(read_scope(extra), request.cache_salt or "")
-        st = self.requests[rid] = _Request(prompt, scope, spans, exact_end=len(prompt), pending=list(spans))
+        settings = read_settings(extra, self.config.blend_ratio, self.config.blend_mode)
+        st = self.requests[rid] = _Request(prompt, scope, spans, exact_end=len(prompt), settings=settings,
+                                           pending=list(spans))
         return st
 
     def _plan(self, st: _Request, hit: int) -> ReusePlan:
         key_of = self._key_of(st.scope)
-        plan = plan_from_config(self.config, st.prompt, st.spans, hit, self.block_size, self.mirror.contains, key_of)
-        if plan.empty and self.config.blend_ratio >= 1.0:
+        ratio = st.settings.ratio
+
+        def plan(r: float) -> ReusePlan:
+            return plan_reuse(st.prompt, st.spans, hit, self.block_size, self.mirror.contains, ratio=r,
+                              mode=st.settings.mode, first_tokens=self.config.blend_first_tokens, key_of=key_of)
+
+        out = plan(ratio)
+        if out.empty and ratio >= 1.0:
             # Ratio 1 recomputes every claimed token, so plan_reuse finds nothing saved and
             # claims nothing; it is the exactness setting (tests, the quality sweep's end
             # point), so claim what ratio 0 would and recompute all of it.
-            base = plan_reuse(st.prompt, st.spans, hit, self.block_size, self.mirror.contains, ratio=0.0,
-                              mode=self.config.blend_mode, first_tokens=self.config.blend_first_tokens,
-                              key_of=key_of)
+            base = plan(0.0)
             if not base.empty:
-                plan = dataclasses.replace(base, ratio=1.0, recomputed=base.claimed, needs_deviation=False)
-        return plan
+                out = dataclasses.replace(base, ratio=1.0, recomputed=base.claimed, needs_deviation=False)
+        return out
 
     def _rekey(self, request: Any, first_token: int) -> bool:
         """Mark the block hashes from the block holding ``first_token`` on (design §4)."""

@@ -18,7 +18,10 @@ Two patch-table rows run this module's wrappers:
   planned (found by the unguessable ``REF_KEY`` it put in ``vllm_xargs``, which never
   reaches EngineCore), it sets ``cp_spans`` from the final prompt ids, each span checked
   to hold the block's exact ids (else located with ``locate_spans``; a block not found
-  gets no span), and ``cp_scope`` to the request's tenant key.
+  gets no span), and ``cp_scope`` to the request's tenant key. With blend on it also
+  refuses a request whose ``cp_blend_ratio`` / ``cp_blend_mode`` is out of bounds
+  (``cp_engine.blend.settings.check_settings``): ``InvalidBlendSetting``, a
+  ``ValueError`` that vLLM's API server answers with HTTP 400, before anything is queued.
 With ``CP_ENGINE_BLEND=0`` no plan is made and the tokenize row is not applied, so the
 prompt ids are vLLM's own; the gate then only drops a client's ``cp_scope``.
 """
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 from cp_engine.blend.marks import Anchor, locate_anchors
+from cp_engine.blend.settings import InvalidBlendSetting, check_settings
 from cp_engine.blend.spans import Rendered, TokenCache, concatenates_cleanly, encode_cut, locate_spans
 from cp_engine.request_hints import MAX_SPANS, SCOPE, SERVER_ONLY_KEYS, SPANS, strip_reserved
 from .. import faults, runtime
@@ -250,8 +254,19 @@ def _gate(instance: Any, request: Any) -> None:
         params.extra_args = out or None
 
 
+def _check_settings(request: Any) -> None:
+    if not runtime.config().blend:
+        return  # blend off: the hints mean nothing and the request is left as it came
+    params = getattr(request, "sampling_params", None)
+    try:
+        check_settings(getattr(params, "extra_args", None))
+    except InvalidBlendSetting as exc:
+        raise InvalidBlendSetting(exc.field, f"cp_engine: vllm_xargs.{exc}") from None
+
+
 def process_inputs_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """Row ``request_gate``: reserved keys out, a planned request's spans and scope in."""
+    """Row ``request_gate``: reserved keys out, a planned request's spans and scope in;
+    refused blend settings raise ``InvalidBlendSetting`` (HTTP 400)."""
     request = wrapped(*args, **kwargs)
     try:
         _gate(instance, request)
@@ -262,4 +277,5 @@ def process_inputs_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dic
         if extra:  # never let a client's scope through, whatever failed
             params.extra_args = {k: v for k, v in extra.items()
                                  if k not in SERVER_ONLY_KEYS and k not in (REF_KEY, SPANS)} or None
+    _check_settings(request)  # after the gate, which has taken the request's plan out
     return request

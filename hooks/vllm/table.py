@@ -68,6 +68,7 @@ TABLE = Table("vllm", VERSIONS, (
     Row("request_gate", "vllm.v1.engine.input_processor:InputProcessor.process_inputs", "method",
         f"{_HOOKS}.blend_spans:process_inputs_wrapper",
         "every request to EngineCore: drop a client's server-only hint keys (cp_scope); a rewritten request's "
-        "exact block spans and tenant scope (blend)", "never while hints ride in client-writable extra_args",
+        "exact block spans and tenant scope (blend); with blend on, an out-of-bounds cp_blend_ratio or "
+        "cp_blend_mode is refused (HTTP 400)", "never while hints ride in client-writable extra_args",
         signature=("self", "request_id", "prompt", "params"), optional=True),
 ))

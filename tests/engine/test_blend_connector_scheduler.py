@@ -6,6 +6,7 @@ reports are ``BlendWorkerMeta`` objects as the worker builds them.
 """
 from __future__ import annotations
 
+import math
 import random
 from types import SimpleNamespace
 
@@ -285,3 +286,42 @@ def test_a_hinted_request_drops_its_rendered_path_from_the_first_stitched_block(
     assert sent == [{"op": "evict_path", "ns": "ns", "path": path[:2]}]
     sched.matched_tokens(req, 32)  # asked again: already re-keyed, nothing sent twice
     assert len(sent) == 1
+
+
+def _claim_plan(sched, vllm_bits, rid, prompt, xargs):
+    req = _request(vllm_bits, rid, prompt, xargs)
+    claimed, _ = sched.matched_tokens(req, 32)
+    return claimed, sched.requests[rid].plan if rid in sched.requests else None
+
+
+@pytest.mark.parametrize("xargs, ratio, mode", [
+    ({}, 0.15, "both"),  # the flags'
+    ({"cp_blend_ratio": 0.0}, 0.0, "both"),
+    ({"cp_blend_ratio": 0.5, "cp_blend_mode": "first_tokens"}, 0.5, "first_tokens"),
+    ({"cp_blend_mode": "deviation"}, 0.15, "deviation"),
+    ({"cp_blend_ratio": 1.7, "cp_blend_mode": "bogus"}, 0.15, "both"),  # refused values: the flags'
+])
+def test_a_request_sets_its_own_ratio_and_mode(vllm_bits, xargs, ratio, mode):
+    from cp_engine.config import load_config
+
+    sched = _make(vllm_bits, load_config({"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0.15"}))
+    first, spans1, second, spans2 = _swapped()
+    _store(sched, first, spans1)
+    claimed, plan = _claim_plan(sched, vllm_bits, "r", second, {"cp_spans": spans2, **xargs})
+    assert claimed == spans2[1][1] - 32 and plan.ratio == ratio and plan.mode == mode
+    covered = sum(e - s for s, e in spans2)
+    assert plan.recomputed == claimed - covered + math.ceil(ratio * covered - 1e-9)
+    if mode == "first_tokens":
+        assert not plan.needs_deviation
+
+
+def test_a_request_at_ratio_one_claims_and_recomputes_everything_on_a_lower_default(vllm_bits):
+    from cp_engine.config import load_config
+
+    sched = _make(vllm_bits, load_config({"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0"}))
+    first, spans1, second, spans2 = _swapped()
+    _store(sched, first, spans1)
+    claimed, plan = _claim_plan(sched, vllm_bits, "one", second, {"cp_spans": spans2, "cp_blend_ratio": 1})
+    assert claimed > 0 and plan.recomputed == claimed and plan.reused == 0
+    claimed0, plan0 = _claim_plan(sched, vllm_bits, "zero", second, {"cp_spans": spans2})
+    assert claimed0 == claimed and plan0.reused == sum(e - s for s, e in spans2)

@@ -1,0 +1,81 @@
+"""A request's own blend settings: the recompute ratio and mode it asks for.
+
+A client sets them in the request's hints (vLLM: ``vllm_xargs``; SGLang:
+``custom_params``), beside ``cp_spans``; both are optional and default to
+``CP_ENGINE_BLEND_RATIO`` / ``CP_ENGINE_BLEND_MODE``:
+- ``cp_blend_ratio``: a number in ``[0, 1]`` (an int 0 or 1 too; a bool, a string, NaN
+  or anything outside is refused), the share of the reused tokens recomputed;
+- ``cp_blend_mode``: one of ``selection.MODES`` (``both``, ``first_tokens``, ``deviation``).
+
+Two readers, one rule:
+- ``check_settings(extra)`` (API server) raises ``InvalidBlendSetting`` naming the field
+  for a value it refuses, so the client gets an HTTP 400 before anything is queued;
+- ``read_settings(extra, ratio, mode)`` (EngineCore) never raises: a value that passes
+  ``check_settings`` is used, anything else falls back to the given defaults (a request
+  that did not pass the API server, e.g. the offline engine, still runs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .selection import MODES
+
+__all__ = ["RATIO_KEY", "MODE_KEY", "BlendSettings", "InvalidBlendSetting", "check_settings", "read_settings"]
+
+RATIO_KEY = "cp_blend_ratio"
+MODE_KEY = "cp_blend_mode"
+
+
+class InvalidBlendSetting(ValueError):
+    """A request's blend setting is refused; ``field`` names the hint."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class BlendSettings:
+    ratio: float
+    mode: str
+
+
+def _ratio(value: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InvalidBlendSetting(RATIO_KEY, f"{RATIO_KEY} must be a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def _mode(value: Any) -> str:
+    if not isinstance(value, str) or value not in MODES:
+        raise InvalidBlendSetting(MODE_KEY, f"{MODE_KEY} must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def check_settings(extra: Mapping[str, Any] | None) -> None:
+    """Raise ``InvalidBlendSetting`` if ``extra`` carries a blend setting that is refused."""
+    if not isinstance(extra, Mapping):
+        return
+    if RATIO_KEY in extra:
+        _ratio(extra[RATIO_KEY])
+    if MODE_KEY in extra:
+        _mode(extra[MODE_KEY])
+
+
+def read_settings(extra: Mapping[str, Any] | None, ratio: float, mode: str) -> BlendSettings:
+    """The request's settings where valid, else ``ratio`` / ``mode``. Never raises."""
+    out_ratio, out_mode = ratio, mode
+    if isinstance(extra, Mapping):
+        try:
+            if RATIO_KEY in extra:
+                out_ratio = _ratio(extra[RATIO_KEY])
+        except InvalidBlendSetting:
+            pass
+        try:
+            if MODE_KEY in extra:
+                out_mode = _mode(extra[MODE_KEY])
+        except InvalidBlendSetting:
+            pass
+    return BlendSettings(out_ratio, out_mode)
