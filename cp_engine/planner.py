@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Sequence
 
+from .planner_overlap import first_partners
 from .trie import ROOT, BlockTrie
 
 
@@ -199,20 +200,18 @@ class _Merges:
 
     def orders(self, freq: list[int]) -> list[list[int]]:
         """Each request's blocks: what every node on its path adds, root first."""
-        increments: dict[int, list[int]] = {}
-        for c in range(len(self.inter)):
-            p = self.parent[c]
-            added = self.inter[c] - self.inter[p] if p >= 0 else self.inter[c]
-            increments[c] = _tail_order(list(added), freq)
-        orders = []
-        for r in range(self.requests):
-            chain = []
-            c = r
-            while c >= 0:
-                chain.append(c)
-                c = self.parent[c]
-            orders.append([b for node in reversed(chain) for b in increments[node]])
-        return orders
+        inter, parent = self.inter, self.parent
+        # A parent is numbered after its children: walking down from the last cluster,
+        # every parent's full order is known before its children extend it.
+        full: list[list[int]] = [[]] * len(inter)
+        for c in range(len(inter) - 1, -1, -1):
+            p = parent[c]
+            if p >= 0:
+                added = inter[c] - inter[p]
+                full[c] = full[p] + _tail_order(list(added), freq) if added else full[p]
+            else:
+                full[c] = _tail_order(list(inter[c]), freq)
+        return [list(full[r]) for r in range(self.requests)]
 
 
 def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
@@ -229,15 +228,37 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
         for b in members:
             postings[b].add(c)
     unit = all(x == 1.0 for x in w)
+    # Unit weights: each cluster's full set of best partners is kept, so a cluster
+    # whose chosen partner was merged away is re-queued from it (see _requeue_from_ties).
+    ties: dict[int, tuple[int, list[int]]] = {}
+    owner = list(range(len(sets)))
 
     def push_best(x: int) -> None:
-        if not (unit and _push_best_unit(m, postings, x, hot_cap, candidates)):
+        if not (unit and _push_best_unit(m, postings, x, hot_cap, candidates, ties)):
             m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, unit))
 
-    for x in range(len(sets)):
-        push_best(x)
-    while (merged := m.next_merge(push_best)) is not None:
+    def requeue(x: int) -> None:
+        if not (unit and _requeue_from_ties(m, owner, ties, x, candidates)):
+            push_best(x)
+
+    if unit:
+        for x, first in enumerate(first_partners(sets, hot_cap, candidates)):
+            if first is None:
+                push_best(x)
+            elif first[0]:
+                top, y, tied = first
+                ties[x] = (top, tied)
+                m.heap.append((-top, len(sets[x]) + len(sets[y]), x, y))
+        heapq.heapify(m.heap)  # every entry is distinct, so the pop order is as if pushed one by one
+    else:
+        for x in range(len(sets)):
+            push_best(x)
+    while (merged := m.next_merge(requeue)) is not None:
         x, y, c = merged
+        owner.append(c)
+        owner[x] = owner[y] = c
+        ties.pop(x, None)
+        ties.pop(y, None)
         for z in (x, y):
             for b in m.inter[z]:
                 postings[b].discard(z)
@@ -245,6 +266,43 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
             postings[b].add(c)
         push_best(c)
     return m.orders(freq)
+
+
+def _requeue_from_ties(m: _Merges, owner: list[int], ties: dict[int, tuple[int, list[int]]], x: int,
+                       candidates: int) -> bool:
+    """Queue x's best partner from its kept ties; False when a full recount is needed.
+
+    ``ties[x]``: the best score ``top`` x had when last searched and every cluster
+    sharing that much with x then. Scores between live clusters never change and a
+    merge never shares more with x than its parts did, so any live cluster sharing
+    ``top`` with x now is such a tie or the cluster that absorbed ties: checking
+    those finds exactly the partners a recount would (or none, if the best fell).
+    """
+    kept = ties.get(x)
+    if kept is None:
+        return False
+    top, tied = kept
+    alive, inter = m.alive, m.inter
+    mine = inter[x]
+    found = []
+    absorbed = set()
+    for t in (tied.tolist() if hasattr(tied, "tolist") else tied):
+        if alive[t]:
+            found.append(t)
+            continue
+        r = _find_root(owner, t)
+        if r not in absorbed:
+            absorbed.add(r)
+            if len(inter[r] & mine) == top:
+                found.append(r)
+    if not found:
+        del ties[x]
+        return False
+    found.sort()
+    ties[x] = (top, found)
+    y = min(found[:candidates], key=lambda y: (len(inter[y]), y))
+    heapq.heappush(m.heap, (-top, len(mine) + len(inter[y]), x, y))
+    return True
 
 
 def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int,
@@ -278,7 +336,8 @@ def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap
     return ranked
 
 
-def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int) -> bool:
+def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int,
+                    ties_of: dict[int, tuple[int, list[int]]] | None = None) -> bool:
     """``push_best`` for unit weights when none of x's blocks is hot; False otherwise.
 
     Same choice as scoring ``_posting_partners`` exactly: the counts are the exact
@@ -312,6 +371,8 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
         top = max(acc.values(), default=0)
     if top:
         ties = list(itertools.compress(acc, map(top.__eq__, acc.values())))  # in C, not a Python loop
+        if ties_of is not None:
+            ties_of[x] = (top, ties)
         if len(ties) > candidates:  # the general path keeps the lowest numbers
             ties = heapq.nsmallest(candidates, ties)
         y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
@@ -367,28 +428,40 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
                   freq: list[int], passes: int) -> int:
     """Re-insert each request at the deepest node it fully contains; returns passes run.
 
-    A request's move depends only on the subtrees below root children it holds: once
-    re-inserted, it is skipped until a move changes one of those subtrees (the result
-    would be the same order and the same node numbers, so skipping changes nothing).
+    A request's answer depends only on the nodes whose path it fully contains and
+    that are at least as deep as the node it was last placed at (shallower ones
+    cannot win), so once placed it is skipped until a move touches such a node (the
+    search would give the same order and the same node numbers: skipping changes
+    nothing). See ``_MoveLog``.
     """
     ran = 0
     step = 0
-    changed: dict[int, int] = {}  # root-child block -> step its subtree last changed
-    placed_at = [-1] * len(orders)  # step each request was last re-inserted
+    log = _MoveLog()
+    placed_at = [-1] * len(orders)  # step each request was last searched
+    placed_depth = [0.0] * len(orders)  # path weight of the node it was placed at
+    refs = trie.refs
     for _ in range(passes):
         ran += 1
         before = trie.size
         for r, order in enumerate(orders):
             step += 1
-            if not order or trie.refs[paths[r][-1]] >= 2:
+            path = paths[r]
+            if not order or refs[path[-1]] >= 2:
                 # Empty, or its whole path is shared already: no node can hold more of it.
                 continue
             since = placed_at[r]
-            if since >= 0 and all(changed.get(b, -1) <= since for b in order):
+            members = set(order)
+            if since >= 0 and not log.touches(members, since, placed_depth[r], w):
                 continue
             placed_at[r] = step
-            path = paths[r]
-            node = trie.deepest_contained(set(order), without=path)
+            # The deepest node of its path that others share too: where it hangs now.
+            shared = ROOT
+            for n in reversed(path):
+                if refs[n] >= 2:
+                    shared = n
+                    break
+            node = trie.deepest_contained(members, without=path, known=shared)
+            placed_depth[r] = trie.depth_weight[node]
             head = trie.blocks_to(node)
             placed = set(head)
             tail = _tail_order([b for b in order if b not in placed], freq)
@@ -398,17 +471,63 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
                 # only the bound on the heights of the nodes it alone holds would reset.
                 top = trie.depth_weight[path[-1]]
                 for n in reversed(path):
-                    if trie.refs[n] > 1:
+                    if refs[n] > 1:
                         break
                     trie.height[n] = top
                 continue
             trie.release(path)
             paths[r] = trie.insert(tail, [w[b] for b in tail], start=node)
-            changed[order[0]] = changed[moved[0]] = step
+            log.record(step, order, moved)
             orders[r] = moved
         if trie.size >= before:
             break
     return ran
+
+
+# Moves a request's skip test reads before it searches anyway.
+_MOVES_CHECKED = 24
+
+
+class _MoveLog:
+    """The local search's moves, indexed by first block, to tell who must look again.
+
+    A move releases the old path and inserts the new one: only nodes on those two
+    paths change (references, existence, reused numbers). A request with blocks
+    ``members`` placed at path weight ``depth`` can only get a different answer if
+    a prefix of either path lies within ``members`` and reaches ``depth`` (a node
+    it could choose, or one at least as deep as its own).
+    """
+
+    def __init__(self) -> None:
+        self.by_first: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
+
+    def record(self, step: int, old: list[int], new: list[int]) -> None:
+        self.by_first[old[0]].append((step, old))
+        self.by_first[new[0]].append((step, new))
+
+    def touches(self, members: set[int], since: int, depth: float, w: list[float]) -> bool:
+        """Whether a move after step ``since`` changed a node ``members`` could use
+        (True as well once ``_MOVES_CHECKED`` moves were checked: searching is then cheaper)."""
+        budget = _MOVES_CHECKED
+        for b in members:
+            moves = self.by_first.get(b)
+            if not moves or moves[-1][0] <= since:
+                continue
+            for i in range(len(moves) - 1, -1, -1):
+                step, seq = moves[i]
+                if step <= since:
+                    break
+                budget -= 1
+                if budget < 0:
+                    return True
+                reach = 0.0
+                for x in seq:
+                    if x not in members:
+                        break
+                    reach += w[x]
+                if reach >= depth:
+                    return True
+        return False
 
 
 def _tree_size(orders: list[list[int]]) -> int:
@@ -615,7 +734,7 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         built.append((cost, len(built), name, orders))
     _, _, name, orders = min(built)
     trie = BlockTrie()
-    paths = [trie.insert(o, [w[b] for b in o]) for o in orders]
+    paths = trie.insert_all(orders, w.__getitem__)
     tried[name]["tree_nodes_before_local_search"] = trie.size + lone_count
     passes = _local_search(trie, orders, paths, w, freq, local_search_passes) if local_search_passes else 0
     tried[name].update(tree_nodes=trie.size + lone_count, passes=passes)

@@ -77,16 +77,17 @@ class BlockTrie:
         sequence always owns its whole path.
         """
         path = self.path_to(start)
+        refs, last_use, children = self.refs, self.last_use, self.children
         for n in path:
-            self.refs[n] += 1
-            self.last_use[n] = now
+            refs[n] += 1
+            last_use[n] = now
         node = start
         for b, w in zip(blocks, weights):
-            child = self.children[node].get(b)
+            child = children[node].get(b)
             if child is None:
                 child = self._new(node, b, float(w))
-            self.refs[child] += 1
-            self.last_use[child] = now
+            refs[child] += 1
+            last_use[child] = now
             path.append(child)
             node = child
         if path:
@@ -98,6 +99,57 @@ class BlockTrie:
             if height[ROOT] < top:
                 height[ROOT] = top
         return path
+
+    def insert_all(self, sequences: Sequence[Sequence[Hashable]], weight: Callable[[Hashable], float]) -> list[list[int]]:
+        """``[self.insert(s, [weight(b) for b in s]) for s in sequences]`` on an empty trie.
+
+        Same nodes, numbers and fields as inserting one by one; node creation is
+        inlined because building the planner's tree is most of its node creations.
+        """
+        if len(self.parent) != 1 or self._free:
+            raise ValueError("insert_all builds an empty trie")
+        children, parent, block, wt = self.children, self.parent, self.block, self.weight
+        dweight, depth, height, refs = self.depth_weight, self.depth, self.height, self.refs
+        last_use, gen = self.last_use, self.gen
+        paths = []
+        created = 0
+        total = self.total_weight
+        for seq in sequences:
+            path = []
+            node = ROOT
+            for b in seq:
+                child = children[node].get(b)
+                if child is None:
+                    x = float(weight(b))
+                    child = len(parent)
+                    children.append({})
+                    parent.append(node)
+                    block.append(b)
+                    wt.append(x)
+                    dweight.append(dweight[node] + x)
+                    depth.append(depth[node] + 1)
+                    height.append(dweight[node] + x)
+                    refs.append(1)
+                    last_use.append(0)
+                    gen.append(0)
+                    children[node][b] = child
+                    created += 1
+                    total += x
+                else:
+                    refs[child] += 1
+                path.append(child)
+                node = child
+            if path:
+                top = dweight[node]
+                for n in path:
+                    if height[n] < top:
+                        height[n] = top
+                if height[ROOT] < top:
+                    height[ROOT] = top
+            paths.append(path)
+        self.size += created
+        self.total_weight = total
+        return paths
 
     def release(self, path: Sequence[int], gens: Sequence[int] | None = None) -> list[int]:
         """Drop one reference along ``path`` (as returned by insert); return removed nodes.
@@ -169,6 +221,7 @@ class BlockTrie:
         budget: int = 4096,
         prefer: Callable[[int], float] | None = None,
         without: Sequence[int] = (),
+        known: int = ROOT,
     ) -> int:
         """Deepest node (by path weight) whose path uses only blocks in ``members``.
 
@@ -179,6 +232,10 @@ class BlockTrie:
         node found so far is returned. ``without``: a path as returned by ``insert``;
         the answer is the one ``release(without)`` would give (its nodes count one
         reference less, those only it holds are absent), with the trie left as is.
+        ``known``: a node the caller knows qualifies (its path uses only ``members``,
+        and it is not one only ``without`` holds); it starts the search as the best
+        so far, so shallower subtrees are skipped. The answer is the same as without
+        it, as long as the budget is not reached.
         """
         # A bound C method, not a lambda: this runs once per candidate node.
         score = prefer or self.refs.__getitem__
@@ -191,6 +248,10 @@ class BlockTrie:
                     return refs[c] - (c in own)
         # The node number closes ties so the answer does not depend on set iteration order.
         best, best_key = start, (self.depth_weight[start], score(start) if start else 0, -start)
+        if known != ROOT:
+            known_key = (self.depth_weight[known], score(known), -known)
+            if known_key > best_key:
+                best, best_key = known, known_key
         stack = [start]
         visited = 0
         member_count = len(members)

@@ -1,0 +1,37 @@
+"""BlockTrie's bulk build and its seeded search answer as the plain operations do."""
+import copy
+
+from hypothesis import given, settings, strategies as st
+
+from cp_engine.trie import BlockTrie
+
+orders_st = st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=6, unique=True), min_size=1, max_size=15)
+
+
+def weight(b):
+    return 1.0 + (b % 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(orders_st)
+def test_insert_all_builds_what_inserting_one_by_one_builds(orders):
+    one = BlockTrie()
+    paths = [one.insert(o, [weight(b) for b in o]) for o in orders]
+    bulk = BlockTrie()
+    assert bulk.insert_all(orders, weight) == paths
+    assert vars(bulk) == vars(one)
+
+
+@settings(max_examples=200, deadline=None)
+@given(orders_st, st.data())
+def test_deepest_contained_seeded_with_a_known_node_gives_the_same_answer(orders, data):
+    trie = BlockTrie()
+    paths = [trie.insert(o, [weight(b) for b in o]) for o in orders]
+    r = data.draw(st.integers(0, len(orders) - 1))
+    members = set(data.draw(st.lists(st.integers(0, 6), max_size=7))) | set(orders[r])
+    path = paths[r]
+    # Any node of r's path others hold too qualifies as a known answer.
+    shared = [n for n in path if trie.refs[n] >= 2]
+    known = data.draw(st.sampled_from(shared)) if shared else 0
+    plain = copy.deepcopy(trie).deepest_contained(members, without=path)
+    assert trie.deepest_contained(members, without=path, known=known) == plain
