@@ -24,10 +24,11 @@ from typing import Any, Callable
 
 from .. import faults
 from ..acceptance import PendingCommit, accept_on_first_chunk
-from ..wrapping import bind_args
+from ..wrapping import read_args
 from .blend_spans import request_scope
 
 Rewrite = Callable[[Any, Any, Any], "str | PendingCommit | None"]
+_ARGS = ("request", "raw_request")
 
 
 def is_error_response(result: Any) -> bool:
@@ -55,9 +56,7 @@ def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
     async def _call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         request = raw_request = None
         try:
-            bound = bind_args(wrapped, args, kwargs)
-            request = bound.arguments.get("request")
-            raw_request = bound.arguments.get("raw_request")
+            request, raw_request = read_args(wrapped, args, kwargs, _ARGS).values()
         except Exception as exc:  # signature drifted: never block the request
             faults.record_failure(hook, exc)
         outcome = rewrite(request, raw_request, instance) if request is not None else None

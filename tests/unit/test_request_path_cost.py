@@ -92,3 +92,24 @@ def test_namespace_key_is_equal_for_equal_histories_and_differs_otherwise():
     assert all(len(k) == 16 and int(k, 16) >= 0 for k in keys)
     parts = [{"role": "user", "content": [{"text": "hi", "type": "text"}]}]
     assert namespace_of(parts) == namespace_of(different[6])  # sorted JSON: key order aside
+
+
+def test_read_args_reads_what_bind_args_binds():
+    from cp_engine.hooks.wrapping import read_args
+
+    obj = _Serving()
+    calls = [(("req",), {}), (("req", "raw"), {}), ((), {"request": "req", "raw_request": "raw"}),
+             (("req",), {"raw_request": "raw", "stream": True})]
+    for args, kwargs in calls * 2:
+        want = bind_args(obj.create, args, kwargs).arguments
+        assert read_args(obj.create, args, kwargs, ("request", "raw_request")) == \
+            {"request": want["request"], "raw_request": want["raw_request"]}
+
+    def star(first, *rest, request=None):
+        return first
+
+    assert read_args(star, (1, 2, 3), {}, ("request",)) == {"request": None}  # never taken from *rest
+    with pytest.raises(TypeError):
+        read_args(obj.create, ("req",), {}, ("missing",))
+    with pytest.raises(TypeError):
+        read_args(obj.create, (), {}, ("request",))
