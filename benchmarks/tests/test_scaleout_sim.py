@@ -78,3 +78,16 @@ def test_every_arm_runs_and_the_table_compares_with_round_robin():
     table = markdown({"workload": "w", "requests": 120, "capacity_tokens": 400, "factor": 1.25, "threshold": 0.5,
                       "rows": rows})
     assert table.count("\n| 4 |") == len(ARMS) and "1.00×" in table
+
+
+def test_api_servers_sharing_every_record_behave_like_one_and_own_indexes_do_not():
+    from benchmarks.scaleout.api_servers import markdown as api_markdown, run
+
+    reqs = _requests(200, 2)
+    one = run(reqs, 1, False, None, 6)
+    shared = run(reqs, 3, True, None, 6)
+    own = run(reqs, 3, False, None, 6)
+    assert shared["recomputed_tokens"] == one["recomputed_tokens"]
+    assert own["recomputed_tokens"] > one["recomputed_tokens"]  # each index saw a third of the requests
+    rows = [{"capacity_tokens": None, **r} for r in (one, shared, own)]
+    assert "+0.0%" in api_markdown({"workload": "w", "requests": 200, "rows": rows})
