@@ -10,7 +10,9 @@ Contract:
   ``{"v": 1, "op": ...}`` with plain fields only; nothing is ever unpickled.
   Ops: ``evict_path`` (``ns`` str, ``path`` list of 16-hex-digit block ids),
   ``evict`` (``rid`` str, ``from`` int >= 0), ``reset``, ``metrics`` (``items``:
-  ``[name, {label: value}, delta]`` triples).
+  ``[name, {label: value}, delta]`` triples), ``record`` (``ns``, ``rid``, ``path``
+  and ``ends``: non-decreasing token ends, one per block; a request EngineCore
+  admitted, for the indexes of the other API servers, ``hooks/vllm/share.py``).
 - ``Sender.send`` never blocks and never raises: ``NOBLOCK`` with a bounded high-water
   mark; a message that does not fit, or finds no receiver, is dropped and counted
   (``channel_dropped``).
@@ -163,6 +165,18 @@ def parse_message(raw: Any) -> dict | None:
         return {"op": op, "rid": rid, "from": start}
     if op == "reset":
         return {"op": op}
+    if op == "record":
+        ns, rid, path, ends = obj.get("ns"), obj.get("rid"), obj.get("path"), obj.get("ends")
+        if not isinstance(ns, str) or len(ns) > 256 or not isinstance(rid, str) or not 0 < len(rid) <= 512:
+            return _bad("record ns/rid")
+        if not isinstance(path, list) or not 0 < len(path) <= MAX_PATH or not isinstance(ends, list) \
+                or len(ends) != len(path):
+            return _bad("record path length")
+        if not all(isinstance(h, str) and _HEX16.match(h) for h in path):
+            return _bad("record path ids")
+        if not all(type(e) is int and e >= 0 for e in ends) or any(b < a for a, b in zip(ends, ends[1:])):
+            return _bad("record ends")
+        return {"op": op, "ns": ns, "rid": rid, "path": [int(h, 16) for h in path], "ends": ends}
     if op == "metrics":
         items = obj.get("items")
         if not isinstance(items, list) or len(items) > MAX_METRIC_ITEMS:
@@ -199,6 +213,11 @@ def apply_to_pipeline(pipe: Any) -> Callable[[dict], None]:
         elif op == "reset":
             pipe.reset()
             metrics.inc("cache_resets_applied", 1)
+        elif op == "record":
+            if pipe.config.reorder:  # the index is only kept when reordering is on
+                ends = msg["ends"]  # the first block's weight also covers the prompt before it
+                lengths = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
+                pipe.index.record(msg["rid"], msg["path"], namespace=msg["ns"], token_lengths=lengths)
         elif op == "metrics":
             metrics.merge(msg["items"])
 
@@ -403,10 +422,14 @@ class Sender:
                 self._socks[path] = sock
         return [self._socks[p] for p in sorted(self._socks)]
 
-    def send(self, msg: dict) -> bool:
+    def send(self, msg: dict, min_receivers: int = 1) -> bool:
+        """Deliver ``msg``; with fewer than ``min_receivers`` receivers nothing is sent
+        or counted (False)."""
         ok = False
         try:
             local = _local_receivers.get(self.instance_id)
+            if local is not None and min_receivers > 1:
+                return False  # one process, one index
             if local is not None:
                 ok = local.deliver_local({"v": VERSION, **msg})
             elif not self._broken:
@@ -416,6 +439,8 @@ class Sender:
                 if len(data) <= MAX_MESSAGE_BYTES:
                     with self._lock:
                         peers = self._peers()
+                        if min_receivers > 1 and len(peers) < min_receivers:
+                            return False
                         if msg.get("op") == "metrics":
                             peers = peers[:1]
                         ok = bool(peers)

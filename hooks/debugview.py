@@ -20,10 +20,13 @@ Contract of ``index_status(pipe)`` (a ``ContextPipeline``, locked or plain):
 - ``paths``: namespace -> root-to-leaf block paths (16-hex ids), at most
   ``max_paths`` in all (``paths_truncated`` says when more exist);
 - ``channel``: this process's receiver counters (received / applied / failed), so a
-  caller can wait for eviction messages in flight to be applied.
+  caller can wait for eviction messages in flight to be applied;
+- ``pid``: the answering process (``--api-server-count`` > 1 runs several, each with
+  its own index).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __all__ = ["PATH", "index_status", "index_view"]
@@ -79,6 +82,7 @@ def index_status(pipe: Any, paths: bool = True, max_paths: int = 5000) -> dict:
         out["paths"] = found
         out["paths_truncated"] = total_paths > max_paths
     out["channel"] = _channel_counters()
+    out["pid"] = os.getpid()
     return out
 
 

