@@ -33,13 +33,18 @@ peer's batch plan) send their own prompts. Arms:
 - ``first_tokens@r`` / ``deviation@r``: ``CP_ENGINE_BLEND_MODE`` at ``--mode-ratio``;
 - ``peer``: ContextPilot's ``optimize_batch`` messages, when its venv exists.
 
-The ratio and the mode are engine flags, so each blend setting gets its own server
-(``plain``, ``prefix`` and ``peer`` share the first); every arm uses its own
-``cache_salt``, which scopes both vLLM's prefix cache and the blend store, so no arm
-reuses another's KV. Tokens computed (measured pass) = vLLM's ``local_compute`` prompt
-tokens + ``cp_engine_blend_recomputed_tokens_total`` (``/metrics`` deltas).
-Results: ``benchmarks/results/blend_quality[_quick].{json,table.md,png}``, rewritten
-after every arm; ``--resume`` keeps the arms already in the JSON (same settings).
+Every arm runs on ONE server (``CP_ENGINE_BLEND=1``): each blend arm sends its ratio
+and mode with every request (``vllm_xargs.cp_blend_ratio`` / ``cp_blend_mode``), and
+every arm, in every chunk, uses its own fresh ``cache_salt``, which scopes both vLLM's
+prefix cache and the blend store, so no arm reuses another's KV. The questions are run
+in chunks of ``--chunk`` (each arm's warm and measured pass over the chunk, arms in the
+``--arms`` order, which is the priority order), so every arm grows in n together and a
+stopped run loses at most one arm-chunk. Tokens computed (measured pass) = vLLM's
+``local_compute`` prompt tokens + ``cp_engine_blend_recomputed_tokens_total``
+(``/metrics`` deltas), per chunk; the table and plot give them per question, and
+plain/arm over the chunks both ran. Results:
+``benchmarks/results/<--out>.{json,table.md,png}``, rewritten after every arm-chunk;
+``--resume`` keeps the chunks already in the JSON (same model, n, k, max tokens, chunk).
 """
 from __future__ import annotations
 
@@ -95,8 +100,9 @@ class Questions:
     def __len__(self) -> int:
         return len(self.qs)
 
-    def prefix_prompts(self) -> tuple[list, list]:
-        """(warm, measured) prompts of cp_engine's prefix plan, its index fed in send order."""
+    def prefix_prompts(self, ids: list[int]) -> tuple[list, list]:
+        """(warm, measured) prompts of cp_engine's prefix plan for questions ``ids``, a
+        fresh index fed in send order (the warm pass, then the measured pass)."""
         from cp_engine import Config
         from cp_engine.pipeline import ContextPipeline
 
@@ -104,24 +110,25 @@ class Questions:
         out = []
         for k, docs in enumerate((self.docs, self.shuffled)):
             rows = []
-            for i, (d, q) in enumerate(zip(docs, self.qs)):
-                base = [{"role": "system", "content": self.system}, {"role": "user", "content": q}]
-                msgs, prep = pipe.rewrite_messages(base, list(d))
-                pipe.commit(k * len(self.qs) + i, prep)
-                rows.append(self.tok.blocks(msgs, d))
+            for j, i in enumerate(ids):
+                base = [{"role": "system", "content": self.system}, {"role": "user", "content": self.qs[i]}]
+                msgs, prep = pipe.rewrite_messages(base, list(docs[i]))
+                pipe.commit(k * len(ids) + j, prep)
+                rows.append(self.tok.blocks(msgs, docs[i]))
             out.append(rows)
         return out[0], out[1]
 
-    def peer_prompts(self) -> list | None:
-        """The peer's batch plan over the measured documents, in question order; None
-        without the peer's venv."""
+    def peer_prompts(self, ids: list[int]) -> list | None:
+        """The peer's batch plan over the measured documents of questions ``ids``, in
+        their order; None without the peer's venv."""
         from benchmarks.common.live import peer_messages
 
-        out = peer_messages(self.shuffled, self.qs, self.system)
+        docs = [self.shuffled[i] for i in ids]
+        out = peer_messages(docs, [self.qs[i] for i in ids], self.system)
         if out is None:
             return None
         table = {i: m for m, i in zip(out["messages"], out["order"])}
-        return [self.tok.blocks(table[i], d) for i, d in enumerate(self.shuffled)]
+        return [self.tok.blocks(table[j], d) for j, d in enumerate(docs)]
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -134,16 +141,27 @@ def score(predictions: list[str], answers: list[str]) -> tuple[list[float], list
     return [f1_score(p, a) for p, a in zip(preds, answers)], preds
 
 
+def _sum(arm: dict, key: str, chunks=None) -> float:
+    """``key`` summed over the arm's chunks (all, or those in ``chunks``); an arm
+    without chunks (one run over every question) holds the total itself."""
+    if "chunks" not in arm:
+        return arm.get(key, 0)
+    return sum(c.get(key, 0) for k, c in arm["chunks"].items() if chunks is None or k in chunks)
+
+
 def summarize(arms: dict, base: str = "plain") -> list[dict]:
     """Per arm: F1 with its 95 % bootstrap CI, ΔF1 paired against ``base`` on the
-    questions both answered, and the tokens computed in the measured pass."""
+    questions both answered, the tokens computed in the measured pass (total and per
+    question) and plain/arm over the chunks both ran."""
     ref = arms.get(base)
     rows = []
     for name, a in arms.items():
         f1 = [round(100 * x, 2) for x in bootstrap_ci(a["f1"])]
-        row = {"arm": name, "n": len(a["f1"]), "f1": f1, "computed_tokens": a["computed_tokens"],
-               "prompt_tokens": a["prompt_tokens"], "blend_recomputed": a.get("blend_recomputed", 0),
-               "blend_hits": a.get("blend_hits", 0)}
+        computed = _sum(a, "computed_tokens")
+        row = {"arm": name, "n": len(a["f1"]), "f1": f1, "computed_tokens": computed,
+               "computed_per_question": round(computed / max(1, len(a["f1"])), 1),
+               "prompt_tokens": _sum(a, "prompt_tokens"), "blend_recomputed": _sum(a, "blend_recomputed"),
+               "blend_hits": _sum(a, "blend_hits")}
         if ref is not None and name != base:
             theirs = dict(zip(ref["ids"], ref["f1"]))
             common = [(theirs[i], f) for i, f in zip(a["ids"], a["f1"]) if i in theirs]
@@ -151,22 +169,28 @@ def summarize(arms: dict, base: str = "plain") -> list[dict]:
                 d = paired_bootstrap_ci([x for x, _ in common], [y for _, y in common])
                 row["df1_vs_plain"] = [round(100 * x, 2) for x in d]
                 row["paired_n"] = len(common)
-        if ref is not None and ref["computed_tokens"] and a["computed_tokens"]:
-            row["computed_plain_over_arm"] = round(ref["computed_tokens"] / a["computed_tokens"], 3)
+        common_chunks = set(ref.get("chunks", {})) & set(a.get("chunks", {})) if ref is not None else set()
+        if ref is not None and "chunks" not in ref and "chunks" not in a:
+            common_chunks = None
+        if ref is not None and common_chunks != set():
+            theirs, ours = _sum(ref, "computed_tokens", common_chunks), _sum(a, "computed_tokens", common_chunks)
+            if theirs and ours:
+                row["computed_plain_over_arm"] = round(theirs / ours, 3)
         rows.append(row)
     return rows
 
 
 def table(data: dict) -> str:
-    lines = [f"Model `{data['model']}`; HotpotQA dev, {data['n']} questions, BM25 top-{data['k']}; greedy, "
-             f"max {data['max_tokens']} tokens. {data['note']}", "",
-             "| arm | n | F1 (95% CI) | ΔF1 vs plain (paired 95% CI) | computed tok (measured pass) | plain/arm | "
-             "blend recomputed | blend hits |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Model `{data['model']}`; HotpotQA dev (question set of {data['n']}, each arm's n below), "
+             f"BM25 top-{data['k']}; greedy, max {data['max_tokens']} tokens. {data['note']}", "",
+             "| arm | n | F1 (95% CI) | ΔF1 vs plain (paired 95% CI) | computed tok (measured pass) | per question | "
+             "plain/arm | blend recomputed | blend hits |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["summary"]:
         f, d = r["f1"], r.get("df1_vs_plain")
         lines.append(f"| {r['arm']} | {r['n']} | {f[0]:.1f} [{f[1]:.1f}, {f[2]:.1f}] | "
                      + (f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]" if d else "—")
-                     + f" | {r['computed_tokens']:,} | {r.get('computed_plain_over_arm', 0):.2f}× | "
+                     + f" | {r['computed_tokens']:,} | {r.get('computed_per_question', 0):,.0f} | "
+                     f"{r.get('computed_plain_over_arm', 0):.2f}× | "
                      f"{r['blend_recomputed']:,.0f} | {r['blend_hits']:,} |")
     lines += ["", "Computed = vLLM's `local_compute` prompt tokens + `cp_engine_blend_recomputed_tokens_total` "
               "in the measured pass (after a warm pass that showed every document in retrieval order)."]
@@ -182,38 +206,42 @@ def plot(data: dict, path: Path) -> None:
         f = r["f1"]
         color = ("#888888" if r["arm"] == "plain" else "#cc7733" if r["arm"] in ("prefix", "peer")
                  else "#3366aa" if r["arm"].startswith("blend") else "#66aa33")
-        ax.errorbar([r["computed_tokens"]], [f[0]], yerr=[[f[0] - f[1]], [f[2] - f[0]]], fmt="o", color=color,
-                    capsize=3)
-        ax.annotate(r["arm"], (r["computed_tokens"], f[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("prompt tokens computed in the measured pass (vLLM + blend)")
+        x = r.get("computed_per_question", r["computed_tokens"])
+        ax.errorbar([x], [f[0]], yerr=[[f[0] - f[1]], [f[2] - f[0]]], fmt="o", color=color, capsize=3)
+        ax.annotate(f"{r['arm']} (n={r['n']})", (x, f[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("prompt tokens computed per question, measured pass (vLLM + blend)")
     ax.set_ylabel("answer F1 (%), 95% bootstrap CI")
-    ax.set_title(f"Blend quality, HotpotQA n={data['n']}, {data['model']}", fontsize=9)
+    ns = sorted({r["n"] for r in rows})
+    n_text = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]} per arm"
+    ax.set_title(f"Blend quality, HotpotQA {n_text}, {data['model']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 # ---------------------------------------------------------------------------- running
 
-def arm_plan(args, have_peer: bool) -> list[dict]:
-    """Servers in order, each with its arms: the first also serves plain, prefix, peer."""
-    servers = []
-    for j, r in enumerate(args.ratios):
-        arms = [f"blend@{r:g}"]
-        if j == 0:
-            arms = ["plain", "prefix"] + (["peer"] if have_peer else []) + arms
-        servers.append({"env": {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": f"{r:g}"}, "arms": arms})
-    for mode in args.modes:
-        servers.append({"env": {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": f"{args.mode_ratio:g}",
-                                "CP_ENGINE_BLEND_MODE": mode}, "arms": [f"{mode}@{args.mode_ratio:g}"]})
-    return servers
+def default_arms(ratios, modes, default_ratio: float, mode_ratio: float) -> list[str]:
+    """Every arm in priority order: plain, blend at the default ratio, full recompute,
+    ratio 0, the prefix plan, the peer, the other ratios, the mode arms."""
+    first = ["plain", f"blend@{default_ratio:g}", "blend@1", "blend@0", "prefix", "peer"]
+    rest = [f"blend@{r:g}" for r in ratios] + [f"{m}@{mode_ratio:g}" for m in modes]
+    return first + [a for a in rest if a not in first]
 
 
-def run_pass(srv: Server, prompts, spans: bool, salt: str, args) -> tuple[list, dict]:
-    reqs = [TokenRequest(r.ids, list(r.spans) if spans and r.spans else None, salt, i)
-            for i, r in enumerate(prompts)]
+def arm_xargs(arm: str) -> dict | None:
+    """The blend settings an arm sends with every request; None for an exact arm."""
+    kind, at, ratio = arm.partition("@")
+    if not at:
+        return None
+    return {"cp_blend_ratio": float(ratio), "cp_blend_mode": "both" if kind == "blend" else kind}
+
+
+def run_pass(srv: Server, prompts, xargs: dict | None, salt: str, args, max_tokens: int) -> tuple[list, dict]:
+    reqs = [TokenRequest(r.ids, list(r.spans) if xargs is not None and r.spans else None, salt, i,
+                         dict(xargs or {})) for i, r in enumerate(prompts)]
     before = srv.counters()
     t0 = time.perf_counter()
-    out = srv.send_batch(reqs, args.max_tokens, args.concurrency)
+    out = srv.send_batch(reqs, max_tokens, args.concurrency)
     wall = time.perf_counter() - t0
     time.sleep(1.5)  # the last step's stats reach /metrics just after the last response
     d = delta(before, srv.counters())
@@ -230,7 +258,8 @@ def run_note(arms: dict, mode_ratio: float, have_peer: bool) -> str:
         note += "; peer ran"
     elif have_peer:
         note += "; peer available, not run"
-    return note + "; arms run: " + ", ".join(arms) + "."
+    ran = [f"{a} (n={len(v.get('f1', ()))})" if v else a for a, v in arms.items()]
+    return note + "; arms run: " + ", ".join(ran) + "."
 
 
 def arm_salt(arm: str) -> str:
@@ -239,114 +268,139 @@ def arm_salt(arm: str) -> str:
     return f"q-{re.sub(r'[^A-Za-z0-9._-]', '_', arm)[:80]}-{uuid.uuid4().hex[:12]}"
 
 
-def run_arm(srv: Server, arm: str, qs: Questions, prompts: dict, args) -> dict | None:
-    salt = arm_salt(arm)
-    blend = "@" in arm
+def chunk_prompts(qs: Questions, arm: str, ids: list[int]) -> tuple[list | None, list | None]:
+    """(warm, measured) prompts of one arm over questions ``ids``; (None, None) when the
+    arm cannot run (the peer without its venv)."""
     if arm == "plain":
-        warm, measured = None, qs.measured
-    elif arm == "prefix":
-        warm, measured = prompts["prefix"]
-    elif arm == "peer":
-        warm, measured = None, prompts.get("peer")
-        if measured is None:
-            return None
-    else:
-        warm, measured = qs.warm, qs.measured
+        return None, [qs.measured[i] for i in ids]
+    if arm == "prefix":
+        warm, measured = qs.prefix_prompts(ids)
+        return warm, measured
+    if arm == "peer":
+        return None, qs.peer_prompts(ids)
+    return [qs.warm[i] for i in ids], [qs.measured[i] for i in ids]
+
+
+def run_arm(srv: Server, arm: str, qs: Questions, ids: list[int], args) -> dict | None:
+    """One arm over questions ``ids``: a fresh salt, the caches emptied, the warm pass
+    (not scored, one token each), the measured pass (scored and counted)."""
+    warm, measured = chunk_prompts(qs, arm, ids)
+    if measured is None:
+        return None
+    salt, xargs = arm_salt(arm), arm_xargs(arm)
     srv.reset()
     warm_d = None
     if warm is not None:
-        _, warm_d = run_pass(srv, warm, blend, salt, args)
-    out, d = run_pass(srv, measured, blend, salt, args)
-    f1, preds = score([c.text for c in out], qs.answers)
-    return {"ids": list(range(len(qs))), "f1": f1, "predictions": preds,
+        _, warm_d = run_pass(srv, warm, xargs, salt, args, 1)
+    out, d = run_pass(srv, measured, xargs, salt, args, args.max_tokens)
+    f1, preds = score([c.text for c in out], [qs.answers[i] for i in ids])
+    return {"ids": list(ids), "f1": f1, "predictions": preds,
             "prompt_tokens": int(d["prompt"]), "computed_tokens": int(round(computed_tokens(d))),
             "vllm_local_compute": int(d["local_compute"]), "blend_recomputed": round(d["blend_recomputed"], 1),
             "blend_reused": int(d["blend_reused"]), "blend_hits": int(d["blend_hits"]),
-            "measured_wall_s": round(d["wall_s"], 1),
+            "blend_load_failures": int(d["blend_load_failures"]), "measured_wall_s": round(d["wall_s"], 1),
             "warm": None if warm_d is None else {"computed_tokens": int(round(computed_tokens(warm_d))),
                                                  "blend_stored": int(warm_d["blend_stored"]),
                                                  "wall_s": round(warm_d["wall_s"], 1)}}
+
+
+def add_chunk(arms: dict, arm: str, chunk: int, res: dict) -> None:
+    """Merge one arm-chunk result into ``arms[arm]`` (per-question lists, per-chunk counts)."""
+    a = arms.setdefault(arm, {"ids": [], "f1": [], "predictions": [], "chunks": {}})
+    a["ids"] += res["ids"]
+    a["f1"] += res["f1"]
+    a["predictions"] += res["predictions"]
+    a["chunks"][str(chunk)] = {k: v for k, v in res.items() if k not in ("ids", "f1", "predictions")}
 
 
 def main(argv=None) -> int:
     from benchmarks.common import workloads
     from benchmarks.common.live import start_server
     from benchmarks.common.results import provenance, read_result, write_result
+    from cp_engine import Config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, 8 questions (plumbing, not quality)")
     ap.add_argument("--model", help="model folder (default: Qwen2.5-0.5B from the offline wheel)")
-    ap.add_argument("--n", type=int, help="questions (default 300; --quick 8)")
+    ap.add_argument("--n", type=int, help="the question set (default 300; --quick 8); BM25 pools its paragraphs")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--chunk", type=int, default=10, help="questions per arm-chunk")
     ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
     ap.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x], default=list(MODES))
     ap.add_argument("--mode-ratio", type=float, help="ratio of the mode arms (default: the flag's default)")
-    ap.add_argument("--arms", help="keep only these arms (comma-separated names as in the table)")
+    ap.add_argument("--arms", help="these arms, in this (priority) order (comma-separated names as in the table; "
+                                   "default: every arm in priority order)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--kv-cache-gib", type=int, default=3)
     ap.add_argument("--server-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
     ap.add_argument("--out", help="result name (default blend_quality[_quick])")
-    ap.add_argument("--resume", action="store_true", help="keep the arms already in the result (same settings)")
+    ap.add_argument("--resume", action="store_true", help="keep the arm-chunks already in the result")
     args = ap.parse_args(argv)
     prov = provenance("benchmarks.blend.bench_blend_quality", argv)
+    default_ratio = Config().blend_ratio
     if args.mode_ratio is None:
-        from cp_engine import Config
-
-        args.mode_ratio = Config().blend_ratio
+        args.mode_ratio = default_ratio
     n = args.n or (8 if args.quick else 300)
     model = served_model(args.model, args.quick)
     tok = Tokenizer(model)
     qs = Questions(workloads.hotpotqa(n, k=args.k), tok)
     name = args.out or ("blend_quality_quick" if args.quick else "blend_quality")
-    settings = {"model": Path(model).name, "n": n, "k": args.k, "max_tokens": args.max_tokens}
-    data = {**settings, "ratios": args.ratios, "modes": args.modes, "mode_ratio": args.mode_ratio,
+    settings = {"model": Path(model).name, "n": n, "k": args.k, "max_tokens": args.max_tokens, "chunk": args.chunk}
+    order = (args.arms.split(",") if args.arms
+             else default_arms(args.ratios, args.modes, default_ratio, args.mode_ratio))
+    data = {**settings, "default_ratio": default_ratio, "mode_ratio": args.mode_ratio, "arm_order": order,
             "note": "", "arms": {}, "summary": [], "servers": []}
     if args.resume:
         try:
             old, _ = read_result(name)
             if all(old.get(k) == v for k, v in settings.items()):
-                data["arms"] = old["arms"]
+                data["arms"], data["servers"] = old["arms"], old.get("servers", [])
+                data["errors"] = old.get("errors", {})
         except (OSError, ValueError, KeyError):
             pass
-    prompts = {"prefix": qs.prefix_prompts()}
-    peer = qs.peer_prompts()
-    if peer is not None:
-        prompts["peer"] = peer
-    keep = set(args.arms.split(",")) if args.arms else None
+    have_peer = "peer" in order and qs.peer_prompts([0]) is not None
     t_start = time.perf_counter()
 
     def save(echo=False):
-        data["note"] = run_note(data["arms"], args.mode_ratio, peer is not None)
+        data["note"] = run_note(data["arms"], args.mode_ratio, have_peer)
         data["summary"] = summarize(data["arms"])
         data["wall_s"] = round(time.perf_counter() - t_start, 1)
         write_result(name, data, table=table, plot=plot, prov=prov, echo=echo)
 
-    for server in arm_plan(args, peer is not None):
-        arms = [a for a in server["arms"] if a not in data["arms"] and (keep is None or a in keep)]
-        if not arms:
-            continue
-        env = {"VLLM_SERVER_DEV_MODE": "1", **server["env"]}
-        print(f"[blend-quality] starting vLLM ({env}) for {arms} ...", file=sys.stderr, flush=True)
-        with start_server(model, env, ["--max-model-len", "8192", *args.server_arg],
-                          kv_cache_gib=args.kv_cache_gib) as raw:
-            srv = Server(raw.url, raw.model)
-            fmt = srv.probe_span_format(qs.measured[0].ids[:16])
-            data["servers"].append({"env": env, "span_format": fmt, "arms": arms})
-            for arm in arms:
-                t0 = time.perf_counter()
-                try:
-                    res = run_arm(srv, arm, qs, prompts, args)
-                except Exception as exc:  # one failed arm must not lose the others
-                    print(f"[blend-quality] {arm} failed: {exc!r}", file=sys.stderr, flush=True)
-                    data.setdefault("errors", {})[arm] = repr(exc)[:500]
-                    continue
-                if res is None:
-                    continue
-                data["arms"][arm] = res
-                save()
-                print(f"[blend-quality] {arm}: F1 {100 * statistics.fmean(res['f1']):.1f}, computed "
-                      f"{res['computed_tokens']:,} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    def todo():
+        for c in range(0, n, args.chunk):
+            for arm in order:
+                if str(c // args.chunk) not in data["arms"].get(arm, {}).get("chunks", {}):
+                    yield c // args.chunk, arm
+
+    env = {"VLLM_SERVER_DEV_MODE": "1", "CP_ENGINE_BLEND": "1"}
+    if next(todo(), None) is None:
+        save(echo=True)
+        return 0
+    print(f"[blend-quality] starting vLLM ({env}) ...", file=sys.stderr, flush=True)
+    with start_server(model, env, ["--max-model-len", "8192", *args.server_arg], kv_cache_gib=args.kv_cache_gib) as raw:
+        srv = Server(raw.url, raw.model)
+        fmt = srv.probe_span_format(qs.measured[0].ids[:16])
+        data["servers"].append({"env": env, "span_format": fmt, "started": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                         time.gmtime())})
+        for chunk, arm in todo():
+            if arm == "peer" and not have_peer:
+                continue
+            ids = list(range(chunk * args.chunk, min(n, (chunk + 1) * args.chunk)))
+            t0 = time.perf_counter()
+            try:
+                res = run_arm(srv, arm, qs, ids, args)
+            except Exception as exc:  # one failed arm-chunk must not lose the others
+                print(f"[blend-quality] {arm} chunk {chunk} failed: {exc!r}", file=sys.stderr, flush=True)
+                data.setdefault("errors", {})[f"{arm}/{chunk}"] = repr(exc)[:500]
+                continue
+            if res is None:
+                continue
+            add_chunk(data["arms"], arm, chunk, res)
+            save()
+            print(f"[blend-quality] {arm} chunk {chunk}: F1 {100 * statistics.fmean(res['f1']):.1f}, computed "
+                  f"{res['computed_tokens']:,} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     save(echo=True)
     return 0
 

@@ -184,24 +184,40 @@ def test_f1_and_paired_interval_against_plain():
     assert "df1_vs_plain" not in rows["plain"]
 
 
-def test_quality_arm_plan_puts_the_exact_arms_on_the_first_server():
-    args = argparse.Namespace(ratios=[0.0, 0.05, 1.0], modes=["first_tokens", "deviation"], mode_ratio=0.15)
-    plan = qual.arm_plan(args, have_peer=False)
-    assert [p["arms"] for p in plan] == [["plain", "prefix", "blend@0"], ["blend@0.05"], ["blend@1"],
-                                          ["first_tokens@0.15"], ["deviation@0.15"]]
-    assert plan[3]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0.15",
-                              "CP_ENGINE_BLEND_MODE": "first_tokens"}
-    assert "peer" in qual.arm_plan(args, have_peer=True)[0]["arms"]
+def test_quality_arms_in_priority_order_and_their_per_request_settings():
+    arms = qual.default_arms([0.0, 0.05, 0.15, 1.0], ["first_tokens", "deviation"], 0.15, 0.15)
+    assert arms == ["plain", "blend@0.15", "blend@1", "blend@0", "prefix", "peer", "blend@0.05",
+                    "first_tokens@0.15", "deviation@0.15"]
+    assert qual.arm_xargs("plain") is None and qual.arm_xargs("prefix") is None
+    assert qual.arm_xargs("blend@0.05") == {"cp_blend_ratio": 0.05, "cp_blend_mode": "both"}
+    assert qual.arm_xargs("deviation@0.15") == {"cp_blend_ratio": 0.15, "cp_blend_mode": "deviation"}
+    from cp_engine.blend.settings import check_settings
+
+    for arm in arms:
+        check_settings(qual.arm_xargs(arm))  # every arm's settings pass the server's check
 
 
 def test_every_arms_cache_salt_passes_vllms_own_check_and_is_fresh():
     protocol = pytest.importorskip("vllm.entrypoints.generate.base.protocol")
-    args = argparse.Namespace(ratios=[0.0, 0.15, 1.0], modes=["first_tokens", "deviation"], mode_ratio=0.15)
-    arms = [a for p in qual.arm_plan(args, have_peer=True) for a in p["arms"]] + ["x" * 300, "a/b\\c\0d"]
+    arms = qual.default_arms([0.0, 0.15, 1.0], ["first_tokens", "deviation"], 0.15, 0.15) + ["x" * 300, "a/b\\c\0d"]
     for arm in arms:
         protocol.validate_cache_salt(qual.arm_salt(arm))
     assert qual.arm_salt("blend@0.15") != qual.arm_salt("blend@0.15")
     assert qual.arm_salt("blend@0.15") != qual.arm_salt("blend@1")
+
+
+def test_chunks_merge_per_question_and_plain_over_arm_uses_the_chunks_both_ran():
+    arms: dict = {}
+    row = lambda ids, f1, computed: {"ids": ids, "f1": f1, "predictions": ["x"] * len(ids),  # noqa: E731
+                                     "computed_tokens": computed, "prompt_tokens": 100 * len(ids)}
+    qual.add_chunk(arms, "plain", 0, row([0, 1], [1.0, 0.0], 200))
+    qual.add_chunk(arms, "plain", 1, row([2, 3], [1.0, 1.0], 200))
+    qual.add_chunk(arms, "blend@0", 0, row([0, 1], [1.0, 1.0], 50))
+    assert arms["plain"]["ids"] == [0, 1, 2, 3] and set(arms["plain"]["chunks"]) == {"0", "1"}
+    rows = {r["arm"]: r for r in qual.summarize(arms)}
+    assert rows["plain"]["computed_tokens"] == 400 and rows["plain"]["computed_per_question"] == 100
+    assert rows["blend@0"]["computed_plain_over_arm"] == 4.0  # chunk 0 only: 200 / 50
+    assert rows["blend@0"]["paired_n"] == 2 and rows["blend@0"]["df1_vs_plain"][0] == 50.0
 
 
 def test_the_flat_wire_form_reads_back_as_the_same_spans():
