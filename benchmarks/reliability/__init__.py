@@ -1,2 +1,3 @@
-"""Reliability runs from the command line (fuzz_live, storm, soak) and their report;
+"""Reliability runs from the command line (fuzz_live, storm, soak, the interleaved
+plugin on/off A/B ``ab``) and their report;
 the drivers live in ``cp_engine.devtools.reliability`` (see ``docs/reliability.md``)."""

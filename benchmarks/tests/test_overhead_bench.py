@@ -1,0 +1,74 @@
+"""The plugin-overhead benchmarks' own logic: the engine-free micro-benchmark end to
+end at a tiny size (real vLLM request objects, real tokenizer), and the A/B's
+summaries and py-spy attribution on made-up inputs (the A/B itself needs servers)."""
+from __future__ import annotations
+
+from benchmarks.common.results import read_result
+from benchmarks.reliability import ab
+
+
+def test_micro_overhead_quick_run_times_every_stage_of_a_rewrite_and_none_on_pass_through(tmp_path):
+    from benchmarks.micro import overhead
+
+    out = tmp_path / "overhead.json"
+    argv = ["--quick", "--indexed", "300", "--requests", "80", "--out", str(out)]
+    assert overhead.main(argv) == 0
+    data, prov = read_result(out)
+    assert prov["command"] == "python -m benchmarks.micro.overhead " + " ".join(argv)
+    (run,) = data["runs"]
+    assert run["indexed"] == 300 and run["index_requests"] >= 300
+    kinds = run["kinds"]
+    assert set(kinds) == {"chat", "passthrough", "completion"} and sum(k["n"] for k in kinds.values()) == 80
+    for kind in ("chat", "completion"):
+        stages, share = kinds[kind]["stages_us_p50"], kinds[kind]["stages_share"]
+        for stage in ("marks", "rewrite: index lookup", "stage: index record", "stage: hints",
+                      "accept (dedup commit, counters)"):
+            assert stages.get(stage, 0) > 0 and share[stage] == 1.0, (kind, stage)
+        assert 0 < share["stage: tokenizer ratio"] <= 1.0  # sampled
+    assert "rewrite: namespace key" in kinds["chat"]["stages_us_p50"]
+    # An unmarked request is read, never rewritten: no index, hint or commit work at all.
+    assert set(kinds["passthrough"]["stages_us_p50"]) == {"read arguments", "marks"}
+    assert run["evict_apply_us"] > 0
+    table = out.with_name(out.stem + ".table.md").read_text()
+    assert "| 300 |" in table and "rewrite: index lookup" in table
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _round(pair, side, rps, p50, api):
+    return {"pair": pair, "side": side, "requests": int(rps * 60), "errors": 0, "rps": rps, "p50_s": p50,
+            "p99_s": 2 * p50, "api_cpu_us_per_req": api, "engine_cpu_us_per_req": 1000.0, "load_1min": 2.0}
+
+
+def test_ab_summary_takes_medians_per_side_and_ratios_within_pairs():
+    rounds = [_round(0, "on", 9.0, 1.1, 600.0), _round(0, "off", 10.0, 1.0, 500.0),
+              _round(1, "off", 5.0, 2.0, 500.0), _round(1, "on", 5.0, 2.0, 520.0),
+              _round(2, "on", 8.0, 1.0, 700.0)]  # an unfinished pair: in the medians, not the ratios
+    s = ab.summarize(rounds)
+    assert s["sides"]["on"]["rps"] == {"median": 8.0, "min": 5.0, "max": 9.0}
+    assert s["ratios"]["rps"] == {"median": 0.95, "min": 0.9, "max": 1.0}
+    assert s["api_cpu_us_per_req_diff"] == {"median": 60.0, "min": 20.0, "max": 100.0}
+    table = ab.table({"summary": s, "rounds": [{**r} for r in rounds],
+                      "config": {"traffic": "soak", "pairs": 3, "round_s": 60, "clients": 64, "host": "h"}})
+    assert "| on/off per pair | 0.95 (0.9..1) |" in table
+
+
+def test_profile_summary_counts_only_samples_spent_in_plugin_code(tmp_path):
+    api = 'process 7:"python vllm serve m"'
+    core = 'process 7:"python vllm serve m";process 8:"VLLM::EngineCore"'
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join([
+        # the rewrite itself, and a tokenizer call it makes: the plugin's
+        f"{api};run (asyncio/events.py:80);call (hooks/vllm/serving_patch.py:53);prepare (cp_engine/pipeline.py:120) 5",
+        f"{api};call (hooks/vllm/serving_patch.py:53);observe (hooks/tokenratio.py:40);encode (tokenizers/x.py:1) 2",
+        # vLLM working inside the wrapper's call-through: not the plugin's
+        f"{api};call (hooks/vllm/serving_patch.py:69);create_chat_completion (vllm/entrypoints/x.py:9) 11",
+        f"{api};select (selectors.py:415) 30",
+        f"{core};evict_wrapper (hooks/vllm/eviction.py:128);send (hooks/channel.py:392) 3",
+        f"{core};step (vllm/v1/engine/core.py:1) 97",
+    ]) + "\n")
+    s = ab.profile_summary(raw)
+    (api_key,) = [k for k in s if k.startswith("process 7")]
+    (core_key,) = [k for k in s if k.startswith("process 8")]
+    assert s[api_key]["samples"] == 48 and s[api_key]["plugin_samples"] == 7
+    assert s[core_key]["samples"] == 100 and s[core_key]["plugin_share"] == 0.03
+    assert sum(s[api_key]["plugin_entries"].values()) == 7
