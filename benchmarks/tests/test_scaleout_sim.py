@@ -91,3 +91,17 @@ def test_api_servers_sharing_every_record_behave_like_one_and_own_indexes_do_not
     assert own["recomputed_tokens"] > one["recomputed_tokens"]  # each index saw a third of the requests
     rows = [{"capacity_tokens": None, **r} for r in (one, shared, own)]
     assert "+0.0%" in api_markdown({"workload": "w", "requests": 200, "rows": rows})
+
+
+def test_a_looser_load_bound_lets_the_hottest_replica_take_more():
+    from benchmarks.scaleout.load_sweep import markdown as sweep_markdown
+
+    reqs = _requests(300, 4)
+    aff = next(a for a in ARMS if a.name == "block_affinity+plugin")
+    rr = next(a for a in ARMS if a.name == "round_robin+plugin")
+    rows = [{"factor": None, **run_arm(rr, reqs, 6, 400, 6, 1.0, 0.5)}]
+    rows += [{"factor": f, **run_arm(aff, reqs, 6, 400, 6, f, 0.5)} for f in (1.0, 100.0)]
+    assert rows[1]["hottest_share"] <= 1 / 6 + 1 / 300
+    assert rows[2]["hottest_share"] > rows[1]["hottest_share"]  # bottom-1 MinHash keys are skewed
+    table = sweep_markdown({"workload": "w", "requests": 300, "replicas": 6, "capacity_tokens": 400, "rows": rows})
+    assert table.count("| block_affinity |") == 2
