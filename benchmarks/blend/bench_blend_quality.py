@@ -374,7 +374,9 @@ def main(argv=None) -> int:
                 if str(c // args.chunk) not in data["arms"].get(arm, {}).get("chunks", {}):
                     yield c // args.chunk, arm
 
-    env = {"VLLM_SERVER_DEV_MODE": "1", "CP_ENGINE_BLEND": "1"}
+    # A full-recompute step (up to the connector's per-step cap) on 2 shared cores can
+    # outlast vLLM's 300 s execute_model timeout, which kills the engine.
+    env = {"VLLM_SERVER_DEV_MODE": "1", "CP_ENGINE_BLEND": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
     if next(todo(), None) is None:
         save(echo=True)
         return 0
@@ -394,6 +396,10 @@ def main(argv=None) -> int:
             except Exception as exc:  # one failed arm-chunk must not lose the others
                 print(f"[blend-quality] {arm} chunk {chunk} failed: {exc!r}", file=sys.stderr, flush=True)
                 data.setdefault("errors", {})[f"{arm}/{chunk}"] = repr(exc)[:500]
+                if not srv.alive():
+                    print("[blend-quality] the server is gone; stopping (--resume continues)", file=sys.stderr,
+                          flush=True)
+                    break
                 continue
             if res is None:
                 continue

@@ -133,6 +133,13 @@ class Server:
     def counters(self) -> dict[str, float]:
         return counters(self.metrics_text())
 
+    def alive(self) -> bool:
+        """Whether the server still answers ``/health`` with 200."""
+        try:
+            return requests.get(self.url + "/health", timeout=30).status_code == 200
+        except requests.RequestException:
+            return False
+
     def reset(self) -> None:
         """Empty vLLM's prefix cache and ask the KV connector to drop its own cache
         (``reset_external``; needs ``VLLM_SERVER_DEV_MODE=1``)."""
