@@ -25,6 +25,8 @@ bias can only favour the baseline. Needs the ``vllm-router`` binary (PATH or
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +67,8 @@ def send(url: str, model: str, reqs: list[tuple[dict, dict]], concurrency: int) 
         body, headers = reqs[i]
         r = session.s.post(url + "/v1/chat/completions", timeout=1800, headers=headers,
                            json={"model": model, "max_tokens": 2, "temperature": 0.0, **body})
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"request {i}: HTTP {r.status_code}: {r.text[:500]}")
         out[i] = r.json()["usage"]
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -111,7 +114,11 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / ("scaleout_router_quick.json" if args.quick else "scaleout_router.json")
     rag = rag_zipf(n)
     model = args.model or tiny_model_dir()
-    servers = [VllmServer(model, env={"VLLM_SERVER_DEV_MODE": "1"}, name=f"replica{i}") for i in range(replicas)]
+    # The engine benchmark's context length: Zipf RAG prompts run past the default 4,096.
+    servers = [VllmServer(model, env={"VLLM_SERVER_DEV_MODE": "1"}, extra_args=("--max-model-len", "8192"),
+                          name=f"replica{i}") for i in range(replicas)]
+    # A timeout's SIGTERM unwinds like an exception, so the finally below stops the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     try:
         with ThreadPoolExecutor(max_workers=replicas) as pool:
