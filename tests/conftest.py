@@ -4,9 +4,10 @@ import pytest
 
 from cp_engine.devtools import hypothesis_profile
 import early_runs
+import warm_bytecode
 from cp_engine.devtools.reliability.servers import plain_server_kwargs, plugin_server_kwargs
-from server_pool import POOL, server_fixture
-from vllm_server import PLUGIN_TEST_ENV
+from server_pool import CONFIGS, POOL, server_fixture
+from vllm_server import PLUGIN_TEST_ENV, vllm_available
 
 hypothesis_profile.load()
 
@@ -23,8 +24,16 @@ plain_server = server_fixture("plain_server", plain_server_kwargs())
 plugin_server = server_fixture("plugin_server", plugin_server_kwargs(**PLUGIN_TEST_ENV))
 
 
+def pytest_collection_modifyitems(session, config, items):
+    early_runs.readers_last(items)  # tests reading a background run go last
+
+
 def pytest_collection_finish(session):
     if not session.config.option.collectonly:
+        ahead = set(CONFIGS) | (set(early_runs.RUNS) if early_runs.BACKGROUND else set())
+        if vllm_available() and any(name in ahead for item in session.items
+                                    for name in getattr(item, "fixturenames", ())):
+            warm_bytecode.start()  # background; server starts and runs wait for it
         POOL.plan(session.items)
         early_runs.start_selected(session.items)  # fresh-interpreter runs, in the background
 

@@ -5,18 +5,26 @@ A module declares one with ``name = early_run(name, make)``: ``make()`` gives th
 ``subprocess.run`` keyword arguments (``args``, ``env``, ``cwd``, ``timeout``) or
 ``None`` where the run does not apply (it then never starts). Every test whose fixture
 closure holds ``name`` receives the ``CompletedProcess`` (text output captured) and
-asserts on it as it would on its own ``subprocess.run``. tests/conftest.py calls
-``start_selected`` with the selection and ``stop_all`` at the end.
+asserts on it as it would on its own ``subprocess.run``. tests/conftest.py puts the
+tests that read a run last (``readers_last``), calls ``start_selected`` with the
+selection and ``stop_all`` at the end.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from typing import Callable
 
 import pytest
 
+import warm_bytecode
+
 RUNS: dict[str, Callable[[], dict | None]] = {}
+# CP_TEST_EARLY_RUNS=0: no run starts ahead; each starts when its first test needs it and
+# that test waits (cheaper where nothing else would overlap it, e.g. scripts/vllm_matrix.sh:
+# concurrent first imports of a fresh venv each compile the same bytecode).
+BACKGROUND = os.environ.get("CP_TEST_EARLY_RUNS", "1") != "0"
 _started: dict[str, "_Run"] = {}
 _lock = threading.Lock()
 
@@ -33,6 +41,7 @@ class _Run:
 
     def _run(self) -> None:
         try:
+            warm_bytecode.wait()  # most runs import vLLM: after a fresh venv's one compile
             self.proc = subprocess.Popen(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **self.kwargs)
             try:
                 out, err = self.proc.communicate(timeout=self.timeout)
@@ -65,7 +74,16 @@ def _start(name: str) -> "_Run | None":
         return _started[name]
 
 
+def readers_last(items: list) -> None:
+    """Move the tests that read a declared run after every other test (in place,
+    order otherwise kept): the runs then have the whole session to finish instead of
+    the main thread sitting idle waiting for one part-way through."""
+    items.sort(key=lambda item: any(name in RUNS for name in getattr(item, "fixturenames", ())))
+
+
 def start_selected(items: list) -> None:
+    if not BACKGROUND:
+        return
     for item in items:
         for name in getattr(item, "fixturenames", ()):
             if name in RUNS:

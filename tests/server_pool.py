@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import pytest
 
+import warm_bytecode
 from cp_engine.devtools.vllm_server import VllmServer, tiny_model_dir, vllm_available
 
 # Two shared servers plus the special configurations of the next few test modules; a
@@ -59,6 +60,7 @@ class _Slot:
 
     def _start(self) -> None:
         try:
+            warm_bytecode.wait()  # a fresh venv's one compile of vLLM, shared by every start
             if self.prepare is not None:
                 attrs, self.server.prepared = self.prepare(self.prepare_dir)
                 for key, value in attrs.items():  # e.g. the interpreter the server runs under

@@ -1,7 +1,9 @@
 """Patch ordering, upstream drift and wheel-install (.pth) tests against real vLLM modules.
 
-Orderings run in fresh subprocesses (import state is process-wide); drift tests read
-the installed vLLM and fail loudly when a symbol or signature the hooks bind moves.
+Orderings run in fresh subprocesses (import state is process-wide), started in the
+background when the session starts (tests/early_runs.py: each imports vLLM, ~15 s of
+CPU); drift tests read the installed vLLM and fail loudly when a symbol or signature
+the hooks bind moves.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import sysconfig
 
 import pytest
 
-from subproc import run_json
+from early_runs import early_run
+from subproc import last_json, run_json, snippet_command
 from vllm_server import vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm not installed")]
@@ -27,6 +30,12 @@ SCHED_MOD = "vllm.v1.core.sched.scheduler"
 
 def _run_json(code: str, python: str = sys.executable, **env: str) -> dict:
     return run_json(code, python, VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", **env)
+
+
+def _ordering(code: str, **env: str):
+    """An early run of ``code`` in this interpreter (none where vLLM is absent)."""
+    return lambda: snippet_command(code, VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", **env) \
+        if vllm_available() else None
 
 
 _STATE = f"""
@@ -44,15 +53,19 @@ def state():
 """
 
 
-def test_import_then_patch_double_patch_unpatch_repatch():
-    # CP_ENGINE_DISABLE keeps an installed .pth from patching at import; the flag is
-    # dropped before the explicit patch() calls this test is about.
-    code = _STATE + f"""
+# One interpreter for both orderings that start with CP_ENGINE_DISABLE=1: the .pth
+# hook, an import of the patched modules and vLLM's plugin entry point all leave vLLM
+# unpatched; then the flag is dropped and the explicit patch() calls run on the
+# already imported modules.
+_DISABLED_THEN_PATCH = _STATE + f"""
 import json, os, wrapt
-import {CHAT_MOD}, {SCHED_MOD}
-from cp_engine.hooks import runtime
+from cp_engine.hooks import autoload, bootstrap, runtime
 from cp_engine.hooks.vllm import patch
-out = {{"before": state()}}
+autoload.install()                      # what the .pth does
+import {CHAT_MOD}, {SCHED_MOD}
+from vllm.plugins import load_general_plugins
+load_general_plugins()                  # the entry point path
+out = {{"before": state(), "boot": bootstrap.state("vllm")}}
 del os.environ["CP_ENGINE_DISABLE"]; runtime.reset_for_tests()
 patch.patch(); out["patched"] = state()
 patch.patch(); out["twice"] = state()
@@ -63,16 +76,19 @@ out["removed_is_function"] = type({CHAT_MOD}.OpenAIServingChat.__dict__["create_
 patch.patch(); out["again"] = state()
 print(json.dumps(out))
 """
-    r = _run_json(code, CP_ENGINE_DISABLE="1")
-    assert not r["before"]["chat_wrapped"] and not r["before"]["queue_ours"]
+disabled_then_patch_run = early_run("disabled_then_patch_run", _ordering(_DISABLED_THEN_PATCH, CP_ENGINE_DISABLE="1"))
+
+
+def test_disabled_stays_unpatched_then_patch_double_patch_unpatch_repatch(disabled_then_patch_run):
+    r = last_json(disabled_then_patch_run)
+    assert r["boot"] is None and not r["before"]["chat_wrapped"] and not r["before"]["queue_ours"]
     assert r["patched"]["chat_wrapped"] and r["patched"]["queue_ours"]
     assert r["twice"]["installed"] == r["patched"]["installed"] and r["not_nested"]
     assert not r["removed"]["chat_wrapped"] and not r["removed"]["queue_ours"] and r["removed_is_function"]
     assert r["again"]["chat_wrapped"] and r["again"]["queue_ours"]
 
 
-def test_patch_then_import_and_entry_point_after_autoload():
-    code = _STATE + f"""
+_AUTOLOAD_THEN_IMPORT = _STATE + f"""
 import json, sys
 from cp_engine.hooks import autoload, bootstrap
 autoload.install()                      # what the .pth does
@@ -84,24 +100,14 @@ load_general_plugins()                  # entry point path on top: still patched
 out["after_entry_point"] = state()
 print(json.dumps(out))
 """
-    r = _run_json(code)
+autoload_then_import_run = early_run("autoload_then_import_run", _ordering(_AUTOLOAD_THEN_IMPORT))
+
+
+def test_patch_then_import_and_entry_point_after_autoload(autoload_then_import_run):
+    r = last_json(autoload_then_import_run)
     assert r["boot"] == "patched"
     assert r["after_import"]["chat_wrapped"] and r["after_import"]["queue_ours"]
     assert r["after_entry_point"]["installed"] == r["after_import"]["installed"]
-
-
-def test_disable_leaves_vllm_unpatched():
-    code = _STATE + f"""
-import json
-from cp_engine.hooks import autoload, bootstrap
-autoload.install()
-import {CHAT_MOD}, {SCHED_MOD}
-from vllm.plugins import load_general_plugins
-load_general_plugins()
-print(json.dumps({{"state": state(), "boot": bootstrap.state("vllm")}}))
-"""
-    r = _run_json(code, CP_ENGINE_DISABLE="1")
-    assert r["boot"] is None and not r["state"]["chat_wrapped"] and not r["state"]["queue_ours"]
 
 
 # -- drift: fail loudly when what the hooks bind moves upstream --------------------

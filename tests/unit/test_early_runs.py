@@ -1,5 +1,6 @@
 """tests/early_runs.py: a declared run starts once when a selected test needs it, gives
-the finished ``CompletedProcess``; a run that does not apply never starts."""
+the finished ``CompletedProcess``; a run that does not apply never starts; the tests
+reading a run go last."""
 from __future__ import annotations
 
 import subprocess
@@ -57,3 +58,20 @@ def test_timeout_is_raised_in_the_waiting_test_and_stop_all_kills(registry):
         time.sleep(0.01)
     early_runs.stop_all()
     assert long_run.wait().returncode != 0  # killed, not left running
+
+
+def test_readers_of_a_run_go_last_in_their_order(registry):
+    early_runs.early_run("a_run", lambda: None)
+    early_runs.early_run("b_run", lambda: None)
+    items = [_Item("b_run"), _Item("tmp_path"), _Item("a_run", "tmp_path"), _Item(), _Item("tmp_path")]
+    order = list(items)
+    early_runs.readers_last(items)
+    assert items == [order[1], order[3], order[4], order[0], order[2]]
+
+
+def test_with_background_runs_off_a_run_starts_when_its_test_asks(registry, monkeypatch):
+    monkeypatch.setattr(early_runs, "BACKGROUND", False)
+    early_runs.early_run("late_run", lambda: _python("print('late')"))
+    early_runs.start_selected([_Item("late_run")])
+    assert early_runs._started == {}
+    assert early_runs._start("late_run").wait().stdout == "late\n"
