@@ -9,7 +9,8 @@ Modules: ``config`` (options and the command line), ``app`` (the aiohttp server 
 its one catch-all route), ``rewrite`` (marked body → rewritten body + pending commit),
 ``forward`` (the upstream client and its 502/504 mapping), ``relay`` (the upstream's
 answer back to the client, settling the commit), ``errors`` (the proxy's own JSON
-error answers). Needs the ``proxy`` extra (aiohttp).
+error answers), ``counters`` (its own counters, ``GET /cp_engine/metrics``). Needs the
+``proxy`` extra (aiohttp).
 """
 from __future__ import annotations
 
