@@ -16,6 +16,16 @@ PHASES=()
 t_phase=$(date +%s)
 phase_done() { local now; now=$(date +%s); PHASES+=("$1 $((now - t_phase))"); t_phase=$now; }
 report_phases() { printf '[test.sh] phase seconds:\n'; printf '  %-28s %5s\n' ${PHASES[@]}; }
+# The 1-minute load average once a minute, printed at the end: whether the two cores
+# were saturated (load >= 2) or idle, and when.
+mkdir -p build
+load_log=build/ci-load.txt
+: >"$load_log"
+( t0=$(date +%s); while sleep 60; do
+    echo "$(( ($(date +%s) - t0) / 60 )) $(cut -d' ' -f1 /proc/loadavg)" >>"$load_log"; done ) </dev/null >/dev/null 2>&1 &
+load_pid=$!
+trap 'kill "$load_pid" 2>/dev/null' EXIT
+report_load() { printf '[test.sh] 1-min load average by minute: %s\n' "$(awk '{printf "%s:%s ", $1, $2}' "$load_log")"; }
 
 # The oldest supported vLLM release too: patch drift and the real scheduler/block pool
 # (the live smoke of every release is in scripts/vllm_matrix.sh; too slow for CI).
@@ -27,7 +37,7 @@ matrix_out=build/ci-vllm-oldest
 if [ "${CP_CI_OLDEST_VLLM:-1}" = "1" ] && [ $# -eq 0 ]; then
   rm -rf "$matrix_out"
   mkdir -p "$matrix_out"
-  MATRIX_GROUPS="drift core" MATRIX_OUT="$matrix_out" bash scripts/vllm_matrix.sh 0.27.1 \
+  MATRIX_GROUPS=engine MATRIX_OUT="$matrix_out" bash scripts/vllm_matrix.sh 0.27.1 \
     >"$matrix_out/matrix.out" 2>&1 &
   matrix_pid=$!
 fi
@@ -52,7 +62,7 @@ if [ -f scripts/setup_sglang_env.sh ]; then
     .venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/engine/test_sglang_evictions.py \
       tests/engine/test_sglang_ordering.py tests/engine/test_sglang_chat.py tests/engine/test_sglang_patching.py \
       tests/live/test_sglang_live.py \
-      tests/engine/test_patch_table.py::test_sglang_row_drift_patch_unpatch \
+      tests/engine/test_patch_table.py::test_sglang_row_drift_patch_unpatch --durations=15 \
       >"$sglang_out/pytest.log" 2>&1 || rc=$?  # ^ every SGLang patch-table row
     echo "venv $((t1 - t0)) pytest $(($(date +%s) - t1))" >"$sglang_out/seconds"
     exit $rc
@@ -68,7 +78,7 @@ export CP_VLLM_START_STALL_S="${CP_VLLM_START_STALL_S:-600}"
 # The benchmark code's own tests live beside it (benchmarks/tests), engine-free. Live
 # tests last: their servers start in the background meanwhile (tests/server_pool.py).
 "$VENV/bin/python" -m pytest tests/unit benchmarks/tests tests/engine tests/live -m "not slow" \
-  -p no:cacheprovider --ignore-glob='tests/*/test_sglang_*' --durations=25 "$@"
+  -p no:cacheprovider --ignore-glob='tests/*/test_sglang_*' --durations=25 -o console_output_style=times "$@"
 rc=$?
 phase_done pytest-main
 rc2=0
@@ -90,6 +100,7 @@ if [ -n "$matrix_pid" ]; then
 fi
 phase_done wait-vllm-0.27.1-matrix
 report_phases
+report_load
 set -e
 [ $rc -ne 0 ] && exit $rc
 [ $rc2 -ne 0 ] && exit $rc2
