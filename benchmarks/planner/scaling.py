@@ -1,8 +1,9 @@
-"""Planning time against batch size N on the three simulation workloads, one plot.
+"""Planning time against batch size N on the three simulation workloads, one plot and table.
 
-    python -m benchmarks.planner.scaling                 # N = 1k, 2k, 5k, 10k, 20k, 50k
-    python -m benchmarks.planner.scaling --ns 1000 5000  # a subset
-    python -m benchmarks.planner.scaling --quick         # N = 1k, 2k, synthetic only: results/scaling_quick.*
+    python -m benchmarks.planner.scaling                          # N = 1k..50k, peer at 1k and 5k
+    python -m benchmarks.planner.scaling --before 63f0a1c        # also time the planner at that commit
+    python -m benchmarks.planner.scaling --ns 1000 5000 --families hotpotkb
+    python -m benchmarks.planner.scaling --quick                  # N = 1k, 2k, synthetic only: results/scaling_quick.*
 
 Workloads (benchmarks.common.workloads): the peer's synthetic Zipf RAG, HotpotQA BM25 top-10
 over the pooled corpus, and the knowledge-base workload (BM25 top-10 over ~2,000
@@ -10,13 +11,17 @@ paragraphs). HotpotQA dev has 7,405 questions (7,205 outside the knowledge base)
 above that the extra requests are compound questions: two seeded random questions
 asked as one query, retrieved like the rest (labelled ``compound`` in the JSON).
 
-``cp_engine.plan_batch`` is timed in this process (wall clock and CPU time of the
-call, best of ``--repeat``), with the machine's load average recorded per point, and
-the fitted growth exponent (slope of log time against log N) reported per workload.
-ContextPilot's times come from benchmarks/results/sim.json (measured side by side
-there, N = 1,000 and 5,000); above 5,000 they are extrapolated quadratically from its
-N = 5,000 time and drawn dashed, labelled as extrapolation: the peer does not fit in
-memory or time there on this machine.
+Side by side in one run, per point: ``cp_engine.plan_batch`` (this tree), the planner
+of ``--before REV`` (its planner modules taken from git into a temporary package) and
+ContextPilot 0.5.0 (its own venv, benchmarks/peer; run fresh, never from the plan
+cache, at ``--peer-ns``), interleaved so a load change on the shared machine
+hits all of them. Times are of the planning call only (the peer's as its runner
+measures it, wall clock): the median of ``--repeat`` calls (1 above
+``--repeat-max-n``), CPU time beside ours. Plan quality for each: prefix-tree nodes
+of the scheduled plan and the hit ratio of a block-level prefix cache, unbounded and
+LRU 250 / 1,000 blocks (``cp_engine.sim``). The fitted growth exponent (slope of log
+time against log N) is reported per workload; above the largest N the peer was run
+at, its time is a quadratic extrapolation, drawn dashed and marked ``~``.
 
 Writes benchmarks/results/scaling.json, scaling.table.md and scaling.png (the shared
 results writer).
@@ -24,10 +29,12 @@ results writer).
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import importlib
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,14 +44,18 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `cp_engine
 import numpy as np  # noqa: E402
 
 from benchmarks.common import workloads as W  # noqa: E402
-from benchmarks.common.results import RESULTS, provenance, read_result, write_result  # noqa: E402
+from benchmarks.common.results import RESULTS, ROOT, provenance, write_result  # noqa: E402
 
 NS = (1000, 2000, 5000, 10000, 20000, 50000)
 QUICK_NS = (1000, 2000)
+PEER_NS = (1000, 5000)
 FAMILIES = ("synthetic", "hotpotqa", "hotpotkb")
 LABELS = {"synthetic": "synthetic (Zipf)", "hotpotqa": "HotpotQA pooled BM25",
           "hotpotkb": "HotpotQA knowledge base BM25"}
 K = 10
+CAPACITIES = (None, 250, 1000)
+METHODS = ("ours", "before", "peer")
+METHOD_LABELS = {"ours": "cp_engine", "before": "cp_engine before", "peer": "ContextPilot 0.5.0"}
 
 
 def _compound_queries(data: list[dict], pool: list[int], count: int, seed: int) -> list[str]:
@@ -88,30 +99,75 @@ def contexts_for(family: str, n: int) -> tuple[list[list[int]], int]:
     return _hotpot_contexts(family, n)
 
 
-def time_plan(contexts, repeat: int) -> dict:
+def load_before(rev: str):
+    """``plan_batch`` of the planner at git ``rev``: its cp_engine/planner*.py and
+    trie.py, copied into a temporary package (they import only each other and numpy)."""
+    names = subprocess.run(["git", "ls-tree", "--name-only", rev, "cp_engine/"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    tmp = Path(tempfile.mkdtemp(prefix="planner_before_"))
+    pkg = tmp / "cp_engine_before"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in names:
+        base = Path(name).name
+        if base == "trie.py" or (base.startswith("planner") and base.endswith(".py")):
+            text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True,
+                                  capture_output=True, text=True).stdout
+            (pkg / base).write_text(text)
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("cp_engine_before.planner").plan_batch
+
+
+def quality(plan_contexts: list[list], order: list[int]) -> dict:
+    """Prefix-tree nodes of the scheduled plan and its hit ratio per cache size."""
+    from cp_engine.planner import _tree_size
+    from cp_engine.sim import simulate
+
+    seq = [list(dict.fromkeys(plan_contexts[i])) for i in order]
+    out = {"tree_nodes": _tree_size(seq)}
+    for cap in CAPACITIES:
+        out["hit_" + ("inf" if cap is None else str(cap))] = simulate(seq, capacity=cap).hit_ratio
+    return out
+
+
+def time_call(fn, contexts) -> tuple[float, float, object]:
+    """(wall s, CPU s, plan) of one planning call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    plan = fn(contexts)
+    return time.perf_counter() - w0, time.process_time() - c0, plan
+
+
+def measure_point(contexts, repeat: int, before, peer: bool, peer_repeat: int) -> dict:
+    """Ours, before and the peer on one batch, interleaved call by call."""
     from cp_engine import plan_batch
+    from benchmarks.peer.client import peer_plan
 
-    best_wall = best_cpu = math.inf
-    for _ in range(repeat):
-        load = os.getloadavg()[0]
-        w0, c0 = time.perf_counter(), time.process_time()
-        plan = plan_batch(contexts)
-        best_wall = min(best_wall, time.perf_counter() - w0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-    return {"seconds": best_wall, "cpu_seconds": best_cpu, "load_1min": load,
-            "strategy": plan.stats["strategy"], "hit": plan.stats["predicted_hit_ratio"]}
-
-
-def peer_times() -> dict[str, dict[int, float]]:
-    """ContextPilot's planning seconds per family and N, from results/sim.json."""
-    path = RESULTS / "sim.json"
-    out: dict[str, dict[int, float]] = {}
-    if not path.exists():
-        return out
-    for r in json.loads(path.read_text())["workloads"]:
-        peer = r["methods"].get("contextpilot", {})
-        if "seconds" in peer:
-            out.setdefault(r["name"].split("_")[0], {})[r["requests"]] = peer["seconds"]
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
+    plans: dict[str, tuple[list, list]] = {}
+    loads = []
+    for i in range(max(repeat, peer_repeat if peer else 0)):
+        loads.append(os.getloadavg()[0])
+        if i < repeat:
+            wall, cpu, plan = time_call(plan_batch, contexts)
+            runs["ours"].append((wall, cpu))
+            plans["ours"] = (plan.contexts, plan.order)
+            if before is not None:
+                wall, cpu, plan = time_call(before, contexts)
+                runs["before"].append((wall, cpu))
+                plans["before"] = (plan.contexts, plan.order)
+        if peer and i < peer_repeat:
+            res = peer_plan(contexts, use_cache=False)
+            if res is not None:
+                runs["peer"].append((res["seconds"], float("nan")))
+                plans["peer"] = (res["contexts"], res["order"])
+    out = {"load_1min": statistics.median(loads)}
+    for m, times in runs.items():
+        if not times:
+            continue
+        out[m] = {"seconds": statistics.median(t for t, _ in times), "runs": [t for t, _ in times],
+                  **quality(*plans[m])}
+        if m != "peer":
+            out[m]["cpu_seconds"] = statistics.median(c for _, c in times)
     return out
 
 
@@ -127,117 +183,174 @@ def growth(points: list[tuple[int, float]]) -> float | None:
 def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     for i, fam in enumerate(FAMILIES):
         color = f"C{i}"
         rows = data["families"].get(fam)
         if not rows:
             continue
-        pts = [(r["requests"], r["seconds"]) for r in rows["points"]]
-        ax.plot(*zip(*pts), marker="o", color=color, label=f"cp_engine, {LABELS[fam]} (N^{rows['growth']:.2f})")
-        measured = sorted(rows["peer_measured"].items())
-        if measured:
-            ax.plot([int(n) for n, _ in measured], [t for _, t in measured], marker="s", color=color,
-                    linestyle=":", label=f"ContextPilot 0.5.0, {LABELS[fam]} (measured)")
-        extra = sorted(rows["peer_extrapolated"].items())
+        for m, style, marker in (("ours", "-", "o"), ("before", ":", "x"), ("peer", "--", "s")):
+            pts = [(p["requests"], p[m]["seconds"]) for p in rows["points"] if m in p]
+            if not pts:
+                continue
+            g = rows["growth_by_method"].get(m)
+            label = f"{METHOD_LABELS[m]}, {LABELS[fam]}" + (f" (N^{g:.2f})" if g is not None else "")
+            ax.plot(*zip(*pts), marker=marker, linestyle=style, color=color, label=label,
+                    alpha=1.0 if m == "ours" else 0.7)
+        extra = sorted((int(n), t) for n, t in rows.get("peer_extrapolated", {}).items())
+        measured = [(p["requests"], p["peer"]["seconds"]) for p in rows["points"] if "peer" in p]
         if extra and measured:
-            last = measured[-1]
-            xs = [int(last[0])] + [int(n) for n, _ in extra]
-            ax.plot(xs, [last[1]] + [t for _, t in extra], color=color, linestyle="--", alpha=0.5,
+            xs, ys = zip(*([measured[-1]] + extra))
+            ax.plot(xs, ys, color=color, linestyle="--", alpha=0.3,
                     label=f"ContextPilot, {LABELS[fam]} (quadratic extrapolation)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("N requests in the batch")
-    ax.set_ylabel("planning time, s (log)")
+    ax.set_ylabel("planning time, s (log; median of the run's calls)")
     ax.set_title("Batch planning time vs N")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _trio(p: dict, key: str, fmt: str) -> str:
+    return " / ".join(format(p[m][key], fmt) if m in p else "–" for m in METHODS)
+
+
 def markdown(data: dict) -> str:
     meta = data["meta"]
-    out = ["Times: wall clock of one "
-           f"`cp_engine.plan_batch` call in-process, best of {meta['repeat']} (CPU time beside it), load "
-           "average at the call (the CPU is shared with other agents). ContextPilot 0.5.0: measured in "
-           "`python -m benchmarks.planner.sim` (results/sim.json, N = 1,000 and 5,000); above 5,000 its time is "
-           "a quadratic extrapolation from N = 5,000 (`~`), not a measurement. Speedup = peer / cp_engine. "
-           f"Peer times from {meta.get('peer_source', 'benchmarks/results/sim.json')}.",
-           "", "| workload | N | compound | cp_engine s | CPU s | load | strategy | hit ∞ | peer s | speedup |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    before = meta.get("before")
+    ns = meta["peer_ns"]
+    if meta.get("peer_only_at") and len(ns) > 1:
+        where = f"N = {min(ns):,} on every workload and at " + ", ".join(meta["peer_only_at"])
+    else:
+        where = "N = " + (", ".join(f"{n:,}" for n in ns) or "none")
+    out = [f"Side by side in one run: cp_engine (this tree), {'cp_engine at ' + before if before else 'no earlier planner'} "
+           f"and ContextPilot 0.5.0 (fresh runs in its venv, {where}), interleaved call by call. "
+           f"Times: planning call only, wall clock, median of {meta['repeat']} calls up to N = {meta['repeat_max_n']:,} "
+           f"(the peer's: {meta['peer_repeat']}), 1 above; CPU time of ours beside it; "
+           "load = 1-minute load average (2 CPUs shared with other agents). `~`: the peer's time extrapolated "
+           "quadratically from its largest measured N, not a measurement. Quality of each plan, as scheduled: "
+           "prefix-tree nodes and block hit ratio, unbounded and LRU 250 / 1,000 blocks, written ours / before / peer.",
+           "", "| workload | N | compound | ours s | CPU s | before s | peer s | vs peer | vs before | load | "
+           "tree nodes | hit ∞ | LRU 250 | LRU 1000 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fam in FAMILIES:
         rows = data["families"].get(fam)
         if not rows:
             continue
-        for r in rows["points"]:
-            n = str(r["requests"])
-            if n in rows["peer_measured"]:
-                peer, mark = rows["peer_measured"][n], ""
-            elif n in rows["peer_extrapolated"]:
+        for p in rows["points"]:
+            ours = p["ours"]["seconds"]
+            n = str(p["requests"])
+            if "peer" in p:
+                peer, mark = p["peer"]["seconds"], ""
+            elif n in rows.get("peer_extrapolated", {}):
                 peer, mark = rows["peer_extrapolated"][n], "~"
             else:
-                peer = None
-            speed = f"{mark}{peer / r['seconds']:.0f}×" if peer else "–"
-            peer_s = f"{mark}{peer:.1f}" if peer else "–"
-            out.append(f"| {fam} | {r['requests']:,} | {r['compound']:,} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
-                       f"{r['load_1min']:.1f} | {r['strategy']} | {r['hit']:.4f} | {peer_s} | {speed} |")
-    out += ["", "Growth (slope of log time against log N, all points): " + ", ".join(
-        f"{fam} N^{data['families'][fam]['growth']:.2f}" for fam in FAMILIES if fam in data["families"])
-        + "; ContextPilot: " + ", ".join(
-        f"{fam} N^{g:.2f} (1,000 → 5,000)" for fam, g in data["peer_growth"].items()) + ".", ""]
+                peer, mark = None, ""
+            b = p.get("before", {}).get("seconds")
+            out.append(
+                f"| {fam} | {p['requests']:,} | {p['compound']:,} | {ours:.3f} | {p['ours']['cpu_seconds']:.3f} | "
+                + (f"{b:.3f}" if b else "–") + " | " + (f"{mark}{peer:.1f}" if peer else "–") + " | "
+                + (f"{mark}{peer / ours:.0f}×" if peer else "–") + " | " + (f"{b / ours:.2f}×" if b else "–")
+                + f" | {p['load_1min']:.1f} | {_trio(p, 'tree_nodes', ',')} | {_trio(p, 'hit_inf', '.4f')} | "
+                f"{_trio(p, 'hit_250', '.4f')} | {_trio(p, 'hit_1000', '.4f')} |")
+    grow = []
+    for fam in FAMILIES:
+        g = data["families"].get(fam, {}).get("growth_by_method", {})
+        if g:
+            grow.append(f"{fam}: " + ", ".join(f"{METHOD_LABELS[m]} N^{g[m]:.2f}" for m in METHODS if g.get(m) is not None))
+    out += ["", "Growth (slope of log time against log N over the measured points; the peer's over its N "
+            "only): " + "; ".join(grow) + ".", ""]
     return "\n".join(out)
+
+
+def add_peer_extrapolation(data: dict) -> None:
+    """The peer's quadratic extrapolation above its largest measured N, per family."""
+    data["peer_growth"] = {}
+    for fam, rows in data["families"].items():
+        measured = {p["requests"]: p["peer"]["seconds"] for p in rows["points"] if "peer" in p}
+        top = max(measured, default=None)
+        rows["peer_extrapolated"] = {str(p["requests"]): measured[top] * (p["requests"] / top) ** 2
+                                     for p in rows["points"] if top and p["requests"] > top}
+        if rows["growth_by_method"].get("peer") is not None:
+            data["peer_growth"][fam] = rows["growth_by_method"]["peer"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help=f"N = {QUICK_NS}, synthetic only (seconds)")
+    ap.add_argument("--quick", action="store_true", help=f"N = {QUICK_NS}, synthetic only, no peer (seconds)")
     ap.add_argument("--ns", type=int, nargs="+", default=None, help=f"default {NS}")
     ap.add_argument("--families", nargs="+", default=None, choices=FAMILIES, help="default: all (synthetic with --quick)")
-    ap.add_argument("--repeat", type=int, default=1, help="timed calls per point (best kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed calls per point, median kept")
+    ap.add_argument("--repeat-max-n", type=int, default=5000, help="above this N: one call per point")
+    ap.add_argument("--before", default=None, help="git revision whose planner is timed beside this tree's")
+    ap.add_argument("--no-peer", action="store_true", help="skip ContextPilot")
+    ap.add_argument("--peer-ns", type=int, nargs="+", default=list(PEER_NS),
+                    help=f"the N the peer is run at (default {PEER_NS}: minutes each on 2 shared CPUs)")
+    ap.add_argument("--peer-only-at", nargs="+", default=None, metavar="FAMILY:N",
+                    help="run the peer only at these points (e.g. hotpotkb:5000), besides --peer-ns 1000")
+    ap.add_argument("--peer-repeat", type=int, default=3, help="peer runs per point up to --repeat-max-n (else 1)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results JSON (default: results/scaling.json, results/scaling_quick.json with --quick)")
-    ap.add_argument("--peer-only", action="store_true",
-                    help="re-read ContextPilot's times from results/sim.json into an existing scaling.json "
-                         "(after re-running benchmarks.planner.sim) without re-timing cp_engine")
     args = ap.parse_args(argv)
     args.ns = args.ns or list(QUICK_NS if args.quick else NS)
     args.families = args.families or (["synthetic"] if args.quick else list(FAMILIES))
+    if args.quick:
+        args.no_peer = True
     out = args.out or RESULTS / ("scaling_quick.json" if args.quick else "scaling.json")
-    if args.peer_only:
-        data, prov = read_result(out)
-    else:
-        prov = provenance("benchmarks.planner.scaling", argv)
-        data = {"meta": {"repeat": args.repeat}, "families": {}}
-        for fam in args.families:
-            points = []
-            for n in sorted(args.ns):
-                contexts, compound = contexts_for(fam, n)
-                res = time_plan(contexts, args.repeat) | {"requests": n, "compound": compound}
-                points.append(res)
-                print(f"{fam} N={n:,}: {res['seconds']:.3f} s (CPU {res['cpu_seconds']:.3f} s, "
-                      f"load {res['load_1min']:.1f}), {res['strategy']}", file=sys.stderr, flush=True)
-            data["families"][fam] = {"points": points,
-                                     "growth": growth([(p["requests"], p["seconds"]) for p in points])}
-    add_peer(data, peer_times())
-    write_result(out, data, table=markdown, plot=plot, prov=prov)
+    prov = provenance("benchmarks.planner.scaling", argv)
+    before = load_before(args.before) if args.before else None
+    from benchmarks.peer.client import SETUP_HINT, peer_available
+
+    peer_ok = not args.no_peer and peer_available()
+    if not args.no_peer and not peer_ok:
+        print(f"ContextPilot venv missing: no peer column ({SETUP_HINT})", file=sys.stderr)
+    data = {"meta": {"repeat": args.repeat, "repeat_max_n": args.repeat_max_n, "before": args.before,
+                     "peer_ns": sorted(args.peer_ns) if peer_ok else [], "peer_only_at": args.peer_only_at, "peer_repeat": args.peer_repeat},
+            "families": {}}
+    for fam in args.families:
+        points = []
+        for n in sorted(args.ns):
+            contexts, compound = contexts_for(fam, n)
+            small = n <= args.repeat_max_n
+            res = measure_point(contexts, args.repeat if small else 1, before, peer_ok and _peer_point(args, fam, n),
+                                args.peer_repeat if small else 1)
+            from cp_engine import plan_batch
+
+            res |= {"requests": n, "compound": compound, "strategy": plan_batch(contexts).stats["strategy"],
+                    "seconds": res["ours"]["seconds"], "cpu_seconds": res["ours"]["cpu_seconds"]}
+            points.append(res)
+            print(f"{fam} N={n:,}: " + ", ".join(f"{m} {res[m]['seconds']:.3f} s ({res[m]['tree_nodes']:,} nodes)"
+                                                 for m in METHODS if m in res)
+                  + f", load {res['load_1min']:.1f}", file=sys.stderr, flush=True)
+            data["families"][fam] = {"points": points}
+            write_result(out, _finish(data), table=markdown, plot=plot, prov=prov)  # partial results survive
+    write_result(out, _finish(data), table=markdown, plot=plot, prov=prov)
     return 0
 
 
-def add_peer(data: dict, peers: dict[str, dict[int, float]]) -> None:
-    """ContextPilot's measured times per family, and the quadratic extrapolation above them."""
-    data["peer_growth"] = {}
-    data["meta"]["peer_source"] = "benchmarks/results/sim.json, " + (
-        read_result("sim")[1]["date"] if (RESULTS / "sim.json").exists() else "missing")
-    for fam, rows in data["families"].items():
-        measured = peers.get(fam, {})
-        top = max(measured, default=None)
-        rows["peer_measured"] = {str(n): t for n, t in sorted(measured.items())}
-        rows["peer_extrapolated"] = {str(p["requests"]): measured[top] * (p["requests"] / top) ** 2
-                                     for p in rows["points"] if top and p["requests"] > top}
-        if len(measured) >= 2:
-            data["peer_growth"][fam] = growth(sorted(measured.items()))
+def _peer_point(args, fam: str, n: int) -> bool:
+    """Whether the peer runs at this point: ``--peer-ns``, narrowed by ``--peer-only-at``
+    above the smallest of them (its large runs take minutes each on a loaded machine)."""
+    if n not in args.peer_ns:
+        return False
+    if args.peer_only_at is None or n == min(args.peer_ns):
+        return True
+    return f"{fam}:{n}" in args.peer_only_at
+
+
+def _finish(data: dict) -> dict:
+    """Growth per family and method, the peer's extrapolation; the results page reads
+    ``families[f]["growth"]`` (ours) and ``peer_growth``."""
+    for rows in data["families"].values():
+        rows["growth_by_method"] = {m: growth([(p["requests"], p[m]["seconds"]) for p in rows["points"] if m in p])
+                                    for m in METHODS}
+        rows["growth"] = rows["growth_by_method"]["ours"]
+    add_peer_extrapolation(data)
+    return data
 
 
 if __name__ == "__main__":
