@@ -233,7 +233,7 @@ class Receiver:
     """Binds the instance's socket and applies messages on one daemon thread."""
 
     def __init__(self, instance_id: str, apply: Callable[[dict], None], hwm: int = DEFAULT_HWM,
-                 poll_ms: int = 1000, tag: str | None = None) -> None:
+                 poll_ms: int = 50, tag: str | None = None) -> None:
         self.instance_id = instance_id
         self.tag = str(os.getpid()) if tag is None else tag
         self.apply = apply
@@ -248,9 +248,8 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self._ctx = None
         self._sock = None
-        # The thread sleeps in poll until a socket message, a local message or stop
-        # wakes it (a byte on this pipe); ``poll_ms`` is only a safety net. A short
-        # poll timeout woke an idle API server's interpreter 20 times a second.
+        # No wake-up pipe: the thread polls the socket every ``poll_ms`` and drains the
+        # local queue after each poll (``_signal`` is then a no-op).
         self._wake: tuple[int, int] | None = None
 
     def start(self) -> "Receiver":
@@ -274,10 +273,6 @@ class Receiver:
         sock.bind(f"ipc://{self.path}")
         os.chmod(self.path, 0o600)
         self._sock = sock
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        self._wake = (r, w)
         with _local_lock:
             _local_receivers[self.instance_id] = self
         self._thread = threading.Thread(target=self._run, name="cp_engine-channel", daemon=True)
@@ -319,25 +314,15 @@ class Receiver:
     def _run(self) -> None:
         import zmq
 
-        sock, wake = self._sock, self._wake[0]
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
+        sock = self._sock
         while not self._stop.is_set():
             try:
-                ready = dict(poller.poll(self.poll_ms))
-                if sock in ready:
+                if sock.poll(self.poll_ms, zmq.POLLIN):
                     for _ in range(self.hwm):  # bounded drain per wake-up
                         try:
                             self._handle(sock.recv(zmq.NOBLOCK))
                         except zmq.Again:
                             break
-                if wake in ready:  # before the local queue: a later put signals again
-                    try:
-                        while os.read(wake, 4096):
-                            pass
-                    except OSError:
-                        pass
                 while True:
                     try:
                         self._handle(self._local.get_nowait())
