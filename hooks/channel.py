@@ -248,9 +248,6 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self._ctx = None
         self._sock = None
-        # No wake-up pipe: the thread polls the socket every ``poll_ms`` and drains the
-        # local queue after each poll (``_signal`` is then a no-op).
-        self._wake: tuple[int, int] | None = None
 
     def start(self) -> "Receiver":
         import zmq
@@ -283,18 +280,9 @@ class Receiver:
         """In-process delivery (same validation as the socket); False when full."""
         try:
             self._local.put_nowait(msg)
+            return True
         except queue.Full:
             return False
-        self._signal()
-        return True
-
-    def _signal(self) -> None:
-        wake = self._wake
-        if wake is not None:
-            try:
-                os.write(wake[1], b"\0")
-            except OSError:  # a full pipe has a wake-up pending already; a closed one is stopping
-                pass
 
     def _handle(self, raw: Any) -> None:
         self.received += 1
@@ -339,13 +327,8 @@ class Receiver:
             if _local_receivers.get(self.instance_id) is self:
                 del _local_receivers[self.instance_id]
         self._stop.set()
-        self._signal()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._wake is not None and (self._thread is None or not self._thread.is_alive()):
-            for fd in self._wake:
-                os.close(fd)
-            self._wake = None
         if self._sock is not None:
             self._sock.close(0)
         if self._ctx is not None:
