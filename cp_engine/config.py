@@ -23,6 +23,7 @@ class Flag:
     help: str
     choices: tuple[str, ...] = ()  # allowed values of a text flag (lower-cased)
     maximum: float | None = None  # upper bound of a numeric flag
+    minimum: int = 1  # lower bound of an integer flag (most count things, so 0 is refused)
 
 
 # The single table of flags; README's table is generated from it
@@ -50,6 +51,8 @@ FLAGS: tuple[Flag, ...] = (
          choices=("both", "first_tokens", "deviation")),
     Flag("CP_ENGINE_BLEND_FIRST_TOKENS", 16, "Leading tokens of each reused block that blend recomputes before ranking by K deviation (mode both)."),
     Flag("CP_ENGINE_BLEND_CHECK_LAYERS", 1, "Leading layers over which blend measures the K deviation between stored and fresh KV (modes both and deviation)."),
+    Flag("CP_ENGINE_BLEND_STORE_DEPTH", 0, "How many stitching generations a stored block's KV may sit behind: 0 stores only blocks the engine computed exactly (before a request's first stitched token); 1 also stores blocks computed after stitched KV whose reused entries are exact, and so on. Higher reuses more and lets approximation compound; a request's cp_blend_store_depth can only lower it.",
+         minimum=0, maximum=8),
     Flag("CP_ENGINE_BLEND_KEEP_ORDER", False, "With blend on, 1 renders context blocks in retrieval order with no annotation (blend reuses them at any position); a request's context_keep_order overrides it."),
     Flag("CP_ENGINE_FAULT", "", "Test switch: comma-separated hook names that raise (or 'name:hang'); never set in production."),
 )
@@ -76,6 +79,7 @@ class Config:
     blend_mode: str = "both"
     blend_first_tokens: int = 16
     blend_check_layers: int = 1
+    blend_store_depth: int = 0
     blend_keep_order: bool = False
     fault: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -104,8 +108,10 @@ def _parse(flag: Flag, raw: str) -> object:
         raise ValueError(f"expected 0/1/true/false, got {raw!r}")
     if isinstance(default, int):
         value = int(text)
-        if value <= 0:
-            raise ValueError(f"expected a positive integer, got {raw!r}")
+        if value < flag.minimum:
+            raise ValueError(f"expected an integer >= {flag.minimum}, got {raw!r}")
+        if flag.maximum is not None and value > flag.maximum:
+            raise ValueError(f"expected at most {flag.maximum:g}, got {raw!r}")
         return value
     if isinstance(default, float):
         value = float(text)

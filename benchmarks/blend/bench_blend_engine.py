@@ -26,6 +26,12 @@ Arms, every one of them on servers of one type (same model and flags; blend serv
 - ``blend-api@r`` (opt-in, ``--arms``): batched RAG sent as chat requests with
   ``context_blocks``, the API server rendering the prompt and building the spans.
 
+``--store-depths 0,1`` runs every blend arm once per store depth (``@r d1`` in the
+tables): the blend servers get ``CP_ENGINE_BLEND_STORE_DEPTH`` = the largest, and each
+arm lowers it with ``vllm_xargs.cp_blend_store_depth``. Depth 0 stores only blocks
+computed exactly; depth d also stores blocks computed behind stitched KV, up to d
+generations deep (docs/blend.md).
+
 One server per ratio (the ratio is an engine flag) unless ``--ratio-xarg KEY`` names a
 per-request ratio hint the connector reads; then one blend server serves all ratios.
 Before every arm the caches are reset (``/reset_prefix_cache?reset_external=true``),
@@ -133,6 +139,12 @@ def api_requests(srv: Server, w: Workload, salt: str, xargs: dict, max_tokens: i
     return bodies, post
 
 
+def arm_label(a: dict) -> str:
+    """``arm``, ``arm@ratio`` or ``arm@ratio dN`` (N: the arm's store depth, when not 0)."""
+    label = a["arm"] + ("" if a["ratio"] is None else f"@{a['ratio']:g}")
+    return label + (f" d{a['store_depth']}" if a.get("store_depth") else "")
+
+
 def run_arm(srv: Server, w: Workload, arm: str, ratio: float | None, args, xargs: dict) -> dict | None:
     salt = f"{arm}-{ratio}-{uuid.uuid4().hex[:12]}"
     if arm == "blend-api":
@@ -178,6 +190,8 @@ def server_plan(args) -> list[dict]:
     blend_arms = [a for a in args.arms if a.startswith("blend")]
     base = [a for a in ("plain", "prefix") if a in args.arms]
     mode_env = {"CP_ENGINE_BLEND_MODE": args.mode} if args.mode else {}
+    if max(args.store_depths) > 0:
+        mode_env["CP_ENGINE_BLEND_STORE_DEPTH"] = str(max(args.store_depths))
     if args.ratio_xarg:
         return [{"env": {"CP_ENGINE_BLEND": "1", **mode_env}, "ratios": list(args.ratios),
                  "arms": base + blend_arms, "label": "blend (per-request ratio)"}]
@@ -212,6 +226,7 @@ def table(data: dict) -> str:
     for w in data["workloads"]:
         for a in w["arms"]:
             r = "—" if a["ratio"] is None else f"{a['ratio']:g}"
+            r += f", depth {a['store_depth']}" if a.get("store_depth") else ""
             lines.append(
                 f"| {w['name']} | {a['arm']} | {r} | {a['server']} | {a['prompt_tokens']:,} | {a['computed_tokens']:,} | "
                 f"{a['blend_recomputed']:,.0f} | {a.get('plain_over_arm', 0):.2f}× | "
@@ -235,7 +250,7 @@ def plot(data: dict, path: Path) -> None:
     ws = [w for w in data["workloads"] if w["arms"]]
     fig, axes = plt.subplots(1, max(1, len(ws)), figsize=(5 * max(1, len(ws)), 4), squeeze=False)
     for ax, w in zip(axes[0], ws):
-        labels = [a["arm"] + ("" if a["ratio"] is None else f"@{a['ratio']:g}") for a in w["arms"]]
+        labels = [arm_label(a) for a in w["arms"]]
         colors = ["#888888" if a["arm"] == "plain" else "#cc7733" if a["arm"] == "prefix" else "#3366aa"
                   for a in w["arms"]]
         ax.bar(range(len(labels)), [a["computed_tokens"] for a in w["arms"]], color=colors)
@@ -255,7 +270,7 @@ def targets(data: dict) -> list[dict]:
         if cands:
             best = max(cands, key=lambda a: a["plain_over_arm"])
             out.append({"workload": w["name"], "goal": goal, "best": best["plain_over_arm"],
-                        "arm": f"{best['arm']}@{best['ratio']:g}"})
+                        "arm": arm_label(best)})
     return out
 
 
@@ -273,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
     ap.add_argument("--mode", help="CP_ENGINE_BLEND_MODE for the blend servers (default: the flag's)")
     ap.add_argument("--ratio-xarg", help="per-request ratio hint key, if the connector reads one (one blend server)")
+    ap.add_argument("--store-depths", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                    help="blend arms once per store depth (CP_ENGINE_BLEND_STORE_DEPTH; default 0)")
     ap.add_argument("--rag-n", type=int)
     ap.add_argument("--chat-sessions", type=int)
     ap.add_argument("--agent-sessions", type=int)
@@ -329,26 +346,29 @@ def main(argv=None) -> int:
             data["servers"].append({"label": label, "env": env, "span_format": fmt})
             for w, slot in zip(wls, data["workloads"]):
                 for arm in plan["arms"]:
-                    ratios = plan["ratios"] if arm.startswith("blend") else [None]
-                    for r in ratios:
+                    blend = arm.startswith("blend")
+                    runs = [(r, d) for r in plan["ratios"] for d in args.store_depths] if blend else [(None, 0)]
+                    for r, depth in runs:
                         xargs = {args.ratio_xarg: r} if args.ratio_xarg and r is not None else {}
+                        if blend and max(args.store_depths) > 0:
+                            xargs["cp_blend_store_depth"] = depth
                         t0 = time.perf_counter()
                         try:
                             res = run_arm(srv, w, arm, r, args, xargs)
                         except Exception as exc:  # one failed arm must not lose the others
-                            print(f"[blend-engine] {w.name} {arm}@{r} failed: {exc!r}", file=sys.stderr, flush=True)
+                            print(f"[blend-engine] {w.name} {arm}@{r} d{depth} failed: {exc!r}", file=sys.stderr, flush=True)
                             slot.setdefault("errors", []).append({"arm": arm, "ratio": r, "server": label,
                                                                   "error": repr(exc)[:500]})
                             continue
                         if res is None:
                             continue
-                        res.update(arm=arm, server=label)
+                        res.update(arm=arm, server=label, store_depth=depth)
                         slot["arms"].append(res)
                         summarize(data)
                         data["targets"] = targets(data)
                         data["wall_s"] = round(time.perf_counter() - t_start, 1)
                         write_result(name, data, table=table, plot=plot, prov=prov, echo=False)
-                        print(f"[blend-engine] {w.name} {arm}@{r}: computed {res['computed_tokens']:,} of "
+                        print(f"[blend-engine] {w.name} {arm_label(res)}: computed {res['computed_tokens']:,} of "
                               f"{res['prompt_tokens']:,} (blend {res['blend_recomputed']:,.0f}), wall "
                               f"{res['wall_s']:.1f} s ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     summarize(data)

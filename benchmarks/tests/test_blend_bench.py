@@ -130,7 +130,7 @@ def test_span_wire_forms_and_the_request_body():
 
 
 def _engine_args(**kw):
-    base = dict(arms=list(eng.BASE_ARMS), ratios=[0.0, 0.15], mode=None, ratio_xarg=None)
+    base = dict(arms=list(eng.BASE_ARMS), ratios=[0.0, 0.15], mode=None, ratio_xarg=None, store_depths=[0])
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -143,6 +143,14 @@ def test_engine_server_plan_one_server_per_ratio_each_with_its_plain_clock():
     one = eng.server_plan(_engine_args(ratio_xarg="cp_blend_ratio", mode="deviation"))
     assert len(one) == 1 and one[0]["ratios"] == [0.0, 0.15]
     assert one[0]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_MODE": "deviation"}
+    deep = eng.server_plan(_engine_args(ratio_xarg="cp_blend_ratio", store_depths=[0, 2]))
+    assert deep[0]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_STORE_DEPTH": "2"}
+
+
+def test_arm_labels_name_the_store_depth_only_when_it_is_not_zero():
+    assert eng.arm_label({"arm": "plain", "ratio": None}) == "plain"
+    assert eng.arm_label({"arm": "blend-order", "ratio": 0.05, "store_depth": 0}) == "blend-order@0.05"
+    assert eng.arm_label({"arm": "blend-order", "ratio": 0.0, "store_depth": 1}) == "blend-order@0 d1"
 
 
 def test_engine_summary_ratios_against_plain_and_the_same_servers_clock():

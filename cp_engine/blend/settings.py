@@ -5,12 +5,16 @@ A client sets them in the request's hints (vLLM: ``vllm_xargs``; SGLang:
 ``CP_ENGINE_BLEND_RATIO`` / ``CP_ENGINE_BLEND_MODE``:
 - ``cp_blend_ratio``: a number in ``[0, 1]`` (an int 0 or 1 too; a bool, a string, NaN
   or anything outside is refused), the share of the reused tokens recomputed;
-- ``cp_blend_mode``: one of ``selection.MODES`` (``both``, ``first_tokens``, ``deviation``).
+- ``cp_blend_mode``: one of ``selection.MODES`` (``both``, ``first_tokens``, ``deviation``);
+- ``cp_blend_store_depth``: a non-negative int, how many stitching generations the
+  block KV this request stores may sit behind (see ``plan.store_depth``). A request can
+  only lower the server's ``CP_ENGINE_BLEND_STORE_DEPTH``, never raise it: the server
+  owner decides how far approximate KV may compound.
 
 Two readers, one rule:
 - ``check_settings(extra)`` (API server) raises ``InvalidBlendSetting`` naming the field
   for a value it refuses, so the client gets an HTTP 400 before anything is queued;
-- ``read_settings(extra, ratio, mode)`` (EngineCore) never raises: a value that passes
+- ``read_settings(extra, ratio, mode, store_depth)`` (EngineCore) never raises: a value that passes
   ``check_settings`` is used, anything else falls back to the given defaults (a request
   that did not pass the API server, e.g. the offline engine, still runs).
 """
@@ -22,10 +26,11 @@ from typing import Any, Mapping
 
 from .selection import MODES
 
-__all__ = ["RATIO_KEY", "MODE_KEY", "BlendSettings", "InvalidBlendSetting", "check_settings", "read_settings"]
+__all__ = ["RATIO_KEY", "MODE_KEY", "STORE_DEPTH_KEY", "BlendSettings", "InvalidBlendSetting", "check_settings", "read_settings"]
 
 RATIO_KEY = "cp_blend_ratio"
 MODE_KEY = "cp_blend_mode"
+STORE_DEPTH_KEY = "cp_blend_store_depth"
 
 
 class InvalidBlendSetting(ValueError):
@@ -40,6 +45,7 @@ class InvalidBlendSetting(ValueError):
 class BlendSettings:
     ratio: float
     mode: str
+    store_depth: int = 0
 
 
 def _ratio(value: Any) -> float:
@@ -54,6 +60,12 @@ def _mode(value: Any) -> str:
     return value
 
 
+def _store_depth(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise InvalidBlendSetting(STORE_DEPTH_KEY, f"{STORE_DEPTH_KEY} must be an integer >= 0, got {value!r}")
+    return value
+
+
 def check_settings(extra: Mapping[str, Any] | None) -> None:
     """Raise ``InvalidBlendSetting`` if ``extra`` carries a blend setting that is refused."""
     if not isinstance(extra, Mapping):
@@ -62,11 +74,14 @@ def check_settings(extra: Mapping[str, Any] | None) -> None:
         _ratio(extra[RATIO_KEY])
     if MODE_KEY in extra:
         _mode(extra[MODE_KEY])
+    if STORE_DEPTH_KEY in extra:
+        _store_depth(extra[STORE_DEPTH_KEY])
 
 
-def read_settings(extra: Mapping[str, Any] | None, ratio: float, mode: str) -> BlendSettings:
-    """The request's settings where valid, else ``ratio`` / ``mode``. Never raises."""
-    out_ratio, out_mode = ratio, mode
+def read_settings(extra: Mapping[str, Any] | None, ratio: float, mode: str, store_depth: int = 0) -> BlendSettings:
+    """The request's settings where valid, else ``ratio`` / ``mode``; its store depth is
+    at most ``store_depth`` (the server's). Never raises."""
+    out_ratio, out_mode, out_depth = ratio, mode, store_depth
     if isinstance(extra, Mapping):
         try:
             if RATIO_KEY in extra:
@@ -78,4 +93,9 @@ def read_settings(extra: Mapping[str, Any] | None, ratio: float, mode: str) -> B
                 out_mode = _mode(extra[MODE_KEY])
         except InvalidBlendSetting:
             pass
-    return BlendSettings(out_ratio, out_mode)
+        try:
+            if STORE_DEPTH_KEY in extra:
+                out_depth = min(store_depth, _store_depth(extra[STORE_DEPTH_KEY]))
+        except InvalidBlendSetting:
+            pass
+    return BlendSettings(out_ratio, out_mode, out_depth)

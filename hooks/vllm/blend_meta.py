@@ -5,13 +5,14 @@ Scheduler → worker (``BlendMetadata``, one per step):
   and recompute ``plan``'s selection; ``token_ids`` are the prompt ids ``[0, claim_end)``,
   ``block_ids`` the request's KV blocks (first KV cache group);
 - ``SaveOrder``: after this step's forward, read ``[start, end)`` of the request's KV
-  (computed exactly) and put it in the store under the block's key (built by the
-  worker, which knows the layout before the scheduler does).
+  and put it in the store under the block's key (built by the worker, which knows the
+  layout before the scheduler does); ``depth`` is how many stitching generations the
+  KV sits behind (0: computed exactly).
 
 Worker → scheduler (``BlendWorkerMeta``, aggregated by vLLM across workers):
 - ``layout``: the KV layout store keys are built under (sent until the scheduler has it);
-- ``stored`` / ``dropped``: ``BlockKey.lookup`` pairs put into / gone from the store,
-  which feed the scheduler's mirror index (one step late);
+- ``stored``: ``(BlockKey.lookup, depth)`` of entries put into the store; ``dropped``:
+  lookups gone from it; both feed the scheduler's mirror index (one step late);
 - ``disabled``: why blend cannot run on this engine ("" while it can).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class SaveOrder:
     end: int
     token_ids: tuple[int, ...]  # the prompt's ids in [start, end)
     block_ids: tuple[int, ...]
+    depth: int = 0
 
 
 @dataclass
@@ -51,7 +53,7 @@ class BlendMetadata(KVConnectorMetadata):
 @dataclass
 class BlendWorkerMeta(KVConnectorWorkerMetadata):
     layout: Any = None  # cp_engine.blend.keys.KVLayout
-    stored: list[tuple[str, str]] = field(default_factory=list)
+    stored: list[tuple[tuple[str, str], int]] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
     disabled: str = ""
 

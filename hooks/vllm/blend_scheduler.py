@@ -18,8 +18,12 @@ Contract (docs/blend-design.md, sections 4 and 6):
   ``MAX_RECOMPUTED_PER_STEP`` full-depth tokens): a request that would pass the cap
   waits for the next step (``None``), or claims nothing when the step is still empty;
 - ``build_meta`` orders this step's loads and the saves of context blocks the step
-  finishes computing exactly (entirely before the request's first stitched token, not
-  already stored, not reused);
+  finishes computing (not already stored, not reused): blocks entirely before the
+  request's first stitched token are exact (depth 0); a block after it attends to
+  stitched KV and gets depth 1 + the deepest entry the request reused, and is saved only
+  while that is within the request's store depth (``CP_ENGINE_BLEND_STORE_DEPTH``,
+  lowered by ``cp_blend_store_depth``), so approximation compounds a bounded number of
+  times;
 - ``finished`` forgets the request. Nothing here raises into vLLM's scheduler: a
   failure counts ``hook_failures`` and the request runs as a plain one.
 """
@@ -63,17 +67,25 @@ def _paired(extra: Any) -> Any:
 
 
 class MirrorIndex:
-    """The worker's stored keys as the scheduler knows them (``BlockKey.lookup`` pairs)."""
+    """The worker's stored keys as the scheduler knows them: ``BlockKey.lookup`` pair ->
+    the entry's depth (stitching generations behind it)."""
 
     def __init__(self) -> None:
-        self._keys: set[tuple[str, str]] = set()
+        self._keys: dict[tuple[str, str], int] = {}
 
     def apply(self, stored, dropped) -> None:
-        self._keys.difference_update(map(tuple, dropped))
-        self._keys.update(map(tuple, stored))
+        """``stored``: ``(lookup, depth)`` pairs; ``dropped``: lookups."""
+        for lookup in dropped:
+            self._keys.pop(tuple(lookup), None)
+        for lookup, depth in stored:
+            self._keys[tuple(lookup)] = int(depth)
 
     def contains(self, key: Any) -> bool:
         return key.lookup in self._keys
+
+    def depth(self, key: Any) -> int:
+        """The entry's depth; 0 for a key not held (it is about to be reused or stored)."""
+        return self._keys.get(key.lookup, 0)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -86,6 +98,7 @@ class _Request:
     spans: tuple[tuple[int, int], ...]
     exact_end: int  # tokens before this were computed exactly (first stitched token)
     settings: BlendSettings
+    after_depth: int = 0  # depth of blocks after exact_end: 1 + deepest reused entry
     block_ids: list[int] = field(default_factory=list)
     pending: list[tuple[int, int]] = field(default_factory=list)  # spans not yet saved
     plan: ReusePlan | None = None  # claimed, not yet ordered to load
@@ -135,7 +148,8 @@ class BlendScheduler:
         if not spans:
             return None
         scope = Scope(read_scope(extra), request.cache_salt or "")
-        settings = read_settings(extra, self.config.blend_ratio, self.config.blend_mode)
+        settings = read_settings(extra, self.config.blend_ratio, self.config.blend_mode,
+                                 self.config.blend_store_depth)
         st = self.requests[rid] = _Request(prompt, scope, spans, exact_end=len(prompt), settings=settings,
                                            pending=list(spans))
         return st
@@ -175,6 +189,13 @@ class BlendScheduler:
         for j in range(first, len(hashes)):
             hashes[j] = BlockHash(self._hash_fn((MARK, hashes[j])))
         return True
+
+    @staticmethod
+    def _depth(st: _Request, span: tuple[int, int]) -> int | None:
+        """The depth a block at ``span`` would be stored with; None: it may not be stored."""
+        if span[1] <= st.exact_end:
+            return 0
+        return st.after_depth if st.after_depth <= st.settings.store_depth else None
 
     def _evict_index_path(self, request: Any, first_token: int) -> None:
         hints = _hints.of_request(request)
@@ -218,7 +239,8 @@ class BlendScheduler:
             st.marked = True
             self._evict_index_path(request, first)
         st.exact_end = min(st.exact_end, first)
-        st.pending = [s for s in st.pending if s[1] <= st.exact_end]
+        st.after_depth = max(st.after_depth, 1 + max(self.mirror.depth(b.key) for b in plan.blocks))
+        st.pending = [s for s in st.pending if self._depth(st, s) is not None]
         st.plan = plan
         self._step_claimed += plan.claimed
         self._step_recomputed += cost
@@ -266,15 +288,17 @@ class BlendScheduler:
                 meta.loads.append(LoadOrder(rid, tuple(st.block_ids), st.prompt[:plan.claim_end], plan))
                 st.loaded = True
             done = computed + out.num_scheduled_tokens.get(rid, 0)
-            ready = [s for s in st.pending if s[1] <= done and s[1] <= st.exact_end]
+            ready = [s for s in st.pending if s[1] <= done]
             if not ready:
                 continue
             st.pending = [s for s in st.pending if s not in ready]
+            ready = [s for s in ready if self._depth(st, s) is not None]
             if self.layout is not None:  # drop blocks the store already holds
                 ready = [s for _, s in blocks_to_store(st.prompt, ready, self.mirror.contains, None,
                                                         self._key_of(st.scope))]
             for start, end in ready:
-                meta.saves.append(SaveOrder(rid, st.scope, start, end, st.prompt[start:end], tuple(st.block_ids)))
+                meta.saves.append(SaveOrder(rid, st.scope, start, end, st.prompt[start:end], tuple(st.block_ids),
+                                            depth=self._depth(st, (start, end))))
 
     def on_worker_output(self, connector_output: Any) -> None:
         with faults.guarded("vllm_blend_scheduler"):

@@ -15,7 +15,8 @@ Contract (docs/blend-design.md, sections 3 and 6):
   eviction, a corrupt entry, an error in the pass) puts the request's claimed blocks in
   ``load_errors`` so vLLM recomputes them (``kv_load_failure_policy="recompute"``);
 - ``save(order)`` (after the forward): reads the block's K/V, normalises K to position 0
-  and ``put``s it, unless the store holds it already. Entries loaded in the step are
+  and ``put``s it, unless the store holds it already; the entry's depth (``order.depth``)
+  is reported with it. Entries loaded in the step are
   put back if a save evicted them (pinned for the step);
 - ``take_stats()`` / ``take_meta()`` hand over what happened since the last call.
 """
@@ -74,8 +75,8 @@ class BlendWorker:
         self.stats = BlendStats()
         self.meta = BlendWorkerMeta()
         self.load_errors: set[int] = set()
-        self._stored: dict[tuple[str, str], Any] = {}  # lookup -> key, as reported to the scheduler
-        self._pinned: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._stored: dict[tuple[str, str], tuple[Any, int]] = {}  # lookup -> (key, depth), as reported
+        self._pinned: dict[tuple[str, str], tuple[Any, Any, int]] = {}
         self._store_changed = False
 
     # -- setup ---------------------------------------------------------------------------
@@ -175,7 +176,8 @@ class BlendWorker:
         self.stats.add("recomputed_tokens", float(recomputed))
         self.stats.add("reused_tokens", plan.claimed - kept)
         for block, kv in entries:
-            self._pinned[block.key.lookup] = (block.key, kv)
+            depth = self._stored.get(block.key.lookup, (None, 0))[1]
+            self._pinned[block.key.lookup] = (block.key, kv, depth)
         self._store_changed = True
 
     # -- save ----------------------------------------------------------------------------
@@ -195,8 +197,8 @@ class BlendWorker:
             k = shift_k(torch.stack(ks), -order.start, self.recompute.rope)
             kv = torch.stack([k, torch.stack(vs)], dim=1).cpu().contiguous()
             if self.store.put(key, kv):
-                self._stored[key.lookup] = key
-                self.meta.stored.append(key.lookup)
+                self._stored[key.lookup] = (key, order.depth)
+                self.meta.stored.append((key.lookup, order.depth))
             self._store_changed = True
 
     def end_step(self) -> None:
@@ -204,13 +206,13 @@ class BlendWorker:
         if not self.ready:
             return
         with faults.guarded("vllm_blend_worker"):
-            for lookup, (key, kv) in self._pinned.items():
+            for lookup, (key, kv, depth) in self._pinned.items():
                 if not self.store.contains(key) and self.store.put(key, kv):
-                    self._stored[lookup] = key
-                    self.meta.stored.append(lookup)
+                    self._stored[lookup] = (key, depth)
+                    self.meta.stored.append((lookup, depth))
             self._pinned.clear()
             if self._store_changed:
-                gone = [lookup for lookup, key in self._stored.items() if not self.store.contains(key)]
+                gone = [lookup for lookup, (key, _) in self._stored.items() if not self.store.contains(key)]
                 for lookup in gone:
                     del self._stored[lookup]
                 self.meta.dropped.extend(gone)

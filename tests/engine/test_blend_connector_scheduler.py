@@ -65,13 +65,13 @@ def _request(vllm_bits, rid, prompt, xargs=None, salt=None, **kw):
     return vllm_bits.Request(rid, list(prompt), params, None, cache_salt=salt, block_hasher=vllm_bits.hasher, **kw)
 
 
-def _store(sched, prompt, spans, tenant="", salt=""):
-    """Tell the scheduler (as the worker would) that these blocks are stored."""
+def _store(sched, prompt, spans, tenant="", salt="", depth=0):
+    """Tell the scheduler (as the worker would) that these blocks are stored at ``depth``."""
     from cp_engine.blend.keys import Scope, block_key
     from cp_engine.hooks.vllm.blend_meta import BlendWorkerMeta
 
     scope = Scope(tenant, salt)
-    stored = [block_key(sched.layout, scope, prompt[s:e]).lookup for s, e in spans]
+    stored = [(block_key(sched.layout, scope, prompt[s:e]).lookup, depth) for s, e in spans]
     sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(stored=stored),
                                            kv_connector_stats=None))
 
@@ -170,31 +170,73 @@ def _blocks(vllm_bits, ids):
     return vllm_bits.KVCacheBlocks(([vllm_bits.KVCacheBlock(i) for i in ids],))
 
 
-def test_meta_orders_the_load_and_only_exact_saves(vllm_bits, config):
-    sched = _make(vllm_bits, config)
+def _stitched_step(vllm_bits, sched, xargs=None, stored_depth=0):
+    """One step of a request that reuses two stored blocks (at ``stored_depth``) between
+    an unstored block before them ([5, 20)) and one after them ([120, 160))."""
     first, spans1, second, spans2 = _swapped()
-    new_block = _ids(40, 9)
-    second = second[:120] + new_block + second[120:]
-    spans2 = [[5, 20], *spans2, [120, 160]]  # an unstored block before, one after the stitched ones
-    _store(sched, first, spans1)
-    req = _request(vllm_bits, "r", second, {"cp_spans": spans2})
+    second = second[:120] + _ids(40, 9) + second[120:]
+    spans2 = [[5, 20], *spans2, [120, 160]]
+    _store(sched, first, spans1, depth=stored_depth)
+    req = _request(vllm_bits, "r", second, {"cp_spans": spans2, **(xargs or {})})
     claimed, _ = sched.matched_tokens(req, 32)
     req.num_computed_tokens = 32 + claimed
     sched.after_alloc(req, _blocks(vllm_bits, range(1, 12)), claimed)
     out = vllm_bits.SchedulerOutput.make_empty()
     out.scheduled_new_reqs = [vllm_bits.NewRequestData.from_request(req, ([*range(1, 12)],))]
     out.num_scheduled_tokens = {"r": len(second) - req.num_computed_tokens}
-    meta = sched.build_meta(out)
+    return sched.build_meta(out), req, second, out
+
+
+def test_meta_orders_the_load_and_only_exact_saves(vllm_bits, config):
+    sched = _make(vllm_bits, config)
+    meta, req, second, out = _stitched_step(vllm_bits, sched)
     (load,) = meta.loads
     assert load.block_ids == tuple(range(1, 12)) and load.plan.claim_start == 32
     assert load.token_ids == tuple(second[:load.plan.claim_end])
     # [5, 20) lies before the first stitched token: exact, stored; [120, 160) attends to
-    # stitched KV; the reused blocks are stored already.
-    assert [(s.start, s.end) for s in meta.saves] == [(5, 20)]
+    # stitched KV (store depth 0 keeps it out); the reused blocks are stored already.
+    assert [(s.start, s.end, s.depth) for s in meta.saves] == [(5, 20, 0)]
     assert meta.saves[0].token_ids == tuple(second[5:20])
     assert not sched.build_meta(out).loads  # ordered once
     sched.finished(req)
     assert "r" not in sched.requests
+
+
+def _depth_config(depth):
+    from cp_engine.config import load_config
+
+    return load_config({"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0",
+                        "CP_ENGINE_BLEND_STORE_DEPTH": str(depth)})
+
+
+@pytest.mark.parametrize("server, request_depth, stored_depth, expected", [
+    (1, None, 0, [(5, 20, 0), (120, 160, 1)]),  # behind exact entries: depth 1, allowed
+    (1, None, 1, [(5, 20, 0)]),                 # behind a depth-1 entry: depth 2 > 1
+    (2, None, 1, [(5, 20, 0), (120, 160, 2)]),
+    (2, 0, 0, [(5, 20, 0)]),                    # the request lowers the server's depth
+    (0, 3, 0, [(5, 20, 0)]),                    # and cannot raise it
+])
+def test_blocks_behind_stitched_kv_are_stored_within_the_depth_bound(vllm_bits, server, request_depth,
+                                                                      stored_depth, expected):
+    sched = _make(vllm_bits, _depth_config(server))
+    xargs = {} if request_depth is None else {"cp_blend_store_depth": request_depth}
+    meta, *_ = _stitched_step(vllm_bits, sched, xargs, stored_depth)
+    assert len(meta.loads) == 1
+    assert [(s.start, s.end, s.depth) for s in meta.saves] == expected
+
+
+def test_the_mirror_keeps_each_entrys_depth_until_it_is_dropped(vllm_bits):
+    from cp_engine.blend.keys import Scope, block_key
+    from cp_engine.hooks.vllm.blend_meta import BlendWorkerMeta
+
+    sched = _make(vllm_bits, _depth_config(2))
+    key = block_key(sched.layout, Scope("", ""), _ids(20, 3))
+    sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(stored=[(key.lookup, 2)]),
+                                           kv_connector_stats=None))
+    assert sched.mirror.contains(key) and sched.mirror.depth(key) == 2
+    sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(dropped=[key.lookup]),
+                                           kv_connector_stats=None))
+    assert not sched.mirror.contains(key)
 
 
 def test_saves_wait_until_the_block_is_computed_and_the_first_request_stores_before_any_layout(vllm_bits, config):
@@ -244,7 +286,7 @@ def test_worker_reports_feed_the_mirror_the_disabled_state_and_the_counters(vllm
     key = block_key(layout, Scope(), [1, 2, 3])
     before = {n: metrics.total(n) for n in ("blend_recomputed_tokens", "blend_store_bytes", "blend_disabled")}
     stats = BlendStats({"recomputed_tokens": 12.5, "store": {"blend_store_bytes": 4096}})
-    sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(layout, [key.lookup]),
+    sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(layout, [(key.lookup, 0)]),
                                            kv_connector_stats=stats))
     assert sched.layout == layout and sched.mirror.contains(key)
     stats = BlendStats({"store": {"blend_store_bytes": 1024}})

@@ -87,3 +87,28 @@ def test_the_request_gate_refuses_bad_settings_only_with_blend_on(monkeypatch, b
         assert call(good).sampling_params.extra_args == {RATIO_KEY: 0.3, MODE_KEY: "deviation", "cp_spans": [0, 2]}
     finally:
         runtime.reset_for_tests()
+
+
+def test_a_request_can_lower_the_store_depth_never_raise_it():
+    from cp_engine.blend.settings import STORE_DEPTH_KEY
+
+    assert read_settings({}, 0.15, "both", 2).store_depth == 2
+    assert read_settings({STORE_DEPTH_KEY: 0}, 0.15, "both", 2).store_depth == 0
+    assert read_settings({STORE_DEPTH_KEY: 5}, 0.15, "both", 1).store_depth == 1
+    for bad in (-1, 1.0, True, "1", None):
+        assert read_settings({STORE_DEPTH_KEY: bad}, 0.15, "both", 1).store_depth == 1
+        with pytest.raises(InvalidBlendSetting) as exc:
+            check_settings({STORE_DEPTH_KEY: bad})
+        assert exc.value.field == STORE_DEPTH_KEY
+    check_settings({STORE_DEPTH_KEY: 3})
+
+
+def test_the_store_depth_flag_takes_zero_to_eight():
+    from cp_engine.config import load_config
+
+    assert load_config({}).blend_store_depth == 0
+    assert load_config({"CP_ENGINE_BLEND_STORE_DEPTH": "0"}).blend_store_depth == 0
+    assert load_config({"CP_ENGINE_BLEND_STORE_DEPTH": "2"}).blend_store_depth == 2
+    for bad in ("-1", "9", "x"):
+        cfg = load_config({"CP_ENGINE_BLEND_STORE_DEPTH": bad})
+        assert cfg.blend_store_depth == 0 and any("CP_ENGINE_BLEND_STORE_DEPTH" in w for w in cfg.warnings)
