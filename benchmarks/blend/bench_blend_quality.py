@@ -31,6 +31,13 @@ peer's batch plan) send their own prompts. Arms:
 - ``blend@r`` for each ``--ratios`` value (1.0 recomputes everything claimed: full
   recompute through the connector);
 - ``first_tokens@r`` / ``deviation@r``: ``CP_ENGINE_BLEND_MODE`` at ``--mode-ratio``;
+- ``blend@r:dN`` (opt-in, ``--arms``): the measured pass reuses entries stored N
+  stitching generations deep (``CP_ENGINE_BLEND_STORE_DEPTH``). Its warm pass runs a
+  chain of primer documents from other questions first (``[F, P0]``, ``[P0, P1]``, ...,
+  each stitching the one stored before it at a new position), then every question's
+  documents behind the last primer, so they are stored behind stitched KV at depth N.
+  Paired against ``blend@r`` it prices the compounding; every blend arm sends its store
+  depth (0 unless named) and the server allows the largest;
 - ``peer``: ContextPilot's ``optimize_batch`` messages, when its venv exists.
 
 Every arm runs on ONE server (``CP_ENGINE_BLEND=1``): each blend arm sends its ratio
@@ -228,12 +235,50 @@ def default_arms(ratios, modes, default_ratio: float, mode_ratio: float) -> list
     return first + [a for a in rest if a not in first]
 
 
+def store_depth(arm: str) -> int:
+    """N of an arm named ``...:dN``; 0 for any other arm."""
+    _, sep, depth = arm.rpartition(":d")
+    return int(depth) if sep and depth.isdigit() else 0
+
+
 def arm_xargs(arm: str) -> dict | None:
     """The blend settings an arm sends with every request; None for an exact arm."""
-    kind, at, ratio = arm.partition("@")
+    kind, at, rest = arm.partition("@")
     if not at:
         return None
-    return {"cp_blend_ratio": float(ratio), "cp_blend_mode": "both" if kind == "blend" else kind}
+    ratio = rest.partition(":")[0]
+    return {"cp_blend_ratio": float(ratio), "cp_blend_mode": "both" if kind == "blend" else kind,
+            "cp_blend_store_depth": store_depth(arm)}
+
+
+def primer_docs(qs: "Questions", ids: list[int], count: int) -> list[str]:
+    """``count`` documents of questions outside ``ids`` that no question in ``ids`` retrieved."""
+    inside = {d for i in ids for d in qs.docs[i]}
+    out: list[str] = []
+    for step in range(1, len(qs) + 1):
+        for d in qs.docs[(ids[-1] + step) % len(qs)]:
+            if d not in inside and d not in out:
+                out.append(d)
+                if len(out) == count:
+                    return out
+    raise ValueError(f"fewer than {count} documents outside the chunk to prime with")
+
+
+def primed_warm(qs: "Questions", ids: list[int], depth: int) -> tuple[list, list]:
+    """(primer chain, warm prompts) that store the questions' documents ``depth``
+    stitching generations deep: ``[F, P0]`` stores P0 exactly; ``[P(j-1), Pj]`` stitches
+    P(j-1) at a new position and stores Pj one generation deeper; the warm prompts put
+    the questions' documents behind the last primer."""
+    from benchmarks.common.live import plain_messages
+
+    docs = primer_docs(qs, ids, depth + 1)
+    filler, primers = docs[0], docs[1:]
+    q = qs.qs[ids[0]]
+    chain = [[filler, primers[0]]] + [[primers[j - 1], primers[j]] for j in range(1, depth)]
+    chain_prompts = [qs.tok.blocks(plain_messages(qs.system, c, q), c) for c in chain]
+    warm = [qs.tok.blocks(plain_messages(qs.system, [primers[-1], *qs.docs[i]], qs.qs[i]), [primers[-1], *qs.docs[i]])
+            for i in ids]
+    return chain_prompts, warm
 
 
 def run_pass(srv: Server, prompts, xargs: dict | None, salt: str, args, max_tokens: int) -> tuple[list, dict]:
@@ -270,7 +315,8 @@ def arm_salt(arm: str) -> str:
 
 def chunk_prompts(qs: Questions, arm: str, ids: list[int]) -> tuple[list | None, list | None]:
     """(warm, measured) prompts of one arm over questions ``ids``; (None, None) when the
-    arm cannot run (the peer without its venv)."""
+    arm cannot run (the peer without its venv). A ``:dN`` arm's warm prompts are its
+    ``primed_warm`` (the primer chain is sent by ``run_arm``)."""
     if arm == "plain":
         return None, [qs.measured[i] for i in ids]
     if arm == "prefix":
@@ -278,7 +324,13 @@ def chunk_prompts(qs: Questions, arm: str, ids: list[int]) -> tuple[list | None,
         return warm, measured
     if arm == "peer":
         return None, qs.peer_prompts(ids)
+    if store_depth(arm):
+        return primed_warm(qs, ids, store_depth(arm))[1], [qs.measured[i] for i in ids]
     return [qs.warm[i] for i in ids], [qs.measured[i] for i in ids]
+
+
+def _add_counts(a: dict | None, b: dict) -> dict:
+    return dict(b) if a is None else {k: a.get(k, 0) + v for k, v in b.items()}
 
 
 def run_arm(srv: Server, arm: str, qs: Questions, ids: list[int], args) -> dict | None:
@@ -290,8 +342,11 @@ def run_arm(srv: Server, arm: str, qs: Questions, ids: list[int], args) -> dict 
     salt, xargs = arm_salt(arm), arm_xargs(arm)
     srv.reset()
     warm_d = None
+    if store_depth(arm):  # one primer at a time: each stitches the one before it
+        for prompt in primed_warm(qs, ids, store_depth(arm))[0]:
+            warm_d = _add_counts(warm_d, run_pass(srv, [prompt], xargs, salt, args, 1)[1])
     if warm is not None:
-        _, warm_d = run_pass(srv, warm, xargs, salt, args, 1)
+        warm_d = _add_counts(warm_d, run_pass(srv, warm, xargs, salt, args, 1)[1])
     out, d = run_pass(srv, measured, xargs, salt, args, args.max_tokens)
     f1, preds = score([c.text for c in out], [qs.answers[i] for i in ids])
     return {"ids": list(ids), "f1": f1, "predictions": preds,
@@ -377,6 +432,8 @@ def main(argv=None) -> int:
     # A full-recompute step (up to the connector's per-step cap) on 2 shared cores can
     # outlast vLLM's 300 s execute_model timeout, which kills the engine.
     env = {"VLLM_SERVER_DEV_MODE": "1", "CP_ENGINE_BLEND": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
+    if max(map(store_depth, order)) > 0:
+        env["CP_ENGINE_BLEND_STORE_DEPTH"] = str(max(map(store_depth, order)))
     if next(todo(), None) is None:
         save(echo=True)
         return 0

@@ -197,8 +197,12 @@ def test_quality_arms_in_priority_order_and_their_per_request_settings():
     assert arms == ["plain", "blend@0.15", "blend@1", "blend@0", "prefix", "peer", "blend@0.05",
                     "first_tokens@0.15", "deviation@0.15"]
     assert qual.arm_xargs("plain") is None and qual.arm_xargs("prefix") is None
-    assert qual.arm_xargs("blend@0.05") == {"cp_blend_ratio": 0.05, "cp_blend_mode": "both"}
-    assert qual.arm_xargs("deviation@0.15") == {"cp_blend_ratio": 0.15, "cp_blend_mode": "deviation"}
+    assert qual.arm_xargs("blend@0.05") == {"cp_blend_ratio": 0.05, "cp_blend_mode": "both", "cp_blend_store_depth": 0}
+    assert qual.arm_xargs("deviation@0.15") == {"cp_blend_ratio": 0.15, "cp_blend_mode": "deviation",
+                                                "cp_blend_store_depth": 0}
+    assert qual.arm_xargs("blend@0.05:d2") == {"cp_blend_ratio": 0.05, "cp_blend_mode": "both",
+                                               "cp_blend_store_depth": 2}
+    assert [qual.store_depth(a) for a in ("plain", "blend@0", "blend@0:d1", "blend@0.15:d3")] == [0, 0, 1, 3]
     from cp_engine.blend.settings import check_settings
 
     for arm in arms:
@@ -243,3 +247,28 @@ def test_quality_note_names_only_the_arms_that_ran():
     assert note.endswith("arms run: plain, blend@0.15.")
     note = run_note({"plain": {}, "peer": {}, "deviation@0.15": {}}, 0.15, have_peer=True)
     assert "mode arms at ratio 0.15" in note and "peer ran" in note
+
+
+def test_a_depth_arm_primes_a_chain_that_stitches_each_primer_and_puts_the_documents_last():
+    class BlocksOnly:  # a tokenizer stand-in: a prompt is just its blocks
+        def blocks(self, messages, blocks):
+            return list(blocks)
+
+    class Chunk:
+        docs = [["a", "b"], ["b", "c"], ["d", "e"], ["f", "a"], ["g", "h"]]
+        qs = [f"q{i}" for i in range(5)]
+        system, tok = "S", BlocksOnly()
+
+        def __len__(self):
+            return len(self.docs)
+
+    qs = Chunk()
+    # chunk [0, 1] retrieved a, b, c: the primers come from later questions, skipping those
+    assert qual.primer_docs(qs, [0, 1], 3) == ["d", "e", "f"]
+    chain, warm = qual.primed_warm(qs, [0, 1], 2)
+    assert chain == [["d", "e"], ["e", "f"]]  # F=d, P0=e stored exactly; P0 stitched, P1=f stored at depth 1
+    assert warm == [["f", "a", "b"], ["f", "b", "c"]]  # each question's documents behind the last primer
+    chain1, warm1 = qual.primed_warm(qs, [0, 1], 1)
+    assert chain1 == [["d", "e"]] and warm1 == [["e", "a", "b"], ["e", "b", "c"]]
+    with pytest.raises(ValueError):
+        qual.primer_docs(qs, [0, 1, 2, 3, 4], 1)
