@@ -367,3 +367,54 @@ def test_a_request_at_ratio_one_claims_and_recomputes_everything_on_a_lower_defa
     assert claimed > 0 and plan.recomputed == claimed and plan.reused == 0
     claimed0, plan0 = _claim_plan(sched, vllm_bits, "zero", second, {"cp_spans": spans2})
     assert claimed0 == claimed and plan0.reused == sum(e - s for s, e in spans2)
+
+
+def _claim_and_alloc(vllm_bits, sched, req, hit, block_ids):
+    claimed, _ = sched.matched_tokens(req, hit)
+    assert claimed > 0
+    req.num_computed_tokens = hit + claimed
+    sched.after_alloc(req, _blocks(vllm_bits, block_ids), claimed)
+    return claimed
+
+
+def test_a_preempted_request_reloads_into_its_new_blocks(vllm_bits, config):
+    """vLLM frees a preempted request's blocks and schedules it again from its prefix
+    hit: the claim is made again (no second re-keying) and the load goes to the blocks
+    the resumed request now holds, not the freed ones."""
+    sched = _make(vllm_bits, config)
+    first, spans1, second, spans2 = _swapped()
+    _store(sched, first, spans1)
+    req = _request(vllm_bits, "p", second, {"cp_spans": spans2})
+    claimed = _claim_and_alloc(vllm_bits, sched, req, 32, range(1, 10))
+    out = vllm_bits.SchedulerOutput.make_empty()
+    out.scheduled_new_reqs = [vllm_bits.NewRequestData.from_request(req, ([*range(1, 10)],))]
+    out.num_scheduled_tokens = {"p": len(second) - req.num_computed_tokens}
+    (load,) = sched.build_meta(out).loads
+    assert load.block_ids == tuple(range(1, 10))
+    marked = list(req.block_hashes)
+    # preempted: blocks freed, computed tokens back to 0, scheduled again with new blocks
+    req.num_computed_tokens = 0
+    assert _claim_and_alloc(vllm_bits, sched, req, 32, range(40, 49)) == claimed
+    assert req.block_hashes == marked
+    out = vllm_bits.SchedulerOutput.make_empty()
+    out.scheduled_cached_reqs.req_ids = ["p"]
+    out.scheduled_cached_reqs.resumed_req_ids = {"p"}
+    out.scheduled_cached_reqs.new_block_ids = [([*range(40, 49)],)]
+    out.scheduled_cached_reqs.num_computed_tokens = [32 + claimed]
+    out.num_scheduled_tokens = {"p": len(second) - 32 - claimed}
+    (again,) = sched.build_meta(out).loads
+    assert again.block_ids == tuple(range(40, 49)) and again.plan == load.plan
+
+
+def test_a_request_aborted_between_claim_and_load_orders_nothing(vllm_bits, config):
+    sched = _make(vllm_bits, config)
+    first, spans1, second, spans2 = _swapped()
+    _store(sched, first, spans1)
+    req = _request(vllm_bits, "a", second, {"cp_spans": spans2})
+    _claim_and_alloc(vllm_bits, sched, req, 32, range(1, 10))
+    sched.finished(req)  # aborted before the step that would load it
+    out = vllm_bits.SchedulerOutput.make_empty()
+    out.scheduled_new_reqs = [vllm_bits.NewRequestData.from_request(req, ([*range(1, 10)],))]
+    out.num_scheduled_tokens = {"a": 5}
+    meta = sched.build_meta(out)
+    assert not meta.loads and not meta.saves and "a" not in sched.requests
