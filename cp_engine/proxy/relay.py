@@ -11,8 +11,10 @@ accepted at once. A relay that breaks (client gone, upstream silent or broken)
 rejects a still-pending commit, closes the upstream connection (so the upstream
 stops generating) and ends the client's answer as an error rather than leaving it
 waiting: an event stream gets a final ``data: {"error": ...}`` event, any other body
-is cut off (the client sees an incomplete body). ``on_broken`` (optional) is called
-once when the upstream's answer broke off (not when the client left).
+is cut off (the client sees an incomplete body). A client that leaves once every
+chunk was written (a stream client stops at ``data: [DONE]``) ends a complete answer:
+nothing is rejected or reported. ``on_broken`` (optional) is called once when the
+upstream's answer broke off (not when the client left).
 """
 from __future__ import annotations
 
@@ -107,7 +109,10 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
     if watch is not None:
         watch.end()
     upstream.release()
-    await resp.write_eof()
+    try:
+        await resp.write_eof()
+    except ConnectionResetError:  # the client closed once it had the body (e.g. at `data: [DONE]`)
+        logger.debug("cp_engine proxy: client of %s left before the end of its answer", request.path)
     return resp
 
 

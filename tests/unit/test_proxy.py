@@ -423,6 +423,36 @@ def test_a_client_leaving_mid_stream_stops_the_upstream(upstream, proxy):
     assert pipeline_of(proxy).index.requests == 1  # accepted at the first event, as in the plugin
 
 
+def test_a_client_leaving_after_the_last_chunk_is_a_complete_answer(upstream, proxy, monkeypatch, caplog):
+    # A stream client closes at `data: [DONE]`; if the proxy sees that before it ends its
+    # own answer, aiohttp refuses the final write as below. The answer was complete.
+    ended, real_write_eof = threading.Event(), web.StreamResponse.write_eof
+
+    async def closed_transport(self, data=b""):
+        if asyncio.get_running_loop() is not proxy.loop:  # the upstream's own answer
+            return await real_write_eof(self, data)
+        ended.set()
+        raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+
+    async def stream(request, body):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_sse({"choices": [{"delta": {"content": "one"}}]}) + b"data: [DONE]\n\n")
+        return resp
+
+    upstream.answer = stream
+    with monkeypatch.context() as patch:
+        patch.setattr(web.StreamResponse, "write_eof", closed_transport)
+        r = post(proxy, CHAT, chat_body(question("q"), context_blocks=DOCS[:2], stream=True), stream=True)
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data: {")
+        r.close()
+        assert ended.wait(WAIT_S)
+        proxy.run(asyncio.sleep(0))  # the handler has returned (or raised) by this loop turn
+    assert [rec.getMessage() for rec in caplog.records if rec.levelno >= 40] == []
+    assert pipeline_of(proxy).index.requests == 1
+
+
 # -- bounds --------------------------------------------------------------------------------
 
 def test_oversized_body_is_a_413_and_reaches_no_upstream(upstream, make_proxy):
