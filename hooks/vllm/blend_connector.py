@@ -55,7 +55,10 @@ class BlendConnector(KVConnectorBase_V1):
         self.worker.register(kv_caches, runner)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        for order in self._get_connector_metadata().loads:
+        meta = self._get_connector_metadata()
+        if meta.reset:
+            self.worker.reset()
+        for order in meta.loads:
             self.worker.load(order)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -90,6 +93,9 @@ class BlendConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         self.scheduler.on_worker_output(connector_output)
+
+    def reset_cache(self) -> bool:
+        return self.scheduler.reset() if self.scheduler is not None else False
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self.scheduler.finished(request)

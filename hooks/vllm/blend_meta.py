@@ -4,6 +4,8 @@ Scheduler → worker (``BlendMetadata``, one per step):
 - ``LoadOrder``: write the stored blocks of ``plan`` into the request's paged blocks
   and recompute ``plan``'s selection; ``token_ids`` are the prompt ids ``[0, claim_end)``,
   ``block_ids`` the request's KV blocks (first KV cache group);
+- ``reset``: empty the store before this step's loads (vLLM's cache reset reached
+  the scheduler);
 - ``SaveOrder``: after this step's forward, read ``[start, end)`` of the request's KV
   and put it in the store under the block's key (built by the worker, which knows the
   layout before the scheduler does); ``depth`` is how many stitching generations the
@@ -11,8 +13,8 @@ Scheduler → worker (``BlendMetadata``, one per step):
 
 Worker → scheduler (``BlendWorkerMeta``, aggregated by vLLM across workers):
 - ``layout``: the KV layout store keys are built under (sent until the scheduler has it);
-- ``stored``: ``(BlockKey.lookup, depth)`` of entries put into the store; ``dropped``:
-  lookups gone from it; both feed the scheduler's mirror index (one step late);
+- ``stored``: ``(BlockKey.lookup, depth)`` of entries put into the store and still in
+  it at the end of the step; ``dropped``: lookups gone from it; both feed the scheduler's mirror index (one step late);
 - ``disabled``: why blend cannot run on this engine ("" while it can).
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ class SaveOrder:
 class BlendMetadata(KVConnectorMetadata):
     loads: list[LoadOrder] = field(default_factory=list)
     saves: list[SaveOrder] = field(default_factory=list)
+    reset: bool = False
 
 
 @dataclass

@@ -24,6 +24,8 @@ Contract (docs/blend-design.md, sections 4 and 6):
   while that is within the request's store depth (``CP_ENGINE_BLEND_STORE_DEPTH``,
   lowered by ``cp_blend_store_depth``), so approximation compounds a bounded number of
   times;
+- ``reset()`` (vLLM's ``reset_prefix_cache`` with the connector) forgets every stored
+  key at once and orders the worker to empty its store before the next step's loads;
 - ``finished`` forgets the request. Nothing here raises into vLLM's scheduler: a
   failure counts ``hook_failures`` and the request runs as a plain one.
 """
@@ -123,6 +125,7 @@ class BlendScheduler:
         self._step_recomputed = 0.0
         self._hash_fn = None
         self._store_snapshot: dict[str, Any] = {}
+        self._reset_pending = False
 
     # -- helpers -----------------------------------------------------------------------
     def _key_of(self, scope: Scope):
@@ -255,8 +258,15 @@ class BlendScheduler:
             if st.plan is not None and num_external_tokens != st.plan.claimed:
                 st.plan = None  # vLLM kept its own hit instead of the claim
 
+    def reset(self) -> bool:
+        """Forget every stored key now; the worker empties its store next step."""
+        self.mirror = MirrorIndex()
+        self._reset_pending = True
+        return True
+
     def build_meta(self, scheduler_output: Any) -> BlendMetadata:
-        meta = BlendMetadata()
+        meta = BlendMetadata(reset=self._reset_pending)
+        self._reset_pending = False
         self._step_claimed, self._step_recomputed = 0, 0.0
         if not self.requests:
             return meta

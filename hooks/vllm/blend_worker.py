@@ -18,6 +18,9 @@ Contract (docs/blend-design.md, sections 3 and 6):
   and ``put``s it, unless the store holds it already; the entry's depth (``order.depth``)
   is reported with it. Entries loaded in the step are
   put back if a save evicted them (pinned for the step);
+- ``reset()`` empties the store (the scheduler has forgotten its keys already);
+- ``end_step()`` reports the step's store changes as they stand at its end: an entry
+  put and evicted within the step is reported dropped, never stored;
 - ``take_stats()`` / ``take_meta()`` hand over what happened since the last call.
 """
 from __future__ import annotations
@@ -201,6 +204,14 @@ class BlendWorker:
                 self.meta.stored.append((key.lookup, order.depth))
             self._store_changed = True
 
+    def reset(self) -> None:
+        if not self.ready:
+            return
+        with faults.guarded("vllm_blend_worker"):
+            self.store.clear()
+            self._pinned.clear()
+            self._store_changed = True
+
     def end_step(self) -> None:
         """After this step's saves: put back pinned entries, report what left the store."""
         if not self.ready:
@@ -216,6 +227,9 @@ class BlendWorker:
                 for lookup in gone:
                     del self._stored[lookup]
                 self.meta.dropped.extend(gone)
+                # the scheduler applies drops before puts: a put evicted later in the
+                # same step must not reach it as stored
+                self.meta.stored = [(lookup, depth) for lookup, depth in self.meta.stored if lookup in self._stored]
                 self.stats.data["store"] = self.store.stats()
                 self._store_changed = False
 

@@ -418,3 +418,13 @@ def test_a_request_aborted_between_claim_and_load_orders_nothing(vllm_bits, conf
     out.num_scheduled_tokens = {"a": 5}
     meta = sched.build_meta(out)
     assert not meta.loads and not meta.saves and "a" not in sched.requests
+
+
+def test_a_cache_reset_forgets_every_stored_key_and_orders_the_worker_to_empty_its_store(vllm_bits, config):
+    sched = _make(vllm_bits, config)
+    first, spans1, second, spans2 = _swapped()
+    _store(sched, first, spans1)
+    assert sched.reset() is True
+    assert sched.matched_tokens(_request(vllm_bits, "r", second, {"cp_spans": spans2}), 32) == (0, False)
+    assert sched.build_meta(vllm_bits.SchedulerOutput.make_empty()).reset is True
+    assert sched.build_meta(vllm_bits.SchedulerOutput.make_empty()).reset is False  # once
