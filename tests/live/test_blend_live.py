@@ -13,7 +13,9 @@ Prompts are token ids on ``/v1/completions`` with the blocks' spans in
 admits). The CPU KV block is 128 tokens; every prompt starts with a 128-token prefix
 ``S`` (an exact prefix hit), then blocks of 100 tokens. A request may set its own ratio
 and mode (``vllm_xargs.cp_blend_ratio`` / ``cp_blend_mode``); out-of-bounds values get
-HTTP 400.
+HTTP 400. The server stores blocks up to one stitching generation deep
+(``CP_ENGINE_BLEND_STORE_DEPTH=1``); a request can lower that with
+``cp_blend_store_depth``.
 
 The server also runs ``cp_engine.devtools.hint_probe:HintProbe`` as a logits processor
 (argmax-invariant: it leaves the logits alone): vLLM hands it every request's
@@ -38,7 +40,7 @@ import uuid
 import pytest
 import requests
 
-from cp_engine.blend.settings import MODE_KEY, RATIO_KEY
+from cp_engine.blend.settings import MODE_KEY, RATIO_KEY, STORE_DEPTH_KEY
 from cp_engine.devtools.hint_probe import PROBE_ENV, read_probe
 from cp_engine.hooks.tenant import tenant_key
 from cp_engine.hooks.vllm.blend_spans import REF_KEY
@@ -58,7 +60,7 @@ PROBE = os.path.join(tempfile.gettempdir(), f"cp_blend_probe_{os.getpid()}.jsonl
 
 blend_server = server_fixture("blend_server", {
     "env": {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_MB": str(STORE_MB),
-            PROBE_ENV: PROBE},
+            "CP_ENGINE_BLEND_STORE_DEPTH": "1", "VLLM_SERVER_DEV_MODE": "1", PROBE_ENV: PROBE},
     "extra_args": ("--logits-processors", "cp_engine.devtools.hint_probe:HintProbe")})
 
 
@@ -353,6 +355,49 @@ def test_a_forged_scope_never_reaches_the_engine(blend_server):
     _post(blend_server, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "hi"}], "vllm_xargs": {"probe": marker, SCOPE: "forged"}})
     assert SCOPE not in _record(marker)["extra_args"]
+
+
+def test_blocks_behind_stitched_kv_are_stored_up_to_the_depth_bound(blend_server, plugin_server):
+    """Depth 1 on this server: a new block behind a stitched one is stored and reused
+    later; one behind that depth-1 entry (depth 2) is not, nor one behind stitched KV in
+    a request that asks for depth 0."""
+    rng = random.Random(808)
+    prefix = _prefix(9)
+    a, c, d, e = (_ids(BLOCK, rng) for _ in range(4))
+
+    def at(x, *blocks, depth=None):
+        """prefix + x filler tokens + the blocks + a tail, with the blocks' spans."""
+        prompt, spans = prefix + _ids(x, rng), []
+        for b in blocks:
+            spans.append((len(prompt), len(prompt) + BLOCK))
+            prompt += b
+        extra = None if depth is None else {STORE_DEPTH_KEY: depth}
+        return prompt + _ids(20, rng), spans, extra
+
+    prompt, spans, _ = at(0, a)
+    _complete(blend_server, prompt, spans)  # a: exact, depth 0
+    prompt, spans, _ = at(7, a, c)
+    assert _cached(_complete(blend_server, prompt, spans)) >= spans[0][1]  # a stitched; c stored at depth 1
+    prompt, spans, extra = at(9, a, e, depth=0)
+    assert _cached(_complete(blend_server, prompt, spans, vllm_xargs_extra=extra)) >= spans[0][1]  # e not stored
+    prompt, spans, _ = at(11, c, d)
+    reused = _complete(blend_server, prompt, spans)  # the depth-1 entry c is reused; d would be depth 2
+    assert _cached(reused) >= spans[0][1]
+    assert _tokens(reused) == _tokens(_complete(plugin_server, prompt))  # ratio 1: exact all the same
+    prompt, spans, _ = at(13, d, e)
+    assert _cached(_complete(blend_server, prompt, spans)) == HIT  # neither d nor e was stored
+    prompt, spans, _ = at(5, c)
+    assert _cached(_complete(blend_server, prompt, spans)) >= spans[0][1]  # c still is
+
+
+def test_a_cache_reset_with_the_connector_empties_the_block_store(blend_server):
+    case = _Case(909, _prefix(10))
+    _complete(blend_server, case.store_prompt, case.store_spans)
+    assert _cached(_complete(blend_server, case.prompt, case.spans, max_tokens=1)) > HIT + BLOCK
+    r = blend_server.post("/reset_prefix_cache?reset_external=true", {})
+    assert r.status_code == 200, r.text[:300]
+    # the stored blocks are gone: nothing past the (re-computed) exact prefix is claimed
+    assert _cached(_complete(blend_server, case.prompt, case.spans, max_tokens=1)) <= HIT
 
 
 def test_store_bound_holds_and_evicts(blend_server):
