@@ -47,6 +47,7 @@ every arm.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import uuid
@@ -203,19 +204,41 @@ def server_plan(args) -> list[dict]:
     return plans
 
 
+def interleaved(plan: dict, depths: list[int], repeats: int) -> list[tuple[int, str, float | None, int]]:
+    """(round, arm, ratio, store depth) in run order: every arm of ``plan`` once per
+    round, ``repeats`` rounds, odd rounds in reverse (ABBA), so a drift in the machine's
+    speed over the run weighs on every arm alike. ``plain`` is each round's clock."""
+    one = []
+    for arm in plan["arms"]:
+        blend = arm.startswith("blend")
+        one += [(arm, r, d) for r in plan["ratios"] for d in depths] if blend else [(arm, None, 0)]
+    out = []
+    for rep in range(max(1, repeats)):
+        out += [(rep, *run) for run in (one if rep % 2 == 0 else one[::-1])]
+    return out
+
+
 def summarize(data: dict) -> None:
     """Ratios per arm: plain's computed tokens ÷ the arm's; prefill wall time vs the
-    plain arm on the same server."""
+    plain arm on the same server in the same round; with several rounds, the median of
+    the per-round wall ratios per arm label (``wall_rounds``)."""
     for w in data["workloads"]:
         plain = next((a for a in w["arms"] if a["arm"] == "plain"), None)
         for a in w["arms"]:
             if plain and a["computed_tokens"]:
                 a["plain_over_arm"] = round(plain["computed_tokens"] / a["computed_tokens"], 3)
-            clock = next((c for c in w["arms"] if c["arm"] == "plain" and c["server"] == a["server"]), None)
+            clock = next((c for c in w["arms"] if c["arm"] == "plain" and c["server"] == a["server"]
+                          and c.get("round", 0) == a.get("round", 0)), None)
             if clock and a["wall_s"]:
                 a["wall_plain_over_arm"] = round(clock["wall_s"] / a["wall_s"], 3)
                 if a["prefill_sum_s"]:
                     a["prefill_plain_over_arm"] = round(clock["prefill_sum_s"] / a["prefill_sum_s"], 3)
+        by_label: dict[str, list[float]] = {}
+        for a in w["arms"]:
+            if a.get("wall_plain_over_arm"):
+                by_label.setdefault(f"{arm_label(a)} [{a['server']}]", []).append(a["wall_plain_over_arm"])
+        w["wall_rounds"] = {k: {"rounds": len(v), "median": round(statistics.median(v), 3),
+                                "min": min(v), "max": max(v)} for k, v in by_label.items()}
 
 
 def table(data: dict) -> str:
@@ -227,8 +250,9 @@ def table(data: dict) -> str:
         for a in w["arms"]:
             r = "—" if a["ratio"] is None else f"{a['ratio']:g}"
             r += f", depth {a['store_depth']}" if a.get("store_depth") else ""
+            srv = a["server"] + (f", round {a['round'] + 1}" if data.get("repeats", 1) > 1 else "")
             lines.append(
-                f"| {w['name']} | {a['arm']} | {r} | {a['server']} | {a['prompt_tokens']:,} | {a['computed_tokens']:,} | "
+                f"| {w['name']} | {a['arm']} | {r} | {srv} | {a['prompt_tokens']:,} | {a['computed_tokens']:,} | "
                 f"{a['blend_recomputed']:,.0f} | {a.get('plain_over_arm', 0):.2f}× | "
                 f"{a['wall_s']:.1f} ({a.get('wall_plain_over_arm', 0):.2f}×) | "
                 f"{a['prefill_sum_s']:.1f} ({a.get('prefill_plain_over_arm', 0):.2f}×) | {a['blend_hits']:,} |")
@@ -236,6 +260,12 @@ def table(data: dict) -> str:
               "`cp_engine_blend_recomputed_tokens_total`, deltas of the server's /metrics around the arm.",
               "² against the `plain` arm on the same server (its clock); prefill sum = vLLM's "
               "`request_prefill_time_seconds` summed over requests (includes queueing at this concurrency)."]
+    multi = {k: v for w in data["workloads"] for k, v in w.get("wall_rounds", {}).items() if v["rounds"] > 1}
+    if multi:
+        lines += ["", "Wall time, plain ÷ arm, per round against that round's plain arm (rounds interleaved, "
+                  "odd rounds in reverse order):", ""]
+        lines += [f"- {k}: median {v['median']:.2f}× over {v['rounds']} rounds (min {v['min']:.2f}×, "
+                  f"max {v['max']:.2f}×)" for k, v in multi.items()]
     if data.get("targets"):
         lines += ["", "Targets (computed tokens, plain ÷ arm):", ""]
         for t in data["targets"]:
@@ -295,6 +325,8 @@ def main(argv=None) -> int:
     ap.add_argument("--agent-sessions", type=int)
     ap.add_argument("--concurrency", type=int, default=64, help="in-flight requests (RAG; chat/agent per round)")
     ap.add_argument("--chat-concurrency", type=int, default=8, help="sessions per wave")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of every arm on each server, interleaved (odd rounds reversed)")
     ap.add_argument("--max-tokens", type=int, default=1)
     ap.add_argument("--kv-cache-gib", type=int, default=2)
     ap.add_argument("--max-model-len", type=int, default=8192)
@@ -320,7 +352,7 @@ def main(argv=None) -> int:
     wls = build_workloads(kinds, size, tok, args.chat_concurrency)
     name = args.out or ("blend_engine_quick" if args.quick else "blend_engine")
     data = {"model": Path(model).name, "sizes": size, "ratios": args.ratios, "mode": args.mode or "default",
-            "max_tokens": args.max_tokens, "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens, "concurrency": args.concurrency, "repeats": args.repeats,
             "note": "", "workloads": [{"name": w.name, "kind": w.kind, "requests": len(w.plain_ids), "arms": []}
                                       for w in wls], "servers": []}
     data["note"] = (f"sizes {size}; max_tokens {args.max_tokens}; RAG concurrency {args.concurrency}; "
@@ -345,32 +377,30 @@ def main(argv=None) -> int:
             fmt = srv.probe_span_format(wls[0].plain_ids[0][:16])
             data["servers"].append({"label": label, "env": env, "span_format": fmt})
             for w, slot in zip(wls, data["workloads"]):
-                for arm in plan["arms"]:
+                for rep, (arm, r, depth) in interleaved(plan, args.store_depths, args.repeats):
                     blend = arm.startswith("blend")
-                    runs = [(r, d) for r in plan["ratios"] for d in args.store_depths] if blend else [(None, 0)]
-                    for r, depth in runs:
-                        xargs = {args.ratio_xarg: r} if args.ratio_xarg and r is not None else {}
-                        if blend and max(args.store_depths) > 0:
-                            xargs["cp_blend_store_depth"] = depth
-                        t0 = time.perf_counter()
-                        try:
-                            res = run_arm(srv, w, arm, r, args, xargs)
-                        except Exception as exc:  # one failed arm must not lose the others
-                            print(f"[blend-engine] {w.name} {arm}@{r} d{depth} failed: {exc!r}", file=sys.stderr, flush=True)
-                            slot.setdefault("errors", []).append({"arm": arm, "ratio": r, "server": label,
-                                                                  "error": repr(exc)[:500]})
-                            continue
-                        if res is None:
-                            continue
-                        res.update(arm=arm, server=label, store_depth=depth)
-                        slot["arms"].append(res)
-                        summarize(data)
-                        data["targets"] = targets(data)
-                        data["wall_s"] = round(time.perf_counter() - t_start, 1)
-                        write_result(name, data, table=table, plot=plot, prov=prov, echo=False)
-                        print(f"[blend-engine] {w.name} {arm_label(res)}: computed {res['computed_tokens']:,} of "
-                              f"{res['prompt_tokens']:,} (blend {res['blend_recomputed']:,.0f}), wall "
-                              f"{res['wall_s']:.1f} s ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+                    xargs = {args.ratio_xarg: r} if args.ratio_xarg and r is not None else {}
+                    if blend and max(args.store_depths) > 0:
+                        xargs["cp_blend_store_depth"] = depth
+                    t0 = time.perf_counter()
+                    try:
+                        res = run_arm(srv, w, arm, r, args, xargs)
+                    except Exception as exc:  # one failed arm must not lose the others
+                        print(f"[blend-engine] {w.name} {arm}@{r} d{depth} failed: {exc!r}", file=sys.stderr, flush=True)
+                        slot.setdefault("errors", []).append({"arm": arm, "ratio": r, "server": label,
+                                                              "error": repr(exc)[:500]})
+                        continue
+                    if res is None:
+                        continue
+                    res.update(arm=arm, server=label, store_depth=depth, round=rep)
+                    slot["arms"].append(res)
+                    summarize(data)
+                    data["targets"] = targets(data)
+                    data["wall_s"] = round(time.perf_counter() - t_start, 1)
+                    write_result(name, data, table=table, plot=plot, prov=prov, echo=False)
+                    print(f"[blend-engine] {w.name} {arm_label(res)}: computed {res['computed_tokens']:,} of "
+                          f"{res['prompt_tokens']:,} (blend {res['blend_recomputed']:,.0f}), wall "
+                          f"{res['wall_s']:.1f} s ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     summarize(data)
     data["targets"] = targets(data)
     data["wall_s"] = round(time.perf_counter() - t_start, 1)

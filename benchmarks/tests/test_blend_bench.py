@@ -167,6 +167,33 @@ def test_engine_summary_ratios_against_plain_and_the_same_servers_clock():
     assert t["best"] == 4.0 and t["goal"] == 3.0 and t["arm"] == "blend-order@0"
 
 
+def test_interleaved_rounds_run_every_arm_once_per_round_odd_rounds_reversed():
+    plan = {"arms": ["plain", "blend-order"], "ratios": [0.0, 0.15]}
+    runs = eng.interleaved(plan, [0, 8], 3)
+    one = [("plain", None, 0), ("blend-order", 0.0, 0), ("blend-order", 0.0, 8),
+           ("blend-order", 0.15, 0), ("blend-order", 0.15, 8)]
+    assert [r[1:] for r in runs] == one + one[::-1] + one
+    assert [r[0] for r in runs] == [0] * 5 + [1] * 5 + [2] * 5
+    assert eng.interleaved(plan, [0], 0) == eng.interleaved(plan, [0], 1)
+
+
+def test_wall_ratios_use_the_plain_arm_of_the_same_round_and_report_the_median():
+    def arm(name, rnd, wall):
+        return {"arm": name, "server": "S", "computed_tokens": 100 if name == "plain" else 40,
+                "prompt_tokens": 100, "blend_recomputed": 0, "blend_hits": 0, "wall_s": wall, "prefill_sum_s": 0.0, "ratio": None if name == "plain" else 0.15, "round": rnd}
+    data = {"repeats": 3, "model": "m", "note": "", "workloads": [{"name": "w", "kind": "rag", "arms": [
+        arm("plain", 0, 10.0), arm("blend-order", 0, 5.0),
+        arm("blend-order", 1, 4.0), arm("plain", 1, 12.0),  # a slower round: its own clock
+        arm("plain", 2, 9.0), arm("blend-order", 2, 9.0)]}]}
+    eng.summarize(data)
+    walls = [a["wall_plain_over_arm"] for a in data["workloads"][0]["arms"] if a["arm"] != "plain"]
+    assert walls == [2.0, 3.0, 1.0]
+    rounds = data["workloads"][0]["wall_rounds"]["blend-order@0.15 [S]"]
+    assert rounds == {"rounds": 3, "median": 2.0, "min": 1.0, "max": 3.0}
+    text = eng.table(data)
+    assert "S, round 2" in text and "median 2.00× over 3 rounds" in text
+
+
 # ---------------------------------------------------------------- quality sweep
 
 def test_measured_order_is_a_seeded_permutation_that_moves_the_first_document():
