@@ -32,6 +32,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Sequence
 
+import numpy as np
+
+from .planner_counts import SharedCounts
 from .planner_overlap import first_partners
 from .trie import ROOT, BlockTrie
 
@@ -201,6 +204,7 @@ class _Merges:
     def orders(self, freq: list[int]) -> list[list[int]]:
         """Each request's blocks: what every node on its path adds, root first."""
         inter, parent = self.inter, self.parent
+        rank = _popularity_rank(freq)
         # A parent is numbered after its children: walking down from the last cluster,
         # every parent's full order is known before its children extend it.
         full: list[list[int]] = [[]] * len(inter)
@@ -208,9 +212,9 @@ class _Merges:
             p = parent[c]
             if p >= 0:
                 added = inter[c] - inter[p]
-                full[c] = full[p] + _tail_order(list(added), freq) if added else full[p]
+                full[c] = full[p] + _tail_order(list(added), rank) if added else full[p]
             else:
-                full[c] = _tail_order(list(inter[c]), freq)
+                full[c] = _tail_order(list(inter[c]), rank)
         return [list(full[r]) for r in range(self.requests)]
 
 
@@ -233,9 +237,11 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     ties: dict[int, tuple[int, list[int]]] = {}
     owner = list(range(len(sets)))
 
+    table = _shared_counts(sets, freq) if unit else None
+
     def push_best(x: int) -> None:
-        if not (unit and _push_best_unit(m, postings, x, hot_cap, candidates, ties)):
-            m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, unit))
+        if not (unit and _push_best_unit(m, postings, x, hot_cap, candidates, ties, table)):
+            m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, unit, table))
 
     def requeue(x: int) -> None:
         if not (unit and _requeue_from_ties(m, owner, ties, x, candidates)):
@@ -264,8 +270,38 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
                 postings[b].discard(z)
         for b in m.inter[c]:
             postings[b].add(c)
+        if table is not None:
+            table.kill(x)
+            table.kill(y)
+            if m.inter[c]:
+                table.add(c, m.inter[c])
         push_best(c)
     return m.orders(freq)
+
+
+# SharedCounts' table: at most this many cells (bytes).
+_TABLE_CELLS = 1 << 26
+# A cluster's partners are counted in the table once its postings hold more than
+# _TABLE_MIN_POSTINGS + (table columns) / _TABLE_COLUMNS_PER_POSTING entries: below
+# that, counting the postings in Python costs less than the table's vector passes.
+_TABLE_MIN_POSTINGS = 256
+_TABLE_COLUMNS_PER_POSTING = 8
+# Where hot blocks are left out, the partners within reach of the best are ranked
+# too (a Python sort key per partner), so the table pays off sooner.
+_TABLE_MIN_RANKED = 64
+_TABLE_COLUMNS_PER_RANKED = 32
+
+
+def _shared_counts(sets: list[list[int]], freq: list[int]) -> SharedCounts | None:
+    """The table for the clustering, when it fits and postings are long enough to use it."""
+    n = len(sets)
+    shared = sum(1 for f in freq if f > 1)
+    clusters = 2 * n
+    if not n or shared * clusters > _TABLE_CELLS:
+        return None
+    if sum(f * f for f in freq if f > 1) < n * (_TABLE_MIN_POSTINGS + clusters // _TABLE_COLUMNS_PER_POSTING):
+        return None  # postings too short on average: the table would rarely be asked
+    return SharedCounts.for_requests(sets, clusters, len(freq))
 
 
 def _requeue_from_ties(m: _Merges, owner: list[int], ties: dict[int, tuple[int, list[int]]], x: int,
@@ -306,8 +342,11 @@ def _requeue_from_ties(m: _Merges, owner: list[int], ties: dict[int, tuple[int, 
 
 
 def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int,
-                      unit: bool) -> list[int]:
-    """Up to ``candidates`` clusters that can have the best exact score with x."""
+                      unit: bool, table: SharedCounts | None = None) -> list[int]:
+    """Up to ``candidates`` clusters that can have the best exact score with x.
+
+    ``table`` (unit weights only): long postings are counted there instead (same
+    counts, same answer)."""
     skipped = 0.0  # weight of x's hot blocks, absent from acc
     lists = []
     for b in m.inter[x]:
@@ -316,6 +355,17 @@ def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap
             skipped += m.w[b]
         else:
             lists.append((b, holders))
+    if (table is not None and len(lists) < 256
+            and sum(len(h) for _, h in lists) > _TABLE_MIN_RANKED + table.alive.size // _TABLE_COLUMNS_PER_RANKED):
+        counts = table.count(x, [b for b, _ in lists])
+        top = int(counts.max())
+        if not top:
+            return []
+        ranked = np.flatnonzero(counts >= max(top - skipped, 1))  # in acc: counted at least once
+        if ranked.size > candidates:
+            # Most shared first, then the lowest number: nlargest's order below.
+            ranked = ranked[np.lexsort((ranked, -counts[ranked].astype(np.int64)))[:candidates]]
+        return ranked.tolist()
     if unit:
         # Every block weighs 1: count in C (Counter) rather than a Python loop.
         acc = Counter(itertools.chain.from_iterable(h for _, h in lists))
@@ -337,7 +387,8 @@ def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap
 
 
 def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int,
-                    ties_of: dict[int, tuple[int, list[int]]] | None = None) -> bool:
+                    ties_of: dict[int, tuple[int, list[int]]] | None = None,
+                    table: SharedCounts | None = None) -> bool:
     """``push_best`` for unit weights when none of x's blocks is hot; False otherwise.
 
     Same choice as scoring ``_posting_partners`` exactly: the counts are the exact
@@ -346,7 +397,7 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
     count exceeds ``skip`` every partner with that count was seen in the others, and
     membership tests in the long postings finish their counts (far less work than
     counting the long postings when few partners are seen). Otherwise x is recounted
-    in full.
+    in full. With ``table``, long postings are counted there instead (same counts).
     """
     lists = [postings[b] for b in m.inter[x]]
     if not lists:
@@ -354,7 +405,19 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
     lists.sort(key=len)
     if len(lists[-1]) > hot_cap:
         return False
-    skip, seen = 0, sum(map(len, lists)) - len(lists[-1])
+    seen = sum(map(len, lists))
+    if table is not None and len(lists) < 256 and seen > _TABLE_MIN_POSTINGS + table.alive.size // _TABLE_COLUMNS_PER_POSTING:
+        counts = table.count(x, m.inter[x])
+        top = int(counts.max())
+        if top:
+            ties = np.flatnonzero(counts == top)  # ascending
+            if ties_of is not None:
+                ties_of[x] = (top, ties)
+            ties = ties[:candidates].tolist()  # the general path keeps the lowest numbers
+            y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
+            heapq.heappush(m.heap, (-top, len(lists) + len(m.inter[y]), x, y))
+        return True
+    skip, seen = 0, seen - len(lists[-1])
     while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
         skip += 1
         seen -= len(lists[-1 - skip])
@@ -440,6 +503,7 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
     placed_at = [-1] * len(orders)  # step each request was last searched
     placed_depth = [0.0] * len(orders)  # path weight of the node it was placed at
     refs = trie.refs
+    rank = _popularity_rank(freq)
     for _ in range(passes):
         ran += 1
         before = trie.size
@@ -456,16 +520,24 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
             placed_at[r] = step
             # The deepest node of its path that others share too: where it hangs now.
             shared = ROOT
-            for n in reversed(path):
-                if refs[n] >= 2:
-                    shared = n
+            at = len(path)
+            while at:
+                if refs[path[at - 1]] >= 2:
+                    shared = path[at - 1]
                     break
+                at -= 1
             node = trie.deepest_contained(members, without=path, known=shared)
             placed_depth[r] = trie.depth_weight[node]
-            head = trie.blocks_to(node)
-            placed = set(head)
-            tail = _tail_order([b for b in order if b not in placed], freq)
-            moved = head + tail
+            if node == shared:
+                # It stays where it hangs: the head is its own path's first ``at`` blocks.
+                head = order[:at]
+                tail = _tail_order(order[at:], rank)
+                moved = order if tail == order[at:] else head + tail
+            else:
+                head = trie.blocks_to(node)
+                placed = set(head)
+                tail = _tail_order([b for b in order if b not in placed], rank)
+                moved = head + tail
             if moved == order:
                 # Re-inserting would rebuild the same path with the same node numbers;
                 # only the bound on the heights of the nodes it alone holds would reset.
@@ -562,9 +634,20 @@ def _live_weight(trie: BlockTrie) -> float:
     return sum(trie.weight[n] for n in range(1, len(trie.parent)) if trie.is_live(n))
 
 
-def _tail_order(tail: list[int], freq: list[int]) -> list[int]:
+def _popularity_rank(freq: list[int]) -> list[int]:
+    """Each block's place in the order most popular first, then lowest id (the key
+    ``_tail_order`` sorts by, as one int so the sort needs no Python key function)."""
+    f = np.asarray(freq, dtype=np.int64)
+    by_rank = np.lexsort((np.arange(f.size), -f))
+    rank = np.empty(f.size, dtype=np.int64)
+    rank[by_rank] = np.arange(f.size)
+    return rank.tolist()
+
+
+def _tail_order(tail: list[int], rank: list[int]) -> list[int]:
+    """``tail`` most popular first (``rank`` from ``_popularity_rank``)."""
     # Unshared blocks go most-popular first so later re-insertions can hang below them.
-    return sorted(tail, key=lambda b: (-freq[b], b))
+    return sorted(tail, key=rank.__getitem__)
 
 
 def _depth_first_order(trie: BlockTrie, paths: list[list[int]]) -> list[int]:
@@ -573,12 +656,17 @@ def _depth_first_order(trie: BlockTrie, paths: list[list[int]]) -> list[int]:
         ends[path[-1] if path else ROOT].append(r)
     order: list[int] = []
     stack = [ROOT]
+    children, refs = trie.children, trie.refs
     while stack:
         node = stack.pop()
-        order.extend(ends.get(node, ()))
-        # Largest subtree (most requests) first; pushed reversed onto the stack.
-        kids = sorted(trie.children[node].values(), key=lambda c: (-trie.refs[c], c))
-        stack.extend(reversed(kids))
+        if node in ends:
+            order.extend(ends[node])
+        kids = children[node]
+        if len(kids) > 1:
+            # Largest subtree (most requests) first; pushed reversed onto the stack.
+            stack.extend(sorted(kids.values(), key=lambda c: (refs[c], -c)))
+        elif kids:
+            stack.extend(kids.values())
     return order
 
 
@@ -700,10 +788,14 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     candidates: list[tuple[str, list[list[int]]]] = []
     if strategy in ("auto", "greedy"):
         prefixes = _greedy_prefixes(sets, w)
+        rank = _popularity_rank(freq)
         orders = []
         for s, head in zip(sets, prefixes):
+            if len(head) == len(s):
+                orders.append(head)
+                continue
             placed = set(head)
-            orders.append(head + _tail_order([b for b in s if b not in placed], freq))
+            orders.append(head + _tail_order([b for b in s if b not in placed], rank))
         candidates.append(("greedy", orders))
     cap = _cluster_cap(freq) if strategy == "auto" else max(freq, default=1)
     use_knn = partners == "kernel" or (

@@ -271,9 +271,13 @@ class BlockTrie:
             if gone:
                 found = [c for c in found if c not in gone]
             for c in found:
-                key = (dweight[c], score(c), -c)
-                if key > best_key:
-                    best, best_key = c, key
+                if dweight[c] >= best_key[0]:  # a shallower node cannot be the best
+                    key = (dweight[c], score(c), -c)
+                    if key > best_key:
+                        best, best_key = c, key
+            # A subtree that cannot hold the best is not pushed: it would be popped and
+            # skipped (the bound only rises), so the visits and the budget are the same.
+            found = [c for c in found if height[c] >= best_key[0]]
             if len(found) > 1:
                 # Most promising (tallest) subtree last, so it is searched first.
                 found.sort(key=lambda c: (height[c], -c))

@@ -34,9 +34,12 @@ def brute_force(sets, hot_cap, candidates):
 @given(st.lists(st.lists(st.integers(0, 20), max_size=8, unique=True), max_size=30),
        st.integers(1, 12), st.integers(1, 4), st.integers(1, 64))
 def test_first_partners_match_counting_each_request(sets, hot_cap, candidates, chunk_pairs):
-    got = first_partners(sets, hot_cap, candidates, chunk_pairs=chunk_pairs)
     want = brute_force(sets, hot_cap, candidates)
-    assert [None if g is None else (g[0], g[1], g[2].tolist()) for g in got] == want
+    # 0: every chunk sorts its pair keys; 10**9: every chunk counts in a dense table.
+    for dense_cells_per_pair in (0, 10**9):
+        got = first_partners(sets, hot_cap, candidates, chunk_pairs=chunk_pairs,
+                             dense_cells_per_pair=dense_cells_per_pair)
+        assert [None if g is None else (g[0], g[1], g[2].tolist()) for g in got] == want
 
 
 def test_requeue_from_ties_merges_as_a_full_recount():

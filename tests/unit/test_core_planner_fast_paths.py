@@ -1,0 +1,87 @@
+"""The planner's faster paths give the answers of the code they stand in for: the
+clustering with its NumPy count table merges as with posting lists alone, and the
+popularity rank sorts as the (frequency, id) key."""
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from cp_engine import planner
+from cp_engine.planner import _cluster_by_postings, _popularity_rank, _tail_order
+from cp_engine.planner_counts import SharedCounts
+
+
+def zipf_sets(seed, n, corpus, k):
+    rng = random.Random(seed)
+    weights = [1 / (r + 1) ** 0.9 for r in range(corpus)]
+    out = []
+    for _ in range(n):
+        chosen = set()
+        target = rng.randint(1, k)
+        while len(chosen) < target:
+            chosen.add(rng.choices(range(corpus), weights)[0])
+        out.append(sorted(chosen, key=lambda b: rng.random()))
+    return out
+
+
+def force_table(monkeypatch, on: bool):
+    if on:  # every question goes to the table
+        for name in ("_TABLE_MIN_POSTINGS", "_TABLE_MIN_RANKED"):
+            monkeypatch.setattr(planner, name, -1)
+        for name in ("_TABLE_COLUMNS_PER_POSTING", "_TABLE_COLUMNS_PER_RANKED"):
+            monkeypatch.setattr(planner, name, 10**9)
+    else:
+        monkeypatch.setattr(planner, "_shared_counts", lambda sets, freq: None)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("hot_cap", [10**9, 25, 6])
+def test_count_table_merges_as_posting_lists(seed, hot_cap, monkeypatch):
+    """hot_cap 25 and 6 send clusters with hot blocks through the ranked partner
+    search; 10**9 keeps every cluster on the unit-weight path."""
+    sets = zipf_sets(seed, n=150 + 40 * seed, corpus=60 + 20 * seed, k=9)
+    freq = [0] * (max(b for s in sets for b in s) + 1)
+    for s in sets:
+        for b in s:
+            freq[b] += 1
+    w = [1.0] * len(freq)
+    with monkeypatch.context() as m:
+        force_table(m, on=False)
+        want = _cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
+    with monkeypatch.context() as m:
+        force_table(m, on=True)
+        assert planner._shared_counts(sets, freq) is not None
+        got = _cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
+    assert got == want
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plans_are_the_same_with_and_without_the_count_table(seed, monkeypatch):
+    contexts = zipf_sets(100 + seed, n=300, corpus=90, k=10)
+    with monkeypatch.context() as m:
+        force_table(m, on=False)
+        want = planner.plan_batch(contexts)
+    with monkeypatch.context() as m:
+        force_table(m, on=True)
+        got = planner.plan_batch(contexts)
+    assert got == want and got.stats == want.stats
+
+
+def test_count_table_counts_live_clusters_only():
+    sets = [[0, 1, 2], [1, 2], [2, 3], [0, 3]]
+    table = SharedCounts.for_requests(sets, clusters=7, universe=4)
+    assert table.count(0, sets[0]).tolist() == [0, 2, 1, 1, 0, 0, 0]
+    table.kill(1)
+    table.kill(2)
+    table.add(4, [2])  # the merge of 1 and 2 shares block 2
+    assert table.count(0, sets[0]).tolist() == [0, 0, 0, 1, 1, 0, 0]
+    assert table.count(4, [2]).tolist() == [1, 0, 0, 0, 0, 0, 0]
+
+
+@given(st.lists(st.integers(0, 30), max_size=40))
+def test_popularity_rank_sorts_as_frequency_then_id(blocks):
+    freq = [0] * 31
+    for b in blocks:
+        freq[b] += 1
+    tail = list(dict.fromkeys(blocks))
+    assert _tail_order(tail, _popularity_rank(freq)) == sorted(tail, key=lambda b: (-freq[b], b))
