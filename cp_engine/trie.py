@@ -256,9 +256,10 @@ class BlockTrie:
         visited = 0
         member_count = len(members)
         height, dweight, children = self.height, self.depth_weight, self.children
+        bound = best_key[0]  # path weight of the best so far
         while stack and visited < budget:
             node = stack.pop()
-            if height[node] < best_key[0]:
+            if height[node] < bound:
                 continue  # nothing below can be deeper than the best so far
             visited += 1
             kids = children[node]
@@ -271,17 +272,21 @@ class BlockTrie:
             if gone:
                 found = [c for c in found if c not in gone]
             for c in found:
-                if dweight[c] >= best_key[0]:  # a shallower node cannot be the best
-                    key = (dweight[c], score(c), -c)
+                d = dweight[c]
+                if d >= bound:  # a shallower node cannot be the best
+                    key = (d, score(c), -c)
                     if key > best_key:
-                        best, best_key = c, key
+                        best, best_key, bound = c, key, d
             # A subtree that cannot hold the best is not pushed: it would be popped and
             # skipped (the bound only rises), so the visits and the budget are the same.
-            found = [c for c in found if height[c] >= best_key[0]]
             if len(found) > 1:
-                # Most promising (tallest) subtree last, so it is searched first.
-                found.sort(key=lambda c: (height[c], -c))
-            stack.extend(found)
+                found = [c for c in found if height[c] >= bound]
+                if len(found) > 1:
+                    # Most promising (tallest) subtree last, so it is searched first.
+                    found.sort(key=lambda c: (height[c], -c))
+                stack.extend(found)
+            elif found and height[found[0]] >= bound:
+                stack.append(found[0])
         return best
 
     def subtree_sizes(self) -> list[int]:
