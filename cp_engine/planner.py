@@ -422,7 +422,7 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
         skip += 1
         seen -= len(lists[-1 - skip])
     acc = Counter(itertools.chain.from_iterable(lists[:len(lists) - skip]))
-    del acc[x]
+    acc.pop(x, None)  # dict.pop: Counter's __delitem__ is Python code
     if skip and acc:
         keys = list(acc)
         for h in lists[len(lists) - skip:]:
@@ -430,7 +430,7 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
     top = max(acc.values(), default=0)
     if skip and top <= skip:
         acc = Counter(itertools.chain.from_iterable(lists))
-        del acc[x]
+        acc.pop(x, None)
         top = max(acc.values(), default=0)
     if top:
         ties = list(itertools.compress(acc, map(top.__eq__, acc.values())))  # in C, not a Python loop
