@@ -114,6 +114,18 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float]) -> list[list[int]]:
         group = stack.pop()
         if len(group) < 2:
             continue
+        if len(group) == 2:
+            # Two requests: the split takes their common blocks one per level, most
+            # valuable first (value w[b], ties to the lower id), as one run.
+            a, b = group
+            common = rem[a] & rem[b]
+            if common:
+                run = sorted(common, key=lambda x: (-w[x], x))
+                prefix[a] += run
+                prefix[b] += run
+                rem[a] -= common
+                rem[b] -= common
+            continue
         postings: dict[int, list[int]] = defaultdict(list)
         for r in group:
             for b in rem[r]:

@@ -85,3 +85,40 @@ def test_popularity_rank_sorts_as_frequency_then_id(blocks):
         freq[b] += 1
     tail = list(dict.fromkeys(blocks))
     assert _tail_order(tail, _popularity_rank(freq)) == sorted(tail, key=lambda b: (-freq[b], b))
+
+
+def greedy_by_definition(sets, w):
+    """The greedy split spelled out: within a group, repeatedly take the block most
+    worth sharing among the requests not yet taken ((holders - 1) x weight, ties to
+    the lower id), give it to all its holders, and split them again on their own."""
+    prefix = [[] for _ in sets]
+    rem = [set(s) for s in sets]
+
+    def split(group):
+        left = list(group)
+        while True:
+            holders = {}
+            for r in left:
+                for b in rem[r]:
+                    holders.setdefault(b, []).append(r)
+            shared = [b for b, h in holders.items() if len(h) >= 2]
+            if not shared:
+                return
+            best = max(shared, key=lambda b: ((len(holders[b]) - 1) * w[b], -b))
+            sub = holders[best]
+            for r in sub:
+                prefix[r].append(best)
+                rem[r].discard(best)
+            left = [r for r in left if r not in sub]
+            split(sub)
+
+    split(range(len(sets)))
+    return prefix
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 12), max_size=7, unique=True), max_size=14),
+       st.lists(st.sampled_from([1.0, 2.0, 3.5]), min_size=13, max_size=13))
+def test_greedy_split_matches_its_definition(sets, w):
+    """Pairs of requests take their common blocks as one run; larger groups one block per level."""
+    assert planner._greedy_prefixes(sets, w) == greedy_by_definition(sets, w)
