@@ -404,7 +404,9 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
     """``push_best`` for unit weights when none of x's blocks is hot; False otherwise.
 
     Same choice as scoring ``_posting_partners`` exactly: the counts are the exact
-    scores, so no pair is re-scored. The ``skip`` longest postings are not counted:
+    scores, so no pair is re-scored. Clusters holding every block of x share the
+    most anyone can, so when there are any they are the ties and nothing is
+    counted. The ``skip`` longest postings are not counted:
     a partner seen only there shares at most ``skip`` blocks with x, so when the best
     count exceeds ``skip`` every partner with that count was seen in the others, and
     membership tests in the long postings finish their counts (far less work than
@@ -417,17 +419,19 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
     lists.sort(key=len)
     if len(lists[-1]) > hot_cap:
         return False
+    # Every block of x shared by some cluster: the most x can share, so those
+    # clusters are exactly its best partners (a few set intersections, no count).
+    full = lists[0].intersection(*lists[1:])
+    full.discard(x)
+    if full:
+        _push_ties(m, x, len(lists), sorted(full), candidates, ties_of)
+        return True
     seen = sum(map(len, lists))
     if table is not None and len(lists) < 256 and seen > _TABLE_MIN_POSTINGS + table.alive.size // _TABLE_COLUMNS_PER_POSTING:
         counts = table.count(x, m.inter[x])
         top = int(counts.max())
         if top:
-            ties = np.flatnonzero(counts == top)  # ascending
-            if ties_of is not None:
-                ties_of[x] = (top, ties)
-            ties = ties[:candidates].tolist()  # the general path keeps the lowest numbers
-            y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
-            heapq.heappush(m.heap, (-top, len(lists) + len(m.inter[y]), x, y))
+            _push_ties(m, x, top, np.flatnonzero(counts == top).tolist(), candidates, ties_of)  # ascending
         return True
     skip, seen = 0, seen - len(lists[-1])
     while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
@@ -446,13 +450,23 @@ def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: 
         top = max(acc.values(), default=0)
     if top:
         ties = list(itertools.compress(acc, map(top.__eq__, acc.values())))  # in C, not a Python loop
-        if ties_of is not None:
-            ties_of[x] = (top, ties)
         if len(ties) > candidates:  # the general path keeps the lowest numbers
-            ties = heapq.nsmallest(candidates, ties)
-        y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
-        heapq.heappush(m.heap, (-top, len(lists) + len(m.inter[y]), x, y))
+            ties.sort()
+        _push_ties(m, x, top, ties, candidates, ties_of)
     return True
+
+
+def _push_ties(m: _Merges, x: int, top: int, ties, candidates: int,
+               ties_of: dict[int, tuple[int, list[int]]] | None) -> None:
+    """Queue x with its best partner among ``ties`` (every cluster sharing ``top``
+    blocks with x; ascending when there are more than ``candidates``): of the
+    ``candidates`` lowest numbers, the one with the fewest blocks, then the lowest."""
+    if ties_of is not None:
+        ties_of[x] = (top, ties)
+    if len(ties) > candidates:  # the general path keeps the lowest numbers
+        ties = ties[:candidates]
+    y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
+    heapq.heappush(m.heap, (-top, len(m.inter[x]) + len(m.inter[y]), x, y))
 
 
 def _cluster_by_knn(sets: list[list[int]], w: list[float], freq: list[int], knn,
@@ -773,22 +787,23 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     sets: list[list[int]] = []
     extras: list[list[int]] = []
     for ctx in ctxs:
+        # setdefault numbers a new block len(dense): the next id, in first-seen order.
+        ids = [dense.setdefault(b, len(dense)) for b in ctx]
+        if len(set(ids)) == len(ids):
+            sets.append(ids)
+            extras.append([])
+            continue
         seen: set[int] = set()
         uniq, dup = [], []
-        for b in ctx:
-            d = dense.get(b)
-            if d is None:
-                d = dense[b] = len(originals)
-                originals.append(b)
+        for d in ids:
             (dup if d in seen else uniq).append(d)
             seen.add(d)
         sets.append(uniq)
         extras.append(dup)
+    originals.extend(dense)
     w = _weights_for(ctxs, token_lengths, dense)
-    freq = [0] * len(originals)
-    for s in sets:
-        for b in s:
-            freq[b] += 1
+    freq = np.bincount(np.fromiter(itertools.chain.from_iterable(sets), dtype=np.int64),
+                       minlength=len(originals)).tolist()
     # A block held by one request can never be shared: plan only the shared blocks
     # and append each request's lone blocks, in their original order, at the end. The
     # tree is then exactly the shared-block tree plus one node per lone block, and
@@ -846,8 +861,7 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         tried[name]["tree_tokens"] = _live_weight(trie) + lone_weight
     schedule = _depth_first_order(trie, paths)
 
-    out = [[originals[b] for b in o] + [originals[b] for b in solo] + [originals[b] for b in extra]
-           for o, solo, extra in zip(orders, lone, extras)]
+    out = [[originals[b] for b in itertools.chain(o, solo, extra)] for o, solo, extra in zip(orders, lone, extras)]
     total = sum(len(s) for s in sets) + lone_count
     tree_nodes = trie.size + lone_count
     stats = {
