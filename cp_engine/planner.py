@@ -243,7 +243,7 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     for c, members in enumerate(m.inter):
         for b in members:
             postings[b].add(c)
-    unit = all(x == 1.0 for x in w)
+    unit = w.count(1.0) == len(w)  # counted in C
     # Unit weights: each cluster's full set of best partners is kept, so a cluster
     # whose chosen partner was merged away is re-queued from it (see _requeue_from_ties).
     ties: dict[int, tuple[int, list[int]]] = {}
@@ -841,7 +841,7 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     # node count otherwise. They disagree on the engine benchmark's Zipf RAG batch
     # (N=400): the clustered tree has 1% more nodes than the greedy one yet shares 6.6%
     # more tokens (chars/4 lengths; +4% cached tokens in vLLM's 128-token blocks).
-    weighted = token_lengths is not None and any(x != 1.0 for x in w)
+    weighted = token_lengths is not None and w.count(1.0) != len(w)
     lone_weight = sum(w[b] for solo in lone for b in solo) if weighted else 0.0
     built = []
     tried = {}
