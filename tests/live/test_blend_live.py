@@ -113,6 +113,22 @@ class _Case:
         self.claim_end = s2 + BLOCK
 
 
+def _concurrently(srv, prompts: list[tuple[list[int], list]], **kwargs) -> dict[int, dict]:
+    """Every (prompt, spans) sent at once, one thread each; responses by index."""
+    results: dict[int, dict] = {}
+
+    def send(i: int) -> None:
+        results[i] = _complete(srv, prompts[i][0], prompts[i][1], **kwargs)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert len(results) == len(prompts)
+    return results
+
+
 def _prefix(seed: int) -> list[int]:
     return _ids(HIT, random.Random(10_000 + seed))
 
@@ -221,17 +237,7 @@ def test_concurrent_requests_sharing_blocks_are_identical(blend_server, plugin_s
         prompt = prefix + _ids(x, rng) + base.a + _ids(3, rng) + base.b + _ids(10 + i, rng)
         s1 = HIT + x
         prompts.append((prompt, [(s1, s1 + BLOCK), (s1 + BLOCK + 3, s1 + 2 * BLOCK + 3)]))
-    results: dict[int, dict] = {}
-
-    def send(i: int) -> None:
-        results[i] = _complete(blend_server, prompts[i][0], prompts[i][1])
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=900)
-    assert len(results) == len(prompts)
+    results = _concurrently(blend_server, prompts)
     for i, (prompt, _) in enumerate(prompts):
         assert _tokens(results[i]) == _tokens(_complete(plugin_server, prompt)), i
         assert _cached(results[i]) > HIT + BLOCK, (i, _cached(results[i]))
@@ -414,3 +420,41 @@ def test_store_bound_holds_and_evicts(blend_server):
     assert evicted > 0
     assert 0 < blend_server.metric("cp_engine_blend_store_bytes_total") <= STORE_MB << 20
     assert blend_server.metric("cp_engine_blend_store_refused_total") == 0
+
+
+# A cache of 28 CPU blocks (3,584 tokens) and 8 requests of 4 blocks each, the first
+# shared (the exact prefix S), that decode into a fifth: all 8 fit (1 + 8 x 3 = 25
+# blocks), then their growth needs 8 more and only 3 are free, so vLLM preempts
+# running requests and later resumes them, each resumption claiming its stored blocks
+# again into freshly allocated cache blocks.
+PREEMPT_BLOCKS = 28
+blend_small_cache_server = server_fixture("blend_small_cache_server", {
+    "env": {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_MB": str(STORE_MB)},
+    "extra_args": ("--num-gpu-blocks-override", str(PREEMPT_BLOCKS), "--max-model-len", "2048")})
+
+
+def test_preempted_requests_that_reused_blocks_resume_identical(blend_small_cache_server, plugin_server):
+    srv = blend_small_cache_server
+    prefix = _prefix(11)
+    base = _Case(1111, prefix)
+    _complete(srv, base.store_prompt, base.store_spans, max_tokens=1)
+    rng = random.Random(12)
+    prompts = []
+    for i in range(8):  # ~420 prompt tokens (4 blocks), decoding 150 crosses into a fifth
+        x = rng.randrange(1, 30)
+        prompt = prefix + _ids(x, rng) + base.b + _ids(4, rng) + base.a + _ids(60 + i, rng)
+        s1 = HIT + x
+        prompts.append((prompt, [(s1, s1 + BLOCK), (s1 + BLOCK + 4, s1 + 2 * BLOCK + 4)]))
+    probe = _ids(8, random.Random(96))
+    names = ("vllm:num_preemptions", "cp_engine_blend_hits", "cp_engine_blend_load_failures")
+    _metric_after_flush(srv, "cp_engine_blend_hits_total", probe)
+    before = {n: srv.metric(n + "_total") for n in names}
+    results = _concurrently(srv, prompts, max_tokens=150, ignore_eos=True)
+    _metric_after_flush(srv, "cp_engine_blend_hits_total", probe)
+    after = {n: srv.metric(n + "_total") - before[n] for n in names}
+    assert after["vllm:num_preemptions"] > 0, after  # the cache really ran out
+    assert after["cp_engine_blend_hits"] >= 2 * len(prompts), after  # every request reused both blocks
+    assert after["cp_engine_blend_load_failures"] == 0, after
+    for i, (prompt, _) in enumerate(prompts):
+        want = _complete(plugin_server, prompt, max_tokens=150, ignore_eos=True)
+        assert _tokens(results[i]) == _tokens(want), i
