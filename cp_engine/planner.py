@@ -231,12 +231,14 @@ class _Merges:
 
 
 def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
-                         candidates: int = 8) -> list[list[int]]:
+                         candidates: int = 8, overlaps: list | None = None) -> list[list[int]]:
     """Bottom-up clustering (see ``_Merges``) with partners from an inverted index.
 
     Blocks held by more than ``hot_cap`` clusters are skipped when looking for
     partners (they still count in the exact score): popular blocks are the greedy
-    split's strength, rare shared blocks are this one's.
+    split's strength, rare shared blocks are this one's. ``overlaps``: with unit
+    weights, filled with ``first_partners``' answer per request (the local search
+    reuses it).
     """
     m = _Merges(sets, w)
     postings: dict[int, set[int]] = defaultdict(set)
@@ -260,7 +262,10 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
             push_best(x)
 
     if unit:
-        for x, first in enumerate(first_partners(sets, hot_cap, candidates)):
+        firsts = first_partners(sets, hot_cap, candidates)
+        if overlaps is not None:
+            overlaps.extend(firsts)
+        for x, first in enumerate(firsts):
             if first is None:
                 push_best(x)
             elif first[0]:
@@ -514,14 +519,15 @@ def _find_root(owner: list[int], c: int) -> int:
 
 
 def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]], w: list[float],
-                  freq: list[int], passes: int) -> int:
+                  freq: list[int], passes: int, overlaps: list | None = None) -> int:
     """Re-insert each request at the deepest node it fully contains; returns passes run.
 
     A request's answer depends only on the nodes whose path it fully contains and
     that are at least as deep as the node it was last placed at (shallower ones
     cannot win), so once placed it is skipped until a move touches such a node (the
     search would give the same order and the same node numbers: skipping changes
-    nothing). See ``_MoveLog``.
+    nothing). See ``_MoveLog``. ``overlaps`` (unit weights only): ``first_partners``'
+    answer per request, for ``_stays``.
     """
     ran = 0
     step = 0
@@ -552,7 +558,10 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
                     shared = path[at - 1]
                     break
                 at -= 1
-            node = trie.deepest_contained(members, without=path, known=shared)
+            if overlaps is not None and _stays(overlaps[r], at, shared, members, paths, orders):
+                node = shared
+            else:
+                node = trie.deepest_contained(members, without=path, known=shared)
             placed_depth[r] = trie.depth_weight[node]
             if node == shared:
                 # It stays where it hangs: the head is its own path's first ``at`` blocks.
@@ -580,6 +589,35 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
         if trie.size >= before:
             break
     return ran
+
+
+# Most partners _stays checks before leaving the question to the tree search.
+_STAYS_TIES = 16
+
+
+def _stays(overlap, at: int, shared: int, members: set[int], paths: list[list[int]],
+           orders: list[list[int]]) -> bool:
+    """Whether the tree search (unit weights) must answer ``shared``, the node at
+    depth ``at`` where the request hangs; False when it cannot tell.
+
+    ``overlap``: the request's ``(top, _, ties)`` from ``first_partners``. A node the
+    search could prefer lies at depth ``at`` or deeper, within ``members``, and is
+    held by another request sharing that many blocks with this one. If ``top`` (the
+    most any request shares with it) is ``at``, that request is one of ``ties`` and
+    the node is on its path at depth ``at``: when each such node is ``shared`` or
+    leaves ``members``, there is none.
+    """
+    if overlap is None or overlap[0] != at:
+        return False
+    ties = overlap[2]
+    if len(ties) > _STAYS_TIES:
+        return False
+    for q in ties.tolist() if hasattr(ties, "tolist") else ties:
+        path = paths[q]
+        if at and len(path) >= at and path[at - 1] != shared:
+            if all(b in members for b in orders[q][:at]):
+                return False
+    return True
 
 
 # Moves a request's skip test reads before it searches anyway.
@@ -825,6 +863,7 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
             orders.append(head + _tail_order([b for b in s if b not in placed], rank))
         candidates.append(("greedy", orders))
     cap = _cluster_cap(freq) if strategy == "auto" else max(freq, default=1)
+    overlaps: list = []  # each request's first partners, when the clustering counts them
     use_knn = partners == "kernel" or (
         partners == "auto" and strategy == "auto" and cap is None and len(sets) >= KNN_MIN_REQUESTS
         and any(f > 1 for f in freq) and partner_search is not None and partner_search.use_for(len(sets)))
@@ -832,7 +871,7 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         knn = partner_search.find(sets, KNN_PARTNERS, w)
         candidates.append(("cluster_knn", _cluster_by_knn(sets, w, freq, knn, candidates=KNN_PARTNERS)))
     elif strategy == "cluster" or (strategy == "auto" and cap is not None):
-        candidates.append(("cluster", _cluster_by_postings(sets, w, freq, hot_cap=cap)))
+        candidates.append(("cluster", _cluster_by_postings(sets, w, freq, hot_cap=cap, overlaps=overlaps)))
 
     # Local search only on the smaller candidate tree: its gains are small next to the
     # gap between the candidates (measured on synthetic, HotpotQA and knowledge-base
@@ -855,7 +894,8 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     trie = BlockTrie()
     paths = trie.insert_all(orders, w.__getitem__)
     tried[name]["tree_nodes_before_local_search"] = trie.size + lone_count
-    passes = _local_search(trie, orders, paths, w, freq, local_search_passes) if local_search_passes else 0
+    passes = _local_search(trie, orders, paths, w, freq, local_search_passes,
+                           overlaps if len(overlaps) == len(orders) else None) if local_search_passes else 0
     tried[name].update(tree_nodes=trie.size + lone_count, passes=passes)
     if weighted:
         tried[name]["tree_tokens"] = _live_weight(trie) + lone_weight

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from cp_engine import planner
 from cp_engine.planner import _cluster_by_postings, _popularity_rank, _tail_order
 from cp_engine.planner_counts import SharedCounts
+from cp_engine.trie import BlockTrie
 
 
 def zipf_sets(seed, n, corpus, k):
@@ -122,3 +123,34 @@ def greedy_by_definition(sets, w):
 def test_greedy_split_matches_its_definition(sets, w):
     """Pairs of requests take their common blocks as one run; larger groups one block per level."""
     assert planner._greedy_prefixes(sets, w) == greedy_by_definition(sets, w)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=6, unique=True), min_size=2, max_size=16),
+       st.randoms(use_true_random=False))
+def test_a_request_said_to_stay_is_where_the_tree_search_leaves_it(sets, rnd):
+    """Whenever _stays answers True, BlockTrie.deepest_contained answers the node
+    the request hangs at (orders: any arrangement of each request's blocks)."""
+    from cp_engine.planner_overlap import first_partners
+
+    orders = [rnd.sample(s, len(s)) for s in sets]
+    trie = BlockTrie()
+    paths = trie.insert_all(orders, lambda b: 1.0)
+    overlaps = first_partners(sets, hot_cap=10**9, candidates=8)
+    for r, order in enumerate(orders):
+        path = paths[r]
+        at = next((i + 1 for i in range(len(path) - 1, -1, -1) if trie.refs[path[i]] >= 2), 0)
+        shared = path[at - 1] if at else 0
+        members = set(order)
+        if planner._stays(overlaps[r], at, shared, members, paths, orders):
+            assert trie.deepest_contained(members, without=path, known=shared) == shared
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plans_are_the_same_with_and_without_the_stay_test(seed, monkeypatch):
+    contexts = zipf_sets(200 + seed, n=400, corpus=150, k=10)
+    with monkeypatch.context() as m:
+        m.setattr(planner, "_stays", lambda *a: False)
+        want = planner.plan_batch(contexts, local_search_passes=3)
+    got = planner.plan_batch(contexts, local_search_passes=3)
+    assert got == want and got.stats == want.stats
