@@ -296,8 +296,8 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     return m.orders(freq)
 
 
-# SharedCounts' table: at most this many cells (bytes).
-_TABLE_CELLS = 1 << 26
+# SharedCounts' table: at most this many cells (bytes, 16 MiB; synthetic N=2,000 uses 8 MiB).
+_TABLE_CELLS = 1 << 24
 # A cluster's partners are counted in the table once its postings hold more than
 # _TABLE_MIN_POSTINGS + (table columns) / _TABLE_COLUMNS_PER_POSTING entries: below
 # that, counting the postings in Python costs less than the table's vector passes.
