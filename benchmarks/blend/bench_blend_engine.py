@@ -377,7 +377,7 @@ def main(argv=None) -> int:
             fmt = srv.probe_span_format(wls[0].plain_ids[0][:16])
             data["servers"].append({"label": label, "env": env, "span_format": fmt})
             for w, slot in zip(wls, data["workloads"]):
-                for rep, (arm, r, depth) in interleaved(plan, args.store_depths, args.repeats):
+                for rep, arm, r, depth in interleaved(plan, args.store_depths, args.repeats):
                     blend = arm.startswith("blend")
                     xargs = {args.ratio_xarg: r} if args.ratio_xarg and r is not None else {}
                     if blend and max(args.store_depths) > 0:
