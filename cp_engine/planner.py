@@ -702,7 +702,7 @@ def _popularity_rank(freq: list[int]) -> list[int]:
     """Each block's place in the order most popular first, then lowest id (the key
     ``_tail_order`` sorts by, as one int so the sort needs no Python key function)."""
     f = np.asarray(freq, dtype=np.int64)
-    by_rank = np.lexsort((np.arange(f.size), -f))
+    by_rank = np.argsort(-f, kind="stable")  # stable: equal counts keep id order
     rank = np.empty(f.size, dtype=np.int64)
     rank[by_rank] = np.arange(f.size)
     return rank.tolist()
@@ -744,13 +744,17 @@ _HOT_SHARE_LIMIT = 0.3
 
 def _cluster_cap(freq: list[int]) -> int | None:
     """Hot-block cap for the clustering, or None when it would not pay off."""
-    shared = sum(f - 1 for f in freq if f > 1)
+    f = np.asarray(freq, dtype=np.int64)
+    # Sums over the shared blocks in NumPy; exact: a sum of squared counts is at most
+    # (total blocks)**2, far below 2**63.
+    f = f[f > 1]
+    shared = int((f - 1).sum())
     if shared == 0:
         return None
-    ladder = sorted({max(freq), 2048, 1024, 512, 256, 128}, reverse=True)
+    ladder = sorted({int(f.max()), 2048, 1024, 512, 256, 128}, reverse=True)
     for cap in ladder:
-        if sum(f * f for f in freq if 1 < f <= cap) <= _CLUSTER_WORK_BUDGET:
-            hot = sum(f - 1 for f in freq if f > cap)
+        if int((f[f <= cap] ** 2).sum()) <= _CLUSTER_WORK_BUDGET:
+            hot = int((f[f > cap] - 1).sum())
             return cap if hot <= _HOT_SHARE_LIMIT * shared else None
     return None
 

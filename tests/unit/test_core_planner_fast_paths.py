@@ -154,3 +154,20 @@ def test_plans_are_the_same_with_and_without_the_stay_test(seed, monkeypatch):
         want = planner.plan_batch(contexts, local_search_passes=3)
     got = planner.plan_batch(contexts, local_search_passes=3)
     assert got == want and got.stats == want.stats
+
+
+def cluster_cap_by_definition(freq):
+    shared = sum(f - 1 for f in freq if f > 1)
+    if shared == 0:
+        return None
+    for cap in sorted({max(freq), 2048, 1024, 512, 256, 128}, reverse=True):
+        if sum(f * f for f in freq if 1 < f <= cap) <= planner._CLUSTER_WORK_BUDGET:
+            hot = sum(f - 1 for f in freq if f > cap)
+            return cap if hot <= planner._HOT_SHARE_LIMIT * shared else None
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(1, 3), st.integers(1, 300), st.integers(1, 5000)), min_size=1, max_size=400))
+def test_cluster_cap_in_numpy_is_the_python_sums(freq):
+    assert planner._cluster_cap(freq) == cluster_cap_by_definition(freq)
