@@ -19,8 +19,9 @@ Contract of ``index_status(pipe)`` (a ``ContextPipeline``, locked or plain):
 - ``refs_min``: smallest reference count of a live node (0 when empty);
 - ``paths``: namespace -> root-to-leaf block paths (16-hex ids), at most
   ``max_paths`` in all (``paths_truncated`` says when more exist);
-- ``channel``: this process's receiver counters (received / applied / failed), so a
-  caller can wait for eviction messages in flight to be applied;
+- ``channel``: this process's receiver counters (received / applied / failed, and
+  the wake-ups that applied them), so a caller can wait for eviction messages in
+  flight to be applied;
 - ``pid``: the answering process (``--api-server-count`` > 1 runs several, each with
   its own index).
 """
@@ -92,7 +93,7 @@ def _channel_counters() -> dict:
     recv = getattr(channel, "_receiver", None)
     if recv is None:
         return {}
-    return {"received": recv.received, "applied": recv.applied, "failed": recv.failed}
+    return {"received": recv.received, "applied": recv.applied, "failed": recv.failed, "wakeups": recv.wakeups}
 
 
 async def index_view(request: Any, call_next: Any) -> Any:

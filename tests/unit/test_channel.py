@@ -288,3 +288,65 @@ def test_metrics_forwarder_sends_deltas_at_most_once_per_interval(runtime_dir, i
     finally:
         sender.close()
         recv.stop()
+
+
+def test_receiver_applies_in_batches_after_a_wakeup(runtime_dir, ident):
+    """After a wake-up that found messages the thread waits ``gap_ms`` before it looks
+    again: what arrives meanwhile is applied together, one wake-up for all of it."""
+    got = Collector()
+    recv = channel.Receiver(ident, got, gap_ms=2000).start()
+    channel._local_receivers.pop(ident)  # over the socket, as from EngineCore
+    sender = channel.Sender(ident)
+    try:
+        assert sender.send({"op": "evict", "rid": "r0", "from": 0})
+        assert len(got.wait_for(1)) == 1
+        for i in range(1, 6):
+            assert sender.send({"op": "evict", "rid": f"r{i}", "from": 0})
+            time.sleep(0.05)
+        # Inside the window nothing more is applied (r1 at most, had it come before
+        # the first wake-up's drain ended).
+        assert len(got.msgs) <= 2
+        msgs = got.wait_for(6)
+        assert [m["rid"] for m in msgs] == [f"r{i}" for i in range(6)]
+        assert recv.wakeups == 2
+    finally:
+        sender.close()
+        recv.stop()
+    # Stopping does not wait out the window.
+    t = time.monotonic()
+    recv2 = channel.Receiver(ident, got, gap_ms=60_000).start()
+    channel._local_receivers.pop(ident)
+    sender = channel.Sender(ident)
+    try:
+        assert sender.send({"op": "reset"})
+        assert len(got.wait_for(7)) == 7
+    finally:
+        sender.close()
+        recv2.stop()
+    assert time.monotonic() - t < 30 and not recv2._thread.is_alive()
+
+
+def test_long_idle_poll_still_wakes_for_the_socket_and_shortens_for_in_process_messages(runtime_dir, ident):
+    """``idle_poll_ms``: socket messages wake the thread at once; in-process ones, which
+    cannot wake it, wait for the poll to end, after which it polls ``poll_ms`` again."""
+    got = Collector()
+    recv = channel.Receiver(ident, got, gap_ms=0, idle_poll_ms=4000).start()
+    local = channel._local_receivers.pop(ident)
+    sender = channel.Sender(ident)
+    try:
+        time.sleep(0.2)  # the thread is inside its first long poll
+        t = time.monotonic()
+        assert sender.send({"op": "evict", "rid": "socket", "from": 0})
+        assert len(got.wait_for(1)) == 1 and time.monotonic() - t < 3.0
+        channel._local_receivers[ident] = local  # an in-process sender from here on
+        assert sender.send({"op": "evict", "rid": "local-1", "from": 0})
+        assert len(got.wait_for(2, timeout=15)) == 2
+        time.sleep(0.2)
+        t = time.monotonic()
+        assert sender.send({"op": "evict", "rid": "local-2", "from": 0})
+        assert len(got.wait_for(3)) == 3 and time.monotonic() - t < 3.0
+        assert [m["rid"] for m in got.msgs] == ["socket", "local-1", "local-2"]
+    finally:
+        sender.close()
+        recv.stop()
+    assert not recv._thread.is_alive()

@@ -1,28 +1,14 @@
-"""The request-path pieces made cheap for the API server keep their contracts: the
-eviction receiver sleeps until something arrives (yet still applies in-process
-messages and stops at once), ``bind_args`` binds by name with cached signatures, and
-``namespace_of`` keys message histories exactly as before (equal iff equal)."""
+"""The request-path pieces made cheap for the API server keep their contracts:
+``bind_args`` / ``read_args`` bind by name with cached signatures, and
+``namespace_of`` keys message histories exactly as before (equal iff equal). The
+eviction receiver's batching and idle poll are tested with the channel
+(``test_channel.py``)."""
 from __future__ import annotations
-
-import secrets
-import shutil
-import tempfile
-import threading
 
 import pytest
 
 from cp_engine.hooks.wrapping import bind_args
 from cp_engine.pipeline import namespace_of
-
-
-class _Got:
-    def __init__(self) -> None:
-        self.msgs: list[dict] = []
-        self.event = threading.Event()
-
-    def __call__(self, msg: dict) -> None:
-        self.msgs.append(msg)
-        self.event.set()
 
 
 class _Serving:
