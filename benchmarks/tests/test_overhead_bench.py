@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from benchmarks.common.results import read_result
 from benchmarks.reliability import ab
+from cp_engine.hooks import channel
 
 
 def test_micro_overhead_quick_run_times_every_stage_of_a_rewrite_and_none_on_pass_through(tmp_path):
     from benchmarks.micro import overhead
 
     out = tmp_path / "overhead.json"
-    argv = ["--quick", "--indexed", "300", "--requests", "80", "--out", str(out)]
+    argv = ["--quick", "--indexed", "300", "--requests", "80", "--receiver-seconds", "1", "--out", str(out)]
     assert overhead.main(argv) == 0
     data, prov = read_result(out)
     assert prov["command"] == "python -m benchmarks.micro.overhead " + " ".join(argv)
@@ -29,24 +30,37 @@ def test_micro_overhead_quick_run_times_every_stage_of_a_rewrite_and_none_on_pas
     # An unmarked request is read, never rewritten: no index, hint or commit work at all.
     assert set(kinds["passthrough"]["stages_us_p50"]) == {"read arguments", "marks"}
     assert run["evict_apply_us"] > 0
+    # The receiver thread got every message, with and without the batching window;
+    # with it, each wake-up is followed by a whole window without one.
+    plain, batched = run["receiver"]
+    assert (plain["gap_ms"], batched["gap_ms"]) == (0, channel.DEFAULT_GAP_MS)
+    for x in run["receiver"]:
+        assert x["received"] == x["messages"] >= 12 and x["thread_cpu_s"] > 0
+    assert 1 <= batched["wakeups"] <= 1 + 1000 * batched["wall_s"] / batched["gap_ms"]
     table = out.with_name(out.stem + ".table.md").read_text()
     assert "| 300 |" in table and "rewrite: index lookup" in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _round(pair, side, rps, p50, api):
-    return {"pair": pair, "side": side, "requests": int(rps * 60), "errors": 0, "rps": rps, "p50_s": p50,
-            "p99_s": 2 * p50, "api_cpu_us_per_req": api, "engine_cpu_us_per_req": 1000.0, "load_1min": 2.0}
+def _round(pair, side, rps, p50, api, loop=None):
+    out = {"pair": pair, "side": side, "requests": int(rps * 60), "errors": 0, "rps": rps, "p50_s": p50,
+           "p99_s": 2 * p50, "api_cpu_us_per_req": api, "engine_cpu_us_per_req": 1000.0, "load_1min": 2.0}
+    if loop is not None:
+        out["api_loop_cpu_us_per_req"] = loop
+    return out
 
 
 def test_ab_summary_takes_medians_per_side_and_ratios_within_pairs():
-    rounds = [_round(0, "on", 9.0, 1.1, 600.0), _round(0, "off", 10.0, 1.0, 500.0),
-              _round(1, "off", 5.0, 2.0, 500.0), _round(1, "on", 5.0, 2.0, 520.0),
+    rounds = [_round(0, "on", 9.0, 1.1, 600.0, 450.0), _round(0, "off", 10.0, 1.0, 500.0, 400.0),
+              _round(1, "off", 5.0, 2.0, 500.0, 400.0), _round(1, "on", 5.0, 2.0, 520.0, 410.0),
               _round(2, "on", 8.0, 1.0, 700.0)]  # an unfinished pair: in the medians, not the ratios
     s = ab.summarize(rounds)
     assert s["sides"]["on"]["rps"] == {"median": 8.0, "min": 5.0, "max": 9.0}
     assert s["ratios"]["rps"] == {"median": 0.95, "min": 0.9, "max": 1.0}
     assert s["api_cpu_us_per_req_diff"] == {"median": 60.0, "min": 20.0, "max": 100.0}
+    # Split by thread: pair 0 is +50 in the event loop and +50 elsewhere, pair 1 +10 / +10.
+    assert s["api_loop_cpu_us_per_req_diff"] == {"median": 30.0, "min": 10.0, "max": 50.0}
+    assert s["api_other_cpu_us_per_req_diff"] == {"median": 30.0, "min": 10.0, "max": 50.0}
     table = ab.table({"summary": s, "rounds": [{**r} for r in rounds],
                       "config": {"traffic": "soak", "pairs": 3, "round_s": 60, "clients": 64, "host": "h"}})
     assert "| on/off per pair | 0.95 (0.9..1) |" in table
