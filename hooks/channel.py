@@ -23,7 +23,9 @@ Contract:
   before it looks again. It waits on the socket ``poll_ms`` at a time and looks at the
   in-process queue (which cannot wake it) in between; given ``idle_poll_ms``, it waits
   that long instead until the first in-process message arrives. A message waits at
-  most about ``gap_ms`` plus the poll time.
+  most about ``gap_ms`` plus the poll time; ``flush()`` ends a window early and
+  returns once what had arrived is applied (for a reader that needs the index as of
+  now, the debug view).
 - one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a sender whose instance has a
   receiver in the same process hands messages to it directly (bounded queue), with
   the same validation and drop rules.
@@ -256,6 +258,9 @@ class Receiver:
         self.idle_poll_ms = poll_ms if idle_poll_ms is None else idle_poll_ms
         self._local_seen = False  # an in-process sender exists: poll_ms from then on
         self.wakeups = 0  # wake-ups that found messages
+        self.passes = 0  # looks at the socket and the queue
+        self._poke = threading.Event()  # ends a window early (flush, stop)
+        self._in_window = False
         self.path = ""
         self.received = 0
         self.applied = 0
@@ -323,10 +328,14 @@ class Receiver:
         sock = self._sock
         poller = zmq.Poller()  # one for the thread's life: Socket.poll builds one per call
         poller.register(sock, zmq.POLLIN)
+        after_window = False
         while not self._stop.is_set():
             try:
                 before = self.received
-                if poller.poll(self.poll_ms if self._local_seen else self.idle_poll_ms):
+                # Right after a window: take what gathered without waiting for more.
+                timeout = 0 if after_window else (self.poll_ms if self._local_seen else self.idle_poll_ms)
+                after_window = False
+                if poller.poll(timeout):
                     for _ in range(self.hwm):  # bounded drain per wake-up
                         try:
                             self._handle(sock.recv(zmq.NOBLOCK))
@@ -337,21 +346,42 @@ class Receiver:
                         self._handle(self._local.get_nowait())
                     except queue.Empty:
                         break
+                self.passes += 1
                 if self.received != before:
                     self.wakeups += 1
                     if self.gap_ms > 0:
-                        self._stop.wait(self.gap_ms / 1000)  # let the next ones gather
+                        self._in_window = True
+                        self._poke.wait(self.gap_ms / 1000)  # let the next ones gather
+                        self._poke.clear()
+                        self._in_window = False
+                        after_window = True
             except zmq.ZMQError:
                 if self._stop.is_set():
                     break
                 metrics.inc("hook_failures", 1, hook="channel_receive")
                 self._stop.wait(0.1)
 
+    def flush(self, timeout: float = 1.0) -> None:
+        """End the current batching window, if any, and return once the messages that
+        had arrived are applied (at most ``timeout`` seconds). Outside a window the
+        thread is waiting on the socket, which wakes it for any message there."""
+        import time
+
+        thread = self._thread
+        if not self._in_window or thread is None:
+            return
+        seen = self.passes
+        self._poke.set()
+        deadline = time.monotonic() + timeout
+        while self.passes == seen and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     def stop(self, timeout: float = 2.0) -> None:
         with _local_lock:
             if _local_receivers.get(self.instance_id) is self:
                 del _local_receivers[self.instance_id]
         self._stop.set()
+        self._poke.set()
         if self._thread is not None:
             # The thread sees the stop after its current poll; its socket is closed below.
             self._thread.join(timeout + max(self.poll_ms, self.idle_poll_ms) / 1000)

@@ -6,7 +6,9 @@ started without it has no such route:
     vllm serve MODEL --middleware cp_engine.hooks.debugview.index_view
 
 ``GET /cp_engine/index`` answers ``index_status()`` as JSON (``?paths=0`` leaves the
-paths out). Only loopback clients get it; anyone else, and any other method, gets
+paths out), after the eviction receiver has applied what it was holding back for its
+batching window (``hooks.channel.Receiver.flush``), so a client that waits for its
+request's answer and then reads the view sees the evictions that request caused. Only loopback clients get it; anyone else, and any other method, gets
 404. It never changes the index.
 
 Contract of ``index_status(pipe)`` (a ``ContextPipeline``, locked or plain):
@@ -105,9 +107,12 @@ async def index_view(request: Any, call_next: Any) -> Any:
     host = request.client.host if request.client is not None else ""
     if request.method != "GET" or host not in _LOOPBACK:
         return JSONResponse({"error": "not found"}, status_code=404)
-    from . import runtime
+    from . import channel, runtime
 
     try:
+        recv = getattr(channel, "_receiver", None)
+        if recv is not None:
+            recv.flush()  # evictions held back by the receiver's batching window count too
         body = index_status(runtime.pipeline(), paths=request.query_params.get("paths") != "0")
     except Exception as exc:  # a debug view must not turn into a server error page
         return JSONResponse({"error": f"index status failed: {exc!r}"}, status_code=503)

@@ -350,3 +350,27 @@ def test_long_idle_poll_still_wakes_for_the_socket_and_shortens_for_in_process_m
         sender.close()
         recv.stop()
     assert not recv._thread.is_alive()
+
+
+def test_flush_ends_the_window_and_returns_once_held_messages_are_applied(runtime_dir, ident):
+    got = Collector()
+    recv = channel.Receiver(ident, got, gap_ms=60_000).start()
+    channel._local_receivers.pop(ident)
+    sender = channel.Sender(ident)
+    try:
+        recv.flush()  # nothing held back: returns at once
+        assert sender.send({"op": "evict", "rid": "first", "from": 0})
+        assert len(got.wait_for(1)) == 1
+        deadline = time.monotonic() + 10
+        while not recv._in_window and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert recv._in_window  # the thread now waits out a 60 s window
+        assert sender.send({"op": "evict", "rid": "held", "from": 0})
+        time.sleep(0.3)
+        assert len(got.msgs) == 1
+        t = time.monotonic()
+        recv.flush()
+        assert [m["rid"] for m in got.msgs] == ["first", "held"] and time.monotonic() - t < 5.0
+    finally:
+        sender.close()
+        recv.stop()
