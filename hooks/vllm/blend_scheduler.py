@@ -163,7 +163,8 @@ class BlendScheduler:
 
         def plan(r: float) -> ReusePlan:
             return plan_reuse(st.prompt, st.spans, hit, self.block_size, self.mirror.contains, ratio=r,
-                              mode=st.settings.mode, first_tokens=self.config.blend_first_tokens, key_of=key_of)
+                              mode=st.settings.mode, first_tokens=self.config.blend_first_tokens, key_of=key_of,
+                              recompute_cost=self.config.blend_recompute_cost)
 
         out = plan(ratio)
         if out.empty and ratio >= 1.0:

@@ -369,6 +369,26 @@ def test_a_request_at_ratio_one_claims_and_recomputes_everything_on_a_lower_defa
     assert claimed0 == claimed and plan0.reused == sum(e - s for s, e in spans2)
 
 
+def test_the_recompute_cost_flag_ends_the_claim_before_a_gap_worth_less_than_it_costs(vllm_bits):
+    """B then A stored; the prompt puts 43 new tokens between them (A's three-token lead
+    plus 40): at cost 3 A's reuse is not worth recomputing that gap in blend's pass."""
+    from cp_engine.config import load_config
+
+    first, spans1, second, spans2 = _swapped()  # second: B at [37, 77), A at [80, 120)
+    gap_prompt = second[:77] + _ids(40, 8) + second[77:]  # 40 new tokens between B and A
+    gap_spans = [[37, 77], [120, 160]]
+    claims = {}
+    for cost in ("1", "3"):
+        sched = _make(vllm_bits, load_config({"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0",
+                                              "CP_ENGINE_BLEND_RECOMPUTE_COST": cost}))
+        _store(sched, first, spans1)
+        claims[cost] = _claim_plan(sched, vllm_bits, "r" + cost, gap_prompt, {"cp_spans": gap_spans})[0]
+    # cost 1: through A; cost 3: A (40 reused) is not worth recomputing the 43-token gap
+    # before it at 2 extra engine tokens each, so the claim stops after B
+    assert claims["1"] == 160 - 32
+    assert claims["3"] == 77 - 32
+
+
 def _claim_and_alloc(vllm_bits, sched, req, hit, block_ids):
     claimed, _ = sched.matched_tokens(req, hit)
     assert claimed > 0

@@ -221,3 +221,50 @@ def test_real_prompts_reuse_stored_blocks_at_new_positions(encode):
     assert plan.selection(np.zeros(plan.claimed)).positions.max() < plan.claim_end
     new = blocks_to_store(second.ids, spans2, store.contains, plan, key_of=key_of)
     assert [span for _, span in new] == [spans2[0]]
+
+
+def _saved(plan, cost):
+    covered = sum(b.end - b.start for b in plan.blocks)
+    return covered * (1 - cost * plan.ratio) - (plan.claimed - covered) * (cost - 1)
+
+
+def test_a_costly_recompute_ends_the_claim_before_a_gap_that_would_cost_more_than_it_saves():
+    # A and C stored, B (100 tokens) not: claiming C means recomputing B in blend's pass.
+    gap = holder(SPANS[0], SPANS[2])
+    cheap = plan_reuse(PROMPT, SPANS, 0, 16, gap, ratio=0.0, recompute_cost=1.0)
+    assert cheap.claim_end == 330  # cost 1: to the last stored block, as always
+    assert cheap == plan_reuse(PROMPT, SPANS, 0, 16, gap, ratio=0.0)
+    # cost 3, ratio 0: ending after A saves 100 - 10*2 = 80; after C, 200 - 130*2 < 0
+    costly = plan_reuse(PROMPT, SPANS, 0, 16, gap, ratio=0.0, recompute_cost=3.0)
+    assert costly.claim_end == 110 and [b.start for b in costly.blocks] == [10]
+    assert costly.recomputed == 10 and costly.reused == 100
+    # cost 1.5: after C saves 200 - 130*0.5 = 135 > 100 - 10*0.5 = 95: C is worth its gap
+    mid = plan_reuse(PROMPT, SPANS, 0, 16, gap, ratio=0.0, recompute_cost=1.5)
+    assert mid.claim_end == 330
+
+
+def test_the_chosen_end_is_the_best_of_every_stored_block_end():
+    import random
+
+    rng = random.Random(4)
+    for _ in range(200):
+        stored = [s for s in SPANS if rng.random() < 0.7]
+        cost, ratio = rng.choice([1.0, 1.3, 2.0, 4.0]), rng.choice([0.0, 0.05, 0.15, 0.3])
+        hit = rng.choice([0, 16, 112])
+        plan = plan_reuse(PROMPT, SPANS, hit, 16, holder(*stored), ratio=ratio, recompute_cost=cost)
+        ends = [e for s, e in stored if e > hit]
+        options = [plan_reuse(PROMPT, [s for s in SPANS if s[1] <= end], hit, 16, holder(*stored), ratio=ratio)
+                   for end in ends]
+        options = [o for o in options if not o.empty]
+        best = max((_saved(o, cost) for o in options), default=0.0)
+        if plan.empty:  # no end saves time, or the best one reuses too little to be made
+            assert best <= 0 or any(o.reused < MIN_SAVED_TOKENS for o in options if _saved(o, cost) == best)
+        else:
+            assert _saved(plan, cost) == pytest.approx(best)
+
+
+def test_ratio_one_claims_nothing_when_recompute_costs_more_than_the_engine():
+    plan = plan_reuse(PROMPT, SPANS, 0, 16, holder(*SPANS), ratio=1.0, recompute_cost=2.0)
+    assert plan.empty and "recompute cost 2" in plan.reason
+    with pytest.raises(ValueError, match="recompute_cost"):
+        plan_reuse(PROMPT, SPANS, 0, 16, holder(*SPANS), ratio=0.0, recompute_cost=-1.0)
