@@ -15,9 +15,10 @@ latency, does not move with other processes' load on the shared cores. Reported:
 median over rounds of each side and of each pair's on/off ratio, with min..max.
 
 ``--traffic passthrough`` sends the soak's unmarked chat request only (the plugin
-rewrites nothing); ``--profile`` runs ``py-spy`` (``pip install py-spy``) on the
-plugin server's processes during its first round and reports the share of samples in
-cp_engine's own code, by entry point. Results: ``benchmarks/results/overhead_ab[_<traffic>].*``.
+rewrites nothing); ``--profile`` runs ``py-spy`` (``pip install py-spy``) on both
+servers' processes during the first pair and reports the share of the plugin
+server's samples in cp_engine's own code, by entry point, and the API server
+functions whose time per request differs most between the two sides. Results: ``benchmarks/results/overhead_ab[_<traffic>].*``.
 """
 from __future__ import annotations
 
@@ -187,6 +188,48 @@ def profile_summary(raw: Path, top: int = 15) -> dict:
             for p, n in procs.most_common()}
 
 
+def _api_frames(raw: Path) -> tuple[Counter, int]:
+    """Inclusive samples per function (``func (file)``) of the API server process (the
+    profiled root, whose stacks name no child process) and its sample total."""
+    incl: Counter = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if sum(f.startswith("process ") for f in frames) > 1:
+            continue  # a child: EngineCore or its worker
+        n = int(count)
+        total += n
+        seen = set()
+        for f in frames:
+            if f.startswith(("process ", "thread ")):
+                continue
+            name, _, where = f.rpartition(" (")
+            key = f"{name} ({where.split(':')[0]})"
+            if key not in seen:
+                seen.add(key)
+                incl[key] += n
+    return incl, total
+
+
+def profile_diff(on_raw: Path, off_raw: Path, on_requests: int, off_requests: int, rate: float = 200.0,
+                 top: int = 25) -> dict:
+    """Both API servers' py-spy samples per request, by function (inclusive), and the
+    functions whose per-request time differs most (on minus off). Samples are wall
+    time a thread was not idle (running, or runnable on a busy machine), so compare
+    the two sides of one pair, not absolute values."""
+    (on, n_on), (off, n_off) = _api_frames(on_raw), _api_frames(off_raw)
+    per = {"on": 1e6 / rate / max(1, on_requests), "off": 1e6 / rate / max(1, off_requests)}
+    rows = [(k, round(on[k] * per["on"], 1), round(off[k] * per["off"], 1)) for k in set(on) | set(off)]
+    rows.sort(key=lambda r: -abs(r[1] - r[2]))
+    return {"rate_hz": rate, "samples": {"on": n_on, "off": n_off},
+            "us_per_request": {"on": round(n_on * per["on"], 1), "off": round(n_off * per["off"], 1)},
+            "functions": [{"function": k, "on_us": a, "off_us": b, "diff_us": round(a - b, 1)}
+                          for k, a, b in rows[:top]]}
+
+
 def idle_cpu_ms_per_s(srv: Any, seconds: float = 10.0) -> float:
     """API server CPU while no request is in flight (background threads' cost)."""
     own0, _ = cpu_seconds(srv.proc.pid)
@@ -234,6 +277,14 @@ def table(data: dict) -> str:
         out.append(f"| {r['pair']} | {r['side']} | {r['requests']} | {r['errors']} | {r['rps']} | {r['p50_s']} | "
                    f"{r['p99_s']} | {r['api_cpu_us_per_req']} | {r.get('api_loop_cpu_us_per_req', '–')} | "
                    f"{r['engine_cpu_us_per_req']} | {r['load_1min']} |")
+    diff = data.get("profile_diff")
+    if diff:
+        out += ["", f"py-spy, both API servers in pair 0 (the server process, all its threads; wall µs per "
+                    f"request a thread was not idle, {diff['rate_hz']:g} Hz): on {diff['us_per_request']['on']:g}, "
+                    f"off {diff['us_per_request']['off']:g}. Functions (inclusive) that differ most:", "",
+                "| function | on µs/req | off µs/req | on - off |", "|---|---|---|---|"]
+        out += [f"| `{f['function']}` | {f['on_us']:g} | {f['off_us']:g} | {f['diff_us']:g} |"
+                for f in diff["functions"]]
     for proc, p in (data.get("profile") or {}).items():
         out += ["", f"py-spy, plugin server, {proc}: {p['samples']} samples, {p['plugin_samples']} in cp_engine "
                     f"({100 * p['plugin_share']:.2f} %)."]
@@ -265,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=None, help="default 64 (8 with --quick)")
     ap.add_argument("--warmup", type=float, default=20.0, help="unmeasured seconds of load per server first")
     ap.add_argument("--traffic", choices=("soak", "passthrough"), default="soak")
-    ap.add_argument("--profile", action="store_true", help="py-spy on the plugin server's first round")
+    ap.add_argument("--profile", action="store_true", help="py-spy on both servers in the first pair")
     ap.add_argument("--index-max-nodes", type=int, default=200)
     ap.add_argument("--on-env", action="append", default=[], metavar="FLAG=VALUE",
                     help="a cp_engine flag for the plugin side (repeatable), e.g. CP_ENGINE_SCHEDULE=0")
@@ -296,15 +347,21 @@ def main(argv: list[str] | None = None) -> int:
             run_round(servers[side], side, warm, workload)
         time.sleep(5)  # in-flight work of the warm-up ends
         data["idle_api_cpu_ms_per_s"] = {side: idle_cpu_ms_per_s(servers[side]) for side in SIDES}
+        raws: dict[str, tuple[Path, int]] = {}
         for pair in range(args.pairs):
             for side in (SIDES if pair % 2 == 0 else SIDES[::-1]):
                 spy = None
-                if args.profile and side == "on" and pair == 0:
+                if args.profile and pair == 0:
                     raw = Path(tempfile.mkdtemp(prefix="cp_ab_")) / "profile.txt"
-                    spy = start_profile(on.proc.pid, args.round, raw)
+                    spy = start_profile(servers[side].proc.pid, args.round, raw)
                 r = {"pair": pair, **run_round(servers[side], side, args, workload)}
                 if spy is not None and spy.wait(120) == 0 and raw.exists():
-                    data["profile"] = profile_summary(raw)
+                    raws[side] = (raw, r["requests"])
+                    if side == "on":
+                        data["profile"] = profile_summary(raw)
+                    if len(raws) == 2:
+                        data["profile_diff"] = profile_diff(raws["on"][0], raws["off"][0], raws["on"][1],
+                                                            raws["off"][1])
                 data["rounds"].append(r)
                 print(f"pair {pair} {side}: {r}", file=sys.stderr, flush=True)
                 data["summary"] = summarize(data["rounds"])

@@ -86,3 +86,25 @@ def test_profile_summary_counts_only_samples_spent_in_plugin_code(tmp_path):
     assert s[api_key]["samples"] == 48 and s[api_key]["plugin_samples"] == 7
     assert s[core_key]["samples"] == 100 and s[core_key]["plugin_share"] == 0.03
     assert sum(s[api_key]["plugin_entries"].values()) == 7
+
+
+def test_profile_diff_compares_the_api_servers_per_request_by_function(tmp_path):
+    api_on, api_off = 'process 7:"python vllm serve m"', 'process 9:"python vllm serve m"'
+    core = 'process 7:"python vllm serve m";process 8:"VLLM::EngineCore"'
+    on, off = tmp_path / "on.txt", tmp_path / "off.txt"
+    on.write_text("\n".join([
+        f"{api_on};thread (7);run (asyncio/events.py:80);call (hooks/vllm/serving_patch.py:53) 40",
+        f"{api_on};thread (7);run (asyncio/events.py:80);decode (vllm/detok.py:3) 60",
+        f"{core};step (vllm/v1/engine/core.py:1) 500",  # a child process: not the API server
+    ]) + "\n")
+    off.write_text(f"{api_off};thread (9);run (asyncio/events.py:80);decode (vllm/detok.py:9) 50\n")
+    d = ab.profile_diff(on, off, on_requests=10, off_requests=5, rate=100.0)
+    # 100 samples / 100 Hz / 10 requests = 0.1 s per request on; 50 / 100 / 5 off.
+    assert d["samples"] == {"on": 100, "off": 50}
+    assert d["us_per_request"] == {"on": 100000.0, "off": 100000.0}
+    rows = {f["function"]: f for f in d["functions"]}
+    assert rows["call (hooks/vllm/serving_patch.py)"]["diff_us"] == 40000.0
+    assert rows["decode (vllm/detok.py)"] == {"function": "decode (vllm/detok.py)", "on_us": 60000.0,
+                                              "off_us": 100000.0, "diff_us": -40000.0}
+    assert rows["run (asyncio/events.py)"]["diff_us"] == 0.0
+    assert "step (vllm/v1/engine/core.py)" not in rows
