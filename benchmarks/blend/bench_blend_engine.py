@@ -235,7 +235,7 @@ def summarize(data: dict) -> None:
                     a["prefill_plain_over_arm"] = round(clock["prefill_sum_s"] / a["prefill_sum_s"], 3)
         by_label: dict[str, list[float]] = {}
         for a in w["arms"]:
-            if a.get("wall_plain_over_arm"):
+            if a["arm"] != "plain" and a.get("wall_plain_over_arm"):
                 by_label.setdefault(f"{arm_label(a)} [{a['server']}]", []).append(a["wall_plain_over_arm"])
         w["wall_rounds"] = {k: {"rounds": len(v), "median": round(statistics.median(v), 3),
                                 "min": min(v), "max": max(v)} for k, v in by_label.items()}

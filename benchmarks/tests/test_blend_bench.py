@@ -188,6 +188,7 @@ def test_wall_ratios_use_the_plain_arm_of_the_same_round_and_report_the_median()
     eng.summarize(data)
     walls = [a["wall_plain_over_arm"] for a in data["workloads"][0]["arms"] if a["arm"] != "plain"]
     assert walls == [2.0, 3.0, 1.0]
+    assert list(data["workloads"][0]["wall_rounds"]) == ["blend-order@0.15 [S]"]  # the clock is not an arm
     rounds = data["workloads"][0]["wall_rounds"]["blend-order@0.15 [S]"]
     assert rounds == {"rounds": 3, "median": 2.0, "min": 1.0, "max": 3.0}
     text = eng.table(data)
