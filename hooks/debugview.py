@@ -8,8 +8,9 @@ started without it has no such route:
 ``GET /cp_engine/index`` answers ``index_status()`` as JSON (``?paths=0`` leaves the
 paths out), after the eviction receiver has applied what it was holding back for its
 batching window (``hooks.channel.Receiver.flush``), so a client that waits for its
-request's answer and then reads the view sees the evictions that request caused. Only loopback clients get it; anyone else, and any other method, gets
-404. It never changes the index.
+request's answer and then reads the view sees the evictions that request caused. Only
+loopback clients get it; anyone else, and any other method, gets 404. It never changes
+the index.
 
 Contract of ``index_status(pipe)`` (a ``ContextPipeline``, locked or plain):
 - ``nodes`` / ``requests`` / ``max_nodes`` / ``evicted_nodes``: the index's counters;
@@ -112,7 +113,11 @@ async def index_view(request: Any, call_next: Any) -> Any:
     try:
         recv = getattr(channel, "_receiver", None)
         if recv is not None:
-            recv.flush()  # evictions held back by the receiver's batching window count too
+            # Evictions held back by the receiver's batching window count too. The flush
+            # waits for the receiver thread, so it runs off the event loop.
+            import asyncio
+
+            await asyncio.to_thread(recv.flush)
         body = index_status(runtime.pipeline(), paths=request.query_params.get("paths") != "0")
     except Exception as exc:  # a debug view must not turn into a server error page
         return JSONResponse({"error": f"index status failed: {exc!r}"}, status_code=503)
