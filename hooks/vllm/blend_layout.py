@@ -33,6 +33,8 @@ __all__ = ["UnsupportedLayout", "PagedKV", "CpuCacheOp", "probe_layout"]
 
 # Learned permutations by (backend, isa, block size, kv heads, head dim, dtype).
 _PROBES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# The same permutations flattened in (head, token, dim) order, for ``read_blocks``.
+_HEAD_MAJOR: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class UnsupportedLayout(RuntimeError):
@@ -142,6 +144,7 @@ class PagedKV:
         self._caches = {name: kv_caches[name] for name in self.layer_names}
         self._ops: dict[str, CpuCacheOp] = {}
         self._at: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._head_major: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         first = attention_layers[self.layer_names[0]]
         self.num_kv_heads = int(first.num_kv_heads)
         self.head_dim = int(first.head_size)
@@ -168,6 +171,11 @@ class PagedKV:
             _PROBES[key] = probe_layout(op, self.num_kv_heads, self.block_size, self.head_dim, self.dtype)
         self._ops[name] = op
         self._at[name] = _PROBES[key]
+        if key not in _HEAD_MAJOR:  # offsets of element [h, t, d]: one gather reads whole blocks head-major
+            k_at, v_at = _PROBES[key]
+            _HEAD_MAJOR[key] = (k_at.permute(1, 0, 2).reshape(-1).contiguous(),
+                                v_at.permute(1, 0, 2).reshape(-1).contiguous())
+        self._head_major[name] = _HEAD_MAJOR[key]
 
     @property
     def num_blocks(self) -> int:
@@ -196,6 +204,28 @@ class PagedKV:
         offsets = slots % self.block_size
         k_at, v_at = self._at[layer]
         return flat[blocks, k_at[offsets]], flat[blocks, v_at[offsets]]
+
+    def read_blocks(self, layer: str, block_ids: torch.LongTensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of token positions ``[0, end)`` of a request with these block ids, each
+        ``[num_kv_heads, end, head_dim]`` (head-major, as attention wants them): copies, in
+        the cache dtype. Whole blocks are gathered at once, so this is much cheaper than
+        ``read`` of the same slots."""
+        blocks = torch.as_tensor(block_ids, dtype=torch.int64).reshape(-1)
+        if not 0 <= end <= blocks.numel() * self.block_size:
+            raise ValueError(f"{end} positions do not fit {blocks.numel()} blocks of {self.block_size}")
+        blocks = blocks[: -(-end // self.block_size)]
+        if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= self.num_blocks):
+            raise ValueError(f"block ids outside the cache's {self.num_blocks} blocks")
+        cache = self._caches[layer]
+        rows = cache.view(cache.shape[0], -1).index_select(0, blocks)
+        k_order, v_order = self._head_major[layer]
+        shape = (blocks.numel(), self.num_kv_heads, self.block_size, self.head_dim)
+
+        def gather(order: torch.Tensor) -> torch.Tensor:
+            part = rows.index_select(1, order).view(shape).transpose(0, 1)
+            return part.reshape(self.num_kv_heads, -1, self.head_dim)[:, :end]
+
+        return gather(k_order), gather(v_order)
 
     def write(self, layer: str, slots: torch.LongTensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``, ``v`` ``[n, num_kv_heads, head_dim]`` (cast to the cache dtype) into ``slots``."""

@@ -15,8 +15,10 @@ Contract:
   causal attention (key position <= query position, GQA) over the K/V that the cache
   holds for ``[0, end)``, ``o_proj`` and the MLP (the last layer stops once its K/V are
   written). Precondition: every position in ``[0, end)`` already holds K/V. vLLM's
-  ``Attention`` module is never called (it reads the forward context). Queries are processed in chunks, so the score matrix stays under
-  ``SCORE_BUDGET`` elements whatever the prompt length.
+  ``Attention`` module is never called (it reads the forward context). Attention runs in
+  the activations' dtype through torch's fused ``scaled_dot_product_attention`` (float
+  accumulation, no score matrix held), as the engine's own kernel does; queries go in
+  runs of consecutive positions and each run reads only the keys up to its last one.
 - With ``narrow`` and ``check_layers > 0``: at each of the first ``check_layers`` layers
   (fewer than the model has), each selected token's K deviation (mean squared difference
   between the fresh K and the K the cache held before it was overwritten) is summed; after
@@ -31,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cp_engine.blend.rope import RopeSpec, UnsupportedRope
 
@@ -52,7 +55,8 @@ _ROPE_REASONS = {
     "NTKScalingRotaryEmbedding": "rope_dynamic", "Phi3LongRoPEScaledRotaryEmbedding": "rope_longrope",
     "MRotaryEmbedding": "rope_mrope", "MRotaryEmbeddingInterleaved": "rope_mrope",
 }
-SCORE_BUDGET = 1 << 22  # attention scores held at once (heads x queries x keys), 16 MiB in float32
+QUERY_RUNS = 4       # at most this many query runs per attention call (each reads keys up to its end)
+RUN_MIN_QUERIES = 64  # a run shorter than this costs more in call overhead than it saves in keys
 
 
 class UnsupportedModel(RuntimeError):
@@ -106,7 +110,9 @@ def rope_spec(rot: torch.nn.Module, hf_config=None) -> RopeSpec:
     got = torch.atan2(sin, cos).double()
     want = torch.tensor(rows, dtype=torch.float64)[:, None] * torch.tensor(spec.inv_freq, dtype=torch.float64)
     err = torch.remainder(got - want + math.pi, 2 * math.pi) - math.pi
-    if float(err.abs().max()) > 1e-3:
+    # vLLM casts the cache to the activations' dtype on first use: allow that dtype's rounding.
+    tolerance = max(1e-3, 4 * torch.finfo(rot.cos_sin_cache.dtype).eps)
+    if float(err.abs().max()) > tolerance:
         raise UnsupportedModel("rope_mismatch", f"{name}: frequencies differ from its cos/sin cache")
     return spec
 
@@ -190,6 +196,7 @@ class DecoderRecompute:
         ids = torch.as_tensor(list(token_ids), dtype=torch.int64)
         if sel.numel() == 0:
             return RecomputeReport([0] * self.num_layers, sel)
+        context = self._context_reader(slots)
         checking = narrow is not None and 0 < check_layers < self.num_layers
         deviation = torch.zeros(sel.numel(), dtype=torch.float64)
         report = RecomputeReport([], sel)
@@ -201,7 +208,7 @@ class DecoderRecompute:
                 sel, h, residual = sel[keep], h[keep], residual[keep]
             report.tokens_per_layer.append(int(sel.numel()))
             if sel.numel():
-                h, residual = self._layer(layer, sel, slots, h, residual,
+                h, residual = self._layer(layer, sel, slots, context, h, residual,
                                           deviation if checking and i < check_layers else None,
                                           last=i == self.num_layers - 1)
         report.kept = sel
@@ -217,7 +224,24 @@ class DecoderRecompute:
             raise ValueError(f"narrow returned indices outside [0, {n})")
         return torch.from_numpy(keep.astype(np.int64))
 
-    def _layer(self, layer, sel, slots, h, residual, deviation, last: bool = False):
+    def _context_reader(self, slots: torch.LongTensor) -> Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]:
+        """``read(layer, end)``: K, V of positions ``[0, end)``, each ``[Hkv, end, D]``. Whole
+        blocks when the slots are those of a block table from position 0 (as the engine
+        assigns them), slot by slot otherwise."""
+        bs = self.paged.block_size
+        blocks = slots[::bs] // bs
+        if slots.numel() and torch.equal(self.paged.slots(blocks.tolist(), 0, slots.numel()), slots):
+            return lambda name, end: self.paged.read_blocks(name, blocks, end)
+        return self._slot_reader(slots)
+
+    def _slot_reader(self, slots: torch.LongTensor) -> Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]:
+        def read(name: str, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+            k, v = self.paged.read(name, slots[:end])
+            return k.transpose(0, 1), v.transpose(0, 1)
+
+        return read
+
+    def _layer(self, layer, sel, slots, context, h, residual, deviation, last: bool = False):
         """One decoder layer for the rows ``sel``; returns the next (hidden, residual). The last
         layer stops once its K/V are written: nothing reads its attention or MLP output."""
         sa, name = layer.self_attn, layer.self_attn.attn.layer_name
@@ -241,33 +265,31 @@ class DecoderRecompute:
         self.paged.write(name, own, k, v)
         if last:
             return h, residual
-        keys, values = self.paged.read(name, slots[: int(sel[-1]) + 1])
+        keys, values = context(name, int(sel[-1]) + 1)
         out = _causal_attention(q.reshape(n, heads, dim), keys, values, sel, float(sa.scaling))
         o, _ = sa.o_proj(out.reshape(n, heads * dim).to(h.dtype))
         h, residual = layer.post_attention_layernorm(o, residual)
         return layer.mlp(h), residual
 
 
+def _query_runs(n: int) -> list[tuple[int, int]]:
+    runs = max(1, min(QUERY_RUNS, n // RUN_MIN_QUERIES))
+    cuts = [round(i * n / runs) for i in range(runs + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
                       scale: float) -> torch.Tensor:
-    """Softmax attention of queries ``q [n, H, D]`` at positions ``pos`` over ``keys``/``values``
-    ``[L, Hkv, D]`` at positions ``0..L-1`` (key position <= query position), float32, in query
-    chunks of at most ``SCORE_BUDGET`` scores. Returns ``[n, H, D]``."""
-    n, heads, dim = q.shape
-    length, kv_heads, _ = keys.shape
-    group = heads // kv_heads
-    k = keys.float().permute(1, 0, 2)            # [Hkv, L, D]
-    v = values.float().permute(1, 0, 2)
-    key_pos = torch.arange(length)
-    out = torch.empty(n, heads, dim, dtype=torch.float32)
-    chunk = max(1, SCORE_BUDGET // (heads * length))
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        qc = q[start:stop].float().reshape(stop - start, kv_heads, group, dim).permute(1, 2, 0, 3)  # [Hkv, G, c, D]
-        scores = torch.matmul(qc, k.unsqueeze(1).transpose(-1, -2)) * scale                       # [Hkv, G, c, L]
-        allowed = key_pos[None, :] <= pos[start:stop, None]                                          # [c, L]
-        scores.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        oc = torch.matmul(probs, v.unsqueeze(1))                                                     # [Hkv, G, c, D]
-        out[start:stop] = oc.permute(2, 0, 1, 3).reshape(stop - start, heads, dim)
+    """Softmax attention of queries ``q [n, H, D]`` at sorted positions ``pos`` over ``keys``/
+    ``values`` ``[Hkv, L, D]`` at positions ``0..L-1`` (key position <= query position; query
+    head ``h`` reads KV head ``h // (H / Hkv)``), in ``q``'s dtype. Returns ``[n, H, D]``."""
+    out = torch.empty_like(q)
+    heads_first = q.transpose(0, 1)  # [H, n, D]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    for a, b in _query_runs(q.shape[0]):
+        stop = int(pos[b - 1]) + 1
+        allowed = torch.arange(stop)[None, :] <= pos[a:b, None]  # [run, stop]
+        o = F.scaled_dot_product_attention(heads_first[None, :, a:b], keys[None, :, :stop], values[None, :, :stop],
+                                           attn_mask=allowed, scale=scale, enable_gqa=True)
+        out[a:b] = o[0].transpose(0, 1)
     return out

@@ -129,6 +129,27 @@ def test_bfloat16_probe_survives_the_dtype(engine):
     kv.write(kv.layer_names[1], slots, k, v)
     rk, rv = kv.read(kv.layer_names[1], slots)
     assert rk.dtype == torch.bfloat16 and torch.equal(rk, k.to(torch.bfloat16)) and torch.equal(rv, v.to(torch.bfloat16))
+    bk, bv = kv.read_blocks(kv.layer_names[1], torch.tensor([3, 1]), 200)  # the bfloat16 kernel's layout too
+    assert torch.equal(bk, rk.transpose(0, 1)) and torch.equal(bv, rv.transpose(0, 1))
+
+
+def test_read_blocks_equals_reading_every_slot(engine):
+    _, worker = engine
+    kv = paged(worker, clone=True)
+    gen = torch.Generator().manual_seed(5)
+    name = kv.layer_names[2]
+    blocks = [9, 4, 17]  # out of order, as a block table can be
+    slots = kv.slots(blocks, 0, 3 * 128)
+    kv.write(name, slots, torch.randn(len(slots), 2, 64, generator=gen), torch.randn(len(slots), 2, 64, generator=gen))
+    for end in (0, 1, 127, 128, 129, 300, 384):
+        k, v = kv.read(name, slots[:end])
+        bk, bv = kv.read_blocks(name, torch.tensor(blocks), end)
+        assert bk.shape == bv.shape == (2, end, 64)
+        assert torch.equal(bk, k.transpose(0, 1)) and torch.equal(bv, v.transpose(0, 1))
+    with pytest.raises(ValueError):
+        kv.read_blocks(name, torch.tensor(blocks), 385)  # past the last block
+    with pytest.raises(ValueError):
+        kv.read_blocks(name, torch.tensor([kv.num_blocks]), 10)  # no such block
 
 
 def capture_attention_inputs(model):

@@ -170,6 +170,56 @@ def test_narrow_runs_after_the_check_layers_and_the_report_counts_it(engine, rec
         recompute.run(ids[:256], slots[:256], claim, check_layers=1, narrow=lambda d: np.array([500]))
 
 
+def naive_attention(q, keys, values, pos, scale):
+    """One query and one head at a time, in float64: the definition the fused path must meet."""
+    n, heads, _ = q.shape
+    group = heads // keys.shape[0]
+    out = torch.empty(n, heads, q.shape[2], dtype=torch.float64)
+    for i in range(n):
+        end = int(pos[i]) + 1
+        for h in range(heads):
+            k, v = keys[h // group, :end].double(), values[h // group, :end].double()
+            out[i, h] = torch.softmax(k @ q[i, h].double() * scale, 0) @ v
+    return out
+
+
+@pytest.mark.parametrize("n, length, dtype, tol", [(1, 1, torch.float32, 1e-5), (5, 40, torch.float32, 1e-5),
+                                                   (257, 300, torch.float32, 1e-5), (130, 131, torch.bfloat16, 3e-2)])
+def test_causal_attention_matches_the_definition(n, length, dtype, tol):
+    from cp_engine.hooks.vllm.blend_recompute import _causal_attention
+
+    gen = torch.Generator().manual_seed(n)
+    heads, kv_heads, dim = 6, 2, 16
+    pos = torch.sort(torch.randperm(length, generator=gen)[:n]).values
+    q = torch.randn(n, heads, dim, generator=gen).to(dtype)
+    keys, values = (torch.randn(kv_heads, length, dim, generator=gen).to(dtype) for _ in range(2))
+    out = _causal_attention(q, keys, values, pos, 0.25)
+    assert out.dtype == dtype and out.shape == (n, heads, dim)
+    torch.testing.assert_close(out.double(), naive_attention(q, keys, values, pos, 0.25), atol=tol, rtol=tol)
+
+
+def test_slots_outside_a_block_table_are_read_one_by_one_with_the_same_result(engine, recompute):
+    llm, worker = engine
+    ids = tokens(40, 300)
+    slots, fresh = prefill(llm, worker, ids, "slot-reader-1")
+    kv = recompute.paged
+    name = kv.layer_names[1]
+    blockwise, one_by_one = recompute._context_reader(slots), recompute._slot_reader(slots)
+    for end in (1, 200, 300):
+        (k1, v1), (k2, v2) = blockwise(name, end), one_by_one(name, end)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2) and torch.equal(k1, fresh[name][0][:end].transpose(0, 1))
+    # The same prompt's K/V moved to the same slots in reverse order: no block table maps
+    # position 0 onwards to them, so the recompute reads them slot by slot, and repairs garbage.
+    reverse = slots[:200].flip(0)
+    for layer in kv.layer_names:
+        kv.write(layer, reverse, fresh[layer][0][:200], fresh[layer][1][:200])
+    claim = torch.arange(100, 200)
+    fill_garbage(kv, reverse[claim], seed=6)
+    report = recompute.run(ids[:200], reverse, claim)
+    assert report.tokens_per_layer == [100] * 4
+    assert_cache_equals(kv, reverse, fresh, torch.arange(0, 200))
+
+
 def test_run_rejects_bad_arguments(recompute, engine):
     _, worker = engine
     kv = recompute.paged
