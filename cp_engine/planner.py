@@ -36,7 +36,16 @@ import numpy as np
 
 from .planner_counts import SharedCounts
 from .planner_overlap import first_partners
+from .planner_postings import Postings
 from .trie import ROOT, BlockTrie
+
+try:  # the C loop behind Counter.update, without Counter's per-call checks
+    from _collections import _count_elements
+except ImportError:  # pragma: no cover - Pythons without the C helper
+    def _count_elements(mapping: dict, iterable) -> None:
+        get = mapping.get
+        for x in iterable:
+            mapping[x] = get(x, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -69,21 +78,28 @@ class PartnerSearch:
     use_for: Callable[[int], bool]
 
 
-def _validate(contexts) -> list[Sequence]:
+def _validate(contexts) -> tuple[list[list], list[bool]]:
+    """The contexts as lists, and whether each holds a block twice (TypeError where a
+    context is not a list of hashable blocks)."""
     if isinstance(contexts, (str, bytes)) or not hasattr(contexts, "__len__"):
         raise TypeError("plan_batch expects a list of block lists")
     out = []
+    repeats = []
     for i, ctx in enumerate(contexts):
         if isinstance(ctx, (str, bytes)) or not hasattr(ctx, "__iter__"):
             raise TypeError(f"contexts[{i}] must be a list of blocks, got {type(ctx).__name__}")
         ctx = list(ctx)
-        for b in ctx:
-            try:
-                hash(b)
-            except TypeError:
-                raise TypeError(f"contexts[{i}] holds an unhashable block of type {type(b).__name__}") from None
+        try:
+            repeats.append(len(set(ctx)) != len(ctx))  # the set hashes every block, in C
+        except TypeError:
+            for b in ctx:
+                try:
+                    hash(b)
+                except TypeError:
+                    raise TypeError(f"contexts[{i}] holds an unhashable block of type {type(b).__name__}") from None
+            raise
         out.append(ctx)
-    return out
+    return out, repeats
 
 
 def _weights_for(contexts: list[list], token_lengths, dense: dict) -> list[float]:
@@ -105,11 +121,50 @@ def _weights_for(contexts: list[list], token_lengths, dense: dict) -> list[float
     return w
 
 
-def _greedy_prefixes(sets: list[list[int]], w: list[float]) -> list[list[int]]:
-    """Frequency-greedy split: the shared prefix each request gets from the greedy tree."""
+# Groups up to this size find a block's holders by looking at each member.
+_GREEDY_SCAN_GROUP = 64
+
+
+@dataclass
+class _Greedy:
+    """The greedy split's result: ``prefix[r]``, the shared prefix request ``r`` gets;
+    ``rest[r]``, its other blocks; ``nodes`` and ``weight``, the prefix tree of all
+    prefixes (a node per block each split or pair run hands out, and their weight)."""
+
+    prefix: list[list[int]]
+    rest: list[set[int]]
+    nodes: int
+    weight: float
+
+    def tree(self, w: list[float] | None) -> tuple[int, float]:
+        """``_tree_measure`` of the greedy orders (each prefix, then its rest), counted
+        without building them: no rest block is ever shared (requests left with the same
+        prefix share no rest block, and a request holding a block its group split on was
+        taken by that split), so the tree is the prefix tree plus one node per rest block.
+        ``w``: the weights (None: 1 each); the sum is in a different order than
+        ``_tree_measure``'s, which is the same number only for whole weights."""
+        nodes = self.nodes + sum(map(len, self.rest))
+        if w is None:
+            return nodes, float(nodes)
+        return nodes, self.weight + sum(w[b] for left in self.rest for b in left)
+
+    def orders(self, rank: list[int]) -> list[list[int]]:
+        """Each request's greedy order: its prefix, then the rest most popular first."""
+        return [head + _tail_order(list(left), rank) if left else list(head)
+                for head, left in zip(self.prefix, self.rest)]
+
+
+def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings | None = None) -> _Greedy:
+    """Frequency-greedy split: the shared prefix each request gets from the greedy tree.
+
+    ``postings``: the batch's postings of ``sets`` (the first group is the whole batch,
+    whose postings they are).
+    """
     prefix: list[list[int]] = [[] for _ in sets]
     rem = [set(s) for s in sets]
     stack = [list(range(len(sets)))]
+    nodes, weight = 0, 0.0
+    first = True
     while stack:
         group = stack.pop()
         if len(group) < 2:
@@ -125,35 +180,62 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float]) -> list[list[int]]:
                 prefix[b] += run
                 rem[a] -= common
                 rem[b] -= common
+                nodes += len(run)
+                weight += sum(w[x] for x in run)
             continue
-        postings: dict[int, list[int]] = defaultdict(list)
-        for r in group:
-            for b in rem[r]:
-                postings[b].append(r)
-        counts = {b: len(p) for b, p in postings.items() if len(p) >= 2}
+        # A small group counts its blocks in C and, at each pop, finds the block's free
+        # holders by looking at each free member (a few); a large one keeps its
+        # postings and counts up to date instead.
+        small = len(group) <= _GREEDY_SCAN_GROUP
+        if small:
+            counts = Counter(itertools.chain.from_iterable(map(rem.__getitem__, group)))
+            free = group
+        else:
+            if first and postings is not None:
+                # The whole batch, nothing taken yet: its postings are the batch's.
+                holders, starts = postings.lists()
+                postings_of = {b: holders[starts[b]:starts[b + 1]]
+                               for b in np.flatnonzero(postings.freq > 1).tolist()}
+            else:
+                postings_of = defaultdict(list)
+                for r in group:
+                    for b in rem[r]:
+                        postings_of[b].append(r)
+            counts = {b: len(p) for b, p in postings_of.items() if len(p) >= 2}
+            taken: set[int] = set()
+        first = False
         # Value of putting b next for its whole group: (copies − 1) × tokens saved.
-        heap = [(-(c - 1) * w[b], b) for b, c in counts.items()]
+        heap = [(-(c - 1) * w[b], b) for b, c in counts.items() if c > 1]
         heapq.heapify(heap)
-        taken: set[int] = set()
         while heap:
             neg, b = heapq.heappop(heap)
-            c = counts[b]
+            if small:
+                sub = [r for r in free if b in rem[r]]
+                c = len(sub)
+            else:
+                c = counts[b]
             if c < 2:
                 continue
             value = -(c - 1) * w[b]
-            if value != neg:  # stale entry: counts fell since it was pushed
+            if value != neg:  # stale entry: fewer free holders than when pushed
                 heapq.heappush(heap, (value, b))
                 continue
-            sub = [r for r in postings[b] if r not in taken]
+            if small:
+                free = [r for r in free if b not in rem[r]]
+            else:
+                sub = [r for r in postings_of[b] if r not in taken]
+                taken.update(sub)
+                for r in sub:
+                    for x in rem[r]:
+                        if x in counts:
+                            counts[x] -= 1
             for r in sub:
-                taken.add(r)
-                for x in rem[r]:
-                    if x in counts:
-                        counts[x] -= 1
                 rem[r].discard(b)
                 prefix[r].append(b)
+            nodes += 1
+            weight += w[b]
             stack.append(sub)
-    return prefix
+    return _Greedy(prefix, rem, nodes, weight)
 
 
 class _Merges:
@@ -213,10 +295,12 @@ class _Merges:
             return x, y, c
         return None
 
-    def orders(self, freq: list[int]) -> list[list[int]]:
-        """Each request's blocks: what every node on its path adds, root first."""
+    def orders(self, freq: list[int] | None, rank: list[int] | None = None) -> list[list[int]]:
+        """Each request's blocks: what every node on its path adds, root first
+        (``rank``: ``_popularity_rank(freq)``, when the caller has it)."""
         inter, parent = self.inter, self.parent
-        rank = _popularity_rank(freq)
+        if rank is None:
+            rank = _popularity_rank(freq)
         # A parent is numbered after its children: walking down from the last cluster,
         # every parent's full order is known before its children extend it.
         full: list[list[int]] = [[]] * len(inter)
@@ -231,69 +315,214 @@ class _Merges:
 
 
 def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
-                         candidates: int = 8, overlaps: list | None = None) -> list[list[int]]:
+                         candidates: int = 8, overlaps: list | None = None, postings: Postings | None = None,
+                         rank: list[int] | None = None) -> list[list[int]]:
     """Bottom-up clustering (see ``_Merges``) with partners from an inverted index.
 
     Blocks held by more than ``hot_cap`` clusters are skipped when looking for
     partners (they still count in the exact score): popular blocks are the greedy
     split's strength, rare shared blocks are this one's. ``overlaps``: with unit
     weights, filled with ``first_partners``' answer per request (the local search
-    reuses it).
+    reuses it). ``postings``: the batch's postings of ``sets``, when the caller has
+    them; ``rank``: ``_popularity_rank(freq)``, likewise.
     """
     m = _Merges(sets, w)
-    postings: dict[int, set[int]] = defaultdict(set)
-    for c, members in enumerate(m.inter):
-        for b in members:
-            postings[b].add(c)
+    if postings is None:
+        postings = Postings(sets, len(freq))
+    holders, starts = postings.lists()
+    # Block -> live clusters holding it; the requests are the first clusters.
+    live: dict[int, set[int]] = {b: set(holders[starts[b]:starts[b + 1]])
+                                 for b in np.flatnonzero(postings.freq).tolist()}
     unit = w.count(1.0) == len(w)  # counted in C
-    # Unit weights: each cluster's full set of best partners is kept, so a cluster
-    # whose chosen partner was merged away is re-queued from it (see _requeue_from_ties).
-    ties: dict[int, tuple[int, list[int]]] = {}
-    owner = list(range(len(sets)))
-
     table = _shared_counts(sets, freq) if unit else None
 
     def push_best(x: int) -> None:
-        if not (unit and _push_best_unit(m, postings, x, hot_cap, candidates, ties, table)):
-            m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, unit, table))
-
-    def requeue(x: int) -> None:
-        if not (unit and _requeue_from_ties(m, owner, ties, x, candidates)):
-            push_best(x)
+        m.push_best(x, _posting_partners(m, live, x, hot_cap, candidates, unit, table))
 
     if unit:
-        firsts = first_partners(sets, hot_cap, candidates)
+        # Unit weights: each cluster's full set of best partners is kept, so a cluster
+        # whose chosen partner was merged away is re-queued from it (see _merge_unit).
+        ties: dict[int, tuple[int, list[int]]] = {}
+        firsts = first_partners(sets, hot_cap, candidates, postings=postings)
         if overlaps is not None:
             overlaps.extend(firsts)
         for x, first in enumerate(firsts):
-            if first is None:
+            if first is None:  # a hot block: the ranked search, as for any hot cluster
                 push_best(x)
             elif first[0]:
                 top, y, tied = first
                 ties[x] = (top, tied)
                 m.heap.append((-top, len(sets[x]) + len(sets[y]), x, y))
         heapq.heapify(m.heap)  # every entry is distinct, so the pop order is as if pushed one by one
-    else:
-        for x in range(len(sets)):
-            push_best(x)
-    while (merged := m.next_merge(requeue)) is not None:
+        _merge_unit(m, live, ties, hot_cap, candidates, table)
+        return m.orders(freq if rank is None else None, rank)
+    for x in range(len(sets)):
+        push_best(x)
+    while (merged := m.next_merge(push_best)) is not None:
         x, y, c = merged
-        owner.append(c)
-        owner[x] = owner[y] = c
-        ties.pop(x, None)
-        ties.pop(y, None)
         for z in (x, y):
             for b in m.inter[z]:
-                postings[b].discard(z)
+                live[b].discard(z)
         for b in m.inter[c]:
-            postings[b].add(c)
-        if table is not None:
-            table.kill(x)
-            table.kill(y)
-            if m.inter[c]:
-                table.add(c, m.inter[c])
+            live[b].add(c)
         push_best(c)
-    return m.orders(freq)
+    return m.orders(freq if rank is None else None, rank)
+
+
+def _merge_unit(m: _Merges, postings: dict[int, set[int]], ties: dict[int, tuple[int, list[int]]],
+                hot_cap: int, candidates: int, table: SharedCounts | None) -> None:
+    """The clustering's merges for unit weights (``next_merge`` until done), where a
+    cluster's score with another is the number of blocks they share.
+
+    ``ties[x]``: the best score ``top`` x had when last searched and every cluster
+    sharing that much with x then (ascending when there are more than
+    ``candidates``); x is queued with, of the ``candidates`` lowest numbers, the one
+    with the fewest blocks, then the lowest: the general search's choice.
+
+    A new cluster's best partners are counted from its postings (``live``: block ->
+    live clusters), exactly, so nothing is re-scored. Clusters holding every block
+    of x share the most anyone can, so when there are any they are the ties and
+    nothing is counted. The ``skip`` longest postings are not counted: a partner seen
+    only there shares at most ``skip`` blocks with x, so when the best count exceeds
+    ``skip`` every partner with that count was seen in the others, and membership
+    tests in the long postings finish their counts (far less work than counting the
+    long postings when few partners are seen); otherwise x is recounted in full.
+    With ``table``, long postings are counted there instead (same counts). A cluster
+    with a hot block (held by more than ``hot_cap``) takes the ranked search.
+
+    When x's queued partner was merged away, x is re-queued from its kept ties:
+    scores between live clusters never change and a merge never shares more with x
+    than its parts did, so any live cluster sharing ``top`` with x now is such a tie
+    or the cluster that absorbed ties; checking those finds exactly the partners a
+    recount would, and x is recounted only when none shares ``top`` any more.
+
+    One loop, the searches written out, because at a few microseconds per merge the
+    calls and lookups between them were a tenth of the clustering's time.
+    """
+    heap, inter, alive, parent = m.heap, m.inter, m.alive, m.parent
+    owner = list(range(len(inter)))  # cluster -> the cluster that absorbed it (union-find)
+    heappop, heappush = heapq.heappop, heapq.heappush
+    count = _count_elements
+    chain = itertools.chain.from_iterable
+    target = -1  # a cluster whose best partners are counted afresh
+    while True:
+        top = 0
+        if target >= 0:
+            # Count x's best partners.
+            x, target = target, -1
+            mine = inter[x]
+            lists = [postings[b] for b in mine]
+            if not lists:
+                continue
+            lists.sort(key=len)
+            if len(lists[-1]) > hot_cap:
+                m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, True, table))
+                continue
+            found = lists[0].intersection(*lists[1:])
+            found.discard(x)
+            if found:
+                top = len(lists)
+                found = sorted(found)
+            else:
+                seen = sum(map(len, lists))
+                if (table is not None and len(lists) < 256
+                        and seen > _TABLE_MIN_POSTINGS + table.alive.size // _TABLE_COLUMNS_PER_POSTING):
+                    counts = table.count(x, mine)
+                    top = int(counts.max())
+                    found = np.flatnonzero(counts == top).tolist() if top else []
+                else:
+                    skip, seen = 0, seen - len(lists[-1])
+                    while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
+                        skip += 1
+                        seen -= len(lists[-1 - skip])
+                    acc: dict[int, int] = {}
+                    count(acc, chain(lists[:len(lists) - skip]))
+                    acc.pop(x, None)
+                    if skip and acc:
+                        keys = list(acc)
+                        for h in lists[len(lists) - skip:]:
+                            count(acc, filter(h.__contains__, keys))
+                    top = max(acc.values(), default=0)
+                    if skip and top <= skip:
+                        acc = {}
+                        count(acc, chain(lists))
+                        acc.pop(x, None)
+                        top = max(acc.values(), default=0)
+                    found = list(itertools.compress(acc, map(top.__eq__, acc.values())))
+                    if len(found) > candidates:
+                        found.sort()
+            if not top:
+                continue
+        else:
+            if not heap:
+                return
+            _, _, x, y = heappop(heap)
+            if not alive[x]:
+                continue
+            if alive[y]:
+                # Merge (as next_merge does) and update the postings.
+                c = len(inter)
+                ix, iy = inter[x], inter[y]
+                ic = ix & iy
+                inter.append(ic)
+                alive.append(True)
+                parent.append(-1)
+                alive[x] = alive[y] = False
+                parent[x] = parent[y] = c
+                owner.append(c)
+                owner[x] = owner[y] = c
+                ties.pop(x, None)
+                ties.pop(y, None)
+                for b in ix:
+                    postings[b].discard(x)
+                for b in iy:
+                    postings[b].discard(y)
+                for b in ic:
+                    postings[b].add(c)
+                if table is not None:
+                    table.kill(x)
+                    table.kill(y)
+                    if ic:
+                        table.add(c, ic)
+                target = c
+                continue
+            # x's partner was merged away: re-queue x from its kept ties, or count
+            # afresh when none shares as much any more.
+            kept = ties.get(x)
+            if kept is None:
+                target = x
+                continue
+            top, tied = kept
+            mine = inter[x]
+            found = []
+            absorbed = set()
+            for t in tied:
+                if alive[t]:
+                    found.append(t)
+                    continue
+                r = t
+                while owner[r] != r:
+                    r = owner[r]
+                while owner[t] != r:  # path compression
+                    owner[t], t = r, owner[t]
+                if r not in absorbed:
+                    absorbed.add(r)
+                    if len(inter[r] & mine) == top:
+                        found.append(r)
+            if not found:
+                del ties[x]
+                target = x
+                continue
+            found.sort()
+        # Queue x with, of the `candidates` lowest-numbered ties, the one with the
+        # fewest blocks, then the lowest number.
+        ties[x] = (top, found)
+        y, size = -1, 0
+        for z in (found[:candidates] if len(found) > candidates else found):
+            n = len(inter[z])
+            if y < 0 or n < size or (n == size and z < y):
+                y, size = z, n
+        heappush(heap, (-top, len(mine) + size, x, y))
 
 
 # SharedCounts' table: at most this many cells (bytes, 16 MiB; synthetic N=2,000 uses 8 MiB).
@@ -319,43 +548,6 @@ def _shared_counts(sets: list[list[int]], freq: list[int]) -> SharedCounts | Non
     if sum(f * f for f in freq if f > 1) < n * (_TABLE_MIN_POSTINGS + clusters // _TABLE_COLUMNS_PER_POSTING):
         return None  # postings too short on average: the table would rarely be asked
     return SharedCounts.for_requests(sets, clusters, len(freq))
-
-
-def _requeue_from_ties(m: _Merges, owner: list[int], ties: dict[int, tuple[int, list[int]]], x: int,
-                       candidates: int) -> bool:
-    """Queue x's best partner from its kept ties; False when a full recount is needed.
-
-    ``ties[x]``: the best score ``top`` x had when last searched and every cluster
-    sharing that much with x then. Scores between live clusters never change and a
-    merge never shares more with x than its parts did, so any live cluster sharing
-    ``top`` with x now is such a tie or the cluster that absorbed ties: checking
-    those finds exactly the partners a recount would (or none, if the best fell).
-    """
-    kept = ties.get(x)
-    if kept is None:
-        return False
-    top, tied = kept
-    alive, inter = m.alive, m.inter
-    mine = inter[x]
-    found = []
-    absorbed = set()
-    for t in (tied.tolist() if hasattr(tied, "tolist") else tied):
-        if alive[t]:
-            found.append(t)
-            continue
-        r = _find_root(owner, t)
-        if r not in absorbed:
-            absorbed.add(r)
-            if len(inter[r] & mine) == top:
-                found.append(r)
-    if not found:
-        del ties[x]
-        return False
-    found.sort()
-    ties[x] = (top, found)
-    y = min(found[:candidates], key=lambda y: (len(inter[y]), y))
-    heapq.heappush(m.heap, (-top, len(mine) + len(inter[y]), x, y))
-    return True
 
 
 def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int,
@@ -403,77 +595,6 @@ def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap
     return ranked
 
 
-def _push_best_unit(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int,
-                    ties_of: dict[int, tuple[int, list[int]]] | None = None,
-                    table: SharedCounts | None = None) -> bool:
-    """``push_best`` for unit weights when none of x's blocks is hot; False otherwise.
-
-    Same choice as scoring ``_posting_partners`` exactly: the counts are the exact
-    scores, so no pair is re-scored. Clusters holding every block of x share the
-    most anyone can, so when there are any they are the ties and nothing is
-    counted. The ``skip`` longest postings are not counted:
-    a partner seen only there shares at most ``skip`` blocks with x, so when the best
-    count exceeds ``skip`` every partner with that count was seen in the others, and
-    membership tests in the long postings finish their counts (far less work than
-    counting the long postings when few partners are seen). Otherwise x is recounted
-    in full. With ``table``, long postings are counted there instead (same counts).
-    """
-    lists = [postings[b] for b in m.inter[x]]
-    if not lists:
-        return True
-    lists.sort(key=len)
-    if len(lists[-1]) > hot_cap:
-        return False
-    # Every block of x shared by some cluster: the most x can share, so those
-    # clusters are exactly its best partners (a few set intersections, no count).
-    full = lists[0].intersection(*lists[1:])
-    full.discard(x)
-    if full:
-        _push_ties(m, x, len(lists), sorted(full), candidates, ties_of)
-        return True
-    seen = sum(map(len, lists))
-    if table is not None and len(lists) < 256 and seen > _TABLE_MIN_POSTINGS + table.alive.size // _TABLE_COLUMNS_PER_POSTING:
-        counts = table.count(x, m.inter[x])
-        top = int(counts.max())
-        if top:
-            _push_ties(m, x, top, np.flatnonzero(counts == top).tolist(), candidates, ties_of)  # ascending
-        return True
-    skip, seen = 0, seen - len(lists[-1])
-    while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
-        skip += 1
-        seen -= len(lists[-1 - skip])
-    acc = Counter(itertools.chain.from_iterable(lists[:len(lists) - skip]))
-    acc.pop(x, None)  # dict.pop: Counter's __delitem__ is Python code
-    if skip and acc:
-        keys = list(acc)
-        for h in lists[len(lists) - skip:]:
-            acc.update(filter(h.__contains__, keys))
-    top = max(acc.values(), default=0)
-    if skip and top <= skip:
-        acc = Counter(itertools.chain.from_iterable(lists))
-        acc.pop(x, None)
-        top = max(acc.values(), default=0)
-    if top:
-        ties = list(itertools.compress(acc, map(top.__eq__, acc.values())))  # in C, not a Python loop
-        if len(ties) > candidates:  # the general path keeps the lowest numbers
-            ties.sort()
-        _push_ties(m, x, top, ties, candidates, ties_of)
-    return True
-
-
-def _push_ties(m: _Merges, x: int, top: int, ties, candidates: int,
-               ties_of: dict[int, tuple[int, list[int]]] | None) -> None:
-    """Queue x with its best partner among ``ties`` (every cluster sharing ``top``
-    blocks with x; ascending when there are more than ``candidates``): of the
-    ``candidates`` lowest numbers, the one with the fewest blocks, then the lowest."""
-    if ties_of is not None:
-        ties_of[x] = (top, ties)
-    if len(ties) > candidates:  # the general path keeps the lowest numbers
-        ties = ties[:candidates]
-    y = min(ties, key=lambda y: (len(m.inter[y]), y))  # tighter pair, then lower number
-    heapq.heappush(m.heap, (-top, len(m.inter[x]) + len(m.inter[y]), x, y))
-
-
 def _cluster_by_knn(sets: list[list[int]], w: list[float], freq: list[int], knn,
                     candidates: int) -> list[list[int]]:
     """Bottom-up clustering (see ``_Merges``) with partners from a kNN graph.
@@ -519,7 +640,7 @@ def _find_root(owner: list[int], c: int) -> int:
 
 
 def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]], w: list[float],
-                  freq: list[int], passes: int, overlaps: list | None = None) -> int:
+                  freq: list[int], passes: int, overlaps: list | None = None, rank: list[int] | None = None) -> int:
     """Re-insert each request at the deepest node it fully contains; returns passes run.
 
     A request's answer depends only on the nodes whose path it fully contains and
@@ -535,7 +656,8 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
     placed_at = [-1] * len(orders)  # step each request was last searched
     placed_depth = [0.0] * len(orders)  # path weight of the node it was placed at
     refs = trie.refs
-    rank = _popularity_rank(freq)
+    if rank is None:
+        rank = _popularity_rank(freq)
     for _ in range(passes):
         ran += 1
         before = trie.size
@@ -664,6 +786,13 @@ class _MoveLog:
                 if reach >= depth:
                     return True
         return False
+
+
+def _whole(w: list[float]) -> bool:
+    """Whether every weight is a whole number and their sum is exact in a float (then
+    sums of them are the same in any order)."""
+    a = np.asarray(w, dtype=np.float64)
+    return bool(np.all(np.mod(a, 1.0) == 0.0)) and float(np.abs(a).sum()) < 2.0 ** 53
 
 
 def _tree_size(orders: list[list[int]]) -> int:
@@ -823,49 +952,58 @@ def _gc_paused():
 def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, partners: str,
           partner_search: PartnerSearch | None) -> BatchPlan:
     """plan_batch's body, arguments already checked."""
-    ctxs = _validate(contexts)
-    dense: dict[Hashable, int] = {}
-    originals: list[Hashable] = []
-    sets: list[list[int]] = []
+    ctxs, repeats = _validate(contexts)
+    # Dense ids in first-seen order, numbered in C: the first-seen keys, then 0, 1, ...
+    dense: dict[Hashable, int] = dict.fromkeys(itertools.chain.from_iterable(ctxs))
+    dense = dict(zip(dense, range(len(dense))))
+    originals: list[Hashable] = list(dense)
+    number = dense.__getitem__
+    ids: list[list[int]] = []
     extras: list[list[int]] = []
-    for ctx in ctxs:
-        # setdefault numbers a new block len(dense): the next id, in first-seen order.
-        ids = [dense.setdefault(b, len(dense)) for b in ctx]
-        if len(set(ids)) == len(ids):
-            sets.append(ids)
+    for ctx, repeat in zip(ctxs, repeats):
+        numbered = list(map(number, ctx))
+        if not repeat:
+            ids.append(numbered)
             extras.append([])
             continue
         seen: set[int] = set()
         uniq, dup = [], []
-        for d in ids:
+        for d in numbered:
             (dup if d in seen else uniq).append(d)
             seen.add(d)
-        sets.append(uniq)
+        ids.append(uniq)
         extras.append(dup)
-    originals.extend(dense)
     w = _weights_for(ctxs, token_lengths, dense)
-    freq = np.bincount(np.fromiter(itertools.chain.from_iterable(sets), dtype=np.int64),
-                       minlength=len(originals)).tolist()
     # A block held by one request can never be shared: plan only the shared blocks
     # and append each request's lone blocks, in their original order, at the end. The
     # tree is then exactly the shared-block tree plus one node per lone block, and
     # on sparse real retrieval (most blocks lone) every later step does far less work.
-    lone = [[b for b in s if freq[b] == 1] for s in sets]
-    sets = [[b for b in s if freq[b] > 1] for s in sets]
-    lone_count = sum(len(x) for x in lone)
+    sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(sizes.sum()))
+    counts = np.bincount(flat, minlength=len(originals))
+    freq = counts.tolist()
+    shared = counts[flat] > 1
+    # Split each request's ids by the mask in NumPy: both parts keep their order.
+    ends = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=ends[1:])
+    kept = np.zeros(flat.size + 1, dtype=np.int64)
+    np.cumsum(shared, out=kept[1:])
+    cut = kept[ends]  # shared ids before each request's start
+    flat_shared = flat[shared]
+    shared_ids, lone_ids = flat_shared.tolist(), flat[~shared].tolist()
+    cuts, lone_cuts = cut.tolist(), (ends - cut).tolist()
+    sets = [shared_ids[cuts[i]:cuts[i + 1]] for i in range(len(ids))]
+    lone = [lone_ids[lone_cuts[i]:lone_cuts[i + 1]] for i in range(len(ids))]
+    lone_count = len(lone_ids)
 
-    candidates: list[tuple[str, list[list[int]]]] = []
+    postings = Postings.from_flat(flat_shared, cut[1:] - cut[:-1], len(originals))
+    rank = _popularity_rank(freq)
+    # Candidates' orders; the greedy one is built only if it is the one kept.
+    candidates: list[tuple[str, list[list[int]] | None]] = []
+    greedy = None
     if strategy in ("auto", "greedy"):
-        prefixes = _greedy_prefixes(sets, w)
-        rank = _popularity_rank(freq)
-        orders = []
-        for s, head in zip(sets, prefixes):
-            if len(head) == len(s):
-                orders.append(head)
-                continue
-            placed = set(head)
-            orders.append(head + _tail_order([b for b in s if b not in placed], rank))
-        candidates.append(("greedy", orders))
+        greedy = _greedy_prefixes(sets, w, postings)
+        candidates.append(("greedy", None))
     cap = _cluster_cap(freq) if strategy == "auto" else max(freq, default=1)
     overlaps: list = []  # each request's first partners, when the clustering counts them
     use_knn = partners == "kernel" or (
@@ -875,7 +1013,8 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         knn = partner_search.find(sets, KNN_PARTNERS, w)
         candidates.append(("cluster_knn", _cluster_by_knn(sets, w, freq, knn, candidates=KNN_PARTNERS)))
     elif strategy == "cluster" or (strategy == "auto" and cap is not None):
-        candidates.append(("cluster", _cluster_by_postings(sets, w, freq, hot_cap=cap, overlaps=overlaps)))
+        candidates.append(("cluster", _cluster_by_postings(sets, w, freq, hot_cap=cap, overlaps=overlaps,
+                                                           postings=postings, rank=rank)))
 
     # Local search only on the smaller candidate tree: its gains are small next to the
     # gap between the candidates (measured on synthetic, HotpotQA and knowledge-base
@@ -889,24 +1028,33 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     built = []
     tried = {}
     for name, orders in candidates:
-        size, cost = _tree_measure(orders, w if weighted else None) if len(candidates) > 1 else (0, 0.0)
+        size, cost = 0, 0.0
+        if len(candidates) > 1:
+            if orders is None and (not weighted or _whole(w)):
+                size, cost = greedy.tree(w if weighted else None)
+            else:
+                if orders is None:
+                    orders = greedy.orders(rank)
+                size, cost = _tree_measure(orders, w if weighted else None)
         tried[name] = {"tree_nodes_before_local_search": size + lone_count}
         if weighted and len(candidates) > 1:
             tried[name]["tree_tokens_before_local_search"] = cost + lone_weight
         built.append((cost, len(built), name, orders))
     _, _, name, orders = min(built)
+    if orders is None:
+        orders = greedy.orders(rank)
     trie = BlockTrie()
     paths = trie.insert_all(orders, w.__getitem__)
     tried[name]["tree_nodes_before_local_search"] = trie.size + lone_count
     passes = _local_search(trie, orders, paths, w, freq, local_search_passes,
-                           overlaps if len(overlaps) == len(orders) else None) if local_search_passes else 0
+                           overlaps if len(overlaps) == len(orders) else None, rank=rank) if local_search_passes else 0
     tried[name].update(tree_nodes=trie.size + lone_count, passes=passes)
     if weighted:
         tried[name]["tree_tokens"] = _live_weight(trie) + lone_weight
     schedule = _depth_first_order(trie, paths)
 
     out = [[originals[b] for b in itertools.chain(o, solo, extra)] for o, solo, extra in zip(orders, lone, extras)]
-    total = sum(len(s) for s in sets) + lone_count
+    total = len(shared_ids) + lone_count
     tree_nodes = trie.size + lone_count
     stats = {
         "requests": len(ctxs),

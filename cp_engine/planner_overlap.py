@@ -12,9 +12,9 @@ sorting its pair keys, so neither the table nor the sort grows past the pairs' o
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
+
+from .planner_postings import Postings
 
 # Pairs counted at once (int64 keys, 256 KB): small enough that a chunk's arrays
 # stay in cache; per-chunk Python costs are small next to that (on the loaded 2-CPU
@@ -31,7 +31,8 @@ DENSE_CELLS_PER_PAIR = 2
 
 def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
                    chunk_pairs: int = CHUNK_PAIRS,
-                   dense_cells_per_pair: float = DENSE_CELLS_PER_PAIR) -> list[tuple[int, int, np.ndarray] | None]:
+                   dense_cells_per_pair: float = DENSE_CELLS_PER_PAIR,
+                   postings: Postings | None = None) -> list[tuple[int, int, list[int]] | None]:
     """Per request: ``(top, y, ties)`` or None where a block of it is hot.
 
     ``sets``: distinct dense block ids per request. ``top``: most blocks ``x`` shares
@@ -41,25 +42,19 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
     the one-at-a-time search. None: some block of ``x`` is held by more than
     ``hot_cap`` requests, so the caller searches for ``x`` its own way.
     ``dense_cells_per_pair``: how sparse a chunk's table may be and still be counted
-    densely (0: always sort); the answer is the same either way.
+    densely (0: always sort); the answer is the same either way. ``postings``: the
+    batch's postings of ``sets``, when the caller has them already.
     """
     n = len(sets)
     if n == 0:
         return []
-    sizes = np.fromiter(map(len, sets), dtype=np.int64, count=n)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=indptr[1:])
-    blocks = np.fromiter(itertools.chain.from_iterable(sets), dtype=np.int64, count=int(indptr[-1]))
-    owner = np.repeat(np.arange(n, dtype=np.int64), sizes)
-    nblocks = int(blocks.max()) + 1 if blocks.size else 0
-    freq = np.bincount(blocks, minlength=nblocks)
-    # Postings: the requests holding each block, ascending (stable sort by block).
-    holders = owner[np.argsort(blocks, kind="stable")]
-    post_start = np.zeros(nblocks + 1, dtype=np.int64)
-    np.cumsum(freq, out=post_start[1:])
+    if postings is None:
+        postings = Postings(sets)
+    sizes, indptr, blocks, owner = postings.sizes, postings.indptr, postings.blocks, postings.owner
+    freq, holders, post_start = postings.freq, postings.holders, postings.starts
     hot = np.bincount(owner, weights=(freq[blocks] > hot_cap), minlength=n) > 0
 
-    out: list[tuple[int, int, np.ndarray] | None] = [None] * n
+    out: list[tuple[int, int, list[int]] | None] = [None] * n
     # Rows per chunk: cut where the running pair count passes chunk_pairs.
     pairs = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(owner, weights=freq[blocks], minlength=n), out=pairs[1:])
@@ -76,7 +71,7 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
         if dense:
             top, r, c = _ties_dense(keys, lo, hi, n)
         else:
-            top, r, c = _ties_sorted(keys, lo, hi, n)
+            top, r, c = _ties_sorted(keys, lo, hi, n, sizes)
         _pick(top, r, c, lo, hi, n, sizes, hot, candidates, out)
         lo = hi
     return out
@@ -110,7 +105,7 @@ def _ties_dense(keys, lo, hi, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return top, r, c
 
 
-def _ties_sorted(keys, lo, hi, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ties_sorted(keys, lo, hi, n, sizes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``_ties_dense``'s answer from the sorted pair keys (no table)."""
     # Sorting the pair keys counts them (runs of equal keys) without a dense table;
     # 32-bit keys sort twice as fast where they fit.
@@ -118,24 +113,25 @@ def _ties_sorted(keys, lo, hi, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if width * n < 1 << 31:
         keys = keys.astype(np.int32)
     keys.sort()
-    if keys.size:
-        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        counts = np.diff(np.append(starts, keys.size))
-        keys = keys[starts].astype(np.int64)
-    else:
-        counts = keys.astype(np.int64)
-        keys = counts
-    xs = keys // n
-    ys = keys - xs * n
-    other = ys != xs + lo  # a request is not its own partner
-    xs, ys, counts = xs[other], ys[other], counts[other]
-    # Rows are contiguous runs of xs: each row's maximum in one reduceat.
     top = np.zeros(width, dtype=np.int64)
-    if xs.size:
-        firsts = np.flatnonzero(np.concatenate(([True], xs[1:] != xs[:-1])))
-        top[xs[firsts]] = np.maximum.reduceat(counts, firsts)
-    tied = counts == top[xs]
-    return top, xs[tied], ys[tied]  # by row, then partner ascending: the keys were sorted
+    if not keys.size:
+        return top, top[:0], top[:0]
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    counts = np.diff(np.append(starts, keys.size))
+    keys = keys[starts]
+    # Every request with blocks has its own key (row * n + itself), first of none in
+    # particular: found by search, its count zeroed (a request is not its own partner).
+    rows = np.flatnonzero(sizes[lo:hi])
+    counts[np.searchsorted(keys, (rows * (n + 1) + lo).astype(keys.dtype))] = 0
+    # Rows are contiguous runs of keys, found by search too: each row's maximum in
+    # one reduceat (a row without blocks has no keys and keeps top 0).
+    bounds = np.searchsorted(keys, (rows * n).astype(keys.dtype))
+    top[rows] = np.maximum.reduceat(counts, bounds)
+    ends = np.append(bounds[1:], keys.size)
+    tied = np.flatnonzero((counts == np.repeat(top[rows], ends - bounds)) & (counts > 0))
+    tk = keys[tied].astype(np.int64)
+    xs = tk // n
+    return top, xs, tk - xs * n  # by row, then partner ascending: the keys were sorted
 
 
 def _pick(top, r, c, lo, hi, n, sizes, hot, candidates, out) -> None:
@@ -152,11 +148,12 @@ def _pick(top, r, c, lo, hi, n, sizes, hot, candidates, out) -> None:
     tops = top.tolist()
     picks = (best % (n + 1)).tolist()
     starts = bounds.tolist()
+    partners = c.tolist()
+    hots = hot[lo:hi].tolist()
     for i in range(width):
-        x = lo + i
-        if hot[x]:
+        if hots[i]:
             continue
         if tops[i] == 0:
-            out[x] = (0, -1, c[:0])
+            out[lo + i] = (0, -1, [])
         else:
-            out[x] = (tops[i], picks[i], c[starts[i]:starts[i + 1]])
+            out[lo + i] = (tops[i], picks[i], partners[starts[i]:starts[i + 1]])

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from cp_engine import planner
 from cp_engine.planner import _cluster_by_postings, _popularity_rank, _tail_order
 from cp_engine.planner_counts import SharedCounts
+from cp_engine.planner_postings import Postings
 from cp_engine.trie import BlockTrie
 
 
@@ -121,8 +122,18 @@ def greedy_by_definition(sets, w):
 @given(st.lists(st.lists(st.integers(0, 12), max_size=7, unique=True), max_size=14),
        st.lists(st.sampled_from([1.0, 2.0, 3.5]), min_size=13, max_size=13))
 def test_greedy_split_matches_its_definition(sets, w):
-    """Pairs of requests take their common blocks as one run; larger groups one block per level."""
-    assert planner._greedy_prefixes(sets, w) == greedy_by_definition(sets, w)
+    """Pairs of requests take their common blocks as one run; larger groups one block per level.
+    With the batch's postings for the first split, the same; and the tree counted from
+    the split is the tree of the orders it gives."""
+    want = greedy_by_definition(sets, w)
+    assert planner._greedy_prefixes(sets, w).prefix == want
+    got = planner._greedy_prefixes(sets, w, Postings(sets, 13))
+    assert got.prefix == want
+    assert got.rest == [set(s) - set(p) for s, p in zip(sets, want)]
+    rank = list(range(13))
+    orders = got.orders(rank)
+    assert got.tree(None) == planner._tree_measure(orders)
+    assert got.tree(w) == planner._tree_measure(orders, w)
 
 
 @settings(max_examples=200, deadline=None)
