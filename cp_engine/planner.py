@@ -125,6 +125,52 @@ def _weights_for(contexts: list[list], token_lengths, dense: dict) -> list[float
 _GREEDY_SCAN_GROUP = 64
 
 
+# The whole batch's split runs in NumPy when each request's blocks fit a table row of
+# at most this many times the mean length (the table is the batch, padded).
+_SPLIT_PAD = 4
+
+
+def _split_batch(postings: Postings, w: list[float], rem: list[set[int]], prefix: list[list[int]],
+                 stack: list[list[int]]) -> tuple[int, float] | None:
+    """The greedy split's first group, the whole batch, in NumPy: each step takes the
+    block worth most ((free holders - 1) x weight, ties to the lower id) and gives it
+    to its free holders, as the heap of the general loop does; returns (nodes, weight)
+    handed out, or None where it does not apply (weights negative or not finite, where
+    the heap's lazy order is not the value order; or lengths too uneven for a table).
+    """
+    sizes, blocks, indptr = postings.sizes, postings.blocks, postings.indptr
+    n, universe = sizes.size, postings.freq.size
+    longest = int(sizes.max()) if n else 0
+    if not n or longest * n > _SPLIT_PAD * max(blocks.size, 1):
+        return None
+    wv = np.asarray(w, dtype=np.float64)
+    if wv.size < universe or not np.all(np.isfinite(wv)) or wv.min(initial=0.0) < 0:
+        return None
+    # Row r: request r's blocks, padded with `universe` (a column that never counts).
+    table = np.full((n, longest), universe, dtype=np.int64)
+    table[postings.owner, np.arange(blocks.size) - indptr[postings.owner]] = blocks
+    count = np.append(postings.freq, 0)
+    wv = np.append(wv[:universe], 0.0)
+    value = np.where(count > 1, (count - 1) * wv, -np.inf)
+    free = np.ones(n, dtype=bool)
+    holders, starts = postings.holders, postings.lists()[1]
+    nodes, weight = 0, 0.0
+    while True:
+        b = int(value.argmax())
+        if count[b] < 2:
+            return nodes, weight
+        h = holders[starts[b]:starts[b + 1]]
+        sub = h[free[h]]
+        free[sub] = False
+        taken = table[sub].ravel()
+        np.subtract.at(count, taken, 1)
+        left = count[taken]
+        value[taken] = np.where(left > 1, (left - 1) * wv[taken], -np.inf)
+        _give(b, sub.tolist(), rem, prefix, stack)
+        nodes += 1
+        weight += w[b]
+
+
 @dataclass
 class _Greedy:
     """The greedy split's result: ``prefix[r]``, the shared prefix request ``r`` gets;
@@ -187,12 +233,18 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
         # holders by looking at each free member (a few); a large one keeps its
         # postings and counts up to date instead.
         small = len(group) <= _GREEDY_SCAN_GROUP
+        whole = first and postings is not None  # the whole batch, nothing taken yet
+        first = False
+        split = _split_batch(postings, w, rem, prefix, stack) if whole and not small else None
+        if split is not None:
+            nodes += split[0]
+            weight += split[1]
+            continue
         if small:
             counts = Counter(itertools.chain.from_iterable(map(rem.__getitem__, group)))
             free = group
         else:
-            if first and postings is not None:
-                # The whole batch, nothing taken yet: its postings are the batch's.
+            if whole:  # the batch's postings
                 holders, starts = postings.lists()
                 postings_of = {b: holders[starts[b]:starts[b + 1]]
                                for b in np.flatnonzero(postings.freq > 1).tolist()}
@@ -203,7 +255,6 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
                         postings_of[b].append(r)
             counts = {b: len(p) for b, p in postings_of.items() if len(p) >= 2}
             taken: set[int] = set()
-        first = False
         # Value of putting b next for its whole group: (copies − 1) × tokens saved.
         heap = [(-(c - 1) * w[b], b) for b, c in counts.items() if c > 1]
         heapq.heapify(heap)
@@ -229,13 +280,19 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
                     for x in rem[r]:
                         if x in counts:
                             counts[x] -= 1
-            for r in sub:
-                rem[r].discard(b)
-                prefix[r].append(b)
+            _give(b, sub, rem, prefix, stack)
             nodes += 1
             weight += w[b]
-            stack.append(sub)
     return _Greedy(prefix, rem, nodes, weight)
+
+
+def _give(b: int, members: list[int], rem: list[set[int]], prefix: list[list[int]], stack: list[list[int]]) -> None:
+    """The greedy split hands ``b`` to ``members``: next in each one's prefix, out of
+    its rest; they form a group of their own, split next."""
+    for r in members:
+        rem[r].discard(b)
+        prefix[r].append(b)
+    stack.append(members)
 
 
 class _Merges:
@@ -655,7 +712,7 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
     log = _MoveLog()
     placed_at = [-1] * len(orders)  # step each request was last searched
     placed_depth = [0.0] * len(orders)  # path weight of the node it was placed at
-    refs = trie.refs
+    refs, height = trie.refs, trie.height
     if rank is None:
         rank = _popularity_rank(freq)
     for _ in range(passes):
@@ -697,12 +754,11 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
                 moved = head + tail
             if moved == order:
                 # Re-inserting would rebuild the same path with the same node numbers;
-                # only the bound on the heights of the nodes it alone holds would reset.
+                # only the bound on the heights of the nodes it alone holds (those
+                # below `at`) would reset.
                 top = trie.depth_weight[path[-1]]
-                for n in reversed(path):
-                    if refs[n] > 1:
-                        break
-                    trie.height[n] = top
+                for n in path[at:]:
+                    height[n] = top
                 continue
             trie.release(path)
             paths[r] = trie.insert(tail, [w[b] for b in tail], start=node)
@@ -734,10 +790,10 @@ def _stays(overlap, at: int, shared: int, members: set[int], paths: list[list[in
     ties = overlap[2]
     if len(ties) > _STAYS_TIES:
         return False
-    for q in ties.tolist() if hasattr(ties, "tolist") else ties:
-        path = paths[q]
-        if at and len(path) >= at and path[at - 1] != shared:
-            if all(b in members for b in orders[q][:at]):
+    if at:
+        for q in ties:
+            path = paths[q]
+            if len(path) >= at and path[at - 1] != shared and members.issuperset(orders[q][:at]):
                 return False
     return True
 
@@ -844,14 +900,34 @@ def _tail_order(tail: list[int], rank: list[int]) -> list[int]:
 
 
 def _depth_first_order(trie: BlockTrie, paths: list[list[int]]) -> list[int]:
+    """The requests in depth-first order of their last nodes, largest subtree first.
+
+    A node only one request passes through heads a chain down to that request's last
+    node, which the walk would follow node by node with nothing else in between: the
+    request is scheduled on reaching the chain's head instead.
+    """
+    refs = trie.refs
     ends: dict[int, list[int]] = defaultdict(list)
+    alone: dict[int, int] = {}  # head of a chain only one request holds -> that request
     for r, path in enumerate(paths):
-        ends[path[-1] if path else ROOT].append(r)
+        if not path:
+            ends[ROOT].append(r)
+        elif refs[path[-1]] > 1:
+            ends[path[-1]].append(r)
+        else:
+            i = len(path) - 1
+            while i and refs[path[i - 1]] == 1:
+                i -= 1
+            alone[path[i]] = r
     order: list[int] = []
     stack = [ROOT]
-    children, refs = trie.children, trie.refs
+    children = trie.children
     while stack:
         node = stack.pop()
+        r = alone.get(node)
+        if r is not None:
+            order.append(r)
+            continue
         if node in ends:
             order.extend(ends[node])
         kids = children[node]
@@ -1025,13 +1101,21 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     # more tokens (chars/4 lengths; +4% cached tokens in vLLM's 128-token blocks).
     weighted = token_lengths is not None and w.count(1.0) != len(w)
     lone_weight = sum(w[b] for solo in lone for b in solo) if weighted else 0.0
+    whole = not weighted or _whole(w)  # then a tree's weight sums the same in any order
     built = []
     tried = {}
+    tries = {}
     for name, orders in candidates:
         size, cost = 0, 0.0
         if len(candidates) > 1:
-            if orders is None and (not weighted or _whole(w)):
+            if orders is None and whole:
                 size, cost = greedy.tree(w if weighted else None)
+            elif whole:
+                # The clustering's tree is usually the one kept: build it now and read
+                # its size, rather than measure it and build it again.
+                trie = BlockTrie()
+                tries[name] = (trie, trie.insert_all(orders, w.__getitem__))
+                size, cost = trie.size, trie.total_weight if weighted else float(trie.size)
             else:
                 if orders is None:
                     orders = greedy.orders(rank)
@@ -1043,8 +1127,11 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     _, _, name, orders = min(built)
     if orders is None:
         orders = greedy.orders(rank)
-    trie = BlockTrie()
-    paths = trie.insert_all(orders, w.__getitem__)
+    if name in tries:
+        trie, paths = tries[name]
+    else:
+        trie = BlockTrie()
+        paths = trie.insert_all(orders, w.__getitem__)
     tried[name]["tree_nodes_before_local_search"] = trie.size + lone_count
     passes = _local_search(trie, orders, paths, w, freq, local_search_passes,
                            overlaps if len(overlaps) == len(orders) else None, rank=rank) if local_search_passes else 0

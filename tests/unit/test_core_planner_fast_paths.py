@@ -120,14 +120,21 @@ def greedy_by_definition(sets, w):
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 12), max_size=7, unique=True), max_size=14),
-       st.lists(st.sampled_from([1.0, 2.0, 3.5]), min_size=13, max_size=13))
-def test_greedy_split_matches_its_definition(sets, w):
+       st.lists(st.sampled_from([1.0, 2.0, 3.5, 0.0]), min_size=13, max_size=13),
+       st.sampled_from([(64, 4), (2, 4), (2, 10**9), (2, 0)]))
+def test_greedy_split_matches_its_definition(sets, w, paths):
     """Pairs of requests take their common blocks as one run; larger groups one block per level.
-    With the batch's postings for the first split, the same; and the tree counted from
-    the split is the tree of the orders it gives."""
+    Every way of splitting a group gives the definition's split: scanning the members
+    (groups up to _GREEDY_SCAN_GROUP), postings, the batch's postings for the first
+    group, and the first group in NumPy (_SPLIT_PAD 10**9: always; 0: never). The tree
+    counted from the split is the tree of the orders it gives."""
+    scan, pad = paths
     want = greedy_by_definition(sets, w)
-    assert planner._greedy_prefixes(sets, w).prefix == want
-    got = planner._greedy_prefixes(sets, w, Postings(sets, 13))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(planner, "_GREEDY_SCAN_GROUP", scan)
+        m.setattr(planner, "_SPLIT_PAD", pad)
+        assert planner._greedy_prefixes(sets, w).prefix == want
+        got = planner._greedy_prefixes(sets, w, Postings(sets, 13))
     assert got.prefix == want
     assert got.rest == [set(s) - set(p) for s, p in zip(sets, want)]
     rank = list(range(13))
@@ -182,3 +189,25 @@ def cluster_cap_by_definition(freq):
 @given(st.lists(st.one_of(st.integers(1, 3), st.integers(1, 300), st.integers(1, 5000)), min_size=1, max_size=400))
 def test_cluster_cap_in_numpy_is_the_python_sums(freq):
     assert planner._cluster_cap(freq) == cluster_cap_by_definition(freq)
+
+
+def depth_first_by_definition(trie, paths):
+    """Every node visited, children largest subtree first (then the older node), each
+    request scheduled when its last node is reached."""
+    ends = {}
+    for r, path in enumerate(paths):
+        ends.setdefault(path[-1] if path else 0, []).append(r)
+    order, stack = [], [0]
+    while stack:
+        node = stack.pop()
+        order.extend(ends.get(node, []))
+        stack.extend(sorted(trie.children[node].values(), key=lambda c: (trie.refs[c], -c)))
+    return order
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), max_size=6, unique=True), max_size=20))
+def test_schedule_skipping_single_request_chains_is_the_full_walk(orders):
+    trie = BlockTrie()
+    paths = trie.insert_all(orders, lambda b: 1.0)
+    assert planner._depth_first_order(trie, paths) == depth_first_by_definition(trie, paths)
