@@ -7,6 +7,8 @@ Runs INSIDE benchmarks/.peer-venv (never imported by cp_engine or its tests):
 IN.json: a list of block-id lists. OUT.json, in cp_engine's BatchPlan convention:
 ``contexts[i]`` = the peer's reordering of input request i, ``order`` = execution
 order (input indices), plus ``seconds`` (wall time of the planning call),
+``cpu_seconds`` (CPU time of the call: this process and the worker processes it
+started and reaped, so the work its process pool spreads over both cores counts),
 ``peak_rss_mb`` (this process), ``children_peak_rss_mb`` (its worker pool) and
 ``rss_before_mb``.
 
@@ -19,10 +21,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import resource
 import sys
 import time
 
 from memwatch import children_peak_mb, peak_mb, reset_peak, rss_mb  # this script's folder
+
+
+def _children_cpu() -> float:
+    """User + system CPU of the reaped child processes (the peer's pool workers)."""
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
 
 
 def main(argv: list[str]) -> int:
@@ -36,11 +45,13 @@ def main(argv: list[str]) -> int:
     pilot = ContextPilot(use_gpu=False)
     rss_before = rss_mb()
     reset_peak()
+    c0 = time.process_time() + _children_cpu()
     t0 = time.perf_counter()
     # The peer prints progress banners to stdout; keep stdout for nothing but errors.
     with contextlib.redirect_stdout(sys.stderr):
         reordered, order = pilot.reorder(contexts)
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() + _children_cpu() - c0
 
     order = [int(i) for i in order]
     by_request: list = [None] * len(contexts)
@@ -50,6 +61,7 @@ def main(argv: list[str]) -> int:
         "contexts": by_request,
         "order": order,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "peak_rss_mb": peak_mb(),
         "children_peak_rss_mb": children_peak_mb(),
         "rss_before_mb": rss_before,

@@ -158,7 +158,7 @@ def measure_point(contexts, repeat: int, before, peer: bool, peer_repeat: int) -
         if peer and i < peer_repeat:
             res = peer_plan(contexts, use_cache=False)
             if res is not None:
-                runs["peer"].append((res["seconds"], float("nan")))
+                runs["peer"].append((res["seconds"], res.get("cpu_seconds", float("nan"))))
                 plans["peer"] = (res["contexts"], res["order"])
     out = {"load_1min": statistics.median(loads)}
     for m, times in runs.items():
@@ -166,8 +166,9 @@ def measure_point(contexts, repeat: int, before, peer: bool, peer_repeat: int) -
             continue
         out[m] = {"seconds": statistics.median(t for t, _ in times), "runs": [t for t, _ in times],
                   **quality(*plans[m])}
-        if m != "peer":
-            out[m]["cpu_seconds"] = statistics.median(c for _, c in times)
+        cpu = [c for _, c in times if c == c]  # the peer's where its runner reports it
+        if cpu:
+            out[m]["cpu_seconds"] = statistics.median(cpu)
     return out
 
 
@@ -230,13 +231,15 @@ def markdown(data: dict) -> str:
     out = [f"Side by side in one run: cp_engine (this tree), {'cp_engine at ' + before if before else 'no earlier planner'} "
            f"and ContextPilot 0.5.0 (fresh runs in its venv, {where}), interleaved call by call. "
            f"Times: planning call only, wall clock, median of {meta['repeat']} calls up to N = {meta['repeat_max_n']:,} "
-           f"(the peer's: {meta['peer_repeat']}), 1 above; CPU time of ours beside it; "
+           f"(the peer's: {meta['peer_repeat']}), 1 above; CPU time beside it (the peer's: its process and the "
+           "pool workers it spreads the distance computation over, so on 2 CPUs its wall time can be below its CPU "
+           "time), and both ratios: wall and CPU; "
            "load = 1-minute load average (2 CPUs shared with other agents). `~`: the peer's time extrapolated "
            "quadratically from its largest measured N, not a measurement. Quality of each plan, as scheduled: "
            "prefix-tree nodes and block hit ratio, unbounded and LRU 250 / 1,000 blocks, written ours / before / peer.",
-           "", "| workload | N | compound | ours s | CPU s | before s | peer s | vs peer | vs before | load | "
-           "tree nodes | hit ∞ | LRU 250 | LRU 1000 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "", "| workload | N | compound | ours s | CPU s | before s | peer s | peer CPU s | vs peer | vs peer CPU | "
+           "vs before | load | tree nodes | hit ∞ | LRU 250 | LRU 1000 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fam in FAMILIES:
         rows = data["families"].get(fam)
         if not rows:
@@ -251,10 +254,14 @@ def markdown(data: dict) -> str:
             else:
                 peer, mark = None, ""
             b = p.get("before", {}).get("seconds")
+            cpu = p["ours"]["cpu_seconds"]
+            peer_cpu = p.get("peer", {}).get("cpu_seconds")
             out.append(
-                f"| {fam} | {p['requests']:,} | {p['compound']:,} | {ours:.3f} | {p['ours']['cpu_seconds']:.3f} | "
+                f"| {fam} | {p['requests']:,} | {p['compound']:,} | {ours:.3f} | {cpu:.3f} | "
                 + (f"{b:.3f}" if b else "–") + " | " + (f"{mark}{peer:.1f}" if peer else "–") + " | "
-                + (f"{mark}{peer / ours:.0f}×" if peer else "–") + " | " + (f"{b / ours:.2f}×" if b else "–")
+                + (f"{peer_cpu:.1f}" if peer_cpu else "–") + " | "
+                + (f"{mark}{peer / ours:.0f}×" if peer else "–") + " | "
+                + (f"{peer_cpu / cpu:.0f}×" if peer_cpu else "–") + " | " + (f"{b / ours:.2f}×" if b else "–")
                 + f" | {p['load_1min']:.1f} | {_trio(p, 'tree_nodes', ',')} | {_trio(p, 'hit_inf', '.4f')} | "
                 f"{_trio(p, 'hit_250', '.4f')} | {_trio(p, 'hit_1000', '.4f')} |")
     grow = []
