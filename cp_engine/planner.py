@@ -122,53 +122,74 @@ def _weights_for(contexts: list[list], token_lengths, dense: dict) -> list[float
 
 
 # Groups up to this size find a block's holders by looking at each member.
-_GREEDY_SCAN_GROUP = 64
+_GREEDY_SCAN_GROUP = 32
 
 
-# The whole batch's split runs in NumPy when each request's blocks fit a table row of
-# at most this many times the mean length (the table is the batch, padded).
+# The greedy split of a large group runs in NumPy when each request's blocks fit a
+# table row of at most this many times the mean length (the table is the batch, padded).
 _SPLIT_PAD = 4
 
 
-def _split_batch(postings: Postings, w: list[float], rem: list[set[int]], prefix: list[list[int]],
-                 stack: list[list[int]]) -> tuple[int, float] | None:
-    """The greedy split's first group, the whole batch, in NumPy: each step takes the
-    block worth most ((free holders - 1) x weight, ties to the lower id) and gives it
-    to its free holders, as the heap of the general loop does; returns (nodes, weight)
-    handed out, or None where it does not apply (weights negative or not finite, where
-    the heap's lazy order is not the value order; or lengths too uneven for a table).
+class _SplitTable:
+    """The greedy split of large groups in NumPy, over the batch as a padded table:
+    each step takes the block worth most ((free holders - 1) x weight, ties to the
+    lower id) and hands it to its free holders, as the heap of the general loop does.
+
+    ``for_batch`` gives None where it does not apply: weights negative or not finite
+    (there the heap's lazy order is not the value order) or lengths too uneven.
     """
-    sizes, blocks, indptr = postings.sizes, postings.blocks, postings.indptr
-    n, universe = sizes.size, postings.freq.size
-    longest = int(sizes.max()) if n else 0
-    if not n or longest * n > _SPLIT_PAD * max(blocks.size, 1):
-        return None
-    wv = np.asarray(w, dtype=np.float64)
-    if wv.size < universe or not np.all(np.isfinite(wv)) or wv.min(initial=0.0) < 0:
-        return None
-    # Row r: request r's blocks, padded with `universe` (a column that never counts).
-    table = np.full((n, longest), universe, dtype=np.int64)
-    table[postings.owner, np.arange(blocks.size) - indptr[postings.owner]] = blocks
-    count = np.append(postings.freq, 0)
-    wv = np.append(wv[:universe], 0.0)
-    value = np.where(count > 1, (count - 1) * wv, -np.inf)
-    free = np.ones(n, dtype=bool)
-    holders, starts = postings.holders, postings.lists()[1]
-    nodes, weight = 0, 0.0
-    while True:
-        b = int(value.argmax())
-        if count[b] < 2:
-            return nodes, weight
-        h = holders[starts[b]:starts[b + 1]]
-        sub = h[free[h]]
-        free[sub] = False
-        taken = table[sub].ravel()
-        np.subtract.at(count, taken, 1)
-        left = count[taken]
-        value[taken] = np.where(left > 1, (left - 1) * wv[taken], -np.inf)
-        _give(b, sub.tolist(), rem, prefix, stack)
-        nodes += 1
-        weight += w[b]
+
+    def __init__(self, postings: Postings, wv: np.ndarray, longest: int) -> None:
+        sizes, blocks, indptr = postings.sizes, postings.blocks, postings.indptr
+        self.n, self.universe = sizes.size, postings.freq.size
+        # Row r: request r's blocks, padded with `universe` (a column that never counts).
+        self.table = np.full((self.n, longest), self.universe, dtype=np.int64)
+        self.table[postings.owner, np.arange(blocks.size) - indptr[postings.owner]] = blocks
+        self.wv = np.append(wv[:self.universe], 0.0)
+        self.postings = postings
+
+    @classmethod
+    def for_batch(cls, postings: Postings, w: list[float]) -> "_SplitTable | None":
+        sizes = postings.sizes
+        longest = int(sizes.max()) if sizes.size else 0
+        if not sizes.size or longest * sizes.size > _SPLIT_PAD * max(postings.blocks.size, 1):
+            return None
+        wv = np.asarray(w, dtype=np.float64)
+        if wv.size < postings.freq.size or not np.all(np.isfinite(wv)) or wv.min(initial=0.0) < 0:
+            return None
+        return cls(postings, wv, longest)
+
+    def split(self, group: list[int], whole: bool, w: list[float], rem: list[set[int]],
+              prefix: list[list[int]], stack: list[list[int]]) -> tuple[int, float]:
+        """Split ``group`` (``whole``: the batch, nothing taken yet); returns the
+        (nodes, weight) handed out."""
+        members = np.asarray(group, dtype=np.int64)
+        if whole:
+            count = np.append(self.postings.freq, 0)
+        else:
+            count = np.bincount(self.table[members].ravel(), minlength=self.universe + 1)
+            count[prefix[group[0]]] = 0  # every member holds the group's prefix, taken already
+        count[self.universe] = 0
+        wv, table = self.wv, self.table
+        value = np.where(count > 1, (count - 1) * wv, -np.inf)
+        free = np.zeros(self.n, dtype=bool)
+        free[members] = True
+        holders, starts = self.postings.holders, self.postings.lists()[1]
+        nodes, weight = 0, 0.0
+        while True:
+            b = int(value.argmax())
+            if count[b] < 2:
+                return nodes, weight
+            h = holders[starts[b]:starts[b + 1]]
+            sub = h[free[h]]
+            free[sub] = False
+            taken = table[sub].ravel()
+            np.subtract.at(count, taken, 1)
+            left = count[taken]
+            value[taken] = np.where(left > 1, (left - 1) * wv[taken], -np.inf)
+            _give(b, sub.tolist(), rem, prefix, stack)
+            nodes += 1
+            weight += w[b]
 
 
 @dataclass
@@ -211,6 +232,7 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
     stack = [list(range(len(sets)))]
     nodes, weight = 0, 0.0
     first = True
+    table = None  # the NumPy split for large groups, where it applies
     while stack:
         group = stack.pop()
         if len(group) < 2:
@@ -234,9 +256,11 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
         # postings and counts up to date instead.
         small = len(group) <= _GREEDY_SCAN_GROUP
         whole = first and postings is not None  # the whole batch, nothing taken yet
+        if first and postings is not None:
+            table = _SplitTable.for_batch(postings, w)
         first = False
-        split = _split_batch(postings, w, rem, prefix, stack) if whole and not small else None
-        if split is not None:
+        if not small and table is not None:
+            split = table.split(group, whole, w, rem, prefix, stack)
             nodes += split[0]
             weight += split[1]
             continue

@@ -126,7 +126,7 @@ def test_greedy_split_matches_its_definition(sets, w, paths):
     """Pairs of requests take their common blocks as one run; larger groups one block per level.
     Every way of splitting a group gives the definition's split: scanning the members
     (groups up to _GREEDY_SCAN_GROUP), postings, the batch's postings for the first
-    group, and the first group in NumPy (_SPLIT_PAD 10**9: always; 0: never). The tree
+    group, and large groups in NumPy (_SPLIT_PAD 10**9: always; 0: never). The tree
     counted from the split is the tree of the orders it gives."""
     scan, pad = paths
     want = greedy_by_definition(sets, w)
