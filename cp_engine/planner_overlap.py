@@ -53,6 +53,9 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
     sizes, indptr, blocks, owner = postings.sizes, postings.indptr, postings.blocks, postings.owner
     freq, holders, post_start = postings.freq, postings.holders, postings.starts
     hot = np.bincount(owner, weights=(freq[blocks] > hot_cap), minlength=n) > 0
+    if n * n < 1 << 31 and blocks.size < 1 << 31:
+        # Every pair key and position fits 32 bits: half the bytes for each pass.
+        owner, freq, holders, post_start = (a.astype(np.int32) for a in (owner, freq, holders, post_start))
 
     out: list[tuple[int, int, list[int]] | None] = [None] * n
     # Rows per chunk: cut where the running pair count passes chunk_pairs.
@@ -84,10 +87,11 @@ def _pair_keys(lo, hi, n, indptr, blocks, owner, freq, holders, post_start) -> n
     b = blocks[e0:e1]
     f = freq[b]
     total = int(f.sum())
-    # Entry e expands to its block's postings: positions post_start[b]..+f, flattened.
-    first = np.cumsum(f) - f
-    pos = np.arange(total, dtype=np.int64) + np.repeat(post_start[b] - first, f)
-    return np.repeat(owner[e0:e1] - lo, f) * n + holders[pos]
+    # Entry e expands to its block's postings: positions post_start[b]..+f, flattened
+    # (in the arrays' own integer type).
+    first = np.cumsum(f, dtype=f.dtype) - f
+    pos = np.arange(total, dtype=f.dtype) + np.repeat(post_start[b] - first, f)
+    return np.repeat((owner[e0:e1] - lo) * n, f) + holders[pos]
 
 
 def _ties_dense(keys, lo, hi, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,7 +115,7 @@ def _ties_sorted(keys, lo, hi, n, sizes) -> tuple[np.ndarray, np.ndarray, np.nda
     # 32-bit keys sort twice as fast where they fit.
     width = hi - lo
     if width * n < 1 << 31:
-        keys = keys.astype(np.int32)
+        keys = keys.astype(np.int32, copy=False)
     keys.sort()
     top = np.zeros(width, dtype=np.int64)
     if not keys.size:

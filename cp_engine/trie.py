@@ -237,15 +237,21 @@ class BlockTrie:
         so far, so shallower subtrees are skipped. The answer is the same as without
         it, as long as the budget is not reached.
         """
-        # A bound C method, not a lambda: this runs once per candidate node.
-        score = prefer or self.refs.__getitem__
-        gone: set[int] = set()
-        if without:
-            refs, own = self.refs, set(without)
-            gone = {n for n in without if refs[n] <= 1}
-            if prefer is None:
-                def score(c: int) -> int:
-                    return refs[c] - (c in own)
+        refs = self.refs
+        own: set[int] = set(without)
+        # The nodes only `without` holds are the end of its path from the first node
+        # with at most one reference (references only fall along a path), and below
+        # that node there is nothing else: leaving that one node out leaves them all out.
+        cut = cut_parent = -1
+        for i, n in enumerate(without):
+            if refs[n] <= 1:
+                cut, cut_parent = n, (without[i - 1] if i else ROOT)
+                break
+        if prefer is None:
+            def score(c: int) -> int:
+                return refs[c] - (c in own)
+        else:
+            score = prefer
         # The node number closes ties so the answer does not depend on set iteration order.
         best, best_key = start, (self.depth_weight[start], score(start) if start else 0, -start)
         if known != ROOT:
@@ -269,12 +275,15 @@ class BlockTrie:
                 found = [c for b, c in kids.items() if b in members]
             else:
                 found = [c for b in members if (c := kids.get(b)) is not None]
-            if gone:
-                found = [c for c in found if c not in gone]
+            if node == cut_parent and cut in found:
+                found.remove(cut)
             for c in found:
                 d = dweight[c]
                 if d >= bound:  # a shallower node cannot be the best
-                    key = (d, score(c), -c)
+                    if prefer is None:
+                        key = (d, refs[c] - (c in own), -c)
+                    else:
+                        key = (d, prefer(c), -c)
                     if key > best_key:
                         best, best_key, bound = c, key, d
             # A subtree that cannot hold the best is not pushed: it would be popped and
