@@ -504,6 +504,19 @@ def _merge_unit(m: _Merges, postings: dict[int, set[int]], ties: dict[int, tuple
             if found:
                 top = len(lists)
                 found = sorted(found)
+            elif len(lists) <= 3:
+                # Two or three blocks: the clusters holding two of them, else one of
+                # them, by set operations (no count).
+                if len(lists) == 3:
+                    a, b, c = lists
+                    found = (a & b) | (a & c) | (b & c)
+                    found.discard(x)
+                    top = 2
+                if not found:
+                    found = set().union(*lists)
+                    found.discard(x)
+                    top = 1 if found else 0
+                found = sorted(found) if len(found) > candidates else list(found)
             else:
                 seen = sum(map(len, lists))
                 if (table is not None and len(lists) < 256
