@@ -265,7 +265,8 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
             weight += split[1]
             continue
         if small:
-            counts = Counter(itertools.chain.from_iterable(map(rem.__getitem__, group)))
+            counts = {}
+            _count_elements(counts, itertools.chain.from_iterable(map(rem.__getitem__, group)))
             free = group
         else:
             if whole:  # the batch's postings
@@ -635,11 +636,12 @@ _TABLE_COLUMNS_PER_RANKED = 32
 def _shared_counts(sets: list[list[int]], freq: list[int]) -> SharedCounts | None:
     """The table for the clustering, when it fits and postings are long enough to use it."""
     n = len(sets)
-    shared = sum(1 for f in freq if f > 1)
+    f = np.asarray(freq, dtype=np.int64)
+    f = f[f > 1]
     clusters = 2 * n
-    if not n or shared * clusters > _TABLE_CELLS:
+    if not n or f.size * clusters > _TABLE_CELLS:
         return None
-    if sum(f * f for f in freq if f > 1) < n * (_TABLE_MIN_POSTINGS + clusters // _TABLE_COLUMNS_PER_POSTING):
+    if int((f * f).sum()) < n * (_TABLE_MIN_POSTINGS + clusters // _TABLE_COLUMNS_PER_POSTING):
         return None  # postings too short on average: the table would rarely be asked
     return SharedCounts.for_requests(sets, clusters, len(freq))
 
@@ -781,9 +783,13 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
             placed_depth[r] = trie.depth_weight[node]
             if node == shared:
                 # It stays where it hangs: the head is its own path's first ``at`` blocks.
-                head = order[:at]
-                tail = _tail_order(order[at:], rank)
-                moved = order if tail == order[at:] else head + tail
+                tail = order[at:]
+                moved = order
+                if len(tail) > 1:  # (one block is in order already)
+                    ranked = _tail_order(tail, rank)
+                    if ranked != tail:
+                        tail = ranked
+                        moved = order[:at] + ranked
             else:
                 head = trie.blocks_to(node)
                 placed = set(head)
