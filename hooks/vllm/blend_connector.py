@@ -58,8 +58,8 @@ class BlendConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if meta.reset:
             self.worker.reset()
-        for order in meta.loads:
-            self.worker.load(order)
+        if meta.loads:
+            self.worker.load_all(list(meta.loads))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None

@@ -19,6 +19,8 @@ Contract:
   the activations' dtype through torch's fused ``scaled_dot_product_attention`` (float
   accumulation, no score matrix held), as the engine's own kernel does; queries go in
   runs of consecutive positions and each run reads only the keys up to its last one.
+- ``run_batch(jobs)`` runs several requests' ``RecomputeJob``s in one pass (the loads
+  of one engine step): fewer, larger operations, the same K/V as one by one.
 - With ``narrow`` and ``check_layers > 0``: at each of the first ``check_layers`` layers
   (fewer than the model has), each selected token's K deviation (mean squared difference
   between the fresh K and the K the cache held before it was overwritten) is summed; after
@@ -39,7 +41,7 @@ from cp_engine.blend.rope import RopeSpec, UnsupportedRope
 
 from .blend_layout import PagedKV
 
-__all__ = ["ACCEPTED", "UnsupportedModel", "RecomputeReport", "DecoderRecompute"]
+__all__ = ["ACCEPTED", "UnsupportedModel", "RecomputeReport", "RecomputeJob", "DecoderRecompute"]
 
 # Model class -> (decoder layer class, attention class) whose forward this module mirrors.
 ACCEPTED = {
@@ -182,37 +184,45 @@ class DecoderRecompute:
             raise UnsupportedModel("layout_mismatch", f"RoPE head dim {spec.head_dim} vs cache {paged.head_dim}")
         return cls(model, paged, spec)
 
-    @torch.inference_mode()
     def run(self, token_ids: Sequence[int], slots: torch.LongTensor, select: torch.LongTensor,
             check_layers: int = 0, narrow: Callable[[np.ndarray], np.ndarray] | None = None) -> RecomputeReport:
         """See the module docstring. Returns the tokens recomputed per layer and the kept positions."""
-        end = len(token_ids)
-        slots = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
-        sel = torch.as_tensor(select, dtype=torch.int64).reshape(-1)
-        if slots.numel() != end:
-            raise ValueError(f"{slots.numel()} slots for {end} tokens")
-        if sel.numel() and (int(sel[0]) < 0 or int(sel[-1]) >= end or bool((sel[1:] <= sel[:-1]).any())):
-            raise ValueError(f"select must be sorted, unique positions inside [0, {end})")
-        ids = torch.as_tensor(list(token_ids), dtype=torch.int64)
-        if sel.numel() == 0:
-            return RecomputeReport([0] * self.num_layers, sel)
-        context = self._context_reader(slots)
-        checking = narrow is not None and 0 < check_layers < self.num_layers
-        deviation = torch.zeros(sel.numel(), dtype=torch.float64)
-        report = RecomputeReport([], sel)
-        h = self.model.model.embed_input_ids(ids[sel])
-        residual = None
-        for i, layer in enumerate(self.layers):
-            if checking and i == check_layers:
-                keep = self._narrowed(narrow, deviation, sel.numel())
-                sel, h, residual = sel[keep], h[keep], residual[keep]
-            report.tokens_per_layer.append(int(sel.numel()))
-            if sel.numel():
-                h, residual = self._layer(layer, sel, slots, context, h, residual,
-                                          deviation if checking and i < check_layers else None,
-                                          last=i == self.num_layers - 1)
-        report.kept = sel
-        return report
+        return self.run_batch([RecomputeJob(token_ids, slots, select, check_layers, narrow)])[0]
+
+    @torch.inference_mode()
+    def run_batch(self, jobs: Sequence["RecomputeJob"]) -> list[RecomputeReport]:
+        """``run`` for several requests in one pass (the loads of one engine step): the rows
+        of every job go through each projection and MLP together, attention and narrowing
+        stay per job. Results equal running the jobs one by one (up to float rounding of
+        the larger matrix products); a job with bad arguments raises ``ValueError``
+        before anything is written. The jobs' slots must not overlap."""
+        rows = [_JobRows.prepare(job, self) for job in jobs]
+        live = [r for r in rows if r.sel.numel()]
+        if live:
+            h = self.model.model.embed_input_ids(torch.cat([r.ids[r.sel] for r in live]))
+            residual = None
+            for i, layer in enumerate(self.layers):
+                if any(r.checking and i == r.check_layers for r in live):
+                    h, residual = self._narrow_rows(live, h, residual)
+                for r in live:
+                    r.report.tokens_per_layer.append(int(r.sel.numel()))
+                if sum(int(r.sel.numel()) for r in live):
+                    h, residual = self._layer(layer, live, h, residual, i, last=i == self.num_layers - 1)
+        for r in rows:
+            if not r.report.tokens_per_layer:
+                r.report.tokens_per_layer = [0] * self.num_layers
+            r.report.kept = r.sel
+        return [r.report for r in rows]
+
+    def _narrow_rows(self, live: list["_JobRows"], h: torch.Tensor, residual: torch.Tensor):
+        """Narrow the jobs whose check layers just ended; the others keep their rows."""
+        sizes = [int(r.sel.numel()) for r in live]
+        h_parts, res_parts = list(h.split(sizes)), list(residual.split(sizes))
+        for j, r in enumerate(live):
+            if r.checking and len(r.report.tokens_per_layer) == r.check_layers:
+                keep = self._narrowed(r.narrow, r.deviation, sizes[j])
+                r.sel, h_parts[j], res_parts[j] = r.sel[keep], h_parts[j][keep], res_parts[j][keep]
+        return torch.cat(h_parts), torch.cat(res_parts)
 
     @staticmethod
     def _narrowed(narrow, deviation: torch.Tensor, n: int) -> torch.Tensor:
@@ -241,35 +251,89 @@ class DecoderRecompute:
 
         return read
 
-    def _layer(self, layer, sel, slots, context, h, residual, deviation, last: bool = False):
-        """One decoder layer for the rows ``sel``; returns the next (hidden, residual). The last
-        layer stops once its K/V are written: nothing reads its attention or MLP output."""
+    def _layer(self, layer, live: list["_JobRows"], h, residual, index: int, last: bool = False):
+        """One decoder layer for every job's rows ``sel`` (concatenated in job order); returns
+        the next (hidden, residual). The last layer stops once its K/V are written: nothing
+        reads its attention or MLP output."""
         sa, name = layer.self_attn, layer.self_attn.attn.layer_name
         if residual is None:  # the first layer, as the model's own forward does it
             residual = h
             x = layer.input_layernorm(h)
         else:
             x, residual = layer.input_layernorm(h, residual)
-        n, heads, kv_heads, dim = sel.numel(), int(sa.num_heads), int(sa.num_kv_heads), int(sa.head_dim)
+        positions = torch.cat([r.sel for r in live])
+        n, heads, kv_heads, dim = positions.numel(), int(sa.num_heads), int(sa.num_kv_heads), int(sa.head_dim)
         qkv, _ = sa.qkv_proj(x)
         q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
         if getattr(sa, "qk_norm", False):
             q = sa.q_norm(q.reshape(n, heads, dim)).reshape(n, sa.q_size)
             k = sa.k_norm(k.reshape(n, kv_heads, dim)).reshape(n, sa.kv_size)
-        q, k = sa.rotary_emb(sel, q, k)
+        q, k = sa.rotary_emb(positions, q, k)
         k, v = k.reshape(n, kv_heads, dim), v.reshape(n, kv_heads, dim)
-        own = slots[sel]
-        if deviation is not None:
+        own = torch.cat([r.slots[r.sel] for r in live])
+        sizes = [int(r.sel.numel()) for r in live]
+        measuring = [r.checking and index < r.check_layers for r in live]
+        if any(measuring):
             stitched, _ = self.paged.read(name, own)
-            deviation += (k.float() - stitched.float()).pow(2).mean(dim=(1, 2)).double()
+            gap = (k.float() - stitched.float()).pow(2).mean(dim=(1, 2)).double()
+            for r, part, m in zip(live, gap.split(sizes), measuring):
+                if m:
+                    r.deviation += part
         self.paged.write(name, own, k, v)
         if last:
             return h, residual
-        keys, values = context(name, int(sel[-1]) + 1)
-        out = _causal_attention(q.reshape(n, heads, dim), keys, values, sel, float(sa.scaling))
+        q = q.reshape(n, heads, dim)
+        out = torch.empty_like(q)
+        at = 0
+        for r, size in zip(live, sizes):
+            if size:
+                keys, values = r.context(name, int(r.sel[-1]) + 1)
+                out[at:at + size] = _causal_attention(q[at:at + size], keys, values, r.sel, float(sa.scaling))
+            at += size
         o, _ = sa.o_proj(out.reshape(n, heads * dim).to(h.dtype))
         h, residual = layer.post_attention_layernorm(o, residual)
         return layer.mlp(h), residual
+
+
+@dataclass
+class RecomputeJob:
+    """One request's recompute: the arguments of ``DecoderRecompute.run``."""
+
+    token_ids: Sequence[int]
+    slots: torch.LongTensor
+    select: torch.LongTensor
+    check_layers: int = 0
+    narrow: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+@dataclass
+class _JobRows:
+    """A job's validated inputs and its rows' state while the batch runs."""
+
+    ids: torch.LongTensor
+    slots: torch.LongTensor
+    sel: torch.LongTensor
+    context: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]] | None
+    checking: bool
+    check_layers: int
+    narrow: Callable[[np.ndarray], np.ndarray] | None
+    deviation: torch.Tensor
+    report: RecomputeReport
+
+    @classmethod
+    def prepare(cls, job: RecomputeJob, owner: "DecoderRecompute") -> "_JobRows":
+        end = len(job.token_ids)
+        slots = torch.as_tensor(job.slots, dtype=torch.int64).reshape(-1)
+        sel = torch.as_tensor(job.select, dtype=torch.int64).reshape(-1)
+        if slots.numel() != end:
+            raise ValueError(f"{slots.numel()} slots for {end} tokens")
+        if sel.numel() and (int(sel[0]) < 0 or int(sel[-1]) >= end or bool((sel[1:] <= sel[:-1]).any())):
+            raise ValueError(f"select must be sorted, unique positions inside [0, {end})")
+        checking = job.narrow is not None and 0 < job.check_layers < owner.num_layers
+        return cls(ids=torch.as_tensor(list(job.token_ids), dtype=torch.int64), slots=slots, sel=sel,
+                   context=owner._context_reader(slots) if sel.numel() else None, checking=checking,
+                   check_layers=int(job.check_layers), narrow=job.narrow,
+                   deviation=torch.zeros(sel.numel(), dtype=torch.float64), report=RecomputeReport([], sel))
 
 
 def _query_runs(n: int) -> list[tuple[int, int]]:

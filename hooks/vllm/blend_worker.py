@@ -8,12 +8,13 @@ Contract (docs/blend-design.md, sections 3 and 6):
   ``reason`` disables blend on an unsupported layout or model), the ``KVLayout`` store
   keys are built under, and the ``BlockKVStore``. A disabled worker never touches the
   cache; the reason reaches the scheduler in the next worker meta;
-- ``load(order)`` (before the forward): ``store.get`` every reused block, moves K to its
-  new start (``shift_k``), writes K/V into the claimed slots through ``PagedKV.write``,
-  then runs ``DecoderRecompute.run`` over the plan's selection (measuring the K
-  deviation over the check layers when the plan ranks by it). Any failure (a miss after
-  eviction, a corrupt entry, an error in the pass) puts the request's claimed blocks in
-  ``load_errors`` so vLLM recomputes them (``kv_load_failure_policy="recompute"``);
+- ``load_all(orders)`` (before the forward; ``load(order)`` for one): for each order
+  ``store.get`` every reused block, moves K to its new start (``shift_k``), writes K/V
+  into the claimed slots through ``PagedKV.write``; then one ``DecoderRecompute.run_batch``
+  over every order's selection (measuring the K deviation over the check layers when a
+  plan ranks by it). Any failure (a miss after eviction, a corrupt entry, an error in
+  the pass) puts the claimed blocks of the orders it touched in ``load_errors`` so vLLM
+  recomputes them (``kv_load_failure_policy="recompute"``);
 - ``save(order)`` (after the forward): reads the block's K/V, normalises K to position 0
   and ``put``s it, unless the store holds it already; the entry's depth (``order.depth``)
   is reported with it. Entries loaded in the step are
@@ -41,7 +42,7 @@ from .blend_meta import BlendWorkerMeta, LoadOrder, SaveOrder
 from .blend_stats import BlendStats
 
 from .blend_layout import PagedKV, UnsupportedLayout
-from .blend_recompute import DecoderRecompute, UnsupportedModel
+from .blend_recompute import DecoderRecompute, RecomputeJob, UnsupportedModel
 
 __all__ = ["BlendWorker"]
 
@@ -130,20 +131,44 @@ class BlendWorker:
         return set(order.block_ids[plan.claim_start // bs:-(-plan.claim_end // bs)])
 
     def load(self, order: LoadOrder) -> None:
+        self.load_all([order])
+
+    def load_all(self, orders: list[LoadOrder]) -> None:
+        """Stitch every order's stored blocks, then recompute all their selections in one
+        pass. An order whose stitching fails is reported alone; a failing pass fails every
+        order in it (vLLM recomputes their claimed blocks)."""
         if not self.ready:
-            self.load_errors |= self._claimed_blocks(order)
+            for order in orders:
+                self.load_errors |= self._claimed_blocks(order)
+            return
+        stitched = []
+        for order in orders:
+            try:
+                stitched.append((order, *self._stitch(order)))
+            except Exception as exc:
+                self._failed(order, exc)
+        if not stitched:
             return
         try:
-            self._load(order)
+            reports = self.recompute.run_batch([job for _, job, _ in stitched])
         except Exception as exc:
-            self.load_errors |= self._claimed_blocks(order)
-            self.stats.add("load_failures")
-            self.stats.fallback("store_miss" if isinstance(exc, KeyError) else "load_error")
-            self._store_changed = True
-            if not isinstance(exc, KeyError):
-                faults.record_failure("vllm_blend_worker", exc)
+            for order, _, _ in stitched:
+                self._failed(order, exc)
+            return
+        for (order, job, entries), report in zip(stitched, reports):
+            self._loaded(order, report if job.select.numel() else None, entries)
 
-    def _load(self, order: LoadOrder) -> None:
+    def _failed(self, order: LoadOrder, exc: Exception) -> None:
+        self.load_errors |= self._claimed_blocks(order)
+        self.stats.add("load_failures")
+        self.stats.fallback("store_miss" if isinstance(exc, KeyError) else "load_error")
+        self._store_changed = True
+        if not isinstance(exc, KeyError):
+            faults.record_failure("vllm_blend_worker", exc)
+
+    def _stitch(self, order: LoadOrder) -> tuple[RecomputeJob, list]:
+        """Write the order's stored blocks, moved to their new positions, into its slots;
+        returns the recompute job for its selection and the store entries used."""
         plan, paged, rope = order.plan, self.paged, self.recompute.rope
         entries = []
         for block in plan.blocks:
@@ -169,11 +194,11 @@ class BlendWorker:
         else:
             select = torch.as_tensor(np.asarray(plan.selection(None).positions), dtype=torch.long)
             check, narrow = 0, None
-        if select.numel():
-            report = self.recompute.run(order.token_ids, slots, select, check_layers=check, narrow=narrow)
-            recomputed, kept = report.full_depth_tokens(), int(report.kept.numel())
-        else:
-            recomputed, kept = 0.0, 0
+        return RecomputeJob(order.token_ids, slots, select, check, narrow), entries
+
+    def _loaded(self, order: LoadOrder, report, entries: list) -> None:
+        plan = order.plan
+        recomputed, kept = (report.full_depth_tokens(), int(report.kept.numel())) if report else (0.0, 0)
         self.stats.add("loads")
         self.stats.add("claimed_tokens", plan.claimed)
         self.stats.add("recomputed_tokens", float(recomputed))

@@ -220,6 +220,37 @@ def test_slots_outside_a_block_table_are_read_one_by_one_with_the_same_result(en
     assert_cache_equals(kv, reverse, fresh, torch.arange(0, 200))
 
 
+def test_a_batch_of_jobs_repairs_every_prompt_with_its_own_narrowing(engine, recompute):
+    from cp_engine.hooks.vllm.blend_recompute import RecomputeJob
+
+    llm, worker = engine
+    kv = recompute.paged
+    # Whole blocks only: vLLM hands a finished prompt's partial last block to the next one.
+    prompts = [tokens(50, 384), tokens(51, 256), tokens(52, 256)]
+    runs = [prefill(llm, worker, ids, f"batch-{i}") for i, ids in enumerate(prompts)]
+    assert len(set(torch.cat([slots for slots, _ in runs]).tolist())) == 896  # three prompts, disjoint slots
+    claim0, claim1 = torch.arange(128, 300), torch.arange(100, 228)
+    bad1 = claim1[::4]
+    fill_garbage(kv, runs[0][0][claim0], seed=7)
+    fill_garbage(kv, runs[1][0][bad1], seed=8)
+    seen = []
+
+    def narrow(deviation: np.ndarray) -> np.ndarray:
+        seen.append(deviation.shape)
+        return np.argsort(-deviation, kind="stable")[: len(bad1)]
+
+    jobs = [RecomputeJob(prompts[0][:300], runs[0][0][:300], claim0),
+            RecomputeJob(prompts[1][:228], runs[1][0][:228], claim1, check_layers=1, narrow=narrow),
+            RecomputeJob(prompts[2], runs[2][0], torch.arange(0))]
+    reports = recompute.run_batch(jobs)
+    assert [r.tokens_per_layer for r in reports] == [[172] * 4, [128, 32, 32, 32], [0] * 4]
+    assert seen == [(128,)] and torch.equal(reports[1].kept, bad1)
+    assert_cache_equals(kv, runs[0][0], runs[0][1], torch.arange(0, 300))
+    assert_cache_equals(kv, runs[1][0], runs[1][1], torch.arange(0, 228))
+    with pytest.raises(ValueError):  # one bad job: nothing runs
+        recompute.run_batch([jobs[0], RecomputeJob(prompts[1], runs[1][0][:10], claim1)])
+
+
 def test_run_rejects_bad_arguments(recompute, engine):
     _, worker = engine
     kv = recompute.paged
