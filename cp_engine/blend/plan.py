@@ -123,12 +123,13 @@ class ReusePlan:
         """Prompt position of the first token whose KV comes from the store (None: none)."""
         return self.blocks[0].start if self.blocks else None
 
-    def full_depth_tokens(self, num_layers: int, check_layers: int) -> float:
+    def full_depth_tokens(self, num_layers: int, full_layers: int) -> float:
         """The connector's compute in whole-model tokens: the recomputed tokens, plus the
-        kept claimed tokens' pass through the check layers when the deviation is measured."""
-        if num_layers <= 0 or check_layers < 0:
-            raise ValueError("num_layers must be positive and check_layers non-negative")
-        extra = self.reused * min(check_layers, num_layers) / num_layers if self.needs_deviation else 0.0
+        reused tokens' pass through the ``full_layers`` layers every claimed token runs
+        through when the deviation is measured."""
+        if num_layers <= 0 or full_layers < 0:
+            raise ValueError("num_layers must be positive and full_layers non-negative")
+        extra = self.reused * min(full_layers, num_layers) / num_layers if self.needs_deviation else 0.0
         return self.recomputed + extra
 
     def selection(self, deviation: Sequence[float] | None = None) -> Selection:

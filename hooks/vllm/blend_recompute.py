@@ -21,11 +21,15 @@ Contract:
   runs of consecutive positions and each run reads only the keys up to its last one.
 - ``run_batch(jobs)`` runs several requests' ``RecomputeJob``s in one pass (the loads
   of one engine step): fewer, larger operations, the same K/V as one by one.
-- With ``narrow`` and ``check_layers > 0``: at each of the first ``check_layers`` layers
-  (fewer than the model has), each selected token's K deviation (mean squared difference
-  between the fresh K and the K the cache held before it was overwritten) is summed; after
-  them ``narrow(deviation)`` returns indices into ``select`` to keep, and later layers
-  recompute those rows only. ``check_layers <= 0`` or ``narrow=None``: no narrowing.
+- With ``narrow`` and ``check_layers > 0`` (fewer than the model has): every selected
+  token runs in full through the first ``check_layers`` layers; at the next layer its K
+  is computed and written, and its deviation (mean squared difference between that fresh
+  K and the K the cache held before) goes to ``narrow(deviation)``, which returns the
+  indices into ``select`` to keep; attention and MLP of that layer and every later one
+  run for those rows only. Layer 0's K depends on the token and its position alone, so a
+  stitched block shows no deviation there: the first layer that can show one is layer 1.
+  ``check_layers <= 0`` or ``narrow=None``: no narrowing. ``tokens_per_layer`` counts the
+  narrowing layer at its rows before narrowing.
 """
 from __future__ import annotations
 
@@ -202,8 +206,6 @@ class DecoderRecompute:
             h = self.model.model.embed_input_ids(torch.cat([r.ids[r.sel] for r in live]))
             residual = None
             for i, layer in enumerate(self.layers):
-                if any(r.checking and i == r.check_layers for r in live):
-                    h, residual = self._narrow_rows(live, h, residual)
                 for r in live:
                     r.report.tokens_per_layer.append(int(r.sel.numel()))
                 if sum(int(r.sel.numel()) for r in live):
@@ -214,15 +216,17 @@ class DecoderRecompute:
             r.report.kept = r.sel
         return [r.report for r in rows]
 
-    def _narrow_rows(self, live: list["_JobRows"], h: torch.Tensor, residual: torch.Tensor):
-        """Narrow the jobs whose check layers just ended; the others keep their rows."""
-        sizes = [int(r.sel.numel()) for r in live]
-        h_parts, res_parts = list(h.split(sizes)), list(residual.split(sizes))
-        for j, r in enumerate(live):
-            if r.checking and len(r.report.tokens_per_layer) == r.check_layers:
-                keep = self._narrowed(r.narrow, r.deviation, sizes[j])
-                r.sel, h_parts[j], res_parts[j] = r.sel[keep], h_parts[j][keep], res_parts[j][keep]
-        return torch.cat(h_parts), torch.cat(res_parts)
+    def _narrow_rows(self, live: list["_JobRows"], gaps: Sequence[torch.Tensor], ranking: list[bool]) -> torch.Tensor:
+        """Narrow the ranking jobs by their deviation; returns the kept rows of the batch."""
+        kept, at = [], 0
+        for r, gap, ranks in zip(live, gaps, ranking):
+            rows = torch.arange(at, at + gap.numel())
+            at += gap.numel()
+            if ranks:
+                keep = self._narrowed(r.narrow, gap, gap.numel())
+                r.sel, rows = r.sel[keep], rows[keep]
+            kept.append(rows)
+        return torch.cat(kept)
 
     @staticmethod
     def _narrowed(narrow, deviation: torch.Tensor, n: int) -> torch.Tensor:
@@ -272,17 +276,19 @@ class DecoderRecompute:
         k, v = k.reshape(n, kv_heads, dim), v.reshape(n, kv_heads, dim)
         own = torch.cat([r.slots[r.sel] for r in live])
         sizes = [int(r.sel.numel()) for r in live]
-        measuring = [r.checking and index < r.check_layers for r in live]
-        if any(measuring):
+        ranking = [r.checking and index == r.check_layers for r in live]
+        if any(ranking):
             stitched, _ = self.paged.read(name, own)
             gap = (k.float() - stitched.float()).pow(2).mean(dim=(1, 2)).double()
-            for r, part, m in zip(live, gap.split(sizes), measuring):
-                if m:
-                    r.deviation += part
-        self.paged.write(name, own, k, v)
+        self.paged.write(name, own, k, v)  # every row's fresh K/V, the ones narrowed away too
+        q = q.reshape(n, heads, dim)
+        if any(ranking):
+            keep = self._narrow_rows(live, gap.split(sizes), ranking)
+            q, residual, h = q[keep], residual[keep], h[keep]
+            sizes = [int(r.sel.numel()) for r in live]
+            n = int(keep.numel())
         if last:
             return h, residual
-        q = q.reshape(n, heads, dim)
         out = torch.empty_like(q)
         at = 0
         for r, size in zip(live, sizes):
@@ -317,7 +323,6 @@ class _JobRows:
     checking: bool
     check_layers: int
     narrow: Callable[[np.ndarray], np.ndarray] | None
-    deviation: torch.Tensor
     report: RecomputeReport
 
     @classmethod
@@ -332,8 +337,7 @@ class _JobRows:
         checking = job.narrow is not None and 0 < job.check_layers < owner.num_layers
         return cls(ids=torch.as_tensor(list(job.token_ids), dtype=torch.int64), slots=slots, sel=sel,
                    context=owner._context_reader(slots) if sel.numel() else None, checking=checking,
-                   check_layers=int(job.check_layers), narrow=job.narrow,
-                   deviation=torch.zeros(sel.numel(), dtype=torch.float64), report=RecomputeReport([], sel))
+                   check_layers=int(job.check_layers), narrow=job.narrow, report=RecomputeReport([], sel))
 
 
 def _query_runs(n: int) -> list[tuple[int, int]]:

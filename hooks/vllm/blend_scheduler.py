@@ -134,7 +134,8 @@ class BlendScheduler:
 
     def _recompute_cost(self, plan: ReusePlan) -> float:
         layers = self.layout.num_layers
-        return plan.full_depth_tokens(layers, min(self.config.blend_check_layers, layers))
+        # the check layers run in full, and the layer after them up to its K (counted in full)
+        return plan.full_depth_tokens(layers, min(self.config.blend_check_layers + 1, layers))
 
     def _track(self, request: Any) -> _Request | None:
         """The request's blend state, created on first sight; None when it has none."""

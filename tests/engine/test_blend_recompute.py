@@ -129,9 +129,18 @@ def test_recompute_of_a_block_moved_to_a_new_position_matches_a_fresh_prefill(en
         kv.write(name, slots2[block], shift_k(k0, 256, spec), v0)
     with pytest.raises(AssertionError):
         assert_cache_equals(kv, slots2, fresh, block)
-    report = recompute.run(ids[:384], slots2[:384], block)
+    deviations = []
+
+    def keep_all(deviation: np.ndarray) -> np.ndarray:
+        deviations.append(deviation)
+        return np.arange(len(deviation))
+
+    report = recompute.run(ids[:384], slots2[:384], block, check_layers=1, narrow=keep_all)
     assert report.tokens_per_layer == [128] * 4
     assert_cache_equals(kv, slots2, fresh, torch.arange(0, 384))
+    # The moved block's K is exact at layer 0 (token and position only); at layer 1, where
+    # the deviation is measured, the new context shows.
+    assert deviations[0].min() > 1e-6
 
 
 def test_narrow_runs_after_the_check_layers_and_the_report_counts_it(engine, recompute):
@@ -145,22 +154,22 @@ def test_narrow_runs_after_the_check_layers_and_the_report_counts_it(engine, rec
     calls = []
 
     def narrow(deviation: np.ndarray) -> np.ndarray:
-        # Called between the check layers and the rest: layer 0 holds fresh K everywhere,
-        # layer 1 still holds the garbage.
-        k0, _ = kv.read(kv.layer_names[0], slots[bad])
+        # Called at layer 1 once its fresh K/V are written for every claimed row (layer 0
+        # ran in full); layer 2 still holds the garbage.
         k1, _ = kv.read(kv.layer_names[1], slots[bad])
-        calls.append((deviation.copy(), torch.allclose(k0, fresh[kv.layer_names[0]][0][bad], **TOL),
-                      torch.allclose(k1, fresh[kv.layer_names[1]][0][bad], **TOL)))
+        k2, _ = kv.read(kv.layer_names[2], slots[bad])
+        calls.append((deviation.copy(), torch.allclose(k1, fresh[kv.layer_names[1]][0][bad], **TOL),
+                      torch.allclose(k2, fresh[kv.layer_names[2]][0][bad], **TOL)))
         return np.argsort(-deviation, kind="stable")[: len(bad)]
 
     report = recompute.run(ids[:256], slots[:256], claim, check_layers=1, narrow=narrow)
     assert len(calls) == 1
-    deviation, layer0_fresh, layer1_fresh = calls[0]
-    assert deviation.shape == (128,) and layer0_fresh and not layer1_fresh
+    deviation, layer1_fresh, layer2_fresh = calls[0]
+    assert deviation.shape == (128,) and layer1_fresh and not layer2_fresh
     assert deviation[::4].min() > 100 * max(deviation[np.arange(128) % 4 != 0].max(), 1e-12)
-    assert report.tokens_per_layer == [128, 32, 32, 32]
+    assert report.tokens_per_layer == [128, 128, 32, 32]  # the narrowing layer counted in full
     assert torch.equal(report.kept, bad)
-    assert report.full_depth_tokens() == (128 + 3 * 32) / 4
+    assert report.full_depth_tokens() == (2 * 128 + 2 * 32) / 4
     # Only the garbage rows were wrong, and they went through every layer: the cache is exact again.
     assert_cache_equals(kv, slots, fresh, torch.arange(0, 256))
     # check_layers 0 or no narrow: nothing is narrowed.
@@ -243,7 +252,7 @@ def test_a_batch_of_jobs_repairs_every_prompt_with_its_own_narrowing(engine, rec
             RecomputeJob(prompts[1][:228], runs[1][0][:228], claim1, check_layers=1, narrow=narrow),
             RecomputeJob(prompts[2], runs[2][0], torch.arange(0))]
     reports = recompute.run_batch(jobs)
-    assert [r.tokens_per_layer for r in reports] == [[172] * 4, [128, 32, 32, 32], [0] * 4]
+    assert [r.tokens_per_layer for r in reports] == [[172] * 4, [128, 128, 32, 32], [0] * 4]
     assert seen == [(128,)] and torch.equal(reports[1].kept, bad1)
     assert_cache_equals(kv, runs[0][0], runs[0][1], torch.arange(0, 300))
     assert_cache_equals(kv, runs[1][0], runs[1][1], torch.arange(0, 228))
