@@ -8,7 +8,7 @@ Contract (docs/blend-design.md, sections 3 and 6):
   ``reason`` disables blend on an unsupported layout or model), the ``KVLayout`` store
   keys are built under, and the ``BlockKVStore``. A disabled worker never touches the
   cache; the reason reaches the scheduler in the next worker meta;
-- ``load_all(orders)`` (before the forward; ``load(order)`` for one): for each order
+- ``load_all(orders)`` (before the forward, the step's loads): for each order
   ``store.get`` every reused block, moves K to its new start (``shift_k``), writes K/V
   into the claimed slots through ``PagedKV.write``; then one ``DecoderRecompute.run_batch``
   over every order's selection (measuring the K deviation over the check layers when a
@@ -130,9 +130,6 @@ class BlendWorker:
         plan, bs = order.plan, self.block_size
         return set(order.block_ids[plan.claim_start // bs:-(-plan.claim_end // bs)])
 
-    def load(self, order: LoadOrder) -> None:
-        self.load_all([order])
-
     def load_all(self, orders: list[LoadOrder]) -> None:
         """Stitch every order's stored blocks, then recompute all their selections in one
         pass. An order whose stitching fails is reported alone; a failing pass fails every
@@ -155,8 +152,8 @@ class BlendWorker:
             for order, _, _ in stitched:
                 self._failed(order, exc)
             return
-        for (order, job, entries), report in zip(stitched, reports):
-            self._loaded(order, report if job.select.numel() else None, entries)
+        for (order, _, entries), report in zip(stitched, reports):
+            self._loaded(order, report, entries)
 
     def _failed(self, order: LoadOrder, exc: Exception) -> None:
         self.load_errors |= self._claimed_blocks(order)
@@ -198,7 +195,7 @@ class BlendWorker:
 
     def _loaded(self, order: LoadOrder, report, entries: list) -> None:
         plan = order.plan
-        recomputed, kept = (report.full_depth_tokens(), int(report.kept.numel())) if report else (0.0, 0)
+        recomputed, kept = report.full_depth_tokens(), int(report.kept.numel())
         self.stats.add("loads")
         self.stats.add("claimed_tokens", plan.claimed)
         self.stats.add("recomputed_tokens", float(recomputed))
