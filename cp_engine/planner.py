@@ -86,9 +86,10 @@ def _validate(contexts) -> tuple[list[list], list[bool]]:
     out = []
     repeats = []
     for i, ctx in enumerate(contexts):
-        if isinstance(ctx, (str, bytes)) or not hasattr(ctx, "__iter__"):
-            raise TypeError(f"contexts[{i}] must be a list of blocks, got {type(ctx).__name__}")
-        ctx = list(ctx)
+        if type(ctx) is not list:  # (a list is only read: no copy)
+            if isinstance(ctx, (str, bytes)) or not hasattr(ctx, "__iter__"):
+                raise TypeError(f"contexts[{i}] must be a list of blocks, got {type(ctx).__name__}")
+            ctx = list(ctx)
         try:
             repeats.append(len(set(ctx)) != len(ctx))  # the set hashes every block, in C
         except TypeError:
@@ -147,6 +148,9 @@ class _SplitTable:
         self.table[postings.owner, np.arange(blocks.size) - indptr[postings.owner]] = blocks
         self.wv = np.append(wv[:self.universe], 0.0)
         self.postings = postings
+        # Unit weights: a block's value is its count less one, so the first largest
+        # count is the first largest value and no value array is kept.
+        self.unit = bool(np.all(wv[:self.universe] == 1.0))
 
     @classmethod
     def for_batch(cls, postings: Postings, w: list[float]) -> "_SplitTable | None":
@@ -170,8 +174,8 @@ class _SplitTable:
             count = np.bincount(self.table[members].ravel(), minlength=self.universe + 1)
             count[prefix[group[0]]] = 0  # every member holds the group's prefix, taken already
         count[self.universe] = 0
-        wv, table = self.wv, self.table
-        value = np.where(count > 1, (count - 1) * wv, -np.inf)
+        wv, table, unit = self.wv, self.table, self.unit
+        value = count if unit else np.where(count > 1, (count - 1) * wv, -np.inf)
         free = np.zeros(self.n, dtype=bool)
         free[members] = True
         holders, starts = self.postings.holders, self.postings.lists()[1]
@@ -185,8 +189,9 @@ class _SplitTable:
             free[sub] = False
             taken = table[sub].ravel()
             np.subtract.at(count, taken, 1)
-            left = count[taken]
-            value[taken] = np.where(left > 1, (left - 1) * wv[taken], -np.inf)
+            if not unit:
+                left = count[taken]
+                value[taken] = np.where(left > 1, (left - 1) * wv[taken], -np.inf)
             _give(b, sub.tolist(), rem, prefix, stack)
             nodes += 1
             weight += w[b]
@@ -215,8 +220,11 @@ class _Greedy:
             return nodes, float(nodes)
         return nodes, self.weight + sum(w[b] for left in self.rest for b in left)
 
-    def orders(self, rank: list[int]) -> list[list[int]]:
-        """Each request's greedy order: its prefix, then the rest most popular first."""
+    def orders(self, rank: list[int], sorted_from: list[int] | None = None) -> list[list[int]]:
+        """Each request's greedy order: its prefix, then the rest most popular first.
+        ``sorted_from``: filled with where each rest starts."""
+        if sorted_from is not None:
+            sorted_from.extend(map(len, self.prefix))
         return [head + _tail_order(list(left), rank) if left else list(head)
                 for head, left in zip(self.prefix, self.rest)]
 
@@ -298,6 +306,9 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
                 continue
             if small:
                 free = [r for r in free if b not in rem[r]]
+                if len(free) < 2:
+                    # No block has two free holders left: every later pop would be skipped.
+                    heap = ()
             else:
                 sub = [r for r in postings_of[b] if r not in taken]
                 taken.update(sub)
@@ -377,28 +388,45 @@ class _Merges:
             return x, y, c
         return None
 
-    def orders(self, freq: list[int] | None, rank: list[int] | None = None) -> list[list[int]]:
+    def orders(self, freq: list[int] | None, rank: list[int] | None = None,
+               sorted_from: list[int] | None = None) -> list[list[int]]:
         """Each request's blocks: what every node on its path adds, root first
-        (``rank``: ``_popularity_rank(freq)``, when the caller has it)."""
+        (``rank``: ``_popularity_rank(freq)``, when the caller has it). ``sorted_from``:
+        filled with where each request's own increment starts (sorted from there on)."""
         inter, parent = self.inter, self.parent
         if rank is None:
             rank = _popularity_rank(freq)
         # A parent is numbered after its children: walking down from the last cluster,
         # every parent's full order is known before its children extend it.
         full: list[list[int]] = [[]] * len(inter)
+        key = rank.__getitem__  # _tail_order's sort, on the sets themselves
         for c in range(len(inter) - 1, -1, -1):
             p = parent[c]
             if p >= 0:
                 added = inter[c] - inter[p]
-                full[c] = full[p] + _tail_order(list(added), rank) if added else full[p]
+                full[c] = full[p] + sorted(added, key=key) if added else full[p]
             else:
-                full[c] = _tail_order(list(inter[c]), rank)
-        return [list(full[r]) for r in range(self.requests)]
+                full[c] = sorted(inter[c], key=key)
+        # Each request's order is a list of its own unless its node added nothing.
+        out = full[:self.requests]
+        starts = []
+        for r, order in enumerate(out):
+            p = parent[r]
+            if p < 0:
+                starts.append(0)
+            elif order is full[p]:
+                out[r] = list(order)
+                starts.append(len(order))
+            else:
+                starts.append(len(full[p]))
+        if sorted_from is not None:
+            sorted_from.extend(starts)
+        return out
 
 
 def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
                          candidates: int = 8, overlaps: list | None = None, postings: Postings | None = None,
-                         rank: list[int] | None = None) -> list[list[int]]:
+                         rank: list[int] | None = None, sorted_from: list[int] | None = None) -> list[list[int]]:
     """Bottom-up clustering (see ``_Merges``) with partners from an inverted index.
 
     Blocks held by more than ``hot_cap`` clusters are skipped when looking for
@@ -406,15 +434,20 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     split's strength, rare shared blocks are this one's. ``overlaps``: with unit
     weights, filled with ``first_partners``' answer per request (the local search
     reuses it). ``postings``: the batch's postings of ``sets``, when the caller has
-    them; ``rank``: ``_popularity_rank(freq)``, likewise.
+    them; ``rank``: ``_popularity_rank(freq)``, likewise. ``sorted_from``: see
+    ``_Merges.orders``.
     """
     m = _Merges(sets, w)
     if postings is None:
         postings = Postings(sets, len(freq))
-    holders, starts = postings.lists()
-    # Block -> live clusters holding it; the requests are the first clusters.
-    live: dict[int, set[int]] = {b: set(holders[starts[b]:starts[b + 1]])
-                                 for b in np.flatnonzero(postings.freq).tolist()}
+    # Block -> live clusters holding it (a list indexed by block: a list lookup costs
+    # a fraction of a dict's; None for blocks no request shares); the requests are
+    # the first clusters.
+    live: list[set[int]] = [None] * postings.freq.size
+    run = iter(postings.lists()[0])  # the holders, block by block
+    held = np.flatnonzero(postings.freq)
+    for b, f in zip(held.tolist(), postings.freq[held].tolist()):
+        live[b] = set(itertools.islice(run, f))
     unit = w.count(1.0) == len(w)  # counted in C
     table = _shared_counts(sets, freq) if unit else None
 
@@ -437,7 +470,7 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
                 m.heap.append((-top, len(sets[x]) + len(sets[y]), x, y))
         heapq.heapify(m.heap)  # every entry is distinct, so the pop order is as if pushed one by one
         _merge_unit(m, live, ties, hot_cap, candidates, table)
-        return m.orders(freq if rank is None else None, rank)
+        return m.orders(freq if rank is None else None, rank, sorted_from)
     for x in range(len(sets)):
         push_best(x)
     while (merged := m.next_merge(push_best)) is not None:
@@ -448,10 +481,10 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
         for b in m.inter[c]:
             live[b].add(c)
         push_best(c)
-    return m.orders(freq if rank is None else None, rank)
+    return m.orders(freq if rank is None else None, rank, sorted_from)
 
 
-def _merge_unit(m: _Merges, postings: dict[int, set[int]], ties: dict[int, tuple[int, list[int]]],
+def _merge_unit(m: _Merges, postings: list[set[int]], ties: dict[int, tuple[int, list[int]]],
                 hot_cap: int, candidates: int, table: SharedCounts | None) -> None:
     """The clustering's merges for unit weights (``next_merge`` until done), where a
     cluster's score with another is the number of blocks they share.
@@ -543,7 +576,7 @@ def _merge_unit(m: _Merges, postings: dict[int, set[int]], ties: dict[int, tuple
                         count(acc, chain(lists))
                         acc.pop(x, None)
                         top = max(acc.values(), default=0)
-                    found = list(itertools.compress(acc, map(top.__eq__, acc.values())))
+                    found = [z for z, n in acc.items() if n == top]
                     if len(found) > candidates:
                         found.sort()
             if not top:
@@ -646,7 +679,7 @@ def _shared_counts(sets: list[list[int]], freq: list[int]) -> SharedCounts | Non
     return SharedCounts.for_requests(sets, clusters, len(freq))
 
 
-def _posting_partners(m: _Merges, postings: dict[int, set[int]], x: int, hot_cap: int, candidates: int,
+def _posting_partners(m: _Merges, postings: list[set[int]], x: int, hot_cap: int, candidates: int,
                       unit: bool, table: SharedCounts | None = None) -> list[int]:
     """Up to ``candidates`` clusters that can have the best exact score with x.
 
@@ -736,7 +769,8 @@ def _find_root(owner: list[int], c: int) -> int:
 
 
 def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]], w: list[float],
-                  freq: list[int], passes: int, overlaps: list | None = None, rank: list[int] | None = None) -> int:
+                  freq: list[int], passes: int, overlaps: list | None = None, rank: list[int] | None = None,
+                  sorted_from: list[int] | None = None) -> int:
     """Re-insert each request at the deepest node it fully contains; returns passes run.
 
     A request's answer depends only on the nodes whose path it fully contains and
@@ -744,16 +778,20 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
     cannot win), so once placed it is skipped until a move touches such a node (the
     search would give the same order and the same node numbers: skipping changes
     nothing). See ``_MoveLog``. ``overlaps`` (unit weights only): ``first_partners``'
-    answer per request, for ``_stays``.
+    answer per request, for ``_stays``. ``sorted_from[r]``: an index from which
+    ``orders[r]`` is already in ``_tail_order`` (None: none known); kept up to date.
     """
     ran = 0
     step = 0
     log = _MoveLog()
     placed_at = [-1] * len(orders)  # step each request was last searched
     placed_depth = [0.0] * len(orders)  # path weight of the node it was placed at
-    refs, height = trie.refs, trie.height
+    refs, height, dweight = trie.refs, trie.height, trie.depth_weight
+    nonneg = min(w, default=0.0) >= 0.0  # (then path weights and height bounds never fall going down)
     if rank is None:
         rank = _popularity_rank(freq)
+    if sorted_from is None:
+        sorted_from = [len(order) for order in orders]
     for _ in range(passes):
         ran += 1
         before = trie.size
@@ -764,44 +802,50 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
                 # Empty, or its whole path is shared already: no node can hold more of it.
                 continue
             since = placed_at[r]
-            members = set(order)
-            if since >= 0 and not log.touches(members, since, placed_depth[r], w):
-                continue
+            members = None  # the request's blocks as a set, built when a test needs them
+            if since >= 0:
+                members = set(order)
+                if not log.touches(members, since, placed_depth[r], w):
+                    continue
             placed_at[r] = step
-            # The deepest node of its path that others share too: where it hangs now.
-            shared = ROOT
-            at = len(path)
-            while at:
-                if refs[path[at - 1]] >= 2:
-                    shared = path[at - 1]
+            # The deepest node of its path that others share too: where it hangs now
+            # (references only fall along a path, and the last node has one).
+            at = 0
+            for n in path:
+                if refs[n] < 2:
                     break
-                at -= 1
-            if overlaps is not None and _stays(overlaps[r], at, shared, members, paths, orders):
+                at += 1
+            shared = path[at - 1] if at else ROOT
+            if overlaps is not None and _stays(overlaps[r], at, shared, members or order, paths, orders):
                 node = shared
             else:
-                node = trie.deepest_contained(members, without=path, known=shared)
-            placed_depth[r] = trie.depth_weight[node]
+                node = trie.deepest_contained(members or set(order), without=path, known=shared)
+            placed_depth[r] = dweight[node]
             if node == shared:
                 # It stays where it hangs: the head is its own path's first ``at`` blocks.
-                tail = order[at:]
                 moved = order
-                if len(tail) > 1:  # (one block is in order already)
+                if at < sorted_from[r] and len(order) - at > 1:  # (one block is in order already)
+                    tail = order[at:]
                     ranked = _tail_order(tail, rank)
                     if ranked != tail:
                         tail = ranked
                         moved = order[:at] + ranked
+                        sorted_from[r] = at
             else:
                 head = trie.blocks_to(node)
                 placed = set(head)
                 tail = _tail_order([b for b in order if b not in placed], rank)
                 moved = head + tail
-            if moved == order:
+                sorted_from[r] = len(head)
+            if moved is order:
                 # Re-inserting would rebuild the same path with the same node numbers;
                 # only the bound on the heights of the nodes it alone holds (those
-                # below `at`) would reset.
-                top = trie.depth_weight[path[-1]]
-                for n in path[at:]:
-                    height[n] = top
+                # below `at`) would reset. Down a path the bounds do not grow and none
+                # is below the path's own weight, so when the first is exact all are.
+                top = dweight[path[-1]]
+                if height[path[at]] != top or not nonneg:
+                    for n in path[at:]:
+                        height[n] = top
                 continue
             trie.release(path)
             paths[r] = trie.insert(tail, [w[b] for b in tail], start=node)
@@ -816,7 +860,7 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
 _STAYS_TIES = 16
 
 
-def _stays(overlap, at: int, shared: int, members: set[int], paths: list[list[int]],
+def _stays(overlap, at: int, shared: int, members, paths: list[list[int]],
            orders: list[list[int]]) -> bool:
     """Whether the tree search (unit weights) must answer ``shared``, the node at
     depth ``at`` where the request hangs; False when it cannot tell.
@@ -826,7 +870,8 @@ def _stays(overlap, at: int, shared: int, members: set[int], paths: list[list[in
     held by another request sharing that many blocks with this one. If ``top`` (the
     most any request shares with it) is ``at``, that request is one of ``ties`` and
     the node is on its path at depth ``at``: when each such node is ``shared`` or
-    leaves ``members``, there is none.
+    leaves ``members``, there is none. ``members``: the request's blocks (a set is
+    made of them only if a tie's path must be checked).
     """
     if overlap is None or overlap[0] != at:
         return False
@@ -836,8 +881,11 @@ def _stays(overlap, at: int, shared: int, members: set[int], paths: list[list[in
     if at:
         for q in ties:
             path = paths[q]
-            if len(path) >= at and path[at - 1] != shared and members.issuperset(orders[q][:at]):
-                return False
+            if len(path) >= at and path[at - 1] != shared:
+                if not isinstance(members, (set, frozenset)):
+                    members = set(members)
+                if members.issuperset(orders[q][:at]):
+                    return False
     return True
 
 
@@ -958,9 +1006,11 @@ def _depth_first_order(trie: BlockTrie, paths: list[list[int]]) -> list[int]:
         elif refs[path[-1]] > 1:
             ends[path[-1]].append(r)
         else:
-            i = len(path) - 1
-            while i and refs[path[i - 1]] == 1:
-                i -= 1
+            # References only fall along a path: the chain starts at the first node
+            # with one (its shared head is short, so it is found from the root side).
+            i = 0
+            while refs[path[i]] > 1:
+                i += 1
             alone[path[i]] = r
     order: list[int] = []
     stack = [ROOT]
@@ -975,8 +1025,10 @@ def _depth_first_order(trie: BlockTrie, paths: list[list[int]]) -> list[int]:
             order.extend(ends[node])
         kids = children[node]
         if len(kids) > 1:
-            # Largest subtree (most requests) first; pushed reversed onto the stack.
-            stack.extend(sorted(kids.values(), key=lambda c: (refs[c], -c)))
+            # Largest subtree (most requests) first, ties to the lower number; pushed
+            # reversed onto the stack. Two sorts in C: by number descending, then
+            # (stable) by references.
+            stack.extend(sorted(sorted(kids.values(), reverse=True), key=refs.__getitem__))
         elif kids:
             stack.extend(kids.values())
     return order
@@ -1077,33 +1129,40 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     dense = dict(zip(dense, range(len(dense))))
     originals: list[Hashable] = list(dense)
     number = dense.__getitem__
-    ids: list[list[int]] = []
-    extras: list[list[int]] = []
-    for ctx, repeat in zip(ctxs, repeats):
-        numbered = list(map(number, ctx))
-        if not repeat:
-            ids.append(numbered)
-            extras.append([])
-            continue
-        seen: set[int] = set()
-        uniq, dup = [], []
-        for d in numbered:
-            (dup if d in seen else uniq).append(d)
-            seen.add(d)
-        ids.append(uniq)
-        extras.append(dup)
+    extras: list[list[int]] | None = None  # each request's repeated blocks, where any
+    if not any(repeats):
+        # No request holds a block twice: the whole batch numbered in one pass.
+        sizes = np.fromiter(map(len, ctxs), dtype=np.int64, count=len(ctxs))
+        flat = np.fromiter(map(number, itertools.chain.from_iterable(ctxs)), dtype=np.int64,
+                           count=int(sizes.sum()))
+    else:
+        ids: list[list[int]] = []
+        extras = []
+        for ctx, repeat in zip(ctxs, repeats):
+            numbered = list(map(number, ctx))
+            if not repeat:
+                ids.append(numbered)
+                extras.append([])
+                continue
+            seen: set[int] = set()
+            uniq, dup = [], []
+            for d in numbered:
+                (dup if d in seen else uniq).append(d)
+                seen.add(d)
+            ids.append(uniq)
+            extras.append(dup)
+        sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(sizes.sum()))
     w = _weights_for(ctxs, token_lengths, dense)
     # A block held by one request can never be shared: plan only the shared blocks
     # and append each request's lone blocks, in their original order, at the end. The
     # tree is then exactly the shared-block tree plus one node per lone block, and
     # on sparse real retrieval (most blocks lone) every later step does far less work.
-    sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(sizes.sum()))
     counts = np.bincount(flat, minlength=len(originals))
     freq = counts.tolist()
     shared = counts[flat] > 1
     # Split each request's ids by the mask in NumPy: both parts keep their order.
-    ends = np.zeros(len(ids) + 1, dtype=np.int64)
+    ends = np.zeros(len(ctxs) + 1, dtype=np.int64)
     np.cumsum(sizes, out=ends[1:])
     kept = np.zeros(flat.size + 1, dtype=np.int64)
     np.cumsum(shared, out=kept[1:])
@@ -1111,8 +1170,8 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
     flat_shared = flat[shared]
     shared_ids, lone_ids = flat_shared.tolist(), flat[~shared].tolist()
     cuts, lone_cuts = cut.tolist(), (ends - cut).tolist()
-    sets = [shared_ids[cuts[i]:cuts[i + 1]] for i in range(len(ids))]
-    lone = [lone_ids[lone_cuts[i]:lone_cuts[i + 1]] for i in range(len(ids))]
+    sets = [shared_ids[cuts[i]:cuts[i + 1]] for i in range(len(ctxs))]
+    lone = [lone_ids[lone_cuts[i]:lone_cuts[i + 1]] for i in range(len(ctxs))]
     lone_count = len(lone_ids)
 
     postings = Postings.from_flat(flat_shared, cut[1:] - cut[:-1], len(originals))
@@ -1125,6 +1184,8 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         candidates.append(("greedy", None))
     cap = _cluster_cap(freq) if strategy == "auto" else max(freq, default=1)
     overlaps: list = []  # each request's first partners, when the clustering counts them
+    # Per candidate, where each order's sorted tail starts (for the local search).
+    sorted_from: dict[str, list[int]] = {}
     use_knn = partners == "kernel" or (
         partners == "auto" and strategy == "auto" and cap is None and len(sets) >= KNN_MIN_REQUESTS
         and any(f > 1 for f in freq) and partner_search is not None and partner_search.use_for(len(sets)))
@@ -1132,8 +1193,10 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         knn = partner_search.find(sets, KNN_PARTNERS, w)
         candidates.append(("cluster_knn", _cluster_by_knn(sets, w, freq, knn, candidates=KNN_PARTNERS)))
     elif strategy == "cluster" or (strategy == "auto" and cap is not None):
+        sorted_from["cluster"] = []
         candidates.append(("cluster", _cluster_by_postings(sets, w, freq, hot_cap=cap, overlaps=overlaps,
-                                                           postings=postings, rank=rank)))
+                                                           postings=postings, rank=rank,
+                                                           sorted_from=sorted_from["cluster"])))
 
     # Local search only on the smaller candidate tree: its gains are small next to the
     # gap between the candidates (measured on synthetic, HotpotQA and knowledge-base
@@ -1157,11 +1220,11 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
                 # The clustering's tree is usually the one kept: build it now and read
                 # its size, rather than measure it and build it again.
                 trie = BlockTrie()
-                tries[name] = (trie, trie.insert_all(orders, w.__getitem__))
+                tries[name] = (trie, trie.insert_all(orders, w))
                 size, cost = trie.size, trie.total_weight if weighted else float(trie.size)
             else:
                 if orders is None:
-                    orders = greedy.orders(rank)
+                    orders = greedy.orders(rank, sorted_from.setdefault(name, []))
                 size, cost = _tree_measure(orders, w if weighted else None)
         tried[name] = {"tree_nodes_before_local_search": size + lone_count}
         if weighted and len(candidates) > 1:
@@ -1169,21 +1232,25 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         built.append((cost, len(built), name, orders))
     _, _, name, orders = min(built)
     if orders is None:
-        orders = greedy.orders(rank)
+        orders = greedy.orders(rank, sorted_from.setdefault(name, []))
     if name in tries:
         trie, paths = tries[name]
     else:
         trie = BlockTrie()
-        paths = trie.insert_all(orders, w.__getitem__)
+        paths = trie.insert_all(orders, w)
     tried[name]["tree_nodes_before_local_search"] = trie.size + lone_count
     passes = _local_search(trie, orders, paths, w, freq, local_search_passes,
-                           overlaps if len(overlaps) == len(orders) else None, rank=rank) if local_search_passes else 0
+                           overlaps if len(overlaps) == len(orders) else None, rank=rank,
+                           sorted_from=sorted_from.get(name)) if local_search_passes else 0
     tried[name].update(tree_nodes=trie.size + lone_count, passes=passes)
     if weighted:
         tried[name]["tree_tokens"] = _live_weight(trie) + lone_weight
     schedule = _depth_first_order(trie, paths)
 
-    out = [[originals[b] for b in itertools.chain(o, solo, extra)] for o, solo, extra in zip(orders, lone, extras)]
+    if extras is None:
+        out = [[originals[b] for b in itertools.chain(o, solo)] for o, solo in zip(orders, lone)]
+    else:
+        out = [[originals[b] for b in itertools.chain(o, solo, extra)] for o, solo, extra in zip(orders, lone, extras)]
     total = len(shared_ids) + lone_count
     tree_nodes = trie.size + lone_count
     stats = {

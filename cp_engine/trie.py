@@ -10,6 +10,7 @@ node); freed numbers are reused.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Collection, Hashable, Sequence
 
 ROOT = 0
@@ -100,19 +101,24 @@ class BlockTrie:
                 height[ROOT] = top
         return path
 
-    def insert_all(self, sequences: Sequence[Sequence[Hashable]], weight: Callable[[Hashable], float]) -> list[list[int]]:
+    def insert_all(self, sequences: Sequence[Sequence[Hashable]],
+                   weight: Callable[[Hashable], float] | list[float]) -> list[list[int]]:
         """``[self.insert(s, [weight(b) for b in s]) for s in sequences]`` on an empty trie.
 
-        Same nodes, numbers and fields as inserting one by one; node creation is
-        inlined because building the planner's tree is most of its node creations.
+        ``weight``: a block's weight, or a list of float weights indexed by block (the
+        planner's dense ids), read without a call. Same nodes, numbers and fields as
+        inserting one by one; node creation is inlined because building the planner's
+        tree is most of its node creations.
         """
         if len(self.parent) != 1 or self._free:
             raise ValueError("insert_all builds an empty trie")
+        if not isinstance(weight, list):
+            of = weight
+            weight = {b: float(of(b)) for b in itertools.chain.from_iterable(sequences)}
         children, parent, block, wt = self.children, self.parent, self.block, self.weight
         dweight, depth, height, refs = self.depth_weight, self.depth, self.height, self.refs
-        last_use, gen = self.last_use, self.gen
         paths = []
-        created = 0
+        first = len(parent)
         total = self.total_weight
         for seq in sequences:
             path = []
@@ -120,20 +126,18 @@ class BlockTrie:
             for b in seq:
                 child = children[node].get(b)
                 if child is None:
-                    x = float(weight(b))
+                    x = weight[b]
+                    dw = dweight[node] + x
                     child = len(parent)
                     children.append({})
                     parent.append(node)
                     block.append(b)
                     wt.append(x)
-                    dweight.append(dweight[node] + x)
+                    dweight.append(dw)
                     depth.append(depth[node] + 1)
-                    height.append(dweight[node] + x)
+                    height.append(dw)
                     refs.append(1)
-                    last_use.append(0)
-                    gen.append(0)
                     children[node][b] = child
-                    created += 1
                     total += x
                 else:
                     refs[child] += 1
@@ -147,6 +151,10 @@ class BlockTrie:
                 if height[ROOT] < top:
                     height[ROOT] = top
             paths.append(path)
+        created = len(parent) - first
+        # Fields every new node starts with, filled at once.
+        self.last_use.extend(itertools.repeat(0, created))
+        self.gen.extend(itertools.repeat(0, created))
         self.size += created
         self.total_weight = total
         return paths

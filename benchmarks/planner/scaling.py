@@ -161,6 +161,9 @@ def measure_point(contexts, repeat: int, before, peer: bool, peer_repeat: int) -
                 runs["peer"].append((res["seconds"], res.get("cpu_seconds", float("nan"))))
                 plans["peer"] = (res["contexts"], res["order"])
     out = {"load_1min": statistics.median(loads)}
+    if "before" in plans:
+        # The same plan, request for request: each block order and the schedule.
+        out["same_plan_as_before"] = plans["ours"] == plans["before"]
     for m, times in runs.items():
         if not times:
             continue
@@ -270,7 +273,14 @@ def markdown(data: dict) -> str:
         if g:
             grow.append(f"{fam}: " + ", ".join(f"{METHOD_LABELS[m]} N^{g[m]:.2f}" for m in METHODS if g.get(m) is not None))
     out += ["", "Growth (slope of log time against log N over the measured points; the peer's over its N "
-            "only): " + "; ".join(grow) + ".", ""]
+            "only): " + "; ".join(grow) + "."]
+    compared = [(fam, p) for fam in FAMILIES for p in data["families"].get(fam, {}).get("points", [])
+                if "same_plan_as_before" in p]
+    if compared:
+        differ = [f"{fam} {p['requests']:,}" for fam, p in compared if not p["same_plan_as_before"]]
+        out += ["", f"Plans (every request's block order and the schedule) the same as {before}'s: "
+                + ("at every point." if not differ else "not at " + ", ".join(differ) + ".")]
+    out.append("")
     return "\n".join(out)
 
 
@@ -330,8 +340,10 @@ def main(argv=None) -> int:
             res |= {"requests": n, "compound": compound, "strategy": plan_batch(contexts).stats["strategy"],
                     "seconds": res["ours"]["seconds"], "cpu_seconds": res["ours"]["cpu_seconds"]}
             points.append(res)
+            same = res.get("same_plan_as_before")
             print(f"{fam} N={n:,}: " + ", ".join(f"{m} {res[m]['seconds']:.3f} s ({res[m]['tree_nodes']:,} nodes)"
                                                  for m in METHODS if m in res)
+                  + ("" if same is None else f", same plan as before: {same}")
                   + f", load {res['load_1min']:.1f}", file=sys.stderr, flush=True)
             data["families"][fam] = {"points": points}
             write_result(out, _finish(data), table=markdown, plot=plot, prov=prov)  # partial results survive

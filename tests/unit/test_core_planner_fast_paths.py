@@ -143,6 +143,49 @@ def test_greedy_split_matches_its_definition(sets, w, paths):
     assert got.tree(w) == planner._tree_measure(orders, w)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 12), max_size=7, unique=True), max_size=40),
+       st.sampled_from([(4, 4), (4, 10**9), (64, 10**9)]))
+def test_greedy_split_with_unit_weights_matches_its_definition(sets, paths):
+    """With unit weights the NumPy split takes the first largest count (no value
+    array); groups above 4 go to NumPy when _SPLIT_PAD allows."""
+    scan, pad = paths
+    w = [1.0] * 13
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(planner, "_GREEDY_SCAN_GROUP", scan)
+        m.setattr(planner, "_SPLIT_PAD", pad)
+        got = planner._greedy_prefixes(sets, w, Postings(sets, 13))
+    assert got.prefix == greedy_by_definition(sets, w)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_local_search_with_known_sorted_tails_is_the_same(seed, weighted):
+    """The orders' sorted tails (where each request's own increment starts) let the
+    local search skip re-sorting them: same orders, paths, tree and passes as
+    without the hint."""
+    sets = zipf_sets(300 + seed, n=250, corpus=80, k=9)
+    universe = max(b for s in sets for b in s) + 1
+    freq = [0] * universe
+    for s in sets:
+        for b in s:
+            freq[b] += 1
+    w = [1.0 + (b % 4) if weighted else 1.0 for b in range(universe)]
+    hint: list[int] = []
+    orders = _cluster_by_postings(sets, w, freq, hot_cap=10**9, sorted_from=hint)
+    rank = _popularity_rank(freq)
+    assert all(_tail_order(o[k:], rank) == o[k:] for o, k in zip(orders, hint))
+    runs = []
+    for known in (hint, None):
+        trie = BlockTrie()
+        got = [list(o) for o in orders]
+        paths = trie.insert_all(got, w)
+        passes = planner._local_search(trie, got, paths, w, freq, 3, rank=rank,
+                                       sorted_from=list(known) if known is not None else None)
+        runs.append((got, paths, passes, vars(trie)))
+    assert runs[0] == runs[1]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=6, unique=True), min_size=2, max_size=16),
        st.randoms(use_true_random=False))
@@ -211,3 +254,20 @@ def test_schedule_skipping_single_request_chains_is_the_full_walk(orders):
     trie = BlockTrie()
     paths = trie.insert_all(orders, lambda b: 1.0)
     assert planner._depth_first_order(trie, paths) == depth_first_by_definition(trie, paths)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 40), max_size=8, unique=True), max_size=30),
+       st.sampled_from([41, 1 << 17, 1 << 62]))
+def test_postings_holders_ascend_within_each_block(sets, universe):
+    """Each block's holders in request order whichever sort builds them (16-bit
+    radix, unique keys, or the stable sort where keys would overflow)."""
+    from cp_engine.planner_postings import _holders
+    import numpy as np
+
+    p = Postings(sets, 41)
+    got = _holders(p.blocks, p.owner, universe, len(sets))
+    assert got.tolist() == p.owner[np.argsort(p.blocks, kind="stable")].tolist()
+    holders, starts = p.lists()
+    for b in range(41):
+        assert holders[starts[b]:starts[b + 1]] == [r for r, s in enumerate(sets) if b in s]

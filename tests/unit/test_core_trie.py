@@ -19,6 +19,9 @@ def test_insert_all_builds_what_inserting_one_by_one_builds(orders):
     bulk = BlockTrie()
     assert bulk.insert_all(orders, weight) == paths
     assert vars(bulk) == vars(one)
+    listed = BlockTrie()  # weights as a list indexed by block
+    assert listed.insert_all(orders, [weight(b) for b in range(7)]) == paths
+    assert vars(listed) == vars(one)
 
 
 @settings(max_examples=80, deadline=None)
