@@ -138,23 +138,26 @@ def time_call(fn, contexts) -> tuple[float, float, object]:
 
 
 def measure_point(contexts, repeat: int, before, peer: bool, peer_repeat: int) -> dict:
-    """Ours, before and the peer on one batch, interleaved call by call."""
+    """Ours, before and the peer on one batch, interleaved call by call.
+
+    Ours and before take turns going first: the first call after the peer's run (a
+    process of its own that fills the caches and both cores for seconds) takes a few
+    percent longer on this machine, so always going first would tilt their ratio.
+    """
     from cp_engine import plan_batch
     from benchmarks.peer.client import peer_plan
 
     runs: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
     plans: dict[str, tuple[list, list]] = {}
     loads = []
+    planners = [("ours", plan_batch)] + ([("before", before)] if before is not None else [])
     for i in range(max(repeat, peer_repeat if peer else 0)):
         loads.append(os.getloadavg()[0])
         if i < repeat:
-            wall, cpu, plan = time_call(plan_batch, contexts)
-            runs["ours"].append((wall, cpu))
-            plans["ours"] = (plan.contexts, plan.order)
-            if before is not None:
-                wall, cpu, plan = time_call(before, contexts)
-                runs["before"].append((wall, cpu))
-                plans["before"] = (plan.contexts, plan.order)
+            for m, fn in (planners if i % 2 == 0 else planners[::-1]):
+                wall, cpu, plan = time_call(fn, contexts)
+                runs[m].append((wall, cpu))
+                plans[m] = (plan.contexts, plan.order)
         if peer and i < peer_repeat:
             res = peer_plan(contexts, use_cache=False)
             if res is not None:
