@@ -6,8 +6,9 @@
 #                                (vllm-router: CP_ENGINE_VLLM_ROUTER, else PATH, else installed
 #                                 into a scratch venv, build/vllm-router-venv)
 #   --api-server-count 2         tests/live/test_scaleout_api_servers_live.py
+#   --data-parallel-size 2       tests/live/test_scaleout_dp_live.py
 #
-#   bash scripts/slow_tests.sh            # all three
+#   bash scripts/slow_tests.sh            # all four
 #   bash scripts/slow_tests.sh router     # only the files whose name contains "router"
 #
 # Each file runs under the live-server lock (CP_ENGINE_LIVE_LOCK, default
@@ -29,7 +30,8 @@ export CP_VLLM_START_STALL_S="${CP_VLLM_START_STALL_S:-600}"  # a loaded 2-core 
 
 FILES=(tests/live/test_proxy_llamacpp_live.py
        tests/live/test_scaleout_router_live.py
-       tests/live/test_scaleout_api_servers_live.py)
+       tests/live/test_scaleout_api_servers_live.py
+       tests/live/test_scaleout_dp_live.py)
 if [ $# -gt 0 ]; then
   picked=()
   for f in "${FILES[@]}"; do for w in "$@"; do [[ $f == *"$w"* ]] && picked+=("$f") && break; done; done

@@ -4,6 +4,22 @@ from cp_engine.devtools.vllm_server import (  # noqa: F401
 )
 
 
+def index_views(srv: VllmServer, want: int = 2, tries: int = 60) -> dict:
+    """pid -> ``GET /cp_engine/index`` of that API server process, asked on new
+    connections until ``want`` processes answered (or ``tries`` asks)."""
+    import requests
+
+    seen: dict = {}
+    for _ in range(tries):
+        r = requests.get(srv.url + "/cp_engine/index", timeout=30, headers={"Connection": "close"})
+        r.raise_for_status()
+        view = r.json()
+        seen[view["pid"]] = view
+        if len(seen) >= want:
+            break
+    return seen
+
+
 def post_chat(srv: VllmServer, messages: list, headers: dict | None = None, **extra):
     """Greedy 2-token chat request with ``prompt_token_ids`` in the answer; returns the
     ``requests.Response`` whatever its status (``extra`` overrides any body field)."""

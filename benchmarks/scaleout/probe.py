@@ -17,6 +17,7 @@ import os
 import re
 
 STARTUP = re.compile(r"cp_engine \S+ active on vLLM \S+ \(pid (\d+), instance ([^)]+)\): features=(\S+)")
+ROLE = re.compile(r"\((\w+) pid=(\d+)\)")  # vLLM's log prefix, e.g. (EngineCore_DP1 pid=123)
 
 
 def main(argv=None) -> int:
@@ -53,10 +54,14 @@ def main(argv=None) -> int:
         report["error"] = str(exc)[-2000:]
     finally:
         log = srv.log_text() if srv.log_path else ""
-        procs = [{"pid": int(p), "instance": i, "features": f} for p, i, f in STARTUP.findall(log)]
+        roles = {int(pid): role for role, pid in ROLE.findall(log)}
+        procs = [{"pid": int(p), "role": roles.get(int(p), "?"), "instance": i, "features": f}
+                 for p, i, f in STARTUP.findall(log)]
         report["plugin_processes"] = procs
-        directory = socket_dir()
-        report["receivers"] = {inst: sorted(n for n in os.listdir(directory) if n.startswith(inst + "."))
+        # The server's processes run with TMPDIR set to its work dir, so their sockets live there.
+        directory = os.path.join(srv.workdir, f"cp_engine-{os.getuid()}") if srv.workdir else socket_dir()
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        report["receivers"] = {inst: sorted(n for n in names if n.startswith(inst + "."))
                                for inst in {p["instance"] for p in procs}}
         report["log"] = srv.log_path
         srv.stop()

