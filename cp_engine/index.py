@@ -155,6 +155,16 @@ class ContextIndex:
         with self._lock:
             return (_NS, namespace) in self._trie.children[ROOT]
 
+    def aligned_length(self, blocks: Sequence[Hashable], namespace: str = "") -> int:
+        """How many of ``blocks`` (in any order) ``best_order`` would put on an indexed
+        path: the depth of the deepest indexed path in ``namespace`` that uses only them."""
+        with self._lock:
+            first_pos: dict[Hashable, int] = {}
+            for i, b in enumerate(blocks):
+                first_pos.setdefault(b, i)
+            node = self._head_node(first_pos, namespace)
+            return 0 if node is None else len(self._trie.blocks_to(node)) - 1
+
     def match_length(self, blocks: Sequence[Hashable], namespace: str = "") -> int:
         """How many leading blocks of ``blocks`` (in this order) are indexed."""
         with self._lock:

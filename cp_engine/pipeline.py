@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from .annotate import labels_for, numbered_labels, render_annotation, render_block, render_reference
 from .blocks import block_id, estimate_tokens
@@ -230,11 +230,14 @@ class ContextPipeline:
 
     # -- whole chat requests ---------------------------------------------------
     def rewrite_messages(self, messages: Any, blocks: Any, conversation_id: str | None = None,
-                         tenant: str = "", keep_order: bool = False) -> tuple[list[dict], Prepared]:
+                         tenant: str = "", keep_order: bool = False,
+                         namespace_for: Callable[[str, list[int]], str] | None = None) -> tuple[list[dict], Prepared]:
         """Messages with the blocks rendered into the last user turn; input is not mutated.
 
         Earlier user turns of the same conversation are replayed as they were sent.
         Reads dedup state only: ``commit`` (or ``commit_history``) remembers this turn.
+        ``namespace_for(namespace, block_ids)`` may replace the namespace derived from the
+        history (one index view per data-parallel rank).
         Raises ``InvalidBlocks`` for malformed blocks or messages without a user turn.
         """
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
@@ -253,8 +256,11 @@ class ContextPipeline:
                     if hit is not None:
                         m["content"] = hit[0]
                         available |= hit[1]
+        namespace = namespace_of(out[:last_user])
+        if namespace_for is not None:
+            namespace = namespace_for(namespace, [block_id(t) for t in validate_blocks(blocks)])
         prep = self.prepare(blocks, conversation_id=conversation_id, tenant=tenant,
-                            namespace=namespace_of(out[:last_user]),
+                            namespace=namespace,
                             available=frozenset(available) if conv is not None else None,
                             follows_history=any(m.get("role") in _TURN_ROLES for m in out[:last_user]),
                             keep_order=keep_order)

@@ -23,6 +23,9 @@ Contract for each request (see ``cp_engine.marking`` for how blocks are marked):
 - blend on (``CP_ENGINE_BLEND=1``): a plan of the rendered blocks is attached for the
   tokenizer and the engine-request gate (``hooks/vllm/blend_spans.py``), which turn
   it into exact spans and the tenant scope; a client's ``cp_scope`` never passes;
+- data parallel (``--data-parallel-size`` > 1): one index view per engine rank; the
+  request goes to the rank whose view aligns most of its blocks (``hooks/vllm/dp_rank.py``),
+  unless the client or a router named one;
 - any failure of ours: counted as ``hook_failures{hook="chat_rewrite"}``, the blocks
   are rendered plainly in their given order, the suffix after the question (nothing
   lost), else the request is left as it came.
@@ -38,6 +41,7 @@ from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
 from .blend_spans import activate, attach, make_plan
+from .dp_rank import RankChoice
 from .serving_patch import make_wrapper
 from .staging import keep_order, stage
 
@@ -65,12 +69,14 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         pending: PendingCommit | None = None
         hints = getattr(request, "vllm_xargs", None)
         anchors = [suffix]
+        ranks: RankChoice | None = None
         if marks is None:
             messages = list(request.messages)
         else:
+            ranks = RankChoice.for_request(serving, raw_request, runtime.pipeline().index)
             messages, prep = runtime.pipeline().rewrite_messages(
                 marks.messages, marks.blocks, conversation_id=marks.conversation_id, tenant=tenant,
-                keep_order=keep_order(extra))
+                keep_order=keep_order(extra), namespace_for=ranks.namespace if ranks is not None else None)
             anchors.insert(0, context_anchor(prep.context_text, prep.order, prep.full, marks.blocks))
         messages = _with_suffix(messages, suffix)
         if marks is not None:
@@ -80,6 +86,8 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         # Assign last, together: a failure above leaves the request as it came.
         request.messages = messages
         request.vllm_xargs = attach(plan, hints)
+        if ranks is not None:
+            ranks.pin()
         activate(plan)
         return pending
     except InvalidBlocks as exc:

