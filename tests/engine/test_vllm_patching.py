@@ -126,6 +126,27 @@ def test_drift_chat_and_completion_entry_points():
         assert "message" in inspect.signature(cls.create_error_response).parameters
 
 
+def test_drift_data_parallel_rank_header_and_size():
+    """hooks/vllm/dp_rank.py pins a request through the header the serving classes read,
+    and reads the size from the engine client's parallel config."""
+    from starlette.requests import Request
+    from vllm.config import ParallelConfig
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+
+    from cp_engine.hooks.vllm.dp_rank import route
+
+    req = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+    route(req, 3)
+    assert OpenAIServingChat._get_data_parallel_rank(req) == 3, "vLLM no longer reads X-data-parallel-rank"
+    assert ParallelConfig().data_parallel_size == 1
+    import vllm.entrypoints.openai.chat_completion.serving as chat
+    import vllm.entrypoints.openai.completion.serving as completion
+
+    for mod in (chat, completion):
+        assert "_get_data_parallel_rank(raw_request)" in inspect.getsource(mod), \
+            f"{mod.__name__} stopped reading the rank from its request"
+
+
 def test_drift_request_fields_reach_sampling_params():
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
