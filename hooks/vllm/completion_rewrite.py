@@ -6,9 +6,10 @@ A string ``prompt`` with ``context_blocks`` becomes ``context_text + "\\n\\n" + 
 (reordered and annotated; no per-conversation dedup: a completion prompt carries no
 history the reference hints could point to). Lists of prompts or token ids pass through
 unchanged (counted in ``requests_passed_through``). ``context_suffix`` goes after the
-prompt (``prompt + "\n\n" + suffix``), ``context_keep_order`` and blend's plan work as
-in ``chat_rewrite``, and so does the data-parallel rank choice (``hooks/vllm/dp_rank.py``). Same 400 / fail-open rules as chat (a failed rewrite still puts the
-blocks, in given order, before the prompt and the suffix after it).
+prompt (``prompt + "\n\n" + suffix``), ``context_keep_order``, blend's plan and the
+data-parallel rank choice (``hooks/vllm/dp_rank.py``) work as in ``chat_rewrite``. Same
+400 / fail-open rules as chat (a failed rewrite still puts the blocks, in given order,
+before the prompt and the suffix after it).
 """
 from __future__ import annotations
 
