@@ -6,6 +6,7 @@ each row when the vLLM module it patches is imported. Glue modules: ``chat_rewri
 and ``completion_rewrite`` (API server prompt rewrite), ``queue`` (EngineCore waiting
 queue), ``eviction`` (EngineCore prefix-cache evictions), ``hints`` (how vLLM carries
 the request hints), ``receiver`` (API server end of the eviction channel); SGLang's
-adapter uses the same file names for the same roles. Importing this package does not
-import vLLM.
+adapter uses the same file names for the same roles. ``dp_rank`` (vLLM only) picks the
+engine rank of a block-marked request under data parallelism. Importing this package
+does not import vLLM.
 """
