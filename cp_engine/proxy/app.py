@@ -138,10 +138,11 @@ async def _exchange(request: web.Request, body: bytes, pending: PendingCommit | 
         if pending is not None:
             pending.reject()
         raise
-    resp = await relay(request, upstream, pending, on_broken=lambda: counters.inc("upstream_errors", 502))
     if request.method == "POST" and request.path.rstrip("/").endswith(_CACHE_RESETS) and upstream.status < 400:
-        request.app[PIPELINE].reset()  # the upstream forgot every prefix: so does the index
-    return resp
+        # The upstream has forgotten every prefix: so does the index, before the client
+        # can read the answer and send a request that would align to a stale path.
+        request.app[PIPELINE].reset()
+    return await relay(request, upstream, pending, on_broken=lambda: counters.inc("upstream_errors", 502))
 
 
 def build_app(cfg: ProxyConfig, pipeline: ContextPipeline | None = None) -> web.Application:
