@@ -14,10 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-
-STARTUP = re.compile(r"cp_engine \S+ active on vLLM \S+ \(pid (\d+), instance ([^)]+)\): features=(\S+)")
-ROLE = re.compile(r"\((\w+) pid=(\d+)\)")  # vLLM's log prefix, e.g. (EngineCore_DP1 pid=123)
 
 
 def main(argv=None) -> int:
@@ -27,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="server start limit, seconds")
     args = ap.parse_args(argv)
 
-    from cp_engine.devtools.vllm_server import VllmServer, tiny_model_dir
+    from cp_engine.devtools.vllm_server import VllmServer, plugin_processes, tiny_model_dir
     from cp_engine.hooks.channel import socket_dir
 
     extra: list[str] = []
@@ -54,9 +50,7 @@ def main(argv=None) -> int:
         report["error"] = str(exc)[-2000:]
     finally:
         log = srv.log_text() if srv.log_path else ""
-        roles = {int(pid): role for role, pid in ROLE.findall(log)}
-        procs = [{"pid": int(p), "role": roles.get(int(p), "?"), "instance": i, "features": f}
-                 for p, i, f in STARTUP.findall(log)]
+        procs = plugin_processes(log)
         report["plugin_processes"] = procs
         # The server's processes run with TMPDIR set to its work dir, so their sockets live there.
         directory = os.path.join(srv.workdir, f"cp_engine-{os.getuid()}") if srv.workdir else socket_dir()

