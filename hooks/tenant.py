@@ -52,6 +52,16 @@ def tenant_of_request(headers: Mapping[str, str] | None, fields: Any) -> str:
     def field(name: str) -> Any:
         if isinstance(fields, Mapping):
             return fields.get(name)
+        # A pydantic model keeps its declared fields in the instance dict and extra
+        # fields in ``__pydantic_extra__``; reading those directly avoids
+        # ``__getattr__``, whose miss path builds and raises an error every request.
+        own = getattr(fields, "__dict__", None)
+        if isinstance(own, dict) and name in own:
+            return own[name]
+        cls = type(fields)
+        if hasattr(cls, "__pydantic_fields__") and not hasattr(cls, name):  # not a property
+            extra = getattr(fields, "__pydantic_extra__", None)
+            return extra.get(name) if isinstance(extra, dict) else None
         return getattr(fields, name, None)
 
     return tenant_key(auth, field("cache_salt"), field("user"))

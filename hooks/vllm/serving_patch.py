@@ -36,12 +36,19 @@ def is_error_response(result: Any) -> bool:
     return any(c.__name__ == "ErrorResponse" for c in type(result).__mro__)
 
 
+def is_stream(result: Any) -> bool:
+    """An async iterator. Asked of the type: on a pydantic response an instance
+    ``hasattr`` misses through ``BaseModel.__getattr__``, which builds and raises an
+    ``AttributeError`` on every request."""
+    return hasattr(type(result), "__aiter__")
+
+
 def settle(pending: PendingCommit, result: Any) -> Any:
     """Accept/reject ``pending`` from ``result`` (see module docs); returns what to answer."""
     if is_error_response(result):
         pending.reject()
         return result
-    if hasattr(result, "__aiter__"):  # a stream of SSE chunks
+    if is_stream(result):  # a stream of SSE chunks
         return accept_on_first_chunk(result, pending)
     pending.accept()
     return result
