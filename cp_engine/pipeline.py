@@ -112,8 +112,12 @@ class ContextPipeline:
     # -- one request's blocks ----------------------------------------------------
     def prepare(self, blocks: Any, conversation_id: str | None = None, tenant: str = "",
                 namespace: str = "", available: frozenset | None = None,
-                follows_history: bool = False, keep_order: bool = False) -> Prepared:
+                follows_history: bool = False, keep_order: bool = False,
+                known_ids: Sequence[int] | None = None) -> Prepared:
         """Choose order and dedup for ``blocks`` and render them (see module docs).
+
+        ``known_ids``: ``block_id`` of each of ``blocks``, when the caller already
+        validated and hashed this same list (it is trusted, not checked).
 
         ``follows_history``: the blocks come after earlier chat turns. If nothing was
         ever recorded behind that exact history (``namespace``), the blocks keep their
@@ -128,9 +132,9 @@ class ContextPipeline:
         labels; blend reuses a block's KV wherever it sits, so the model can read the
         documents as retrieved. Dedup still applies in a conversation.
         """
-        texts = validate_blocks(blocks)
+        texts = validate_blocks(blocks) if known_ids is None else list(blocks)
         cfg = self.config
-        ids = [block_id(t) for t in texts]
+        ids = [block_id(t) for t in texts] if known_ids is None else list(known_ids)
         conv = (tenant, conversation_id) if conversation_id is not None and cfg.dedup else None
         plain = len(texts) > cfg.max_blocks_per_request or not (cfg.reorder or cfg.dedup or cfg.annotate)
         if plain:
@@ -257,10 +261,12 @@ class ContextPipeline:
                         m["content"] = hit[0]
                         available |= hit[1]
         namespace = namespace_of(out[:last_user])
-        if namespace_for is not None:
-            namespace = namespace_for(namespace, [block_id(t) for t in validate_blocks(blocks)])
+        known_ids = None
+        if namespace_for is not None:  # hashed once, for the rank choice and for prepare
+            known_ids = [block_id(t) for t in validate_blocks(blocks)]
+            namespace = namespace_for(namespace, known_ids)
         prep = self.prepare(blocks, conversation_id=conversation_id, tenant=tenant,
-                            namespace=namespace,
+                            namespace=namespace, known_ids=known_ids,
                             available=frozenset(available) if conv is not None else None,
                             follows_history=any(m.get("role") in _TURN_ROLES for m in out[:last_user]),
                             keep_order=keep_order)

@@ -106,3 +106,17 @@ def test_rewrite_messages_takes_the_namespace_from_namespace_for():
     assert seen[0][1] == [block_id(d) for d in docs]
     _, plain = pipe.rewrite_messages(messages, docs)
     assert plain.namespace == seen[0][0]
+
+
+def test_the_rank_path_renders_what_the_plain_path_renders():
+    """The ids hashed for the rank choice are the ones prepare orders and renders by."""
+    docs = ["alpha " * 30, "beta " * 30, "gamma " * 30, "alpha " * 30]
+    messages = [{"role": "user", "content": "which?"}]
+    ranked, plain = ContextPipeline(), ContextPipeline()
+    for pipe in (ranked, plain):  # a recorded path, so the order is the index's doing
+        pipe.record("r0", pipe.prepare(docs[2:3] + docs[:2], namespace=""))
+    out_r, prep_r = ranked.rewrite_messages(messages, docs, namespace_for=lambda ns, ids: ns)
+    out_p, prep_p = plain.rewrite_messages(messages, docs)
+    assert (prep_r.block_ids, prep_r.order, prep_r.full, prep_r.context_text) == \
+        (prep_p.block_ids, prep_p.order, prep_p.full, prep_p.context_text)
+    assert out_r == out_p
