@@ -35,7 +35,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from .planner_counts import SharedCounts
-from .planner_overlap import first_partners
+from .planner_overlap import first_partners, hot_rows
 from .planner_postings import Postings
 from .trie import ROOT, BlockTrie
 
@@ -344,6 +344,7 @@ class _Merges:
     def __init__(self, sets: list[list[int]], w: list[float]) -> None:
         self.requests = len(sets)
         self.w = w
+        self.unit = w.count(1.0) == len(w)  # (counted in C)
         self.inter: list[set[int]] = [set(s) for s in sets]
         self.alive = [True] * len(sets)
         self.parent = [-1] * len(sets)
@@ -352,7 +353,9 @@ class _Merges:
     def exact(self, x: int, y: int) -> tuple[float, int]:
         """(weight of the blocks x and y share, sum of their sizes)."""
         shared = self.inter[x] & self.inter[y]
-        return sum(self.w[b] for b in shared), len(self.inter[x]) + len(self.inter[y])
+        # Unit weights: the same float as the sum, without a step per block.
+        score = float(len(shared)) if self.unit else sum(self.w[b] for b in shared)
+        return score, len(self.inter[x]) + len(self.inter[y])
 
     def push_best(self, x: int, partners) -> None:
         """Score ``partners`` of x exactly; queue the best that shares anything."""
@@ -432,10 +435,10 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     Blocks held by more than ``hot_cap`` clusters are skipped when looking for
     partners (they still count in the exact score): popular blocks are the greedy
     split's strength, rare shared blocks are this one's. ``overlaps``: with unit
-    weights, filled with ``first_partners``' answer per request (the local search
-    reuses it). ``postings``: the batch's postings of ``sets``, when the caller has
-    them; ``rank``: ``_popularity_rank(freq)``, likewise. ``sorted_from``: see
-    ``_Merges.orders``.
+    weights, filled with ``first_partners``' answer per request, those with a hot
+    block included (the local search reuses it). ``postings``: the batch's postings
+    of ``sets``, when the caller has them; ``rank``: ``_popularity_rank(freq)``,
+    likewise. ``sorted_from``: see ``_Merges.orders``.
     """
     m = _Merges(sets, w)
     if postings is None:
@@ -458,12 +461,16 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
         # Unit weights: each cluster's full set of best partners is kept, so a cluster
         # whose chosen partner was merged away is re-queued from it (see _merge_unit).
         ties: dict[int, tuple[int, list[int]]] = {}
-        firsts = first_partners(sets, hot_cap, candidates, postings=postings)
+        # Where the local search reads the answers, requests with a hot block get theirs
+        # too (their pairs are counted anyway): its stay test then settles them as well.
+        answer_hot = overlaps is not None
+        firsts = first_partners(sets, hot_cap, candidates, postings=postings, answer_hot=answer_hot)
         if overlaps is not None:
             overlaps.extend(firsts)
+        hot = hot_rows(postings, hot_cap).tolist() if answer_hot else None
         for x, first in enumerate(firsts):
-            if first is None:  # a hot block: the ranked search, as for any hot cluster
-                push_best(x)
+            if first is None or (hot is not None and hot[x]):
+                push_best(x)  # a hot block: the ranked search, as for any hot cluster
             elif first[0]:
                 top, y, tied = first
                 ties[x] = (top, tied)

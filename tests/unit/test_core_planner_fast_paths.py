@@ -2,6 +2,7 @@
 clustering with its NumPy count table merges as with posting lists alone, and the
 popularity rank sorts as the (frequency, id) key."""
 import random
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -214,6 +215,22 @@ def test_plans_are_the_same_with_and_without_the_stay_test(seed, monkeypatch):
         m.setattr(planner, "_stays", lambda *a: False)
         want = planner.plan_batch(contexts, local_search_passes=3)
     got = planner.plan_batch(contexts, local_search_passes=3)
+    assert got == want and got.stats == want.stats
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plans_are_the_same_with_and_without_the_stay_test_where_blocks_are_hot(seed, monkeypatch):
+    """Requests holding a block above the clustering's cap get first_partners'
+    answer for the stay test too; it must still only skip searches that would not move."""
+    contexts = zipf_sets(300 + seed, n=400, corpus=150, k=10)
+    freq = Counter(b for c in contexts for b in c)
+    cap = sorted(freq.values())[-4]  # the three most popular blocks are hot
+    monkeypatch.setattr(planner, "_cluster_cap", lambda f: cap)
+    with monkeypatch.context() as m:
+        m.setattr(planner, "_stays", lambda *a: False)
+        want = planner.plan_batch(contexts, local_search_passes=3)
+    got = planner.plan_batch(contexts, local_search_passes=3)
+    assert 0 < sum(any(freq[b] > cap for b in c) for c in contexts) < len(contexts)
     assert got == want and got.stats == want.stats
 
 

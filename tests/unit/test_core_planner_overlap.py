@@ -35,10 +35,12 @@ def brute_force(sets, hot_cap, candidates):
        st.integers(1, 12), st.integers(1, 4), st.integers(1, 64))
 def test_first_partners_match_counting_each_request(sets, hot_cap, candidates, chunk_pairs):
     want = brute_force(sets, hot_cap, candidates)
-    # 0: every chunk sorts its pair keys; 10**9: every chunk counts in a dense table.
-    for dense_cells_per_pair in (0, 10**9):
+    # 0: every chunk sorts its pair keys; 10**9: every chunk counts in a dense table,
+    # with popular blocks as bit columns (bit_share 0: every shared block; 0.3: some;
+    # None: none).
+    for dense_cells_per_pair, bit_share in ((0, None), (10**9, None), (10**9, 0.0), (10**9, 0.3)):
         got = first_partners(sets, hot_cap, candidates, chunk_pairs=chunk_pairs,
-                             dense_cells_per_pair=dense_cells_per_pair)
+                             dense_cells_per_pair=dense_cells_per_pair, bit_share=bit_share)
         assert got == want
 
 
@@ -55,3 +57,22 @@ def test_requeue_from_ties_merges_as_a_full_recount():
         unit = _cluster_by_postings(sets, [1.0] * corpus, counts, hot_cap=10**9)
         general = _cluster_by_postings(sets, [2.0] * corpus, counts, hot_cap=10**9)
         assert unit == general
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 20), max_size=8, unique=True), max_size=30),
+       st.integers(1, 12), st.integers(1, 4), st.integers(1, 64))
+def test_first_partners_answer_hot_rows_as_without_a_cap(sets, hot_cap, candidates, chunk_pairs):
+    """answer_hot: every row gets the answer it would have with no cap; hot_rows names
+    the rows the cap would have left out."""
+    from cp_engine.planner_overlap import hot_rows
+    from cp_engine.planner_postings import Postings
+
+    want = brute_force(sets, 10**9, candidates)
+    capped = brute_force(sets, hot_cap, candidates)
+    for dense_cells_per_pair in (0, 10**9):
+        got = first_partners(sets, hot_cap, candidates, chunk_pairs=chunk_pairs,
+                             dense_cells_per_pair=dense_cells_per_pair, answer_hot=True)
+        assert got == want
+    if sets:
+        assert hot_rows(Postings(sets), hot_cap).tolist() == [c is None for c in capped]
