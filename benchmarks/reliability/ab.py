@@ -40,6 +40,8 @@ from cp_engine.devtools.reliability.servers import (DEBUG_MIDDLEWARE, plain_serv
 from cp_engine.devtools.reliability.soak import Workload, run_side
 
 SIDES = ("on", "off")
+PROFILE_RATE = 200  # Hz; every thread that is not idle
+PROFILE_RATE_GIL = 1000  # Hz; the GIL holder only, so fewer samples per second to spread
 
 
 def plain_kwargs() -> dict:
@@ -141,13 +143,18 @@ def summarize(rounds: list[dict]) -> dict:
 
 
 # -- profile ------------------------------------------------------------------------
-def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+def start_profile(pid: int, seconds: float, out: Path, gil: bool = False,
+                  rate: int = 200) -> subprocess.Popen | None:
+    """py-spy on ``pid`` and its children. ``gil``: sample only the thread holding the
+    GIL, so a sample is Python work being done (or descheduled while holding it), not
+    a thread waiting for the GIL or a lock."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         print("py-spy not found: no profile", file=sys.stderr)
         return None
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--format",
-                             "raw", "--rate", "200", "--duration", str(int(seconds)), "--output", str(out)],
+                             "raw", "--rate", str(rate), "--duration", str(int(seconds)), "--output", str(out)]
+                            + (["--gil"] if gil else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -279,8 +286,10 @@ def table(data: dict) -> str:
                    f"{r['engine_cpu_us_per_req']} | {r['load_1min']} |")
     diff = data.get("profile_diff")
     if diff:
-        out += ["", f"py-spy, both API servers in pair 0 (the server process, all its threads; wall µs per "
-                    f"request a thread was not idle, {diff['rate_hz']:g} Hz): on {diff['us_per_request']['on']:g}, "
+        what = ("µs per request a thread held the GIL" if diff.get("gil_only")
+                else "wall µs per request a thread was not idle")
+        out += ["", f"py-spy, both API servers in pair 0 (the server process, all its threads; {what}, "
+                    f"{diff['rate_hz']:g} Hz): on {diff['us_per_request']['on']:g}, "
                     f"off {diff['us_per_request']['off']:g}. Functions (inclusive) that differ most:", "",
                 "| function | on µs/req | off µs/req | on - off |", "|---|---|---|---|"]
         out += [f"| `{f['function']}` | {f['on_us']:g} | {f['off_us']:g} | {f['diff_us']:g} |"
@@ -317,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=20.0, help="unmeasured seconds of load per server first")
     ap.add_argument("--traffic", choices=("soak", "passthrough"), default="soak")
     ap.add_argument("--profile", action="store_true", help="py-spy on both servers in the first pair")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="with --profile: sample only the GIL holder, at 1000 Hz (Python work, not waits)")
     ap.add_argument("--index-max-nodes", type=int, default=200)
     ap.add_argument("--on-env", action="append", default=[], metavar="FLAG=VALUE",
                     help="a cp_engine flag for the plugin side (repeatable), e.g. CP_ENGINE_SCHEDULE=0")
@@ -353,15 +364,18 @@ def main(argv: list[str] | None = None) -> int:
                 spy = None
                 if args.profile and pair == 0:
                     raw = Path(tempfile.mkdtemp(prefix="cp_ab_")) / "profile.txt"
-                    spy = start_profile(servers[side].proc.pid, args.round, raw)
+                    spy = start_profile(servers[side].proc.pid, args.round, raw, gil=args.profile_gil,
+                                        rate=PROFILE_RATE_GIL if args.profile_gil else PROFILE_RATE)
                 r = {"pair": pair, **run_round(servers[side], side, args, workload)}
                 if spy is not None and spy.wait(120) == 0 and raw.exists():
                     raws[side] = (raw, r["requests"])
                     if side == "on":
                         data["profile"] = profile_summary(raw)
                     if len(raws) == 2:
-                        data["profile_diff"] = profile_diff(raws["on"][0], raws["off"][0], raws["on"][1],
-                                                            raws["off"][1])
+                        data["profile_diff"] = profile_diff(
+                            raws["on"][0], raws["off"][0], raws["on"][1], raws["off"][1],
+                            rate=PROFILE_RATE_GIL if args.profile_gil else PROFILE_RATE)
+                        data["profile_diff"]["gil_only"] = args.profile_gil
                 data["rounds"].append(r)
                 print(f"pair {pair} {side}: {r}", file=sys.stderr, flush=True)
                 data["summary"] = summarize(data["rounds"])
