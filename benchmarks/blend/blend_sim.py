@@ -39,63 +39,19 @@ import argparse
 import json
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
+from benchmarks.blend.engine_model import BlendEngine, PrefixCache
 from benchmarks.blend.prompts import Tokenizer, agent_prompts, chat_prompts, rag_prompts
-from cp_engine.blend.keys import KVLayout, Scope, block_key
-from cp_engine.blend.plan import blocks_to_store, plan_reuse
+from cp_engine.blend.keys import KVLayout
 from cp_engine.blend.spans import Rendered
-from cp_engine.blend.store import BlockKVStore, kv_shape
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 TARGETS = {"rag": ("plain", 3.0), "chat": ("plain", 2.0), "agent": ("prefix", 2.5)}
 FULL = {"rag_n": 400, "chat_sessions": 50, "agent_sessions": 24, "agent_turns": 8}
 QUICK = {"rag_n": 48, "chat_sessions": 8, "agent_sessions": 6, "agent_turns": 6}
-
-
-# ------------------------------------------------------------------ engine prefix cache
-
-class PrefixCache:
-    """vLLM-like prefix cache of ``capacity`` KV blocks (None: unbounded).
-
-    ``lookup`` returns the tokens served (whole blocks, hash-chained, never the last
-    prompt token) and refreshes them; ``commit(ids, upto)`` remembers the full blocks of
-    ``ids[:upto]``, the first block most recently used (vLLM frees a request's blocks
-    tail first), and evicts the least recently used beyond the capacity.
-    """
-
-    def __init__(self, block_size: int, capacity: int | None):
-        self.block_size, self.capacity = block_size, capacity
-        self._lru: OrderedDict[int, None] = OrderedDict()
-
-    def _chain(self, ids: Sequence[int], blocks: int) -> list[int]:
-        out, h, b = [], 0, self.block_size
-        for j in range(blocks):
-            h = hash((h, tuple(ids[j * b:(j + 1) * b])))
-            out.append(h)
-        return out
-
-    def lookup(self, ids: Sequence[int]) -> int:
-        served = 0
-        for h in self._chain(ids, (len(ids) - 1) // self.block_size):
-            if h not in self._lru:
-                break
-            self._lru.move_to_end(h)
-            served += self.block_size
-        return served
-
-    def commit(self, ids: Sequence[int], upto: int | None = None) -> None:
-        upto = len(ids) if upto is None else upto
-        for h in reversed(self._chain(ids, upto // self.block_size)):
-            self._lru[h] = None
-            self._lru.move_to_end(h)
-        while self.capacity is not None and len(self._lru) > self.capacity:
-            self._lru.popitem(last=False)
 
 
 # ------------------------------------------------------------------------------ arms
@@ -114,41 +70,13 @@ def prefix_arm(prompts: Sequence[Sequence[int]], block_size: int, capacity: int 
 def blend_arm(prompts: Sequence[Rendered], ratio: float, block_size: int, capacity: int | None,
               store_bytes: int, layout: KVLayout, commit_stitched: bool = False, mode: str = "both",
               first_tokens: int = 16, check_layers: int = 1, store_after_stitched: bool = False) -> dict:
-    """Engine prefix hit, then the blend plan against a bounded block store."""
-    cache = PrefixCache(block_size, capacity)
-    store = BlockKVStore(store_bytes)
-    scope = Scope()
-    zero = np.zeros((), dtype=np.float32)  # entries are broadcast views: sized, never allocated
-
-    def key_of(ids):
-        return block_key(layout, scope, ids)
-
-    c = {"prompt_tokens": 0, "engine_cached_tokens": 0, "claimed_tokens": 0, "reused_tokens": 0,
-         "recomputed_tokens": 0, "check_layer_tokens": 0.0, "engine_computed_tokens": 0, "requests_blended": 0}
+    """Engine prefix hit, then the blend plan against a bounded block store
+    (``engine_model.BlendEngine``; ``store_after_stitched``: any store depth, else depth 0)."""
+    engine = BlendEngine(ratio, block_size, capacity, store_bytes, layout, commit_stitched, mode, first_tokens,
+                         check_layers, store_depth=None if store_after_stitched else 0)
     for r in prompts:
-        ids, n = r.ids, len(r.ids)
-        hit = cache.lookup(ids)
-        plan = plan_reuse(ids, r.spans, hit, block_size, store.contains, ratio=ratio, mode=mode,
-                          first_tokens=first_tokens, key_of=key_of)
-        for b in plan.blocks:
-            store.get(b.key)  # the loader's read: counts the hit, refreshes the entry
-        c["prompt_tokens"] += n
-        c["engine_cached_tokens"] += hit
-        c["claimed_tokens"] += plan.claimed
-        c["reused_tokens"] += plan.reused
-        c["recomputed_tokens"] += plan.recomputed
-        c["check_layer_tokens"] += plan.full_depth_tokens(layout.num_layers, check_layers) - plan.recomputed
-        c["engine_computed_tokens"] += n - hit - plan.claimed
-        c["requests_blended"] += not plan.empty
-        cache.commit(ids, None if plan.empty or commit_stitched else plan.claim_start)
-        for key, _ in blocks_to_store(ids, r.spans, store.contains, plan, key_of, store_after_stitched):
-            store.put(key, np.broadcast_to(zero, kv_shape(key)))
-    c["check_layer_tokens"] = round(c["check_layer_tokens"])
-    c["computed_tokens"] = c["engine_computed_tokens"] + c["recomputed_tokens"] + c["check_layer_tokens"]
-    st = store.stats()
-    c["store"] = {k: st[k] for k in ("blend_store_entries", "blend_store_tokens", "blend_stored_tokens",
-                                     "blend_hits", "blend_evictions", "blend_store_refused")}
-    return c
+        engine.serve(r)
+    return engine.totals()
 
 
 def run_workload(kind: str, w: dict, tok: Tokenizer, args, capacity: int, layout: KVLayout) -> dict:

@@ -1,13 +1,14 @@
-"""The blend simulation's parts: prefix cache, block marking, blend arm; no engine."""
+"""The blend simulation's parts: prefix cache, block marking, blend arm, store depth; no engine."""
 from __future__ import annotations
 
 import random
 
 from benchmarks.blend.blend_sim import PrefixCache, blend_arm, prefix_arm
+from benchmarks.blend.engine_model import BlendEngine
 from benchmarks.blend.prompts import block_segments
 from benchmarks.engine.token_sim import prefix_cache_served
-from cp_engine.blend.keys import KVLayout
-from cp_engine.blend.spans import encode_segments
+from cp_engine.blend.keys import KVLayout, Scope, block_key
+from cp_engine.blend.spans import Rendered, encode_segments
 
 LAYOUT = KVLayout.make(model="m", fingerprint="f", dtype="float32", num_layers=4, num_kv_heads=1, head_dim=2,
                        block_size=4, rope="r")
@@ -85,3 +86,25 @@ def test_the_exact_only_store_never_keeps_a_block_first_seen_behind_a_reused_one
     # exact-only stores b only at the third request, where nothing stitched precedes it
     assert exact["store"]["blend_stored_tokens"] == after["store"]["blend_stored_tokens"] == 80
     assert after["computed_tokens"] == exact["computed_tokens"] - 40  # the third request keeps b
+
+
+def _sim(ids, spans):
+    return Rendered(list(ids), list(spans))
+
+
+def test_store_depth_bounds_how_far_behind_stitched_kv_a_stored_block_may_sit():
+    a, b, c = list(range(100, 140)), list(range(200, 240)), list(range(300, 340))
+    prompts = [_sim([1, 1, 1, 1] + a + [9], [(4, 44)]),
+               _sim([2, 2, 2, 2] + a + b + [9], [(4, 44), (44, 84)]),  # b computed behind stitched a
+               _sim([3, 3, 3, 3] + b + c + [9], [(4, 44), (44, 84)])]  # c behind b (depth 1 when stored)
+
+    def held(depth, upto=3):
+        eng = BlendEngine(0.0, 4, None, 1 << 30, LAYOUT, store_depth=depth)
+        for p in prompts[:upto]:
+            eng.serve(p)
+        return [eng.store.contains(block_key(LAYOUT, Scope(), x)) for x in (a, b, c)]
+
+    assert held(0, 2) == [True, False, False]
+    assert held(1, 2) == [True, True, False]
+    assert held(1) == [True, True, False]  # c would sit two generations deep
+    assert held(2) == held(None) == [True, True, True]
