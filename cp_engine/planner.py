@@ -34,7 +34,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from .planner_counts import SharedCounts
+from .planner_counts import SharedCounts, best_counted
 from .planner_overlap import first_partners, hot_rows
 from .planner_postings import Postings
 from .trie import ROOT, BlockTrie
@@ -706,11 +706,9 @@ def _posting_partners(m: _Merges, postings: list[set[int]], x: int, hot_cap: int
         top = int(counts.max())
         if not top:
             return []
-        ranked = np.flatnonzero(counts >= max(top - skipped, 1))  # in acc: counted at least once
-        if ranked.size > candidates:
-            # Most shared first, then the lowest number: nlargest's order below.
-            ranked = ranked[np.lexsort((ranked, -counts[ranked].astype(np.int64)))[:candidates]]
-        return ranked.tolist()
+        # At least once (as in acc), most shared first, then the lowest number: nlargest's
+        # order below.
+        return best_counted(counts, top, max(top - skipped, 1), candidates)
     if unit:
         # Every block weighs 1: count in C (Counter) rather than a Python loop.
         acc = Counter(itertools.chain.from_iterable(h for _, h in lists))

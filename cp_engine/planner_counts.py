@@ -13,6 +13,7 @@ merged-away cluster is masked out by ``alive``, never cleared.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -65,3 +66,24 @@ class SharedCounts:
         counts *= self.alive
         counts[x] = 0
         return counts
+
+
+def best_counted(counts: np.ndarray, top: int, floor: float, k: int) -> list[int]:
+    """The clusters counted at least ``floor``: all of them, ascending, when there are at
+    most ``k``; else the ``k`` with the most, ties to the lower number, in that order.
+
+    ``top``: ``counts.max()``. The same list as sorting them by (count descending,
+    number), but counts are small integers, so the best ``k`` are taken level by level
+    from ``top`` down: a few vector passes instead of a sort of every cluster above the
+    floor (hundreds where blocks are held by hundreds of clusters).
+    """
+    floor = math.ceil(floor)
+    ranked = np.flatnonzero(counts >= floor)
+    if ranked.size <= k:
+        return ranked.tolist()
+    out: list[int] = []
+    for level in range(top, floor - 1, -1):
+        out += np.flatnonzero(counts == level)[:k - len(out)].tolist()
+        if len(out) == k:
+            break
+    return out

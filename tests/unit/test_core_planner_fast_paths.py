@@ -4,6 +4,7 @@ popularity rank sorts as the (frequency, id) key."""
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -68,6 +69,19 @@ def test_plans_are_the_same_with_and_without_the_count_table(seed, monkeypatch):
         force_table(m, on=True)
         got = planner.plan_batch(contexts)
     assert got == want and got.stats == want.stats
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=60), st.integers(0, 6), st.integers(1, 10))
+def test_best_counted_is_the_sort_by_count_then_number(values, drop, k):
+    from cp_engine.planner_counts import best_counted
+
+    counts = np.array(values, dtype=np.uint8)
+    top = int(counts.max())
+    floor = max(top - drop, 1) - 0.5 * (drop % 2)  # whole and fractional floors
+    ranked = [c for c in range(len(values)) if values[c] >= floor]
+    want = ranked if len(ranked) <= k else sorted(ranked, key=lambda c: (-values[c], c))[:k]
+    assert best_counted(counts, top, floor, k) == want
 
 
 def test_count_table_counts_live_clusters_only():
