@@ -95,7 +95,7 @@ def plot(data: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for w in data["workloads"]:
         by = _by(w)
-        for policy, style in (("block_affinity", "-"), ("prefix_canonical", "--")):
+        for policy, style in (("block_affinity", "-"), ("prefix_canonical", "--"), ("block_overlap", ":")):
             pts = [(s, by[(s, "round_robin")]["computed_tokens"] / r["computed_tokens"])
                    for (s, p), r in sorted(by.items()) if p == policy and (s, "round_robin") in by]
             if pts:

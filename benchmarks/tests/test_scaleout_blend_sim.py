@@ -57,11 +57,12 @@ def test_affinity_keeps_a_block_set_where_its_blocks_are_stored():
     reqs = [SimRequest(sets[i % 3], (30,) * 4, 5) for i in range(90)]
     setup = Setup(block_size=4, cache_tokens=64, store_tokens=400, factor=100.0)  # the store holds all three
     rr = run_arm(Arm("round_robin", 0.0), reqs, 4, setup, 6)
-    aff = run_arm(Arm("block_affinity", 0.0), reqs, 4, setup, 6)
     assert rr["hottest_share"] == 23 / 90
-    # round-robin stores every set on every replica before it reuses it; affinity once
-    assert aff["computed_tokens"] < rr["computed_tokens"]
-    assert aff["stored_tokens"] < rr["stored_tokens"]
+    # round-robin stores every set on every replica before it reuses it; the routers once
+    for policy in ("block_affinity", "block_overlap"):
+        routed = run_arm(Arm(policy, 0.0), reqs, 4, setup, 6)
+        assert routed["computed_tokens"] < rr["computed_tokens"]
+        assert routed["stored_tokens"] < rr["stored_tokens"]
 
 
 def test_the_table_gives_round_robin_over_each_router_at_each_replica_count(tmp_path):
@@ -74,7 +75,7 @@ def test_the_table_gives_round_robin_over_each_router_at_each_replica_count(tmp_
     data = {"setup": {**Setup().__dict__, "system_tokens": 6},
             "workloads": [{"workload": "w", "requests": 100, "rows": rows}]}
     table = markdown(data)
-    assert table.count("\n| 4 |") == 6 and "| w | 4 | blend@0 |" in table and "| w | 4 | prefix |" in table
+    assert table.count("\n| 4 |") == 2 * len(POLICIES) and "| w | 4 | blend@0 |" in table and "| w | 4 | prefix |" in table
     plot(data, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
 
@@ -91,3 +92,19 @@ def test_the_store_sweep_table_compares_each_policy_with_round_robin_at_each_sto
     assert table.count("| round_robin | ") == 2 and table.count("| 1.00× |") >= 2
     sweep_plot(data, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_block_overlap_follows_the_replica_holding_most_of_the_set_within_the_load_bound():
+    from benchmarks.scaleout.simulate_blend import BlockOverlap
+    from cp_engine.scaleout.routing import RouteRequest
+
+    def req(*blocks):
+        return RouteRequest((("system",),) + blocks, (5,) + (10,) * len(blocks))
+
+    router = BlockOverlap(3, store_tokens=30, factor=100.0)
+    assert router.route(req(1, 2, 3)) == 0
+    assert router.route(req(7, 8)) == 1  # no overlap: the least loaded
+    assert router.route(req(3, 2, 9)) == 0  # two of three blocks on replica 0
+    assert router.route(req(1)) == 2  # replica 0 dropped block 1 for 9 (30 tokens): the least loaded
+    strict = BlockOverlap(2, store_tokens=100, factor=1.0)
+    assert [strict.route(req(1, 2)) for _ in range(4)] == [0, 1, 0, 1]  # the bound overrides overlap
