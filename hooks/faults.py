@@ -122,6 +122,9 @@ def _faults() -> dict[str, float | None]:
     """Parsed switch: hook name -> None (raise) or hang seconds. Re-read when env changes."""
     global _cache
     raw = os.environ.get("CP_ENGINE_FAULT", "")
+    cached = _cache  # one read of the global: a tuple is swapped in whole, never edited
+    if cached is not None and cached[0] == raw:
+        return cached[1]  # every hook call on every request: no lock on this path
     with _cache_lock:
         if _cache is not None and _cache[0] == raw:
             return _cache[1]

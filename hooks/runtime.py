@@ -67,6 +67,10 @@ class LockedPipeline:
                 faults.check_fault("index")  # test switch: the index raises or stalls
                 return attr(*args, **kwargs)
 
+        if callable(type(self.unwrapped).__dict__.get(name)) and name not in vars(self.unwrapped):
+            # A method of the class: the same bound method every time, so keep its
+            # locked form; later lookups find it here without calling __getattr__.
+            self.__dict__[name] = locked
         return locked
 
 

@@ -295,3 +295,30 @@ def test_cp_ends_track_real_token_positions_with_a_real_tokenizer():
     unscaled = request_hints.build_xargs(prep, "r", prefix_tokens(out))[request_hints.ENDS][-1]
     assert abs(xa[request_hints.ENDS][-1] - real) <= 0.1 * real, (xa[request_hints.ENDS][-1], real, unscaled)
     assert abs(unscaled - real) > 0.1 * real  # the fixed 4-chars estimate alone would be off
+
+
+def test_locked_pipeline_keeps_each_method_locked_and_fault_checked_after_caching(monkeypatch):
+    from cp_engine.hooks.runtime import LockedPipeline
+
+    pipe = LockedPipeline(ContextPipeline())
+    assert pipe.prepare is pipe.prepare  # cached after the first lookup
+    assert pipe.index is pipe.unwrapped.index  # attributes are never wrapped
+    held = []
+    original = ContextPipeline.reset
+
+    def spying_reset(self):
+        held.append(pipe._call_lock._is_owned())
+        return original(self)
+
+    monkeypatch.setattr(ContextPipeline, "reset", spying_reset)
+    pipe2 = LockedPipeline(ContextPipeline())
+    pipe2._call_lock = pipe._call_lock
+    pipe2.reset()
+    pipe2.reset()
+    assert held == [True, True]
+    faults.reset_breaker()
+    monkeypatch.setenv("CP_ENGINE_FAULT", "index")
+    with pytest.raises(faults.InjectedFault):
+        pipe.prepare(["a block"])
+    monkeypatch.setenv("CP_ENGINE_FAULT", "")
+    assert pipe.prepare(["a block"]).block_ids
