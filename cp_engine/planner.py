@@ -464,13 +464,21 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
         # Where the local search reads the answers, requests with a hot block get theirs
         # too (their pairs are counted anyway): its stay test then settles them as well.
         answer_hot = overlaps is not None
-        firsts = first_partners(sets, hot_cap, candidates, postings=postings, answer_hot=answer_hot)
+        ranked: list = []  # their ranked search's pick, where the count was dense
+        firsts = first_partners(sets, hot_cap, candidates, postings=postings, answer_hot=answer_hot,
+                                ranked=ranked)
         if overlaps is not None:
             overlaps.extend(firsts)
         hot = hot_rows(postings, hot_cap).tolist() if answer_hot else None
+        picks = ranked if len(ranked) == len(sets) else None
         for x, first in enumerate(firsts):
             if first is None or (hot is not None and hot[x]):
-                push_best(x)  # a hot block: the ranked search, as for any hot cluster
+                # A hot block: the ranked search, as for any hot cluster.
+                if picks is None:
+                    push_best(x)
+                elif picks[x] is not None:
+                    shared, spread, y = picks[x]
+                    m.heap.append((-float(shared), spread, x, y))  # as push_best queues it
             elif first[0]:
                 top, y, tied = first
                 ties[x] = (top, tied)

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from .planner_counts import best_counted
 from .planner_postings import Postings
 
 # Pairs counted at once (int64 keys, 256 KB): small enough that a chunk's arrays
@@ -48,7 +49,8 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
                    dense_cells_per_pair: float = DENSE_CELLS_PER_PAIR,
                    postings: Postings | None = None,
                    answer_hot: bool = False,
-                   bit_share: float | None = BIT_SHARE) -> list[tuple[int, int, list[int]] | None]:
+                   bit_share: float | None = BIT_SHARE,
+                   ranked: list | None = None) -> list[tuple[int, int, list[int]] | None]:
     """Per request: ``(top, y, ties)`` or None where a block of it is hot.
 
     ``sets``: distinct dense block ids per request. ``top``: most blocks ``x`` shares
@@ -64,7 +66,10 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
     either way, hot blocks included); ``hot_rows`` tells which they are.
     ``bit_share``: in a dense count, blocks held by at least this share of the
     requests (and by two) are counted as bit columns (None: none are); the answer is
-    the same either way.
+    the same either way. ``ranked``: where the count is dense, extended with one entry
+    per request: for a request with a hot block, the clustering's ranked first pick
+    (see ``_HotPicks``), else None; left empty otherwise (the caller then searches
+    those requests itself).
     """
     n = len(sets)
     if n == 0:
@@ -97,6 +102,8 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
         owner, freq, holders, post_start = (a.astype(np.int32) for a in (owner, freq, holders, post_start))
 
     out: list[tuple[int, int, list[int]] | None] = [None] * n
+    picks = (_HotPicks.for_batch(postings, hot_cap, candidates)
+             if ranked is not None and dense and _POPCOUNT is not None else None)
     lo = 0
     while lo < n:
         hi = max(lo + 1, int(np.searchsorted(pairs, pairs[lo] + chunk_pairs, side="right")) - 1)
@@ -105,12 +112,89 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
         hi = min(n, hi)
         keys = _pair_keys(lo, hi, n, indptr, blocks, owner, freq, holders, post_start)
         if dense:
-            top, r, c = _ties_dense(keys, lo, hi, n, bits)
+            top, r, c, table = _ties_dense(keys, lo, hi, n, bits)
+            if picks is not None:
+                picks.rank(table, lo, hi)
         else:
             top, r, c = _ties_sorted(keys, lo, hi, n, sizes)
         _pick(top, r, c, lo, hi, n, sizes, hot, candidates, out)
         lo = hi
+    if picks is not None:
+        ranked.extend(picks.out)
     return out
+
+
+class _HotPicks:
+    """The clustering's ranked search for each request holding a hot block, answered
+    from the dense count before any merge (every request its own cluster).
+
+    That search leaves hot blocks out: it takes the requests sharing the most of the
+    request's other blocks, those within its hot-block count of the best (and sharing
+    at least one), keeps the ``candidates`` best by (count, number) and picks the one
+    sharing the most blocks in all, then the one with the fewest blocks, then the
+    lowest number. ``out[x]``: ``(shared blocks, blocks of both, partner)``, or None
+    (no hot block, or nothing shared outside them). The table row of a request counts
+    every block; its hot blocks' share comes off as a popcount of their bit columns.
+    """
+
+    def __init__(self, postings: Postings, hot_cap: int, candidates: int) -> None:
+        self.hot = hot_rows(postings, hot_cap)
+        hot_blocks = postings.freq[postings.blocks] > hot_cap
+        self.left_out = np.bincount(postings.owner, weights=hot_blocks, minlength=self.hot.size).astype(np.int64)
+        split = _bit_columns(postings, hot_cap + 1)
+        self.words = split[0] if split is not None else np.zeros((0, self.hot.size), dtype=np.uint64)
+        self.sizes = postings.sizes
+        self.candidates = candidates
+        self.out: list[tuple[int, int, int] | None] = [None] * self.hot.size
+        # The pick's key: shared blocks, then blocks (fewer first), then number, as bit
+        # fields of one int64 (shared and blocks are at most a request's size).
+        self.id_bits = int(self.hot.size).bit_length()
+        self.shift = int(self.sizes.max(initial=0)).bit_length() + self.id_bits
+
+    @classmethod
+    def for_batch(cls, postings: Postings, hot_cap: int, candidates: int) -> "_HotPicks | None":
+        """None where the keys would not fit (the pick's 63 bits, the candidates' 31)."""
+        size_bits = int(postings.sizes.max(initial=0)).bit_length()
+        n = int(postings.sizes.size)
+        if 2 * size_bits + n.bit_length() > 62 or (int(postings.sizes.max(initial=0)) + 1) * n >= 1 << 31:
+            return None
+        return cls(postings, hot_cap, candidates)
+
+    def rank(self, table: np.ndarray, lo: int, hi: int) -> None:
+        """Answer the hot requests among ``lo..hi-1`` from their chunk's ``table``
+        (``_ties_dense``'s: every block counted, a request's own cell 0), all rows at
+        once: each rule is an integer key whose largest values are the rule's order."""
+        rows = np.flatnonzero(self.hot[lo:hi])
+        if not rows.size:
+            return
+        n = table.shape[1]
+        xs = rows + lo
+        full = table[rows]
+        part = full.astype(np.int32)  # without the hot blocks (32 bits: see for_batch)
+        for word in self.words:
+            part -= _POPCOUNT(word[xs, None] & word[None, :])
+        part[np.arange(rows.size), xs] = 0
+        floor = np.maximum(part.max(axis=1) - self.left_out[xs], 1).astype(np.int32)
+        # Candidates: at or above the floor, the best by count, then the lower number:
+        # the smallest keys -(count * n + n - 1 - number), counts below the floor set
+        # to 0 (a multiply: a masked write costs 8x as much here), so their keys are
+        # above -n.
+        part *= part >= floor[:, None]
+        key = part * np.int32(-n)
+        key -= np.arange(n - 1, -1, -1, dtype=np.int32)
+        k = min(self.candidates, n)
+        best = np.argpartition(key, k - 1, axis=1)[:, :k]
+        ok = np.take_along_axis(key, best, axis=1) <= -n
+        # Of those: most shared in all, then fewest blocks, then the lowest number.
+        shared = np.take_along_axis(full, best, axis=1)
+        size = self.sizes[best]
+        pick = np.where(ok, (shared << self.shift) - (size << self.id_bits) - best, -1)
+        j = pick.argmax(axis=1)
+        at = np.flatnonzero(pick[np.arange(rows.size), j] >= 0)
+        y = best[at, j[at]]
+        for x, sh, sp, z in zip(xs[at].tolist(), shared[at, j[at]].tolist(),
+                                (self.sizes[xs[at]] + self.sizes[y]).tolist(), y.tolist()):
+            self.out[x] = (sh, sp, z)
 
 
 def hot_rows(postings: Postings, hot_cap: int) -> np.ndarray:
@@ -153,10 +237,11 @@ def _pair_keys(lo, hi, n, indptr, blocks, owner, freq, holders, post_start) -> n
     return np.repeat((owner[e0:e1] - lo) * n, f) + holders[pos]
 
 
-def _ties_dense(keys, lo, hi, n, bits=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(top, rows, partners): per row (x - lo) the most blocks it shares with another
-    request, and every such partner, by row then partner; counted in a
-    (hi - lo) × n table, from the pair keys and, where given, ``_bit_columns``' words."""
+def _ties_dense(keys, lo, hi, n, bits=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(top, rows, partners, table): per row (x - lo) the most blocks it shares with
+    another request, and every such partner, by row then partner; counted in the
+    (hi - lo) × n ``table``, from the pair keys and, where given, ``_bit_columns``'
+    words (a request's own cell set to 0)."""
     width = hi - lo
     table = np.bincount(keys, minlength=width * n).reshape(width, n)
     if bits is not None:
@@ -168,7 +253,7 @@ def _ties_dense(keys, lo, hi, n, bits=None) -> tuple[np.ndarray, np.ndarray, np.
     # Rows sharing nothing have top 0: no partner there, as in the sorted count.
     tied = (table == top[:, None]) & (top > 0)[:, None]
     r, c = np.nonzero(tied)
-    return top, r, c
+    return top, r, c, table
 
 
 def _ties_sorted(keys, lo, hi, n, sizes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

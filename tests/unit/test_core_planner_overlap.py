@@ -2,6 +2,7 @@
 the one-request-at-a-time search they replace."""
 import random
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from cp_engine.planner import _cluster_by_postings
@@ -76,3 +77,61 @@ def test_first_partners_answer_hot_rows_as_without_a_cap(sets, hot_cap, candidat
         assert got == want
     if sets:
         assert hot_rows(Postings(sets), hot_cap).tolist() == [c is None for c in capped]
+
+
+def ranked_pick(sets, hot_cap, candidates, x):
+    """The clustering's ranked first search for request x, by its definition: partners
+    by blocks shared outside the hot ones, within x's hot-block count of the best, the
+    `candidates` best of them (count, then number); of those the one sharing the most
+    blocks in all, then with the fewest blocks, then the lowest number."""
+    freq = {}
+    for s in sets:
+        for b in s:
+            freq[b] = freq.get(b, 0) + 1
+    mine = set(sets[x])
+    cool = {b for b in mine if freq[b] <= hot_cap}
+    part = {y: len(cool & set(sy)) for y, sy in enumerate(sets) if y != x}
+    top = max(part.values(), default=0)
+    if top == 0:
+        return None
+    floor = max(top - (len(mine) - len(cool)), 1)
+    ranked = [y for y in sorted(part) if part[y] >= floor]
+    if len(ranked) > candidates:
+        ranked = sorted(ranked, key=lambda y: (-part[y], y))[:candidates]
+    y = min(ranked, key=lambda y: (-len(mine & set(sets[y])), len(sets[y]), y))
+    return len(mine & set(sets[y])), len(mine) + len(sets[y]), y
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 20), max_size=8, unique=True), min_size=1, max_size=30),
+       st.integers(1, 12), st.integers(1, 4), st.integers(1, 64))
+def test_hot_requests_ranked_picks_match_the_ranked_search(sets, hot_cap, candidates, chunk_pairs):
+    from cp_engine.planner_overlap import hot_rows
+    from cp_engine.planner_postings import Postings
+
+    hot = hot_rows(Postings(sets), hot_cap).tolist()
+    ranked = []
+    first_partners(sets, hot_cap, candidates, chunk_pairs=chunk_pairs, dense_cells_per_pair=10**9,
+                   ranked=ranked)
+    assert ranked == [ranked_pick(sets, hot_cap, candidates, x) if hot[x] else None for x in range(len(sets))]
+    ranked = []
+    first_partners(sets, hot_cap, candidates, dense_cells_per_pair=0, ranked=ranked)
+    assert ranked == []  # a sorted count leaves the hot requests to the caller
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("hot_cap", [25, 6])
+def test_clustering_with_and_without_the_hot_picks(seed, hot_cap, monkeypatch):
+    from cp_engine import planner_overlap
+
+    rng = random.Random(seed)
+    weights = [1 / (r + 1) for r in range(80)]
+    sets = [list({rng.choices(range(80), weights)[0] for _ in range(rng.randint(1, 9))}) for _ in range(250)]
+    counts = [0] * 80
+    for s in sets:
+        for b in s:
+            counts[b] += 1
+    got = _cluster_by_postings(sets, [1.0] * 80, counts, hot_cap=hot_cap, overlaps=[])
+    monkeypatch.setattr(planner_overlap._HotPicks, "for_batch", classmethod(lambda cls, *a: None))
+    want = _cluster_by_postings(sets, [1.0] * 80, counts, hot_cap=hot_cap, overlaps=[])
+    assert got == want
