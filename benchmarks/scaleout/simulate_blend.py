@@ -335,8 +335,8 @@ def plot(data: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
         top.legend(fontsize=6)
     s = data["setup"]
-    fig.suptitle(f"blend per replica: {s['cache_tokens']:,}-token prefix cache, {s['store_tokens']:,}-token store "
-                 "(dotted: prefix only; solid: ratio 0; dashed: ratio > 0)", fontsize=9)
+    fig.suptitle(f"per replica: {s['cache_tokens']:,}-token prefix cache, {s['store_tokens']:,}-token block store\n"
+                 "dotted: prefix only; solid: blend ratio 0; dashed: ratio > 0", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
