@@ -14,6 +14,7 @@ import argparse
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from cp_engine.blend.selection import MODES
 from cp_engine.blocks import estimate_tokens
 
 from .simulate import WORKLOADS, load_workload, requests_of
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stores", default=STORES, help="block-store tokens per replica")
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--depth", type=int, default=0)
+    ap.add_argument("--mode", choices=MODES, help="blend selection mode (default: CP_ENGINE_BLEND_MODE's default)")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--out", help="results JSON (default results/scaleout_sim_blend_store.json)")
     args = ap.parse_args(argv)
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
 
     prov = provenance("benchmarks.scaleout.blend_store_sweep", argv)
     cfg = Config()
-    base = Setup(mode=cfg.blend_mode, first_tokens=cfg.blend_first_tokens, check_layers=cfg.blend_check_layers)
+    base = Setup(mode=args.mode or cfg.blend_mode, first_tokens=cfg.blend_first_tokens, check_layers=cfg.blend_check_layers)
     system_tokens = estimate_tokens(SYSTEM)
     workloads = []
     for wname in args.workloads.split(","):

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from benchmarks.blend.engine_model import BlendEngine
 from cp_engine.blend.keys import KVLayout
+from cp_engine.blend.selection import MODES
 from cp_engine.blend.spans import Rendered
 from cp_engine.blocks import estimate_tokens
 from cp_engine.scaleout.routing import LoadBound, RouteRequest, hottest_share, make_policy
@@ -210,6 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-tokens", type=int, default=65536, help="prefix-cache tokens per replica")
     ap.add_argument("--store-tokens", type=int, default=65536, help="block-store tokens per replica")
     ap.add_argument("--layers", type=int, default=24, help="model layers (prices the check-layer pass)")
+    ap.add_argument("--mode", choices=MODES, help="blend selection mode (default: CP_ENGINE_BLEND_MODE's default)")
     ap.add_argument("--factor", type=float, default=1.25, help="load bound: at most factor x the even share")
     ap.add_argument("--threshold", type=float, default=0.5, help="prefix_canonical: least match share to follow")
     ap.add_argument("--out", help="results JSON (default results/scaleout_sim_blend[_quick].json)")
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
         return 0
     prov = provenance("benchmarks.scaleout.simulate_blend", argv)
     cfg = Config()
-    setup = Setup(args.block_size, args.cache_tokens, args.store_tokens, args.layers, cfg.blend_mode,
+    setup = Setup(args.block_size, args.cache_tokens, args.store_tokens, args.layers, args.mode or cfg.blend_mode,
                   cfg.blend_first_tokens, cfg.blend_check_layers, args.factor, args.threshold)
     counts = [int(x) for x in (args.replicas or ("1,4" if args.quick else "1,4,8,16,64")).split(",")]
     policies = args.policies.split(",")
