@@ -78,10 +78,18 @@ def planner_section(results: Path) -> str:
     lines += ["", "Partner search, posting lists vs the kernel's kNN graph (hit ratio): " + ", ".join(
         f"{r['workload']} {r['postings']['hit']:.4f} vs {r['kernel']['hit']:.4f}" for r in part["rows"]) + "."]
     scaling = load("scaling.json", results)
-    lines += ["", "Planning time against N (" + ", ".join(
-        f"{fam} up to {max(p['requests'] for p in rows['points']):,}: grows as N^{rows['growth']:.2f}"
-        for fam, rows in scaling["families"].items()) + "; ContextPilot " + ", ".join(
-        f"{fam} N^{g:.2f}" for fam, g in scaling["peer_growth"].items()) + ")."]
+
+    def by_cpu(rows: dict, method: str) -> str:
+        g = rows.get("growth_cpu_by_method", {}).get(method)
+        return "" if g is None else f" / N^{g:.2f}"
+
+    families = scaling["families"]
+    lines += ["", "Planning time against N, slope of log time against log N (wall clock / CPU time "
+              "where recorded): " + ", ".join(
+                  f"{fam} up to {max(p['requests'] for p in rows['points']):,} N^{rows['growth']:.2f}"
+                  + by_cpu(rows, "ours") for fam, rows in families.items()) + "; ContextPilot " + ", ".join(
+                  f"{fam} N^{g:.2f}" + by_cpu(families[fam], "peer") for fam, g in scaling["peer_growth"].items())
+              + "."]
     lines += ["", _source("sim.json", "optimality_hotpotqa_1000_k10.json", "planner_partners.json", "scaling.json")
               + " Plot: [sim.png](results/sim.png), [scaling.png](results/scaling.png)."]
     return "\n".join(lines)

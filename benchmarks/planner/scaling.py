@@ -20,11 +20,12 @@ measures it, wall clock): the median of ``--repeat`` calls (1 above
 ``--repeat-max-n``), CPU time beside ours. Plan quality for each: prefix-tree nodes
 of the scheduled plan and the hit ratio of a block-level prefix cache, unbounded and
 LRU 250 / 1,000 blocks (``cp_engine.sim``). The fitted growth exponent (slope of log
-time against log N) is reported per workload; above the largest N the peer was run
-at, its time is a quadratic extrapolation, drawn dashed and marked ``~``.
+time against log N, by wall clock and by CPU time) is reported per workload; above
+the largest N the peer was run at, its time is a quadratic extrapolation, drawn
+dashed and marked ``~``.
 
 Writes benchmarks/results/scaling.json, scaling.table.md and scaling.png (the shared
-results writer).
+results writer); ``--plot`` redoes the fitted growth, table and PNG from the JSON.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `cp_engine
 import numpy as np  # noqa: E402
 
 from benchmarks.common import workloads as W  # noqa: E402
-from benchmarks.common.results import RESULTS, ROOT, provenance, write_result  # noqa: E402
+from benchmarks.common.results import RESULTS, ROOT, provenance, read_result, write_result  # noqa: E402
 
 NS = (1000, 2000, 5000, 10000, 20000, 50000)
 QUICK_NS = (1000, 2000)
@@ -188,35 +189,40 @@ def growth(points: list[tuple[int, float]]) -> float | None:
 
 
 def plot(data: dict, path: Path) -> None:
+    """Two panels, same axes: wall clock (with the peer's extrapolation) and CPU time."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for i, fam in enumerate(FAMILIES):
-        color = f"C{i}"
-        rows = data["families"].get(fam)
-        if not rows:
-            continue
-        for m, style, marker in (("ours", "-", "o"), ("before", ":", "x"), ("peer", "--", "s")):
-            pts = [(p["requests"], p[m]["seconds"]) for p in rows["points"] if m in p]
-            if not pts:
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=True)
+    for ax, key, growth_key in ((axes[0], "seconds", "growth_by_method"),
+                                (axes[1], "cpu_seconds", "growth_cpu_by_method")):
+        for i, fam in enumerate(FAMILIES):
+            color = f"C{i}"
+            rows = data["families"].get(fam)
+            if not rows:
                 continue
-            g = rows["growth_by_method"].get(m)
-            label = f"{METHOD_LABELS[m]}, {LABELS[fam]}" + (f" (N^{g:.2f})" if g is not None else "")
-            ax.plot(*zip(*pts), marker=marker, linestyle=style, color=color, label=label,
-                    alpha=1.0 if m == "ours" else 0.7)
-        extra = sorted((int(n), t) for n, t in rows.get("peer_extrapolated", {}).items())
-        measured = [(p["requests"], p["peer"]["seconds"]) for p in rows["points"] if "peer" in p]
-        if extra and measured:
-            xs, ys = zip(*([measured[-1]] + extra))
-            ax.plot(xs, ys, color=color, linestyle="--", alpha=0.3,
-                    label=f"ContextPilot, {LABELS[fam]} (quadratic extrapolation)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("N requests in the batch")
-    ax.set_ylabel("planning time, s (log; median of the run's calls)")
-    ax.set_title("Batch planning time vs N")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5)
+            for m, style, marker in (("ours", "-", "o"), ("before", ":", "x"), ("peer", "--", "s")):
+                pts = [(p["requests"], p[m][key]) for p in rows["points"]
+                       if m in p and p[m].get(key, float("nan")) == p[m].get(key)]
+                if not pts:
+                    continue
+                g = rows.get(growth_key, {}).get(m)
+                label = f"{METHOD_LABELS[m]}, {LABELS[fam]}" + (f" (N^{g:.2f})" if g is not None else "")
+                ax.plot(*zip(*pts), marker=marker, linestyle=style, color=color, label=label,
+                        alpha=1.0 if m == "ours" else 0.7)
+            extra = sorted((int(n), t) for n, t in rows.get("peer_extrapolated", {}).items())
+            measured = [(p["requests"], p["peer"]["seconds"]) for p in rows["points"] if "peer" in p]
+            if key == "seconds" and extra and measured:
+                xs, ys = zip(*([measured[-1]] + extra))
+                ax.plot(xs, ys, color=color, linestyle="--", alpha=0.3,
+                        label=f"ContextPilot, {LABELS[fam]} (quadratic extrapolation)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N requests in the batch")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6.5)
+    axes[0].set_ylabel("planning time, s (log; median of the run's calls)")
+    axes[0].set_title("Batch planning time vs N: wall clock")
+    axes[1].set_title("CPU time (the peer's: its process and pool workers)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -273,10 +279,13 @@ def markdown(data: dict) -> str:
     grow = []
     for fam in FAMILIES:
         g = data["families"].get(fam, {}).get("growth_by_method", {})
+        gc = data["families"].get(fam, {}).get("growth_cpu_by_method", {})
         if g:
-            grow.append(f"{fam}: " + ", ".join(f"{METHOD_LABELS[m]} N^{g[m]:.2f}" for m in METHODS if g.get(m) is not None))
-    out += ["", "Growth (slope of log time against log N over the measured points; the peer's over its N "
-            "only): " + "; ".join(grow) + "."]
+            grow.append(f"{fam}: " + ", ".join(
+                f"{METHOD_LABELS[m]} N^{g[m]:.2f}" + (f" (CPU N^{gc[m]:.2f})" if gc.get(m) is not None else "")
+                for m in METHODS if g.get(m) is not None))
+    out += ["", "Growth (slope of log time against log N over the measured points, wall clock, CPU time in "
+            "brackets; the peer's over its N only): " + "; ".join(grow) + "."]
     compared = [(fam, p) for fam in FAMILIES for p in data["families"].get(fam, {}).get("points", [])
                 if "same_plan_as_before" in p]
     if compared:
@@ -315,12 +324,18 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-repeat", type=int, default=3, help="peer runs per point up to --repeat-max-n (else 1)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results JSON (default: results/scaling.json, results/scaling_quick.json with --quick)")
+    ap.add_argument("--plot", action="store_true",
+                    help="only redo growth, table and PNG from --out's JSON (no planning)")
     args = ap.parse_args(argv)
     args.ns = args.ns or list(QUICK_NS if args.quick else NS)
     args.families = args.families or (["synthetic"] if args.quick else list(FAMILIES))
     if args.quick:
         args.no_peer = True
     out = args.out or RESULTS / ("scaling_quick.json" if args.quick else "scaling.json")
+    if args.plot:
+        data, prov = read_result(out)
+        write_result(out, _finish(data), table=markdown, plot=plot, prov=prov)
+        return 0
     prov = provenance("benchmarks.planner.scaling", argv)
     before = load_before(args.before) if args.before else None
     from benchmarks.peer.client import SETUP_HINT, peer_available
@@ -370,6 +385,11 @@ def _finish(data: dict) -> dict:
     for rows in data["families"].values():
         rows["growth_by_method"] = {m: growth([(p["requests"], p[m]["seconds"]) for p in rows["points"] if m in p])
                                     for m in METHODS}
+        # By CPU time too: on the shared machine wall time carries the load of the moment.
+        rows["growth_cpu_by_method"] = {
+            m: growth([(p["requests"], p[m]["cpu_seconds"]) for p in rows["points"]
+                       if m in p and p[m].get("cpu_seconds", float("nan")) == p[m].get("cpu_seconds")])
+            for m in METHODS}
         rows["growth"] = rows["growth_by_method"]["ours"]
     add_peer_extrapolation(data)
     return data
