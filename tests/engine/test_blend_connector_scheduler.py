@@ -41,7 +41,9 @@ def vllm_bits():
 def config():
     from cp_engine.config import load_config
 
-    return load_config({"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0"})
+    # Depth 0 (exact entries only) so a test sees one store rule at a time; the depth
+    # bound has tests of its own below.
+    return load_config({"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_DEPTH": "0"})
 
 
 def _layout():

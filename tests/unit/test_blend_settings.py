@@ -106,9 +106,9 @@ def test_a_request_can_lower_the_store_depth_never_raise_it():
 def test_the_store_depth_flag_takes_zero_to_eight():
     from cp_engine.config import load_config
 
-    assert load_config({}).blend_store_depth == 0
+    assert load_config({}).blend_store_depth == 8  # the default the quality sweep measured
     assert load_config({"CP_ENGINE_BLEND_STORE_DEPTH": "0"}).blend_store_depth == 0
     assert load_config({"CP_ENGINE_BLEND_STORE_DEPTH": "2"}).blend_store_depth == 2
     for bad in ("-1", "9", "x"):
         cfg = load_config({"CP_ENGINE_BLEND_STORE_DEPTH": bad})
-        assert cfg.blend_store_depth == 0 and any("CP_ENGINE_BLEND_STORE_DEPTH" in w for w in cfg.warnings)
+        assert cfg.blend_store_depth == 8 and any("CP_ENGINE_BLEND_STORE_DEPTH" in w for w in cfg.warnings)
