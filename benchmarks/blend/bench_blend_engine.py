@@ -191,8 +191,8 @@ def server_plan(args) -> list[dict]:
     blend_arms = [a for a in args.arms if a.startswith("blend")]
     base = [a for a in ("plain", "prefix") if a in args.arms]
     mode_env = {"CP_ENGINE_BLEND_MODE": args.mode} if args.mode else {}
-    if max(args.store_depths) > 0:
-        mode_env["CP_ENGINE_BLEND_STORE_DEPTH"] = str(max(args.store_depths))
+    # Always named: the server's own default depth is not 0, and depth 0 runs must stay depth 0.
+    mode_env["CP_ENGINE_BLEND_STORE_DEPTH"] = str(max(args.store_depths))
     if args.ratio_xarg:
         return [{"env": {"CP_ENGINE_BLEND": "1", **mode_env}, "ratios": list(args.ratios),
                  "arms": base + blend_arms, "label": "blend (per-request ratio)"}]
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", help="CP_ENGINE_BLEND_MODE for the blend servers (default: the flag's)")
     ap.add_argument("--ratio-xarg", help="per-request ratio hint key, if the connector reads one (one blend server)")
     ap.add_argument("--store-depths", type=lambda s: [int(x) for x in s.split(",")], default=[0],
-                    help="blend arms once per store depth (CP_ENGINE_BLEND_STORE_DEPTH; default 0)")
+                    help="blend arms once per store depth (CP_ENGINE_BLEND_STORE_DEPTH; default 0, whatever the flag's default)")
     ap.add_argument("--rag-n", type=int)
     ap.add_argument("--chat-sessions", type=int)
     ap.add_argument("--agent-sessions", type=int)

@@ -432,8 +432,8 @@ def main(argv=None) -> int:
     # A full-recompute step (up to the connector's per-step cap) on 2 shared cores can
     # outlast vLLM's 300 s execute_model timeout, which kills the engine.
     env = {"VLLM_SERVER_DEV_MODE": "1", "CP_ENGINE_BLEND": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
-    if max(map(store_depth, order)) > 0:
-        env["CP_ENGINE_BLEND_STORE_DEPTH"] = str(max(map(store_depth, order)))
+    # Always named (the flag's default is not 0); each arm sends its own depth besides.
+    env["CP_ENGINE_BLEND_STORE_DEPTH"] = str(max(map(store_depth, order)))
     if next(todo(), None) is None:
         save(echo=True)
         return 0

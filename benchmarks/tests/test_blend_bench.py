@@ -142,7 +142,8 @@ def test_engine_server_plan_one_server_per_ratio_each_with_its_plain_clock():
     assert plans[1]["arms"] == ["plain", "blend-order", "blend-aligned"]
     one = eng.server_plan(_engine_args(ratio_xarg="cp_blend_ratio", mode="deviation"))
     assert len(one) == 1 and one[0]["ratios"] == [0.0, 0.15]
-    assert one[0]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_MODE": "deviation"}
+    assert one[0]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_MODE": "deviation",
+                             "CP_ENGINE_BLEND_STORE_DEPTH": "0"}  # named even at 0: the flag's default is 8
     deep = eng.server_plan(_engine_args(ratio_xarg="cp_blend_ratio", store_depths=[0, 2]))
     assert deep[0]["env"] == {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_STORE_DEPTH": "2"}
 
