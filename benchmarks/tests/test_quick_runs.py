@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks.common.results import read_result
+from benchmarks.common.results import RESULTS, read_result
 from benchmarks.common.workloads import hotpotqa_available
 
 
@@ -118,3 +118,20 @@ def test_engine_token_sim_and_prefill_quick(tmp_path):
                 [str(pairs), "--quick", "--limit", "1", "--out", str(out)], out)
     (run,) = data["runs"]
     assert run["device"] == "cpu" and [r["arm"] for r in run["rows"]] == ["off", "on+batch"]
+
+
+def test_blend_gpu_quick_on_cpu(tmp_path):
+    """The GPU timing's smoke run on the CPU: the plugin's recompute accepts the torch
+    stand-in decoder, the exactness checks pass, and every row is timed."""
+    pytest.importorskip("torch")
+    from benchmarks.blend import bench_blend_gpu
+
+    out = tmp_path / "blend_gpu.json"
+    data = _run(bench_blend_gpu.main, "benchmarks.blend.bench_blend_gpu",
+                ["--quick", "--device", "cpu", "--out", str(out), "--project",
+                 str(RESULTS / "blend_engine_qwen_bf16_rag400.json")], out)
+    assert [a["arm"] for a in data["projection"]["arms"]] == ["plain", "blend-order", "blend-order"]
+    assert data["projection"]["arms"][0]["projected_plain_over_arm"] == pytest.approx(1.0)
+    assert data["checks"]["moved_block_rel_err"] < 1e-4 and data["checks"]["full_recompute_rel_err"] < 5e-4
+    assert [(r["length"], r["batch"]) for r in data["rows"]] == [(256, 1), (256, 2)]
+    assert all(r["prefill_ms_per_token"] > 0 and r["recompute_ms_per_token"] > 0 for r in data["rows"])

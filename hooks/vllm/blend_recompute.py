@@ -163,6 +163,8 @@ class DecoderRecompute:
         self.model, self.paged, self.rope = model, paged, rope
         self.layers = list(model.model.layers)
         self.num_layers = len(self.layers)
+        # Token ids, positions and slots move here, where the weights and the cache live.
+        self.device = next(model.parameters()).device
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, paged: PagedKV) -> "DecoderRecompute":
@@ -220,17 +222,17 @@ class DecoderRecompute:
         """Narrow the ranking jobs by their deviation; returns the kept rows of the batch."""
         kept, at = [], 0
         for r, gap, ranks in zip(live, gaps, ranking):
-            rows = torch.arange(at, at + gap.numel())
+            rows = torch.arange(at, at + gap.numel(), device=gap.device)
             at += gap.numel()
             if ranks:
-                keep = self._narrowed(r.narrow, gap, gap.numel())
+                keep = self._narrowed(r.narrow, gap, gap.numel()).to(gap.device)
                 r.sel, rows = r.sel[keep], rows[keep]
             kept.append(rows)
         return torch.cat(kept)
 
     @staticmethod
     def _narrowed(narrow, deviation: torch.Tensor, n: int) -> torch.Tensor:
-        keep = np.asarray(narrow(deviation.numpy().copy()))
+        keep = np.asarray(narrow(deviation.cpu().numpy().copy()))
         if keep.ndim != 1 or (keep.size and not np.issubdtype(keep.dtype, np.integer)):
             raise ValueError("narrow must return a 1-D array of indices into select")
         keep = np.unique(keep)
@@ -244,7 +246,7 @@ class DecoderRecompute:
         assigns them), slot by slot otherwise."""
         bs = self.paged.block_size
         blocks = slots[::bs] // bs
-        if slots.numel() and torch.equal(self.paged.slots(blocks.tolist(), 0, slots.numel()), slots):
+        if slots.numel() and torch.equal(self.paged.slots(blocks.tolist(), 0, slots.numel()).to(slots.device), slots):
             return lambda name, end: self.paged.read_blocks(name, blocks, end)
         return self._slot_reader(slots)
 
@@ -327,15 +329,15 @@ class _JobRows:
 
     @classmethod
     def prepare(cls, job: RecomputeJob, owner: "DecoderRecompute") -> "_JobRows":
-        end = len(job.token_ids)
-        slots = torch.as_tensor(job.slots, dtype=torch.int64).reshape(-1)
-        sel = torch.as_tensor(job.select, dtype=torch.int64).reshape(-1)
+        end, device = len(job.token_ids), owner.device
+        slots = torch.as_tensor(job.slots, dtype=torch.int64).reshape(-1).to(device)
+        sel = torch.as_tensor(job.select, dtype=torch.int64).reshape(-1).to(device)
         if slots.numel() != end:
             raise ValueError(f"{slots.numel()} slots for {end} tokens")
         if sel.numel() and (int(sel[0]) < 0 or int(sel[-1]) >= end or bool((sel[1:] <= sel[:-1]).any())):
             raise ValueError(f"select must be sorted, unique positions inside [0, {end})")
         checking = job.narrow is not None and 0 < job.check_layers < owner.num_layers
-        return cls(ids=torch.as_tensor(list(job.token_ids), dtype=torch.int64), slots=slots, sel=sel,
+        return cls(ids=torch.as_tensor(list(job.token_ids), dtype=torch.int64).to(device), slots=slots, sel=sel,
                    context=owner._context_reader(slots) if sel.numel() else None, checking=checking,
                    check_layers=int(job.check_layers), narrow=job.narrow, report=RecomputeReport([], sel))
 
@@ -356,7 +358,7 @@ def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     keys, values = keys.to(q.dtype), values.to(q.dtype)
     for a, b in _query_runs(q.shape[0]):
         stop = int(pos[b - 1]) + 1
-        allowed = torch.arange(stop)[None, :] <= pos[a:b, None]  # [run, stop]
+        allowed = torch.arange(stop, device=q.device)[None, :] <= pos[a:b, None]  # [run, stop]
         o = F.scaled_dot_product_attention(heads_first[None, :, a:b], keys[None, :, :stop], values[None, :, :stop],
                                            attn_mask=allowed, scale=scale, enable_gqa=True)
         out[a:b] = o[0].transpose(0, 1)
