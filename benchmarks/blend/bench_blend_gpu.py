@@ -31,6 +31,7 @@ not a served run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -46,6 +47,7 @@ from .torch_decoder import QWEN25_7B, Dims, FlashPagedKV, build, prefill
 
 BLOCK_SIZE = 16
 STORED_BLOCK = 256  # tokens per stored block in the load timing (a typical RAG passage)
+ATTENTION_BACKENDS = {"efficient": "EFFICIENT_ATTENTION", "math": "MATH", "cudnn": "CUDNN_ATTENTION"}
 LOAD_TOKENS = 8192  # at most this many tokens loaded per timing
 
 
@@ -109,8 +111,8 @@ def run_checks(torch, model, paged, rec, device, rng) -> dict:
 
 
 def _load_seconds(torch, paged, rec, clock, device, tokens: int, pinned: bool) -> float:
-    """The worker's stitch for ``tokens`` tokens of stored blocks: host -> device, shift_k, writes."""
-    from cp_engine.blend.rope import shift_k
+    """The worker's stitch (``write_moved``) of ``tokens`` tokens in stored blocks."""
+    from cp_engine.hooks.vllm.blend_stitch import write_moved
 
     d_layers = len(paged.layer_names)
     n_blocks = max(1, tokens // STORED_BLOCK)
@@ -120,17 +122,9 @@ def _load_seconds(torch, paged, rec, clock, device, tokens: int, pinned: bool) -
     if pinned:
         stored = [kv.pin_memory() for kv in stored]
     slots = paged.slots(range(paged.num_blocks), 0, n_blocks * STORED_BLOCK).to(device)
-
-    def stitch():
-        for i, kv in enumerate(stored):
-            part = kv.to(device, non_blocking=pinned)
-            k = shift_k(part[:, 0], 1000 + i * STORED_BLOCK, rec.rope)
-            dest = slots[i * STORED_BLOCK:(i + 1) * STORED_BLOCK]
-            for j, name in enumerate(paged.layer_names):
-                paged.write(name, dest, k[j], part[j, 1])
-
-    stitch()  # warm-up
-    return clock(stitch) / (n_blocks * STORED_BLOCK)
+    moves = [(kv, 0, i * STORED_BLOCK, STORED_BLOCK) for i, kv in enumerate(stored)]
+    write_moved(paged, rec.rope, slots, moves)  # warm-up
+    return clock(lambda: write_moved(paged, rec.rope, slots, moves)) / (n_blocks * STORED_BLOCK)
 
 
 def time_shape(torch, model, paged, rec, clock, device, length, batch, args, rng) -> dict:
@@ -140,7 +134,7 @@ def time_shape(torch, model, paged, rec, clock, device, length, batch, args, rng
     per_prompt = -(-length // BLOCK_SIZE)
     slots = torch.stack([paged.slots(range(i * per_prompt, (i + 1) * per_prompt), 0, length)
                          for i in range(batch)]).to(device)
-    prefill_s, plain_s, checked_s = [], [], []
+    prefill_s, plain_s, again_s, checked_s = [], [], [], []
     for rep in range(args.repeats + 1):  # the first round warms up and is dropped
         ids = torch.randint(100, d.vocab, (batch, length), device=device)
         t = clock(lambda: prefill(model, paged, ids, slots))
@@ -148,31 +142,66 @@ def time_shape(torch, model, paged, rec, clock, device, length, batch, args, rng
         token_lists = [row.tolist() for row in ids]
         plain = [RecomputeJob(token_lists[i], slots[i], torch.from_numpy(chosen[i])) for i in range(batch)]
         reports = []
-        t_plain = clock(lambda: reports.extend(rec.run_batch(plain)))
+        with attention(torch, args.attention):
+            t_plain = clock(lambda: reports.extend(rec.run_batch(plain)))
+            t_again = clock(lambda: rec.run_batch(plain))  # the same shapes a second time
         n_plain = sum(r.full_depth_tokens() for r in reports)
         checked = [RecomputeJob(token_lists[i], slots[i], torch.arange(length), args.check_layers,
                                 lambda _dev, keep=chosen[i]: keep) for i in range(batch)]
         reports = []
-        t_checked = clock(lambda: reports.extend(rec.run_batch(checked)))
+        with attention(torch, args.attention):
+            t_checked = clock(lambda: reports.extend(rec.run_batch(checked)))
         n_checked = sum(r.full_depth_tokens() for r in reports)
         if rep:
             prefill_s.append(t / (batch * length))
             plain_s.append(t_plain / n_plain)
+            again_s.append(t_again / n_plain)
             checked_s.append(t_checked / n_checked)
-    p, r0, r1 = (statistics.median(x) for x in (prefill_s, plain_s, checked_s))
+    if args.profile:
+        _profile(torch, rec, plain, args)
+    p, r0, r_again, r1 = (statistics.median(x) for x in (prefill_s, plain_s, again_s, checked_s))
     tokens = batch * length
     load_tokens = min(tokens, LOAD_TOKENS)  # the cost per token does not depend on the batch
     pageable = _load_seconds(torch, paged, rec, clock, device, load_tokens, pinned=False)
     pinned = _load_seconds(torch, paged, rec, clock, device, load_tokens, pinned=device != "cpu")
     row = {"length": length, "batch": batch, "ratio": args.ratio, "check_layers": args.check_layers,
            "prefill_ms_per_token": p * 1e3, "recompute_ms_per_token": r0 * 1e3,
+           "recompute_same_shapes_ms_per_token": r_again * 1e3,
            "recompute_checked_ms_per_token": r1 * 1e3, "cost": r0 / p, "cost_checked": r1 / p,
            "load_pageable_ms_per_token": pageable * 1e3, "load_pinned_ms_per_token": pinned * 1e3,
            "load_cost": min(pageable, pinned) / p}
     print(f"L={length:5d} B={batch:2d}  prefill {p * 1e3:.4f} ms/tok  recompute {r0 * 1e3:.4f} "
+          f"(same shapes again {r_again * 1e3:.4f}) "
           f"(checked {r1 * 1e3:.4f}) ms/tok  cost {r0 / p:.2f} / {r1 / p:.2f}  load {pageable * 1e3:.4f} "
           f"(pinned {pinned * 1e3:.4f}) ms/tok", flush=True)
     return row
+
+
+def _profile(torch, rec, jobs, args) -> None:
+    """Print the ops that dominate one recompute pass (torch's profiler, CPU and device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with attention(torch, args.attention), profile(activities=acts) as prof:
+        rec.run_batch(jobs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
+
+
+def attention(torch, backend: str):
+    """The context the recompute's attention runs in: the plugin's choice (``default``),
+    torch's own (``torch``), or torch's with one backend allowed."""
+    from cp_engine.hooks.vllm import blend_recompute
+
+    blend_recompute.CUDA_ATTENTION = "efficient" if backend == "default" else "auto"
+    if backend in ("default", "torch"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend]))
 
 
 def project(rows: list[dict], result: Path) -> dict:
@@ -199,7 +228,7 @@ def project(rows: list[dict], result: Path) -> dict:
 
 
 def table(data: dict) -> str:
-    lines = [f"{data['device']}; dims {data['dims']} (hidden, MLP, layers, heads, KV heads, head dim), "
+    lines = [f"{data['device']}, recompute attention {data.get('attention', 'default')}; dims {data['dims']} (hidden, MLP, layers, heads, KV heads, head dim), "
              f"{data['dtype']}, random weights; cost = recompute s per full-depth token over prefill s/token "
              "(medians)", "",
              "Checks: " + ", ".join(f"{k} {v:.2e}" for k, v in data["checks"].items()), "",
@@ -236,7 +265,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--check-layers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", default="default", choices=["default", "torch", *ATTENTION_BACKENDS],
+                    help="the recompute's attention backend on CUDA: the plugin's choice (default), torch's "
+                         "(torch), or torch's with one backend allowed")
     ap.add_argument("--project", type=Path, help="a bench_blend_engine RAG result to project onto this device")
+    ap.add_argument("--profile", action="store_true", help="print a torch profile of one recompute per shape")
     ap.add_argument("--quick", action="store_true", help="tiny dims, L=256, B=1,2, one repeat")
     ap.add_argument("--out", default="blend_gpu")
     args = ap.parse_args(argv)
@@ -263,7 +296,7 @@ def main(argv=None) -> int:
     rows = [time_shape(torch, model, paged, rec, clock, args.device, length, batch, args, rng)
             for length in args.lengths for batch in args.batches]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    data = {"device": device_name, "torch": torch.__version__, "dims": args.dims, "dtype": str(dtype).removeprefix("torch."),
+    data = {"device": device_name, "torch": torch.__version__, "attention": args.attention, "dims": args.dims, "dtype": str(dtype).removeprefix("torch."),
             "checks": checks, "rows": rows}
     if args.project:
         data["projection"] = project(rows, args.project)

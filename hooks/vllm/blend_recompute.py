@@ -19,6 +19,9 @@ Contract:
   the activations' dtype through torch's fused ``scaled_dot_product_attention`` (float
   accumulation, no score matrix held), as the engine's own kernel does; queries go in
   runs of consecutive positions and each run reads only the keys up to its last one.
+  It runs where the model's weights are (CPU or CUDA): ids, positions and slots move
+  there; run bounds come from a host copy of the positions, so no step waits on the
+  device, and each job's causal masks are built once for all layers.
 - ``run_batch(jobs)`` runs several requests' ``RecomputeJob``s in one pass (the loads
   of one engine step): fewer, larger operations, the same K/V as one by one.
 - With ``narrow`` and ``check_layers > 0`` (fewer than the model has): every selected
@@ -33,6 +36,7 @@ Contract:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -63,6 +67,12 @@ _ROPE_REASONS = {
 }
 QUERY_RUNS = 4       # at most this many query runs per attention call (each reads keys up to its end)
 RUN_MIN_QUERIES = 64  # a run shorter than this costs more in call overhead than it saves in keys
+MASK_CACHE_BYTES = 64 << 20  # a job's causal masks are kept for every layer up to this size
+# On CUDA the masked attention runs on the memory-efficient kernel with K/V heads expanded
+# to the query heads: it takes any mask with no per-shape setup, where torch's own choice
+# (cuDNN) plans every new (queries, keys) shape, and every request brings new ones.
+# "auto" leaves the choice to torch.
+CUDA_ATTENTION = "efficient"
 
 
 class UnsupportedModel(RuntimeError):
@@ -110,7 +120,7 @@ def rope_spec(rot: torch.nn.Module, hf_config=None) -> RopeSpec:
     style = "neox" if rot.is_neox_style else "gptj"
     spec = RopeSpec.from_inv_freq(_engine_inv_freq(rot), style, int(rot.head_size), label=name)
     # The class's frequencies must be what its cos/sin cache rotates by (scale factors cancel in atan2).
-    cache = rot.cos_sin_cache.float()
+    cache = rot.cos_sin_cache.float().cpu()
     rows = sorted({1, 7, min(cache.shape[0] - 1, 1000)})
     cos, sin = cache[rows].chunk(2, dim=-1)
     got = torch.atan2(sin, cos).double()
@@ -225,8 +235,9 @@ class DecoderRecompute:
             rows = torch.arange(at, at + gap.numel(), device=gap.device)
             at += gap.numel()
             if ranks:
-                keep = self._narrowed(r.narrow, gap, gap.numel()).to(gap.device)
-                r.sel, rows = r.sel[keep], rows[keep]
+                keep = self._narrowed(r.narrow, gap, gap.numel())
+                r.narrow_to(keep)
+                rows = rows[keep.to(rows.device)]
             kept.append(rows)
         return torch.cat(kept)
 
@@ -295,8 +306,9 @@ class DecoderRecompute:
         at = 0
         for r, size in zip(live, sizes):
             if size:
-                keys, values = r.context(name, int(r.sel[-1]) + 1)
-                out[at:at + size] = _causal_attention(q[at:at + size], keys, values, r.sel, float(sa.scaling))
+                keys, values = r.context(name, int(r.host_sel[-1]) + 1)
+                out[at:at + size] = _causal_attention(q[at:at + size], keys, values, r.attention_runs(q.device, q.dtype),
+                                                      float(sa.scaling))
             at += size
         o, _ = sa.o_proj(out.reshape(n, heads * dim).to(h.dtype))
         h, residual = layer.post_attention_layernorm(o, residual)
@@ -321,45 +333,95 @@ class _JobRows:
     ids: torch.LongTensor
     slots: torch.LongTensor
     sel: torch.LongTensor
+    host_sel: torch.LongTensor  # ``sel`` on the CPU: run bounds without a device sync
     context: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]] | None
     checking: bool
     check_layers: int
     narrow: Callable[[np.ndarray], np.ndarray] | None
     report: RecomputeReport
+    runs: list | None = None  # cached (start, stop, key count, mask) of the query runs
+
+    def narrow_to(self, keep: torch.Tensor) -> None:
+        """Keep the rows ``keep`` (CPU indices into ``sel``)."""
+        self.host_sel = self.host_sel[keep]
+        self.sel = self.sel[keep.to(self.sel.device)]
+        self.runs = None
+
+    def attention_runs(self, device: torch.device, dtype: torch.dtype) -> list:
+        """The query runs with their causal masks, built once for every layer unless
+        they would hold more than ``MASK_CACHE_BYTES``. On CUDA: one run (a call costs
+        more than the keys it would skip) and an additive mask the kernel takes as is."""
+        if self.runs is not None:
+            return self.runs
+        runs = causal_runs(self.host_sel, device, dtype)
+        if sum(m.numel() * m.element_size() for *_, m in runs) <= MASK_CACHE_BYTES:
+            self.runs = runs
+        return runs
 
     @classmethod
     def prepare(cls, job: RecomputeJob, owner: "DecoderRecompute") -> "_JobRows":
         end, device = len(job.token_ids), owner.device
         slots = torch.as_tensor(job.slots, dtype=torch.int64).reshape(-1).to(device)
-        sel = torch.as_tensor(job.select, dtype=torch.int64).reshape(-1).to(device)
+        sel = torch.as_tensor(job.select, dtype=torch.int64).reshape(-1).cpu()
         if slots.numel() != end:
             raise ValueError(f"{slots.numel()} slots for {end} tokens")
         if sel.numel() and (int(sel[0]) < 0 or int(sel[-1]) >= end or bool((sel[1:] <= sel[:-1]).any())):
             raise ValueError(f"select must be sorted, unique positions inside [0, {end})")
         checking = job.narrow is not None and 0 < job.check_layers < owner.num_layers
-        return cls(ids=torch.as_tensor(list(job.token_ids), dtype=torch.int64).to(device), slots=slots, sel=sel,
+        return cls(ids=torch.as_tensor(list(job.token_ids), dtype=torch.int64).to(device), slots=slots,
+                   sel=sel.to(device), host_sel=sel,
                    context=owner._context_reader(slots) if sel.numel() else None, checking=checking,
                    check_layers=int(job.check_layers), narrow=job.narrow, report=RecomputeReport([], sel))
 
 
-def _query_runs(n: int) -> list[tuple[int, int]]:
-    runs = max(1, min(QUERY_RUNS, n // RUN_MIN_QUERIES))
+def causal_runs(pos: torch.Tensor, device: torch.device, dtype: torch.dtype) -> list:
+    """``(a, b, stop, mask)`` per query run over sorted host positions ``pos``: rows
+    ``[a, b)`` read the first ``stop`` keys, ``mask [b - a, stop]`` allows key position
+    <= query position (boolean; on CUDA additive, one run)."""
+    runs, cuda = [], device.type == "cuda"
+    for a, b in _query_runs(pos.numel(), 1 if cuda else QUERY_RUNS):
+        stop = int(pos[b - 1]) + 1
+        allowed = torch.arange(stop)[None, :] <= pos[a:b, None]  # [run, stop]
+        runs.append((a, b, stop, additive_mask(allowed, dtype, device) if cuda else allowed.to(device)))
+    return runs
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``allowed [run, stop]`` as 0 / -inf in ``dtype`` on ``device``, a view whose rows
+    are stored 16 elements aligned: torch's memory-efficient kernel would otherwise
+    convert a boolean mask and pad an unaligned one on every call."""
+    run, stop = allowed.shape
+    bias = torch.zeros(run, -(-stop // 16) * 16, dtype=dtype, device=device)
+    bias[:, :stop].masked_fill_(~allowed.to(device), float("-inf"))
+    return bias[:, :stop]
+
+
+def _query_runs(n: int, most: int = QUERY_RUNS) -> list[tuple[int, int]]:
+    runs = max(1, min(most, n // RUN_MIN_QUERIES))
     cuts = [round(i * n / runs) for i in range(runs + 1)]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, runs: Sequence[tuple],
                       scale: float) -> torch.Tensor:
-    """Softmax attention of queries ``q [n, H, D]`` at sorted positions ``pos`` over ``keys``/
-    ``values`` ``[Hkv, L, D]`` at positions ``0..L-1`` (key position <= query position; query
-    head ``h`` reads KV head ``h // (H / Hkv)``), in ``q``'s dtype. Returns ``[n, H, D]``."""
+    """Softmax attention of queries ``q [n, H, D]`` over ``keys``/``values`` ``[Hkv, L, D]`` at
+    positions ``0..L-1``, run by run (``causal_runs``: rows ``[a, b)`` read the
+    first ``stop`` keys through their causal mask; query head ``h`` reads KV head
+    ``h // (H / Hkv)``), in ``q``'s dtype. Returns ``[n, H, D]``."""
     out = torch.empty_like(q)
     heads_first = q.transpose(0, 1)  # [H, n, D]
     keys, values = keys.to(q.dtype), values.to(q.dtype)
-    for a, b in _query_runs(q.shape[0]):
-        stop = int(pos[b - 1]) + 1
-        allowed = torch.arange(stop, device=q.device)[None, :] <= pos[a:b, None]  # [run, stop]
-        o = F.scaled_dot_product_attention(heads_first[None, :, a:b], keys[None, :, :stop], values[None, :, :stop],
-                                           attn_mask=allowed, scale=scale, enable_gqa=True)
-        out[a:b] = o[0].transpose(0, 1)
+    backends, gqa = contextlib.nullcontext(), True
+    if q.is_cuda and CUDA_ATTENTION == "efficient":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        group = q.shape[1] // keys.shape[0]
+        keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+        backends, gqa = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), False
+    with backends:
+        for a, b, stop, allowed in runs:
+            o = F.scaled_dot_product_attention(heads_first[None, :, a:b], keys[None, :, :stop],
+                                               values[None, :, :stop], attn_mask=allowed, scale=scale,
+                                               enable_gqa=gqa)
+            out[a:b] = o[0].transpose(0, 1)
     return out

@@ -9,8 +9,8 @@ Contract (docs/blend-design.md, sections 3 and 6):
   keys are built under, and the ``BlockKVStore``. A disabled worker never touches the
   cache; the reason reaches the scheduler in the next worker meta;
 - ``load_all(orders)`` (before the forward, the step's loads): for each order
-  ``store.get`` every reused block, moves K to its new start (``shift_k``), writes K/V
-  into the claimed slots through ``PagedKV.write``; then one ``DecoderRecompute.run_batch``
+  ``store.get`` every reused block, moves K to its new start and writes K/V into the
+  claimed slots (``blend_stitch.write_moved``: one write per layer); then one ``DecoderRecompute.run_batch``
   over every order's selection (measuring the K deviation over the check layers when a
   plan ranks by it). Any failure (a miss after eviction, a corrupt entry, an error in
   the pass) puts the claimed blocks of the orders it touched in ``load_errors`` so vLLM
@@ -43,6 +43,7 @@ from .blend_stats import BlendStats
 
 from .blend_layout import PagedKV, UnsupportedLayout
 from .blend_recompute import DecoderRecompute, RecomputeJob, UnsupportedModel
+from .blend_stitch import write_moved
 
 __all__ = ["BlendWorker"]
 
@@ -174,14 +175,8 @@ class BlendWorker:
                 raise KeyError("store miss")
             entries.append((block, kv))
         slots = paged.slots(order.block_ids, 0, plan.claim_end)
-        device = slots.device
-        for block, kv in entries:
-            n = block.end - block.start
-            part = kv[:, :, block.offset:block.offset + n].to(device)
-            k = shift_k(part[:, 0], block.start - block.offset, rope)
-            dest = slots[block.start:block.end]
-            for i, name in enumerate(paged.layer_names):
-                paged.write(name, dest, k[i], part[i, 1])
+        write_moved(paged, rope, slots, [(kv, block.offset, block.start, block.end - block.start)
+                                         for block, kv in entries])
         if plan.needs_deviation:
             select = torch.arange(plan.claim_start, plan.claim_end)
             check = min(int(self.config.blend_check_layers), self.recompute.num_layers)
@@ -220,7 +215,11 @@ class BlendWorker:
                 ks.append(k)
                 vs.append(v)
             k = shift_k(torch.stack(ks), -order.start, self.recompute.rope)
-            kv = torch.stack([k, torch.stack(vs)], dim=1).cpu().contiguous()
+            kv = torch.stack([k, torch.stack(vs)], dim=1)
+            on_gpu = kv.device.type == "cuda"
+            kv = kv.cpu().contiguous()
+            if on_gpu:  # a load from pinned host memory runs about twice as fast
+                kv = kv.pin_memory()
             if self.store.put(key, kv):
                 self._stored[key.lookup] = (key, order.depth)
                 self.meta.stored.append((key.lookup, order.depth))

@@ -195,14 +195,14 @@ def naive_attention(q, keys, values, pos, scale):
 @pytest.mark.parametrize("n, length, dtype, tol", [(1, 1, torch.float32, 1e-5), (5, 40, torch.float32, 1e-5),
                                                    (257, 300, torch.float32, 1e-5), (130, 131, torch.bfloat16, 3e-2)])
 def test_causal_attention_matches_the_definition(n, length, dtype, tol):
-    from cp_engine.hooks.vllm.blend_recompute import _causal_attention
+    from cp_engine.hooks.vllm.blend_recompute import _causal_attention, causal_runs
 
     gen = torch.Generator().manual_seed(n)
     heads, kv_heads, dim = 6, 2, 16
     pos = torch.sort(torch.randperm(length, generator=gen)[:n]).values
     q = torch.randn(n, heads, dim, generator=gen).to(dtype)
     keys, values = (torch.randn(kv_heads, length, dim, generator=gen).to(dtype) for _ in range(2))
-    out = _causal_attention(q, keys, values, pos, 0.25)
+    out = _causal_attention(q, keys, values, causal_runs(pos, q.device, q.dtype), 0.25)
     assert out.dtype == dtype and out.shape == (n, heads, dim)
     torch.testing.assert_close(out.double(), naive_attention(q, keys, values, pos, 0.25), atol=tol, rtol=tol)
 
