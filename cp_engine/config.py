@@ -45,7 +45,7 @@ FLAGS: tuple[Flag, ...] = (
          choices=("auto", "numpy", "triton")),
     Flag("CP_ENGINE_BLEND", False, "1 reuses a stored context block's KV at any position, re-rotated and stitched by recomputing a share of its tokens (docs/blend.md). Approximate: outputs can differ from a full prefill. Off by default: a server answers exactly unless its operator opts in (quality measured in docs/blend.md)."),
     Flag("CP_ENGINE_BLEND_STORE_MB", 2048, "Host memory bound of the blend block-KV store in MiB; blocks of least value (reuse count x tokens, decayed by age) are evicted beyond it."),
-    Flag("CP_ENGINE_BLEND_RATIO", 0.15, "Share (0 to 1) of the reused tokens (claimed tokens a stored block covers) that blend recomputes; claimed tokens no stored block covers are always recomputed besides. 1 recomputes everything claimed (exact up to float rounding).",
+    Flag("CP_ENGINE_BLEND_RATIO", 0.05, "Share (0 to 1) of the reused tokens (claimed tokens a stored block covers) that blend recomputes; claimed tokens no stored block covers are always recomputed besides. 1 recomputes everything claimed (exact up to float rounding).",
          maximum=1.0),
     Flag("CP_ENGINE_BLEND_MODE", "both", "Which reused tokens blend recomputes within the ratio: both (each block's first tokens, then the largest K deviation), first_tokens (the same number of leading tokens of every block; no check-layer pass, so cheaper) or deviation.",
          choices=("both", "first_tokens", "deviation")),
@@ -77,7 +77,7 @@ class Config:
     kernel_backend: str = "auto"
     blend: bool = False
     blend_store_mb: int = 2048
-    blend_ratio: float = 0.15
+    blend_ratio: float = 0.05
     blend_mode: str = "both"
     blend_first_tokens: int = 16
     blend_check_layers: int = 1
