@@ -26,7 +26,8 @@ stored block's K). Per prompt length ``L`` and batch ``B``:
 With ``--project RESULT.json`` (a ``bench_blend_engine`` batched RAG result) the row
 nearest its mean prompt length gives each arm's GPU time from its exact token counts:
 vLLM-computed x prefill + blend-recomputed x recompute + claimed x load; a projection,
-not a served run.
+not a served run. ``--timings GPU_RESULT.json --project RESULT.json`` projects another
+RAG result onto timings measured before, without running anything.
 """
 from __future__ import annotations
 
@@ -270,9 +271,17 @@ def main(argv=None) -> int:
                          "(torch), or torch's with one backend allowed")
     ap.add_argument("--project", type=Path, help="a bench_blend_engine RAG result to project onto this device")
     ap.add_argument("--profile", action="store_true", help="print a torch profile of one recompute per shape")
+    ap.add_argument("--timings", type=Path, help="a result of this benchmark to project from (no run)")
     ap.add_argument("--quick", action="store_true", help="tiny dims, L=256, B=1,2, one repeat")
     ap.add_argument("--out", default="blend_gpu")
     args = ap.parse_args(argv)
+    if args.timings:
+        if not args.project:
+            raise SystemExit("--timings needs --project")
+        data = {k: v for k, v in json.loads(args.timings.read_text()).items() if k != "provenance"}
+        data["projection"] = project(data["rows"], args.project)
+        write_result(args.out, data, table=table, prov=prov)
+        return 0
     import torch
 
     extra = {}

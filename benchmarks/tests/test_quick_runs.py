@@ -135,3 +135,17 @@ def test_blend_gpu_quick_on_cpu(tmp_path):
     assert data["checks"]["moved_block_rel_err"] < 1e-4 and data["checks"]["full_recompute_rel_err"] < 5e-4
     assert [(r["length"], r["batch"]) for r in data["rows"]] == [(256, 1), (256, 2)]
     assert all(r["prefill_ms_per_token"] > 0 and r["recompute_ms_per_token"] > 0 for r in data["rows"])
+
+
+def test_blend_gpu_projects_from_earlier_timings(tmp_path):
+    """``--timings`` re-projects a RAG result onto stored timings without running the model."""
+    from benchmarks.blend import bench_blend_gpu
+
+    out = tmp_path / "projected.json"
+    rag = str(RESULTS / "blend_engine_qwen_bf16_rag400_r005.json")
+    data = _run(bench_blend_gpu.main, "benchmarks.blend.bench_blend_gpu",
+                ["--timings", str(RESULTS / "blend_gpu_h200.json"), "--project", rag, "--out", str(out)], out)
+    arms = data["projection"]["arms"]
+    assert [(a["arm"], a["ratio"]) for a in arms] == [("plain", None), ("blend-order", 0.05), ("blend-order", 0.15)]
+    # fewer computed tokens project to less time with the same timings
+    assert arms[1]["projected_s"] < arms[2]["projected_s"] < arms[0]["projected_s"]
