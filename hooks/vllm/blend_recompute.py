@@ -67,7 +67,7 @@ _ROPE_REASONS = {
 }
 QUERY_RUNS = 4       # at most this many query runs per attention call (each reads keys up to its end)
 RUN_MIN_QUERIES = 64  # a run shorter than this costs more in call overhead than it saves in keys
-MASK_CACHE_BYTES = 64 << 20  # a job's causal masks are kept for every layer up to this size
+MASK_CACHE_BYTES = 64 << 20  # causal masks a pass keeps for every layer, all its jobs together
 # On CUDA the masked attention runs on the memory-efficient kernel with K/V heads expanded
 # to the query heads: it takes any mask with no per-shape setup, where torch's own choice
 # (cuDNN) plans every new (queries, keys) shape, and every request brings new ones.
@@ -213,6 +213,9 @@ class DecoderRecompute:
         the larger matrix products); a job with bad arguments raises ``ValueError``
         before anything is written. The jobs' slots must not overlap."""
         rows = [_JobRows.prepare(job, self) for job in jobs]
+        budget = [MASK_CACHE_BYTES]
+        for r in rows:
+            r.mask_budget = budget
         live = [r for r in rows if r.sel.numel()]
         if live:
             h = self.model.model.embed_input_ids(torch.cat([r.ids[r.sel] for r in live]))
@@ -340,22 +343,29 @@ class _JobRows:
     narrow: Callable[[np.ndarray], np.ndarray] | None
     report: RecomputeReport
     runs: list | None = None  # cached (start, stop, key count, mask) of the query runs
+    runs_bytes: int = 0
+    mask_budget: list | None = None  # [bytes] the pass may still keep in masks, shared by its jobs
 
     def narrow_to(self, keep: torch.Tensor) -> None:
         """Keep the rows ``keep`` (CPU indices into ``sel``)."""
         self.host_sel = self.host_sel[keep]
         self.sel = self.sel[keep.to(self.sel.device)]
-        self.runs = None
+        if self.runs is not None and self.mask_budget is not None:
+            self.mask_budget[0] += self.runs_bytes
+        self.runs, self.runs_bytes = None, 0
 
     def attention_runs(self, device: torch.device, dtype: torch.dtype) -> list:
-        """The query runs with their causal masks, built once for every layer unless
-        they would hold more than ``MASK_CACHE_BYTES``. On CUDA: one run (a call costs
-        more than the keys it would skip) and an additive mask the kernel takes as is."""
+        """The query runs with their causal masks, built once for every layer while the
+        pass's masks stay within ``MASK_CACHE_BYTES``, else per call. On CUDA: one run (a
+        call costs more than the keys it would skip) and an additive mask the kernel
+        takes as is."""
         if self.runs is not None:
             return self.runs
         runs = causal_runs(self.host_sel, device, dtype)
-        if sum(m.numel() * m.element_size() for *_, m in runs) <= MASK_CACHE_BYTES:
-            self.runs = runs
+        size = sum(m.numel() * m.element_size() for *_, m in runs)
+        if self.mask_budget is not None and size <= self.mask_budget[0]:
+            self.mask_budget[0] -= size
+            self.runs, self.runs_bytes = runs, size
         return runs
 
     @classmethod
