@@ -342,7 +342,7 @@ class _JobRows:
     check_layers: int
     narrow: Callable[[np.ndarray], np.ndarray] | None
     report: RecomputeReport
-    runs: list | None = None  # cached (start, stop, key count, mask) of the query runs
+    runs: list | None = None  # cached ``causal_runs``: (first row, end row, keys read, mask) per run
     runs_bytes: int = 0
     mask_budget: list | None = None  # [bytes] the pass may still keep in masks, shared by its jobs
 
