@@ -11,10 +11,10 @@ Contract (docs/blend-design.md, sections 3 and 6):
 - ``load_all(orders)`` (before the forward, the step's loads): for each order
   ``store.get`` every reused block, moves K to its new start and writes K/V into the
   claimed slots (``blend_stitch.write_moved``: one write per layer); then one
-  ``DecoderRecompute.run_batch`` over every order's selection (measuring the K
-  deviation over the check layers when a plan ranks by it). Any failure (a miss after eviction, a corrupt entry, an error in
-  the pass) puts the claimed blocks of the orders it touched in ``load_errors`` so vLLM
-  recomputes them (``kv_load_failure_policy="recompute"``);
+  ``DecoderRecompute.run_batch`` over every order's selection (measuring the K deviation
+  over the check layers when a plan ranks by it). Any failure (a miss after eviction, a
+  corrupt entry, an error in the pass) puts the claimed blocks of the orders it touched
+  in ``load_errors`` so vLLM recomputes them (``kv_load_failure_policy="recompute"``);
 - ``save(order)`` (after the forward): reads the block's K/V, normalises K to position 0
   and ``put``s it, unless the store holds it already; the entry's depth (``order.depth``)
   is reported with it. Entries loaded in the step are
