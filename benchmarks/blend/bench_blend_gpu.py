@@ -192,17 +192,25 @@ def _profile(torch, rec, jobs, args) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
 
 
+@contextlib.contextmanager
 def attention(torch, backend: str):
-    """The context the recompute's attention runs in: the plugin's choice (``default``),
-    torch's own (``torch``), or torch's with one backend allowed."""
+    """The recompute's attention inside the block: the plugin's choice (``default``),
+    torch's own (``torch``), or torch's with one backend allowed. The plugin's setting
+    is restored on the way out."""
     from cp_engine.hooks.vllm import blend_recompute
 
+    saved = blend_recompute.CUDA_ATTENTION
     blend_recompute.CUDA_ATTENTION = "efficient" if backend == "default" else "auto"
-    if backend in ("default", "torch"):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        if backend in ("default", "torch"):
+            yield
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend]))
+            with sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend])):
+                yield
+    finally:
+        blend_recompute.CUDA_ATTENTION = saved
 
 
 def project(rows: list[dict], result: Path) -> dict:
