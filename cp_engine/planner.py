@@ -682,16 +682,22 @@ _TABLE_COLUMNS_PER_RANKED = 32
 
 
 def _shared_counts(sets: list[list[int]], freq: list[int]) -> SharedCounts | None:
-    """The table for the clustering, when it fits and postings are long enough to use it."""
-    n = len(sets)
+    """The table for the clustering, when ``_table_fits``."""
+    if not _table_fits(len(sets), freq):
+        return None
+    return SharedCounts.for_requests(sets, 2 * len(sets), len(freq))
+
+
+def _table_fits(n: int, freq: list[int]) -> bool:
+    """Whether the clustering of ``n`` requests (unit weights) keeps a ``SharedCounts``
+    table: it fits in ``_TABLE_CELLS`` and postings are long enough to use it."""
     f = np.asarray(freq, dtype=np.int64)
     f = f[f > 1]
     clusters = 2 * n
     if not n or f.size * clusters > _TABLE_CELLS:
-        return None
-    if int((f * f).sum()) < n * (_TABLE_MIN_POSTINGS + clusters // _TABLE_COLUMNS_PER_POSTING):
-        return None  # postings too short on average: the table would rarely be asked
-    return SharedCounts.for_requests(sets, clusters, len(freq))
+        return False
+    # Postings too short on average: the table would rarely be asked.
+    return int((f * f).sum()) >= n * (_TABLE_MIN_POSTINGS + clusters // _TABLE_COLUMNS_PER_POSTING)
 
 
 def _posting_partners(m: _Merges, postings: list[set[int]], x: int, hot_cap: int, candidates: int,
@@ -1196,6 +1202,12 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         greedy = _greedy_prefixes(sets, w, postings)
         candidates.append(("greedy", None))
     cap = _cluster_cap(freq) if strategy == "auto" else max(freq, default=1)
+    if cap is not None and cap < max(freq, default=1) and w.count(1.0) == len(w) and _table_fits(len(sets), freq):
+        # The cap bounds Python's posting counts; with unit weights and the count table
+        # the long postings are counted in vector passes instead, so no block is left
+        # out and every cluster gets its exact best partners (synthetic N = 2,000: a
+        # smaller tree, and the ranked searches the cap forced cost more than the table).
+        cap = max(freq)
     overlaps: list = []  # each request's first partners, when the clustering counts them
     # Per candidate, where each order's sorted tail starts (for the local search).
     sorted_from: dict[str, list[int]] = {}
