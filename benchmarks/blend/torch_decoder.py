@@ -15,9 +15,10 @@ Contract:
   equal length (``ids``, ``slots`` ``[B, L]``), writing every layer's K/V to ``slots``
   as vLLM's prefill does; attention is torch's fused causal kernel.
 - ``FlashPagedKV(layer_names, num_blocks, block_size, kv_heads, head_dim, dtype, device)``
-  offers the reads and writes ``PagedKV`` offers (``slots``, ``read``, ``read_blocks``,
-  ``write``) over one ``[2, num_blocks, block_size, kv_heads, head_dim]`` tensor per
-  layer, K in half 0 and V in half 1, the layout vLLM's flash-attention backend uses.
+  is the plugin's own ``PagedKV`` over one ``[2, num_blocks, block_size, kv_heads,
+  head_dim]`` tensor per layer, K in half 0 and V in half 1 (flash-attention's layout
+  before vLLM 0.27; the block axis is not the leading one), written by a plain-torch
+  ``do_kv_cache_update`` and read through the layout ``PagedKV`` probes.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cp_engine.hooks.vllm.blend_layout import PagedKV
 
 QWEN25_7B = "3584,18944,28,28,4,128"  # hidden, intermediate, layers, heads, KV heads, head dim
 
@@ -174,48 +177,44 @@ def build(d: Dims, device: str | torch.device, dtype: torch.dtype, seed: int = 0
     return model.to(dtype).eval()
 
 
-class FlashPagedKV:
-    """Paged K/V in flash-attention's ``[2, blocks, block_size, kv_heads, head_dim]`` layout."""
+class FlashCacheUpdate:
+    """A backend impl whose cache write is flash-attention's layout in plain torch: K of
+    slot ``s`` at ``cache[0, s // block_size, s % block_size]``, V at ``cache[1, ...]``."""
+
+    kv_cache_dtype = "auto"
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
+        flat[0, slot_mapping] = key
+        flat[1, slot_mapping] = value
+
+
+class FlashBackend:
+    """The backend class the layer names: its forward leaves the cache write to the impl."""
+
+    forward_includes_kv_cache_update = False
+
+
+class FlashAttentionLayer(nn.Module):
+    """What ``PagedKV`` reads of a vLLM attention layer: heads, head size, impl, backend."""
+
+    def __init__(self, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_kv_heads, self.head_size = kv_heads, head_dim
+        self.impl, self.attn_backend = FlashCacheUpdate(), FlashBackend
+
+
+class FlashPagedKV(PagedKV):
+    """The plugin's ``PagedKV`` over one ``[2, num_blocks, block_size, kv_heads, head_dim]``
+    cache per layer (its layout probed through ``FlashCacheUpdate`` like any backend's)."""
 
     def __init__(self, layer_names: Sequence[str], num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: str | torch.device):
-        self.layer_names = list(layer_names)
-        self.block_size, self.num_kv_heads, self.head_dim, self.dtype = block_size, kv_heads, head_dim, dtype
-        self._caches = {n: torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
-                        for n in self.layer_names}
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self._caches[self.layer_names[0]].shape[1])
-
-    def slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.LongTensor:
-        pos = torch.arange(start, end, dtype=torch.int64)
-        blocks = torch.as_tensor(list(block_ids), dtype=torch.int64)
-        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
-
-    def _flat(self, layer: str) -> torch.Tensor:
-        return self._caches[layer].view(2, -1, self.num_kv_heads, self.head_dim)
-
-    def read(self, layer: str, slots: torch.LongTensor):
-        flat = self._flat(layer)
-        slots = torch.as_tensor(slots, dtype=torch.int64).to(flat.device)
-        return flat[0, slots], flat[1, slots]
-
-    def read_blocks(self, layer: str, block_ids, end: int):
-        cache = self._caches[layer]
-        blocks = torch.as_tensor(block_ids, dtype=torch.int64).reshape(-1).to(cache.device)
-        blocks = blocks[: math.ceil(end / self.block_size)]
-
-        def gather(half: int) -> torch.Tensor:
-            return cache[half, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:end].transpose(0, 1)
-
-        return gather(0), gather(1)
-
-    def write(self, layer: str, slots: torch.LongTensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        flat = self._flat(layer)
-        slots = torch.as_tensor(slots, dtype=torch.int64).to(flat.device)
-        flat[0, slots] = k.to(self.dtype)
-        flat[1, slots] = v.to(self.dtype)
+        caches = {n: torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+                  for n in layer_names}
+        layers = {n: FlashAttentionLayer(kv_heads, head_dim) for n in layer_names}
+        super().__init__(caches, layers, block_size, num_blocks)
 
 
 @torch.inference_mode()

@@ -108,7 +108,8 @@ class BlendWorker:
         if not kv_caches or not set(kv_caches) <= set(modules):
             return self._disable("model_unreachable")
         attention = {name: mod for name, mod in modules.items() if name in kv_caches}  # model order
-        self.paged = PagedKV(kv_caches, attention, self.block_size)
+        blocks = getattr(self.vllm_config.cache_config, "num_gpu_blocks", None)
+        self.paged = PagedKV(kv_caches, attention, self.block_size, int(blocks) if blocks else None)
         self.recompute = DecoderRecompute.from_model(model, self.paged)
         mc = self.vllm_config.model_config
         self.layout = KVLayout.make(

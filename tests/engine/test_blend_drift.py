@@ -169,6 +169,33 @@ def test_cpu_paged_kv_write_op_is_a_learnable_permutation():
     assert torch.equal(kv.flatten().sort().values, torch.arange(2 * bs * d, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("module, impl", [
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl"),
+    ("vllm.v1.attention.backends.flashinfer", "FlashInferImpl"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
+])
+def test_backends_write_the_cache_in_a_separate_method(module, impl):
+    """On a GPU, PagedKV writes through ``impl.do_kv_cache_update(layer, key, value,
+    kv_cache, slot_mapping)`` and trusts it to be the whole write only when the backend
+    class says its forward does not write the cache (``forward_includes_kv_cache_update``)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:  # a GPU backend the CPU wheel cannot even import
+        pytest.skip(f"{module}: {exc}")
+    cls = getattr(mod, impl)
+    assert "do_kv_cache_update" in cls.__dict__, f"{impl} no longer has its own cache write"
+    assert _params(cls.do_kv_cache_update) == ["layer", "key", "value", "kv_cache", "slot_mapping"]
+    backends = [b for b in vars(mod).values() if isinstance(b, type) and b.__module__ == module
+                and "forward_includes_kv_cache_update" in b.__dict__]
+    assert backends and all(b.forward_includes_kv_cache_update is False for b in backends)
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    assert "self.attn_backend" in _source(Attention.__init__)  # where PagedKV finds the backend class
+
+
 def test_rotary_embedding_surface():
     from vllm.model_executor.layers.rotary_embedding import get_rope
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding

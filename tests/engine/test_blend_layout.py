@@ -20,7 +20,8 @@ if not vs.vllm_available():  # pragma: no cover
 
 import torch  # noqa: E402
 
-from cp_engine.hooks.vllm.blend_layout import CpuCacheOp, PagedKV, UnsupportedLayout, probe_layout  # noqa: E402
+from cp_engine.hooks.vllm.blend_layout import (BackendCacheOp, CpuCacheOp, PagedKV, UnsupportedLayout,  # noqa: E402
+                                               block_offsets, probe_layout)  # noqa: E402
 
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
               "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
@@ -95,7 +96,8 @@ def test_probe_finds_the_transposed_k_of_isa_vec(engine):
     layer = attention_modules(worker.model_runner.get_model())["model.layers.0.self_attn.attn"]
     if layer.isa != "vec":
         pytest.skip(f"ISA {layer.isa}: the transposed-K layout is the vec kernel's")
-    k_at, v_at = probe_layout(CpuCacheOp("vec"), 2, 128, 64, torch.float32)
+    like = torch.empty(1, 2, 128, 128)
+    k_at, v_at = (block_offsets(c, like) for c in probe_layout(CpuCacheOp("vec"), like, 0, 2, 128, 64))
     t, h, d = torch.meshgrid(torch.arange(128), torch.arange(2), torch.arange(64), indexing="ij")
     slab = 128 * 2 * 64  # one (block, head): K as [head_dim, block_size], then V as [block_size, head_dim]
     assert torch.equal(k_at, h * slab + d * 128 + t)
@@ -111,12 +113,15 @@ def test_bfloat16_probe_survives_the_dtype(engine):
     # Why the probe writes digits: bfloat16 cannot hold the flat index itself.
     assert torch.unique(flat.to(torch.bfloat16)).numel() < per_block // 10
     isa = _get_attn_isa(torch.bfloat16, 128, 64)
-    k16, v16 = probe_layout(CpuCacheOp(isa), 2, 128, 64, torch.bfloat16)  # includes the bit-exact round trip
+    like16 = torch.empty(1, 2, 128, 128, dtype=torch.bfloat16)
+    k16, v16 = (block_offsets(c, like16)  # includes the bit-exact round trip
+                for c in probe_layout(CpuCacheOp(isa), like16, 0, 2, 128, 64))
     both = torch.cat([k16.reshape(-1), v16.reshape(-1)])
     assert torch.equal(torch.sort(both).values, flat)
     layer = attention_modules(worker.model_runner.get_model())["model.layers.0.self_attn.attn"]
     if isa == layer.isa:  # same kernel in both dtypes: the bfloat16 probe agrees with the float32 one
-        k32, v32 = probe_layout(CpuCacheOp(isa), 2, 128, 64, torch.float32)
+        like32 = torch.empty(1, 2, 128, 128)
+        k32, v32 = (block_offsets(c, like32) for c in probe_layout(CpuCacheOp(isa), like32, 0, 2, 128, 64))
         assert torch.equal(k16, k32) and torch.equal(v16, v32)
     # A full PagedKV over bfloat16 scratch caches: the engine's float32 K/V written and read back.
     layers = {n: copy.copy(m) for n, m in attention_modules(worker.model_runner.get_model()).items()}
@@ -131,6 +136,18 @@ def test_bfloat16_probe_survives_the_dtype(engine):
     assert rk.dtype == torch.bfloat16 and torch.equal(rk, k.to(torch.bfloat16)) and torch.equal(rv, v.to(torch.bfloat16))
     bk, bv = kv.read_blocks(kv.layer_names[1], torch.tensor([3, 1]), 200)  # the bfloat16 kernel's layout too
     assert torch.equal(bk, rk.transpose(0, 1)) and torch.equal(bv, rv.transpose(0, 1))
+
+
+def test_the_backend_op_path_learns_the_cpu_kernels_layout(engine):
+    """The path GPU backends take (``impl.do_kv_cache_update``), run through the CPU
+    backend's real method: it learns the same coordinates as the direct kernel call."""
+    _, worker = engine
+    layer = attention_modules(worker.model_runner.get_model())["model.layers.0.self_attn.attn"]
+    like = torch.empty(1, 2, 128, 128)
+    via_impl = probe_layout(BackendCacheOp(layer), like, 0, 2, 128, 64)
+    direct = probe_layout(CpuCacheOp(layer.isa), like, 0, 2, 128, 64)
+    assert all(torch.equal(a, b) for a, b in zip(via_impl, direct))
+    assert via_impl[0].shape == (4, 128, 2, 64) and not via_impl[0][0].any()  # block coordinate 0
 
 
 def test_read_blocks_equals_reading_every_slot(engine):

@@ -35,7 +35,7 @@ def test_write_moved_places_every_block_rotated_in_one_write_per_layer(engine):
         write_moved(paged, rec.rope, slots, [(entries[0], 5, 100, 30), (entries[1], 0, 7, 40)])
     finally:
         del paged.write
-    assert writes == paged.layer_names  # one write per layer, both blocks in it
+    assert writes == list(paged.layer_names)  # one write per layer, both blocks in it
     for layer, name in enumerate(paged.layer_names):
         k, v = paged.read(name, slots[100:130])
         torch.testing.assert_close(k, shift_k(entries[0][layer, 0, 5:35], 95, rec.rope))
