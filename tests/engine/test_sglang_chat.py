@@ -245,6 +245,7 @@ def test_chat_to_scheduler_to_cache_eviction_roundtrip(chat):
     """The whole chain on real classes: the chat rewrite's GenerateReqInput becomes a
     scheduler Req, the patched policy tracks it, the real cache stores and evicts its
     tokens, and the eviction reaches this process's index over the channel."""
+    import os
     import time
 
     from sglang.srt.managers.schedule_policy import SchedulePolicy
@@ -252,7 +253,10 @@ def test_chat_to_scheduler_to_cache_eviction_roundtrip(chat):
     from sglang_support import build_cache, evict, insert, make_req
 
     channel.start_receiver(runtime.pipeline())
-    _, _, gen = post(chat, body(context_blocks=BLOCKS))
+    # Blocks of this test alone: an eviction another test sent for the shared BLOCKS can
+    # still be queued for this instance's socket and would remove the same path.
+    blocks = [f"{b} (roundtrip {os.getpid()}-{time.monotonic_ns()})" for b in BLOCKS]
+    _, _, gen = post(chat, body(context_blocks=blocks))
     hints = gen.sampling_params["custom_params"]
     req = make_req("r1", gen.input_ids, custom_params=hints)
     cache, alloc = build_cache("unified-rust")
