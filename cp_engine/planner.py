@@ -443,16 +443,19 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     m = _Merges(sets, w)
     if postings is None:
         postings = Postings(sets, len(freq))
-    # Block -> live clusters holding it (a list indexed by block: a list lookup costs
-    # a fraction of a dict's; None for blocks no request shares); the requests are
-    # the first clusters.
-    live: list[set[int]] = [None] * postings.freq.size
-    run = iter(postings.lists()[0])  # the holders, block by block
-    held = np.flatnonzero(postings.freq)
-    for b, f in zip(held.tolist(), postings.freq[held].tolist()):
-        live[b] = set(itertools.islice(run, f))
     unit = w.count(1.0) == len(w)  # counted in C
     table = _shared_counts(sets, freq) if unit else None
+    # Block -> live clusters holding it (a list indexed by block: a list lookup costs
+    # a fraction of a dict's; None for blocks no request shares); the requests are
+    # the first clusters. Not kept where the table counts every cluster (unit
+    # weights, no block above the cap): the merges then update the table only.
+    live: list[set[int]] | None = None
+    if table is None or hot_cap < max(freq, default=0) or max(map(len, sets), default=0) > 255:
+        live = [None] * postings.freq.size
+        run = iter(postings.lists()[0])  # the holders, block by block
+        held = np.flatnonzero(postings.freq)
+        for b, f in zip(held.tolist(), postings.freq[held].tolist()):
+            live[b] = set(itertools.islice(run, f))
 
     def push_best(x: int) -> None:
         m.push_best(x, _posting_partners(m, live, x, hot_cap, candidates, unit, table))
@@ -499,7 +502,7 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     return m.orders(freq if rank is None else None, rank, sorted_from)
 
 
-def _merge_unit(m: _Merges, postings: list[set[int]], ties: dict[int, tuple[int, list[int]]],
+def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tuple[int, list[int]]],
                 hot_cap: int, candidates: int, table: SharedCounts | None) -> None:
     """The clustering's merges for unit weights (``next_merge`` until done), where a
     cluster's score with another is the number of blocks they share.
@@ -517,8 +520,10 @@ def _merge_unit(m: _Merges, postings: list[set[int]], ties: dict[int, tuple[int,
     ``skip`` every partner with that count was seen in the others, and membership
     tests in the long postings finish their counts (far less work than counting the
     long postings when few partners are seen); otherwise x is recounted in full.
-    With ``table``, long postings are counted there instead (same counts). A cluster
-    with a hot block (held by more than ``hot_cap``) takes the ranked search.
+    With ``table``, long postings are counted there instead (same counts); without
+    ``postings`` (None: no block is hot), every count is the table's and merged-away
+    clusters are dropped from it. A cluster with a hot block (held by more than
+    ``hot_cap``) takes the ranked search.
 
     When x's queued partner was merged away, x is re-queued from its kept ties:
     scores between live clusters never change and a merge never shares more with x
@@ -541,59 +546,65 @@ def _merge_unit(m: _Merges, postings: list[set[int]], ties: dict[int, tuple[int,
             # Count x's best partners.
             x, target = target, -1
             mine = inter[x]
-            lists = [postings[b] for b in mine]
-            if not lists:
+            if not mine:
                 continue
-            lists.sort(key=len)
-            if len(lists[-1]) > hot_cap:
-                m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, True, table))
-                continue
-            found = lists[0].intersection(*lists[1:])
-            found.discard(x)
-            if found:
-                top = len(lists)
-                found = sorted(found)
-            elif len(lists) <= 3:
-                # Two or three blocks: the clusters holding two of them, else one of
-                # them, by set operations (no count).
-                if len(lists) == 3:
-                    a, b, c = lists
-                    found = (a & b) | (a & c) | (b & c)
-                    found.discard(x)
-                    top = 2
-                if not found:
-                    found = set().union(*lists)
-                    found.discard(x)
-                    top = 1 if found else 0
-                found = sorted(found) if len(found) > candidates else list(found)
+            if postings is None:
+                # The table counts every cluster (no block hot, none merged away in it).
+                counts = table.count_live(x, mine)
+                top = int(counts.max())
+                found = np.flatnonzero(counts == top).tolist() if top else []
             else:
-                seen = sum(map(len, lists))
-                if (table is not None and len(lists) < 256
-                        and seen > _TABLE_MIN_POSTINGS + table.alive.size // _TABLE_COLUMNS_PER_POSTING):
-                    counts = table.count(x, mine)
-                    top = int(counts.max())
-                    found = np.flatnonzero(counts == top).tolist() if top else []
+                lists = [postings[b] for b in mine]
+                lists.sort(key=len)
+                if len(lists[-1]) > hot_cap:
+                    m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, True, table))
+                    continue
+                found = lists[0].intersection(*lists[1:])
+                found.discard(x)
+                if found:
+                    top = len(lists)
+                    found = sorted(found)
+                elif len(lists) <= 3:
+                    # Two or three blocks: the clusters holding two of them, else one of
+                    # them, by set operations (no count).
+                    if len(lists) == 3:
+                        a, b, c = lists
+                        found = (a & b) | (a & c) | (b & c)
+                        found.discard(x)
+                        top = 2
+                    if not found:
+                        found = set().union(*lists)
+                        found.discard(x)
+                        top = 1 if found else 0
+                    found = sorted(found) if len(found) > candidates else list(found)
                 else:
-                    skip, seen = 0, seen - len(lists[-1])
-                    while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
-                        skip += 1
-                        seen -= len(lists[-1 - skip])
-                    acc: dict[int, int] = {}
-                    count(acc, chain(lists[:len(lists) - skip]))
-                    acc.pop(x, None)
-                    if skip and acc:
-                        keys = list(acc)
-                        for h in lists[len(lists) - skip:]:
-                            count(acc, filter(h.__contains__, keys))
-                    top = max(acc.values(), default=0)
-                    if skip and top <= skip:
-                        acc = {}
-                        count(acc, chain(lists))
+                    seen = sum(map(len, lists))
+                    if (table is not None and len(lists) < 256
+                            and seen > _TABLE_MIN_POSTINGS + table.alive.size // _TABLE_COLUMNS_PER_POSTING):
+                        counts = table.count(x, mine)
+                        top = int(counts.max())
+                        found = np.flatnonzero(counts == top).tolist() if top else []
+                    else:
+                        skip, seen = 0, seen - len(lists[-1])
+                        while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
+                            skip += 1
+                            seen -= len(lists[-1 - skip])
+                        acc: dict[int, int] = {}
+                        count(acc, chain(lists[:len(lists) - skip]))
                         acc.pop(x, None)
+                        if skip and acc:
+                            keys = list(acc)
+                            for h in lists[len(lists) - skip:]:
+                                count(acc, filter(h.__contains__, keys))
                         top = max(acc.values(), default=0)
-                    found = [z for z, n in acc.items() if n == top]
-                    if len(found) > candidates:
-                        found.sort()
+                        if skip and top <= skip:
+                            acc = {}
+                            count(acc, chain(lists))
+                            acc.pop(x, None)
+                            top = max(acc.values(), default=0)
+                        found = [z for z, n in acc.items() if n == top]
+                        if len(found) > candidates:
+                            found.sort()
             if not top:
                 continue
         else:
@@ -616,17 +627,21 @@ def _merge_unit(m: _Merges, postings: list[set[int]], ties: dict[int, tuple[int,
                 owner[x] = owner[y] = c
                 ties.pop(x, None)
                 ties.pop(y, None)
-                for b in ix:
-                    postings[b].discard(x)
-                for b in iy:
-                    postings[b].discard(y)
-                for b in ic:
-                    postings[b].add(c)
-                if table is not None:
-                    table.kill(x)
-                    table.kill(y)
-                    if ic:
-                        table.add(c, ic)
+                if postings is None:
+                    table.drop(x, ix)
+                    table.drop(y, iy)
+                else:
+                    for b in ix:
+                        postings[b].discard(x)
+                    for b in iy:
+                        postings[b].discard(y)
+                    for b in ic:
+                        postings[b].add(c)
+                    if table is not None:
+                        table.kill(x)
+                        table.kill(y)
+                if table is not None and ic:
+                    table.add(c, ic)
                 target = c
                 continue
             # x's partner was merged away: re-queue x from its kept ties, or count
