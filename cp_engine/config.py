@@ -23,7 +23,9 @@ class Flag:
     help: str
     choices: tuple[str, ...] = ()  # allowed values of a text flag (lower-cased)
     maximum: float | None = None  # upper bound of a numeric flag
-    minimum: int = 1  # lower bound of an integer flag (most count things, so 0 is refused)
+    # Lower bound of a numeric flag; None: 1 for an integer (most count things, so 0 is
+    # refused), 0 for a number.
+    minimum: float | None = None
 
 
 # The single table of flags; README's table is generated from it
@@ -41,6 +43,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("CP_ENGINE_MAX_BLOCKS_PER_REQUEST", 4096, "Requests with more context blocks pass through unmodified."),
     Flag("CP_ENGINE_SCHEDULE_MAX_WAIT_S", 2.0, "Aging bound: a waiting request older than this is admitted in arrival order."),
     Flag("CP_ENGINE_HOOK_STALL_S", 2.0, "A hook call that takes longer than this switches that hook off until restart (the engine runs unmodified); 0 never."),
+    Flag("CP_ENGINE_DP_LOAD_FACTOR", 1.25, "With --data-parallel-size above 1: the most block-marked requests in flight one rank may take, as a multiple of the even share (ceil(f x (n + 1) / ranks), n counting the requests this API server pinned that have not finished). A request goes to the rank under the bound that caches most of its blocks; a rank the client or a router names is kept. 1 keeps the ranks even; 64 (the most) leaves nearly every choice to the cache.",
+         minimum=1.0, maximum=64.0),
     Flag("CP_ENGINE_KERNEL_BACKEND", "auto", "Overlap-scoring backend: auto, numpy or triton (a forced backend that cannot run raises).",
          choices=("auto", "numpy", "triton")),
     Flag("CP_ENGINE_BLEND", False, "1 reuses a stored context block's KV at any position, re-rotated and stitched by recomputing a share of its tokens (docs/blend.md). Approximate: outputs can differ from a full prefill. Off by default: a server answers exactly unless its operator opts in (quality measured in docs/blend.md)."),
@@ -74,6 +78,7 @@ class Config:
     max_blocks_per_request: int = 4096
     schedule_max_wait_s: float = 2.0
     hook_stall_s: float = 2.0
+    dp_load_factor: float = 1.25
     kernel_backend: str = "auto"
     blend: bool = False
     blend_store_mb: int = 2048
@@ -111,15 +116,17 @@ def _parse(flag: Flag, raw: str) -> object:
         raise ValueError(f"expected 0/1/true/false, got {raw!r}")
     if isinstance(default, int):
         value = int(text)
-        if value < flag.minimum:
-            raise ValueError(f"expected an integer >= {flag.minimum}, got {raw!r}")
+        low = 1 if flag.minimum is None else flag.minimum
+        if value < low:
+            raise ValueError(f"expected an integer >= {low:g}, got {raw!r}")
         if flag.maximum is not None and value > flag.maximum:
             raise ValueError(f"expected at most {flag.maximum:g}, got {raw!r}")
         return value
     if isinstance(default, float):
         value = float(text)
-        if not value >= 0:  # also refuses NaN
-            raise ValueError(f"expected a non-negative number, got {raw!r}")
+        low = 0.0 if flag.minimum is None else flag.minimum
+        if not value >= low:  # also refuses NaN
+            raise ValueError(f"expected a number >= {low:g}, got {raw!r}")
         if flag.maximum is not None and value > flag.maximum:
             raise ValueError(f"expected at most {flag.maximum:g}, got {raw!r}")
         return value

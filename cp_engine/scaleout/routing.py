@@ -20,7 +20,8 @@ Admissible: ``LoadBound``. With ``factor`` f >= 1, a replica may take the next r
 only while its load stays within ``ceil(f * (n + 1) / R)``, n being the requests
 counted so far (all of them, or the last ``window`` when given: a stand-in for the
 requests in flight). Some replica is always admissible, so no policy ever blocks,
-and no replica's load ever exceeds the bound.
+and no replica's load ever exceeds the bound. A caller that sees its requests finish
+(``window`` None) counts the requests in flight instead: ``release`` uncounts one.
 """
 from __future__ import annotations
 
@@ -89,6 +90,15 @@ class LoadBound:
         self.loads[replica] += 1
         if self.window is not None:
             self._recent.append(replica)
+
+    def release(self, replica: int) -> None:
+        """A request ``assign`` counted on ``replica`` finished (``window`` None only: a
+        window forgets its oldest request by itself)."""
+        if self.window is not None:
+            raise ValueError("a windowed bound forgets requests by itself; nothing to release")
+        if self.loads[replica] < 1:
+            raise ValueError(f"replica {replica} holds no request to release")
+        self.loads[replica] -= 1
 
 
 class RoundRobin:

@@ -24,8 +24,9 @@ Contract for each request (see ``cp_engine.marking`` for how blocks are marked):
   tokenizer and the engine-request gate (``hooks/vllm/blend_spans.py``), which turn
   it into exact spans and the tenant scope; a client's ``cp_scope`` never passes;
 - data parallel (``--data-parallel-size`` > 1): one index view per engine rank; the
-  request goes to the rank whose view aligns most of its blocks (``hooks/vllm/dp_rank.py``),
-  unless the client or a router named one;
+  request goes to the rank whose view aligns most of its blocks among the ranks within
+  the load bound on requests in flight (``hooks/vllm/dp_rank.py``), unless the client or
+  a router named one;
 - any failure of ours: counted as ``hook_failures{hook="chat_rewrite"}``, the blocks
   are rendered plainly in their given order, the suffix after the question (nothing
   lost), else the request is left as it came.

@@ -17,6 +17,12 @@ object's own 400 ``create_error_response``), None (call through), or a
   the next rewrite (``acceptance.reject_abandoned``).
 Arguments are bound by name; a binding failure is counted and the request goes
 through untouched.
+
+A request the rewrite pinned to a data-parallel rank carries that rank's in-flight
+count (``dp_rank.take_held``); it is released when the request finishes: at a full
+or error response, an exception or a cancellation (a client that leaves a
+non-streamed request), and for a stream when it ends, fails or is closed (a client
+that leaves a stream). A stream dropped unread releases it when collected.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from .. import faults
 from ..acceptance import PendingCommit, accept_on_first_chunk
 from ..wrapping import read_args
 from .blend_spans import request_scope
+from .dp_rank import Held, take_held
 
 Rewrite = Callable[[Any, Any, Any], "str | PendingCommit | None"]
 _ARGS = ("request", "raw_request")
@@ -54,6 +61,46 @@ def settle(pending: PendingCommit, result: Any) -> Any:
     return result
 
 
+async def _answer(wrapped: Any, instance: Any, args: tuple, kwargs: dict, outcome: Any) -> Any:
+    """vLLM's answer to the request as the rewrite left it (``outcome``: see module docs)."""
+    if isinstance(outcome, str):
+        return instance.create_error_response(outcome)
+    if outcome is None:
+        return await wrapped(*args, **kwargs)
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException:
+        outcome.reject()  # raised inside vLLM: it never ran the request
+        raise
+    try:
+        return settle(outcome, result)
+    except Exception as exc:  # fail open: vLLM's answer goes out as it is
+        faults.record_failure(outcome.hook, exc)
+        return result
+
+
+def released_when_done(result: Any, held: Held | None) -> Any:
+    """``result``, with ``held`` released now, or for a stream once it is done."""
+    if held is None:
+        return result
+    if is_stream(result):
+        return _releasing(result, held)
+    held.release()
+    return result
+
+
+async def _releasing(stream: Any, held: Held) -> Any:
+    # Closing this generator closes ``stream``: vLLM aborts the request then.
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        held.release()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
     async def call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         # A rewrite may activate a blend plan for the tokenizer; it ends with this call.
@@ -67,20 +114,14 @@ def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
         except Exception as exc:  # signature drifted: never block the request
             faults.record_failure(hook, exc)
         outcome = rewrite(request, raw_request, instance) if request is not None else None
-        if isinstance(outcome, str):
-            return instance.create_error_response(outcome)
-        if outcome is None:
-            return await wrapped(*args, **kwargs)
+        held = take_held(raw_request)
         try:
-            result = await wrapped(*args, **kwargs)
+            result = await _answer(wrapped, instance, args, kwargs, outcome)
         except BaseException:
-            outcome.reject()  # raised inside vLLM: it never ran the request
+            if held is not None:
+                held.release()
             raise
-        try:
-            return settle(outcome, result)
-        except Exception as exc:  # fail open: vLLM's answer goes out as it is
-            faults.record_failure(outcome.hook, exc)
-            return result
+        return released_when_done(result, held)
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         return call(wrapped, instance, args, kwargs)

@@ -8,11 +8,15 @@ instance id. The first request is pinned to rank 1 by its ``X-data-parallel-rank
 header; the same documents in other orders, sent without it on new connections, must
 be served from rank 1's prefix cache (vLLM's own balancer would pick rank 0 for an idle
 server). Both API servers' views must hold the path under rank 1's namespace (the engine
-core that admitted it echoes it). Marked slow (its own server configuration).
+core that admitted it echoes it). Then a burst of the same documents at once: the load
+bound (``CP_ENGINE_DP_LOAD_FACTOR``, 1.25) lets rank 1 take only its share of the
+requests in flight, so some go to rank 0 and its view gets the path too (with no bound
+every one of them went to rank 1). Marked slow (its own server configuration).
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -27,10 +31,10 @@ DOCS = [f"Record {i}. " + " ".join(f"detail {i}-{j} of item {i}." for j in range
 IDS = {f"{block_id(d):016x}" for d in DOCS}
 
 
-def _ask(srv: VllmServer, docs: list[str], headers: dict | None = None) -> int:
-    """Cached prompt tokens of one greedy request on a new connection."""
-    body = {"model": srv.model, "max_tokens": 2, "temperature": 0.0, "context_blocks": docs,
-            "messages": [{"role": "user", "content": "Which item comes first?"}]}
+def _ask(srv: VllmServer, docs: list[str], headers: dict | None = None, tokens: int = 2) -> int:
+    """Cached prompt tokens of one greedy request of ``tokens`` output tokens on a new connection."""
+    body = {"model": srv.model, "max_tokens": tokens, "ignore_eos": True, "temperature": 0.0,
+            "context_blocks": docs, "messages": [{"role": "user", "content": "Which item comes first?"}]}
     r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
                       headers={"Connection": "close", **(headers or {})})
     assert r.status_code == 200, r.text
@@ -57,3 +61,11 @@ def test_plugin_runs_in_both_engine_cores_and_both_api_servers():
         for pid, view in views.items():
             ranked = [set(p) for ns, ps in view["paths"].items() if ns.endswith("|dp1") for p in ps]
             assert IDS in ranked, f"API server {pid} lacks the block set in rank 1's view: {view['paths']}"
+        # The burst: 32 output tokens keep each request in flight while the rest are
+        # placed; an API server with three at once sends the third to rank 0.
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(lambda i: _ask(srv, DOCS[i % 4:] + DOCS[:i % 4], tokens=32), range(12)))
+        time.sleep(1.0)
+        spilled = [pid for pid, view in index_views(srv).items()
+                   if any(IDS == set(p) for ns, ps in view["paths"].items() if ns.endswith("|dp0") for p in ps)]
+        assert spilled, "a burst of one hot block set all went to rank 1: no load bound"
