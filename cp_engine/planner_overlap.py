@@ -250,10 +250,11 @@ def _ties_dense(keys, lo, hi, n, bits=None) -> tuple[np.ndarray, np.ndarray, np.
     rows = np.arange(width)
     table[rows, rows + lo] = 0  # a request is not its own partner
     top = table.max(axis=1)
-    # Rows sharing nothing have top 0: no partner there, as in the sorted count.
-    tied = (table == top[:, None]) & (top > 0)[:, None]
-    r, c = np.nonzero(tied)
-    return top, r, c, table
+    # Rows sharing nothing have top 0: no partner there, as in the sorted count (-1
+    # matches no cell). The ties by one flat search: a 2-D nonzero costs twice as much.
+    at = np.flatnonzero(table == np.where(top > 0, top, -1)[:, None])
+    r = at // n
+    return top, r, at - r * n, table
 
 
 def _ties_sorted(keys, lo, hi, n, sizes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
