@@ -37,6 +37,7 @@ import numpy as np
 from .planner_counts import SharedCounts, best_counted
 from .planner_overlap import first_partners, hot_rows
 from .planner_postings import Postings
+from .planner_reach import could_move
 from .trie import ROOT, BlockTrie
 
 try:  # the C loop behind Counter.update, without Counter's per-call checks
@@ -826,6 +827,10 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
         rank = _popularity_rank(freq)
     if sorted_from is None:
         sorted_from = [len(order) for order in orders]
+    # Requests known to stay before any move (the stay test, or could_move where tree
+    # searches are dearer than its walk); None: none known.
+    stay = (_KnownStays(trie, orders, paths, overlaps)
+            if passes and overlaps is not None and _KnownStays.pays(freq, len(orders)) else None)
     for _ in range(passes):
         ran += 1
         before = trie.size
@@ -842,15 +847,10 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
                 if not log.touches(members, since, placed_depth[r], w):
                     continue
             placed_at[r] = step
-            # The deepest node of its path that others share too: where it hangs now
-            # (references only fall along a path, and the last node has one).
-            at = 0
-            for n in path:
-                if refs[n] < 2:
-                    break
-                at += 1
-            shared = path[at - 1] if at else ROOT
-            if overlaps is not None and _stays(overlaps[r], at, shared, members or order, paths, orders):
+            at, shared = _hang(path, refs)
+            if stay is not None and since < 0 and stay.before[r] and stay.still(r, at, shared, order, log, trie):
+                node = shared
+            elif overlaps is not None and _stays(overlaps[r], at, shared, members or order, paths, orders):
                 node = shared
             else:
                 node = trie.deepest_contained(members or set(order), without=path, known=shared)
@@ -888,6 +888,91 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
         if trie.size >= before:
             break
     return ran
+
+
+# Shared-block pairs per request (sum of squared block counts / requests) from which
+# could_move answers the first pass's stay questions in place of tree searches: where
+# blocks are held by hundreds of requests, a search walks many nodes (synthetic
+# N = 1,000: ~18 us each); where sharing is sparse it costs less than the walk's setup
+# (knowledge base, ~100 pairs per request: ~6 us a search, could_move as much).
+_REACH_MIN_PAIRS = 1000
+
+
+def _hang(path: list[int], refs: list[int]) -> tuple[int, int]:
+    """(depth, node): the deepest node of ``path`` that others share too, where its
+    request hangs (ROOT at depth 0). References only fall along a path and the last
+    node has one, so it is found from the root side (the shared head is short)."""
+    at = 0
+    for n in path:
+        if refs[n] < 2:
+            break
+        at += 1
+    return at, (path[at - 1] if at else ROOT)
+
+
+class _KnownStays:
+    """The local search's first pass, told which requests stay without a tree search.
+
+    ``before[r]``: True where the tree search, before any move, answers the node ``r``
+    hangs at (``_stays``, else ``could_move``). ``still`` tells whether that answer
+    holds after the moves since: see there. Unit weights, the trie as built.
+    """
+
+    def __init__(self, trie: BlockTrie, orders: list[list[int]], paths: list[list[int]],
+                 overlaps: list) -> None:
+        refs = trie.refs
+        n = len(orders)
+        self.before = [True] * n
+        self.at = [0] * n
+        self.refs = [0] * n  # references of the node each request hangs at
+        todo = []
+        for r, path in enumerate(paths):
+            if not path or refs[path[-1]] >= 2:
+                continue
+            at, shared = _hang(path, refs)
+            self.at[r] = at
+            self.refs[r] = refs[shared]
+            if not _stays(overlaps[r], at, shared, orders[r], paths, orders):
+                todo.append(r)
+        for r, moves in zip(todo, could_move(trie, orders, paths, self.at, todo)):
+            self.before[r] = not moves
+
+    @classmethod
+    def pays(cls, freq: list[int], n: int) -> bool:
+        """Whether sharing is dense enough for ``could_move`` to cost less than the searches."""
+        f = np.asarray(freq, dtype=np.int64)
+        f = f[f > 1]
+        return int((f * f).sum()) >= _REACH_MIN_PAIRS * max(n, 1)
+
+    def still(self, r: int, at: int, shared: int, order: list[int], log: "_MoveLog", trie: BlockTrie) -> bool:
+        """Whether request ``r`` (not moved yet, ``before[r]`` True), hanging at ``shared``
+        at depth ``at`` now, still stays. Yes when no move happened; else when it hangs
+        where it did, ``shared`` lost no reference, and no path inserted since puts a node
+        within its blocks one level deeper, or as deep and ahead of ``shared``: every
+        other node lost references or kept them (False also where that is not known)."""
+        if not log.by_first:
+            return True
+        if at != self.at[r] or trie.refs[shared] < self.refs[r]:
+            return False
+        members = set(order)
+        seqs = log.inserted(members, 0, at)
+        if seqs is None:
+            return False
+        refs, children = trie.refs, trie.children
+        beat = refs[shared] - 1  # shared's references, r's own left out
+        for seq in seqs:
+            node = ROOT
+            for depth, b in enumerate(seq[:at + 1], 1):
+                if b not in members:
+                    break
+                node = children[node].get(b)
+                if node is None:
+                    break
+                if depth > at:
+                    return False
+                if depth == at and node != shared and (refs[node] > beat or (refs[node] == beat and node < shared)):
+                    return False
+        return True
 
 
 # Most partners _stays checks before leaving the question to the tree search.
@@ -939,34 +1024,55 @@ class _MoveLog:
 
     def __init__(self) -> None:
         self.by_first: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
+        self.new_by_first: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)  # new paths only
 
     def record(self, step: int, old: list[int], new: list[int]) -> None:
         self.by_first[old[0]].append((step, old))
         self.by_first[new[0]].append((step, new))
+        self.new_by_first[new[0]].append((step, new))
+
+    def inserted(self, members: set[int], since: int, depth: int) -> list[list[int]] | None:
+        """The paths inserted after step ``since`` (unit weights) whose first ``depth``
+        blocks lie within ``members``, or None past ``_MOVES_CHECKED`` of them: only their
+        nodes were created or gained references since (a released path's nodes lose them)."""
+        out = []
+        for seq in _recorded_since(self.new_by_first, members, since):
+            if len(seq) >= depth and members.issuperset(seq[:depth]):
+                out.append(seq)
+                if len(out) > _MOVES_CHECKED:
+                    return None
+        return out
 
     def touches(self, members: set[int], since: int, depth: float, w: list[float]) -> bool:
         """Whether a move after step ``since`` changed a node ``members`` could use
         (True as well once ``_MOVES_CHECKED`` moves were checked: searching is then cheaper)."""
         budget = _MOVES_CHECKED
-        for b in members:
-            moves = self.by_first.get(b)
-            if not moves or moves[-1][0] <= since:
-                continue
-            for i in range(len(moves) - 1, -1, -1):
-                step, seq = moves[i]
-                if step <= since:
+        for seq in _recorded_since(self.by_first, members, since):
+            budget -= 1
+            if budget < 0:
+                return True
+            reach = 0.0
+            for x in seq:
+                if x not in members:
                     break
-                budget -= 1
-                if budget < 0:
-                    return True
-                reach = 0.0
-                for x in seq:
-                    if x not in members:
-                        break
-                    reach += w[x]
-                if reach >= depth:
-                    return True
+                reach += w[x]
+            if reach >= depth:
+                return True
         return False
+
+
+def _recorded_since(index: dict[int, list[tuple[int, list[int]]]], members: set[int], since: int):
+    """The paths of ``index`` (first block -> (step, path), by step) recorded after step
+    ``since`` that start with a block of ``members``, newest first per block."""
+    for b in members:
+        moves = index.get(b)
+        if not moves or moves[-1][0] <= since:
+            continue
+        for i in range(len(moves) - 1, -1, -1):
+            step, seq = moves[i]
+            if step <= since:
+                break
+            yield seq
 
 
 def _whole(w: list[float]) -> bool:

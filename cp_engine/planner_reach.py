@@ -1,0 +1,93 @@
+"""Which requests the local search's first pass could move, all at once, in NumPy.
+
+Before any move, the local search asks for every request the deepest node of the tree
+whose path lies within the request's blocks (``BlockTrie.deepest_contained``) and moves
+the request there if that is not the node it hangs at. Most requests stay. With unit
+weights the question is about a few depths only: a node deeper than where the request
+hangs, or one as deep with more references, must lie at most one level below it. So
+instead of one tree search per request, ``could_move`` walks the tree level by level
+over (node, request) pairs, a pair for each node whose path lies within the request's
+blocks, down to one level below each request's hang point, with every level's pairs
+extended and tested in a few array passes.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .trie import ROOT, BlockTrie
+
+
+def could_move(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]],
+               ats: list[int], todo: list[int]) -> list[bool]:
+    """For each request ``r`` of ``todo``: whether ``trie.deepest_contained(set(orders[r]),
+    without=paths[r], known=shared)`` may answer a node other than ``shared``, the node
+    at depth ``ats[r]`` of its path where it hangs (ROOT at depth 0); False means it
+    answers ``shared``. Unit weights (a node's path weight is its depth); a freshly
+    built trie (no released node); ``paths[r]``: the nodes of ``orders[r]``, not all
+    shared (``ats[r] < len(paths[r])``).
+
+    The search prefers a deeper node, then, as deep, the one with more references (the
+    request's own nodes count one less), then the lower number; it never answers the
+    nodes only the request holds (its path below depth ``ats[r]``). So it answers
+    another node exactly when, among the nodes within the request's blocks other than
+    its own, one lies at depth ``ats[r] + 1``, or one at depth ``ats[r]`` other than
+    ``shared`` has more references than ``shared`` less one (or as many and a lower
+    number). A node's path lies within the blocks iff its parent's does and its block
+    is one of them, so the pairs of each level come from the previous level's.
+    """
+    if not todo:
+        return []
+    parent = np.asarray(trie.parent, dtype=np.int64)
+    nodes = parent.size
+    refs = np.asarray(trie.refs, dtype=np.int64)
+    height = np.asarray(trie.height, dtype=np.float64)
+    # Children by parent (CSR); every node but the root has a parent.
+    kids = np.argsort(parent[1:], kind="stable") + 1
+    ptr = np.zeros(nodes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(parent[1:], minlength=nodes), out=ptr[1:])
+    # Membership: a row per request, a column per block any of them holds (from 1;
+    # column 0 stands for every other block, and for the root).
+    mine = list(map(orders.__getitem__, todo))
+    sizes = np.fromiter(map(len, mine), dtype=np.int64, count=len(todo))
+    flat = np.fromiter(itertools.chain.from_iterable(mine), dtype=np.int64, count=int(sizes.sum()))
+    blocks = np.fromiter(itertools.islice(trie.block, 1, None), dtype=np.int64, count=nodes - 1)
+    column = np.zeros(int(max(flat.max(initial=0), blocks.max(initial=0))) + 1, dtype=np.int64)
+    column[flat] = 1
+    held = np.flatnonzero(column)
+    column[held] = np.arange(1, held.size + 1)
+    blocks = np.concatenate(([0], column[blocks]))
+    member = np.zeros((len(todo), held.size + 1), dtype=bool)
+    member[np.repeat(np.arange(len(todo)), sizes), column[flat]] = True
+    at = np.fromiter(map(ats.__getitem__, todo), dtype=np.int64, count=len(todo))
+    shared = np.fromiter((paths[r][ats[r] - 1] if ats[r] else ROOT for r in todo), dtype=np.int64,
+                         count=len(todo))
+    own = np.fromiter((paths[r][ats[r]] for r in todo), dtype=np.int64, count=len(todo))  # first it alone holds
+    beat = refs[shared] - 1  # shared's references, the request's own left out
+    flagged = np.zeros(len(todo), dtype=bool)
+    # Level 0: the root, for every request.
+    pn = np.zeros(len(todo), dtype=np.int64)
+    pk = np.arange(len(todo), dtype=np.int64)
+    depth = 0
+    while pn.size:
+        # Extend: every child of a pair's node whose block the request holds.
+        start, count = ptr[pn], ptr[pn + 1] - ptr[pn]
+        total = int(count.sum())
+        if not total:
+            break
+        first = np.cumsum(count) - count
+        cn = kids[np.arange(total) - np.repeat(first - start, count)]
+        ck = np.repeat(pk, count)
+        keep = member[ck, blocks[cn]] & (cn != own[ck])
+        cn, ck = cn[keep], ck[keep]
+        depth += 1
+        ak = at[ck]
+        deeper = ak + 1 == depth
+        side = (ak == depth) & (cn != shared[ck]) & (
+            (refs[cn] > beat[ck]) | ((refs[cn] == beat[ck]) & (cn < shared[ck])))
+        flagged[ck[deeper | side]] = True
+        # Go on below nodes tall enough to reach depth at + 1 (or, above depth at, at).
+        go = (depth <= ak) & (height[cn] >= np.where(depth < ak, ak, ak + 1)) & ~flagged[ck]
+        pn, pk = cn[go], ck[go]
+    return flagged.tolist()
