@@ -553,7 +553,8 @@ def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tup
                 # The table counts every cluster (no block hot, none merged away in it).
                 counts = table.count_live(x, mine)
                 top = int(counts.max())
-                found = np.flatnonzero(counts == top).tolist() if top else []
+                # (counts is flat: nonzero without flatnonzero's wrappers)
+                found = (counts == top).nonzero()[0].tolist() if top else []
             else:
                 lists = [postings[b] for b in mine]
                 lists.sort(key=len)
@@ -1025,18 +1026,23 @@ class _MoveLog:
     def __init__(self) -> None:
         self.by_first: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
         self.new_by_first: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)  # new paths only
+        self.new: list[tuple[int, list[int]]] = []  # the same, in order
 
     def record(self, step: int, old: list[int], new: list[int]) -> None:
         self.by_first[old[0]].append((step, old))
         self.by_first[new[0]].append((step, new))
         self.new_by_first[new[0]].append((step, new))
+        self.new.append((step, new))
 
     def inserted(self, members: set[int], since: int, depth: int) -> list[list[int]] | None:
         """The paths inserted after step ``since`` (unit weights) whose first ``depth``
         blocks lie within ``members``, or None past ``_MOVES_CHECKED`` of them: only their
         nodes were created or gained references since (a released path's nodes lose them)."""
         out = []
-        for seq in _recorded_since(self.new_by_first, members, since):
+        # Few paths: each one looked at, cheaper than a lookup per block of members.
+        few = len(self.new) <= _MOVES_CHECKED
+        for seq in ((seq for step, seq in self.new if step > since) if few
+                    else _recorded_since(self.new_by_first, members, since)):
             if len(seq) >= depth and members.issuperset(seq[:depth]):
                 out.append(seq)
                 if len(out) > _MOVES_CHECKED:

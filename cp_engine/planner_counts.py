@@ -13,6 +13,7 @@ merged-away cluster is masked out by ``alive``, never cleared.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable
 
@@ -47,7 +48,7 @@ class SharedCounts:
     def for_requests(cls, sets: list[list[int]], clusters: int, universe: int) -> "SharedCounts":
         """The table with requests ``0..len(sets)-1`` recorded (``sets``: their blocks)."""
         sizes = np.fromiter(map(len, sets), dtype=np.int64, count=len(sets))
-        flat = np.fromiter((b for s in sets for b in s), dtype=np.int64, count=int(sizes.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(sets), dtype=np.int64, count=int(sizes.sum()))
         out = cls(np.unique(flat), clusters, universe)
         out.table[out.rows[flat], np.repeat(np.arange(len(sets)), sizes)] = 1
         out.alive[:len(sets)] = 1
