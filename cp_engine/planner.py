@@ -37,7 +37,7 @@ import numpy as np
 from .planner_counts import SharedCounts, best_counted
 from .planner_overlap import first_partners, hot_rows
 from .planner_postings import Postings
-from .planner_reach import could_move
+from .planner_reach import Membership, could_move
 from .trie import ROOT, BlockTrie
 
 try:  # the C loop behind Counter.update, without Counter's per-call checks
@@ -885,6 +885,8 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
             trie.release(path)
             paths[r] = trie.insert(tail, [w[b] for b in tail], start=node)
             log.record(step, order, moved)
+            if stay is not None and ran == 1:
+                stay.moved(moved)
             orders[r] = moved
         if trie.size >= before:
             break
@@ -935,8 +937,16 @@ class _KnownStays:
             self.refs[r] = refs[shared]
             if not _stays(overlaps[r], at, shared, orders[r], paths, orders):
                 todo.append(r)
-        for r, moves in zip(todo, could_move(trie, orders, paths, self.at, todo)):
+        self.held = Membership(orders)
+        for r, moves in zip(todo, could_move(trie, orders, paths, self.at, todo, self.held)):
             self.before[r] = not moves
+        # Requests some path inserted since holds the first ``at`` blocks of (see still).
+        self.reached = np.zeros(n, dtype=bool)
+        self.depths = np.asarray(self.at, dtype=np.int64)
+
+    def moved(self, new: list[int]) -> None:
+        """A request moved to ``new``: mark the requests holding its first ``at`` blocks."""
+        self.reached |= self.held.lead(new) >= self.depths
 
     @classmethod
     def pays(cls, freq: list[int], n: int) -> bool:
@@ -955,6 +965,8 @@ class _KnownStays:
             return True
         if at != self.at[r] or trie.refs[shared] < self.refs[r]:
             return False
+        if not self.reached[r]:
+            return True  # no path inserted since starts with its first ``at`` blocks
         members = set(order)
         seqs = log.inserted(members, 0, at)
         if seqs is None:

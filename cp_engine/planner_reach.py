@@ -20,7 +20,7 @@ from .trie import ROOT, BlockTrie
 
 
 def could_move(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]],
-               ats: list[int], todo: list[int]) -> list[bool]:
+               ats: list[int], todo: list[int], held: "Membership | None" = None) -> list[bool]:
     """For each request ``r`` of ``todo``: whether ``trie.deepest_contained(set(orders[r]),
     without=paths[r], known=shared)`` may answer a node other than ``shared``, the node
     at depth ``ats[r]`` of its path where it hangs (ROOT at depth 0); False means it
@@ -36,6 +36,7 @@ def could_move(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]],
     ``shared`` has more references than ``shared`` less one (or as many and a lower
     number). A node's path lies within the blocks iff its parent's does and its block
     is one of them, so the pairs of each level come from the previous level's.
+    ``held``: ``Membership(orders)``, when the caller has it.
     """
     if not todo:
         return []
@@ -47,19 +48,11 @@ def could_move(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]],
     kids = np.argsort(parent[1:], kind="stable") + 1
     ptr = np.zeros(nodes + 1, dtype=np.int64)
     np.cumsum(np.bincount(parent[1:], minlength=nodes), out=ptr[1:])
-    # Membership: a row per request, a column per block any of them holds (from 1;
-    # column 0 stands for every other block, and for the root).
-    mine = list(map(orders.__getitem__, todo))
-    sizes = np.fromiter(map(len, mine), dtype=np.int64, count=len(todo))
-    flat = np.fromiter(itertools.chain.from_iterable(mine), dtype=np.int64, count=int(sizes.sum()))
-    blocks = np.fromiter(itertools.islice(trie.block, 1, None), dtype=np.int64, count=nodes - 1)
-    column = np.zeros(int(max(flat.max(initial=0), blocks.max(initial=0))) + 1, dtype=np.int64)
-    column[flat] = 1
-    held = np.flatnonzero(column)
-    column[held] = np.arange(1, held.size + 1)
-    blocks = np.concatenate(([0], column[blocks]))
-    member = np.zeros((len(todo), held.size + 1), dtype=bool)
-    member[np.repeat(np.arange(len(todo)), sizes), column[flat]] = True
+    if held is None:
+        held = Membership(orders)
+    member = held.member[todo]
+    blocks = np.concatenate(([0], held.columns(np.fromiter(itertools.islice(trie.block, 1, None),
+                                                            dtype=np.int64, count=nodes - 1))))
     at = np.fromiter(map(ats.__getitem__, todo), dtype=np.int64, count=len(todo))
     shared = np.fromiter((paths[r][ats[r] - 1] if ats[r] else ROOT for r in todo), dtype=np.int64,
                          count=len(todo))
@@ -91,3 +84,31 @@ def could_move(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]],
         go = (depth <= ak) & (height[cn] >= np.where(depth < ak, ak, ak + 1)) & ~flagged[ck]
         pn, pk = cn[go], ck[go]
     return flagged.tolist()
+
+
+class Membership:
+    """Which blocks each request holds, as a table: ``member[r, column]``, a column per
+    block any request holds (from 1; column 0 stands for every other block)."""
+
+    def __init__(self, orders: list[list[int]]) -> None:
+        sizes = np.fromiter(map(len, orders), dtype=np.int64, count=len(orders))
+        flat = np.fromiter(itertools.chain.from_iterable(orders), dtype=np.int64, count=int(sizes.sum()))
+        column = np.zeros(int(flat.max(initial=0)) + 1, dtype=np.int64)
+        column[flat] = 1
+        held = np.flatnonzero(column)
+        column[held] = np.arange(1, held.size + 1)
+        self.column = column
+        self.member = np.zeros((len(orders), held.size + 1), dtype=bool)
+        self.member[np.repeat(np.arange(len(orders)), sizes), column[flat]] = True
+
+    def columns(self, blocks: np.ndarray) -> np.ndarray:
+        """Each block's column (0 for blocks no request holds)."""
+        inside = blocks < self.column.size
+        return np.where(inside, self.column[np.where(inside, blocks, 0)], 0)
+
+    def lead(self, seq: list[int]) -> np.ndarray:
+        """Per request, how many of ``seq``'s first blocks it holds, in a row."""
+        if not seq:
+            return np.zeros(self.member.shape[0], dtype=np.int64)
+        rows = self.member[:, self.columns(np.asarray(seq, dtype=np.int64))]
+        return np.where(rows.all(axis=1), len(seq), rows.argmin(axis=1))
