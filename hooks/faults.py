@@ -22,6 +22,8 @@ Contract:
   (API-server prompt rewrite), ``index`` (every call into the API server's pipeline),
   ``channel`` (the API-server receiver, per message), ``vllm_queue`` (EngineCore's
   waiting-queue key), ``vllm_eviction`` (EngineCore's eviction capture),
+  ``blend_load`` (the blend worker's load, after the stored KV is written and before
+  the recompute),
   ``bootstrap.<engine>``, ``install.<component>``; SGLang's ``sglang_*`` names.
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ from cp_engine.blend.keys import KVLayout, block_key, model_fingerprint
 from cp_engine.blend.rope import shift_k
 from cp_engine.blend.store import BlockKVStore
 
-from .. import faults
+from .. import channel, faults
 from .blend_meta import BlendWorkerMeta, LoadOrder, SaveOrder
 from .blend_stats import BlendStats
 
@@ -178,6 +178,9 @@ class BlendWorker:
         slots = paged.slots(order.block_ids, 0, plan.claim_end)
         write_moved(paged, rope, slots, [(kv, block.offset, block.start, block.end - block.start)
                                          for block, kv in entries])
+        # Fault point "blend_load": a load that dies with the stored KV written and the
+        # recompute not run, the worst state a failed load leaves the claimed slots in.
+        faults.check_fault("blend_load")
         if plan.needs_deviation:
             select = torch.arange(plan.claim_start, plan.claim_end)
             check = min(int(self.config.blend_check_layers), self.recompute.num_layers)
@@ -254,6 +257,9 @@ class BlendWorker:
                 self.meta.stored = [(lookup, depth) for lookup, depth in self.meta.stored if lookup in self._stored]
                 self.stats.data["store"] = self.store.stats()
                 self._store_changed = False
+        # The worker may be a process of its own: its hook failures reach /metrics only
+        # through its own forwarder (a clock check per step, a message at most once a second).
+        channel.forward_metrics()
 
     # -- hand-over -----------------------------------------------------------------------
     def take_load_errors(self) -> set[int]:

@@ -422,6 +422,39 @@ def test_store_bound_holds_and_evicts(blend_server):
     assert blend_server.metric("cp_engine_blend_store_refused_total") == 0
 
 
+# Every load fails after writing the stored KV into the claimed slots and before the
+# recompute (``CP_ENGINE_FAULT=blend_load``). At ratio 0 that stitched KV gives other
+# logprobs than an exact prefill (checked by hand: with the fault off this test fails
+# on the logprobs, by up to 0.06), so outputs equal to the plugin without blend show
+# vLLM recomputed the claimed blocks.
+blend_load_fault_server = server_fixture("blend_load_fault_server", {
+    "env": {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0", "CP_ENGINE_BLEND_STORE_MB": str(STORE_MB),
+            "CP_ENGINE_FAULT": "blend_load"}})
+
+
+def test_a_load_that_dies_midway_is_computed_normally(blend_load_fault_server, plugin_server):
+    srv = blend_load_fault_server
+    probe = _ids(8, random.Random(95))
+    names = ("cp_engine_blend_load_failures_total", "cp_engine_blend_reused_tokens_total")
+    _metric_after_flush(srv, names[0], probe)
+    before = {n: srv.metric(n) for n in names}
+    cases = [_Case(700 + seed, _prefix(13)) for seed in range(4)]
+    for case in cases:
+        _complete(srv, case.store_prompt, case.store_spans)
+        got = _complete(srv, case.prompt, case.spans, logprobs=1)
+        want = _complete(plugin_server, case.prompt, logprobs=1)
+        assert _tokens(got) == _tokens(want)
+        assert _logprobs(got) == pytest.approx(_logprobs(want), abs=1e-3)
+    _metric_after_flush(srv, names[0], probe)
+    after = {n: srv.metric(n) - before[n] for n in names}
+    assert after[names[0]] >= len(cases), after  # each request claimed its blocks and its load failed
+    assert after[names[1]] == 0, after
+    assert "injected a failure into hook 'blend_load'" in srv.log_text()
+    assert srv.metric("cp_engine_hook_failures_total", hook="vllm_blend_worker") >= len(cases)
+    # the same prompts served again afterwards are still exact: nothing stitched stayed cached
+    assert _tokens(_complete(srv, cases[0].prompt, cases[0].spans)) == _tokens(_complete(plugin_server, cases[0].prompt))
+
+
 # A cache of 28 CPU blocks (3,584 tokens) and 8 requests of 4 blocks each, the first
 # shared (the exact prefix S), that decode into a fifth: all 8 fit (1 + 8 x 3 = 25
 # blocks), then their growth needs 8 more and only 3 are free, so vLLM preempts
