@@ -101,6 +101,9 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
         # Every pair key and position fits 32 bits: half the bytes for each pass.
         owner, freq, holders, post_start = (a.astype(np.int32) for a in (owner, freq, holders, post_start))
 
+    # Shared counts are at most a request's size: below 255 the dense tables are bytes
+    # (every pass over them moves an eighth of the memory; 255 marks "no top").
+    narrow = int(sizes.max()) < 255
     out: list[tuple[int, int, list[int]] | None] = [None] * n
     picks = (_HotPicks.for_batch(postings, hot_cap, candidates)
              if ranked is not None and dense and _POPCOUNT is not None else None)
@@ -112,7 +115,7 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
         hi = min(n, hi)
         keys = _pair_keys(lo, hi, n, indptr, blocks, owner, freq, holders, post_start)
         if dense:
-            top, r, c, table = _ties_dense(keys, lo, hi, n, bits)
+            top, r, c, table = _ties_dense(keys, lo, hi, n, bits, narrow)
             if picks is not None:
                 picks.rank(table, lo, hi)
         else:
@@ -186,7 +189,7 @@ class _HotPicks:
         best = np.argpartition(key, k - 1, axis=1)[:, :k]
         ok = np.take_along_axis(key, best, axis=1) <= -n
         # Of those: most shared in all, then fewest blocks, then the lowest number.
-        shared = np.take_along_axis(full, best, axis=1)
+        shared = np.take_along_axis(full, best, axis=1).astype(np.int64)  # (the table may be bytes)
         size = self.sizes[best]
         pick = np.where(ok, (shared << self.shift) - (size << self.id_bits) - best, -1)
         j = pick.argmax(axis=1)
@@ -237,22 +240,28 @@ def _pair_keys(lo, hi, n, indptr, blocks, owner, freq, holders, post_start) -> n
     return np.repeat((owner[e0:e1] - lo) * n, f) + holders[pos]
 
 
-def _ties_dense(keys, lo, hi, n, bits=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _ties_dense(keys, lo, hi, n, bits=None, narrow=False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(top, rows, partners, table): per row (x - lo) the most blocks it shares with
     another request, and every such partner, by row then partner; counted in the
     (hi - lo) × n ``table``, from the pair keys and, where given, ``_bit_columns``'
-    words (a request's own cell set to 0)."""
+    words (a request's own cell set to 0). ``narrow``: every count is below 255, so
+    the table is uint8 (else int64)."""
     width = hi - lo
-    table = np.bincount(keys, minlength=width * n).reshape(width, n)
+    table = np.bincount(keys, minlength=width * n)
+    if narrow:
+        table = table.astype(np.uint8)
+    table = table.reshape(width, n)
     if bits is not None:
         for word in bits:
+            # (uint8 popcounts: an add into int64 converts them one by one, ~4x as slow)
             table += _POPCOUNT(word[lo:hi, None] & word[None, :])
     rows = np.arange(width)
     table[rows, rows + lo] = 0  # a request is not its own partner
     top = table.max(axis=1)
-    # Rows sharing nothing have top 0: no partner there, as in the sorted count (-1
-    # matches no cell). The ties by one flat search: a 2-D nonzero costs twice as much.
-    at = np.flatnonzero(table == np.where(top > 0, top, -1)[:, None])
+    # Rows sharing nothing have top 0: no partner there, as in the sorted count (a
+    # value no cell holds matches none). The ties by one flat search: a 2-D nonzero
+    # costs twice as much.
+    at = np.flatnonzero(table == np.where(top > 0, top, 255 if narrow else -1).astype(table.dtype)[:, None])
     r = at // n
     return top, r, at - r * n, table
 

@@ -45,6 +45,17 @@ def test_first_partners_match_counting_each_request(sets, hot_cap, candidates, c
         assert got == want
 
 
+@pytest.mark.parametrize("longest", [254, 255, 300])
+def test_dense_counts_near_the_byte_limit(longest):
+    """Dense tables are bytes while every request holds fewer than 255 blocks, int64
+    from there on: both give the definition's answer, near and past the limit."""
+    rng = random.Random(longest)
+    sets = [list(range(longest))] + [rng.sample(range(longest + 40), rng.randint(1, longest)) for _ in range(12)]
+    want = brute_force(sets, 10**9, 4)
+    for bit_share in (None, 0.3):
+        assert first_partners(sets, 10**9, 4, dense_cells_per_pair=10**9, bit_share=bit_share) == want
+
+
 def test_requeue_from_ties_merges_as_a_full_recount():
     """Unit weights take the batch search and re-queue from kept ties; weight 2
     everywhere scores every pair alike through the general path, which recounts."""
