@@ -382,15 +382,19 @@ class _Merges:
             if not self.alive[y]:
                 requeue(x)
                 continue
-            c = len(self.inter)
-            self.inter.append(self.inter[x] & self.inter[y])
-            self.alive.append(True)
-            self.parent.append(-1)
-            for z in (x, y):
-                self.alive[z] = False
-                self.parent[z] = c
-            return x, y, c
+            return x, y, self.join(x, y)
         return None
+
+    def join(self, x: int, y: int) -> int:
+        """Merge live clusters x and y into a new one holding the blocks both hold;
+        returns its number."""
+        c = len(self.inter)
+        self.inter.append(self.inter[x] & self.inter[y])
+        self.alive.append(True)
+        self.parent.append(-1)
+        self.alive[x] = self.alive[y] = False
+        self.parent[x] = self.parent[y] = c
+        return c
 
     def orders(self, freq: list[int] | None, rank: list[int] | None = None,
                sorted_from: list[int] | None = None) -> list[list[int]]:
@@ -449,7 +453,7 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     # Block -> live clusters holding it (a list indexed by block: a list lookup costs
     # a fraction of a dict's; None for blocks no request shares); the requests are
     # the first clusters. Not kept where the table counts every cluster (unit
-    # weights, no block above the cap): the merges then update the table only.
+    # weights, no block above the cap): _merge_table then updates the table only.
     live: list[set[int]] | None = None
     if table is None or hot_cap < max(freq, default=0) or max(map(len, sets), default=0) > 255:
         live = [None] * postings.freq.size
@@ -488,7 +492,10 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
                 ties[x] = (top, tied)
                 m.heap.append((-top, len(sets[x]) + len(sets[y]), x, y))
         heapq.heapify(m.heap)  # every entry is distinct, so the pop order is as if pushed one by one
-        _merge_unit(m, live, ties, hot_cap, candidates, table)
+        if live is None:
+            _merge_table(m, ties, candidates, table)
+        else:
+            _merge_unit(m, live, ties, hot_cap, candidates, table)
         return m.orders(freq if rank is None else None, rank, sorted_from)
     for x in range(len(sets)):
         push_best(x)
@@ -503,7 +510,7 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     return m.orders(freq if rank is None else None, rank, sorted_from)
 
 
-def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tuple[int, list[int]]],
+def _merge_unit(m: _Merges, postings: list[set[int]], ties: dict[int, tuple[int, list[int]]],
                 hot_cap: int, candidates: int, table: SharedCounts | None) -> None:
     """The clustering's merges for unit weights (``next_merge`` until done), where a
     cluster's score with another is the number of blocks they share.
@@ -521,10 +528,9 @@ def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tup
     ``skip`` every partner with that count was seen in the others, and membership
     tests in the long postings finish their counts (far less work than counting the
     long postings when few partners are seen); otherwise x is recounted in full.
-    With ``table``, long postings are counted there instead (same counts); without
-    ``postings`` (None: no block is hot), every count is the table's and merged-away
-    clusters are dropped from it. A cluster with a hot block (held by more than
-    ``hot_cap``) takes the ranked search.
+    With ``table``, long postings are counted there instead (same counts; where it
+    counts every cluster, ``_merge_table`` runs instead). A cluster with a hot block
+    (held by more than ``hot_cap``) takes the ranked search.
 
     When x's queued partner was merged away, x is re-queued from its kept ties:
     scores between live clusters never change and a merge never shares more with x
@@ -535,7 +541,7 @@ def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tup
     One loop, the searches written out, because at a few microseconds per merge the
     calls and lookups between them were a tenth of the clustering's time.
     """
-    heap, inter, alive, parent = m.heap, m.inter, m.alive, m.parent
+    heap, inter, alive, join = m.heap, m.inter, m.alive, m.join
     owner = list(range(len(inter)))  # cluster -> the cluster that absorbed it (union-find)
     heappop, heappush = heapq.heappop, heapq.heappush
     count = _count_elements
@@ -549,64 +555,57 @@ def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tup
             mine = inter[x]
             if not mine:
                 continue
-            if postings is None:
-                # The table counts every cluster (no block hot, none merged away in it).
-                counts = table.count_live(x, mine)
-                top = int(counts.max())
-                # (counts is flat: nonzero without flatnonzero's wrappers)
-                found = (counts == top).nonzero()[0].tolist() if top else []
+            lists = [postings[b] for b in mine]
+            lists.sort(key=len)
+            if len(lists[-1]) > hot_cap:
+                m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, True, table))
+                continue
+            found = lists[0].intersection(*lists[1:])
+            found.discard(x)
+            if found:
+                top = len(lists)
+                found = sorted(found)
+            elif len(lists) <= 3:
+                # Two or three blocks: the clusters holding two of them, else one of
+                # them, by set operations (no count).
+                if len(lists) == 3:
+                    a, b, c = lists
+                    found = (a & b) | (a & c) | (b & c)
+                    found.discard(x)
+                    top = 2
+                if not found:
+                    found = set().union(*lists)
+                    found.discard(x)
+                    top = 1 if found else 0
+                found = sorted(found) if len(found) > candidates else list(found)
             else:
-                lists = [postings[b] for b in mine]
-                lists.sort(key=len)
-                if len(lists[-1]) > hot_cap:
-                    m.push_best(x, _posting_partners(m, postings, x, hot_cap, candidates, True, table))
-                    continue
-                found = lists[0].intersection(*lists[1:])
-                found.discard(x)
-                if found:
-                    top = len(lists)
-                    found = sorted(found)
-                elif len(lists) <= 3:
-                    # Two or three blocks: the clusters holding two of them, else one of
-                    # them, by set operations (no count).
-                    if len(lists) == 3:
-                        a, b, c = lists
-                        found = (a & b) | (a & c) | (b & c)
-                        found.discard(x)
-                        top = 2
-                    if not found:
-                        found = set().union(*lists)
-                        found.discard(x)
-                        top = 1 if found else 0
-                    found = sorted(found) if len(found) > candidates else list(found)
+                seen = sum(map(len, lists))
+                if (table is not None and len(lists) < 256
+                        and seen > _TABLE_MIN_POSTINGS + table.alive.size // _TABLE_COLUMNS_PER_POSTING):
+                    counts = table.count(x, mine)
+                    top = int(counts.max())
+                    found = np.flatnonzero(counts == top).tolist() if top else []
                 else:
-                    seen = sum(map(len, lists))
-                    if (table is not None and len(lists) < 256
-                            and seen > _TABLE_MIN_POSTINGS + table.alive.size // _TABLE_COLUMNS_PER_POSTING):
-                        counts = table.count(x, mine)
-                        top = int(counts.max())
-                        found = np.flatnonzero(counts == top).tolist() if top else []
-                    else:
-                        skip, seen = 0, seen - len(lists[-1])
-                        while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
-                            skip += 1
-                            seen -= len(lists[-1 - skip])
-                        acc: dict[int, int] = {}
-                        count(acc, chain(lists[:len(lists) - skip]))
+                    skip, seen = 0, seen - len(lists[-1])
+                    while skip < len(lists) - 1 and len(lists[-1 - skip]) > seen:
+                        skip += 1
+                        seen -= len(lists[-1 - skip])
+                    acc: dict[int, int] = {}
+                    count(acc, chain(lists[:len(lists) - skip]))
+                    acc.pop(x, None)
+                    if skip and acc:
+                        keys = list(acc)
+                        for h in lists[len(lists) - skip:]:
+                            count(acc, filter(h.__contains__, keys))
+                    top = max(acc.values(), default=0)
+                    if skip and top <= skip:
+                        acc = {}
+                        count(acc, chain(lists))
                         acc.pop(x, None)
-                        if skip and acc:
-                            keys = list(acc)
-                            for h in lists[len(lists) - skip:]:
-                                count(acc, filter(h.__contains__, keys))
                         top = max(acc.values(), default=0)
-                        if skip and top <= skip:
-                            acc = {}
-                            count(acc, chain(lists))
-                            acc.pop(x, None)
-                            top = max(acc.values(), default=0)
-                        found = [z for z, n in acc.items() if n == top]
-                        if len(found) > candidates:
-                            found.sort()
+                    found = [z for z, n in acc.items() if n == top]
+                    if len(found) > candidates:
+                        found.sort()
             if not top:
                 continue
         else:
@@ -617,31 +616,21 @@ def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tup
                 continue
             if alive[y]:
                 # Merge (as next_merge does) and update the postings.
-                c = len(inter)
-                ix, iy = inter[x], inter[y]
-                ic = ix & iy
-                inter.append(ic)
-                alive.append(True)
-                parent.append(-1)
-                alive[x] = alive[y] = False
-                parent[x] = parent[y] = c
+                c = join(x, y)
+                ix, iy, ic = inter[x], inter[y], inter[c]
                 owner.append(c)
                 owner[x] = owner[y] = c
                 ties.pop(x, None)
                 ties.pop(y, None)
-                if postings is None:
-                    table.drop(x, ix)
-                    table.drop(y, iy)
-                else:
-                    for b in ix:
-                        postings[b].discard(x)
-                    for b in iy:
-                        postings[b].discard(y)
-                    for b in ic:
-                        postings[b].add(c)
-                    if table is not None:
-                        table.kill(x)
-                        table.kill(y)
+                for b in ix:
+                    postings[b].discard(x)
+                for b in iy:
+                    postings[b].discard(y)
+                for b in ic:
+                    postings[b].add(c)
+                if table is not None:
+                    table.kill(x)
+                    table.kill(y)
                 if table is not None and ic:
                     table.add(c, ic)
                 target = c
@@ -652,28 +641,13 @@ def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tup
             if kept is None:
                 target = x
                 continue
-            top, tied = kept
+            top = kept[0]
             mine = inter[x]
-            found = []
-            absorbed = set()
-            for t in tied:
-                if alive[t]:
-                    found.append(t)
-                    continue
-                r = t
-                while owner[r] != r:
-                    r = owner[r]
-                while owner[t] != r:  # path compression
-                    owner[t], t = r, owner[t]
-                if r not in absorbed:
-                    absorbed.add(r)
-                    if len(inter[r] & mine) == top:
-                        found.append(r)
+            found = _still_tied(kept, mine, alive, owner, inter)
             if not found:
                 del ties[x]
                 target = x
                 continue
-            found.sort()
         # Queue x with, of the `candidates` lowest-numbered ties, the one with the
         # fewest blocks, then the lowest number.
         ties[x] = (top, found)
@@ -683,6 +657,114 @@ def _merge_unit(m: _Merges, postings: list[set[int]] | None, ties: dict[int, tup
             if y < 0 or n < size or (n == size and z < y):
                 y, size = z, n
         heappush(heap, (-top, len(mine) + size, x, y))
+
+
+
+def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates: int,
+                 table: SharedCounts) -> None:
+    """``_merge_unit`` where ``table`` counts every cluster (unit weights, no block
+    hot, no cluster of 256 blocks or more): the same merges, in the same order.
+
+    Its steps, written for this case: heap entries ``(-top, spread, x, y)`` are packed
+    into one int ordered as the tuples are (each field wide enough), so the heap
+    compares ints; counts read the table's cells directly and mask the merged-away
+    clusters out (one multiply per count, against clearing two columns per merge); a
+    new cluster is counted before its own column is filled.
+    """
+    heap, inter, alive, join = m.heap, m.inter, m.alive, m.join
+    sizes = list(map(len, inter))
+    most = max(sizes, default=0)
+    id_bits = len(table.cells).bit_length()
+    spread_at = 2 * id_bits
+    top_at = spread_at + (2 * most).bit_length()  # (a spread is at most 2 * most)
+    ids = (1 << id_bits) - 1
+    # A map that keeps the entries' order keeps the list a heap.
+    heap[:] = [((most + s) << top_at) | (spread << spread_at) | (x << id_bits) | y for s, spread, x, y in heap]
+    owner = list(range(len(inter)))  # cluster -> the cluster that absorbed it (union-find)
+    heappop, heappush = heapq.heappop, heapq.heappush
+    rows, cells, live = table.rows, table.cells, table.alive
+    take, cell = table.table.take, table.table
+    fromiter, int64, uint8, add = np.fromiter, np.int64, np.uint8, np.add.reduce
+    while heap:
+        key = heappop(heap)
+        x = (key >> id_bits) & ids
+        if not alive[x]:
+            continue
+        y = key & ids
+        found = None
+        if alive[y]:
+            # Merge (as next_merge does), then count the new cluster.
+            c = join(x, y)
+            ic = inter[c]
+            sizes.append(len(ic))
+            owner.append(c)
+            owner[x] = owner[y] = c
+            ties.pop(x, None)
+            ties.pop(y, None)
+            live[x] = live[y] = 0
+            if not ic:
+                continue
+            r = cells[c] = rows[fromiter(ic, int64, len(ic))]
+            counts = add(take(r, axis=0), axis=0, dtype=uint8)  # (column c still empty)
+            counts *= live
+            cell[r, c] = 1
+            live[c] = 1
+            x, mine = c, ic
+        else:
+            # x's partner was merged away: re-queue x from its kept ties, or count
+            # afresh when none shares as much any more.
+            mine = inter[x]
+            kept = ties.get(x)
+            if kept is not None:
+                top = kept[0]
+                found = _still_tied(kept, mine, alive, owner, inter, sizes)
+                if not found:
+                    del ties[x]
+                    found = None
+            if found is None:
+                r = cells[x]
+                if r is None:
+                    r = cells[x] = rows[fromiter(mine, int64, len(mine))]
+                counts = add(take(r, axis=0), axis=0, dtype=uint8)
+                counts *= live
+                counts[x] = 0
+        if found is None:
+            top = int(counts.max())
+            if not top:
+                continue
+            found = (counts == top).nonzero()[0].tolist()
+        ties[x] = (top, found)
+        # Of the `candidates` lowest-numbered ties, the one with the fewest blocks, then
+        # the lowest number (found is ascending, and min keeps the first of equals).
+        y = min(found[:candidates], key=sizes.__getitem__) if len(found) > 1 else found[0]
+        heappush(heap, ((most - top) << top_at) | ((len(mine) + sizes[y]) << spread_at) | (x << id_bits) | y)
+
+
+def _still_tied(kept: tuple[int, list[int]], mine: set[int], alive: list[bool], owner: list[int],
+                inter: list[set[int]], sizes: list[int] | None = None) -> list[int]:
+    """The live clusters sharing ``top`` blocks with a cluster holding ``mine``, from its
+    kept ``(top, tied)``: the live ties and the clusters that absorbed ties, ascending
+    (empty: none shares ``top`` any more). ``owner``: the union-find of absorptions
+    (paths compressed here); ``sizes``: each cluster's block count, where kept."""
+    top, tied = kept
+    found = []
+    absorbed = set()
+    for t in tied:
+        if alive[t]:
+            found.append(t)
+            continue
+        r = t
+        while owner[r] != r:
+            r = owner[r]
+        while owner[t] != r:  # path compression
+            owner[t], t = r, owner[t]
+        if r not in absorbed:
+            absorbed.add(r)
+            # (a cluster of fewer blocks cannot share top)
+            if (len(inter[r]) if sizes is None else sizes[r]) >= top and len(inter[r] & mine) == top:
+                found.append(r)
+    found.sort()
+    return found
 
 
 # SharedCounts' table: at most this many cells (bytes, 16 MiB; synthetic N=2,000 uses 8 MiB).

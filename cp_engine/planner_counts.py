@@ -20,8 +20,6 @@ from typing import Iterable
 import numpy as np
 
 
-_add = np.add.reduce  # (a sum without ndarray.sum's Python wrapper)
-
 
 class SharedCounts:
     """Block × cluster membership table for unit-weight overlap counts.
@@ -40,8 +38,8 @@ class SharedCounts:
         self.rows = rows
         self.table = np.zeros((blocks.size, clusters), dtype=np.uint8)
         self.alive = np.zeros(clusters, dtype=np.uint8)
-        # Per cluster, its rows (None until first needed): drop and count_live of a
-        # cluster asked about again need no conversion of its blocks.
+        # Per cluster, its rows, where known (None until first needed): a cluster asked
+        # about again needs no conversion of its blocks.
         self.cells: list[np.ndarray | None] = [None] * clusters
 
     @classmethod
@@ -60,22 +58,8 @@ class SharedCounts:
         self.alive[c] = 1
         self.cells[c] = r
 
-    def _cells(self, c: int, members) -> np.ndarray:
-        """Cluster ``c``'s rows (``members``: its blocks)."""
-        r = self.cells[c]
-        if r is None:
-            r = self.cells[c] = self.rows[np.fromiter(members, dtype=np.int64, count=len(members))]
-        return r
-
     def kill(self, c: int) -> None:
         self.alive[c] = 0
-
-    def drop(self, c: int, members) -> None:
-        """Cluster ``c``, holding ``members``, merged away: marked and its cells cleared,
-        so ``count_live`` needs no mask (a few cells, against a pass over every cluster)."""
-        self.table[self._cells(c, members), c] = 0
-        self.alive[c] = 0
-        self.cells[c] = None
 
     def count(self, x: int, members) -> np.ndarray:
         """Shared-block count of x's ``members`` with every live cluster but x.
@@ -86,12 +70,6 @@ class SharedCounts:
         r = self.rows[np.fromiter(members, dtype=np.int64, count=len(members))]
         counts = self.table[r].sum(axis=0, dtype=np.uint8)
         counts *= self.alive
-        counts[x] = 0
-        return counts
-
-    def count_live(self, x: int, members) -> np.ndarray:
-        """``count``'s answer where every merged-away cluster was ``drop``ped, not ``kill``ed."""
-        counts = _add(self.table.take(self._cells(x, members), axis=0), axis=0, dtype=np.uint8)
         counts[x] = 0
         return counts
 

@@ -95,19 +95,6 @@ def test_count_table_counts_live_clusters_only():
     assert table.count(4, [2]).tolist() == [1, 0, 0, 0, 0, 0, 0]
 
 
-def test_count_table_with_dropped_clusters_counts_as_with_killed_ones():
-    sets = [[0, 1, 2], [1, 2], [2, 3], [0, 3]]
-    killed = SharedCounts.for_requests(sets, clusters=7, universe=4)
-    dropped = SharedCounts.for_requests(sets, clusters=7, universe=4)
-    for c in (1, 2):
-        killed.kill(c)
-        dropped.drop(c, sets[c])
-    for table in (killed, dropped):
-        table.add(4, [2])
-    for x, members in ((0, sets[0]), (3, sets[3]), (4, [2])):
-        assert dropped.count_live(x, members).tolist() == killed.count(x, members).tolist()
-
-
 @given(st.lists(st.integers(0, 30), max_size=40))
 def test_popularity_rank_sorts_as_frequency_then_id(blocks):
     freq = [0] * 31
