@@ -223,7 +223,7 @@ class BlendWorker:
             if kv.device.type == "cuda":  # straight into pinned host memory: a load from there runs about twice as fast
                 kv = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True).copy_(kv)
             else:
-                kv = kv.contiguous()
+                kv = kv.cpu().contiguous()
             if self.store.put(key, kv):
                 self._stored[key.lookup] = (key, order.depth)
                 self.meta.stored.append((key.lookup, order.depth))
