@@ -717,7 +717,7 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
             kept = ties.get(x)
             if kept is not None:
                 top = kept[0]
-                found = _still_tied(kept, mine, alive, owner, inter, sizes)
+                found = _still_tied(kept, mine, alive, owner, inter)
                 if not found:
                     del ties[x]
                     found = None
@@ -741,11 +741,11 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
 
 
 def _still_tied(kept: tuple[int, list[int]], mine: set[int], alive: list[bool], owner: list[int],
-                inter: list[set[int]], sizes: list[int] | None = None) -> list[int]:
+                inter: list[set[int]]) -> list[int]:
     """The live clusters sharing ``top`` blocks with a cluster holding ``mine``, from its
     kept ``(top, tied)``: the live ties and the clusters that absorbed ties, ascending
     (empty: none shares ``top`` any more). ``owner``: the union-find of absorptions
-    (paths compressed here); ``sizes``: each cluster's block count, where kept."""
+    (paths compressed here)."""
     top, tied = kept
     found = []
     absorbed = set()
@@ -760,8 +760,7 @@ def _still_tied(kept: tuple[int, list[int]], mine: set[int], alive: list[bool], 
             owner[t], t = r, owner[t]
         if r not in absorbed:
             absorbed.add(r)
-            # (a cluster of fewer blocks cannot share top)
-            if (len(inter[r]) if sizes is None else sizes[r]) >= top and len(inter[r] & mine) == top:
+            if len(inter[r] & mine) == top:
                 found.append(r)
     found.sort()
     return found
@@ -1493,10 +1492,12 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         tried[name]["tree_tokens"] = _live_weight(trie) + lone_weight
     schedule = _depth_first_order(trie, paths)
 
+    # Back to the caller's blocks (a map over the list's item lookup: no Python step per block).
+    original = originals.__getitem__
     if extras is None:
-        out = [[originals[b] for b in itertools.chain(o, solo)] for o, solo in zip(orders, lone)]
+        out = [list(map(original, o + solo if solo else o)) for o, solo in zip(orders, lone)]
     else:
-        out = [[originals[b] for b in itertools.chain(o, solo, extra)] for o, solo, extra in zip(orders, lone, extras)]
+        out = [list(map(original, itertools.chain(o, solo, extra))) for o, solo, extra in zip(orders, lone, extras)]
     total = len(shared_ids) + lone_count
     tree_nodes = trie.size + lone_count
     stats = {
