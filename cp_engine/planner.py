@@ -449,7 +449,7 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     if postings is None:
         postings = Postings(sets, len(freq))
     unit = w.count(1.0) == len(w)  # counted in C
-    table = _shared_counts(sets, freq) if unit else None
+    table = _shared_counts(sets, freq, postings) if unit else None
     # Block -> live clusters holding it (a list indexed by block: a list lookup costs
     # a fraction of a dict's; None for blocks no request shares); the requests are
     # the first clusters. Not kept where the table counts every cluster (unit
@@ -779,10 +779,13 @@ _TABLE_MIN_RANKED = 64
 _TABLE_COLUMNS_PER_RANKED = 32
 
 
-def _shared_counts(sets: list[list[int]], freq: list[int]) -> SharedCounts | None:
-    """The table for the clustering, when ``_table_fits``."""
+def _shared_counts(sets: list[list[int]], freq: list[int], postings: Postings | None = None) -> SharedCounts | None:
+    """The table for the clustering, when ``_table_fits`` (``postings``: those of ``sets``,
+    where the caller has them)."""
     if not _table_fits(len(sets), freq):
         return None
+    if postings is not None:
+        return SharedCounts.for_postings(postings, 2 * len(sets))
     return SharedCounts.for_requests(sets, 2 * len(sets), len(freq))
 
 

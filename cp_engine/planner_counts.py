@@ -19,6 +19,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .planner_postings import Postings
+
 
 
 class SharedCounts:
@@ -50,6 +52,14 @@ class SharedCounts:
         out = cls(np.unique(flat), clusters, universe)
         out.table[out.rows[flat], np.repeat(np.arange(len(sets)), sizes)] = 1
         out.alive[:len(sets)] = 1
+        return out
+
+    @classmethod
+    def for_postings(cls, postings: "Postings", clusters: int) -> "SharedCounts":
+        """``for_requests`` of the sets ``postings`` indexes (its universe), from its arrays."""
+        out = cls(np.flatnonzero(postings.freq), clusters, postings.freq.size)
+        out.table[out.rows[postings.blocks], postings.owner] = 1
+        out.alive[:postings.sizes.size] = 1
         return out
 
     def add(self, c: int, members: Iterable[int]) -> None:

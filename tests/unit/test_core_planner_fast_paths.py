@@ -35,7 +35,7 @@ def force_table(monkeypatch, on: bool):
         for name in ("_TABLE_COLUMNS_PER_POSTING", "_TABLE_COLUMNS_PER_RANKED"):
             monkeypatch.setattr(planner, name, 10**9)
     else:
-        monkeypatch.setattr(planner, "_shared_counts", lambda sets, freq: None)
+        monkeypatch.setattr(planner, "_shared_counts", lambda *args: None)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -82,6 +82,16 @@ def test_best_counted_is_the_sort_by_count_then_number(values, drop, k):
     ranked = [c for c in range(len(values)) if values[c] >= floor]
     want = ranked if len(ranked) <= k else sorted(ranked, key=lambda c: (-values[c], c))[:k]
     assert best_counted(counts, top, floor, k) == want
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_count_table_from_postings_is_the_table_from_requests(seed):
+    sets = zipf_sets(seed, n=80, corpus=40, k=8)
+    universe = 45  # (blocks 40..44 held by none)
+    want = SharedCounts.for_requests(sets, clusters=160, universe=universe)
+    got = SharedCounts.for_postings(Postings(sets, universe), clusters=160)
+    for name in ("rows", "table", "alive"):
+        assert np.array_equal(getattr(got, name), getattr(want, name))
 
 
 def test_count_table_counts_live_clusters_only():
