@@ -242,6 +242,7 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
     nodes, weight = 0, 0.0
     first = True
     table = None  # the NumPy split for large groups, where it applies
+    unit = w.count(1.0) == len(w)  # (counted in C)
     while stack:
         group = stack.pop()
         if len(group) < 2:
@@ -272,6 +273,11 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
             split = table.split(group, whole, w, rem, prefix, stack)
             nodes += split[0]
             weight += split[1]
+            continue
+        if small and unit:
+            given = _split_small_unit(group, rem, prefix, stack, len(w))
+            nodes += given
+            weight += given  # (a sum of 1.0s: the same float)
             continue
         if small:
             counts = {}
@@ -321,6 +327,36 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
             nodes += 1
             weight += w[b]
     return _Greedy(prefix, rem, nodes, weight)
+
+
+def _split_small_unit(group: list[int], rem: list[set[int]], prefix: list[list[int]],
+                      stack: list[list[int]], universe: int) -> int:
+    """``_greedy_prefixes``' split of a small group where every weight is 1; returns the
+    blocks handed out. The heap loop there, its entries ``(-(count - 1), block)`` packed
+    into one int, ``(len(group) + 1 - count) * universe + block``, ordered as the
+    tuples are (most free holders first, then the lower id): ints compare faster."""
+    counts: dict[int, int] = {}
+    _count_elements(counts, itertools.chain.from_iterable(map(rem.__getitem__, group)))
+    most = len(group) + 1
+    heap = [(most - c) * universe + b for b, c in counts.items() if c > 1]
+    heapq.heapify(heap)
+    free = group
+    given = 0
+    while heap:
+        level, b = divmod(heapq.heappop(heap), universe)
+        sub = [r for r in free if b in rem[r]]
+        c = len(sub)
+        if c < 2:
+            continue
+        if most - c != level:  # stale entry: fewer free holders than when pushed
+            heapq.heappush(heap, (most - c) * universe + b)
+            continue
+        free = [r for r in free if b not in rem[r]]
+        if len(free) < 2:
+            heap = ()  # no block has two free holders left
+        _give(b, sub, rem, prefix, stack)
+        given += 1
+    return given
 
 
 def _give(b: int, members: list[int], rem: list[set[int]], prefix: list[list[int]], stack: list[list[int]]) -> None:
