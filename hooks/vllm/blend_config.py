@@ -5,8 +5,12 @@ The ``VllmConfig`` is built once, in the API server (or the offline ``LLM``), by
 ``EngineArgs.create_engine_config``; EngineCore and the workers receive it built. The
 wrapper sets ``kv_transfer_config`` to ``BLEND_TRANSFER_CONFIG`` when the user gave none,
 then calls through. A user's own ``--kv-transfer-config`` is kept: one log line and
-``blend_disabled{reason="user_connector"}``. The row is gated by ``CP_ENGINE_BLEND``, so
-with the flag off nothing is wrapped and no connector is installed.
+``blend_disabled{reason="user_connector"}``. With the blend connector set, an
+``async_scheduling`` the user left unset becomes False (vLLM would turn it on by default
+on GPUs; the connector is checked with synchronous scheduling only); one the user set to
+True is kept, and the worker then switches blend off (``reason="async_scheduling"``).
+The row is gated by ``CP_ENGINE_BLEND``, so with the flag off nothing is wrapped and no
+connector is installed.
 
 The same connector by hand (the explicit form; ``CP_ENGINE_BLEND`` must still be 1 for
 the blend flags to be read, and the row then finds the config set and leaves it alone)::
@@ -53,6 +57,12 @@ def _install(engine_args: Any) -> None:
         metrics.inc("blend_disabled", reason="user_connector")
         logger.warning("cp_engine: CP_ENGINE_BLEND=1 but a KV connector is configured (%s); it is kept and "
                        "blend stays off", getattr(current, "kv_connector", None))
+        return
+    if getattr(engine_args, "async_scheduling", True) is None:
+        # vLLM turns asynchronous scheduling on by default on GPUs; the connector is
+        # checked with synchronous scheduling only (the worker refuses the other).
+        engine_args.async_scheduling = False
+        logger.info("cp_engine: blend on, asynchronous scheduling left off")
 
 
 def create_engine_config_wrapper(wrapped, instance, args, kwargs):

@@ -61,6 +61,10 @@ def _refusal(vllm_config: Any) -> str:
         return "quantized_kv"
     if getattr(vllm_config.model_config, "get_sliding_window", lambda: None)():
         return "sliding_window"
+    if getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False):
+        # vLLM's CPU platform always schedules synchronously, so the connector has never
+        # been checked with a step scheduled before the last one's results came back.
+        return "async_scheduling"
     return ""
 
 

@@ -40,6 +40,21 @@ def test_blend_on_sets_the_connector_with_the_recompute_policy():
     assert KVConnectorFactory.get_connector_class(kvt).__name__ == "BlendConnector"
 
 
+def test_blend_leaves_async_scheduling_off_unless_asked_and_the_worker_refuses_it():
+    from cp_engine.hooks.vllm.blend_worker import _refusal
+
+    args = _engine_args()
+    assert args.async_scheduling is None  # vLLM decides: on by default on a GPU
+    cfg = _create(args)
+    assert args.async_scheduling is False and cfg.scheduler_config.async_scheduling is False
+    assert _refusal(cfg) == ""
+    asked = _engine_args(async_scheduling=True)
+    _create(asked)
+    assert asked.async_scheduling is True  # a user's explicit choice is kept
+    cfg.scheduler_config.async_scheduling = True  # as a GPU platform leaves it (the CPU one forces it off)
+    assert _refusal(cfg) == "async_scheduling"
+
+
 def test_a_users_connector_is_kept_and_counted():
     from cp_engine.hooks import metrics
     from vllm.config import KVTransferConfig
