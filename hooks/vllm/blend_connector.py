@@ -68,8 +68,7 @@ class BlendConnector(KVConnectorBase_V1):
         return None  # blocks are saved whole in wait_for_save, once every layer ran
 
     def wait_for_save(self) -> None:
-        for order in self._get_connector_metadata().saves:
-            self.worker.save(order)
+        self.worker.save_all(list(self._get_connector_metadata().saves))
         self.worker.end_step()
 
     def get_block_ids_with_load_errors(self) -> set[int]:

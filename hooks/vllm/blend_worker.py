@@ -15,9 +15,9 @@ Contract (docs/blend-design.md, sections 3 and 6):
   over the check layers when a plan ranks by it). Any failure (a miss after eviction, a
   corrupt entry, an error in the pass) puts the claimed blocks of the orders it touched
   in ``load_errors`` so vLLM recomputes them (``kv_load_failure_policy="recompute"``);
-- ``save(order)`` (after the forward): reads the block's K/V, normalises K to position 0
-  and ``put``s it, unless the store holds it already; the entry's depth (``order.depth``)
-  is reported with it. Entries loaded in the step are
+- ``save_all(orders)`` (after the forward, the step's saves): reads every block's K/V
+  with one cache read per layer, normalises K to position 0 and ``put``s each block the
+  store does not hold already; the entry's depth (``order.depth``) is reported with it. Entries loaded in the step are
   put back if a save evicted them (pinned for the step);
 - ``reset()`` empties the store (the scheduler has forgotten its keys already);
 - ``end_step()`` reports the step's store changes as they stand at its end: an entry
@@ -209,29 +209,42 @@ class BlendWorker:
         self._store_changed = True
 
     # -- save ----------------------------------------------------------------------------
-    def save(self, order: SaveOrder) -> None:
-        if not self.ready:
+    def save_all(self, orders: list[SaveOrder]) -> None:
+        """Store every order's block the store does not hold yet: one cache read per layer
+        for all of them (on a GPU each read is a kernel launch, and a step saves tens of
+        blocks), then each block's K normalised to position 0 and ``put``."""
+        if not self.ready or not orders:
             return
         with faults.guarded("vllm_blend_worker"):
-            key = block_key(self.layout, order.scope, order.token_ids)
-            if self.store.contains(key):
+            todo, seen = [], set()
+            for order in orders:
+                key = block_key(self.layout, order.scope, order.token_ids)
+                if key.lookup in seen or self.store.contains(key):
+                    continue
+                seen.add(key.lookup)
+                todo.append((order, key, self.paged.slots(order.block_ids, order.start, order.end)))
+            if not todo:
                 return
-            slots = self.paged.slots(order.block_ids, order.start, order.end)
-            ks, vs = [], []
-            for name in self.paged.layer_names:
-                k, v = self.paged.read(name, slots)
-                ks.append(k)
-                vs.append(v)
-            k = shift_k(torch.stack(ks), -order.start, self.recompute.rope)
-            kv = torch.stack([k, torch.stack(vs)], dim=1)
-            if kv.device.type == "cuda":  # straight into pinned host memory: a load from there runs about twice as fast
-                kv = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True).copy_(kv)
-            else:
-                kv = kv.cpu().contiguous()
-            if self.store.put(key, kv):
-                self._stored[key.lookup] = (key, order.depth)
-                self.meta.stored.append((key.lookup, order.depth))
+            read = [self.paged.read(name, torch.cat([slots for _, _, slots in todo]))
+                    for name in self.paged.layer_names]
+            k_all, v_all = torch.stack([k for k, _ in read]), torch.stack([v for _, v in read])
+            del read
+            at = 0
+            for order, key, slots in todo:
+                n = slots.numel()
+                k = shift_k(k_all[:, at:at + n], -order.start, self.recompute.rope)
+                self._put(order, key, torch.stack([k, v_all[:, at:at + n]], dim=1))
+                at += n
             self._store_changed = True
+
+    def _put(self, order: SaveOrder, key: Any, kv: torch.Tensor) -> None:
+        if kv.device.type == "cuda":  # straight into pinned host memory: a load from there runs about twice as fast
+            kv = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True).copy_(kv)
+        else:
+            kv = kv.cpu().contiguous()
+        if self.store.put(key, kv):
+            self._stored[key.lookup] = (key, order.depth)
+            self.meta.stored.append((key.lookup, order.depth))
 
     def reset(self) -> None:
         if not self.ready:
