@@ -29,7 +29,8 @@ def write_moved(paged, rope: RopeSpec, slots: torch.LongTensor,
     for kv, offset, start, n in moves:
         if start < 0 or start + n > slots.numel() or offset < 0 or offset + n > kv.shape[2]:
             raise ValueError(f"move of {n} tokens from {offset} to {start} outside the entry or the slots")
-        part = kv[:, :, offset:offset + n].to(device)
+        # From pinned host memory the copies queue behind each other without a host wait.
+        part = kv[:, :, offset:offset + n].to(device, non_blocking=True)
         ks.append(shift_k(part[:, 0], start - offset, rope))
         vs.append(part[:, 1])
         dests.append(slots[start:start + n])
