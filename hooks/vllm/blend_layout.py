@@ -289,6 +289,11 @@ class PagedKV:
         view = self._views[self.layer_names[0]]
         return int(view.cache.shape[self._axis])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the caches live (reads return tensors there)."""
+        return self._views[self.layer_names[0]].cache.device
+
     def slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.LongTensor:
         """Slot ids of token positions ``[start, end)`` of a request with these block ids."""
         if not 0 <= start <= end or end > len(block_ids) * self.block_size:

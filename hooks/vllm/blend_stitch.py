@@ -4,9 +4,10 @@ Contract: ``write_moved(paged, rope, slots, moves)`` takes ``moves`` as
 ``(kv, offset, start, n)``: tokens ``[offset, offset + n)`` of a stored entry ``kv``
 (``[layers, 2, tokens, kv_heads, head_dim]``, K normalised to position 0 as the store
 keeps it) go to positions ``[start, start + n)`` of the request whose slot ids are
-``slots``, K rotated by ``start - offset``. Blocks are copied to the cache's device and
-rotated one by one, then written with one ``paged.write`` per layer for all of them:
-on a GPU each write is a kernel launch, and a request stitches tens of blocks.
+``slots``, K rotated by ``start - offset``. Blocks are copied to the cache's device
+(``paged.device``, wherever ``slots`` live) and rotated one by one, then written with
+one ``paged.write`` per layer for all of them: on a GPU each write is a kernel launch,
+and a request stitches tens of blocks.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def write_moved(paged, rope: RopeSpec, slots: torch.LongTensor,
     """See the module docstring. Raises ``ValueError`` for a move outside ``slots``."""
     if not moves:
         return
-    device = slots.device
+    device = paged.device  # rotate on the cache's device: the slots may be host tensors
     ks, vs, dests = [], [], []
     for kv, offset, start, n in moves:
         if start < 0 or start + n > slots.numel() or offset < 0 or offset + n > kv.shape[2]:
