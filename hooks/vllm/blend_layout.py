@@ -113,13 +113,18 @@ def _exact_int_limit(dtype: torch.dtype) -> int:
     return int(round(2.0 / torch.finfo(dtype).eps))
 
 
+def _stride_order(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s axes from the innermost (smallest stride) out; ties: the later axis first."""
+    return tuple(sorted(range(t.dim()), key=lambda d: (t.stride(d), -d)))
+
+
 def _scratch_like(cache: torch.Tensor, axis: int, blocks: int) -> torch.Tensor:
     """A dense tensor shaped like ``cache`` with ``blocks`` on ``axis``, its axes in the same
     stride order (an op that follows strides writes it as it writes the cache)."""
     shape = list(cache.shape)
     shape[axis] = blocks
     strides, step = [0] * cache.dim(), 1
-    for d in sorted(range(cache.dim()), key=lambda d: (cache.stride(d), -d)):  # innermost first
+    for d in _stride_order(cache):
         strides[d] = step
         step *= shape[d]
     return torch.empty_strided(shape, strides, dtype=cache.dtype, device=cache.device)
@@ -276,7 +281,7 @@ class PagedKV:
             raise UnsupportedLayout("layout_mixed", f"{name}: layers differ in block axis or block count")
         if cache.numel() != cache.shape[axis] * 2 * self.block_size * self.num_kv_heads * self.head_dim:
             raise UnsupportedLayout("layout_shape", f"{name}: cache {tuple(cache.shape)} is not whole K/V blocks")
-        order = tuple(sorted(range(cache.dim()), key=lambda d: (cache.stride(d), -d)))
+        order = _stride_order(cache)
         layout = tuple(s for d, s in enumerate(cache.shape) if d != axis)
         key = (op.label, getattr(op, "settings", ()), self.block_size, self.num_kv_heads, self.head_dim, self.dtype, str(cache.device),
                axis, layout, order)

@@ -17,8 +17,8 @@ Contract (docs/blend-design.md, sections 3 and 6):
   in ``load_errors`` so vLLM recomputes them (``kv_load_failure_policy="recompute"``);
 - ``save_all(orders)`` (after the forward, the step's saves): reads every block's K/V
   with one cache read per layer, normalises K to position 0 and ``put``s each block the
-  store does not hold already; the entry's depth (``order.depth``) is reported with it. Entries loaded in the step are
-  put back if a save evicted them (pinned for the step);
+  store does not hold already; the entry's depth (``order.depth``) is reported with it.
+  Entries loaded in the step are put back if a save evicted them (pinned for the step);
 - ``reset()`` empties the store (the scheduler has forgotten its keys already);
 - ``end_step()`` reports the step's store changes as they stand at its end: an entry
   put and evicted within the step is reported dropped, never stored;

@@ -21,7 +21,7 @@ if not vs.vllm_available():  # pragma: no cover
 import torch  # noqa: E402
 
 from cp_engine.hooks.vllm.blend_layout import (BackendCacheOp, CpuCacheOp, PagedKV, UnsupportedLayout,  # noqa: E402
-                                               block_offsets, probe_layout)  # noqa: E402
+                                               block_offsets, probe_layout)
 
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
               "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
