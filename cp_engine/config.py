@@ -59,6 +59,7 @@ FLAGS: tuple[Flag, ...] = (
          maximum=16.0),
     Flag("CP_ENGINE_BLEND_STORE_DEPTH", 8, "How many stitching generations a stored block's KV may sit behind: 0 stores only blocks the engine computed exactly (before a request's first stitched token); 1 also stores blocks computed after stitched KV whose reused entries are exact, and so on. Higher reuses more and lets approximation compound; a request's cp_blend_store_depth can only lower it.",
          minimum=0, maximum=8),
+    Flag("CP_ENGINE_BLEND_CARRY", True, "1 keeps a reused block whole (outside the ratio) when its stored KV was computed right behind the same block and separator it follows now, so only context further back changed (an agent's memory and history behind a segment that changes every turn); 0 applies the ratio to every reused block. Ratio 1 recomputes everything either way."),
     Flag("CP_ENGINE_BLEND_KEEP_ORDER", False, "With blend on, 1 renders context blocks in retrieval order with no annotation (blend reuses them at any position); a request's context_keep_order overrides it."),
     Flag("CP_ENGINE_FAULT", "", "Test switch: comma-separated hook names that raise (or 'name:hang'); never set in production."),
 )
@@ -88,6 +89,7 @@ class Config:
     blend_check_layers: int = 1
     blend_recompute_cost: float = 1.0
     blend_store_depth: int = 8
+    blend_carry: bool = True
     blend_keep_order: bool = False
     fault: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -69,11 +69,12 @@ def prefix_arm(prompts: Sequence[Sequence[int]], block_size: int, capacity: int 
 
 def blend_arm(prompts: Sequence[Rendered], ratio: float, block_size: int, capacity: int | None,
               store_bytes: int, layout: KVLayout, commit_stitched: bool = False, mode: str = "both",
-              first_tokens: int = 16, check_layers: int = 1, store_after_stitched: bool = False) -> dict:
+              first_tokens: int = 16, check_layers: int = 1, store_after_stitched: bool = False,
+              carry: bool = True) -> dict:
     """Engine prefix hit, then the blend plan against a bounded block store
     (``engine_model.BlendEngine``; ``store_after_stitched``: any store depth, else depth 0)."""
     engine = BlendEngine(ratio, block_size, capacity, store_bytes, layout, commit_stitched, mode, first_tokens,
-                         check_layers, store_depth=None if store_after_stitched else 0)
+                         check_layers, store_depth=None if store_after_stitched else 0, carry=carry)
     for r in prompts:
         engine.serve(r)
     return engine.totals()
@@ -94,7 +95,7 @@ def run_workload(kind: str, w: dict, tok: Tokenizer, args, capacity: int, layout
         for suffix, after in (("", False), ("+after", True)):
             arms[arm + suffix] = {f"{r:g}": blend_arm(rendered, r, bs, capacity, args.store_mb << 20, layout,
                                                       args.commit_stitched, args.mode, args.first_tokens,
-                                                      args.check_layers, after) for r in ratios}
+                                                      args.check_layers, after, args.carry) for r in ratios}
             renders[arm + suffix] = rendered
     # What block reuse could reach at all: ratio 0, unbounded cache and store, stitched
     # KV committed as exact (unsafe; a bound, not an arm).
@@ -211,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", help="selection mode (default: CP_ENGINE_BLEND_MODE's default)")
     ap.add_argument("--first-tokens", type=int, help="first tokens per block (default: the flag's default)")
     ap.add_argument("--check-layers", type=int, help="layers over which the deviation is measured (default: the flag's)")
+    ap.add_argument("--no-carry", dest="carry", action="store_false", default=None,
+                    help="apply the ratio to carried blocks too (CP_ENGINE_BLEND_CARRY=0)")
     ap.add_argument("--commit-stitched", action="store_true",
                     help="let blended requests commit every block to the prefix cache (unsafe upper bound)")
     ap.add_argument("--out", help="results JSON (default: benchmarks/results/blend_sim[_quick].json)")
@@ -226,6 +229,7 @@ def main(argv=None) -> int:
     args.mode = args.mode or defaults.blend_mode
     args.first_tokens = args.first_tokens if args.first_tokens is not None else defaults.blend_first_tokens
     args.check_layers = args.check_layers if args.check_layers is not None else defaults.blend_check_layers
+    args.carry = defaults.blend_carry if args.carry is None else args.carry
     dims = Dims.from_config(json.loads((Path(model) / "config.json").read_text()))
     per_token = 2 * dims.layers * dims.kv_heads * dims.head_dim * args.dtype_bytes
     capacity = int(args.kv_cache_gib * (1 << 30)) // (args.block_size * per_token) - 1  # less vLLM's null block
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
     doc = {"config": {"command": command, "model": Path(model).name, "block_size": args.block_size,
                       "kv_cache_gib": args.kv_cache_gib, "kv_bytes_per_token": per_token,
                       "cache_blocks": capacity, "store_mb": args.store_mb, "ratios": args.ratios,
-                      "commit_stitched": args.commit_stitched, "mode": args.mode, "first_tokens": args.first_tokens, "check_layers": args.check_layers,
+                      "commit_stitched": args.commit_stitched, "carry": args.carry, "mode": args.mode, "first_tokens": args.first_tokens, "check_layers": args.check_layers,
                       "num_layers": dims.layers, "chat_concurrency": args.chat_concurrency,
                       "sizes": size},
            "workloads": []}

@@ -13,6 +13,10 @@ exactly (it ends at or before the first stitched token), else 1 + the deepest en
 request reused; only entries within ``store_depth`` are stored (None: any depth). Depth 0
 stores exactly what ``blocks_to_store`` gives without ``after_stitched``.
 
+Carried blocks (``carry``, the default as in the connector): each stored entry keeps the
+lead digest it was computed behind (``cp_engine.blend.leads``) and the plan keeps a block
+stored behind the same lead whole.
+
 ``BlendEngine(ratio=None)`` is prefix caching alone (no store, no plan): the baseline
 with the same cache. ``serve`` returns the request's counts; ``totals`` sums them
 (``computed_tokens`` = engine-computed + blend-recomputed + the check-layer pass, in
@@ -27,12 +31,13 @@ from typing import Sequence
 import numpy as np
 
 from cp_engine.blend.keys import KVLayout, Scope, block_key
+from cp_engine.blend.leads import lead_digests
 from cp_engine.blend.plan import blocks_to_store, plan_reuse
 from cp_engine.blend.spans import Rendered
 from cp_engine.blend.store import BlockKVStore, kv_shape
 
 COUNTS = ("prompt_tokens", "engine_cached_tokens", "claimed_tokens", "reused_tokens", "recomputed_tokens",
-          "check_layer_tokens", "engine_computed_tokens", "requests_blended")
+          "check_layer_tokens", "engine_computed_tokens", "requests_blended", "carried_tokens")
 STORE_STATS = ("blend_store_entries", "blend_store_tokens", "blend_stored_tokens", "blend_hits",
                "blend_evictions", "blend_store_refused")
 
@@ -80,12 +85,12 @@ class BlendEngine:
 
     def __init__(self, ratio: float | None, block_size: int, capacity: int | None, store_bytes: int,
                  layout: KVLayout, commit_stitched: bool = False, mode: str = "both", first_tokens: int = 16,
-                 check_layers: int = 1, store_depth: int | None = 0):
+                 check_layers: int = 1, store_depth: int | None = 0, carry: bool = True):
         if store_depth is not None and store_depth < 0:
             raise ValueError("store_depth must be >= 0 or None")
         self.ratio, self.block_size, self.layout = ratio, block_size, layout
         self.commit_stitched, self.mode, self.first_tokens = commit_stitched, mode, first_tokens
-        self.check_layers, self.store_depth = check_layers, store_depth
+        self.check_layers, self.store_depth, self.carry = check_layers, store_depth, carry
         self.cache = PrefixCache(block_size, capacity)
         self.store = BlockKVStore(store_bytes)
         self.counts = {k: 0 for k in COUNTS}
@@ -93,6 +98,7 @@ class BlendEngine:
         self._scope = Scope()
         self._zero = np.zeros((), dtype=np.float32)  # entries are broadcast views of it
         self._depth: dict = {}  # store key -> depth when it was put (stale after eviction: harmless)
+        self._lead: dict = {}  # store key -> lead digest when it was put (likewise)
 
     def _key(self, ids):
         return block_key(self.layout, self._scope, ids)
@@ -109,32 +115,35 @@ class BlendEngine:
             return self._add(c)
         store = self.store
         plan = plan_reuse(ids, r.spans, hit, self.block_size, store.contains, ratio=self.ratio, mode=self.mode,
-                          first_tokens=self.first_tokens, key_of=self._key)
+                          first_tokens=self.first_tokens, key_of=self._key,
+                          lead_of=self._lead.get if self.carry else None)
         for b in plan.blocks:
             store.get(b.key)  # the loader's read: counts the hit, refreshes the entry
         c = {"prompt_tokens": n, "engine_cached_tokens": hit, "claimed_tokens": plan.claimed,
              "reused_tokens": plan.reused, "recomputed_tokens": plan.recomputed,
              "check_layer_tokens": plan.full_depth_tokens(self.layout.num_layers, self.check_layers)
              - plan.recomputed, "engine_computed_tokens": n - hit - plan.claimed,
-             "requests_blended": int(not plan.empty)}
+             "requests_blended": int(not plan.empty), "carried_tokens": plan.carried_tokens}
         self.cache.commit(ids, None if plan.empty or self.commit_stitched else plan.claim_start)
-        for key, depth in self._to_store(ids, r.spans, plan):
+        leads = dict(zip((tuple(s) if s is not None else None for s in r.spans), lead_digests(ids, r.spans)))
+        for key, depth, span in self._to_store(ids, r.spans, plan):
             store.put(key, np.broadcast_to(self._zero, kv_shape(key)))
             self._depth[key] = depth
+            self._lead[key] = leads.get(tuple(span))
         return self._add(c)
 
     def _to_store(self, ids, spans, plan) -> list[tuple]:
-        """(key, depth) of the request's blocks to store, in prompt order."""
+        """(key, depth, span) of the request's blocks to store, in prompt order."""
         store = self.store
         if self.store_depth == 0:
-            return [(k, 0) for k, _ in blocks_to_store(ids, spans, store.contains, plan, self._key, False)]
+            return [(k, 0, s) for k, s in blocks_to_store(ids, spans, store.contains, plan, self._key, False)]
         first = plan.first_stitched
         behind = 1 + max((self._depth.get(b.key, 0) for b in plan.blocks), default=0)
         out = []
-        for key, (_, end) in blocks_to_store(ids, spans, store.contains, plan, self._key, True):
+        for key, (start, end) in blocks_to_store(ids, spans, store.contains, plan, self._key, True):
             depth = 0 if first is None or end <= first else behind
             if self.store_depth is None or depth <= self.store_depth:
-                out.append((key, depth))
+                out.append((key, depth, (start, end)))
         return out
 
     def _add(self, c: dict) -> dict:

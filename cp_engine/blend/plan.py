@@ -18,7 +18,9 @@ the engine's prefix-cache hit in tokens, the engine's KV block size, the store's
   inside the engine's hit: its tokens after the hit are reused).
 - **recompute**: ``select_recompute`` over the claim. Claimed tokens no stored block
   covers (labels, separators, blocks not stored) are always recomputed; of the reused
-  ones, ``ceil(ratio * reused)`` by the mode. Their count does not depend on the K
+  ones, ``ceil(ratio * reused)`` by the mode. With ``lead_of`` (the lead digest each
+  entry was stored with, ``leads``), a block whose lead is the same as its entry's is
+  *carried*: kept whole, outside the ratio's base, below ratio 1. Their count does not depend on the K
   deviation, so the scheduler knows it; the positions of modes that rank by deviation
   are picked by the worker with ``ReusePlan.selection(deviation)``.
 - **counts**: claimed, reused (claimed tokens taken from the store, not recomputed),
@@ -34,7 +36,8 @@ would save fewer than ``MIN_SAVED_TOKENS`` tokens.
 layer, and may cost more than one the engine computes (``recompute_cost``, in engine
 tokens). Ending the claim at the end of stored block ``j`` then saves, in engine tokens,
 ``covered_j * (1 - cost * ratio) - uncovered_j * (cost - 1)`` (covered: claimed tokens
-stored blocks cover; uncovered: the others, which blend must recompute). The claim ends
+stored blocks cover, a carried block's counted at ratio 0; uncovered: the others, which
+blend must recompute). The claim ends
 where that is largest (the latest such block on ties), and nothing is claimed when it
 is not positive. At cost 1 it is ``covered_j * (1 - ratio)``, largest at the last
 stored block: the plain rule above.
@@ -56,6 +59,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from .leads import lead_digests
 from .selection import MODES, Selection, select_recompute
 
 __all__ = ["MIN_SAVED_TOKENS", "ReusedBlock", "ReusePlan", "plan_reuse", "blocks_to_store", "plan_from_config"]
@@ -78,12 +82,14 @@ def _identity_key(ids: Sequence[int]) -> Hashable:
 @dataclass(frozen=True)
 class ReusedBlock:
     """A stored block's KV put at ``[start, end)`` of the prompt, taken from entry
-    ``key`` at ``[offset, offset + end - start)`` (its positions normalised to 0)."""
+    ``key`` at ``[offset, offset + end - start)`` (its positions normalised to 0);
+    ``carried``: the entry was computed behind the same lead (module docstring)."""
 
     key: Any
     start: int
     end: int
     offset: int = 0
+    carried: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,26 +131,46 @@ class ReusePlan:
 
     def full_depth_tokens(self, num_layers: int, full_layers: int) -> float:
         """The connector's compute in whole-model tokens: the recomputed tokens, plus the
-        reused tokens' pass through the ``full_layers`` layers every claimed token runs
-        through when the deviation is measured."""
+        kept tokens' pass through the ``full_layers`` layers every claimed token outside
+        a carried block runs through when the deviation is measured."""
         if num_layers <= 0 or full_layers < 0:
             raise ValueError("num_layers must be positive and full_layers non-negative")
-        extra = self.reused * min(full_layers, num_layers) / num_layers if self.needs_deviation else 0.0
+        checked = self.reused - self.carried_tokens  # carried tokens are never ranked, so never checked
+        extra = checked * min(full_layers, num_layers) / num_layers if self.needs_deviation else 0.0
         return self.recomputed + extra
+
+    def checked_positions(self) -> np.ndarray:
+        """Prompt positions that pass the check layers when the deviation is measured:
+        every claimed token outside a carried block (sorted)."""
+        keep = np.ones(self.claimed, dtype=bool)
+        if self.ratio < 1.0:
+            for b in self.blocks:
+                if b.carried:
+                    keep[b.start - self.claim_start:b.end - self.claim_start] = False
+        return np.flatnonzero(keep) + self.claim_start
 
     def selection(self, deviation: Sequence[float] | None = None) -> Selection:
         """The recompute choice with positions absolute in the prompt. ``deviation``
         (one value per claimed token) is needed where the mode ranks by it."""
-        sel = select_recompute(self.claimed, self._spans, self.ratio, self.mode, self.first_tokens, deviation)
-        return Selection(sel.positions + self.claim_start, sel.uncovered, sel.first_tokens, sel.deviation)
+        sel = select_recompute(self.claimed, self._spans, self.ratio, self.mode, self.first_tokens, deviation,
+                               [b.carried for b in self.blocks])
+        return Selection(sel.positions + self.claim_start, sel.uncovered, sel.first_tokens, sel.deviation,
+                         sel.carried)
+
+    @property
+    def carried_tokens(self) -> int:
+        """Claimed tokens kept whole because their block is carried (0 at ratio 1)."""
+        return 0 if self.ratio >= 1.0 else sum(b.end - b.start for b in self.blocks if b.carried)
 
 
 def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int, block_size: int,
                contains: Callable[[Any], bool], *, ratio: float, mode: str = "both", first_tokens: int = 16,
-               key_of: Callable[[Sequence[int]], Any] = _identity_key, recompute_cost: float = 1.0) -> ReusePlan:
+               key_of: Callable[[Sequence[int]], Any] = _identity_key, recompute_cost: float = 1.0,
+               lead_of: Callable[[Any], str | None] | None = None) -> ReusePlan:
     """See module docstring. ``spans`` are the blocks' ``(start, end)`` in ``prompt_ids``
     in order, ``None`` for a block not found; ``prefix_hit`` must be a multiple of
-    ``block_size`` within the prompt."""
+    ``block_size`` within the prompt; ``lead_of(key)`` is the lead digest the entry was
+    stored with (None: unknown, never carried)."""
     n = len(prompt_ids)
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size!r}")
@@ -160,7 +186,8 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
     settings = dict(ratio=float(ratio), mode=mode, first_tokens=int(first_tokens))
     blocks: list[ReusedBlock] = []
     last_end = 0
-    for span in spans:
+    leads = lead_digests(prompt_ids, spans) if lead_of is not None else None
+    for i, span in enumerate(spans):
         if span is None:
             continue
         start, end = int(span[0]), int(span[1])
@@ -172,7 +199,8 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
             continue  # inside the engine's hit, or only the last prompt token
         key = key_of(prompt_ids[start:end])
         if contains(key):
-            blocks.append(ReusedBlock(key, lo, hi, lo - start))
+            carried = leads is not None and leads[i] is not None and lead_of(key) == leads[i]
+            blocks.append(ReusedBlock(key, lo, hi, lo - start, carried))
     if not blocks:
         return ReusePlan(prefix_hit, prefix_hit, reason="no stored block after the prefix hit", **settings)
     if recompute_cost != 1.0:
@@ -185,9 +213,12 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
     lengths = np.array([e - s for s, e in rel])
     covered = int(lengths.sum())
     # The counts follow select_recompute's budget; they do not depend on the ranking.
-    budget = min(covered, math.ceil(ratio * covered - 1e-9))
+    if ratio < 1.0:
+        lengths = lengths[[not b.carried for b in blocks]]  # carried blocks are outside the budget
+    ranked = int(lengths.sum())
+    budget = min(ranked, math.ceil(ratio * ranked - 1e-9))
     leading = int(np.minimum(lengths, first_tokens).sum()) if mode == "both" else 0
-    needs_dev = mode != "first_tokens" and leading < budget < covered
+    needs_dev = mode != "first_tokens" and leading < budget < ranked
     recomputed = (claim_end - prefix_hit - covered) + budget
     plan = ReusePlan(prefix_hit, claim_end, tuple(blocks), recomputed=recomputed, needs_deviation=needs_dev,
                      _spans=rel, **settings)
@@ -200,11 +231,12 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
 def _worth_claiming(blocks: list[ReusedBlock], prefix_hit: int, ratio: float, cost: float) -> list[ReusedBlock]:
     """The leading stored blocks whose claim saves the most engine-token time (module
     docstring); empty when no end saves any."""
-    best, best_j, covered = 0.0, -1, 0
+    best, best_j, covered, saved_covered = 0.0, -1, 0, 0.0
     for j, b in enumerate(blocks):
         covered += b.end - b.start
+        saved_covered += (b.end - b.start) * (1.0 if b.carried and ratio < 1.0 else 1.0 - cost * ratio)
         uncovered = b.end - prefix_hit - covered
-        saved = covered * (1.0 - cost * ratio) - uncovered * (cost - 1.0)
+        saved = saved_covered - uncovered * (cost - 1.0)
         if saved > 0 and saved >= best:
             best, best_j = saved, j
     return blocks[:best_j + 1]

@@ -13,6 +13,9 @@ claimed range ``[0, n)`` (positions relative to its start) and the spans
     squared difference between stored and fresh K at the first layer(s);
   - ``both``: each block's first ``first_tokens`` tokens (blocks taking turns), then by
     deviation.
+- a *carried* span (``carried[i]`` true: its KV was computed behind the same lead as now,
+  ``leads``) is kept whole below ratio 1: it takes no part in the budget or the ranking,
+  so the ratio applies to the displaced blocks alone. Ratio 1 recomputes it too.
 Ties go to the earlier position. Pure function of its inputs; NumPy only.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Selection:
     uncovered: int
     first_tokens: int
     deviation: int
+    carried: int = 0  # covered tokens kept because their span is carried
 
 
 def _covered(n: int, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -53,9 +57,11 @@ def _covered(n: int, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.n
 
 
 def select_recompute(n: int, spans: Sequence[tuple[int, int]], ratio: float, mode: str = "both",
-                     first_tokens: int = 16, deviation: Sequence[float] | None = None) -> Selection:
+                     first_tokens: int = 16, deviation: Sequence[float] | None = None,
+                     carried: Sequence[bool] | None = None) -> Selection:
     """See module docstring. ``deviation`` (length ``n``) is needed by modes ``both`` and
-    ``deviation`` unless the ratio leaves nothing to rank."""
+    ``deviation`` unless the ratio leaves nothing to rank; ``carried`` has one flag per
+    span (None: none carried)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} unknown; one of {', '.join(MODES)}")
     if not 0.0 <= ratio <= 1.0:
@@ -65,6 +71,14 @@ def select_recompute(n: int, spans: Sequence[tuple[int, int]], ratio: float, mod
     block, offset = _covered(n, [(int(s), int(e)) for s, e in spans])
     uncovered = np.flatnonzero(block < 0)
     reused = np.flatnonzero(block >= 0)
+    kept_whole = 0
+    if carried is not None and ratio < 1.0:
+        flags = np.asarray(carried, dtype=bool)
+        if flags.shape != (len(spans),):
+            raise ValueError(f"carried has shape {flags.shape}, expected ({len(spans)},)")
+        displaced = ~flags[block[reused]]
+        kept_whole = int(np.count_nonzero(~displaced))
+        reused = reused[displaced]
     budget = min(len(reused), math.ceil(ratio * len(reused) - 1e-9))
     leading = int(np.count_nonzero(offset[reused] < first_tokens)) if mode == "both" else 0
     dev = None
@@ -90,4 +104,4 @@ def select_recompute(n: int, spans: Sequence[tuple[int, int]], ratio: float, mod
     chosen = order[:budget]
     n_first = int(np.count_nonzero(group[chosen] == 0)) if mode == "both" else (budget if mode == "first_tokens" else 0)
     positions = np.sort(np.concatenate([uncovered, reused[chosen]])).astype(np.int64)
-    return Selection(positions, len(uncovered), n_first, budget - n_first)
+    return Selection(positions, len(uncovered), n_first, budget - n_first, kept_whole)

@@ -9,7 +9,9 @@ A client sets them in the request's hints (vLLM: ``vllm_xargs``; SGLang:
 - ``cp_blend_store_depth``: a non-negative int, how many stitching generations the
   block KV this request stores may sit behind (see ``plan.store_depth``). A request can
   only lower the server's ``CP_ENGINE_BLEND_STORE_DEPTH``, never raise it: the server
-  owner decides how far approximate KV may compound.
+  owner decides how far approximate KV may compound;
+- ``cp_blend_carry``: true/false (or 1/0), whether a block stored behind the same lead
+  as now is kept whole (``leads``); default ``CP_ENGINE_BLEND_CARRY``.
 
 Two readers, one rule:
 - ``check_settings(extra)`` (API server) raises ``InvalidBlendSetting`` naming the field
@@ -26,11 +28,13 @@ from typing import Any, Mapping
 
 from .selection import MODES
 
-__all__ = ["RATIO_KEY", "MODE_KEY", "STORE_DEPTH_KEY", "BlendSettings", "InvalidBlendSetting", "check_settings", "read_settings"]
+__all__ = ["RATIO_KEY", "MODE_KEY", "STORE_DEPTH_KEY", "CARRY_KEY", "BlendSettings", "InvalidBlendSetting",
+           "check_settings", "read_settings"]
 
 RATIO_KEY = "cp_blend_ratio"
 MODE_KEY = "cp_blend_mode"
 STORE_DEPTH_KEY = "cp_blend_store_depth"
+CARRY_KEY = "cp_blend_carry"
 
 
 class InvalidBlendSetting(ValueError):
@@ -46,6 +50,7 @@ class BlendSettings:
     ratio: float
     mode: str
     store_depth: int = 0
+    carry: bool = True
 
 
 def _ratio(value: Any) -> float:
@@ -66,6 +71,13 @@ def _store_depth(value: Any) -> int:
     return value
 
 
+def _carry(value: Any) -> bool:
+    # vLLM's HTTP schema for vllm_xargs has no bool: a JSON true may arrive as 1
+    if type(value) not in (bool, int) or value not in (0, 1):
+        raise InvalidBlendSetting(CARRY_KEY, f"{CARRY_KEY} must be true or false (1 or 0), got {value!r}")
+    return bool(value)
+
+
 def check_settings(extra: Mapping[str, Any] | None) -> None:
     """Raise ``InvalidBlendSetting`` if ``extra`` carries a blend setting that is refused."""
     if not isinstance(extra, Mapping):
@@ -76,12 +88,15 @@ def check_settings(extra: Mapping[str, Any] | None) -> None:
         _mode(extra[MODE_KEY])
     if STORE_DEPTH_KEY in extra:
         _store_depth(extra[STORE_DEPTH_KEY])
+    if CARRY_KEY in extra:
+        _carry(extra[CARRY_KEY])
 
 
-def read_settings(extra: Mapping[str, Any] | None, ratio: float, mode: str, store_depth: int = 0) -> BlendSettings:
-    """The request's settings where valid, else ``ratio`` / ``mode``; its store depth is
-    at most ``store_depth`` (the server's). Never raises."""
-    out_ratio, out_mode, out_depth = ratio, mode, store_depth
+def read_settings(extra: Mapping[str, Any] | None, ratio: float, mode: str, store_depth: int = 0,
+                  carry: bool = True) -> BlendSettings:
+    """The request's settings where valid, else ``ratio`` / ``mode`` / ``carry``; its
+    store depth is at most ``store_depth`` (the server's). Never raises."""
+    out_ratio, out_mode, out_depth, out_carry = ratio, mode, store_depth, carry
     if isinstance(extra, Mapping):
         try:
             if RATIO_KEY in extra:
@@ -98,4 +113,9 @@ def read_settings(extra: Mapping[str, Any] | None, ratio: float, mode: str, stor
                 out_depth = min(store_depth, _store_depth(extra[STORE_DEPTH_KEY]))
         except InvalidBlendSetting:
             pass
-    return BlendSettings(out_ratio, out_mode, out_depth)
+        try:
+            if CARRY_KEY in extra:
+                out_carry = _carry(extra[CARRY_KEY])
+        except InvalidBlendSetting:
+            pass
+    return BlendSettings(out_ratio, out_mode, out_depth, out_carry)

@@ -9,11 +9,12 @@ Scheduler → worker (``BlendMetadata``, one per step):
 - ``SaveOrder``: after this step's forward, read ``[start, end)`` of the request's KV
   and put it in the store under the block's key (built by the worker, which knows the
   layout before the scheduler does); ``depth`` is how many stitching generations the
-  KV sits behind (0: computed exactly).
+  KV sits behind (0: computed exactly); ``lead`` the block's lead digest in that prompt
+  (``cp_engine.blend.leads``; None: none).
 
 Worker → scheduler (``BlendWorkerMeta``, aggregated by vLLM across workers):
 - ``layout``: the KV layout store keys are built under (sent until the scheduler has it);
-- ``stored``: ``(BlockKey.lookup, depth)`` of entries put into the store and still in
+- ``stored``: ``(BlockKey.lookup, depth, lead)`` of entries put into the store and still in
   it at the end of the step; ``dropped``: lookups gone from it; both feed the scheduler's mirror index (one step late);
 - ``disabled``: why blend cannot run on this engine ("" while it can).
 """
@@ -44,6 +45,7 @@ class SaveOrder:
     token_ids: tuple[int, ...]  # the prompt's ids in [start, end)
     block_ids: tuple[int, ...]
     depth: int = 0
+    lead: str | None = None
 
 
 @dataclass
@@ -56,7 +58,7 @@ class BlendMetadata(KVConnectorMetadata):
 @dataclass
 class BlendWorkerMeta(KVConnectorWorkerMetadata):
     layout: Any = None  # cp_engine.blend.keys.KVLayout
-    stored: list[tuple[tuple[str, str], int]] = field(default_factory=list)
+    stored: list[tuple[tuple[str, str], int, str | None]] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
     disabled: str = ""
 

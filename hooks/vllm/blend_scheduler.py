@@ -23,7 +23,9 @@ Contract (docs/blend-design.md, sections 4 and 6):
   stitched KV and gets depth 1 + the deepest entry the request reused, and is saved only
   while that is within the request's store depth (``CP_ENGINE_BLEND_STORE_DEPTH``,
   lowered by ``cp_blend_store_depth``), so approximation compounds a bounded number of
-  times;
+  times; each save carries the block's lead digest, and a plan keeps a block whose
+  entry was stored behind the same lead whole (``cp_engine.blend.leads``;
+  ``CP_ENGINE_BLEND_CARRY``, ``cp_blend_carry``);
 - ``reset()`` (vLLM's ``reset_prefix_cache`` with the connector) forgets every stored
   key at once and orders the worker to empty its store before the next step's loads;
 - ``finished`` forgets the request. Nothing here raises into vLLM's scheduler: a
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cp_engine.blend.keys import Scope, block_key
+from cp_engine.blend.leads import lead_digests
 from cp_engine.blend.plan import ReusePlan, blocks_to_store, plan_reuse
 from cp_engine.blend.settings import BlendSettings, read_settings
 from cp_engine.request_hints import SPANS, read_scope, read_spans
@@ -70,24 +73,28 @@ def _paired(extra: Any) -> Any:
 
 class MirrorIndex:
     """The worker's stored keys as the scheduler knows them: ``BlockKey.lookup`` pair ->
-    the entry's depth (stitching generations behind it)."""
+    the entry's depth (stitching generations behind it) and lead digest."""
 
     def __init__(self) -> None:
-        self._keys: dict[tuple[str, str], int] = {}
+        self._keys: dict[tuple[str, str], tuple[int, str | None]] = {}
 
     def apply(self, stored, dropped) -> None:
-        """``stored``: ``(lookup, depth)`` pairs; ``dropped``: lookups."""
+        """``stored``: ``(lookup, depth, lead)`` triples; ``dropped``: lookups."""
         for lookup in dropped:
             self._keys.pop(tuple(lookup), None)
-        for lookup, depth in stored:
-            self._keys[tuple(lookup)] = int(depth)
+        for lookup, depth, lead in stored:
+            self._keys[tuple(lookup)] = (int(depth), lead)
 
     def contains(self, key: Any) -> bool:
         return key.lookup in self._keys
 
     def depth(self, key: Any) -> int:
         """The entry's depth; 0 for a key not held (it is about to be reused or stored)."""
-        return self._keys.get(key.lookup, 0)
+        return self._keys.get(key.lookup, (0, None))[0]
+
+    def lead(self, key: Any) -> str | None:
+        """The lead digest the entry was stored behind; None when unknown or not held."""
+        return self._keys.get(key.lookup, (0, None))[1]
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -106,6 +113,13 @@ class _Request:
     plan: ReusePlan | None = None  # claimed, not yet ordered to load
     loaded: bool = False
     marked: bool = False
+    _leads: dict[tuple[int, int], str | None] | None = None
+
+    def lead(self, span: tuple[int, int]) -> str | None:
+        """The block's lead digest in this prompt (computed once per request)."""
+        if self._leads is None:
+            self._leads = dict(zip(self.spans, lead_digests(self.prompt, self.spans)))
+        return self._leads.get(span)
 
 
 class BlendScheduler:
@@ -153,7 +167,7 @@ class BlendScheduler:
             return None
         scope = Scope(read_scope(extra), request.cache_salt or "")
         settings = read_settings(extra, self.config.blend_ratio, self.config.blend_mode,
-                                 self.config.blend_store_depth)
+                                 self.config.blend_store_depth, self.config.blend_carry)
         st = self.requests[rid] = _Request(prompt, scope, spans, exact_end=len(prompt), settings=settings,
                                            pending=list(spans))
         return st
@@ -165,7 +179,8 @@ class BlendScheduler:
         def plan(r: float) -> ReusePlan:
             return plan_reuse(st.prompt, st.spans, hit, self.block_size, self.mirror.contains, ratio=r,
                               mode=st.settings.mode, first_tokens=self.config.blend_first_tokens, key_of=key_of,
-                              recompute_cost=self.config.blend_recompute_cost)
+                              recompute_cost=self.config.blend_recompute_cost,
+                              lead_of=self.mirror.lead if st.settings.carry else None)
 
         out = plan(ratio)
         if out.empty and ratio >= 1.0:
@@ -310,7 +325,7 @@ class BlendScheduler:
                                                         self._key_of(st.scope))]
             for start, end in ready:
                 meta.saves.append(SaveOrder(rid, st.scope, start, end, st.prompt[start:end], tuple(st.block_ids),
-                                            depth=self._depth(st, (start, end))))
+                                            depth=self._depth(st, (start, end)), lead=st.lead((start, end))))
 
     def on_worker_output(self, connector_output: Any) -> None:
         with faults.guarded("vllm_blend_scheduler"):

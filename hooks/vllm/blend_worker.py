@@ -17,7 +17,8 @@ Contract (docs/blend-design.md, sections 3 and 6):
   in ``load_errors`` so vLLM recomputes them (``kv_load_failure_policy="recompute"``);
 - ``save_all(orders)`` (after the forward, the step's saves): reads every block's K/V
   with one cache read per layer, normalises K to position 0 and ``put``s each block the
-  store does not hold already; the entry's depth (``order.depth``) is reported with it.
+  store does not hold already; the entry's depth and lead (``order.depth``, ``order.lead``)
+  are reported with it.
   Entries loaded in the step are put back if a save evicted them (pinned for the step);
 - ``reset()`` empties the store (the scheduler has forgotten its keys already);
 - ``end_step()`` reports the step's store changes as they stand at its end: an entry
@@ -84,8 +85,9 @@ class BlendWorker:
         self.stats = BlendStats()
         self.meta = BlendWorkerMeta()
         self.load_errors: set[int] = set()
-        self._stored: dict[tuple[str, str], tuple[Any, int]] = {}  # lookup -> (key, depth), as reported
-        self._pinned: dict[tuple[str, str], tuple[Any, Any, int]] = {}
+        # lookup -> (key, (depth, lead)), as reported; a pinned entry keeps its (depth, lead) too
+        self._stored: dict[tuple[str, str], tuple[Any, tuple[int, str | None]]] = {}
+        self._pinned: dict[tuple[str, str], tuple[Any, Any, tuple[int, str | None]]] = {}
         self._store_changed = False
 
     # -- setup ---------------------------------------------------------------------------
@@ -186,11 +188,15 @@ class BlendWorker:
         # recompute not run, the worst state a failed load leaves the claimed slots in.
         faults.check_fault("blend_load")
         if plan.needs_deviation:
-            select = torch.arange(plan.claim_start, plan.claim_end)
+            # Carried blocks are never ranked, so they skip the check pass too.
+            checked = plan.checked_positions()
+            select = torch.as_tensor(checked, dtype=torch.long)
             check = min(int(self.config.blend_check_layers), self.recompute.num_layers)
 
             def narrow(deviation: np.ndarray) -> np.ndarray:
-                return np.asarray(plan.selection(deviation).positions) - plan.claim_start
+                full = np.zeros(plan.claimed)
+                full[checked - plan.claim_start] = deviation
+                return np.searchsorted(checked, np.asarray(plan.selection(full).positions))
         else:
             select = torch.as_tensor(np.asarray(plan.selection(None).positions), dtype=torch.long)
             check, narrow = 0, None
@@ -204,8 +210,8 @@ class BlendWorker:
         self.stats.add("recomputed_tokens", float(recomputed))
         self.stats.add("reused_tokens", plan.claimed - kept)
         for block, kv in entries:
-            depth = self._stored.get(block.key.lookup, (None, 0))[1]
-            self._pinned[block.key.lookup] = (block.key, kv, depth)
+            info = self._stored.get(block.key.lookup, (None, (0, None)))[1]
+            self._pinned[block.key.lookup] = (block.key, kv, info)
         self._store_changed = True
 
     # -- save ----------------------------------------------------------------------------
@@ -243,8 +249,8 @@ class BlendWorker:
         else:
             kv = kv.cpu().contiguous()
         if self.store.put(key, kv):
-            self._stored[key.lookup] = (key, order.depth)
-            self.meta.stored.append((key.lookup, order.depth))
+            self._stored[key.lookup] = (key, (order.depth, order.lead))
+            self.meta.stored.append((key.lookup, order.depth, order.lead))
 
     def reset(self) -> None:
         if not self.ready:
@@ -259,10 +265,10 @@ class BlendWorker:
         if not self.ready:
             return
         with faults.guarded("vllm_blend_worker"):
-            for lookup, (key, kv, depth) in self._pinned.items():
+            for lookup, (key, kv, info) in self._pinned.items():
                 if not self.store.contains(key) and self.store.put(key, kv):
-                    self._stored[lookup] = (key, depth)
-                    self.meta.stored.append((lookup, depth))
+                    self._stored[lookup] = (key, info)
+                    self.meta.stored.append((lookup, *info))
             self._pinned.clear()
             if self._store_changed:
                 gone = [lookup for lookup, (key, _) in self._stored.items() if not self.store.contains(key)]
@@ -271,7 +277,7 @@ class BlendWorker:
                 self.meta.dropped.extend(gone)
                 # the scheduler applies drops before puts: a put evicted later in the
                 # same step must not reach it as stored
-                self.meta.stored = [(lookup, depth) for lookup, depth in self.meta.stored if lookup in self._stored]
+                self.meta.stored = [entry for entry in self.meta.stored if entry[0] in self._stored]
                 self.stats.data["store"] = self.store.stats()
                 self._store_changed = False
         # The worker may be a process of its own: its hook failures reach /metrics only

@@ -67,13 +67,15 @@ def _request(vllm_bits, rid, prompt, xargs=None, salt=None, **kw):
     return vllm_bits.Request(rid, list(prompt), params, None, cache_salt=salt, block_hasher=vllm_bits.hasher, **kw)
 
 
-def _store(sched, prompt, spans, tenant="", salt="", depth=0):
-    """Tell the scheduler (as the worker would) that these blocks are stored at ``depth``."""
+def _store(sched, prompt, spans, tenant="", salt="", depth=0, leads=None):
+    """Tell the scheduler (as the worker would) that these blocks are stored at ``depth``
+    behind ``leads`` (one digest per span; default: none known)."""
     from cp_engine.blend.keys import Scope, block_key
     from cp_engine.hooks.vllm.blend_meta import BlendWorkerMeta
 
     scope = Scope(tenant, salt)
-    stored = [(block_key(sched.layout, scope, prompt[s:e]).lookup, depth) for s, e in spans]
+    leads = leads or [None] * len(spans)
+    stored = [(block_key(sched.layout, scope, prompt[s:e]).lookup, depth, lead) for (s, e), lead in zip(spans, leads)]
     sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(stored=stored),
                                            kv_connector_stats=None))
 
@@ -233,7 +235,7 @@ def test_the_mirror_keeps_each_entrys_depth_until_it_is_dropped(vllm_bits):
 
     sched = _make(vllm_bits, _depth_config(2))
     key = block_key(sched.layout, Scope("", ""), _ids(20, 3))
-    sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(stored=[(key.lookup, 2)]),
+    sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(stored=[(key.lookup, 2, None)]),
                                            kv_connector_stats=None))
     assert sched.mirror.contains(key) and sched.mirror.depth(key) == 2
     sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(dropped=[key.lookup]),
@@ -288,7 +290,7 @@ def test_worker_reports_feed_the_mirror_the_disabled_state_and_the_counters(vllm
     key = block_key(layout, Scope(), [1, 2, 3])
     before = {n: metrics.total(n) for n in ("blend_recomputed_tokens", "blend_store_bytes", "blend_disabled")}
     stats = BlendStats({"recomputed_tokens": 12.5, "store": {"blend_store_bytes": 4096}})
-    sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(layout, [(key.lookup, 0)]),
+    sched.on_worker_output(SimpleNamespace(kv_connector_worker_meta=BlendWorkerMeta(layout, [(key.lookup, 0, None)]),
                                            kv_connector_stats=stats))
     assert sched.layout == layout and sched.mirror.contains(key)
     stats = BlendStats({"store": {"blend_store_bytes": 1024}})
@@ -450,3 +452,44 @@ def test_a_cache_reset_forgets_every_stored_key_and_orders_the_worker_to_empty_i
     assert sched.matched_tokens(_request(vllm_bits, "r", second, {"cp_spans": spans2}), 32) == (0, False)
     assert sched.build_meta(vllm_bits.SchedulerOutput.make_empty()).reset is True
     assert sched.build_meta(vllm_bits.SchedulerOutput.make_empty()).reset is False  # once
+
+
+def _run_step(vllm_bits, sched, rid, prompt, spans, xargs=None, hit=32):
+    """Claim, allocate and schedule one request's prefill in one step; its step meta."""
+    req = _request(vllm_bits, rid, prompt, {"cp_spans": spans, **(xargs or {})})
+    claimed, _ = sched.matched_tokens(req, hit)
+    req.num_computed_tokens = hit + claimed
+    sched.after_alloc(req, _blocks(vllm_bits, range(1, 12)), claimed)
+    out = vllm_bits.SchedulerOutput.make_empty()
+    out.scheduled_new_reqs = [vllm_bits.NewRequestData.from_request(req, ([*range(1, 12)],))]
+    out.num_scheduled_tokens = {rid: len(prompt) - req.num_computed_tokens}
+    return sched.build_meta(out)
+
+
+def test_saves_carry_each_blocks_lead_and_a_block_behind_the_same_lead_is_kept_whole(vllm_bits):
+    from cp_engine.blend.leads import lead_digest
+    from cp_engine.config import load_config
+
+    sched = _make(vllm_bits, load_config({"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "0.2",
+                                          "CP_ENGINE_BLEND_MODE": "first_tokens"}))
+    s, a, b, c = _ids(32, 1), _ids(40, 2), _ids(40, 3), _ids(30, 4)
+    sep = [11, 12]
+    # an agent turn: system, a dynamic segment, then A, B, C in a fixed order
+    first = s + _ids(8, 5) + a + sep + b + sep + c + _ids(6, 6)
+    spans1 = [[40, 80], [82, 122], [124, 154]]
+    meta = _run_step(vllm_bits, sched, "t1", first, spans1)
+    leads = [save.lead for save in meta.saves]
+    assert [(save.start, save.end) for save in meta.saves] == [tuple(x) for x in spans1]
+    assert leads == [None, lead_digest(a + sep), lead_digest(b + sep)]
+    _store(sched, first, spans1, leads=leads)
+    # the next turn: a longer dynamic segment moves the whole suffix
+    second = s + _ids(21, 7) + a + sep + b + sep + c + _ids(6, 8)
+    spans2 = [[53, 93], [95, 135], [137, 167]]
+    (load,) = _run_step(vllm_bits, sched, "t2", second, spans2).loads
+    assert [blk.carried for blk in load.plan.blocks] == [False, True, True]
+    uncovered = (53 - 32) + 2 + 2
+    assert load.plan.recomputed == uncovered + 8  # ceil(0.2 x 40): A alone is in the ratio's base
+    # the request can switch it off: the ratio then covers B and C too
+    (load,) = _run_step(vllm_bits, sched, "t3", second, spans2, {"cp_blend_carry": False}).loads
+    assert not any(blk.carried for blk in load.plan.blocks)
+    assert load.plan.recomputed == uncovered + 22  # ceil(0.2 x 110)

@@ -33,8 +33,8 @@ def _put(worker, ids, depth=0):
 
     key = block_key(worker.layout, Scope(), ids)
     assert worker.store.put(key, np.zeros(kv_shape(key), dtype=np.float32))
-    worker._stored[key.lookup] = (key, depth)
-    worker.meta.stored.append((key.lookup, depth))
+    worker._stored[key.lookup] = (key, (depth, None))
+    worker.meta.stored.append((key.lookup, depth, None))
     return key
 
 
@@ -47,7 +47,7 @@ def test_an_entry_put_and_evicted_in_one_step_is_reported_dropped_not_stored():
     worker.end_step()
     meta = worker.take_meta()
     assert a.lookup in meta.dropped
-    assert meta.stored == [(b.lookup, 1), (c.lookup, 0)]
+    assert meta.stored == [(b.lookup, 1, None), (c.lookup, 0, None)]
     # the scheduler's mirror, fed this report, holds exactly what the store holds
     from cp_engine.hooks.vllm.blend_scheduler import MirrorIndex
 
@@ -98,7 +98,7 @@ def test_save_all_reads_once_per_layer_and_stores_what_each_block_holds():
     worker.store = BlockKVStore(1 << 22)
     blocks = tuple(range(15, -1, -1))  # a block table out of order
     orders = [SaveOrder("a", Scope(), 5, 40, tuple(range(35)), blocks, depth=0),
-              SaveOrder("a", Scope(), 40, 75, tuple(range(100, 135)), blocks, depth=2),
+              SaveOrder("a", Scope(), 40, 75, tuple(range(100, 135)), blocks, depth=2, lead="lead-of-a2"),
               SaveOrder("b", Scope(), 80, 115, tuple(range(35)), blocks, depth=0),  # the first block again
               SaveOrder("c", Scope(), 120, 150, tuple(range(200, 230)), blocks, depth=1)]
     held = block_key(worker.layout, Scope(), orders[3].token_ids)
@@ -119,4 +119,4 @@ def test_save_all_reads_once_per_layer_and_stores_what_each_block_holds():
         want = torch.stack([shift_k(k, -order.start, worker.recompute.rope), v], dim=1)
         assert torch.equal(worker.store.get(key), want)
     assert not worker.store.get(held).any()  # held before: not overwritten
-    assert [depth for _, depth in worker.meta.stored] == [0, 2]
+    assert [(depth, lead) for _, depth, lead in worker.meta.stored] == [(0, None), (2, "lead-of-a2")]

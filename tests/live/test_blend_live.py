@@ -30,6 +30,7 @@ hint checks read what EngineCore really got, no mock:
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -194,6 +195,46 @@ def test_a_request_sets_its_own_ratio_on_a_ratio_one_server(blend_server, plugin
     # the same request at the server's own ratio (1) is exact again
     one = _complete(blend_server, case.prompt, case.spans)
     assert _tokens(one) == _tokens(_complete(plugin_server, case.prompt))
+
+
+def test_a_suffix_moved_behind_a_longer_segment_keeps_its_carried_blocks_whole(blend_server):
+    """An agent turn: S, a segment of new length, then blocks A, B, C in the order they
+    were stored. B and C follow the same block and separator as when stored, so they are
+    carried: kept whole, outside the ratio, and skipped by the check pass (the worker's
+    narrowing maps the displaced tokens' deviation back to the plan's positions)."""
+    rng = random.Random(606)
+    probe = _ids(8, random.Random(95))
+    prefix, sep = _prefix(11), [271, 271]
+    a, b, c = _ids(BLOCK, rng), _ids(BLOCK, rng), _ids(BLOCK, rng)
+
+    def turn(dynamic: int) -> tuple[list[int], list[tuple[int, int]]]:
+        start = HIT + dynamic
+        spans = [(start + i * (BLOCK + 2), start + i * (BLOCK + 2) + BLOCK) for i in range(3)]
+        return prefix + _ids(dynamic, rng) + a + sep + b + sep + c + _ids(12, rng), spans
+
+    _complete(blend_server, *turn(9))
+    names = ("cp_engine_blend_claimed_tokens_total", "cp_engine_blend_recomputed_tokens_total",
+             "cp_engine_blend_load_failures_total")
+    layers, check = 4, 1  # the tiny model; CP_ENGINE_BLEND_CHECK_LAYERS's default
+    # ratio 0.2 in mode both: 20 tokens of A pass its 16 first ones, so the deviation is ranked
+    for carry, ranked in ((True, BLOCK), (False, 3 * BLOCK)):
+        _metric_after_flush(blend_server, names[0], probe)
+        before = [blend_server.metric(n) for n in names]
+        prompt, spans = turn(23)
+        got = _complete(blend_server, prompt, spans, vllm_xargs_extra={RATIO_KEY: 0.2, MODE_KEY: "both",
+                                                                       "cp_blend_carry": carry})
+        claim_end = spans[-1][1]
+        assert _cached(got) >= claim_end - 1  # claimed past the exact prefix
+        _metric_after_flush(blend_server, names[0], probe)
+        claimed, recomputed, failures = (blend_server.metric(n) - v for n, v in zip(names, before))
+        uncovered = 23 + 2 * len(sep)
+        chosen = uncovered + math.ceil(0.2 * ranked)
+        checked = uncovered + ranked  # every claimed token outside a carried block
+        assert claimed == claim_end - HIT and failures == 0
+        # whole-model tokens: the check layers and the narrowing layer at the checked rows,
+        # the layers after them at the chosen ones
+        want = (checked * (check + 1) + chosen * (layers - check - 1)) / layers
+        assert recomputed == pytest.approx(want), (carry, recomputed, want)
 
 
 @pytest.mark.parametrize("xargs, field", [
