@@ -504,23 +504,53 @@ class MetricsForwarder:
 
     ``maybe_flush()`` is cheap to call often: at most one message per ``interval_s``;
     nothing is sent when the receiver lives in this process (same counters already).
-    A dropped message loses only that interval's increments.
+    A call inside the interval arms one trailing flush for the interval's end (a daemon
+    timer), so increments made just before traffic stops reach ``/metrics`` within
+    ``interval_s`` instead of waiting for the next request. A dropped message loses only
+    that interval's increments.
     """
 
-    def __init__(self, sender: "Sender", interval_s: float = 1.0, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, sender: "Sender", interval_s: float = 1.0, clock: Callable[[], float] | None = None,
+                 timer: Callable[[float, Callable[[], None]], Any] | None = None) -> None:
         import time
 
         self.sender = sender
         self.interval_s = interval_s
         self._clock = clock or time.monotonic
+        self._timer_factory = timer or threading.Timer
         self._next = 0.0
         self._last: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+        self._armed_pid = 0  # the process whose trailing timer is pending (0: none)
 
     def maybe_flush(self) -> bool:
         now = self._clock()
-        if now < self._next:
-            return False
-        self._next = now + self.interval_s
+        with self._lock:
+            if now < self._next:
+                self._arm(self._next - now)
+                return False
+            self._next = now + self.interval_s
+            return self._flush()
+
+    def _arm(self, delay: float) -> None:
+        # A timer does not survive fork: a child re-arms its own.
+        if self._armed_pid == os.getpid() or self.sender.instance_id in _local_receivers:
+            return
+        timer = self._timer_factory(delay, self._trailing)
+        timer.daemon = True
+        timer.start()
+        self._armed_pid = os.getpid()
+
+    def _trailing(self) -> None:
+        try:
+            with self._lock:
+                self._armed_pid = 0
+                self._next = self._clock() + self.interval_s
+                self._flush()
+        except Exception:
+            pass  # a timer thread has nobody to raise to
+
+    def _flush(self) -> bool:
         if self.sender.instance_id in _local_receivers:
             return False
         items = []

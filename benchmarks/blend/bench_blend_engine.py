@@ -172,7 +172,9 @@ def run_arm(srv: Server, w: Workload, arm: str, ratio: float | None, args, xargs
         send(srv, w, reqs, args.concurrency, args.max_tokens)
         wall = time.perf_counter() - t0
         n = len(reqs)
-    time.sleep(1.5)  # the last step's stats reach /metrics just after the last response
+    # EngineCore forwards counters at most once a second (the last ones by a trailing
+    # flush) and the API server applies them within its receiver's idle poll (0.5 s)
+    time.sleep(2.5)
     d = delta(before, srv.counters())
     return {"requests": n, "prompt_tokens": int(d["prompt"]), "computed_tokens": int(round(computed_tokens(d))),
             "vllm_local_compute": int(d["local_compute"]), "vllm_cache_hit": int(d["local_cache_hit"]),

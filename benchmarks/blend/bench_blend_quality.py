@@ -38,7 +38,16 @@ peer's batch plan) send their own prompts. Arms:
   documents behind the last primer, so they are stored behind stitched KV at depth N.
   Paired against ``blend@r`` it prices the compounding; every blend arm sends its store
   depth (0 unless named) and the server allows the largest;
-- ``peer``: ContextPilot's ``optimize_batch`` messages, when its venv exists.
+- ``peer``: ContextPilot's ``optimize_batch`` messages, when its venv exists;
+- ``...:nocarry`` (opt-in, after any ``:dN``): the blend arm with ``cp_blend_carry`` off, so
+  the ratio covers every reused block, carried or not (``cp_engine.blend.leads``).
+
+``--layout suffix`` is CacheSlide's agent pattern instead of the shuffle: each prompt is
+a *state* segment, then the documents as memory **in retrieval order in both passes**,
+then the question. The warm pass's state is one paragraph of another question, the
+measured pass's two or three others (a new length), so every document moves by the
+same shift and all but the first follow the same neighbour as when stored: carried.
+The prefix plan and the peer do not apply there (they reorder the documents).
 
 Every arm runs on ONE server (``CP_ENGINE_BLEND=1``): each blend arm sends its ratio
 and mode with every request (``vllm_xargs.cp_blend_ratio`` / ``cp_blend_mode``), and
@@ -63,6 +72,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 from benchmarks.blend.prompts import Tokenizer
 from benchmarks.blend.server_io import Server, TokenRequest, computed_tokens, delta, served_model
@@ -87,19 +97,55 @@ def measured_order(n_docs: int, seed: int, i: int) -> list[int]:
             return order
 
 
+LAYOUTS = ("shuffle", "suffix")
+
+
+def suffix_messages(system: str, state: Sequence[str], docs: Sequence[str], question: str) -> list[dict]:
+    """The agent layout: a state segment, the documents as memory in the order given,
+    then the question."""
+    text = ("Current state:\n" + "\n\n".join(state) + "\n\nMemory:\n" + "\n\n".join(docs)
+            + "\n\n" + question)
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
+
+
+def state_docs(docs: Sequence[Sequence[str]], i: int, skip: int, count: int) -> list[str]:
+    """``count`` paragraphs for question ``i``'s state: documents of the questions after
+    it (starting ``skip`` questions on), none of which question ``i`` retrieved."""
+    own, out = set(docs[i]), []
+    for step in range(1 + skip, len(docs) + skip + 1):
+        for d in docs[(i + step) % len(docs)]:
+            if d not in own and d not in out:
+                out.append(d)
+                if len(out) == count:
+                    return out
+    raise ValueError(f"fewer than {count} other documents for question {i}'s state")
+
+
 class Questions:
     """The questions, their documents and every arm's prompts (token ids, spans)."""
 
-    def __init__(self, wl, tok: Tokenizer, seed: int = 0):
+    def __init__(self, wl, tok: Tokenizer, seed: int = 0, layout: str = "shuffle"):
         from benchmarks.common.live import plain_messages
         from benchmarks.quality.bench import SYSTEM, question_text
 
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} unknown; one of {', '.join(LAYOUTS)}")
+        self.layout = layout
         self.system = SYSTEM
         self.answers = list(wl.meta["answers"])
         self.qs = [question_text(q) for q in wl.queries]
         self.docs = [[wl.texts[b] for b in ctx] for ctx in wl.contexts]
-        self.orders = [measured_order(len(d), seed, i) for i, d in enumerate(self.docs)]
         self.tok = tok
+        if layout == "suffix":
+            self.orders = [list(range(len(d))) for d in self.docs]
+            self.shuffled = [list(d) for d in self.docs]
+            # the warm state is one paragraph; the measured one two or three others: a new length
+            self.warm = [tok.blocks(suffix_messages(SYSTEM, state_docs(self.docs, i, 0, 1), d, q), d)
+                         for i, (d, q) in enumerate(zip(self.docs, self.qs))]
+            self.measured = [tok.blocks(suffix_messages(SYSTEM, state_docs(self.docs, i, 1, 2 + i % 2), d, q), d)
+                             for i, (d, q) in enumerate(zip(self.docs, self.qs))]
+            return
+        self.orders = [measured_order(len(d), seed, i) for i, d in enumerate(self.docs)]
         self.warm = [tok.blocks(plain_messages(SYSTEM, d, q), d) for d, q in zip(self.docs, self.qs)]
         self.shuffled = [[d[j] for j in o] for d, o in zip(self.docs, self.orders)]
         self.measured = [tok.blocks(plain_messages(SYSTEM, d, q), d) for d, q in zip(self.shuffled, self.qs)]
@@ -236,9 +282,11 @@ def default_arms(ratios, modes, default_ratio: float, mode_ratio: float) -> list
 
 
 def store_depth(arm: str) -> int:
-    """N of an arm named ``...:dN``; 0 for any other arm."""
-    _, sep, depth = arm.rpartition(":d")
-    return int(depth) if sep and depth.isdigit() else 0
+    """N of an arm named ``...:dN`` (``:nocarry`` may follow); 0 for any other arm."""
+    for part in arm.split(":")[1:]:
+        if part[:1] == "d" and part[1:].isdigit():
+            return int(part[1:])
+    return 0
 
 
 def arm_xargs(arm: str) -> dict | None:
@@ -246,9 +294,12 @@ def arm_xargs(arm: str) -> dict | None:
     kind, at, rest = arm.partition("@")
     if not at:
         return None
-    ratio = rest.partition(":")[0]
-    return {"cp_blend_ratio": float(ratio), "cp_blend_mode": "both" if kind == "blend" else kind,
-            "cp_blend_store_depth": store_depth(arm)}
+    ratio, *options = rest.split(":")
+    out = {"cp_blend_ratio": float(ratio), "cp_blend_mode": "both" if kind == "blend" else kind,
+           "cp_blend_store_depth": store_depth(arm)}
+    if "nocarry" in options:
+        out["cp_blend_carry"] = False
+    return out
 
 
 def primer_docs(qs: "Questions", ids: list[int], count: int) -> list[str]:
@@ -288,15 +339,20 @@ def run_pass(srv: Server, prompts, xargs: dict | None, salt: str, args, max_toke
     t0 = time.perf_counter()
     out = srv.send_batch(reqs, max_tokens, args.concurrency)
     wall = time.perf_counter() - t0
-    time.sleep(1.5)  # the last step's stats reach /metrics just after the last response
+    # EngineCore forwards counters at most once a second (the last ones by a trailing
+    # flush) and the API server applies them within its receiver's idle poll (0.5 s)
+    time.sleep(2.5)
     d = delta(before, srv.counters())
     d["wall_s"] = wall
     return out, d
 
 
-def run_note(arms: dict, mode_ratio: float, have_peer: bool) -> str:
+def run_note(arms: dict, mode_ratio: float, have_peer: bool, layout: str = "shuffle") -> str:
     """The result's note, saying only what the arms that actually ran did."""
-    note = "Warm pass (retrieval order) then measured pass (seeded shuffle, first document moved)"
+    note = ("Warm pass (retrieval order) then measured pass (seeded shuffle, first document moved)"
+            if layout == "shuffle" else
+            "Agent layout: state, documents in retrieval order, question; warm pass behind one state paragraph, "
+            "measured pass behind 2-3 others (every document shifted, all but the first carried)")
     if any(a.startswith(("first_tokens", "deviation")) for a in arms):
         note += f"; mode arms at ratio {mode_ratio:g}"
     if "peer" in arms:
@@ -319,6 +375,8 @@ def chunk_prompts(qs: Questions, arm: str, ids: list[int]) -> tuple[list | None,
     ``primed_warm`` (the primer chain is sent by ``run_arm``)."""
     if arm == "plain":
         return None, [qs.measured[i] for i in ids]
+    if arm in ("prefix", "peer") and qs.layout != "shuffle":
+        return None, None  # they reorder the documents: not the suffix layout's question
     if arm == "prefix":
         warm, measured = qs.prefix_prompts(ids)
         return warm, measured
@@ -379,6 +437,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="model folder (default: Qwen2.5-0.5B from the offline wheel)")
     ap.add_argument("--n", type=int, help="the question set (default 300; --quick 8); BM25 pools its paragraphs")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--layout", choices=LAYOUTS, default="shuffle",
+                    help="shuffle: documents reordered between passes; suffix: the agent layout (module docstring)")
     ap.add_argument("--chunk", type=int, default=10, help="questions per arm-chunk")
     ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
     ap.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x], default=list(MODES))
@@ -399,9 +459,11 @@ def main(argv=None) -> int:
     n = args.n or (8 if args.quick else 300)
     model = served_model(args.model, args.quick)
     tok = Tokenizer(model)
-    qs = Questions(workloads.hotpotqa(n, k=args.k), tok)
+    qs = Questions(workloads.hotpotqa(n, k=args.k), tok, layout=args.layout)
     name = args.out or ("blend_quality_quick" if args.quick else "blend_quality")
     settings = {"model": Path(model).name, "n": n, "k": args.k, "max_tokens": args.max_tokens, "chunk": args.chunk}
+    if args.layout != "shuffle":
+        settings["layout"] = args.layout  # results of the default layout keep their old settings
     order = (args.arms.split(",") if args.arms
              else default_arms(args.ratios, args.modes, default_ratio, args.mode_ratio))
     data = {**settings, "default_ratio": default_ratio, "mode_ratio": args.mode_ratio, "arm_order": order,
@@ -418,7 +480,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     def save(echo=False):
-        data["note"] = run_note(data["arms"], args.mode_ratio, have_peer)
+        data["note"] = run_note(data["arms"], args.mode_ratio, have_peer, args.layout)
         data["summary"] = summarize(data["arms"])
         data["wall_s"] = round(time.perf_counter() - t_start, 1)
         write_result(name, data, table=table, plot=plot, prov=prov, echo=echo)

@@ -232,10 +232,38 @@ def test_quality_arms_in_priority_order_and_their_per_request_settings():
     assert qual.arm_xargs("blend@0.05:d2") == {"cp_blend_ratio": 0.05, "cp_blend_mode": "both",
                                                "cp_blend_store_depth": 2}
     assert [qual.store_depth(a) for a in ("plain", "blend@0", "blend@0:d1", "blend@0.15:d3")] == [0, 0, 1, 3]
+    assert qual.arm_xargs("blend@0.05:d8:nocarry") == {"cp_blend_ratio": 0.05, "cp_blend_mode": "both",
+                                                       "cp_blend_store_depth": 8, "cp_blend_carry": False}
+    assert qual.store_depth("blend@0.05:nocarry") == 0
     from cp_engine.blend.settings import check_settings
 
-    for arm in arms:
+    for arm in arms + ["blend@0.05:nocarry", "blend@0:d2:nocarry"]:
         check_settings(qual.arm_xargs(arm))  # every arm's settings pass the server's check
+
+
+def test_the_suffix_layout_moves_every_document_and_carries_all_but_the_first(tok):
+    from types import SimpleNamespace
+
+    from cp_engine.blend.leads import lead_digests
+    from cp_engine.blend.plan import plan_reuse
+
+    texts = {i: f"Paragraph {i} is about the town number {i} and its river." for i in range(12)}
+    wl = SimpleNamespace(meta={"answers": ["a", "b", "c"]}, queries=["Where?", "Who?", "When?"],
+                         texts=texts, contexts=[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]])
+    qs = qual.Questions(wl, tok, layout="suffix")
+    assert qs.shuffled == qs.docs  # the order holds in both passes
+    assert qual.chunk_prompts(qs, "prefix", [0]) == (None, None) and qual.chunk_prompts(qs, "peer", [0]) == (None, None)
+    for i in range(3):
+        warm, measured = qs.warm[i], qs.measured[i]
+        assert [warm.ids[s:e] for s, e in warm.spans] == [measured.ids[s:e] for s, e in measured.spans]
+        assert warm.spans[0][0] != measured.spans[0][0]  # shifted by the state's new length
+        stored = {tuple(warm.ids[s:e]): lead for (s, e), lead in zip(warm.spans, lead_digests(warm.ids, warm.spans))}
+        plan = plan_reuse(measured.ids, measured.spans, 0, 16, stored.__contains__, ratio=0.05,
+                          key_of=tuple, lead_of=stored.get)
+        assert [b.carried for b in plan.blocks] == [False, True, True, True]
+    assert qual.state_docs(qs.docs, 0, 1, 3) == [texts[8], texts[9], texts[10]]
+    with pytest.raises(ValueError):
+        qual.Questions(wl, tok, layout="sideways")
 
 
 def test_every_arms_cache_salt_passes_vllms_own_check_and_is_fresh():

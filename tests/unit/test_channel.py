@@ -262,13 +262,23 @@ def test_apply_to_pipeline_uses_the_pipeline_contract():
     assert pipe.index.match_length(path, namespace="ns") == 0
 
 
+class _HeldTimer:
+    """A trailing-flush timer that never fires: the test drives every flush itself."""
+
+    def __init__(self, delay, fn):
+        self.daemon = False
+
+    def start(self):
+        pass
+
+
 def test_metrics_forwarder_sends_deltas_at_most_once_per_interval(runtime_dir, ident):
     got = Collector()
     recv = channel.Receiver(ident, got).start()
     channel._local_receivers.pop(ident)  # as if the receiver lived in the API server process
     sender = channel.Sender(ident)
     now = [0.0]
-    fwd = channel.MetricsForwarder(sender, interval_s=1.0, clock=lambda: now[0])
+    fwd = channel.MetricsForwarder(sender, interval_s=1.0, clock=lambda: now[0], timer=_HeldTimer)
     try:
         metrics.inc("fwd_test_counter", 3, hook="x")
         assert fwd.maybe_flush()
@@ -285,6 +295,45 @@ def test_metrics_forwarder_sends_deltas_at_most_once_per_interval(runtime_dir, i
         metrics.inc("fwd_test_counter", 1, hook="x")
         now[0] = 20.0
         assert not fwd.maybe_flush()
+    finally:
+        sender.close()
+        recv.stop()
+
+
+def test_increments_inside_the_interval_reach_metrics_without_another_call(runtime_dir, ident):
+    """Traffic that stops inside the interval: one trailing flush at its end sends what
+    the last calls counted, with no further call (a scrape after a burst is not stale)."""
+    got = Collector()
+    recv = channel.Receiver(ident, got).start()
+    channel._local_receivers.pop(ident)  # as if the receiver lived in the API server process
+    sender = channel.Sender(ident)
+    now, timers = [0.0], []
+
+    class Timer:  # runs when the test says so
+        def __init__(self, delay, fn):
+            self.delay, self.fn, self.daemon = delay, fn, False
+            timers.append(self)
+
+        def start(self):
+            assert self.daemon  # never keeps the engine process alive
+
+    fwd = channel.MetricsForwarder(sender, interval_s=1.0, clock=lambda: now[0], timer=Timer)
+    try:
+        metrics.inc("fwd_trailing_counter", 1)
+        assert fwd.maybe_flush() and not timers
+        now[0] = 0.25
+        metrics.inc("fwd_trailing_counter", 4)
+        assert not fwd.maybe_flush()
+        now[0] = 0.5
+        assert not fwd.maybe_flush()  # one timer per interval, however many calls
+        assert [t.delay for t in timers] == [0.75]
+        now[0] = 1.0
+        timers[0].fn()
+        msgs = got.wait_for(2)
+        sent = [v for m in msgs for (n, _, v) in m["items"] if n == "fwd_trailing_counter"]
+        assert sent == [1, 4]
+        now[0] = 1.5
+        assert not fwd.maybe_flush() and len(timers) == 2  # the trailing flush opened a new interval
     finally:
         sender.close()
         recv.stop()
