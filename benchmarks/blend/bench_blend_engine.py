@@ -141,9 +141,11 @@ def api_requests(srv: Server, w: Workload, salt: str, xargs: dict, max_tokens: i
 
 
 def arm_label(a: dict) -> str:
-    """``arm``, ``arm@ratio`` or ``arm@ratio dN`` (N: the arm's store depth, when not 0)."""
+    """``arm``, ``arm@ratio`` or ``arm@ratio dN`` (N: the arm's store depth, when not 0),
+    then `` carry``/`` no-carry`` when the arm sent ``cp_blend_carry``."""
     label = a["arm"] + ("" if a["ratio"] is None else f"@{a['ratio']:g}")
-    return label + (f" d{a['store_depth']}" if a.get("store_depth") else "")
+    label += f" d{a['store_depth']}" if a.get("store_depth") else ""
+    return label + ("" if a.get("carry") is None else " carry" if a["carry"] else " no-carry")
 
 
 def run_arm(srv: Server, w: Workload, arm: str, ratio: float | None, args, xargs: dict) -> dict | None:
@@ -206,14 +208,17 @@ def server_plan(args) -> list[dict]:
     return plans
 
 
-def interleaved(plan: dict, depths: list[int], repeats: int) -> list[tuple[int, str, float | None, int]]:
-    """(round, arm, ratio, store depth) in run order: every arm of ``plan`` once per
-    round, ``repeats`` rounds, odd rounds in reverse (ABBA), so a drift in the machine's
-    speed over the run weighs on every arm alike. ``plain`` is each round's clock."""
+def interleaved(plan: dict, depths: list[int], repeats: int,
+                carries: list[bool | None] = (None,)) -> list[tuple]:
+    """(round, arm, ratio, store depth, carry) in run order: every arm of ``plan`` once
+    per round (a blend arm once per ratio, depth and carry setting; None: not sent),
+    ``repeats`` rounds, odd rounds in reverse (ABBA), so a drift in the machine's speed
+    over the run weighs on every arm alike. ``plain`` is each round's clock."""
     one = []
     for arm in plan["arms"]:
         blend = arm.startswith("blend")
-        one += [(arm, r, d) for r in plan["ratios"] for d in depths] if blend else [(arm, None, 0)]
+        one += ([(arm, r, d, c) for r in plan["ratios"] for d in depths for c in carries] if blend
+                else [(arm, None, 0, None)])
     out = []
     for rep in range(max(1, repeats)):
         out += [(rep, *run) for run in (one if rep % 2 == 0 else one[::-1])]
@@ -252,6 +257,7 @@ def table(data: dict) -> str:
         for a in w["arms"]:
             r = "—" if a["ratio"] is None else f"{a['ratio']:g}"
             r += f", depth {a['store_depth']}" if a.get("store_depth") else ""
+            r += "" if a.get("carry") is None else ", carry" if a["carry"] else ", no carry"
             srv = a["server"] + (f", round {a['round'] + 1}" if data.get("repeats", 1) > 1 else "")
             lines.append(
                 f"| {w['name']} | {a['arm']} | {r} | {srv} | {a['prompt_tokens']:,} | {a['computed_tokens']:,} | "
@@ -322,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio-xarg", help="per-request ratio hint key, if the connector reads one (one blend server)")
     ap.add_argument("--store-depths", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                     help="blend arms once per store depth (CP_ENGINE_BLEND_STORE_DEPTH; default 0, whatever the flag's default)")
+    ap.add_argument("--carry", type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],
+                    default=[None], help="on, off or on,off: each blend arm sends cp_blend_carry (default: not sent)")
     ap.add_argument("--rag-n", type=int)
     ap.add_argument("--chat-sessions", type=int)
     ap.add_argument("--agent-sessions", type=int)
@@ -379,11 +387,13 @@ def main(argv=None) -> int:
             fmt = srv.probe_span_format(wls[0].plain_ids[0][:16])
             data["servers"].append({"label": label, "env": env, "span_format": fmt})
             for w, slot in zip(wls, data["workloads"]):
-                for rep, arm, r, depth in interleaved(plan, args.store_depths, args.repeats):
+                for rep, arm, r, depth, carry in interleaved(plan, args.store_depths, args.repeats, args.carry):
                     blend = arm.startswith("blend")
                     xargs = {args.ratio_xarg: r} if args.ratio_xarg and r is not None else {}
                     if blend and max(args.store_depths) > 0:
                         xargs["cp_blend_store_depth"] = depth
+                    if blend and carry is not None:
+                        xargs["cp_blend_carry"] = carry
                     t0 = time.perf_counter()
                     try:
                         res = run_arm(srv, w, arm, r, args, xargs)
@@ -394,7 +404,7 @@ def main(argv=None) -> int:
                         continue
                     if res is None:
                         continue
-                    res.update(arm=arm, server=label, store_depth=depth, round=rep)
+                    res.update(arm=arm, server=label, store_depth=depth, round=rep, carry=carry)
                     slot["arms"].append(res)
                     summarize(data)
                     data["targets"] = targets(data)

@@ -266,7 +266,8 @@ def plot(data: dict, path: Path) -> None:
     ax.set_ylabel("answer F1 (%), 95% bootstrap CI")
     ns = sorted({r["n"] for r in rows})
     n_text = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]} per arm"
-    ax.set_title(f"Blend quality, HotpotQA {n_text}, {data['model']}", fontsize=9)
+    layout = ", agent layout" if data.get("layout") == "suffix" else ""
+    ax.set_title(f"Blend quality, HotpotQA {n_text}{layout}, {data['model']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -171,11 +171,17 @@ def test_engine_summary_ratios_against_plain_and_the_same_servers_clock():
 def test_interleaved_rounds_run_every_arm_once_per_round_odd_rounds_reversed():
     plan = {"arms": ["plain", "blend-order"], "ratios": [0.0, 0.15]}
     runs = eng.interleaved(plan, [0, 8], 3)
-    one = [("plain", None, 0), ("blend-order", 0.0, 0), ("blend-order", 0.0, 8),
-           ("blend-order", 0.15, 0), ("blend-order", 0.15, 8)]
+    one = [("plain", None, 0, None), ("blend-order", 0.0, 0, None), ("blend-order", 0.0, 8, None),
+           ("blend-order", 0.15, 0, None), ("blend-order", 0.15, 8, None)]
     assert [r[1:] for r in runs] == one + one[::-1] + one
     assert [r[0] for r in runs] == [0] * 5 + [1] * 5 + [2] * 5
     assert eng.interleaved(plan, [0], 0) == eng.interleaved(plan, [0], 1)
+    # a carry setting per blend run; plain is run once
+    runs = eng.interleaved({"arms": ["plain", "blend-order"], "ratios": [0.05]}, [8], 1, [True, False])
+    assert [r[1:] for r in runs] == [("plain", None, 0, None), ("blend-order", 0.05, 8, True),
+                                     ("blend-order", 0.05, 8, False)]
+    assert eng.arm_label({"arm": "blend-order", "ratio": 0.05, "store_depth": 8, "carry": False}) == \
+        "blend-order@0.05 d8 no-carry"
 
 
 def test_wall_ratios_use_the_plain_arm_of_the_same_round_and_report_the_median():
