@@ -39,8 +39,9 @@ peer's batch plan) send their own prompts. Arms:
   Paired against ``blend@r`` it prices the compounding; every blend arm sends its store
   depth (0 unless named) and the server allows the largest;
 - ``peer``: ContextPilot's ``optimize_batch`` messages, when its venv exists;
-- ``...:nocarry`` (opt-in, after any ``:dN``): the blend arm with ``cp_blend_carry`` off, so
-  the ratio covers every reused block, carried or not (``cp_engine.blend.leads``).
+- ``...:nocarry`` / ``...:carry`` (opt-in, after any ``:dN``): the blend arm with
+  ``cp_blend_carry`` off (the ratio covers every reused block, carried or not:
+  ``cp_engine.blend.leads``) or on, whatever the server's default.
 
 ``--layout suffix`` is CacheSlide's agent pattern instead of the shuffle: each prompt is
 a *state* segment, then the documents as memory **in retrieval order in both passes**,
@@ -298,8 +299,8 @@ def arm_xargs(arm: str) -> dict | None:
     ratio, *options = rest.split(":")
     out = {"cp_blend_ratio": float(ratio), "cp_blend_mode": "both" if kind == "blend" else kind,
            "cp_blend_store_depth": store_depth(arm)}
-    if "nocarry" in options:
-        out["cp_blend_carry"] = False
+    if "nocarry" in options or "carry" in options:
+        out["cp_blend_carry"] = "carry" in options
     return out
 
 

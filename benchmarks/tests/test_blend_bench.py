@@ -241,6 +241,7 @@ def test_quality_arms_in_priority_order_and_their_per_request_settings():
     assert qual.arm_xargs("blend@0.05:d8:nocarry") == {"cp_blend_ratio": 0.05, "cp_blend_mode": "both",
                                                        "cp_blend_store_depth": 8, "cp_blend_carry": False}
     assert qual.store_depth("blend@0.05:nocarry") == 0
+    assert qual.arm_xargs("blend@0.05:d8:carry")["cp_blend_carry"] is True
     from cp_engine.blend.settings import check_settings
 
     for arm in arms + ["blend@0.05:nocarry", "blend@0:d2:nocarry"]:
