@@ -275,7 +275,8 @@ def _greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings |
             weight += split[1]
             continue
         if small and unit:
-            given = _split_small_unit(group, rem, prefix, stack, len(w))
+            given = (_split_three_unit(group, rem, prefix, stack) if len(group) == 3
+                     else _split_small_unit(group, rem, prefix, stack, len(w)))
             nodes += given
             weight += given  # (a sum of 1.0s: the same float)
             continue
@@ -357,6 +358,27 @@ def _split_small_unit(group: list[int], rem: list[set[int]], prefix: list[list[i
         _give(b, sub, rem, prefix, stack)
         given += 1
     return given
+
+
+def _split_three_unit(group: list[int], rem: list[set[int]], prefix: list[list[int]],
+                      stack: list[list[int]]) -> int:
+    """``_split_small_unit`` of a group of three, by set operations; returns the blocks
+    handed out (0 or 1). Its first pop is the lowest block all three hold, else the
+    lowest two of them hold; either leaves fewer than two free members, so nothing more
+    is handed out until the new group is split."""
+    a, b, c = group
+    ra, rb, rc = rem[a], rem[b], rem[c]
+    ab = ra & rb
+    every = ab & rc
+    if every:
+        _give(min(every), [a, b, c], rem, prefix, stack)
+        return 1
+    ac, bc = ra & rc, rb & rc
+    if not (ab or ac or bc):
+        return 0
+    x = min(itertools.chain(ab, ac, bc))
+    _give(x, [a, b] if x in ab else [a, c] if x in ac else [b, c], rem, prefix, stack)
+    return 1
 
 
 def _give(b: int, members: list[int], rem: list[set[int]], prefix: list[list[int]], stack: list[list[int]]) -> None:
@@ -470,7 +492,8 @@ class _Merges:
 
 def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], hot_cap: int,
                          candidates: int = 8, overlaps: list | None = None, postings: Postings | None = None,
-                         rank: list[int] | None = None, sorted_from: list[int] | None = None) -> list[list[int]]:
+                         rank: list[int] | None = None, sorted_from: list[int] | None = None,
+                         membership: list | None = None) -> list[list[int]]:
     """Bottom-up clustering (see ``_Merges``) with partners from an inverted index.
 
     Blocks held by more than ``hot_cap`` clusters are skipped when looking for
@@ -479,13 +502,17 @@ def _cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int],
     weights, filled with ``first_partners``' answer per request, those with a hot
     block included (the local search reuses it). ``postings``: the batch's postings
     of ``sets``, when the caller has them; ``rank``: ``_popularity_rank(freq)``,
-    likewise. ``sorted_from``: see ``_Merges.orders``.
+    likewise. ``sorted_from``: see ``_Merges.orders``. ``membership``: where the count
+    table is kept, filled with the requests' ``Membership`` read from it (the local
+    search's stay test needs one; the table's request columns never change).
     """
     m = _Merges(sets, w)
     if postings is None:
         postings = Postings(sets, len(freq))
     unit = w.count(1.0) == len(w)  # counted in C
     table = _shared_counts(sets, freq, postings) if unit else None
+    if table is not None and membership is not None:
+        membership.append(Membership.of_table(table.table[:-1], table.rows, len(sets)))  # (not the spare row)
     # Block -> live clusters holding it (a list indexed by block: a list lookup costs
     # a fraction of a dict's; None for blocks no request shares); the requests are
     # the first clusters. Not kept where the table counts every cluster (unit
@@ -703,13 +730,23 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
 
     Its steps, written for this case: heap entries ``(-top, spread, x, y)`` are packed
     into one int ordered as the tuples are (each field wide enough), so the heap
-    compares ints; counts read the table's cells directly and mask the merged-away
-    clusters out (one multiply per count, against clearing two columns per merge); a
-    new cluster is counted before its own column is filled.
+    compares ints; counts read the table's cells directly, and where every cluster
+    holds fewer than 128 blocks the table's spare row reads 128 in the live clusters'
+    columns and is summed with the cluster's rows, so the live clusters are the ones
+    counted 128 or more and nothing is masked (else one multiply per count masks the
+    merged-away clusters out: clearing two columns per merge costs more); a new
+    cluster is counted before its own column is filled.
     """
-    heap, inter, alive, join = m.heap, m.inter, m.alive, m.join
+    heap, inter, alive, parent = m.heap, m.inter, m.alive, m.parent
     sizes = list(map(len, inter))
     most = max(sizes, default=0)
+    lift = 128 if most < 128 else 0  # the spare row's value in a live cluster's column
+    mark = table.table[-1]
+    mark[:len(inter)] = lift  # (the requests, all live)
+    # A cluster's rows, the spare row's among them where it counts.
+    rows = np.append(table.rows, table.table.shape[0] - 1)
+    spare = (rows.size - 1,) if lift else ()
+    extra = len(spare)
     id_bits = len(table.cells).bit_length()
     spread_at = 2 * id_bits
     top_at = spread_at + (2 * most).bit_length()  # (a spread is at most 2 * most)
@@ -718,9 +755,9 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
     heap[:] = [((most + s) << top_at) | (spread << spread_at) | (x << id_bits) | y for s, spread, x, y in heap]
     owner = list(range(len(inter)))  # cluster -> the cluster that absorbed it (union-find)
     heappop, heappush = heapq.heappop, heapq.heappush
-    rows, cells, live = table.rows, table.cells, table.alive
+    cells, live = table.cells, table.alive
     take, cell = table.table.take, table.table
-    fromiter, int64, uint8, add = np.fromiter, np.int64, np.uint8, np.add.reduce
+    fromiter, int64, uint8, add, chain = np.fromiter, np.int64, np.uint8, np.add.reduce, itertools.chain
     while heap:
         key = heappop(heap)
         x = (key >> id_bits) & ids
@@ -729,22 +766,29 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
         y = key & ids
         found = None
         if alive[y]:
-            # Merge (as next_merge does), then count the new cluster.
-            c = join(x, y)
-            ic = inter[c]
+            # Merge (join, written out), then count the new cluster. (Merged-away
+            # clusters' ties are never read again: they stay.)
+            c = len(inter)
+            ic = inter[x] & inter[y]
+            inter.append(ic)
+            alive.append(True)
+            parent.append(-1)
+            alive[x] = alive[y] = False
+            parent[x] = parent[y] = c
             sizes.append(len(ic))
             owner.append(c)
             owner[x] = owner[y] = c
-            ties.pop(x, None)
-            ties.pop(y, None)
             live[x] = live[y] = 0
+            mark[x] = mark[y] = 0
             if not ic:
                 continue
-            r = cells[c] = rows[fromiter(ic, int64, len(ic))]
+            r = cells[c] = rows[fromiter(chain(ic, spare), int64, len(ic) + extra)]
             counts = add(take(r, axis=0), axis=0, dtype=uint8)  # (column c still empty)
-            counts *= live
+            if not lift:
+                counts *= live
             cell[r, c] = 1
             live[c] = 1
+            mark[c] = lift
             x, mine = c, ic
         else:
             # x's partner was merged away: re-queue x from its kept ties, or count
@@ -760,15 +804,17 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
             if found is None:
                 r = cells[x]
                 if r is None:
-                    r = cells[x] = rows[fromiter(mine, int64, len(mine))]
+                    r = cells[x] = rows[fromiter(chain(mine, spare), int64, len(mine) + extra)]
                 counts = add(take(r, axis=0), axis=0, dtype=uint8)
-                counts *= live
+                if not lift:
+                    counts *= live
                 counts[x] = 0
         if found is None:
-            top = int(counts.max())
-            if not top:
+            best = int(counts[counts.argmax()])  # (argmax takes half as long as max on bytes)
+            top = best - lift
+            if top <= 0:  # (below the lift: no live cluster but x)
                 continue
-            found = (counts == top).nonzero()[0].tolist()
+            found = (counts == best).nonzero()[0].tolist()
         ties[x] = (top, found)
         # Of the `candidates` lowest-numbered ties, the one with the fewest blocks, then
         # the lowest number (found is ascending, and min keeps the first of equals).
@@ -926,7 +972,7 @@ def _find_root(owner: list[int], c: int) -> int:
 
 def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int]], w: list[float],
                   freq: list[int], passes: int, overlaps: list | None = None, rank: list[int] | None = None,
-                  sorted_from: list[int] | None = None) -> int:
+                  sorted_from: list[int] | None = None, held: Membership | None = None) -> int:
     """Re-insert each request at the deepest node it fully contains; returns passes run.
 
     A request's answer depends only on the nodes whose path it fully contains and
@@ -936,6 +982,7 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
     nothing). See ``_MoveLog``. ``overlaps`` (unit weights only): ``first_partners``'
     answer per request, for ``_stays``. ``sorted_from[r]``: an index from which
     ``orders[r]`` is already in ``_tail_order`` (None: none known); kept up to date.
+    ``held``: ``Membership(orders)``, where the caller has one.
     """
     ran = 0
     step = 0
@@ -950,7 +997,7 @@ def _local_search(trie: BlockTrie, orders: list[list[int]], paths: list[list[int
         sorted_from = [len(order) for order in orders]
     # Requests known to stay before any move (the stay test, or could_move where tree
     # searches are dearer than its walk); None: none known.
-    stay = (_KnownStays(trie, orders, paths, overlaps)
+    stay = (_KnownStays(trie, orders, paths, overlaps, held)
             if passes and overlaps is not None and _KnownStays.pays(freq, len(orders)) else None)
     for _ in range(passes):
         ran += 1
@@ -1042,7 +1089,7 @@ class _KnownStays:
     """
 
     def __init__(self, trie: BlockTrie, orders: list[list[int]], paths: list[list[int]],
-                 overlaps: list) -> None:
+                 overlaps: list, held: Membership | None = None) -> None:
         refs = trie.refs
         n = len(orders)
         self.before = [True] * n
@@ -1057,7 +1104,7 @@ class _KnownStays:
             self.refs[r] = refs[shared]
             if not _stays(overlaps[r], at, shared, orders[r], paths, orders):
                 todo.append(r)
-        self.held = Membership(orders)
+        self.held = held if held is not None else Membership(orders)
         for r, moves in zip(todo, could_move(trie, orders, paths, self.at, todo, self.held)):
             self.before[r] = not moves
         # Requests some path inserted since holds the first ``at`` blocks of (see still).
@@ -1468,6 +1515,7 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         # smaller tree, and the ranked searches the cap forced cost more than the table).
         cap = max(freq)
     overlaps: list = []  # each request's first partners, when the clustering counts them
+    held: list = []  # the requests' Membership, when the clustering's count table holds it
     # Per candidate, where each order's sorted tail starts (for the local search).
     sorted_from: dict[str, list[int]] = {}
     use_knn = partners == "kernel" or (
@@ -1480,7 +1528,8 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         sorted_from["cluster"] = []
         candidates.append(("cluster", _cluster_by_postings(sets, w, freq, hot_cap=cap, overlaps=overlaps,
                                                            postings=postings, rank=rank,
-                                                           sorted_from=sorted_from["cluster"])))
+                                                           sorted_from=sorted_from["cluster"],
+                                                           membership=held)))
 
     # Local search only on the smaller candidate tree: its gains are small next to the
     # gap between the candidates (measured on synthetic, HotpotQA and knowledge-base
@@ -1523,9 +1572,10 @@ def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, part
         trie = BlockTrie()
         paths = trie.insert_all(orders, w)
     tried[name]["tree_nodes_before_local_search"] = trie.size + lone_count
-    passes = _local_search(trie, orders, paths, w, freq, local_search_passes,
-                           overlaps if len(overlaps) == len(orders) else None, rank=rank,
-                           sorted_from=sorted_from.get(name)) if local_search_passes else 0
+    passes = (_local_search(trie, orders, paths, w, freq, local_search_passes,
+                            overlaps if len(overlaps) == len(orders) else None, rank=rank,
+                            sorted_from=sorted_from.get(name), held=held[0] if held else None)
+              if local_search_passes else 0)
     tried[name].update(tree_nodes=trie.size + lone_count, passes=passes)
     if weighted:
         tried[name]["tree_tokens"] = _live_weight(trie) + lone_weight

@@ -26,7 +26,8 @@ from .planner_postings import Postings
 class SharedCounts:
     """Block × cluster membership table for unit-weight overlap counts.
 
-    ``blocks``: the dense block ids that can be shared (each a row); ``clusters``:
+    ``blocks``: the dense block ids that can be shared (each a row; one more row at
+    the end, no block's, is left for a caller's per-cluster term); ``clusters``:
     how many cluster numbers there can be. ``add(c, members)`` records cluster ``c``
     (live); ``kill(c)`` marks it merged away; ``count(x, members)`` gives, for every
     cluster number, how many of ``members`` (x's blocks) the live cluster holds
@@ -38,7 +39,7 @@ class SharedCounts:
         blocks = np.fromiter(blocks, dtype=np.int64)
         rows[blocks] = np.arange(blocks.size)
         self.rows = rows
-        self.table = np.zeros((blocks.size, clusters), dtype=np.uint8)
+        self.table = np.zeros((blocks.size + 1, clusters), dtype=np.uint8)
         self.alive = np.zeros(clusters, dtype=np.uint8)
         # Per cluster, its rows, where known (None until first needed): a cluster asked
         # about again needs no conversion of its blocks.

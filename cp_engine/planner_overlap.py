@@ -66,10 +66,10 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
     either way, hot blocks included); ``hot_rows`` tells which they are.
     ``bit_share``: in a dense count, blocks held by at least this share of the
     requests (and by two) are counted as bit columns (None: none are); the answer is
-    the same either way. ``ranked``: where the count is dense, extended with one entry
-    per request: for a request with a hot block, the clustering's ranked first pick
-    (see ``_HotPicks``), else None; left empty otherwise (the caller then searches
-    those requests itself).
+    the same either way. ``ranked``: where the count is dense and some block is hot,
+    extended with one entry per request: for a request with a hot block, the
+    clustering's ranked first pick (see ``_HotPicks``), else None; left empty otherwise
+    (the caller then searches those requests, if any, itself).
     """
     n = len(sets)
     if n == 0:
@@ -106,7 +106,8 @@ def first_partners(sets: list[list[int]], hot_cap: int, candidates: int,
     narrow = int(sizes.max()) < 255
     out: list[tuple[int, int, list[int]] | None] = [None] * n
     picks = (_HotPicks.for_batch(postings, hot_cap, candidates)
-             if ranked is not None and dense and _POPCOUNT is not None else None)
+             if ranked is not None and dense and _POPCOUNT is not None
+             and int(postings.freq.max(initial=0)) > hot_cap else None)
     lo = 0
     while lo < n:
         hi = max(lo + 1, int(np.searchsorted(pairs, pairs[lo] + chunk_pairs, side="right")) - 1)

@@ -44,10 +44,12 @@ def test_count_table_merges_as_posting_lists(seed, hot_cap, monkeypatch):
     """hot_cap 25 and 6 send clusters with hot blocks through the ranked partner
     search; 10**9 keeps every cluster on the unit-weight path."""
     sets = zipf_sets(seed, n=150 + 40 * seed, corpus=60 + 20 * seed, k=9)
-    freq = [0] * (max(b for s in sets for b in s) + 1)
-    for s in sets:
-        for b in s:
-            freq[b] += 1
+    assert_table_merges_as_posting_lists(sets, hot_cap, monkeypatch)
+
+
+def assert_table_merges_as_posting_lists(sets, hot_cap, monkeypatch):
+    freq = Counter(b for s in sets for b in s)
+    freq = [freq[b] for b in range(max(freq) + 1)]
     w = [1.0] * len(freq)
     with monkeypatch.context() as m:
         force_table(m, on=False)
@@ -57,6 +59,15 @@ def test_count_table_merges_as_posting_lists(seed, hot_cap, monkeypatch):
         assert planner._shared_counts(sets, freq) is not None
         got = _cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
     assert got == want
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_count_table_merges_as_posting_lists_with_clusters_of_128_blocks_or_more(seed, monkeypatch):
+    """Requests of 128 to 255 blocks: the table's loop masks merged-away clusters out
+    by a multiply instead of lifting live ones by its spare row."""
+    sets = zipf_sets(seed, n=40, corpus=400, k=220)
+    assert 128 <= max(map(len, sets)) < 256
+    assert_table_merges_as_posting_lists(sets, 10**9, monkeypatch)
 
 
 @pytest.mark.parametrize("seed", range(3))

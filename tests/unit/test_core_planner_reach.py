@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from cp_engine import planner
 from cp_engine.planner import plan_batch
-from cp_engine.planner_reach import could_move
+from cp_engine.planner_counts import SharedCounts
+from cp_engine.planner_reach import Membership, could_move
 from cp_engine.trie import ROOT, BlockTrie
 
 
@@ -28,6 +29,13 @@ def test_could_move_is_whether_the_tree_search_leaves_the_node_a_request_hangs_a
         shared = paths[r][ats[r] - 1] if ats[r] else ROOT
         want.append(trie.deepest_contained(set(orders[r]), without=paths[r], known=shared) != shared)
     assert could_move(trie, orders, paths, ats, todo) == want
+    # The same answers reading the clustering's count table as the membership.
+    table = SharedCounts.for_requests(orders, clusters=2 * len(orders), universe=12)
+    held = Membership.of_table(table.table[:-1], table.rows, len(orders))
+    assert could_move(trie, orders, paths, ats, todo, held) == want
+    own = Membership(orders)
+    for seq in orders:
+        assert held.lead(seq).tolist() == own.lead(seq).tolist()
 
 
 def zipf_batch(seed, n, corpus, k):
