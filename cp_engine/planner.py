@@ -741,8 +741,10 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
     sizes = list(map(len, inter))
     most = max(sizes, default=0)
     lift = 128 if most < 128 else 0  # the spare row's value in a live cluster's column
-    mark = table.table[-1]
-    mark[:len(inter)] = lift  # (the requests, all live)
+    # Where live clusters are marked: the spare row (lift), else the table's 0/1 mask
+    # that each count is multiplied by.
+    mark, on = (table.table[-1], lift) if lift else (table.alive, 1)
+    mark[:len(inter)] = on  # (the requests, all live)
     # A cluster's rows, the spare row's among them where it counts.
     rows = np.append(table.rows, table.table.shape[0] - 1)
     spare = (rows.size - 1,) if lift else ()
@@ -755,7 +757,7 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
     heap[:] = [((most + s) << top_at) | (spread << spread_at) | (x << id_bits) | y for s, spread, x, y in heap]
     owner = list(range(len(inter)))  # cluster -> the cluster that absorbed it (union-find)
     heappop, heappush = heapq.heappop, heapq.heappush
-    cells, live = table.cells, table.alive
+    cells = table.cells
     take, cell = table.table.take, table.table
     fromiter, int64, uint8, add, chain = np.fromiter, np.int64, np.uint8, np.add.reduce, itertools.chain
     while heap:
@@ -778,17 +780,15 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
             sizes.append(len(ic))
             owner.append(c)
             owner[x] = owner[y] = c
-            live[x] = live[y] = 0
             mark[x] = mark[y] = 0
             if not ic:
                 continue
             r = cells[c] = rows[fromiter(chain(ic, spare), int64, len(ic) + extra)]
             counts = add(take(r, axis=0), axis=0, dtype=uint8)  # (column c still empty)
             if not lift:
-                counts *= live
+                counts *= mark
             cell[r, c] = 1
-            live[c] = 1
-            mark[c] = lift
+            mark[c] = on
             x, mine = c, ic
         else:
             # x's partner was merged away: re-queue x from its kept ties, or count
@@ -807,7 +807,7 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
                     r = cells[x] = rows[fromiter(chain(mine, spare), int64, len(mine) + extra)]
                 counts = add(take(r, axis=0), axis=0, dtype=uint8)
                 if not lift:
-                    counts *= live
+                    counts *= mark
                 counts[x] = 0
         if found is None:
             best = int(counts[counts.argmax()])  # (argmax takes half as long as max on bytes)
