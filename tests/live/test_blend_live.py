@@ -41,7 +41,7 @@ import uuid
 import pytest
 import requests
 
-from cp_engine.blend.settings import MODE_KEY, RATIO_KEY, STORE_DEPTH_KEY
+from cp_engine.blend.settings import CARRY_KEY, MODE_KEY, RATIO_KEY, STORE_DEPTH_KEY
 from cp_engine.devtools.hint_probe import PROBE_ENV, read_probe
 from cp_engine.hooks.tenant import tenant_key
 from cp_engine.hooks.vllm.blend_spans import REF_KEY
@@ -222,7 +222,7 @@ def test_a_suffix_moved_behind_a_longer_segment_keeps_its_carried_blocks_whole(b
         before = [blend_server.metric(n) for n in names]
         prompt, spans = turn(23)
         got = _complete(blend_server, prompt, spans, vllm_xargs_extra={RATIO_KEY: 0.2, MODE_KEY: "both",
-                                                                       "cp_blend_carry": carry})
+                                                                       CARRY_KEY: carry})
         claim_end = spans[-1][1]
         assert _cached(got) >= claim_end - 1  # claimed past the exact prefix
         _metric_after_flush(blend_server, names[0], probe)
@@ -238,7 +238,8 @@ def test_a_suffix_moved_behind_a_longer_segment_keeps_its_carried_blocks_whole(b
 
 
 @pytest.mark.parametrize("xargs, field", [
-    ({RATIO_KEY: 1.5}, RATIO_KEY), ({RATIO_KEY: "0.3"}, RATIO_KEY), ({MODE_KEY: "fast"}, MODE_KEY)])
+    ({RATIO_KEY: 1.5}, RATIO_KEY), ({RATIO_KEY: "0.3"}, RATIO_KEY), ({MODE_KEY: "fast"}, MODE_KEY),
+    ({CARRY_KEY: "yes"}, CARRY_KEY), ({CARRY_KEY: 2}, CARRY_KEY)])
 def test_out_of_bounds_settings_get_a_400_naming_the_field(blend_server, xargs, field):
     case = _Case(606, _prefix(8))
     body = {"model": blend_server.model, "prompt": case.prompt, "max_tokens": 2,
