@@ -114,9 +114,10 @@ class BlendEngine:
                      check_layer_tokens=0.0)
             return self._add(c)
         store = self.store
+        leads = lead_digests(ids, r.spans)
         plan = plan_reuse(ids, r.spans, hit, self.block_size, store.contains, ratio=self.ratio, mode=self.mode,
                           first_tokens=self.first_tokens, key_of=self._key,
-                          lead_of=self._lead.get if self.carry else None)
+                          lead_of=self._lead.get if self.carry else None, leads=leads)
         for b in plan.blocks:
             store.get(b.key)  # the loader's read: counts the hit, refreshes the entry
         c = {"prompt_tokens": n, "engine_cached_tokens": hit, "claimed_tokens": plan.claimed,
@@ -125,11 +126,11 @@ class BlendEngine:
              - plan.recomputed, "engine_computed_tokens": n - hit - plan.claimed,
              "requests_blended": int(not plan.empty), "carried_tokens": plan.carried_tokens}
         self.cache.commit(ids, None if plan.empty or self.commit_stitched else plan.claim_start)
-        leads = dict(zip((tuple(s) if s is not None else None for s in r.spans), lead_digests(ids, r.spans)))
+        lead_at = dict(zip((tuple(s) if s is not None else None for s in r.spans), leads))
         for key, depth, span in self._to_store(ids, r.spans, plan):
             store.put(key, np.broadcast_to(self._zero, kv_shape(key)))
             self._depth[key] = depth
-            self._lead[key] = leads.get(tuple(span))
+            self._lead[key] = lead_at.get(tuple(span))
         return self._add(c)
 
     def _to_store(self, ids, spans, plan) -> list[tuple]:

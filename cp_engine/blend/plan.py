@@ -166,11 +166,13 @@ class ReusePlan:
 def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int, block_size: int,
                contains: Callable[[Any], bool], *, ratio: float, mode: str = "both", first_tokens: int = 16,
                key_of: Callable[[Sequence[int]], Any] = _identity_key, recompute_cost: float = 1.0,
-               lead_of: Callable[[Any], str | None] | None = None) -> ReusePlan:
+               lead_of: Callable[[Any], str | None] | None = None,
+               leads: Sequence[str | None] | None = None) -> ReusePlan:
     """See module docstring. ``spans`` are the blocks' ``(start, end)`` in ``prompt_ids``
     in order, ``None`` for a block not found; ``prefix_hit`` must be a multiple of
     ``block_size`` within the prompt; ``lead_of(key)`` is the lead digest the entry was
-    stored with (None: unknown, never carried)."""
+    stored with (None: unknown, never carried); ``leads`` are this prompt's
+    ``lead_digests`` when the caller has them already (computed here otherwise)."""
     n = len(prompt_ids)
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size!r}")
@@ -186,7 +188,12 @@ def plan_reuse(prompt_ids: Sequence[int], spans: Sequence[Span], prefix_hit: int
     settings = dict(ratio=float(ratio), mode=mode, first_tokens=int(first_tokens))
     blocks: list[ReusedBlock] = []
     last_end = 0
-    leads = lead_digests(prompt_ids, spans) if lead_of is not None else None
+    if lead_of is None:
+        leads = None
+    elif leads is None:
+        leads = lead_digests(prompt_ids, spans)
+    elif len(leads) != len(spans):
+        raise ValueError(f"leads has {len(leads)} entries for {len(spans)} spans")
     for i, span in enumerate(spans):
         if span is None:
             continue

@@ -113,13 +113,18 @@ class _Request:
     plan: ReusePlan | None = None  # claimed, not yet ordered to load
     loaded: bool = False
     marked: bool = False
-    _leads: dict[tuple[int, int], str | None] | None = None
+    _leads: list[str | None] | None = None
+
+    @property
+    def leads(self) -> list[str | None]:
+        """Each span's lead digest in this prompt (computed once per request)."""
+        if self._leads is None:
+            self._leads = lead_digests(self.prompt, self.spans)
+        return self._leads
 
     def lead(self, span: tuple[int, int]) -> str | None:
-        """The block's lead digest in this prompt (computed once per request)."""
-        if self._leads is None:
-            self._leads = dict(zip(self.spans, lead_digests(self.prompt, self.spans)))
-        return self._leads.get(span)
+        """The lead digest of ``span``, one of ``spans``."""
+        return self.leads[self.spans.index(span)]
 
 
 class BlendScheduler:
@@ -180,7 +185,8 @@ class BlendScheduler:
             return plan_reuse(st.prompt, st.spans, hit, self.block_size, self.mirror.contains, ratio=r,
                               mode=st.settings.mode, first_tokens=self.config.blend_first_tokens, key_of=key_of,
                               recompute_cost=self.config.blend_recompute_cost,
-                              lead_of=self.mirror.lead if st.settings.carry else None)
+                              lead_of=self.mirror.lead if st.settings.carry else None,
+                              leads=st.leads if st.settings.carry else None)
 
         out = plan(ratio)
         if out.empty and ratio >= 1.0:

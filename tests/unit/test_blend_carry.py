@@ -48,6 +48,11 @@ def test_blocks_behind_the_same_neighbour_are_carried_and_outside_the_ratio():
     sel = plan.selection()
     assert len(sel.positions) == plan.recomputed and sel.carried == 160
     assert not set(sel.positions.tolist()) & (set(range(202, 302)) | set(range(304, 364)))
+    # a caller that has the prompt's leads already passes them: the same plan
+    assert plan_reuse(PROMPT, SPANS, 32, 16, contains, ratio=0.15, mode="first_tokens", lead_of=lead_of,
+                      leads=lead_digests(PROMPT, SPANS)) == plan
+    with pytest.raises(ValueError, match="leads"):
+        plan_reuse(PROMPT, SPANS, 32, 16, contains, ratio=0.15, lead_of=lead_of, leads=[None])
     without = plan_reuse(PROMPT, SPANS, 32, 16, contains, ratio=0.15, mode="first_tokens")
     assert without.recomputed == uncovered + math.ceil(0.15 * 260) and without.carried_tokens == 0
 
