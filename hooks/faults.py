@@ -95,25 +95,38 @@ def _trip(hook: str, elapsed: float, budget: float) -> None:
              "switched off until restart; the engine now runs that step unmodified", hook, elapsed, budget)
 
 
-def stall_watched(hook: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def stall_watched(hook: str, cpu: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: time each call of a hook body; trip the breaker on a stall.
 
-    Cost per call: two ``time.monotonic()`` reads. The wrapped function's own result
-    and exceptions pass through unchanged.
+    Cost per call: two ``time.monotonic()`` reads. With ``cpu`` (per-request hooks, not
+    per-block ones) the calling thread's CPU time in the body is also counted:
+    ``hook_cpu_seconds{hook}`` and ``hook_calls{hook}`` (two more clock reads and two
+    counter updates). The wrapped function's own result and exceptions pass through
+    unchanged.
     """
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.monotonic()
+            cpu_start = time.thread_time_ns() if cpu else 0
             try:
                 return fn(*args, **kwargs)
             finally:
+                if cpu:
+                    count_cpu(hook, time.thread_time_ns() - cpu_start, calls=1)
                 elapsed = time.monotonic() - start
                 budget = _budget()
                 if budget > 0 and elapsed > budget:
                     _trip(hook, elapsed, budget)
         return timed
     return wrap
+
+
+def count_cpu(hook: str, cpu_ns: int, calls: int = 0) -> None:
+    """Add ``cpu_ns`` of thread CPU time (and ``calls``) to ``hook``'s counters."""
+    metrics.inc("hook_cpu_seconds", cpu_ns / 1e9, hook=hook)
+    if calls:
+        metrics.inc("hook_calls", calls, hook=hook)
 
 
 _cache_lock = threading.Lock()

@@ -31,6 +31,9 @@ COUNTERS: dict[str, str] = {
     "hook_stalls": "Hooks switched off for the rest of the process because one call stalled "
                    "longer than CP_ENGINE_HOOK_STALL_S.",
     "hook_calls_skipped": "Calls of a switched-off hook (the engine ran them unmodified).",
+    "hook_cpu_seconds": "CPU time of the calling thread inside a per-request hook (the API server's "
+                        "prompt rewrite; on vLLM also the settling of its answer), by hook.",
+    "hook_calls": "Calls of a per-request hook whose CPU time hook_cpu_seconds counts, by hook.",
     "requests_rejected": "Requests rejected with HTTP 400 for malformed context fields.",
     "requests_passed_through": "Marked requests passed through unmodified (over limits).",
     "requests_rolled_back": "Rewritten requests the engine rejected; their index path was dropped, "

@@ -88,14 +88,27 @@ def main_thread_seconds(pid: int) -> float | None:
         return None
 
 
+def hook_cpu(srv: Any) -> tuple[float, float]:
+    """(CPU seconds, calls) the server's per-request hooks counted for themselves
+    (``cp_engine_hook_cpu_seconds`` / ``cp_engine_hook_calls``); zeros without the plugin."""
+    try:
+        samples = srv.metrics()
+    except Exception:
+        return 0.0, 0.0
+    return (sum(v for k, v in samples.items() if k.startswith("cp_engine_hook_cpu_seconds_total")),
+            sum(v for k, v in samples.items() if k.startswith("cp_engine_hook_calls_total")))
+
+
 def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> dict:
     pid = srv.proc.pid
+    hook0 = hook_cpu(srv)
     own0, kids0 = cpu_seconds(pid)
     loop0 = main_thread_seconds(pid)
     r = run_side(srv.url, srv.model, None, args.clients, args.round, plugin=side == "on",
                  sample_every=args.round + 60, workload=workload)
     own1, kids1 = cpu_seconds(pid)
     loop1 = main_thread_seconds(pid)
+    hook1 = hook_cpu(srv)
     n = max(1, r["requests"])
     out = {"side": side, "requests": r["requests"], "errors": r["errors"], "rps": r["throughput_rps"],
            "p50_s": r["latency_s"]["p50"], "p99_s": r["latency_s"]["p99"],
@@ -106,6 +119,10 @@ def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> 
         # The event loop's share; the rest is the API server's other threads (vLLM's
         # tokenizer pool and output thread, zmq's I/O threads, the plugin's receiver).
         out["api_loop_cpu_us_per_req"] = round(1e6 * (loop1 - loop0) / n, 1)
+    if hook1[1] > hook0[1]:
+        # Measured inside the server by the hooks themselves: the plugin's own request path.
+        out["hook_cpu_us_per_call"] = round(1e6 * (hook1[0] - hook0[0]) / (hook1[1] - hook0[1]), 1)
+        out["hook_calls"] = int(hook1[1] - hook0[1])
     return out
 
 
@@ -129,6 +146,9 @@ def summarize(rounds: list[dict]) -> dict:
         ratios = [p["on"][k] / p["off"][k] for p in full if p["off"][k]]
         if ratios:
             out["ratios"][k] = _spread(ratios)
+    hooked = [r["hook_cpu_us_per_call"] for r in rounds if r["side"] == "on" and "hook_cpu_us_per_call" in r]
+    if hooked:
+        out["hook_cpu_us_per_call"] = _spread(hooked)
     if full:
         diffs = [p["on"]["api_cpu_us_per_req"] - p["off"]["api_cpu_us_per_req"] for p in full]
         out["api_cpu_us_per_req_diff"] = _spread(diffs)
@@ -273,6 +293,11 @@ def table(data: dict) -> str:
     if "api_loop_cpu_us_per_req_diff" in s:
         out[-1] += (f" Of it, the event loop (main thread): {cell(s['api_loop_cpu_us_per_req_diff'])} µs; "
                     f"the other threads: {cell(s['api_other_cpu_us_per_req_diff'])} µs.")
+    if "hook_cpu_us_per_call" in s:
+        out += ["", "The plugin's request path measured inside the server (the rewrite hook and the settling of "
+                    "its answer, thread CPU counted by the hook itself, `cp_engine_hook_cpu_seconds` / "
+                    f"`cp_engine_hook_calls`): {cell(s['hook_cpu_us_per_call'])} µs per rewritten request "
+                    "(plugin rounds)."]
     if "idle_api_cpu_ms_per_s" in data:
         out += ["", "Idle API server CPU (ms per s, no request in flight): " +
                 ", ".join(f"{k} {v}" for k, v in data["idle_api_cpu_ms_per_s"].items()) + "."]

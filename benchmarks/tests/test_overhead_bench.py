@@ -64,6 +64,42 @@ def test_ab_summary_takes_medians_per_side_and_ratios_within_pairs():
     table = ab.table({"summary": s, "rounds": [{**r} for r in rounds],
                       "config": {"traffic": "soak", "pairs": 3, "round_s": 60, "clients": 64, "host": "h"}})
     assert "| on/off per pair | 0.95 (0.9..1) |" in table
+    assert "measured inside the server" not in table  # no round counted hook CPU
+
+
+def test_ab_summary_reports_the_hooks_own_cpu_from_plugin_rounds_only():
+    rounds = [{**_round(0, "on", 9.0, 1.1, 600.0), "hook_cpu_us_per_call": 150.0, "hook_calls": 540},
+              _round(0, "off", 10.0, 1.0, 500.0),
+              _round(1, "off", 5.0, 2.0, 500.0),
+              {**_round(1, "on", 5.0, 2.0, 520.0), "hook_cpu_us_per_call": 190.0, "hook_calls": 300}]
+    s = ab.summarize(rounds)
+    assert s["hook_cpu_us_per_call"] == {"median": 170.0, "min": 150.0, "max": 190.0}
+    table = ab.table({"summary": s, "rounds": rounds,
+                      "config": {"traffic": "soak", "pairs": 2, "round_s": 60, "clients": 64, "host": "h"}})
+    assert "170 (150..190) µs per rewritten request" in table
+
+
+class _Server:
+    """What ``ab.hook_cpu`` reads: a server's parsed ``/metrics`` (hand-written fake)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def metrics(self):
+        if isinstance(self.samples, Exception):
+            raise self.samples
+        return self.samples
+
+
+def test_hook_cpu_sums_every_hook_and_reads_zero_without_the_plugin():
+    on = _Server({'cp_engine_hook_cpu_seconds_total{hook="chat_rewrite"}': 0.5,
+                  'cp_engine_hook_cpu_seconds_total{hook="completion_rewrite"}': 0.25,
+                  'cp_engine_hook_calls_total{hook="chat_rewrite"}': 3000.0,
+                  'cp_engine_hook_calls_total{hook="completion_rewrite"}': 1000.0,
+                  'vllm:num_requests_running{model_name="m"}': 4.0})
+    assert ab.hook_cpu(on) == (0.75, 4000.0)
+    assert ab.hook_cpu(_Server({"vllm:num_requests_running": 1.0})) == (0.0, 0.0)
+    assert ab.hook_cpu(_Server(ConnectionError("down"))) == (0.0, 0.0)
 
 
 def test_profile_summary_counts_only_samples_spent_in_plugin_code(tmp_path):

@@ -130,7 +130,7 @@ def _set_messages(request: Any, messages: list) -> None:
     request.messages = _messages_adapter(type(request)).validate_python(messages)
 
 
-@faults.stall_watched("sglang_rewrite")
+@faults.stall_watched("sglang_rewrite", cpu=True)
 def _rewrite(request: Any, marks: Any, tenant: str) -> tuple[Any, str, int] | None:
     """Rewrite ``request`` in place; returns (prep, request id, base offset) to commit."""
     from ..runtime import pipeline

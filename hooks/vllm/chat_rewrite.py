@@ -53,7 +53,7 @@ def _headers(raw_request: Any) -> Any:
     return getattr(raw_request, "headers", None) if raw_request is not None else None
 
 
-@faults.stall_watched(HOOK)
+@faults.stall_watched(HOOK, cpu=True)
 def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
     """Rewrite ``request`` in place; an error message for a 400, the pending commit of
     a rewritten request (settled by ``serving_patch`` from the engine's answer), else None."""

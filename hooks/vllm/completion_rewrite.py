@@ -30,7 +30,7 @@ from .staging import keep_order, stage
 HOOK = "completion_rewrite"
 
 
-@faults.stall_watched(HOOK)
+@faults.stall_watched(HOOK, cpu=True)
 def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
     """Same return contract as ``chat_rewrite.rewrite``."""
     original_prompt = getattr(request, "prompt", None)

@@ -26,6 +26,7 @@ that leaves a stream). A stream dropped unread releases it when collected.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from .. import faults
@@ -72,11 +73,14 @@ async def _answer(wrapped: Any, instance: Any, args: tuple, kwargs: dict, outcom
     except BaseException:
         outcome.reject()  # raised inside vLLM: it never ran the request
         raise
+    cpu_start = time.thread_time_ns()
     try:
         return settle(outcome, result)
     except Exception as exc:  # fail open: vLLM's answer goes out as it is
         faults.record_failure(outcome.hook, exc)
         return result
+    finally:  # the settle is the rewrite's cost too (its calls are counted by the rewrite)
+        faults.count_cpu(outcome.hook, time.thread_time_ns() - cpu_start)
 
 
 def released_when_done(result: Any, held: Held | None) -> Any:
