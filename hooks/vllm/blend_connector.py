@@ -32,7 +32,7 @@ class BlendConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from .blend_scheduler import BlendScheduler
 
-            self.scheduler = BlendScheduler(vllm_config, _config())
+            self.scheduler = BlendScheduler(vllm_config, _config(), kv_cache_config)
         else:
             from .blend_worker import BlendWorker
 

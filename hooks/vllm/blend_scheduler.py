@@ -127,13 +127,31 @@ class _Request:
         return self.leads[self.spans.index(span)]
 
 
+def hash_block_size_of(vllm_config: Any, kv_cache_config: Any = None) -> int:
+    """Tokens per entry of ``Request.block_hashes``, as vLLM's scheduler resolves it.
+
+    Asked of vLLM's own ``resolve_kv_cache_block_sizes`` (0.27-0.32) when the KV cache
+    config is known; otherwise the block size. The fallback errs coarse, the safe side:
+    re-keying then starts at an earlier block, never after a stitched one (the hash unit
+    always divides the block size).
+    """
+    if kv_cache_config is not None:
+        try:
+            from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+
+            return int(resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)[1])
+        except Exception:  # moved, or a config it cannot read: the coarse unit below
+            logger.debug("hash block size: vLLM's resolver unavailable; using the block size", exc_info=True)
+    return int(vllm_config.cache_config.block_size)
+
+
 class BlendScheduler:
     """See module contract. ``config`` is ``cp_engine.config.Config``."""
 
-    def __init__(self, vllm_config: Any, config: Any) -> None:
+    def __init__(self, vllm_config: Any, config: Any, kv_cache_config: Any = None) -> None:
         cache = vllm_config.cache_config
         self.block_size = int(cache.block_size)
-        self.hash_block_size = int(getattr(cache, "hash_block_size", None) or self.block_size)
+        self.hash_block_size = hash_block_size_of(vllm_config, kv_cache_config)
         self.hash_algo = cache.prefix_caching_hash_algo
         self.config = config
         self.mirror = MirrorIndex()

@@ -107,14 +107,19 @@ def test_scheduler_call_sites():
 
     src = _source(Scheduler)
     for call in ("connector.get_num_new_matched_tokens(", "connector.update_state_after_alloc(",
-                 "connector.request_finished(", "build_connector_meta(scheduler_output)",
-                 "has_sync_kv_loads = True", "skip_reading_prefix_cache"):
+                 "connector.request_finished(", "build_connector_meta(scheduler_output)"):
         assert call in src, f"Scheduler no longer contains {call!r}"
+    # A request that skips reading the prefix cache is asked for no hit (the scheduler or,
+    # before 0.31, the KV cache manager checks the flag).
+    assert "skip_reading_prefix_cache" in src + _source(KVCacheManager)
     # Synchronously loaded tokens are committed to the prefix cache inside allocate_slots
     # (before update_state_after_alloc) unless delay_cache_blocks: the marking must precede it.
     assert "delay_cache_blocks" in _params(KVCacheManager.allocate_slots)
     assert "num_external_computed_tokens" in _params(KVCacheManager.allocate_slots)
-    assert "has_sync_kv_loads" in SchedulerOutput.__dataclass_fields__
+    # 0.30+: the step says it has synchronous loads (the worker then loads before the
+    # forward); 0.27-0.29 load before every forward (test_worker_call_sites_...).
+    if "has_sync_kv_loads" in SchedulerOutput.__dataclass_fields__:
+        assert "has_sync_kv_loads = True" in src
 
 
 def test_block_hash_chain_the_marking_relies_on():
@@ -140,8 +145,14 @@ def test_worker_call_sites_reach_the_cpu_runner():
     assert issubclass(CPUModelRunner, GPUModelRunner)
     assert issubclass(CPUModelRunner, KVConnectorModelRunnerMixin)
     mixin = _source(KVConnectorModelRunnerMixin._get_kv_connector_output)
-    assert "start_after_forward = not scheduler_output.has_sync_kv_loads" in mixin
-    assert "kv_connector.start_load_kv(get_forward_context())" in mixin
+    # The connector's loads must land before this step's forward (inside the yield).
+    start = "kv_connector.start_load_kv(get_forward_context())"
+    assert start in mixin
+    if "start_after_forward" in mixin:  # 0.30+: before the forward when the step has sync loads
+        assert "start_after_forward = not scheduler_output.has_sync_kv_loads" in mixin
+        assert "if not start_after_forward:\n" in mixin.split("yield output")[0]
+    else:  # 0.27-0.29: always before the forward
+        assert mixin.index(start) < mixin.index("yield output")
     layer = _source(kv_transfer_utils.maybe_transfer_kv_layer)
     assert "connector.wait_for_layer_load(layer_name)" in layer
     assert "connector.save_kv_layer(layer_name, kv_cache, attn_metadata)" in layer
@@ -249,7 +260,11 @@ def test_scheduler_data_the_connector_reads():
     from vllm.v1.request import Request
 
     assert "recompute" in str(KVTransferConfig.__dataclass_fields__["kv_load_failure_policy"].type)
-    assert {"block_size", "prefix_caching_hash_algo", "hash_block_size"} <= set(CacheConfig.__dataclass_fields__)
+    assert {"block_size", "prefix_caching_hash_algo"} <= set(CacheConfig.__dataclass_fields__)
+    # The re-keying's hash unit comes from vLLM's own resolver (hash_block_size_of).
+    from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+
+    assert _params(resolve_kv_cache_block_sizes) == ["kv_cache_config", "vllm_config"]
     assert callable(get_hash_fn_by_name)
     assert callable(KVCacheBlocks.get_block_ids)
     assert {"req_id", "prompt_token_ids", "num_computed_tokens", "block_ids"} <= set(

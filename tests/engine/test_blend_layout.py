@@ -59,6 +59,12 @@ def attention_modules(model):
     return {name: mod for name, mod in model.named_modules() if type(mod).__name__ == "Attention"}
 
 
+def layer_isa(layer) -> str:
+    """The CPU kernel's ISA for ``layer``, chosen as the connector chooses it (vLLM 0.32
+    keeps it on the layer; 0.27-0.31 only on the backend's metadata builder)."""
+    return CpuCacheOp.for_layer(layer, torch.float32, 128, 64).isa
+
+
 def paged(worker, clone: bool = False) -> PagedKV:
     layers = attention_modules(worker.model_runner.get_model())
     caches = {name: (mod.kv_cache.clone() if clone else mod.kv_cache) for name, mod in layers.items()}
@@ -94,8 +100,8 @@ def test_probe_learns_the_cpu_layout_and_round_trips_bit_exact(engine):
 def test_probe_finds_the_transposed_k_of_isa_vec(engine):
     _, worker = engine
     layer = attention_modules(worker.model_runner.get_model())["model.layers.0.self_attn.attn"]
-    if layer.isa != "vec":
-        pytest.skip(f"ISA {layer.isa}: the transposed-K layout is the vec kernel's")
+    if layer_isa(layer) != "vec":
+        pytest.skip(f"ISA {layer_isa(layer)}: the transposed-K layout is the vec kernel's")
     like = torch.empty(1, 2, 128, 128)
     k_at, v_at = (block_offsets(c, like) for c in probe_layout(CpuCacheOp("vec"), like, 0, 2, 128, 64))
     t, h, d = torch.meshgrid(torch.arange(128), torch.arange(2), torch.arange(64), indexing="ij")
@@ -119,7 +125,7 @@ def test_bfloat16_probe_survives_the_dtype(engine):
     both = torch.cat([k16.reshape(-1), v16.reshape(-1)])
     assert torch.equal(torch.sort(both).values, flat)
     layer = attention_modules(worker.model_runner.get_model())["model.layers.0.self_attn.attn"]
-    if isa == layer.isa:  # same kernel in both dtypes: the bfloat16 probe agrees with the float32 one
+    if isa == layer_isa(layer):  # same kernel in both dtypes: the bfloat16 probe agrees with the float32 one
         like32 = torch.empty(1, 2, 128, 128)
         k32, v32 = (block_offsets(c, like32) for c in probe_layout(CpuCacheOp(isa), like32, 0, 2, 128, 64))
         assert torch.equal(k16, k32) and torch.equal(v16, v32)
@@ -145,7 +151,7 @@ def test_the_backend_op_path_learns_the_cpu_kernels_layout(engine):
     layer = attention_modules(worker.model_runner.get_model())["model.layers.0.self_attn.attn"]
     like = torch.empty(1, 2, 128, 128)
     via_impl = probe_layout(BackendCacheOp(layer), like, 0, 2, 128, 64)
-    direct = probe_layout(CpuCacheOp(layer.isa), like, 0, 2, 128, 64)
+    direct = probe_layout(CpuCacheOp(layer_isa(layer)), like, 0, 2, 128, 64)
     assert all(torch.equal(a, b) for a, b in zip(via_impl, direct))
     assert via_impl[0].shape == (4, 128, 2, 64) and not via_impl[0][0].any()  # block coordinate 0
 
@@ -204,7 +210,9 @@ def test_read_returns_what_the_model_computed(engine):
         for h in handles:
             h.remove()
     kv = paged(worker)
-    hf = AutoModelForCausalLM.from_pretrained(vs.tiny_model_dir(), dtype=torch.float32)
+    # use_kernels=False: transformers 5.23 (beside vLLM 0.27-0.30) defaults to hub kernels
+    # and refuses to load without the `kernels` package.
+    hf = AutoModelForCausalLM.from_pretrained(vs.tiny_model_dir(), dtype=torch.float32, use_kernels=False)
     with torch.inference_mode():
         past = hf(torch.tensor([ids]), use_cache=True).past_key_values
     for i, name in enumerate(kv.layer_names):
@@ -218,6 +226,19 @@ def test_read_returns_what_the_model_computed(engine):
         hv = past.layers[i].values[0].transpose(0, 1)
         torch.testing.assert_close(rk, hk, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(rv, hv, atol=1e-4, rtol=1e-4)
+
+
+def test_hash_unit_is_the_one_the_engines_scheduler_uses(engine):
+    """The re-keying's hash unit, resolved from the engine's own configs, equals the
+    unit vLLM's scheduler hashes requests with; without the KV cache config it is the
+    block size, which the unit divides (the safe, coarse side)."""
+    from cp_engine.hooks.vllm.blend_scheduler import hash_block_size_of
+
+    llm, _ = engine
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    assert hash_block_size_of(scheduler.vllm_config, scheduler.kv_cache_config) == scheduler.hash_block_size
+    coarse = hash_block_size_of(scheduler.vllm_config)
+    assert coarse == scheduler.vllm_config.cache_config.block_size and coarse % scheduler.hash_block_size == 0
 
 
 def test_refuses_quantized_caches_and_foreign_devices(engine):
