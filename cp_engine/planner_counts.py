@@ -10,6 +10,10 @@ one row per block, whatever the postings' lengths.
 The table holds every cluster the clustering can create (N requests + N - 1 merges)
 as a column from the start; a cluster's column is filled when it is created and a
 merged-away cluster is masked out by ``alive``, never cleared.
+
+``count_elements(mapping, iterable)`` adds one to ``mapping[x]`` per ``x``: the C
+loop behind ``Counter.update`` without its per-call checks, which the greedy split
+and the merge loop count blocks and partners with.
 """
 from __future__ import annotations
 
@@ -21,6 +25,13 @@ import numpy as np
 
 from .planner_postings import Postings
 
+try:
+    from _collections import _count_elements as count_elements
+except ImportError:  # pragma: no cover - Pythons without the C helper
+    def count_elements(mapping: dict, iterable) -> None:
+        get = mapping.get
+        for x in iterable:
+            mapping[x] = get(x, 0) + 1
 
 
 class SharedCounts:

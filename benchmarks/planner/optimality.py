@@ -33,7 +33,7 @@ from pathlib import Path
 from benchmarks.common import workloads as W
 from benchmarks.common.results import provenance, write_result
 from cp_engine import plan_batch
-from cp_engine.planner import _tree_size
+from cp_engine.planner_tree import tree_size
 
 
 
@@ -331,7 +331,7 @@ def exact_best_hits(shared: list[list[int]], incumbent_hits: int = 0, budget: in
 
 def best_tree(shared: list[list[int]]) -> int:
     """Smallest prefix tree over all orderings of each request's shared blocks."""
-    return min(_tree_size(list(o)) for o in itertools.product(*(itertools.permutations(s) for s in shared)))
+    return min(tree_size(list(o)) for o in itertools.product(*(itertools.permutations(s) for s in shared)))
 
 
 def markdown(out: dict) -> str:
@@ -386,8 +386,8 @@ def main(argv=None) -> int:
     total_blocks = sum(len(c) for c in ctx)
     out = {"workload": wl.name, "checked_components": 0, "skipped_components": 0,
            "requests_checked": 0, "requests_sharing": 0, "ours_extra_nodes": 0, "peer_extra_nodes": 0,
-           "total_blocks": total_blocks, "ours_hits": total_blocks - _tree_size(ours),
-           "peer_hits": total_blocks - _tree_size(peer) if peer is not None else None,
+           "total_blocks": total_blocks, "ours_hits": total_blocks - tree_size(ours),
+           "peer_hits": total_blocks - tree_size(peer) if peer is not None else None,
            "max_hits_upper_bound": 0, "solved_exactly": 0, "skipped": []}
     for members in components(ctx):
         if len(members) < 2:
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
         shared = shared_only(ctx, members)
         if math.prod(math.factorial(len(s)) for s in shared) > args.max_orderings:
             out["skipped_components"] += 1
-            ours_hits = sum(map(len, shared)) - _tree_size(shared_only(ours, members))
+            ours_hits = sum(map(len, shared)) - tree_size(shared_only(ours, members))
             # Our plan is a valid incumbent: the search only has to close the gap above it.
             bound, exact = exact_best_hits(shared, ours_hits, args.exact_budget)
             out["max_hits_upper_bound"] += bound
@@ -408,9 +408,9 @@ def main(argv=None) -> int:
         out["max_hits_upper_bound"] += sum(map(len, shared)) - best
         out["checked_components"] += 1
         out["requests_checked"] += len(members)
-        out["ours_extra_nodes"] += _tree_size(shared_only(ours, members)) - best
+        out["ours_extra_nodes"] += tree_size(shared_only(ours, members)) - best
         if peer is not None:
-            out["peer_extra_nodes"] += _tree_size(shared_only(peer, members)) - best
+            out["peer_extra_nodes"] += tree_size(shared_only(peer, members)) - best
     if peer is None:
         out["peer_extra_nodes"] = None
     else:  # the best ratio to the peer any prefix plan could reach on this workload

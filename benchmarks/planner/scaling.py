@@ -121,11 +121,11 @@ def load_before(rev: str):
 
 def quality(plan_contexts: list[list], order: list[int]) -> dict:
     """Prefix-tree nodes of the scheduled plan and its hit ratio per cache size."""
-    from cp_engine.planner import _tree_size
+    from cp_engine.planner_tree import tree_size
     from cp_engine.sim import simulate
 
     seq = [list(dict.fromkeys(plan_contexts[i])) for i in order]
-    out = {"tree_nodes": _tree_size(seq)}
+    out = {"tree_nodes": tree_size(seq)}
     for cap in CAPACITIES:
         out["hit_" + ("inf" if cap is None else str(cap))] = simulate(seq, capacity=cap).hit_ratio
     return out

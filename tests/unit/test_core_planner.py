@@ -308,14 +308,14 @@ def test_cpu_planning_never_imports_torch():
        st.lists(st.integers(1, 50), min_size=6, max_size=6))
 def test_tree_size_counts_the_prefix_tree_nodes(orders, weights):
     """The sort-based count and weight equal those of the prefix tree built block by block."""
-    from cp_engine.planner import _live_weight, _tree_measure, _tree_size
+    from cp_engine.planner_tree import live_weight, tree_measure, tree_size
     from cp_engine.trie import BlockTrie
 
     trie = BlockTrie()
     for order in orders:
         trie.insert(order, [float(weights[b]) for b in order])
-    assert _tree_size(orders) == trie.size
-    assert _tree_measure(orders, [float(x) for x in weights]) == (trie.size, _live_weight(trie))
+    assert tree_size(orders) == trie.size
+    assert tree_measure(orders, [float(x) for x in weights]) == (trie.size, live_weight(trie))
 
 
 @settings(max_examples=200, deadline=None)
@@ -341,7 +341,7 @@ def test_unit_weight_partner_search_matches_the_general_one(hot_cap):
     """The unit-weight shortcut (counts as exact scores, ties from the rarest postings)
     merges exactly as the general path: uniform weight 2 takes the general path and
     scales every score alike. hot_cap=12 mixes both paths (requests with hot blocks)."""
-    from cp_engine.planner import _cluster_by_postings
+    from cp_engine.planner_merge import cluster_by_postings
 
     rng = random.Random(3)
     # Blocks 0-2 are in a third of the requests each half the time: hot at hot_cap=12.
@@ -349,8 +349,8 @@ def test_unit_weight_partner_search_matches_the_general_one(hot_cap):
             for i in range(200)]
     freq = Counter(b for s in sets for b in s)
     freq = [freq[b] for b in range(120)]
-    unit = _cluster_by_postings(sets, [1.0] * 120, freq, hot_cap=hot_cap)
-    general = _cluster_by_postings(sets, [2.0] * 120, freq, hot_cap=hot_cap)
+    unit = cluster_by_postings(sets, [1.0] * 120, freq, hot_cap=hot_cap)
+    general = cluster_by_postings(sets, [2.0] * 120, freq, hot_cap=hot_cap)
     assert unit == general
     assert [sorted(o) for o in unit] == [sorted(s) for s in sets]
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cp_engine import planner
-from cp_engine.planner import _cluster_by_postings, _popularity_rank, _tail_order
+from cp_engine import planner, planner_greedy, planner_local, planner_merge, planner_tree
+from cp_engine.planner_merge import cluster_by_postings
+from cp_engine.planner_tree import popularity_rank, tail_order
 from cp_engine.planner_counts import SharedCounts
 from cp_engine.planner_postings import Postings
 from cp_engine.trie import BlockTrie
@@ -31,11 +32,11 @@ def zipf_sets(seed, n, corpus, k):
 def force_table(monkeypatch, on: bool):
     if on:  # every question goes to the table
         for name in ("_TABLE_MIN_POSTINGS", "_TABLE_MIN_RANKED"):
-            monkeypatch.setattr(planner, name, -1)
+            monkeypatch.setattr(planner_merge, name, -1)
         for name in ("_TABLE_COLUMNS_PER_POSTING", "_TABLE_COLUMNS_PER_RANKED"):
-            monkeypatch.setattr(planner, name, 10**9)
+            monkeypatch.setattr(planner_merge, name, 10**9)
     else:
-        monkeypatch.setattr(planner, "_shared_counts", lambda *args: None)
+        monkeypatch.setattr(planner_merge, "_shared_counts", lambda *args: None)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -53,11 +54,11 @@ def assert_table_merges_as_posting_lists(sets, hot_cap, monkeypatch):
     w = [1.0] * len(freq)
     with monkeypatch.context() as m:
         force_table(m, on=False)
-        want = _cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
+        want = cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
     with monkeypatch.context() as m:
         force_table(m, on=True)
-        assert planner._shared_counts(sets, freq) is not None
-        got = _cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
+        assert planner_merge._shared_counts(sets, freq) is not None
+        got = cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
     assert got == want
 
 
@@ -122,7 +123,7 @@ def test_popularity_rank_sorts_as_frequency_then_id(blocks):
     for b in blocks:
         freq[b] += 1
     tail = list(dict.fromkeys(blocks))
-    assert _tail_order(tail, _popularity_rank(freq)) == sorted(tail, key=lambda b: (-freq[b], b))
+    assert tail_order(tail, popularity_rank(freq)) == sorted(tail, key=lambda b: (-freq[b], b))
 
 
 def greedy_by_definition(sets, w):
@@ -167,16 +168,16 @@ def test_greedy_split_matches_its_definition(sets, w, paths):
     scan, pad = paths
     want = greedy_by_definition(sets, w)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(planner, "_GREEDY_SCAN_GROUP", scan)
-        m.setattr(planner, "_SPLIT_PAD", pad)
-        assert planner._greedy_prefixes(sets, w).prefix == want
-        got = planner._greedy_prefixes(sets, w, Postings(sets, 13))
+        m.setattr(planner_greedy, "_GREEDY_SCAN_GROUP", scan)
+        m.setattr(planner_greedy, "_SPLIT_PAD", pad)
+        assert planner_greedy.greedy_prefixes(sets, w).prefix == want
+        got = planner_greedy.greedy_prefixes(sets, w, Postings(sets, 13))
     assert got.prefix == want
     assert got.rest == [set(s) - set(p) for s, p in zip(sets, want)]
     rank = list(range(13))
     orders = got.orders(rank)
-    assert got.tree(None) == planner._tree_measure(orders)
-    assert got.tree(w) == planner._tree_measure(orders, w)
+    assert got.tree(None) == planner_tree.tree_measure(orders)
+    assert got.tree(w) == planner_tree.tree_measure(orders, w)
 
 
 @settings(max_examples=100, deadline=None)
@@ -188,9 +189,9 @@ def test_greedy_split_with_unit_weights_matches_its_definition(sets, paths):
     scan, pad = paths
     w = [1.0] * 13
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(planner, "_GREEDY_SCAN_GROUP", scan)
-        m.setattr(planner, "_SPLIT_PAD", pad)
-        got = planner._greedy_prefixes(sets, w, Postings(sets, 13))
+        m.setattr(planner_greedy, "_GREEDY_SCAN_GROUP", scan)
+        m.setattr(planner_greedy, "_SPLIT_PAD", pad)
+        got = planner_greedy.greedy_prefixes(sets, w, Postings(sets, 13))
     assert got.prefix == greedy_by_definition(sets, w)
 
 
@@ -208,16 +209,16 @@ def test_local_search_with_known_sorted_tails_is_the_same(seed, weighted):
             freq[b] += 1
     w = [1.0 + (b % 4) if weighted else 1.0 for b in range(universe)]
     hint: list[int] = []
-    orders = _cluster_by_postings(sets, w, freq, hot_cap=10**9, sorted_from=hint)
-    rank = _popularity_rank(freq)
-    assert all(_tail_order(o[k:], rank) == o[k:] for o, k in zip(orders, hint))
+    orders = cluster_by_postings(sets, w, freq, hot_cap=10**9, sorted_from=hint)
+    rank = popularity_rank(freq)
+    assert all(tail_order(o[k:], rank) == o[k:] for o, k in zip(orders, hint))
     runs = []
     for known in (hint, None):
         trie = BlockTrie()
         got = [list(o) for o in orders]
         paths = trie.insert_all(got, w)
-        passes = planner._local_search(trie, got, paths, w, freq, 3, rank=rank,
-                                       sorted_from=list(known) if known is not None else None)
+        passes = planner_local.local_search(trie, got, paths, w, freq, 3, rank=rank,
+                                           sorted_from=list(known) if known is not None else None)
         runs.append((got, paths, passes, vars(trie)))
     assert runs[0] == runs[1]
 
@@ -239,7 +240,7 @@ def test_a_request_said_to_stay_is_where_the_tree_search_leaves_it(sets, rnd):
         at = next((i + 1 for i in range(len(path) - 1, -1, -1) if trie.refs[path[i]] >= 2), 0)
         shared = path[at - 1] if at else 0
         members = set(order)
-        if planner._stays(overlaps[r], at, shared, members, paths, orders):
+        if planner_local._stays(overlaps[r], at, shared, members, paths, orders):
             assert trie.deepest_contained(members, without=path, known=shared) == shared
 
 
@@ -247,7 +248,7 @@ def test_a_request_said_to_stay_is_where_the_tree_search_leaves_it(sets, rnd):
 def test_plans_are_the_same_with_and_without_the_stay_test(seed, monkeypatch):
     contexts = zipf_sets(200 + seed, n=400, corpus=150, k=10)
     with monkeypatch.context() as m:
-        m.setattr(planner, "_stays", lambda *a: False)
+        m.setattr(planner_local, "_stays", lambda *a: False)
         want = planner.plan_batch(contexts, local_search_passes=3)
     got = planner.plan_batch(contexts, local_search_passes=3)
     assert got == want and got.stats == want.stats
@@ -260,9 +261,9 @@ def test_plans_are_the_same_with_and_without_the_stay_test_where_blocks_are_hot(
     contexts = zipf_sets(300 + seed, n=400, corpus=150, k=10)
     freq = Counter(b for c in contexts for b in c)
     cap = sorted(freq.values())[-4]  # the three most popular blocks are hot
-    monkeypatch.setattr(planner, "_cluster_cap", lambda f: cap)
+    monkeypatch.setattr(planner, "cluster_cap", lambda f: cap)  # plan_batch looks it up in planner
     with monkeypatch.context() as m:
-        m.setattr(planner, "_stays", lambda *a: False)
+        m.setattr(planner_local, "_stays", lambda *a: False)
         want = planner.plan_batch(contexts, local_search_passes=3)
     got = planner.plan_batch(contexts, local_search_passes=3)
     assert 0 < sum(any(freq[b] > cap for b in c) for c in contexts) < len(contexts)
@@ -274,16 +275,16 @@ def cluster_cap_by_definition(freq):
     if shared == 0:
         return None
     for cap in sorted({max(freq), 2048, 1024, 512, 256, 128}, reverse=True):
-        if sum(f * f for f in freq if 1 < f <= cap) <= planner._CLUSTER_WORK_BUDGET:
+        if sum(f * f for f in freq if 1 < f <= cap) <= planner_merge._CLUSTER_WORK_BUDGET:
             hot = sum(f - 1 for f in freq if f > cap)
-            return cap if hot <= planner._HOT_SHARE_LIMIT * shared else None
+            return cap if hot <= planner_merge._HOT_SHARE_LIMIT * shared else None
     return None
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(st.integers(1, 3), st.integers(1, 300), st.integers(1, 5000)), min_size=1, max_size=400))
 def test_cluster_cap_in_numpy_is_the_python_sums(freq):
-    assert planner._cluster_cap(freq) == cluster_cap_by_definition(freq)
+    assert planner_merge.cluster_cap(freq) == cluster_cap_by_definition(freq)
 
 
 def depth_first_by_definition(trie, paths):
@@ -305,7 +306,7 @@ def depth_first_by_definition(trie, paths):
 def test_schedule_skipping_single_request_chains_is_the_full_walk(orders):
     trie = BlockTrie()
     paths = trie.insert_all(orders, lambda b: 1.0)
-    assert planner._depth_first_order(trie, paths) == depth_first_by_definition(trie, paths)
+    assert planner_tree.depth_first_order(trie, paths) == depth_first_by_definition(trie, paths)
 
 
 @settings(max_examples=100, deadline=None)

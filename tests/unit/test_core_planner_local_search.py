@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from cp_engine import planner
+from cp_engine import planner_local
 from cp_engine.planner import plan_batch
 
 
@@ -25,7 +25,7 @@ def test_skipping_unaffected_requests_gives_the_plan_of_searching_all(seed, stra
     contexts = workload(seed)
     lengths = {b: 1 + b % 7 for c in contexts for b in c} if seed % 2 else None
     skipped = plan_batch(contexts, token_lengths=lengths, strategy=strategy, local_search_passes=4)
-    monkeypatch.setattr(planner._MoveLog, "touches", lambda self, *a: True)
+    monkeypatch.setattr(planner_local._MoveLog, "touches", lambda self, *a: True)
     searched = plan_batch(contexts, token_lengths=lengths, strategy=strategy, local_search_passes=4)
     assert skipped == searched
     assert skipped.stats == searched.stats

@@ -5,7 +5,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cp_engine.planner import _cluster_by_postings
+from cp_engine.planner_merge import cluster_by_postings
 from cp_engine.planner_overlap import first_partners
 
 
@@ -66,8 +66,8 @@ def test_requeue_from_ties_merges_as_a_full_recount():
         for s in sets:
             for b in s:
                 counts[b] += 1
-        unit = _cluster_by_postings(sets, [1.0] * corpus, counts, hot_cap=10**9)
-        general = _cluster_by_postings(sets, [2.0] * corpus, counts, hot_cap=10**9)
+        unit = cluster_by_postings(sets, [1.0] * corpus, counts, hot_cap=10**9)
+        general = cluster_by_postings(sets, [2.0] * corpus, counts, hot_cap=10**9)
         assert unit == general
 
 
@@ -143,7 +143,7 @@ def test_clustering_with_and_without_the_hot_picks(seed, hot_cap, monkeypatch):
     for s in sets:
         for b in s:
             counts[b] += 1
-    got = _cluster_by_postings(sets, [1.0] * 80, counts, hot_cap=hot_cap, overlaps=[])
+    got = cluster_by_postings(sets, [1.0] * 80, counts, hot_cap=hot_cap, overlaps=[])
     monkeypatch.setattr(planner_overlap._HotPicks, "for_batch", classmethod(lambda cls, *a: None))
-    want = _cluster_by_postings(sets, [1.0] * 80, counts, hot_cap=hot_cap, overlaps=[])
+    want = cluster_by_postings(sets, [1.0] * 80, counts, hot_cap=hot_cap, overlaps=[])
     assert got == want

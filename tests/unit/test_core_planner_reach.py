@@ -5,7 +5,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cp_engine import planner
+from cp_engine import planner_local
 from cp_engine.planner import plan_batch
 from cp_engine.planner_counts import SharedCounts
 from cp_engine.planner_reach import Membership, could_move
@@ -55,10 +55,10 @@ def zipf_batch(seed, n, corpus, k):
 def test_plans_are_the_same_with_and_without_the_known_stays(seed, monkeypatch):
     contexts = zipf_batch(seed, n=300, corpus=120, k=12)
     with monkeypatch.context() as m:
-        m.setattr(planner, "_REACH_MIN_PAIRS", 0)  # always
+        m.setattr(planner_local, "_REACH_MIN_PAIRS", 0)  # always
         known = plan_batch(contexts, local_search_passes=3)
     with monkeypatch.context() as m:
-        m.setattr(planner._KnownStays, "pays", classmethod(lambda cls, freq, n: False))
-        m.setattr(planner, "_stays", lambda *a: False)  # a tree search for every request
+        m.setattr(planner_local._KnownStays, "pays", classmethod(lambda cls, freq, n: False))
+        m.setattr(planner_local, "_stays", lambda *a: False)  # a tree search for every request
         searched = plan_batch(contexts, local_search_passes=3)
     assert known == searched and known.stats == searched.stats
