@@ -296,8 +296,9 @@ def table(data: dict) -> str:
     if "hook_cpu_us_per_call" in s:
         out += ["", "The plugin's request path measured inside the server (the rewrite hook and the settling of "
                     "its answer, thread CPU counted by the hook itself, `cp_engine_hook_cpu_seconds` / "
-                    f"`cp_engine_hook_calls`): {cell(s['hook_cpu_us_per_call'])} µs per rewritten request "
-                    "(plugin rounds)."]
+                    f"`cp_engine_hook_calls`): {cell(s['hook_cpu_us_per_call'])} µs per request through the "
+                    "hooks (plugin rounds; every chat and completion request passes, an unmarked one leaves "
+                    "after its fields are read)."]
     if "idle_api_cpu_ms_per_s" in data:
         out += ["", "Idle API server CPU (ms per s, no request in flight): " +
                 ", ".join(f"{k} {v}" for k, v in data["idle_api_cpu_ms_per_s"].items()) + "."]

@@ -76,7 +76,7 @@ def test_ab_summary_reports_the_hooks_own_cpu_from_plugin_rounds_only():
     assert s["hook_cpu_us_per_call"] == {"median": 170.0, "min": 150.0, "max": 190.0}
     table = ab.table({"summary": s, "rounds": rounds,
                       "config": {"traffic": "soak", "pairs": 2, "round_s": 60, "clients": 64, "host": "h"}})
-    assert "170 (150..190) µs per rewritten request" in table
+    assert "170 (150..190) µs per request through the hooks" in table
 
 
 class _Server:
