@@ -6,7 +6,9 @@ connection, naming its pid) is asked on new connections until both API server
 processes have answered. Each must hold the request's path: without the echo only
 the process that rendered it does. Then the same blocks in other orders, on new
 connections, must all be served from the first request's cache, whichever API server
-renders them. Marked slow (its own server configuration).
+renders them. With blend on, rotated blocks kept in retrieval order must be claimed from
+the block store whichever API server renders them. Marked slow (its own server
+configurations).
 """
 from __future__ import annotations
 
@@ -54,3 +56,31 @@ def test_every_api_server_holds_the_path_another_one_rendered():
             cached.append((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         # all but the question's KV block come from the first request's cache
         assert min(cached) >= 0.8 * first["prompt_tokens"], f"cached tokens {cached} of {first['prompt_tokens']}"
+
+
+def _blend_ask(srv: VllmServer, docs: list[str]) -> dict:
+    body = {"model": srv.model, "max_tokens": 4, "temperature": 0.0, "context_blocks": docs,
+            "context_keep_order": True, "messages": [{"role": "user", "content": "Which subject comes first?"}]}
+    r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300, headers={"Connection": "close"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_blend_reuses_moved_blocks_whichever_api_server_renders_them():
+    """Blend with two API servers: each tokenizes its own requests' blocks exactly, and
+    EngineCore's block store serves blocks stored from the other's requests. Blocks kept
+    in retrieval order and rotated share no prefix with earlier requests past the system
+    prompt, so the claimed (cached) tokens are blend's. Ratio 1 recomputes every claimed
+    token, so asking the same order again gives the same answer."""
+    env = {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_DEPTH": "1"}
+    with started(VllmServer(tiny_model_dir(), extra_args=("--api-server-count", "2"), env=env,
+                            name="api2-blend")) as srv:
+        _blend_ask(srv, DOCS)
+        for shift in range(1, 5):
+            docs = DOCS[shift:] + DOCS[:shift]
+            moved = _blend_ask(srv, docs)
+            usage = moved["usage"]
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            assert cached >= 0.6 * usage["prompt_tokens"], f"shift {shift}: cached {cached} of {usage}"
+            again = _blend_ask(srv, docs)
+            assert again["choices"][0]["message"]["content"] == moved["choices"][0]["message"]["content"]

@@ -11,7 +11,9 @@ server). Both API servers' views must hold the path under rank 1's namespace (th
 core that admitted it echoes it). Then a burst of the same documents at once: the load
 bound (``CP_ENGINE_DP_LOAD_FACTOR``, 1.25) lets rank 1 take only its share of the
 requests in flight, so some go to rank 0 and its view gets the path too (with no bound
-every one of them went to rank 1). Marked slow (its own server configuration).
+every one of them went to rank 1). With blend on, moved blocks are reused on the rank
+whose block store holds them, and only there. Marked slow (its own server
+configurations).
 """
 from __future__ import annotations
 
@@ -69,3 +71,28 @@ def test_plugin_runs_in_both_engine_cores_and_both_api_servers():
         spilled = [pid for pid, view in index_views(srv).items()
                    if any(IDS == set(p) for ns, ps in view["paths"].items() if ns.endswith("|dp0") for p in ps)]
         assert spilled, "a burst of one hot block set all went to rank 1: no load bound"
+
+
+def test_blend_follows_its_blocks_to_the_rank_that_stored_them():
+    """Blend with two data-parallel ranks: each engine core has its own block store, so
+    moved blocks are reused on the rank that stored them and only there. The documents,
+    kept in retrieval order, go to rank 1 and then rotated to rank 1 again (claimed from
+    its store) and once to rank 0 (whose store never saw them: computed in full)."""
+    env = {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_DEPTH": "1"}
+    with started(VllmServer(tiny_model_dir(), extra_args=("--data-parallel-size", "2"), env=env,
+                            name="dp2-blend")) as srv:
+        def ask(docs: list[str], rank: int) -> tuple[int, int]:
+            """(cached, prompt) tokens of one request pinned to ``rank``, blocks in the given order."""
+            body = {"model": srv.model, "max_tokens": 2, "temperature": 0.0, "context_blocks": docs,
+                    "context_keep_order": True, "messages": [{"role": "user", "content": "Which item comes first?"}]}
+            r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
+                              headers={"Connection": "close", "X-data-parallel-rank": str(rank)})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0), usage["prompt_tokens"]
+
+        ask(DOCS, 1)
+        on_rank = [ask(DOCS[s:] + DOCS[:s], 1) for s in range(1, 4)]
+        assert all(c >= 0.6 * n for c, n in on_rank), f"rank 1 did not reuse its stored blocks: {on_rank}"
+        other = ask(DOCS[2:] + DOCS[:2], 0)
+        assert other[0] < 0.3 * other[1], f"rank 0 claimed blocks only rank 1 stored: {other}"
