@@ -77,16 +77,19 @@ def test_blend_follows_its_blocks_to_the_rank_that_stored_them():
     """Blend with two data-parallel ranks: each engine core has its own block store, so
     moved blocks are reused on the rank that stored them and only there. The documents,
     kept in retrieval order, go to rank 1 and then rotated to rank 1 again (claimed from
-    its store) and once to rank 0 (whose store never saw them: computed in full)."""
+    its store) and once to rank 0 (whose store never saw them: computed in full); then,
+    unpinned, rotations go to a rank whose view recorded the blocks and are claimed."""
     env = {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_DEPTH": "1"}
     with started(VllmServer(tiny_model_dir(), extra_args=("--data-parallel-size", "2"), env=env,
                             name="dp2-blend")) as srv:
-        def ask(docs: list[str], rank: int) -> tuple[int, int]:
-            """(cached, prompt) tokens of one request pinned to ``rank``, blocks in the given order."""
+        def ask(docs: list[str], rank: int | None) -> tuple[int, int]:
+            """(cached, prompt) tokens of one request pinned to ``rank`` (None: the plugin
+            picks), blocks in the given order."""
             body = {"model": srv.model, "max_tokens": 2, "temperature": 0.0, "context_blocks": docs,
                     "context_keep_order": True, "messages": [{"role": "user", "content": "Which item comes first?"}]}
+            pin = {} if rank is None else {"X-data-parallel-rank": str(rank)}
             r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
-                              headers={"Connection": "close", "X-data-parallel-rank": str(rank)})
+                              headers={"Connection": "close", **pin})
             assert r.status_code == 200, r.text
             usage = r.json()["usage"]
             return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0), usage["prompt_tokens"]
@@ -96,3 +99,8 @@ def test_blend_follows_its_blocks_to_the_rank_that_stored_them():
         assert all(c >= 0.6 * n for c, n in on_rank), f"rank 1 did not reuse its stored blocks: {on_rank}"
         other = ask(DOCS[2:] + DOCS[:2], 0)
         assert other[0] < 0.3 * other[1], f"rank 0 claimed blocks only rank 1 stored: {other}"
+        # Unpinned, the rank choice finds the recorded path of these blocks (any order);
+        # rank 0 has recorded them too now, and either rank's store holds them.
+        time.sleep(1.0)  # the echoes cross the local channel
+        free = [ask(DOCS[s:] + DOCS[:s], None) for s in (1, 3)]
+        assert all(c >= 0.6 * n for c, n in free), f"unpinned rotations missed the stores: {free}"
