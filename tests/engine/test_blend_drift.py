@@ -116,8 +116,8 @@ def test_scheduler_call_sites():
     # (before update_state_after_alloc) unless delay_cache_blocks: the marking must precede it.
     assert "delay_cache_blocks" in _params(KVCacheManager.allocate_slots)
     assert "num_external_computed_tokens" in _params(KVCacheManager.allocate_slots)
-    # 0.30+: the step says it has synchronous loads (the worker then loads before the
-    # forward); 0.27-0.29 load before every forward (test_worker_call_sites_...).
+    # 0.29+: the step says it has synchronous loads (the worker then loads before the
+    # forward); 0.27-0.28 load before every forward (test_worker_call_sites_...).
     if "has_sync_kv_loads" in SchedulerOutput.__dataclass_fields__:
         assert "has_sync_kv_loads = True" in src
 
@@ -148,10 +148,10 @@ def test_worker_call_sites_reach_the_cpu_runner():
     # The connector's loads must land before this step's forward (inside the yield).
     start = "kv_connector.start_load_kv(get_forward_context())"
     assert start in mixin
-    if "start_after_forward" in mixin:  # 0.30+: before the forward when the step has sync loads
+    if "start_after_forward" in mixin:  # 0.29+: before the forward when the step has sync loads
         assert "start_after_forward = not scheduler_output.has_sync_kv_loads" in mixin
         assert "if not start_after_forward:\n" in mixin.split("yield output")[0]
-    else:  # 0.27-0.29: always before the forward
+    else:  # 0.27-0.28: always before the forward
         assert mixin.index(start) < mixin.index("yield output")
     layer = _source(kv_transfer_utils.maybe_transfer_kv_layer)
     assert "connector.wait_for_layer_load(layer_name)" in layer

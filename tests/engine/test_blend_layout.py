@@ -60,8 +60,8 @@ def attention_modules(model):
 
 
 def layer_isa(layer) -> str:
-    """The CPU kernel's ISA for ``layer``, chosen as the connector chooses it (vLLM 0.32
-    keeps it on the layer; 0.27-0.31 only on the backend's metadata builder)."""
+    """The CPU kernel's ISA for ``layer``, chosen as the connector chooses it (vLLM 0.29+
+    keeps it on the layer; 0.27-0.28 only on the backend's metadata builder)."""
     return CpuCacheOp.for_layer(layer, torch.float32, 128, 64).isa
 
 
@@ -210,7 +210,7 @@ def test_read_returns_what_the_model_computed(engine):
         for h in handles:
             h.remove()
     kv = paged(worker)
-    # use_kernels=False: transformers 5.23 (beside vLLM 0.27-0.30) defaults to hub kernels
+    # use_kernels=False: transformers 5.23-5.24 (beside vLLM 0.27-0.30) defaults to hub kernels
     # and refuses to load without the `kernels` package.
     hf = AutoModelForCausalLM.from_pretrained(vs.tiny_model_dir(), dtype=torch.float32, use_kernels=False)
     with torch.inference_mode():
