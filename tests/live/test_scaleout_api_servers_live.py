@@ -27,13 +27,19 @@ DOCS = [f"Document {i}. " + " ".join(f"fact {i}-{j} about subject {i}." for j in
 IDS = {f"{block_id(d):016x}" for d in DOCS}
 
 
-def _ask(srv: VllmServer, docs: list[str]) -> dict:
-    body = {"model": srv.model, "max_tokens": 2, "temperature": 0.0, "context_blocks": docs,
-            "messages": [{"role": "user", "content": "Which subject comes first?"}]}
+def _chat(srv: VllmServer, docs: list[str], max_tokens: int = 2, **fields) -> dict:
+    """The answer to one greedy chat request with ``docs`` as its blocks (``fields``
+    added to the body), on a new connection."""
+    body = {"model": srv.model, "max_tokens": max_tokens, "temperature": 0.0, "context_blocks": docs,
+            "messages": [{"role": "user", "content": "Which subject comes first?"}], **fields}
     r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
                       headers={"Connection": "close"})  # a new connection per request
     assert r.status_code == 200, r.text
-    return r.json()["usage"]
+    return r.json()
+
+
+def _ask(srv: VllmServer, docs: list[str]) -> dict:
+    return _chat(srv, docs)["usage"]
 
 
 def test_every_api_server_holds_the_path_another_one_rendered():
@@ -58,14 +64,6 @@ def test_every_api_server_holds_the_path_another_one_rendered():
         assert min(cached) >= 0.8 * first["prompt_tokens"], f"cached tokens {cached} of {first['prompt_tokens']}"
 
 
-def _blend_ask(srv: VllmServer, docs: list[str]) -> dict:
-    body = {"model": srv.model, "max_tokens": 4, "temperature": 0.0, "context_blocks": docs,
-            "context_keep_order": True, "messages": [{"role": "user", "content": "Which subject comes first?"}]}
-    r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300, headers={"Connection": "close"})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 def test_blend_reuses_moved_blocks_whichever_api_server_renders_them():
     """Blend with two API servers: each tokenizes its own requests' blocks exactly, and
     EngineCore's block store serves blocks stored from the other's requests. Blocks kept
@@ -75,12 +73,12 @@ def test_blend_reuses_moved_blocks_whichever_api_server_renders_them():
     env = {"CP_ENGINE_BLEND": "1", "CP_ENGINE_BLEND_RATIO": "1.0", "CP_ENGINE_BLEND_STORE_DEPTH": "1"}
     with started(VllmServer(tiny_model_dir(), extra_args=("--api-server-count", "2"), env=env,
                             name="api2-blend")) as srv:
-        _blend_ask(srv, DOCS)
+        _chat(srv, DOCS, 4, context_keep_order=True)
         for shift in range(1, 5):
             docs = DOCS[shift:] + DOCS[:shift]
-            moved = _blend_ask(srv, docs)
+            moved = _chat(srv, docs, 4, context_keep_order=True)
             usage = moved["usage"]
             cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             assert cached >= 0.6 * usage["prompt_tokens"], f"shift {shift}: cached {cached} of {usage}"
-            again = _blend_ask(srv, docs)
+            again = _chat(srv, docs, 4, context_keep_order=True)
             assert again["choices"][0]["message"]["content"] == moved["choices"][0]["message"]["content"]

@@ -33,14 +33,24 @@ DOCS = [f"Record {i}. " + " ".join(f"detail {i}-{j} of item {i}." for j in range
 IDS = {f"{block_id(d):016x}" for d in DOCS}
 
 
-def _ask(srv: VllmServer, docs: list[str], headers: dict | None = None, tokens: int = 2) -> int:
-    """Cached prompt tokens of one greedy request of ``tokens`` output tokens on a new connection."""
+def _usage(srv: VllmServer, docs: list[str], headers: dict | None = None, tokens: int = 2, **fields) -> dict:
+    """Usage of one greedy request of ``tokens`` output tokens (``fields`` added to the
+    body) on a new connection."""
     body = {"model": srv.model, "max_tokens": tokens, "ignore_eos": True, "temperature": 0.0,
-            "context_blocks": docs, "messages": [{"role": "user", "content": "Which item comes first?"}]}
+            "context_blocks": docs, "messages": [{"role": "user", "content": "Which item comes first?"}], **fields}
     r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
                       headers={"Connection": "close", **(headers or {})})
     assert r.status_code == 200, r.text
-    return int((r.json()["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return r.json()["usage"]
+
+
+def _cached(usage: dict) -> int:
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+def _ask(srv: VllmServer, docs: list[str], headers: dict | None = None, tokens: int = 2) -> int:
+    """Cached prompt tokens of one greedy request of ``tokens`` output tokens on a new connection."""
+    return _cached(_usage(srv, docs, headers, tokens))
 
 
 def test_plugin_runs_in_both_engine_cores_and_both_api_servers():
@@ -85,14 +95,9 @@ def test_blend_follows_its_blocks_to_the_rank_that_stored_them():
         def ask(docs: list[str], rank: int | None) -> tuple[int, int]:
             """(cached, prompt) tokens of one request pinned to ``rank`` (None: the plugin
             picks), blocks in the given order."""
-            body = {"model": srv.model, "max_tokens": 2, "temperature": 0.0, "context_blocks": docs,
-                    "context_keep_order": True, "messages": [{"role": "user", "content": "Which item comes first?"}]}
-            pin = {} if rank is None else {"X-data-parallel-rank": str(rank)}
-            r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=300,
-                              headers={"Connection": "close", **pin})
-            assert r.status_code == 200, r.text
-            usage = r.json()["usage"]
-            return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0), usage["prompt_tokens"]
+            pin = None if rank is None else {"X-data-parallel-rank": str(rank)}
+            usage = _usage(srv, docs, pin, context_keep_order=True)
+            return _cached(usage), usage["prompt_tokens"]
 
         ask(DOCS, 1)
         on_rank = [ask(DOCS[s:] + DOCS[:s], 1) for s in range(1, 4)]
