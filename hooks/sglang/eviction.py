@@ -12,8 +12,9 @@ alike because it uses only their KV-event recorder, never node-deletion internal
   the user's publisher is off, so the queue stays bounded;
 - ``track_req`` (an ordering observer) hashes a marked request's prompt pages with
   SGLang's own event hash, so ``BlockRemoved`` hashes map to context-block paths
-  through ``cp_engine.eviction_mapping.EvictionMapper``; the resulting ``evict_path`` / ``reset``
-  messages go over ``hooks.channel`` (non-blocking, never raises).
+  through ``cp_engine.eviction_mapping.EvictionMapper``; the prefixes one batch of
+  events breaks leave as one message (``evict_path``, or ``evict_paths`` for several),
+  a cache clear as ``reset``, over ``hooks.channel`` (non-blocking, never raises).
 Requests with a cache salt or extra key (LoRA) publish namespaced hashes: they are not
 tracked (the index then stays optimistic for them, which only costs ordering quality).
 """
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from array import array
 from typing import Any, Callable
 
 from cp_engine.eviction_mapping import EvictionMapper
 
 from .. import faults, metrics
-from ..channel import engine_sender, hex_ids
+from ..channel import engine_sender, eviction_messages, hex_ids
 from . import hints as _hints
 
 __all__ = ["around_cache_init", "after_take_events", "around_publish", "track_req", "mapper",
@@ -36,9 +38,30 @@ __all__ = ["around_cache_init", "after_take_events", "around_publish", "track_re
 _lock = threading.Lock()
 _mappers: dict[int, EvictionMapper] = {}
 _forced: "set[int]" = set()  # id() of caches whose recorder we switched on
-# Page sizes with stores since the last clear: a clear of an empty cache (every cache
-# records one at construction) must not wipe requests tracked in the meantime.
-_dirty: "set[int]" = set()
+# Caches with stores since their own last clear: a clear of an empty cache (every cache
+# records one at construction) must not wipe requests tracked in the meantime. Kept
+# per cache, not per page size: a second cache of the same page size in the process
+# (built later, still empty) must neither reset the index nor mark the first one clean.
+_dirty: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_dirty_ids: "set[int]" = set()  # id() of caches that take no weak reference
+
+
+def _mark_dirty(cache: Any) -> None:
+    try:
+        _dirty.add(cache)
+    except TypeError:
+        _dirty_ids.add(id(cache))
+
+
+def _take_dirty(cache: Any) -> bool:
+    """Whether ``cache`` stored blocks since its last clear; it counts as clean after."""
+    if id(cache) in _dirty_ids:
+        _dirty_ids.discard(id(cache))
+        return True
+    if cache in _dirty:  # False for an object that takes no weak reference
+        _dirty.discard(cache)
+        return True
+    return False
 
 
 def mapper(page_size: int) -> EvictionMapper:
@@ -54,6 +77,7 @@ def reset_for_tests() -> None:
         _mappers.clear()
         _forced.clear()
         _dirty.clear()
+        _dirty_ids.clear()
 
 
 def _enabled() -> bool:
@@ -89,36 +113,42 @@ def around_cache_init(wrapped: Callable, instance: Any, args: tuple, kwargs: dic
 
 
 # -- event tap -----------------------------------------------------------------------
-def forward_events(events: list, page_size: int) -> int:
-    """Apply one batch of SGLang KV events to the mapper; returns messages sent."""
+def forward_events(events: list, page_size: int, cache: Any) -> int:
+    """Apply one batch of ``cache``'s KV events to the mapper; returns messages sent."""
     from sglang.srt.disaggregation.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
     m = mapper(page_size)
     sender = engine_sender()
     sent = 0
+    held: list[tuple[str, list[str]]] = []  # the batch's broken prefixes: one message, not one each
+
+    def send_held() -> int:
+        n = sum(sender.send(msg) for msg in eviction_messages(held)) if held else 0
+        held.clear()
+        return n
+
     for ev in events:
         if isinstance(ev, BlockStored):
-            _dirty.add(page_size)
+            _mark_dirty(cache)
             for h in ev.block_hashes:
                 m.stored(h)
         elif isinstance(ev, BlockRemoved):
             for h in ev.block_hashes:
                 hit = m.removed(h)
                 if hit is not None:
-                    ns, path = hit
-                    sent += sender.send({"op": "evict_path", "ns": ns, "path": hex_ids(path)})
-        elif isinstance(ev, AllBlocksCleared) and page_size in _dirty:
-            _dirty.discard(page_size)
+                    held.append((hit[0], hex_ids(hit[1])))
+        elif isinstance(ev, AllBlocksCleared) and _take_dirty(cache):
             m.reset()
+            held.clear()  # the reset supersedes them
             sent += sender.send({"op": "reset"})
-    return sent
+    return sent + send_held()
 
 
 @faults.stall_watched("sglang_evictions")
 def _tap(events: Any, instance: Any) -> None:
     faults.check_fault("sglang_evictions")
     if _enabled():
-        forward_events(list(events), int(getattr(instance, "page_size", 1) or 1))
+        forward_events(list(events), int(getattr(instance, "page_size", 1) or 1), instance)
 
 
 def after_take_events(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:

@@ -136,6 +136,32 @@ def test_full_eviction_and_reset(kind, page_size, plugged):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_new_cache_of_same_page_size_does_not_reset_the_index(kind, plugged):
+    """Every cache records a clear at construction. A second cache in the process, built
+    while the first holds stored blocks, is empty: its clear sends nothing (checked at the
+    send, no receiver timing involved) and leaves the first one dirty, so a real clear of
+    the first still resets the index."""
+    pipe = plugged
+    first, alloc = build_cache(kind, events=False)
+    first.take_events()  # its own construction clear: nothing stored yet
+    prep, tokens, req = _marked(pipe, ["north " * 40, "south " * 40], "N")
+    _policy(first).calc_priority([req])
+    insert(first, alloc, tokens)
+    first.take_events()  # BlockStored: the first cache is dirty
+    path, ns = prep.index_path(), prep.namespace
+    sent = metrics.value("channel_sent")
+    second, _ = build_cache(kind, events=False)
+    second.take_events()
+    assert metrics.value("channel_sent") == sent  # no reset for an empty cache's clear
+    assert pipe.index.match_length(path, ns) == 2
+    first.reset()
+    first.take_events()
+    assert metrics.value("channel_sent") == sent + 1  # the first cache's clear is a real one
+    assert _wait(lambda: pipe.index.match_length(path, ns) == 0)
+    assert metrics.value("cache_resets_applied") == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_user_publisher_sees_unchanged_events(kind, plugged):
     """With --kv-events-config set by the user, take_events hands SGLang the same events."""
     cache, alloc = build_cache(kind, events=True)
