@@ -9,7 +9,8 @@ Contract:
 - wire format: one JSON object per message (UTF-8, at most ``MAX_MESSAGE_BYTES``),
   ``{"v": 1, "op": ...}`` with plain fields only; nothing is ever unpickled.
   Ops: ``evict_path`` (``ns`` str, ``path`` list of 16-hex-digit block ids),
-  ``evict`` (``rid`` str, ``from`` int >= 0), ``reset``, ``metrics`` (``items``:
+  ``evict_paths`` (``items``: ``[ns, path]`` pairs, what one engine step evicted; at
+  most ``MAX_BATCH_PATHS`` pairs and ``MAX_PATH`` ids in all), ``evict`` (``rid`` str, ``from`` int >= 0), ``reset``, ``metrics`` (``items``:
   ``[name, {label: value}, delta]`` triples), ``record`` (``ns``, ``rid``, ``path``
   and ``ends``: non-decreasing token ends, one per block; a request EngineCore
   admitted, for the indexes of the other API servers, ``hooks/vllm/share.py``).
@@ -48,7 +49,7 @@ from . import faults, metrics
 
 __all__ = [
     "MAX_MESSAGE_BYTES", "ChannelError", "Sender", "Receiver", "socket_dir", "socket_path",
-    "parse_message", "encode", "hex_ids", "apply_to_pipeline", "MetricsForwarder", "forward_metrics", "engine_sender", "start_receiver",
+    "parse_message", "encode", "hex_ids", "eviction_messages", "apply_to_pipeline", "MetricsForwarder", "forward_metrics", "engine_sender", "start_receiver",
     "stop_all",
 ]
 
@@ -56,7 +57,8 @@ logger = logging.getLogger("cp_engine.hooks")
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024
-MAX_PATH = 4096  # block ids per evict_path (the request-level block cap)
+MAX_PATH = 4096  # block ids per evict_path (the request-level block cap), and per evict_paths
+MAX_BATCH_PATHS = 256  # paths per evict_paths
 MAX_METRIC_ITEMS = 256
 DEFAULT_HWM = 1024
 # A wake-up of the receiver thread costs the API server far more CPU than applying the
@@ -170,6 +172,20 @@ def parse_message(raw: Any) -> dict | None:
         if not all(isinstance(h, str) and _HEX16.match(h) for h in path):
             return _bad("path ids")
         return {"op": op, "ns": ns, "path": [int(h, 16) for h in path]}
+    if op == "evict_paths":
+        items = obj.get("items")
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH_PATHS:
+            return _bad("items length")
+        out, ids = [], 0
+        for it in items:
+            if not (isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) and len(it[0]) <= 256
+                    and isinstance(it[1], list) and it[1]):
+                return _bad("items item")
+            ids += len(it[1])
+            if ids > MAX_PATH or not all(isinstance(h, str) and _HEX16.match(h) for h in it[1]):
+                return _bad("items ids")
+            out.append((it[0], [int(h, 16) for h in it[1]]))
+        return {"op": op, "items": out}
     if op == "evict":
         rid, start = obj.get("rid"), obj.get("from")
         if not isinstance(rid, str) or not 0 < len(rid) <= 512:
@@ -212,6 +228,27 @@ def hex_ids(ids) -> list[str]:
     return [format(int(b) & 0xFFFFFFFFFFFFFFFF, "016x") for b in ids]
 
 
+def eviction_messages(items: list[tuple[str, list[str]]]) -> list[dict]:
+    """The messages that carry ``items`` (``(ns, hex path)`` pairs, in order): one
+    ``evict_path`` for a single pair, else ``evict_paths`` within the per-message caps."""
+    if len(items) == 1:
+        ns, path = items[0]
+        return [{"op": "evict_path", "ns": ns, "path": path}]
+    out: list[dict] = []
+    chunk: list[list] = []
+    ids = 0
+    for ns, path in items:
+        if chunk and (len(chunk) >= MAX_BATCH_PATHS or ids + len(path) > MAX_PATH):
+            out.append({"op": "evict_paths", "items": chunk})
+            chunk, ids = [], 0
+        chunk.append([ns, path])
+        ids += len(path)
+    if chunk:
+        out.append({"op": "evict_paths", "items": chunk} if len(chunk) > 1
+                   else {"op": "evict_path", "ns": chunk[0][0], "path": chunk[0][1]})
+    return out
+
+
 def apply_to_pipeline(pipe: Any) -> Callable[[dict], None]:
     """The API server's handler: apply a validated message to ``pipe``."""
 
@@ -221,6 +258,10 @@ def apply_to_pipeline(pipe: Any) -> Callable[[dict], None]:
             removed = pipe.evict_path(msg["ns"], msg["path"])
             metrics.inc("evictions_applied", 1)
             logger.debug("cp_engine: evict_path ns=%s depth=%d removed=%s", msg["ns"], len(msg["path"]), removed)
+        elif op == "evict_paths":
+            for ns, path in msg["items"]:  # in the order the engine evicted them
+                pipe.evict_path(ns, path)
+            metrics.inc("evictions_applied", len(msg["items"]))
         elif op == "evict":
             pipe.evict(msg["rid"], from_token=msg["from"])
             metrics.inc("evictions_applied", 1)

@@ -12,8 +12,9 @@ alike because it uses only their KV-event recorder, never node-deletion internal
   the user's publisher is off, so the queue stays bounded;
 - ``track_req`` (an ordering observer) hashes a marked request's prompt pages with
   SGLang's own event hash, so ``BlockRemoved`` hashes map to context-block paths
-  through ``cp_engine.eviction_mapping.EvictionMapper``; the resulting ``evict_path`` / ``reset``
-  messages go over ``hooks.channel`` (non-blocking, never raises).
+  through ``cp_engine.eviction_mapping.EvictionMapper``; the prefixes one batch of
+  events breaks leave as one message (``evict_path``, or ``evict_paths`` for several),
+  a cache clear as ``reset``, over ``hooks.channel`` (non-blocking, never raises).
 Requests with a cache salt or extra key (LoRA) publish namespaced hashes: they are not
 tracked (the index then stays optimistic for them, which only costs ordering quality).
 """
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from cp_engine.eviction_mapping import EvictionMapper
 
 from .. import faults, metrics
-from ..channel import engine_sender, hex_ids
+from ..channel import engine_sender, eviction_messages, hex_ids
 from . import hints as _hints
 
 __all__ = ["around_cache_init", "after_take_events", "around_publish", "track_req", "mapper",
@@ -119,6 +120,13 @@ def forward_events(events: list, page_size: int, cache: Any) -> int:
     m = mapper(page_size)
     sender = engine_sender()
     sent = 0
+    held: list[tuple[str, list[str]]] = []  # the batch's broken prefixes: one message, not one each
+
+    def send_held() -> int:
+        n = sum(sender.send(msg) for msg in eviction_messages(held)) if held else 0
+        held.clear()
+        return n
+
     for ev in events:
         if isinstance(ev, BlockStored):
             _mark_dirty(cache)
@@ -128,12 +136,12 @@ def forward_events(events: list, page_size: int, cache: Any) -> int:
             for h in ev.block_hashes:
                 hit = m.removed(h)
                 if hit is not None:
-                    ns, path = hit
-                    sent += sender.send({"op": "evict_path", "ns": ns, "path": hex_ids(path)})
+                    held.append((hit[0], hex_ids(hit[1])))
         elif isinstance(ev, AllBlocksCleared) and _take_dirty(cache):
             m.reset()
+            held.clear()  # the reset supersedes them
             sent += sender.send({"op": "reset"})
-    return sent
+    return sent + send_held()
 
 
 @faults.stall_watched("sglang_evictions")

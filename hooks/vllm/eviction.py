@@ -11,6 +11,11 @@ Contract:
   ``cp_engine.eviction_mapping.EvictionMapper`` and the shallowest broken context-block prefix
   is sent as ``evict_path`` on ``hooks.channel``. ``evict_blocks`` evicts through the
   same method, so it is covered too;
+- ``Scheduler.schedule`` is wrapped (row ``eviction_batch``): the prefixes one
+  scheduling step breaks are held until the step returns and leave as one message
+  (``evict_paths``, in eviction order), so the API server wakes and parses once per
+  step instead of once per evicted block; an eviction outside a step (or on another
+  thread) is sent at once;
 - ``BlockPool.reset_prefix_cache`` is wrapped (row ``prefix_cache_reset``): a
   successful reset sends ``reset``;
 - why not KV events (``take_events``): they exist only when the user enables
@@ -37,7 +42,7 @@ from . import hints as _hints
 from . import queue as _queue
 from . import share
 
-__all__ = ["evict_wrapper", "reset_wrapper", "on_patch", "on_unpatch", "track_request", "state"]
+__all__ = ["evict_wrapper", "reset_wrapper", "schedule_wrapper", "on_patch", "on_unpatch", "track_request", "state"]
 
 logger = logging.getLogger("cp_engine.hooks")
 
@@ -51,6 +56,15 @@ class _EngineSide:
         self.mapper = EvictionMapper()
         self._sender: channel.Sender | None = None
         self.sized = False
+        self.step: list[tuple[str, list[str]]] | None = None  # a step's evicted paths, while one runs
+        self.step_thread = 0  # the thread running that step
+
+    def emit(self, ns: str, path_hex: list[str]) -> None:
+        """Report one broken prefix: held for the running step's message, else sent now."""
+        if self.step is not None and self.step_thread == threading.get_ident():
+            self.step.append((ns, path_hex))
+        else:
+            self.sender.send({"op": "evict_path", "ns": ns, "path": path_hex})
 
     @property
     def sender(self) -> channel.Sender:
@@ -102,7 +116,7 @@ def _after_evict(pool: Any, keys: list) -> None:
         hit = mapper.gone(get_block_hash(key))
         if hit is not None:
             ns, prefix = hit
-            st.sender.send({"op": "evict_path", "ns": ns, "path": channel.hex_ids(prefix)})
+            st.emit(ns, channel.hex_ids(prefix))
             metrics.inc("evictions_sent", 1)
             logger.debug("cp_engine: evicted prefix depth %d in namespace %r", len(prefix), ns)
     channel.forward_metrics()
@@ -130,12 +144,31 @@ def evict_wrapper(wrapped, instance, args, kwargs):
     return result
 
 
+def schedule_wrapper(wrapped, instance, args, kwargs):
+    """Row ``eviction_batch``: hold the evictions of one scheduling step, send them as
+    one message when it returns (or raises)."""
+    st = _state
+    if st is None or st.step is not None:  # off, or a step inside a step: the outer one sends
+        return wrapped(*args, **kwargs)
+    st.step, st.step_thread = [], threading.get_ident()
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        held, st.step = st.step, None
+        if held:
+            with faults.guarded("vllm_eviction"):
+                for msg in channel.eviction_messages(held):
+                    st.sender.send(msg)
+
+
 def reset_wrapper(wrapped, instance, args, kwargs):
     """Row ``prefix_cache_reset``: a successful reset empties the mapper and the index."""
     result = wrapped(*args, **kwargs)
     st = _state
     if result and st is not None:
         with faults.guarded("vllm_eviction"):
+            if st.step is not None:
+                st.step.clear()  # the reset supersedes what the running step evicted so far
             st.mapper.reset()
             st.sender.send({"op": "reset"})
     return result

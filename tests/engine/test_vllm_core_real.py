@@ -32,7 +32,7 @@ from cp_engine.hooks.wrapping import is_wrapped  # noqa: E402
 from cp_engine.pipeline import ContextPipeline  # noqa: E402
 
 QUEUE_ROWS = ("queue_factory", "queue_factory_in_scheduler")
-EVICTION_ROWS = ("block_evicted", "prefix_cache_reset")
+EVICTION_ROWS = ("block_evicted", "prefix_cache_reset", "eviction_batch")
 vpatch.unpatch()  # this process's .pth may have patched at import: start from vLLM as shipped
 
 
@@ -250,11 +250,17 @@ def _hinted(pipe, rid, texts, n_prompt_tokens_per_block):
     return prep, hints
 
 
-def test_real_evictions_reach_the_index_shallowest_broken_block_first(patched, runtime_dir):
-    pipe = ContextPipeline()
+def _recording_receiver(pipe):
+    """A started receiver applying to ``pipe``, and the list of what it applied."""
     recv = channel.Receiver(runtime.instance_id(), channel.apply_to_pipeline(pipe)).start()
     got: list = []
     recv.apply = lambda m, inner=recv.apply: (got.append(m), inner(m))
+    return recv, got
+
+
+def test_real_evictions_reach_the_index_shallowest_broken_block_first(patched, runtime_dir):
+    pipe = ContextPipeline()
+    recv, got = _recording_receiver(pipe)
     try:
         texts = [f"document {i} " * 40 for i in range(3)]
         prep, hints = _hinted(pipe, "a", texts, 2 * vc.BLOCK)  # 2 KV blocks per context block
@@ -276,16 +282,53 @@ def test_real_evictions_reach_the_index_shallowest_broken_block_first(patched, r
         # The next unrelated request reaches a's blocks 3..0: context blocks 1, then 0.
         s.add_request(vc.make_request("c", [5] * (11 * vc.BLOCK)))
         s.schedule()
-        _wait(lambda: len(got) >= 3)
-        assert got[1:] == [{"op": "evict_path", "ns": "ns", "path": path[:2]},
-                           {"op": "evict_path", "ns": "ns", "path": path[:1]}]
+        # Both leave in one message: the step's evictions travel together, in order.
+        _wait(lambda: len(got) >= 2)
+        assert got[1:] == [{"op": "evict_paths", "items": [("ns", path[:2]), ("ns", path[:1])]}]
         assert pipe.index.match_length(path, namespace="ns") == 0
         vc.abort(s, ["c"])
         # A fresh commit, then vLLM's reset: the index is emptied too.
         pipe.commit("again", prep)
         assert s.reset_prefix_cache()
-        _wait(lambda: len(got) >= 4)
-        assert got[3] == {"op": "reset"} and pipe.index.match_length(path, namespace="ns") == 0
+        _wait(lambda: len(got) >= 3)
+        assert got[2] == {"op": "reset"} and pipe.index.match_length(path, namespace="ns") == 0
+    finally:
+        recv.stop()
+
+
+def test_evictions_outside_a_step_leave_at_once_and_a_failing_step_still_sends(patched, runtime_dir):
+    """Held evictions belong to a running ``schedule()``: a pool eviction outside one is
+    sent right away, and a step that raises still sends what it evicted."""
+    pipe = ContextPipeline()
+    recv, got = _recording_receiver(pipe)
+    try:
+        texts = [f"note {i} " * 40 for i in range(2)]
+        prep, hints = _hinted(pipe, "a", texts, 2 * vc.BLOCK)
+        path = prep.index_path()
+        s = vc.make_scheduler(8)  # 7 usable blocks
+        s.add_request(vc.make_request("a", [7] * (4 * vc.BLOCK) + [8] * 4, hints))
+        s.schedule()
+        vc.abort(s, ["a"])
+        pool = s.kv_cache_manager.block_pool
+        # Outside a step: vLLM's own evict_blocks (used by KV connectors) on a's last block.
+        last = [b.block_id for b in pool.blocks if b.block_hash is not None][-1:]
+        pool.evict_blocks(set(last))
+        _wait(lambda: len(got) >= 1)
+        assert got == [{"op": "evict_path", "ns": "ns", "path": path[:2]}]
+        # A step that raises after evicting: what it evicted still reaches the index.
+        original = pool.get_new_blocks
+
+        def evict_then_fail(n, *args, **kwargs):
+            original(n, *args, **kwargs)
+            raise RuntimeError("allocation failed after evicting")
+
+        pool.get_new_blocks = evict_then_fail
+        s.add_request(vc.make_request("b", [9] * (7 * vc.BLOCK)))
+        with pytest.raises(RuntimeError):
+            s.schedule()
+        _wait(lambda: len(got) >= 2)
+        assert got[1] == {"op": "evict_path", "ns": "ns", "path": path[:1]}
+        assert pipe.index.match_length(path, namespace="ns") == 0
     finally:
         recv.stop()
 

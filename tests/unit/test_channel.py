@@ -125,6 +125,10 @@ def test_malformed_messages_are_ignored_and_counted(runtime_dir, ident):
         json.dumps({"v": 1, "op": "evict_path", "ns": "x", "path": ["XYZ"]}).encode(),
         json.dumps({"v": 1, "op": "evict_path", "ns": "x", "path": []}).encode(),
         json.dumps({"v": 1, "op": "evict_path", "ns": 3, "path": ["00" * 8]}).encode(),
+        json.dumps({"v": 1, "op": "evict_paths", "items": []}).encode(),
+        json.dumps({"v": 1, "op": "evict_paths", "items": [["x", ["00" * 8]], ["y"]]}).encode(),
+        json.dumps({"v": 1, "op": "evict_paths", "items": [["x", ["00" * 8]], ["y", ["XYZ"]]]}).encode(),
+        json.dumps({"v": 1, "op": "evict_paths", "items": [["x", []], ["y", ["00" * 8]]]}).encode(),
         json.dumps({"v": 1, "op": "evict", "rid": "r", "from": -1}).encode(),
         json.dumps({"v": 1, "op": "evict", "rid": "r", "from": True}).encode(),
         json.dumps({"v": 1, "op": "metrics", "items": [["x", {}, "NaN"]]}).encode(),
@@ -151,6 +155,10 @@ def test_parse_limits_without_a_socket():
     assert channel.parse_message(big) is None
     too_deep = {"v": 1, "op": "evict_path", "ns": "", "path": ["0" * 16] * (channel.MAX_PATH + 1)}
     assert channel.parse_message(too_deep) is None
+    too_many = {"v": 1, "op": "evict_paths", "items": [["", ["0" * 16]]] * (channel.MAX_BATCH_PATHS + 1)}
+    assert channel.parse_message(too_many) is None
+    too_long = {"v": 1, "op": "evict_paths", "items": [["", ["0" * 16] * (channel.MAX_PATH // 2 + 1)]] * 2}
+    assert channel.parse_message(too_long) is None
     ok = channel.parse_message(channel.encode({"op": "metrics", "items": [["evictions_applied", {"a": "b"}, 2]]}))
     assert ok == {"op": "metrics", "items": [("evictions_applied", {"a": "b"}, 2)]}
 
@@ -260,6 +268,39 @@ def test_apply_to_pipeline_uses_the_pipeline_contract():
     assert pipe.index.match_length(path, namespace="ns") == 1
     apply({"op": "reset"})
     assert pipe.index.match_length(path, namespace="ns") == 0
+
+
+def test_eviction_messages_keep_order_and_caps():
+    one = [("a", channel.hex_ids([1, 2]))]
+    assert channel.eviction_messages(one) == [{"op": "evict_path", "ns": "a", "path": channel.hex_ids([1, 2])}]
+    items = [(f"ns{i}", channel.hex_ids(range(i + 1))) for i in range(channel.MAX_BATCH_PATHS + 3)]
+    msgs = channel.eviction_messages(items)
+    got = []
+    for m in msgs:  # every message is one a receiver accepts, and the pairs come back in order
+        parsed = channel.parse_message(channel.encode(m))
+        assert parsed is not None, m["op"]
+        assert len(channel.encode(m)) <= channel.MAX_MESSAGE_BYTES
+        got += parsed["items"] if parsed["op"] == "evict_paths" else [(parsed["ns"], parsed["path"])]
+    assert got == [(ns, [int(h, 16) for h in path]) for ns, path in items]
+    assert all(sum(len(p) for _, p in m.get("items", [])) <= channel.MAX_PATH for m in msgs)
+
+
+def test_apply_evict_paths_removes_each_path():
+    from cp_engine.pipeline import ContextPipeline
+
+    pipe = ContextPipeline()
+    preps = []
+    for name in ("one", "two"):
+        prep = pipe.prepare([f"{name} {i} " * 40 for i in range(3)], namespace="ns")
+        pipe.commit(name, prep)
+        preps.append(prep.index_path())
+    before = metrics.value("evictions_applied")
+    apply = channel.apply_to_pipeline(pipe)
+    apply(channel.parse_message(channel.encode(
+        {"op": "evict_paths", "items": [["ns", channel.hex_ids(preps[0][:2])], ["ns", channel.hex_ids(preps[1][:1])]]})))
+    assert pipe.index.match_length(preps[0], namespace="ns") == 1
+    assert pipe.index.match_length(preps[1], namespace="ns") == 0
+    assert metrics.value("evictions_applied") - before == 2
 
 
 class _HeldTimer:
