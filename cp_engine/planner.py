@@ -75,29 +75,41 @@ class PartnerSearch:
     use_for: Callable[[int], bool]
 
 
-def _validate(contexts) -> tuple[list[list], list[bool]]:
-    """The contexts as lists, and whether each holds a block twice (TypeError where a
-    context is not a list of hashable blocks)."""
+def _validate(contexts) -> list[list]:
+    """The contexts as lists (TypeError where a context is not a list of blocks)."""
     if isinstance(contexts, (str, bytes)) or not hasattr(contexts, "__len__"):
         raise TypeError("plan_batch expects a list of block lists")
     out = []
-    repeats = []
     for i, ctx in enumerate(contexts):
         if type(ctx) is not list:  # (a list is only read: no copy)
             if isinstance(ctx, (str, bytes)) or not hasattr(ctx, "__iter__"):
                 raise TypeError(f"contexts[{i}] must be a list of blocks, got {type(ctx).__name__}")
             ctx = list(ctx)
-        try:
-            repeats.append(len(set(ctx)) != len(ctx))  # the set hashes every block, in C
-        except TypeError:
-            for b in ctx:
-                try:
-                    hash(b)
-                except TypeError:
-                    raise TypeError(f"contexts[{i}] holds an unhashable block of type {type(b).__name__}") from None
-            raise
         out.append(ctx)
-    return out, repeats
+    return out
+
+
+def _unhashable(ctxs: list[list]) -> None:
+    """Raise the TypeError that names the first context holding an unhashable block."""
+    for i, ctx in enumerate(ctxs):
+        for b in ctx:
+            try:
+                hash(b)
+            except TypeError:
+                raise TypeError(f"contexts[{i}] holds an unhashable block of type {type(b).__name__}") from None
+
+
+def _repeating(flat: np.ndarray, sizes: np.ndarray, universe: int) -> list[bool]:
+    """Per request (``sizes[r]`` dense ids of ``flat`` each, end to end), whether it
+    holds a block twice: equal neighbours among the sorted (request, block) keys."""
+    owner = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
+    keys = np.sort(owner * universe + flat)
+    twice = keys[1:] == keys[:-1]
+    out = [False] * sizes.size
+    if twice.any():
+        for r in np.unique(keys[1:][twice] // universe).tolist():
+            out[r] = True
+    return out
 
 
 def _weights_for(contexts: list[list], token_lengths, dense: dict) -> list[float]:
@@ -183,19 +195,24 @@ def _gc_paused():
 def _plan(contexts, token_lengths, local_search_passes: int, strategy: str, partners: str,
           partner_search: PartnerSearch | None) -> BatchPlan:
     """plan_batch's body, arguments already checked."""
-    ctxs, repeats = _validate(contexts)
+    ctxs = _validate(contexts)
     # Dense ids in first-seen order, numbered in C: the first-seen keys, then 0, 1, ...
-    dense: dict[Hashable, int] = dict.fromkeys(itertools.chain.from_iterable(ctxs))
+    try:
+        dense: dict[Hashable, int] = dict.fromkeys(itertools.chain.from_iterable(ctxs))
+    except TypeError:
+        _unhashable(ctxs)
+        raise
     dense = dict(zip(dense, range(len(dense))))
     originals: list[Hashable] = list(dense)
     number = dense.__getitem__
     extras: list[list[int]] | None = None  # each request's repeated blocks, where any
-    if not any(repeats):
-        # No request holds a block twice: the whole batch numbered in one pass.
-        sizes = np.fromiter(map(len, ctxs), dtype=np.int64, count=len(ctxs))
-        flat = np.fromiter(map(number, itertools.chain.from_iterable(ctxs)), dtype=np.int64,
-                           count=int(sizes.sum()))
-    else:
+    # The whole batch numbered in one pass; requests holding a block twice (found in
+    # NumPy, not by a set per request) are numbered again one by one.
+    sizes = np.fromiter(map(len, ctxs), dtype=np.int64, count=len(ctxs))
+    flat = np.fromiter(map(number, itertools.chain.from_iterable(ctxs)), dtype=np.int64,
+                       count=int(sizes.sum()))
+    repeats = _repeating(flat, sizes, len(originals))
+    if any(repeats):
         ids: list[list[int]] = []
         extras = []
         for ctx, repeat in zip(ctxs, repeats):

@@ -73,7 +73,7 @@ class _SplitTable:
         if whole:
             count = np.append(self.postings.freq, 0)
         else:
-            count = np.bincount(self.table[members].ravel(), minlength=self.universe + 1)
+            count = np.bincount(self.table.take(members, 0).ravel(), minlength=self.universe + 1)
             count[prefix[group[0]]] = 0  # every member holds the group's prefix, taken already
         count[self.universe] = 0
         wv, table, unit = self.wv, self.table, self.unit
@@ -89,7 +89,7 @@ class _SplitTable:
             h = holders[starts[b]:starts[b + 1]]
             sub = h[free[h]]
             free[sub] = False
-            taken = table[sub].ravel()
+            taken = table.take(sub, 0).ravel()  # (take: a third of the time of table[sub])
             np.subtract.at(count, taken, 1)
             if not unit:
                 left = count[taken]

@@ -191,7 +191,7 @@ def cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], 
                 m.heap.append((-top, len(sets[x]) + len(sets[y]), x, y))
         heapq.heapify(m.heap)  # every entry is distinct, so the pop order is as if pushed one by one
         if live is None:
-            _merge_table(m, ties, candidates, table)
+            _merge_table(m, ties, candidates, table, postings)
         else:
             _merge_unit(m, live, ties, hot_cap, candidates, table)
         return m.orders(freq if rank is None else None, rank, sorted_from)
@@ -360,7 +360,7 @@ def _merge_unit(m: _Merges, postings: list[set[int]], ties: dict[int, tuple[int,
 
 
 def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates: int,
-                 table: SharedCounts) -> None:
+                 table: SharedCounts, postings: Postings) -> None:
     """``_merge_unit`` where ``table`` counts every cluster (unit weights, no block
     hot, no cluster of 256 blocks or more): the same merges, in the same order.
 
@@ -387,6 +387,12 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
     rows = np.append(table.rows, table.table.shape[0] - 1)
     spare = (rows.size - 1,) if lift else ()
     extra = len(spare)
+    # Every request's rows end to end, each followed by the spare row where it counts:
+    # request r's at cut[r]:cut[r + 1].
+    n = postings.sizes.size
+    cut = (postings.indptr + np.arange(n + 1) * extra).tolist()
+    lined = np.full(cut[-1], rows[-1], dtype=np.int64)
+    lined[np.arange(postings.blocks.size) + postings.owner * extra] = rows[postings.blocks]
     id_bits = len(table.cells).bit_length()
     spread_at = 2 * id_bits
     top_at = spread_at + (2 * most).bit_length()  # (a spread is at most 2 * most)
@@ -394,12 +400,21 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
     # A map that keeps the entries' order keeps the list a heap.
     heap[:] = [((most + s) << top_at) | (spread << spread_at) | (x << id_bits) | y for s, spread, x, y in heap]
     owner = list(range(len(inter)))  # cluster -> the cluster that absorbed it (union-find)
-    heappop, heappush = heapq.heappop, heapq.heappush
+    heappop, heappushpop = heapq.heappop, heapq.heappushpop
     cells = table.cells
     take, cell = table.table.take, table.table
     fromiter, int64, uint8, add, chain = np.fromiter, np.int64, np.uint8, np.add.reduce, itertools.chain
-    while heap:
-        key = heappop(heap)
+    # A cluster's new entry is pushed as the next one is popped, by one heappushpop:
+    # when it is the smallest, it comes straight back without touching the heap.
+    pending = -1
+    while True:
+        if pending >= 0:
+            key = heappushpop(heap, pending)
+            pending = -1
+        elif heap:
+            key = heappop(heap)
+        else:
+            return
         x = (key >> id_bits) & ids
         if not alive[x]:
             continue
@@ -435,7 +450,7 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
                 counts = add(take(r, axis=0), axis=0, dtype=uint8)  # (column c still empty)
                 if not lift:
                     counts *= mark
-            cell[r, c] = 1
+            cell[:, c][r] = 1  # (a column view: half the time of cell[r, c])
             mark[c] = on
             x, mine = c, ic
         else:
@@ -444,30 +459,35 @@ def _merge_table(m: _Merges, ties: dict[int, tuple[int, list[int]]], candidates:
             mine = inter[x]
             kept = ties.get(x)
             if kept is not None:
-                top = kept[0]
-                found = _still_tied(kept, mine, alive, owner, inter)
+                top, tied = kept
+                # (No tie alive, the most common case: recounted without a call.)
+                for t in tied:
+                    if alive[t]:
+                        found = _still_tied(kept, mine, alive, owner, inter)
+                        break
                 if not found:
                     del ties[x]
                     found = None
             if found is None:
                 r = cells[x]
                 if r is None:
-                    r = cells[x] = rows[fromiter(chain(mine, spare), int64, len(mine) + extra)]
+                    r = cells[x] = (lined[cut[x]:cut[x + 1]] if x < n
+                                    else rows[fromiter(chain(mine, spare), int64, len(mine) + extra)])
                 counts = add(take(r, axis=0), axis=0, dtype=uint8)
                 if not lift:
                     counts *= mark
                 counts[x] = 0
         if found is None:
-            best = int(counts[counts.argmax()])  # (argmax takes half as long as max on bytes)
-            top = best - lift
+            at = counts.argmax()  # (half as long as max on bytes)
+            top = counts.item(at) - lift
             if top <= 0:  # (below the lift: no live cluster but x)
                 continue
-            found = (counts == best).nonzero()[0].tolist()
+            found = (counts == counts[at]).nonzero()[0].tolist()  # (a NumPy scalar compares faster)
         ties[x] = (top, found)
         # Of the `candidates` lowest-numbered ties, the one with the fewest blocks, then
         # the lowest number (found is ascending, and min keeps the first of equals).
         y = min(found[:candidates], key=sizes.__getitem__) if len(found) > 1 else found[0]
-        heappush(heap, ((most - top) << top_at) | ((len(mine) + sizes[y]) << spread_at) | (x << id_bits) | y)
+        pending = ((most - top) << top_at) | ((len(mine) + sizes[y]) << spread_at) | (x << id_bits) | y
 
 
 def _still_tied(kept: tuple[int, list[int]], mine: set[int], alive: list[bool], owner: list[int],
