@@ -90,7 +90,7 @@ class SharedCounts:
         larger clusters its own way.
         """
         r = self.rows[np.fromiter(members, dtype=np.int64, count=len(members))]
-        counts = self.table[r].sum(axis=0, dtype=np.uint8)
+        counts = np.add.reduce(self.table.take(r, axis=0), axis=0, dtype=np.uint8)  # (take: faster than table[r])
         counts *= self.alive
         counts[x] = 0
         return counts

@@ -24,8 +24,19 @@ from .planner_postings import Postings
 from .planner_tree import tail_order
 
 
-# Groups up to this size find a block's holders by looking at each member.
+# Groups up to this size find a block's holders by looking at each member (where the
+# NumPy split below does not apply).
 _GREEDY_SCAN_GROUP = 32
+# Where the batch has at most _TABLE_UNIVERSE distinct blocks, groups of at least
+# _TABLE_GROUP take the NumPy split (where it applies), not only those above
+# _GREEDY_SCAN_GROUP: with its rows gathered by take, a step there costs less than
+# scanning the members even in groups of four (the greedy split at N = 1,000:
+# synthetic 5.1 -> 4.0 ms, knowledge base 3.9 -> 3.3 ms). Each group's counts and each
+# step's maximum span the whole universe, so with many distinct blocks (pooled
+# HotpotQA N = 5,000: 38,351) small groups keep scanning. Groups of three and pairs
+# keep their set operations.
+_TABLE_GROUP = 4
+_TABLE_UNIVERSE = 8192
 
 
 # The greedy split of a large group runs in NumPy when each request's blocks fit a
@@ -170,7 +181,7 @@ def greedy_prefixes(sets: list[list[int]], w: list[float], postings: Postings | 
         if first and postings is not None:
             table = _SplitTable.for_batch(postings, w)
         first = False
-        if not small and table is not None:
+        if table is not None and (not small or (len(group) >= _TABLE_GROUP and table.universe <= _TABLE_UNIVERSE)):
             split = table.split(group, whole, w, rem, prefix, stack)
             nodes += split[0]
             weight += split[1]

@@ -162,14 +162,16 @@ def greedy_by_definition(sets, w):
 def test_greedy_split_matches_its_definition(sets, w, paths):
     """Pairs of requests take their common blocks as one run; larger groups one block per level.
     Every way of splitting a group gives the definition's split: scanning the members
-    (groups up to _GREEDY_SCAN_GROUP), postings, the batch's postings for the first
-    group, and large groups in NumPy (_SPLIT_PAD 10**9: always; 0: never). The tree
-    counted from the split is the tree of the orders it gives."""
+    (groups up to _GREEDY_SCAN_GROUP; scan 64 keeps small groups out of NumPy whatever
+    the universe), postings, the batch's postings for the first group, and groups in
+    NumPy (_SPLIT_PAD 10**9: always; 0: never; from _TABLE_GROUP members in a small
+    universe). The tree counted from the split is the tree of the orders it gives."""
     scan, pad = paths
     want = greedy_by_definition(sets, w)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(planner_greedy, "_GREEDY_SCAN_GROUP", scan)
         m.setattr(planner_greedy, "_SPLIT_PAD", pad)
+        m.setattr(planner_greedy, "_TABLE_UNIVERSE", -1 if scan >= 64 else 10**9)
         assert planner_greedy.greedy_prefixes(sets, w).prefix == want
         got = planner_greedy.greedy_prefixes(sets, w, Postings(sets, 13))
     assert got.prefix == want
@@ -185,12 +187,13 @@ def test_greedy_split_matches_its_definition(sets, w, paths):
        st.sampled_from([(4, 4), (4, 10**9), (64, 10**9)]))
 def test_greedy_split_with_unit_weights_matches_its_definition(sets, paths):
     """With unit weights the NumPy split takes the first largest count (no value
-    array); groups above 4 go to NumPy when _SPLIT_PAD allows."""
+    array); groups above 4 go to NumPy when _SPLIT_PAD allows (scan 64: only above 64)."""
     scan, pad = paths
     w = [1.0] * 13
     with pytest.MonkeyPatch.context() as m:
         m.setattr(planner_greedy, "_GREEDY_SCAN_GROUP", scan)
         m.setattr(planner_greedy, "_SPLIT_PAD", pad)
+        m.setattr(planner_greedy, "_TABLE_UNIVERSE", -1 if scan >= 64 else 10**9)
         got = planner_greedy.greedy_prefixes(sets, w, Postings(sets, 13))
     assert got.prefix == greedy_by_definition(sets, w)
 
