@@ -79,6 +79,28 @@ def test_ab_summary_reports_the_hooks_own_cpu_from_plugin_rounds_only():
     assert "170 (150..190) µs per request through the hooks" in table
 
 
+def test_ab_thread_rows_take_medians_per_side_and_name_pools_once(tmp_path):
+    before = {1: 1.0, 2: 0.5, 3: 0.2}
+    after = {1: 1.5, 2: 0.7, 3: 0.2, 4: 0.1}  # thread 4 started during the round
+    names = {1: "MainThread", 2: "ThreadPoolExecutor-3", 4: "ThreadPoolExecutor-3"}
+    got = ab.by_thread(before, after, names, n=100)
+    assert got == {"MainThread": 5000.0, "ThreadPoolExecutor-3": 3000.0}  # idle thread 3 left out
+    rounds = [{**_round(0, "on", 9.0, 1.0, 600.0), "threads_us_per_req": {"MainThread": 500.0, "rx": 90.0}},
+              {**_round(0, "off", 9.0, 1.0, 500.0), "threads_us_per_req": {"MainThread": 450.0}},
+              {**_round(1, "off", 9.0, 1.0, 500.0), "threads_us_per_req": {"MainThread": 470.0, "rx": 10.0}},
+              {**_round(1, "on", 9.0, 1.0, 600.0), "threads_us_per_req": {"MainThread": 520.0, "rx": 70.0}}]
+    s = ab.summarize(rounds)
+    assert s["threads_us_per_req"] == {"rx": {"on": 80.0, "off": 5.0}, "MainThread": {"on": 510.0, "off": 460.0}}
+    table = ab.table({"summary": s, "rounds": rounds,
+                      "config": {"traffic": "soak", "pairs": 2, "round_s": 45, "clients": 64, "host": "h",
+                                 "same_server": True}})
+    assert "| `rx` | 80 | 5 | +75.0 |" in table and "One plugin server" in table
+    import os
+
+    mine = ab.thread_cpu(os.getpid())  # this process: its own threads, read from /proc
+    assert os.getpid() in mine and all(v >= 0 for v in mine.values())
+
+
 class _Server:
     """What ``ab.hook_cpu`` reads: a server's parsed ``/metrics`` (hand-written fake)."""
 
