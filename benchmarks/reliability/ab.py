@@ -15,7 +15,8 @@ latency, does not move with other processes' load on the shared cores. Reported:
 median over rounds of each side and of each pair's on/off ratio, with min..max.
 
 ``--traffic passthrough`` sends the soak's unmarked chat request only (the plugin
-rewrites nothing); ``--same-server`` starts the plugin server only and alternates what
+rewrites nothing); ``--traffic plain`` sends both sides the plain client's turns of the
+soak (realistic prompts the plugin does not rewrite); ``--same-server`` starts the plugin server only and alternates what
 it is sent: "on" rounds the plugin client's turns, "off" rounds the plain client's
 turns of the same streams (unmarked, so they pass through), which separates what a
 rewritten request costs from what the plugin's presence costs; ``--profile`` runs ``py-spy`` (``pip install py-spy``) on both
@@ -55,6 +56,15 @@ def plain_kwargs() -> dict:
     request something, and it is not the plugin; given to both sides, it cancels out."""
     kwargs = plain_server_kwargs()
     return {**kwargs, "extra_args": tuple(kwargs["extra_args"]) + ("--middleware", DEBUG_MIDDLEWARE)}
+
+
+class PlainSoak(Workload):
+    """The soak's turns as the plain client sends them, to both sides: what the plugin's
+    presence costs on realistic traffic it does not rewrite."""
+
+    def next(self) -> tuple[str, dict, dict]:
+        kind, _, plain = super().next()
+        return kind, plain, plain
 
 
 class PassThrough(Workload):
@@ -154,10 +164,20 @@ def hook_cpu(srv: Any) -> tuple[float, float]:
             sum(v for k, v in samples.items() if k.startswith("cp_engine_hook_calls_total")))
 
 
+def engine_steps(srv: Any) -> float:
+    """Engine steps so far (vLLM's ``iteration_tokens_total`` histogram count): the API
+    server handles each step's outputs, so steps per request move its CPU too."""
+    try:
+        return sum(v for k, v in srv.metrics().items() if k.startswith("vllm:iteration_tokens_total_count"))
+    except Exception:
+        return 0.0
+
+
 def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> dict:
     """One round of load on ``srv``; ``side`` picks the client's bodies (plugin or plain)."""
     pid = srv.proc.pid
     hook0 = hook_cpu(srv)
+    steps0 = engine_steps(srv)
     own0, kids0 = cpu_seconds(pid)
     loop0 = main_thread_seconds(pid)
     threads0 = thread_cpu(pid)
@@ -167,6 +187,7 @@ def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> 
     loop1 = main_thread_seconds(pid)
     threads1 = thread_cpu(pid)
     hook1 = hook_cpu(srv)
+    steps1 = engine_steps(srv)
     n = max(1, r["requests"])
     out = {"side": side, "requests": r["requests"], "errors": r["errors"], "rps": r["throughput_rps"],
            "p50_s": r["latency_s"]["p50"], "p99_s": r["latency_s"]["p99"],
@@ -177,6 +198,8 @@ def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> 
         # The event loop's share; the rest is the API server's other threads (vLLM's
         # tokenizer pool and output thread, zmq's I/O threads, the plugin's receiver).
         out["api_loop_cpu_us_per_req"] = round(1e6 * (loop1 - loop0) / n, 1)
+    if steps1 > steps0:
+        out["engine_steps_per_req"] = round((steps1 - steps0) / n, 2)
     if args.threads:
         out["threads_us_per_req"] = by_thread(threads0, threads1, thread_names(pid), n)
     if hook1[1] > hook0[1]:
@@ -383,12 +406,12 @@ def table(data: dict) -> str:
                 ", ".join(f"{k} {v}" for k, v in data["idle_api_cpu_ms_per_s"].items()) + "."]
     out += ["", "Medians over rounds (min..max); ratios are on/off within each ABBA pair.", "",
             "| pair | side | requests | errors | req/s | p50 (s) | p99 (s) | API µs/req | of it event loop | "
-            "engine µs/req | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "engine µs/req | engine steps/req | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rounds"]:
         out.append(f"| {r['pair']} | {r['side']} | {r['requests']} | {r['errors']} | {r['rps']} | {r['p50_s']} | "
                    f"{r['p99_s']} | {r['api_cpu_us_per_req']} | {r.get('api_loop_cpu_us_per_req', '–')} | "
-                   f"{r['engine_cpu_us_per_req']} | {r['load_1min']} |")
+                   f"{r['engine_cpu_us_per_req']} | {r.get('engine_steps_per_req', '–')} | {r['load_1min']} |")
     diff = data.get("profile_diff")
     if diff:
         what = ("µs per request a thread held the GIL" if diff.get("gil_only")
@@ -429,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round", type=float, default=None, help="seconds per round (default 60, 15 with --quick)")
     ap.add_argument("--clients", type=int, default=None, help="default 64 (8 with --quick)")
     ap.add_argument("--warmup", type=float, default=20.0, help="unmeasured seconds of load per server first")
-    ap.add_argument("--traffic", choices=("soak", "passthrough"), default="soak")
+    ap.add_argument("--traffic", choices=("soak", "passthrough", "plain"), default="soak",
+                    help="soak: the plugin side gets marked turns; plain: both sides the plain client's turns; "
+                         "passthrough: the unmarked chat request only")
     ap.add_argument("--profile", action="store_true", help="py-spy on both servers in the first pair")
     ap.add_argument("--profile-gil", action="store_true",
                     help="with --profile: sample only the GIL holder, at 1000 Hz (Python work, not waits)")
@@ -447,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     args.pairs = args.pairs or (2 if args.quick else 4)
     args.round = args.round or (15.0 if args.quick else 60.0)
     args.clients = args.clients or (8 if args.quick else 64)
-    workload = PassThrough if args.traffic == "passthrough" else Workload
-    name = args.out or ("overhead_ab" + ("_passthrough" if args.traffic == "passthrough" else "")
+    workload = {"soak": Workload, "passthrough": PassThrough, "plain": PlainSoak}[args.traffic]
+    name = args.out or ("overhead_ab" + ("" if args.traffic == "soak" else f"_{args.traffic}")
                         + ("_quick" if args.quick else ""))
     data: dict[str, Any] = {"config": {"pairs": args.pairs, "round_s": args.round, "clients": args.clients,
                                        "traffic": args.traffic, "index_max_nodes": args.index_max_nodes,
