@@ -121,12 +121,6 @@ def forward_events(events: list, page_size: int, cache: Any) -> int:
     sender = engine_sender()
     sent = 0
     held: list[tuple[str, list[str]]] = []  # the batch's broken prefixes: one message, not one each
-
-    def send_held() -> int:
-        n = sum(sender.send(msg) for msg in eviction_messages(held)) if held else 0
-        held.clear()
-        return n
-
     for ev in events:
         if isinstance(ev, BlockStored):
             _mark_dirty(cache)
@@ -141,7 +135,7 @@ def forward_events(events: list, page_size: int, cache: Any) -> int:
             m.reset()
             held.clear()  # the reset supersedes them
             sent += sender.send({"op": "reset"})
-    return sent + send_held()
+    return sent + sum(sender.send(msg) for msg in eviction_messages(held))
 
 
 @faults.stall_watched("sglang_evictions")

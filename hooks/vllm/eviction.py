@@ -13,9 +13,10 @@ Contract:
   same method, so it is covered too;
 - ``Scheduler.schedule`` is wrapped (row ``eviction_batch``): the prefixes one
   scheduling step breaks are held until the step returns and leave as one message
-  (``evict_paths``, in eviction order), so the API server wakes and parses once per
-  step instead of once per evicted block; an eviction outside a step (or on another
-  thread) is sent at once;
+  (``evict_paths``, in eviction order): fewer messages to encode and send here and to
+  parse and apply in the API server (its receiver's wake-ups are bounded by its own
+  batching window either way); an eviction outside a step (or on another thread) is
+  sent at once;
 - ``BlockPool.reset_prefix_cache`` is wrapped (row ``prefix_cache_reset``): a
   successful reset sends ``reset``;
 - why not KV events (``take_events``): they exist only when the user enables

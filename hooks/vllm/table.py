@@ -53,8 +53,8 @@ TABLE = Table("vllm", VERSIONS, (
         "index stops aligning to them", _EVICT_GONE,
         feature="eviction_sync", signature=("self", "block"), trigger=_SCHED),
     Row("eviction_batch", f"{_SCHED}:Scheduler.schedule", "method", f"{_HOOKS}.eviction:schedule_wrapper",
-        "send the prefix-cache evictions of one scheduling step as one channel message, so the API server "
-        "wakes and parses once per step, not once per evicted block", _EVICT_GONE,
+        "send the prefix-cache evictions of one scheduling step as one channel message, not one per "
+        "evicted block (fewer messages to encode, send, parse and apply)", _EVICT_GONE,
         feature="eviction_sync", signature=("self",)),
     Row("blend_config", "vllm.engine.arg_utils:EngineArgs.create_engine_config", "method",
         f"{_HOOKS}.blend_config:create_engine_config_wrapper",
