@@ -153,31 +153,39 @@ def by_thread(before: dict[int, float], after: dict[int, float], names: dict[int
     return {k: round(1e6 * v / n, 1) for k, v in out.most_common() if v > 0}
 
 
+def _samples(srv: Any) -> dict[str, float]:
+    """The server's parsed ``/metrics`` (empty when it cannot be read)."""
+    try:
+        return srv.metrics()
+    except Exception:
+        return {}
+
+
+def _summed(samples: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+
+def _hook_cpu(samples: dict[str, float]) -> tuple[float, float]:
+    return (_summed(samples, "cp_engine_hook_cpu_seconds_total"), _summed(samples, "cp_engine_hook_calls_total"))
+
+
 def hook_cpu(srv: Any) -> tuple[float, float]:
     """(CPU seconds, calls) the server's per-request hooks counted for themselves
     (``cp_engine_hook_cpu_seconds`` / ``cp_engine_hook_calls``); zeros without the plugin."""
-    try:
-        samples = srv.metrics()
-    except Exception:
-        return 0.0, 0.0
-    return (sum(v for k, v in samples.items() if k.startswith("cp_engine_hook_cpu_seconds_total")),
-            sum(v for k, v in samples.items() if k.startswith("cp_engine_hook_calls_total")))
+    return _hook_cpu(_samples(srv))
 
 
-def engine_steps(srv: Any) -> float:
+def _engine_steps(samples: dict[str, float]) -> float:
     """Engine steps so far (vLLM's ``iteration_tokens_total`` histogram count): the API
     server handles each step's outputs, so steps per request move its CPU too."""
-    try:
-        return sum(v for k, v in srv.metrics().items() if k.startswith("vllm:iteration_tokens_total_count"))
-    except Exception:
-        return 0.0
+    return _summed(samples, "vllm:iteration_tokens_total_count")
 
 
 def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> dict:
     """One round of load on ``srv``; ``side`` picks the client's bodies (plugin or plain)."""
     pid = srv.proc.pid
-    hook0 = hook_cpu(srv)
-    steps0 = engine_steps(srv)
+    edge = _samples(srv)  # one /metrics read per round edge, outside the CPU window
+    hook0, steps0 = _hook_cpu(edge), _engine_steps(edge)
     own0, kids0 = cpu_seconds(pid)
     loop0 = main_thread_seconds(pid)
     threads0 = thread_cpu(pid)
@@ -186,8 +194,8 @@ def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> 
     own1, kids1 = cpu_seconds(pid)
     loop1 = main_thread_seconds(pid)
     threads1 = thread_cpu(pid)
-    hook1 = hook_cpu(srv)
-    steps1 = engine_steps(srv)
+    edge = _samples(srv)
+    hook1, steps1 = _hook_cpu(edge), _engine_steps(edge)
     n = max(1, r["requests"])
     out = {"side": side, "requests": r["requests"], "errors": r["errors"], "rps": r["throughput_rps"],
            "p50_s": r["latency_s"]["p50"], "p99_s": r["latency_s"]["p99"],
