@@ -427,8 +427,9 @@ def server_pids(pid: int) -> dict[str, set[int]]:
 
 
 def perf_diff(seconds: dict[str, Counter], requests: dict[str, int], top: int = 30) -> dict:
-    """Native CPU µs per request of each side's API server, by shared object and by
-    symbol (self time), and the rows that differ most, on minus off."""
+    """Native CPU µs per request of each side's processes (``seconds`` from
+    ``perf_seconds``), by shared object and by symbol (self time), and the rows that
+    differ most, on minus off."""
     def per_req(c: Counter, side: str, key=lambda k: k) -> Counter:
         agg: Counter = Counter()
         for k, v in c.items():
@@ -568,7 +569,7 @@ class _State:
 def start_orders(mode: str, pairs: int, sessions: int, same_server: bool) -> list[tuple[tuple[str, str], range]]:
     """Server sessions: which server starts first, and the pairs each session runs. The
     server started first measured a few hundred µs more API server CPU per request in
-    A/A runs (both sides plain, `overhead_ab_aa`), so ``balanced`` splits the pairs
+    A/A runs (both sides plain, `overhead_ab_aa_*`), so ``balanced`` splits the pairs
     over ``sessions`` pairs of freshly started servers and alternates which one starts
     first (the plugin server in even sessions)."""
     if same_server:
@@ -591,6 +592,8 @@ def measured_round(srv: Any, side: str, pair: int, args: argparse.Namespace, wor
                             rate=PROFILE_RATE_GIL if args.profile_gil else PROFILE_RATE)
     perf_file = Path(tempfile.mkdtemp(prefix="cp_ab_perf_")) / "perf.data" if args.perf else None
     perf = start_perf(perf_file) if perf_file else None
+    if perf is None and perf_file is not None:
+        shutil.rmtree(perf_file.parent, ignore_errors=True)
     r = run_round(srv, side, args, workload)
     if perf is not None:
         stop_perf(perf)
