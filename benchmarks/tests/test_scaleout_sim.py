@@ -105,3 +105,26 @@ def test_a_looser_load_bound_lets_the_hottest_replica_take_more():
     assert rows[2]["hottest_share"] > rows[1]["hottest_share"]  # bottom-1 MinHash keys are skewed
     table = sweep_markdown({"workload": "w", "requests": 300, "replicas": 6, "capacity_tokens": 400, "rows": rows})
     assert table.count("| block_affinity |") == 2
+
+
+def test_the_ceiling_rows_bound_what_routing_can_win(tmp_path):
+    from benchmarks.scaleout.ceiling import ceiling_rows, floor_recomputed, markdown, plot
+
+    reqs = _requests(150, 5)
+    rows = ceiling_rows(reqs, 3, 300, 6)
+    by = {r["row"]: r for r in rows}
+    assert list(by) == ["round_robin+plugin", "block_affinity+plugin", "pooled", "unbounded", "offline", "floor"]
+    assert by["round_robin+plugin"]["vs_round_robin"] == 1.0
+    floor = floor_recomputed(reqs, 6)
+    assert by["floor"]["recomputed_tokens"] == floor
+    # Every block of 39 ids computed once, the 150 questions (7 each) and the system prompt once.
+    assert floor == sum({b: n for r in reqs for b, n in zip(r.blocks, r.tokens)}.values()) + 150 * 7 + 6
+    assert all(r["recomputed_tokens"] >= floor for r in rows)
+    # One cache that never evicts serves at least what it did with less room.
+    assert by["unbounded"]["recomputed_tokens"] <= by["pooled"]["recomputed_tokens"]
+    data = {"replicas": 3, "target": 1.5, "runs": [{"workload": "w", "requests": 150, "capacity_tokens": 300,
+                                                     "rows": rows}]}
+    table = markdown(data)
+    assert "one replica, 3x the cache" in table and table.count("\n| ") == 7
+    plot(data, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
