@@ -3,10 +3,14 @@
 Ways to mark, in order of precedence (documented in README with openai-client code):
 1. top-level ``context_blocks`` (list of str, retrieval/importance order) and optional
    ``conversation_id`` (str), sent through ``extra_body`` — the canonical interface;
-2. text content parts of the last user message carrying ``"cp_block": true``; the
+2. ``cp_context_blocks`` and ``cp_conversation_id`` inside ``chat_template_kwargs``:
+   the same values, for routers that rebuild the request from their own schema and
+   drop unknown fields (SGLang's router keeps ``chat_template_kwargs`` whole). Sent
+   together with the top-level field of the same meaning, it is an error;
+3. text content parts of the last user message carrying ``"cp_block": true``; the
    remaining parts are the question (without the plugin an engine simply joins the
    parts, so such requests still work, unoptimised);
-3. the conversation id may also come from the ``X-CP-Conversation-Id`` header.
+4. the conversation id may also come from the ``X-CP-Conversation-Id`` header.
 
 Contract: ``find_marks`` returns None for an unmarked request (the caller then leaves it
 byte-identical), a ``Marks`` otherwise, and raises ``InvalidBlocks`` (HTTP 400, a
@@ -15,7 +19,9 @@ byte-identical), a ``Marks`` otherwise, and raises ``InvalidBlocks`` (HTTP 400, 
 named by its index), a marked content part that is not non-empty text, or a
 conversation id (field or header) that is not a 1..256-character string. The
 conversation id is checked whenever it is sent, with or without blocks. An empty
-``context_blocks`` list marks nothing. It never mutates its inputs.
+``context_blocks`` list marks nothing. It never mutates its inputs. Where the marks
+came from ``chat_template_kwargs``, ``Marks.template_kwargs`` holds those kwargs
+without them (the caller puts it back so the engine's template never sees them).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from cp_engine.pipeline import InvalidBlocks, validate_blocks
 
 __all__ = ["Marks", "InvalidBlocks", "find_marks", "fallback_messages", "prefix_tokens",
            "BLOCKS_FIELD", "CONVERSATION_FIELD", "PART_FLAG", "CONVERSATION_HEADER",
-           "CONVERSATION_HEADER_NAME"]
+           "CONVERSATION_HEADER_NAME", "TEMPLATE_KWARGS_FIELD", "KWARG_BLOCKS", "KWARG_CONVERSATION"]
 
 BLOCKS_FIELD = "context_blocks"
 CONVERSATION_FIELD = "conversation_id"
@@ -35,6 +41,11 @@ PART_FLAG = "cp_block"
 CONVERSATION_HEADER = "x-cp-conversation-id"
 CONVERSATION_HEADER_NAME = "X-CP-Conversation-Id"  # as documented, for error messages
 _MAX_ID_CHARS = 256
+TEMPLATE_KWARGS_FIELD = "chat_template_kwargs"
+KWARG_BLOCKS = "cp_context_blocks"
+KWARG_CONVERSATION = "cp_conversation_id"
+# Each kwarg and the top-level field it stands for.
+_LIFTED = ((KWARG_BLOCKS, BLOCKS_FIELD), (KWARG_CONVERSATION, CONVERSATION_FIELD))
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,8 @@ class Marks:
     blocks: list[str]
     conversation_id: str | None
     messages: list[Any]  # messages with part-marked blocks removed (else the input list)
-    source: str  # "field" or "parts"
+    source: str  # "field", "template_kwargs" or "parts"
+    template_kwargs: dict | None = None  # chat_template_kwargs less our keys, where they held marks
 
 
 def _conversation(extra: Mapping[str, Any], headers: Mapping[str, str] | None) -> str | None:
@@ -104,25 +116,57 @@ def _part_blocks(messages: list[Any]) -> tuple[list[str], list[Any]] | None:
     return blocks, out
 
 
+def _lift(extra: Mapping[str, Any], kwargs: Any) -> tuple[Mapping[str, Any], dict | None]:
+    """(``extra`` with the marks found in ``kwargs`` as top-level fields, ``kwargs``
+    without them); ``kwargs`` as None where they hold none of ours."""
+    if not isinstance(kwargs, Mapping) or not any(k in kwargs for k, _ in _LIFTED):
+        return extra, None
+    out = dict(extra)
+    for inner, field in _LIFTED:
+        if inner in kwargs:
+            if extra.get(field) is not None:
+                raise InvalidBlocks(f"{field} and {TEMPLATE_KWARGS_FIELD}.{inner} were both sent; send one")
+            out[field] = kwargs[inner]
+    return out, {k: v for k, v in kwargs.items() if k not in (KWARG_BLOCKS, KWARG_CONVERSATION)}
+
+
 def find_marks(extra: Mapping[str, Any] | None, messages: Any,
-               headers: Mapping[str, str] | None = None) -> Marks | None:
+               headers: Mapping[str, str] | None = None, template_kwargs: Any = None) -> Marks | None:
     """The request's marks (module docs). ``messages`` is None for a text completion,
-    which can only be marked by the field."""
+    which can only be marked by the field. ``template_kwargs``: the request's
+    ``chat_template_kwargs`` where the caller's ``extra`` does not hold it."""
     extra = extra or {}
-    conversation = _conversation(extra, headers)
-    if BLOCKS_FIELD in extra and extra[BLOCKS_FIELD] is not None:
-        blocks = validate_blocks(extra[BLOCKS_FIELD])
+    if template_kwargs is None:
+        template_kwargs = extra.get(TEMPLATE_KWARGS_FIELD)
+    extra, rest = _lift(extra, template_kwargs)
+    try:
+        conversation = _conversation(extra, headers)
+        blocks = validate_blocks(extra[BLOCKS_FIELD]) if extra.get(BLOCKS_FIELD) is not None else None
+    except InvalidBlocks as exc:
+        if rest is None:
+            raise
+        raise InvalidBlocks(_renamed(str(exc), template_kwargs)) from None
+    if blocks is not None:
         if not blocks:
             return None
         if messages is not None and not isinstance(messages, (list, tuple)):
             # Engines validate messages themselves; a caller that did not gets a 400 here.
             raise InvalidBlocks(f"messages must be a list of objects, got {type(messages).__name__}")
-        return Marks(blocks, conversation, list(messages or []), "field")
+        source = "template_kwargs" if rest is not None and KWARG_BLOCKS in template_kwargs else "field"
+        return Marks(blocks, conversation, list(messages or []), source, rest)
     if isinstance(messages, list):
         found = _part_blocks(messages)
         if found is not None:
-            return Marks(found[0], conversation, found[1], "parts")
+            return Marks(found[0], conversation, found[1], "parts", rest)
     return None
+
+
+def _renamed(message: str, kwargs: Mapping[str, Any]) -> str:
+    """An error about a lifted value, named as the client sent it."""
+    for inner, field in _LIFTED:
+        if inner in kwargs and message.startswith(field):
+            return f"{TEMPLATE_KWARGS_FIELD}.{inner}" + message[len(field):]
+    return message
 
 
 def fallback_messages(marks: Marks) -> list[Any] | None:

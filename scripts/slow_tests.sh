@@ -4,7 +4,9 @@
 #                                (.venv-llamacpp + GGUF: scripts/setup_llamacpp.sh, run if missing)
 #   two replicas behind a router tests/live/test_scaleout_router_live.py
 #                                (vllm-router: CP_ENGINE_VLLM_ROUTER, else PATH, else installed
-#                                 into a scratch venv, build/vllm-router-venv)
+#                                 into a scratch venv, build/vllm-router-venv; SGLang's router:
+#                                 CP_ENGINE_SGLANG_ROUTER, a python that imports sglang_router,
+#                                 else installed into build/sglang-router-venv)
 #   --api-server-count 2         tests/live/test_scaleout_api_servers_live.py
 #   --data-parallel-size 2       tests/live/test_scaleout_dp_live.py
 #
@@ -23,6 +25,7 @@ VENV="${CP_ENGINE_VENV:-$PWD/.venv}"
 LOCK="${CP_ENGINE_LIVE_LOCK:-/tmp/cp_engine_live.lock}"
 NICE="${SLOW_TESTS_NICE:-10}"
 ROUTER_VERSION="${VLLM_ROUTER_VERSION:-0.1.17}"
+SGLANG_ROUTER_VERSION="${SGLANG_ROUTER_VERSION:-0.3.2}"
 OUT=build/slow-tests
 mkdir -p "$OUT"
 unset PYTHONDONTWRITEBYTECODE  # as scripts/test.sh: server processes reuse the .pyc files
@@ -51,7 +54,32 @@ need_llamacpp() {
   export "$(grep '^LLAMACPP_PYTHON=' <<<"$lines")" "$(grep '^LLAMACPP_MODEL=' <<<"$lines")"
 }
 
-need_router() {
+# scratch_venv DIR PACKAGE==VERSION: a venv at DIR holding the package (kept between runs)
+scratch_venv() {
+  say "installing $2 into $1"
+  if command -v uv >/dev/null 2>&1; then
+    uv venv -q -p python3.11 "$1" && uv pip install -q -p "$1/bin/python" "$2"
+  else
+    python3 -m venv "$1" && "$1/bin/pip" install -q "$2"
+  fi
+}
+
+need_routers() { need_vllm_router && need_sglang_router; }
+
+need_sglang_router() {
+  if [ -n "${CP_ENGINE_SGLANG_ROUTER:-}" ]; then
+    "$CP_ENGINE_SGLANG_ROUTER" -c "import sglang_router" 2>/dev/null \
+      || { say "CP_ENGINE_SGLANG_ROUTER=$CP_ENGINE_SGLANG_ROUTER cannot import sglang_router"; return 1; }
+    return 0
+  fi
+  local scratch="$PWD/build/sglang-router-venv"
+  if ! "$scratch/bin/python" -c "import sglang_router" 2>/dev/null; then
+    scratch_venv "$scratch" "sglang-router==$SGLANG_ROUTER_VERSION" || return 1
+  fi
+  export CP_ENGINE_SGLANG_ROUTER="$scratch/bin/python"
+}
+
+need_vllm_router() {
   if [ -n "${CP_ENGINE_VLLM_ROUTER:-}" ]; then
     [ -x "$CP_ENGINE_VLLM_ROUTER" ] || { say "CP_ENGINE_VLLM_ROUTER=$CP_ENGINE_VLLM_ROUTER is not executable"; return 1; }
     return 0
@@ -59,12 +87,7 @@ need_router() {
   command -v vllm-router >/dev/null 2>&1 && return 0
   local scratch="$PWD/build/vllm-router-venv"
   if [ ! -x "$scratch/bin/vllm-router" ]; then
-    say "installing vllm-router==$ROUTER_VERSION into $scratch"
-    if command -v uv >/dev/null 2>&1; then
-      uv venv -q -p python3.11 "$scratch" && uv pip install -q -p "$scratch/bin/python" "vllm-router==$ROUTER_VERSION"
-    else
-      python3 -m venv "$scratch" && "$scratch/bin/pip" install -q "vllm-router==$ROUTER_VERSION"
-    fi || return 1
+    scratch_venv "$scratch" "vllm-router==$ROUTER_VERSION" || return 1
   fi
   export CP_ENGINE_VLLM_ROUTER="$scratch/bin/vllm-router"
 }
@@ -89,7 +112,7 @@ for f in "${FILES[@]}"; do
   prep=0
   case "$f" in
     *llamacpp*) need_llamacpp || prep=1 ;;
-    *router*) need_router || prep=1 ;;
+    *router*) need_routers || prep=1 ;;
   esac
   if [ $prep -ne 0 ]; then
     SUMMARY+=("FAIL  $f  (its prerequisite could not be set up)"); failed=1; continue

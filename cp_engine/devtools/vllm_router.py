@@ -3,7 +3,8 @@
 ``Router(workers, policy)`` starts the router binary (``find_router()``: the
 ``CP_ENGINE_VLLM_ROUTER`` path, else ``vllm-router`` on PATH) in its own process group;
 as a context manager it waits until ``/health`` answers (at most ``start_s``) and
-stops the whole group on exit, keeping its log only when it failed to start.
+stops the whole group on exit, keeping its log only when it failed to start. Its
+metrics exporter gets a free port, so it never collides with another router's.
 """
 from __future__ import annotations
 
@@ -32,16 +33,22 @@ def _free_port() -> int:
 
 
 class Router:
+    name = "vllm-router"
+
     def __init__(self, workers: list[str], policy: str, binary: str | None = None, start_s: float = 120.0):
+        self.port, self.start_s = _free_port(), start_s
+        cmd = self.command(binary, workers, policy)
+        fd, self.log_path = tempfile.mkstemp(prefix=f"cp_{self.name.replace('-', '_')}_", suffix=".log")
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def command(self, binary: str | None, workers: list[str], policy: str) -> list[str]:
         binary = binary or find_router()
         if not binary:
             raise RuntimeError(f"vllm-router not found: install it (`uv pip install vllm-router`) or set {ROUTER_ENV}")
-        self.port, self.start_s = _free_port(), start_s
-        fd, self.log_path = tempfile.mkstemp(prefix="cp_vllm_router_", suffix=".log")
-        cmd = [binary, "--host", "127.0.0.1", "--port", str(self.port), "--policy", policy,
-               "--worker-urls", *workers, "--worker-startup-timeout-secs", "60", "--disable-retries"]
-        with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return [binary, "--host", "127.0.0.1", "--port", str(self.port), "--policy", policy,
+                "--worker-urls", *workers, "--worker-startup-timeout-secs", "60", "--disable-retries",
+                "--prometheus-port", str(_free_port())]  # not the shared default, 29000
 
     @property
     def url(self) -> str:
@@ -57,7 +64,7 @@ class Router:
                 pass
             time.sleep(0.5)
         self.stop(keep_log=True)
-        raise RuntimeError(f"vllm-router did not become healthy; log {self.log_path}:\n"
+        raise RuntimeError(f"{self.name} did not become healthy; log {self.log_path}:\n"
                            + Path(self.log_path).read_text(errors="replace")[-3000:])
 
     def __exit__(self, *exc) -> None:

@@ -28,8 +28,8 @@ from typing import Any, Mapping
 from cp_engine.hooks import faults, metrics
 from cp_engine.hooks.acceptance import PendingCommit
 from cp_engine.hooks.tenant import tenant_of_request
-from cp_engine.marking import (BLOCKS_FIELD, CONVERSATION_FIELD, InvalidBlocks, Marks, fallback_messages,
-                               find_marks, prefix_tokens)
+from cp_engine.marking import (BLOCKS_FIELD, CONVERSATION_FIELD, TEMPLATE_KWARGS_FIELD, InvalidBlocks, Marks,
+                               fallback_messages, find_marks, prefix_tokens)
 from cp_engine.pipeline import ContextPipeline
 
 __all__ = ["CHAT", "COMPLETION", "HOOK", "Invalid", "Staged", "route_of", "stage"]
@@ -74,8 +74,14 @@ def _encode(body: dict) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
-def _without_marks(body: dict) -> dict:
-    return {k: v for k, v in body.items() if k not in (BLOCKS_FIELD, CONVERSATION_FIELD)}
+def _without_marks(body: dict, marks: Marks) -> dict:
+    out = {k: v for k, v in body.items() if k not in (BLOCKS_FIELD, CONVERSATION_FIELD)}
+    if marks.template_kwargs is not None:  # marks sent in chat_template_kwargs: the upstream never sees them
+        if marks.template_kwargs:
+            out[TEMPLATE_KWARGS_FIELD] = marks.template_kwargs
+        else:
+            out.pop(TEMPLATE_KWARGS_FIELD, None)
+    return out
 
 
 def _with_prompt(context_text: str, prompt: str) -> str:
@@ -110,7 +116,7 @@ def stage(route: str, raw: bytes, headers: Mapping[str, str] | None,
 
 
 def _rewritten(route: str, body: dict, marks: Marks, tenant: str, pipe: ContextPipeline) -> Staged:
-    out = _without_marks(body)
+    out = _without_marks(body, marks)
     if route == CHAT:
         out["messages"], prep = pipe.rewrite_messages(
             marks.messages, marks.blocks, conversation_id=marks.conversation_id, tenant=tenant)
@@ -128,7 +134,7 @@ def _rewritten(route: str, body: dict, marks: Marks, tenant: str, pipe: ContextP
 def _plain(route: str, body: dict, marks: Marks) -> Staged | None:
     """After a failure: the blocks in their given order, plainly joined."""
     try:
-        out = _without_marks(body)
+        out = _without_marks(body, marks)
         if route == CHAT:
             plain = fallback_messages(marks)
             if plain is None:

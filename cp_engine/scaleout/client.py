@@ -2,10 +2,15 @@
 plugin-on replicas can route it by its blocks (see docs/scale-out.md).
 
 - ``routing_headers(blocks)``: the block-set key (``key.routing_key``) under the
-  header names a consistent-hash router reads as a session key (vllm-router's
-  ``consistent_hash`` policy hashes ``X-Session-Id``), plus ``X-CP-Route-Key`` for
-  routers configured by header name. Requests retrieving mostly the same documents
-  get the same key in any retrieval order, so they land on the same replica.
+  header names routers read as a sticky key (vllm-router's ``consistent_hash`` policy
+  hashes ``X-Session-Id``; SGLang's router's ``manual`` policy reads
+  ``X-SMG-Routing-Key``), plus ``X-CP-Route-Key`` for routers configured by header
+  name. Requests retrieving mostly the same documents get the same key in any
+  retrieval order, so they land on the same replica.
+- ``template_marks(blocks, conversation_id)``: the body fields that mark the blocks
+  inside ``chat_template_kwargs``, for routers that rebuild each request from their own
+  schema (SGLang's router drops ``context_blocks``, ``conversation_id`` and the
+  ``cp_block`` flag of content parts, and keeps ``chat_template_kwargs`` whole).
 - ``canonical_messages(messages, blocks)``: the blocks as ``cp_block`` content parts
   of the last user turn, in canonical order (``key.canonical_order`` of their ids),
   then that turn's own text. A prefix-matching router (``cache_aware``) reads the
@@ -18,17 +23,28 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..blocks import block_id
-from ..marking import PART_FLAG
+from ..marking import KWARG_BLOCKS, KWARG_CONVERSATION, PART_FLAG, TEMPLATE_KWARGS_FIELD
 from ..pipeline import InvalidBlocks, validate_blocks
 from .key import ROUTING_HEADER, routing_key
 
 SESSION_HEADER = "X-Session-Id"  # vllm-router's consistent_hash reads it as the hash key
+SMG_HEADER = "X-SMG-Routing-Key"  # SGLang's router (model gateway): the manual policy's sticky key
 
 
 def routing_headers(blocks: Sequence[str], lead: int = 1) -> dict[str, str]:
     """Headers carrying the block-set key; empty when there are no blocks."""
     key = routing_key(validate_blocks(blocks), lead)
-    return {SESSION_HEADER: key, ROUTING_HEADER: key} if key else {}
+    return {SESSION_HEADER: key, SMG_HEADER: key, ROUTING_HEADER: key} if key else {}
+
+
+def template_marks(blocks: Sequence[str], conversation_id: str | None = None) -> dict[str, Any]:
+    """``{"chat_template_kwargs": {...}}`` marking ``blocks`` (and the conversation), to
+    merge into a chat request's body (``extra_body``) in place of ``context_blocks``.
+    Raises ``InvalidBlocks`` for malformed blocks."""
+    kwargs: dict[str, Any] = {KWARG_BLOCKS: validate_blocks(blocks)}
+    if conversation_id is not None:
+        kwargs[KWARG_CONVERSATION] = conversation_id
+    return {TEMPLATE_KWARGS_FIELD: kwargs}
 
 
 def canonical_messages(messages: Sequence[dict], blocks: Sequence[str]) -> list[dict]:

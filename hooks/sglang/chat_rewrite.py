@@ -126,8 +126,10 @@ def _messages_adapter(request_cls: type) -> Any:
     return adapter
 
 
-def _set_messages(request: Any, messages: list) -> None:
+def _set_messages(request: Any, messages: list, marks: Any) -> None:
     request.messages = _messages_adapter(type(request)).validate_python(messages)
+    if marks.template_kwargs is not None:  # marks sent in chat_template_kwargs: the template never sees them
+        request.chat_template_kwargs = marks.template_kwargs or None
 
 
 @faults.stall_watched("sglang_rewrite", cpu=True)
@@ -149,9 +151,9 @@ def _rewrite(request: Any, marks: Any, tenant: str) -> tuple[Any, str, int] | No
         faults.record_failure("sglang_rewrite", exc)
         fallback = marking.fallback_messages(marks)
         if fallback is not None:
-            _set_messages(request, fallback)
+            _set_messages(request, fallback, marks)
         return None
-    _set_messages(request, messages)
+    _set_messages(request, messages, marks)
     rid = f"cp-{uuid.uuid4().hex}"
     base = marking.prefix_tokens(messages)
     _hints.attach(request, prep, rid, base_offset=base)

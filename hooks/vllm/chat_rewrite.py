@@ -53,6 +53,18 @@ def _headers(raw_request: Any) -> Any:
     return getattr(raw_request, "headers", None) if raw_request is not None else None
 
 
+def _marks(request: Any, extra: Any, raw_request: Any) -> Marks | None:
+    # chat_template_kwargs is a declared field, so model_extra does not hold it.
+    return find_marks(extra, request.messages, _headers(raw_request),
+                      getattr(request, "chat_template_kwargs", None))
+
+
+def _drop_kwarg_marks(request: Any, marks: Marks | None) -> None:
+    """Take marks sent in chat_template_kwargs out of them: the template never sees them."""
+    if marks is not None and marks.template_kwargs is not None:
+        request.chat_template_kwargs = marks.template_kwargs or None
+
+
 @faults.stall_watched(HOOK, cpu=True)
 def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
     """Rewrite ``request`` in place; an error message for a 400, the pending commit of
@@ -62,7 +74,7 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
     try:
         faults.check_fault(HOOK)
         extra = getattr(request, "model_extra", None)
-        marks = find_marks(extra, request.messages, _headers(raw_request))
+        marks = _marks(request, extra, raw_request)
         suffix = suffix_anchor(read_blend_marks(extra).suffix)
         if marks is None and not suffix.text:
             return None
@@ -87,6 +99,7 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         # Assign last, together: a failure above leaves the request as it came.
         request.messages = messages
         request.vllm_xargs = attach(plan, hints)
+        _drop_kwarg_marks(request, marks)
         if ranks is not None:
             ranks.pin()
         activate(plan)
@@ -116,7 +129,7 @@ def _fallback(request: Any, raw_request: Any, marks: Marks | None, suffix: Ancho
     try:
         extra = getattr(request, "model_extra", None)
         if marks is None:  # failed before the marks were read: read them for the fallback
-            marks = find_marks(extra, request.messages, _headers(raw_request))
+            marks = _marks(request, extra, raw_request)
         if suffix is None:
             suffix = suffix_anchor(read_blend_marks(extra).suffix)
         if marks is None and not suffix.text:
@@ -124,6 +137,7 @@ def _fallback(request: Any, raw_request: Any, marks: Marks | None, suffix: Ancho
         messages = fallback_messages(marks) if marks is not None else list(request.messages)
         if messages is not None:
             request.messages = _with_suffix(messages, suffix)
+            _drop_kwarg_marks(request, marks)
     except Exception:
         pass
 

@@ -177,6 +177,15 @@ def test_content_parts_marking_renders_like_the_field(chat):
     assert by_parts.input_ids == by_field.input_ids
 
 
+def test_marks_in_chat_template_kwargs_render_like_the_field_and_leave_the_template(chat):
+    # What SGLang's router forwards (it drops context_blocks, keeps chat_template_kwargs).
+    _, _, by_field = post(chat, body(context_blocks=BLOCKS))
+    _, _, by_kwargs = post(chat, body(chat_template_kwargs={"cp_context_blocks": BLOCKS, "flag": 1}))
+    assert by_kwargs.input_ids == by_field.input_ids
+    status, message, gen = post(chat, body(chat_template_kwargs={"cp_context_blocks": ["ok", ""]}))
+    assert status == 400 and "chat_template_kwargs.cp_context_blocks[1] is empty" in message and gen is None
+
+
 def test_conversation_dedup_second_turn_is_shorter(chat):
     _, _, first = post(chat, body(context_blocks=BLOCKS, conversation_id="conv-9"))
     second_msgs = body()["messages"] + [{"role": "assistant", "content": "Paris."},

@@ -221,7 +221,7 @@ def test_drift_fields_and_events():
     assert {"block_hashes", "token_ids", "parent_block_hash"} <= set(BlockStored.__struct_fields__)
     assert "block_hashes" in BlockRemoved.__struct_fields__ and AllBlocksCleared is not None
     fields = ChatCompletionRequest.model_fields
-    assert {"messages", "custom_params", "input_ids"} <= set(fields)
+    assert {"messages", "custom_params", "input_ids", "chat_template_kwargs"} <= set(fields)
     # Why the raw body is read: the request model drops unknown top-level fields.
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
                                                 "context_blocks": ["a"]})

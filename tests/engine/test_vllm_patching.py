@@ -158,6 +158,10 @@ def test_drift_request_fields_reach_sampling_params():
     assert req.model_extra == {"context_blocks": ["a"], "conversation_id": "c"}
     assert req.messages[0]["content"][0].get("cp_block") is True  # part markers survive
     assert isinstance(req.request_id, str) and hasattr(req, "cache_salt")
+    # Marks a rebuilding router forwards: a declared field, read from the request itself.
+    kw = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                               "chat_template_kwargs": {"cp_context_blocks": ["a"]}})
+    assert kw.chat_template_kwargs == {"cp_context_blocks": ["a"]} and not kw.model_extra
     req.vllm_xargs = {"cp_path": ["00000000000000ff"], "cp_ends": [5], "cp_ns": "n", "cp_group": "g", "cp_rid": "r"}
     sp = req.to_sampling_params(16, {})
     assert sp.extra_args["cp_path"] == ["00000000000000ff"] and sp.extra_args["cp_rid"] == "r"

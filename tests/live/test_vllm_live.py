@@ -169,6 +169,18 @@ class TestPluginOn:
         assert cached_tokens(unknown) < BLOCK_SIZE
         assert prompt_tokens(known) < prompt_tokens(r1) + 200
 
+    def test_marks_in_chat_template_kwargs_render_as_the_field_does(self, srv):
+        # What a client behind a router that rebuilds requests (SGLang's) sends instead.
+        blocks = [doc(410), doc(411), doc(412)]
+        field = _chat(srv, user("Which one mentions copper?"), context_blocks=blocks)
+        kwargs = _chat(srv, user("Which one mentions copper?"),
+                       chat_template_kwargs={"cp_context_blocks": blocks, "some_template_flag": True})
+        assert kwargs["prompt_token_ids"] == field["prompt_token_ids"]
+        assert prompt_tokens(field) > 3 * 150  # the three documents are in both prompts
+        r = srv.post("/v1/chat/completions", {"model": srv.model, "messages": user("q?"), "max_tokens": 2,
+                                              "chat_template_kwargs": {"cp_context_blocks": ["ok", " "]}})
+        assert r.status_code == 400 and "chat_template_kwargs.cp_context_blocks[1]" in r.text, r.text
+
     def test_bad_input_is_400_or_pass_through(self, srv):
         def post(extra, messages=None):
             body = {"model": srv.model, "messages": messages or user("q?"), "max_tokens": 2, **extra}

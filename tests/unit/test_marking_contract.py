@@ -116,3 +116,46 @@ def test_python_api_keeps_an_empty_block_list_as_question_only():
     batch = api.build_batch_messages([([], "q1"), (["doc"], "q2")])
     assert batch.messages[0] == [{"role": "user", "content": "q1"}]
     assert "doc" in batch.messages[1][0]["content"]
+
+
+# -- marks inside chat_template_kwargs ------------------------------------------------
+
+def test_marks_in_template_kwargs_read_like_the_fields_and_leave_the_other_kwargs():
+    kwargs = {"cp_context_blocks": ["a", "b"], "cp_conversation_id": "c1", "enable_thinking": False}
+    before = copy.deepcopy(kwargs)
+    marks = find_marks({}, MSGS, None, kwargs)
+    assert (marks.blocks, marks.conversation_id, marks.source) == (["a", "b"], "c1", "template_kwargs")
+    assert marks.template_kwargs == {"enable_thinking": False} and kwargs == before
+    # A body (proxy, SGLang) carries them in its own chat_template_kwargs field.
+    body = {"messages": MSGS, "chat_template_kwargs": kwargs}
+    assert find_marks(body, MSGS) == marks
+
+
+def test_kwargs_without_our_keys_leave_the_request_unmarked_and_untouched():
+    assert find_marks({}, MSGS, None, {"enable_thinking": False}) is None
+    marks = find_marks({"context_blocks": ["a"]}, MSGS, None, {"enable_thinking": False})
+    assert marks.source == "field" and marks.template_kwargs is None
+
+
+def test_a_conversation_id_in_kwargs_joins_blocks_sent_another_way():
+    marks = find_marks({"context_blocks": ["a"]}, MSGS, None, {"cp_conversation_id": "c"})
+    assert (marks.conversation_id, marks.source, marks.template_kwargs) == ("c", "field", {})
+    marks = find_marks({}, _parts("x"), None, {"cp_conversation_id": "c"})
+    assert (marks.blocks, marks.conversation_id, marks.source) == (["x"], "c", "parts")
+
+
+@pytest.mark.parametrize("field,inner,value", [("context_blocks", "cp_context_blocks", ["b"]),
+                                               ("conversation_id", "cp_conversation_id", "c")])
+def test_the_same_mark_sent_twice_is_rejected_naming_both(field, inner, value):
+    msg = _error(find_marks, {field: value, "context_blocks": ["a"]}, MSGS, None, {inner: value})
+    assert field in msg and f"chat_template_kwargs.{inner}" in msg
+
+
+def test_malformed_marks_in_kwargs_are_named_as_sent():
+    assert _error(find_marks, {}, MSGS, None, {"cp_context_blocks": ["ok", " "]}).startswith(
+        "chat_template_kwargs.cp_context_blocks[1] is empty")
+    assert _error(find_marks, {}, MSGS, None, {"cp_context_blocks": "one"}).startswith(
+        "chat_template_kwargs.cp_context_blocks must be a list")
+    assert _error(find_marks, {}, MSGS, None, {"cp_context_blocks": ["a"], "cp_conversation_id": 7}).startswith(
+        "chat_template_kwargs.cp_conversation_id must be a string")
+    assert find_marks({}, MSGS, None, {"cp_context_blocks": []}) is None

@@ -189,6 +189,17 @@ def test_marked_chat_is_rewritten_as_the_plugin_renders_it(upstream, proxy):
     assert all(doc in sent["messages"][-1]["content"] for doc in DOCS[:3])
 
 
+@pytest.mark.parametrize("others", [{}, {"enable_thinking": False}])
+def test_marks_in_chat_template_kwargs_are_rewritten_and_taken_out_of_them(upstream, proxy, others):
+    kwargs = {"cp_context_blocks": DOCS[:2], "cp_conversation_id": "c-2", **others}
+    body = chat_body(question("Which one?"), chat_template_kwargs=kwargs)
+    assert post(proxy, CHAT, body).status_code == 200
+    sent = upstream.body()
+    expected, _ = _pipeline().rewrite_messages(body["messages"], DOCS[:2], conversation_id="c-2")
+    assert sent["messages"] == expected
+    assert sent.get("chat_template_kwargs") == (others or None)  # the rest kept, ours gone
+
+
 def test_content_parts_marked_cp_block_are_rewritten_too(upstream, proxy):
     parts = [{"type": "text", "text": d, "cp_block": True} for d in DOCS[:2]] + [{"type": "text", "text": "Q?"}]
     messages = [SYSTEM, {"role": "user", "content": parts}]

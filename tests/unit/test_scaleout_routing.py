@@ -162,7 +162,7 @@ def test_unknown_policy_and_bad_request_are_refused():
 
 from cp_engine.marking import find_marks  # noqa: E402
 from cp_engine.pipeline import InvalidBlocks  # noqa: E402
-from cp_engine.scaleout.client import canonical_messages, routing_headers  # noqa: E402
+from cp_engine.scaleout.client import canonical_messages, routing_headers, template_marks  # noqa: E402
 
 DOCS = ["Paris is the capital of France.", "The Loire is a river.", "Lyon lies on the Rhone."]
 
@@ -180,7 +180,7 @@ def test_canonical_messages_are_the_same_for_any_retrieval_order_and_the_plugin_
 
 def test_routing_headers_carry_the_block_set_key():
     h = routing_headers(DOCS)
-    assert h["X-Session-Id"] == h["X-CP-Route-Key"] == routing_key(DOCS)
+    assert h["X-Session-Id"] == h["X-CP-Route-Key"] == h["X-SMG-Routing-Key"] == routing_key(DOCS)
     assert routing_headers(DOCS[::-1]) == h and routing_headers([]) == {}
 
 
@@ -189,3 +189,12 @@ def test_client_helpers_refuse_malformed_input():
         routing_headers(["ok", ""])
     with pytest.raises(InvalidBlocks):
         canonical_messages([{"role": "system", "content": "x"}], DOCS)
+
+
+def test_template_marks_are_what_the_plugin_reads_from_chat_template_kwargs():
+    body = {"messages": [{"role": "user", "content": "Which city?"}], **template_marks(DOCS, "conv-1")}
+    marks = find_marks(body, body["messages"])
+    assert (marks.blocks, marks.conversation_id, marks.source) == (DOCS, "conv-1", "template_kwargs")
+    assert template_marks(DOCS) == {"chat_template_kwargs": {"cp_context_blocks": DOCS}}
+    with pytest.raises(InvalidBlocks):
+        template_marks(["ok", ""])
