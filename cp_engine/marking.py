@@ -46,6 +46,7 @@ KWARG_BLOCKS = "cp_context_blocks"
 KWARG_CONVERSATION = "cp_conversation_id"
 # Each kwarg and the top-level field it stands for.
 _LIFTED = ((KWARG_BLOCKS, BLOCKS_FIELD), (KWARG_CONVERSATION, CONVERSATION_FIELD))
+_OUR_KWARGS = frozenset(inner for inner, _ in _LIFTED)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def _part_blocks(messages: list[Any]) -> tuple[list[str], list[Any]] | None:
 def _lift(extra: Mapping[str, Any], kwargs: Any) -> tuple[Mapping[str, Any], dict | None]:
     """(``extra`` with the marks found in ``kwargs`` as top-level fields, ``kwargs``
     without them); ``kwargs`` as None where they hold none of ours."""
-    if not isinstance(kwargs, Mapping) or not any(k in kwargs for k, _ in _LIFTED):
+    if not isinstance(kwargs, Mapping) or _OUR_KWARGS.isdisjoint(kwargs):
         return extra, None
     out = dict(extra)
     for inner, field in _LIFTED:
@@ -127,7 +128,7 @@ def _lift(extra: Mapping[str, Any], kwargs: Any) -> tuple[Mapping[str, Any], dic
             if extra.get(field) is not None:
                 raise InvalidBlocks(f"{field} and {TEMPLATE_KWARGS_FIELD}.{inner} were both sent; send one")
             out[field] = kwargs[inner]
-    return out, {k: v for k, v in kwargs.items() if k not in (KWARG_BLOCKS, KWARG_CONVERSATION)}
+    return out, {k: v for k, v in kwargs.items() if k not in _OUR_KWARGS}
 
 
 def find_marks(extra: Mapping[str, Any] | None, messages: Any,

