@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 from cp_engine.blocks import estimate_tokens
 from cp_engine.pipeline import InvalidBlocks, validate_blocks
 
-__all__ = ["Marks", "InvalidBlocks", "find_marks", "fallback_messages", "prefix_tokens",
+__all__ = ["Marks", "InvalidBlocks", "find_marks", "check_conversation_id", "fallback_messages", "prefix_tokens",
            "BLOCKS_FIELD", "CONVERSATION_FIELD", "PART_FLAG", "CONVERSATION_HEADER",
            "CONVERSATION_HEADER_NAME", "TEMPLATE_KWARGS_FIELD", "KWARG_BLOCKS", "KWARG_CONVERSATION"]
 
@@ -67,8 +67,11 @@ def _conversation(extra: Mapping[str, Any], headers: Mapping[str, str] | None) -
         except Exception:
             conv = None
         source = f"{CONVERSATION_FIELD} (header {CONVERSATION_HEADER_NAME})"
-    if conv is None:
-        return None
+    return None if conv is None else check_conversation_id(conv, source)
+
+
+def check_conversation_id(conv: Any, source: str = CONVERSATION_FIELD) -> str:
+    """``conv`` if it is a valid conversation id, else ``InvalidBlocks`` naming ``source``."""
     # The documented type only: turning 42 into "42" would hide a client bug, and the
     # same id sent both ways would silently name one conversation.
     if not isinstance(conv, str):

@@ -6,7 +6,10 @@ plugin-on replicas can route it by its blocks (see docs/scale-out.md).
   hashes ``X-Session-Id``; SGLang's router's ``manual`` policy reads
   ``X-SMG-Routing-Key``), plus ``X-CP-Route-Key`` for routers configured by header
   name. Requests retrieving mostly the same documents get the same key in any
-  retrieval order, so they land on the same replica.
+  retrieval order, so they land on the same replica. A turn of a conversation passes
+  its ``conversation_id`` and gets the conversation's key instead: every turn then
+  reaches the replica that holds the conversation's history (its cached prefix and the
+  plugin's record of the blocks already sent, which turn repeats into references).
 - ``template_marks(blocks, conversation_id)``: the body fields that mark the blocks
   inside ``chat_template_kwargs``, for routers that rebuild each request from their own
   schema (SGLang's router drops ``context_blocks``, ``conversation_id`` and the
@@ -23,17 +26,23 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..blocks import block_id
-from ..marking import KWARG_BLOCKS, KWARG_CONVERSATION, PART_FLAG, TEMPLATE_KWARGS_FIELD
+from ..marking import KWARG_BLOCKS, KWARG_CONVERSATION, PART_FLAG, TEMPLATE_KWARGS_FIELD, check_conversation_id
 from ..pipeline import InvalidBlocks, validate_blocks
-from .key import ROUTING_HEADER, routing_key
+from .key import ROUTING_HEADER, conversation_key, routing_key
 
 SESSION_HEADER = "X-Session-Id"  # vllm-router's consistent_hash reads it as the hash key
 SMG_HEADER = "X-SMG-Routing-Key"  # SGLang's router (model gateway): the manual policy's sticky key
 
 
-def routing_headers(blocks: Sequence[str], lead: int = 1) -> dict[str, str]:
-    """Headers carrying the block-set key; empty when there are no blocks."""
-    key = routing_key(validate_blocks(blocks), lead)
+def routing_headers(blocks: Sequence[str], lead: int = 1, conversation_id: str | None = None) -> dict[str, str]:
+    """Headers carrying the block-set key, or the conversation's key when
+    ``conversation_id`` is given; empty when there is neither. Raises ``InvalidBlocks``
+    for malformed blocks or an id the plugin would refuse."""
+    texts = validate_blocks(blocks)
+    if conversation_id is not None:
+        key = conversation_key(check_conversation_id(conversation_id))
+    else:
+        key = routing_key(texts, lead)
     return {SESSION_HEADER: key, SMG_HEADER: key, ROUTING_HEADER: key} if key else {}
 
 

@@ -15,6 +15,8 @@ in any retrieval order:
 - ``routing_key(blocks, lead)``: those ids as one lowercase hex string (16 digits per
   id, joined by ``-``), for an HTTP header or a consistent-hash router.
 - ``key_hash(ids, lead)``: the same key as an unsigned 64-bit int (a ring position).
+- ``conversation_key(conversation_id)``: the key of a conversation instead, the same for
+  every turn whatever blocks it carries (``conv-`` and 16 hex digits of its BLAKE2b-64).
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ from typing import Hashable, Iterable, Sequence
 from ..blocks import block_id
 
 ROUTING_HEADER = "X-CP-Route-Key"  # the header name the deployment recipes use
+
+
+def conversation_key(conversation_id: str) -> str:
+    """Header value for every turn of one conversation."""
+    return "conv-" + hashlib.blake2b(conversation_id.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def canonical_order(ids: Iterable[int]) -> list[int]:

@@ -84,3 +84,28 @@ def test_sglang_router_keeps_template_marks_and_routes_one_block_set_to_one_repl
         # context_blocks does not survive this router: the replica sees the bare question.
         r = post_chat(via, QUESTION, headers=routing_headers(DOCS[4:8]), context_blocks=DOCS[4:8])
         assert r.status_code == 200 and prompt_tokens(r.json()) < 100, r.text
+
+
+@pytest.mark.skipif(not find_sglang_router(), reason="needs sglang-router")
+def test_a_conversation_keyed_by_its_id_stays_on_one_replica_and_sends_repeats_as_references(replicas):
+    a, b = replicas
+    conv = "router-live-conversation"
+    turn1 = [{"role": "user", "content": "What do the documents say?"}]
+    turn2 = turn1 + [{"role": "assistant", "content": "They list facts."}, {"role": "user", "content": "And now?"}]
+    with SglangRouter([s.url for s in replicas], "manual") as router:
+        via = _client(router.port)
+        before = (_served(a), _served(b))
+        answers = []
+        for messages, docs in ((turn1, DOCS[:3]), (turn2, DOCS[1:4])):  # two blocks repeat on turn 2
+            r = post_chat(via, messages, headers=routing_headers(docs, conversation_id=conv),
+                          **template_marks(docs, conversation_id=conv))
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+    got = (_served(a) - before[0], _served(b) - before[1])
+    assert sorted(got) == [0, 2], f"requests per replica: {got}"
+    first, second = (prompt_tokens(x) for x in answers)
+    # Turn 1 is replayed as rendered (a cached prefix); of turn 2's blocks only the new
+    # one goes out whole, the two repeats as references (about a third of turn 1's
+    # prompt added, not all of it).
+    assert cached_tokens(answers[1]) >= first - 256, (first, cached_tokens(answers[1]))
+    assert second - first < 0.6 * first, (first, second)

@@ -198,3 +198,15 @@ def test_template_marks_are_what_the_plugin_reads_from_chat_template_kwargs():
     assert template_marks(DOCS) == {"chat_template_kwargs": {"cp_context_blocks": DOCS}}
     with pytest.raises(InvalidBlocks):
         template_marks(["ok", ""])
+
+
+def test_every_turn_of_a_conversation_gets_its_key_whatever_its_blocks():
+    turn1 = routing_headers(DOCS[:2], conversation_id="chat-7")
+    turn2 = routing_headers(DOCS[1:], conversation_id="chat-7")
+    assert turn1 == turn2 and turn1["X-SMG-Routing-Key"].startswith("conv-")
+    assert routing_headers([], conversation_id="chat-7") == turn1  # a turn without blocks too
+    assert routing_headers(DOCS[:2], conversation_id="chat-8") != turn1
+    assert turn1 != routing_headers(DOCS[:2])  # not the block-set key
+    for bad in ("", 7, "x" * 257):
+        with pytest.raises(InvalidBlocks):
+            routing_headers(DOCS, conversation_id=bad)
