@@ -5,8 +5,14 @@ A factor f lets a replica take up to f times the even share of requests; f = 1 i
 strict balance, a large f is plain consistent hashing (the hottest key's replica takes
 whatever hashes there).
 
+``--leads`` also varies the block-set key: ``lead`` k joins the k smallest block ids
+(``cp_engine.scaleout.key``), so fewer sets share a key and a hot block with a small id
+pulls fewer of them to one replica: what a router without a load bound (vllm-router's
+``consistent_hash``, SGLang's ``manual``: a large factor here) can be given instead.
+
     python -m benchmarks.scaleout.load_sweep                     # HotpotQA KB N=5,000, 16 replicas
     python -m benchmarks.scaleout.load_sweep --workload rag_zipf --n 8000
+    python -m benchmarks.scaleout.load_sweep --replicas 4 --leads 1,2,3 --factors 1.25,100
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--replicas", type=int, default=16)
     ap.add_argument("--capacity", type=int, default=65536, help="prefix-cache tokens per replica")
     ap.add_argument("--factors", default=FACTORS)
+    ap.add_argument("--leads", default="1", help="comma-separated ids per block-set key (default 1)")
     ap.add_argument("--out", help="results JSON (default results/scaleout_load_<workload>.json)")
     args = ap.parse_args(argv)
 
@@ -39,10 +46,11 @@ def main(argv=None) -> int:
     arms = {a.name: a for a in ARMS}
     rows = [{"factor": None, **run_arm(arms["round_robin+plugin"], reqs, args.replicas, args.capacity,
                                        system_tokens, 1.0, 0.5)}]
-    for f in (float(x) for x in args.factors.split(",")):
-        rows.append({"factor": f, **run_arm(arms["block_affinity+plugin"], reqs, args.replicas, args.capacity,
-                                             system_tokens, f, 0.5)})
-        print(rows[-1], flush=True)
+    for lead in (int(x) for x in args.leads.split(",")):
+        for f in (float(x) for x in args.factors.split(",")):
+            rows.append({"factor": f, "lead": lead, **run_arm(arms["block_affinity+plugin"], reqs, args.replicas,
+                                                              args.capacity, system_tokens, f, 0.5, lead)})
+            print(rows[-1], flush=True)
     data = {"workload": rag.name, "requests": args.n, "replicas": args.replicas, "capacity_tokens": args.capacity,
             "rows": rows}
     out = args.out or RESULTS / f"scaleout_load_{args.workload}.json"
@@ -53,13 +61,14 @@ def main(argv=None) -> int:
 def markdown(data: dict) -> str:
     lines = [f"{data['workload']}, {data['requests']:,} requests, {data['replicas']} replicas with the plugin, "
              f"{data['capacity_tokens']:,}-token LRU prefix cache each.", "",
-             "| policy | load factor | hit ratio | recomputed tok | vs round-robin | hottest share (x even) |",
-             "|---|---|---|---|---|---|"]
+             "| policy | key lead | load factor | hit ratio | recomputed tok | vs round-robin | hottest share (x even) |",
+             "|---|---|---|---|---|---|---|"]
     rr = data["rows"][0]
     for r in data["rows"]:
         name = "round_robin" if r["factor"] is None else "block_affinity"
         factor = "–" if r["factor"] is None else f"{r['factor']:g}"
-        lines.append(f"| {name} | {factor} | {r['hit_ratio']:.3f} | {r['recomputed_tokens']:,} | "
+        lead = "–" if r["factor"] is None else str(r.get("lead", 1))
+        lines.append(f"| {name} | {lead} | {factor} | {r['hit_ratio']:.3f} | {r['recomputed_tokens']:,} | "
                      f"{rr['recomputed_tokens'] / r['recomputed_tokens']:.2f}× | "
                      f"{r['hottest_share']:.3f} ({r['hottest_share_x_even']:.2f}×) |")
     return "\n".join(lines)
@@ -73,8 +82,11 @@ def plot(data: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     aff = [r for r in data["rows"] if r["factor"] is not None]
-    ax.plot([r["hottest_share_x_even"] for r in aff], [r["hit_ratio"] for r in aff], marker="o",
-            label="block_affinity + plugin")
+    leads = sorted({r.get("lead", 1) for r in aff})
+    for lead in leads:
+        mine = [r for r in aff if r.get("lead", 1) == lead]
+        ax.plot([r["hottest_share_x_even"] for r in mine], [r["hit_ratio"] for r in mine], marker="o",
+                label="block_affinity + plugin" + (f", key lead {lead}" if len(leads) > 1 else ""))
     for r in aff:
         ax.annotate(f"f={r['factor']:g}", (r["hottest_share_x_even"], r["hit_ratio"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")

@@ -74,7 +74,7 @@ def requests_of(rag) -> list[SimRequest]:
     return out
 
 
-def router_view(req: SimRequest, i: int, view: str, system_tokens: int) -> RouteRequest:
+def router_view(req: SimRequest, i: int, view: str, system_tokens: int, lead: int = 1) -> RouteRequest:
     head, tail = [(SYSTEM_UNIT, system_tokens)], [(("q", i), req.question)]
     if view == "retrieval":
         body = list(zip(req.blocks, req.tokens))
@@ -86,7 +86,7 @@ def router_view(req: SimRequest, i: int, view: str, system_tokens: int) -> Route
     else:
         raise ValueError(view)
     pairs = head + body + tail
-    return RouteRequest(tuple(u for u, _ in pairs), tuple(n for _, n in pairs), key_hash(req.blocks))
+    return RouteRequest(tuple(u for u, _ in pairs), tuple(n for _, n in pairs), key_hash(req.blocks, lead))
 
 
 WORKLOADS = ("rag_zipf", "hotpot_kb")
@@ -103,7 +103,8 @@ def load_workload(name: str, n: int):
 
 
 def run_arm(arm: Arm, reqs: list[SimRequest], replicas: int, capacity: int | None, system_tokens: int,
-            factor: float, threshold: float) -> dict:
+            factor: float, threshold: float, lead: int = 1) -> dict:
+    """One arm over the requests in order (``lead``: ids in the block-set key)."""
     tree = capacity if capacity is not None else 1 << 40
     policy = make_policy(arm.policy, replicas, tree_tokens=tree, factor=factor, threshold=threshold)
     pool = [Replica(capacity, arm.plugin) for _ in range(replicas)]
@@ -112,7 +113,7 @@ def run_arm(arm: Arm, reqs: list[SimRequest], replicas: int, capacity: int | Non
     prompt = served = 0
     t0 = time.perf_counter()
     for i, req in enumerate(reqs):
-        r = policy.route(router_view(req, i, arm.view, system_tokens))
+        r = policy.route(router_view(req, i, arm.view, system_tokens, lead))
         total, hit = pool[r].serve(req.blocks, req.tokens, head, [(("q", i), req.question)])
         chosen.append(r)
         prompt, served = prompt + total, served + hit

@@ -145,3 +145,19 @@ def test_router_live_arms_mark_blocks_as_each_router_forwards_them():
     assert marks.blocks == ["doc a", "doc b"] and marks.source == "template_kwargs"
     assert find_marks(*(lambda b: (b, b["messages"]))(by["on/round_robin"][1][0])).blocks == ["doc b", "doc c"]
     assert find_marks({}, by["off/round_robin"][0][0]["messages"]) is None  # plain text, unmarked
+
+
+def test_a_longer_key_lead_makes_more_keys_and_the_sweep_reports_it():
+    from benchmarks.scaleout.load_sweep import markdown as sweep_markdown
+    from cp_engine.scaleout.key import key_hash
+
+    reqs = _requests(300, 4)
+    assert len({key_hash(r.blocks, 3) for r in reqs}) > len({key_hash(r.blocks, 1) for r in reqs})
+    aff = next(a for a in ARMS if a.name == "block_affinity+plugin")
+    rr = next(a for a in ARMS if a.name == "round_robin+plugin")
+    one, three = (run_arm(aff, reqs, 6, 400, 6, 100.0, 0.5, lead) for lead in (1, 3))
+    assert three["hottest_share"] < one["hottest_share"]  # one hot key pulls fewer requests
+    rows = [{"factor": None, **run_arm(rr, reqs, 6, 400, 6, 1.0, 0.5)},
+            {"factor": 100.0, "lead": 1, **one}, {"factor": 100.0, "lead": 3, **three}]
+    table = sweep_markdown({"workload": "w", "requests": 300, "replicas": 6, "capacity_tokens": 400, "rows": rows})
+    assert "| block_affinity | 3 | 100 |" in table and "| round_robin | – | – |" in table
