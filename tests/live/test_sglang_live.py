@@ -142,6 +142,20 @@ def test_reordered_blocks_are_served_from_cache(server):
     assert second["usage"]["prompt_tokens"] > block_tokens
 
 
+def test_marks_in_chat_template_kwargs_render_like_the_field(server):
+    # What SGLang's router forwards: it drops context_blocks and keeps these kwargs.
+    base, _ = server
+    question = "Which colour comes in the middle?"
+    status, by_field = _chat(base, _body(question, BLOCKS))
+    assert status == 200
+    before = metric(_get(f"{base}/metrics")[1], "sglang:cached_tokens_total")
+    status, by_kwargs = _chat(base, _body(question, chat_template_kwargs={"cp_context_blocks": BLOCKS}))
+    assert status == 200
+    assert by_kwargs["usage"]["prompt_tokens"] == by_field["usage"]["prompt_tokens"]
+    cached = metric(_get(f"{base}/metrics")[1], "sglang:cached_tokens_total") - before
+    assert cached >= sum(len(b) for b in BLOCKS), cached  # the same prompt: its blocks come from cache
+
+
 def test_bad_input_is_a_400_and_the_server_keeps_serving(server):
     base, _ = server
     status, err = _chat(base, _body("q", ["ok", 5]))
