@@ -49,10 +49,10 @@ def routing_headers(blocks: Sequence[str], lead: int = 1, conversation_id: str |
 def template_marks(blocks: Sequence[str], conversation_id: str | None = None) -> dict[str, Any]:
     """``{"chat_template_kwargs": {...}}`` marking ``blocks`` (and the conversation), to
     merge into a chat request's body (``extra_body``) in place of ``context_blocks``.
-    Raises ``InvalidBlocks`` for malformed blocks."""
+    Raises ``InvalidBlocks`` for malformed blocks or an id the plugin would refuse."""
     kwargs: dict[str, Any] = {KWARG_BLOCKS: validate_blocks(blocks)}
     if conversation_id is not None:
-        kwargs[KWARG_CONVERSATION] = conversation_id
+        kwargs[KWARG_CONVERSATION] = check_conversation_id(conversation_id)
     return {TEMPLATE_KWARGS_FIELD: kwargs}
 
 

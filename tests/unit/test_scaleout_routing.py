@@ -198,6 +198,8 @@ def test_template_marks_are_what_the_plugin_reads_from_chat_template_kwargs():
     assert template_marks(DOCS) == {"chat_template_kwargs": {"cp_context_blocks": DOCS}}
     with pytest.raises(InvalidBlocks):
         template_marks(["ok", ""])
+    with pytest.raises(InvalidBlocks):
+        template_marks(DOCS, conversation_id="")
 
 
 def test_every_turn_of_a_conversation_gets_its_key_whatever_its_blocks():
