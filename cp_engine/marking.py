@@ -31,7 +31,8 @@ from typing import Any, Mapping, Sequence
 from cp_engine.blocks import estimate_tokens
 from cp_engine.pipeline import InvalidBlocks, validate_blocks
 
-__all__ = ["Marks", "InvalidBlocks", "find_marks", "check_conversation_id", "fallback_messages", "prefix_tokens",
+__all__ = ["Marks", "InvalidBlocks", "find_marks", "check_conversation_id", "drop_template_marks",
+           "fallback_messages", "prefix_tokens",
            "BLOCKS_FIELD", "CONVERSATION_FIELD", "PART_FLAG", "CONVERSATION_HEADER",
            "CONVERSATION_HEADER_NAME", "TEMPLATE_KWARGS_FIELD", "KWARG_BLOCKS", "KWARG_CONVERSATION"]
 
@@ -163,6 +164,14 @@ def find_marks(extra: Mapping[str, Any] | None, messages: Any,
         if found is not None:
             return Marks(found[0], conversation, found[1], "parts", rest)
     return None
+
+
+def drop_template_marks(request: Any, marks: Marks | None) -> None:
+    """Set an engine request's ``chat_template_kwargs`` to what is left of them once the
+    marks read from them are out (None when nothing is), so its template never sees
+    them; a request whose marks came another way is left alone."""
+    if marks is not None and marks.template_kwargs is not None:
+        request.chat_template_kwargs = marks.template_kwargs or None
 
 
 def _renamed(message: str, kwargs: Mapping[str, Any]) -> str:

@@ -128,8 +128,7 @@ def _messages_adapter(request_cls: type) -> Any:
 
 def _set_messages(request: Any, messages: list, marks: Any) -> None:
     request.messages = _messages_adapter(type(request)).validate_python(messages)
-    if marks.template_kwargs is not None:  # marks sent in chat_template_kwargs: the template never sees them
-        request.chat_template_kwargs = marks.template_kwargs or None
+    marking.drop_template_marks(request, marks)
 
 
 @faults.stall_watched("sglang_rewrite", cpu=True)

@@ -37,7 +37,8 @@ from typing import Any
 
 from cp_engine.blend.marks import (Anchor, context_anchor, last_user_index, read_blend_marks,
                                    suffix_anchor, with_suffix)
-from cp_engine.marking import InvalidBlocks, Marks, fallback_messages, find_marks, prefix_tokens
+from cp_engine.marking import (InvalidBlocks, Marks, drop_template_marks, fallback_messages, find_marks,
+                               prefix_tokens)
 from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
@@ -58,11 +59,6 @@ def _marks(request: Any, extra: Any, raw_request: Any) -> Marks | None:
     return find_marks(extra, request.messages, _headers(raw_request),
                       getattr(request, "chat_template_kwargs", None))
 
-
-def _drop_kwarg_marks(request: Any, marks: Marks | None) -> None:
-    """Take marks sent in chat_template_kwargs out of them: the template never sees them."""
-    if marks is not None and marks.template_kwargs is not None:
-        request.chat_template_kwargs = marks.template_kwargs or None
 
 
 @faults.stall_watched(HOOK, cpu=True)
@@ -99,7 +95,7 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         # Assign last, together: a failure above leaves the request as it came.
         request.messages = messages
         request.vllm_xargs = attach(plan, hints)
-        _drop_kwarg_marks(request, marks)
+        drop_template_marks(request, marks)
         if ranks is not None:
             ranks.pin()
         activate(plan)
@@ -137,7 +133,7 @@ def _fallback(request: Any, raw_request: Any, marks: Marks | None, suffix: Ancho
         messages = fallback_messages(marks) if marks is not None else list(request.messages)
         if messages is not None:
             request.messages = _with_suffix(messages, suffix)
-            _drop_kwarg_marks(request, marks)
+            drop_template_marks(request, marks)
     except Exception:
         pass
 
