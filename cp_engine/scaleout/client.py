@@ -23,7 +23,7 @@ plugin-on replicas can route it by its blocks (see docs/scale-out.md).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..blocks import block_id
 from ..marking import KWARG_BLOCKS, KWARG_CONVERSATION, PART_FLAG, TEMPLATE_KWARGS_FIELD, check_conversation_id
@@ -46,11 +46,15 @@ def routing_headers(blocks: Sequence[str], lead: int = 1, conversation_id: str |
     return {SESSION_HEADER: key, SMG_HEADER: key, ROUTING_HEADER: key} if key else {}
 
 
-def template_marks(blocks: Sequence[str], conversation_id: str | None = None) -> dict[str, Any]:
+def template_marks(blocks: Sequence[str], conversation_id: str | None = None,
+                   template_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``{"chat_template_kwargs": {...}}`` marking ``blocks`` (and the conversation), to
     merge into a chat request's body (``extra_body``) in place of ``context_blocks``.
-    Raises ``InvalidBlocks`` for malformed blocks or an id the plugin would refuse."""
-    kwargs: dict[str, Any] = {KWARG_BLOCKS: validate_blocks(blocks)}
+    ``template_kwargs``: the request's own kwargs (``enable_thinking``, ...), kept
+    beside the marks; a body has one ``chat_template_kwargs``, so pass them here rather
+    than merging two dicts. Raises ``InvalidBlocks`` for malformed blocks or an id the
+    plugin would refuse."""
+    kwargs: dict[str, Any] = {**(template_kwargs or {}), KWARG_BLOCKS: validate_blocks(blocks)}
     if conversation_id is not None:
         kwargs[KWARG_CONVERSATION] = check_conversation_id(conversation_id)
     return {TEMPLATE_KWARGS_FIELD: kwargs}

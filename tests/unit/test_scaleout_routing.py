@@ -196,6 +196,9 @@ def test_template_marks_are_what_the_plugin_reads_from_chat_template_kwargs():
     marks = find_marks(body, body["messages"])
     assert (marks.blocks, marks.conversation_id, marks.source) == (DOCS, "conv-1", "template_kwargs")
     assert template_marks(DOCS) == {"chat_template_kwargs": {"cp_context_blocks": DOCS}}
+    own = {"enable_thinking": False}
+    body = {"messages": body["messages"], **template_marks(DOCS, template_kwargs=own)}
+    assert find_marks(body, body["messages"]).template_kwargs == own and own == {"enable_thinking": False}
     with pytest.raises(InvalidBlocks):
         template_marks(["ok", ""])
     with pytest.raises(InvalidBlocks):
