@@ -6,7 +6,9 @@ Ways to mark, in order of precedence (documented in README with openai-client co
 2. ``cp_context_blocks`` and ``cp_conversation_id`` inside ``chat_template_kwargs``:
    the same values, for routers that rebuild the request from their own schema and
    drop unknown fields (SGLang's router keeps ``chat_template_kwargs`` whole). Sent
-   together with the top-level field of the same meaning, it is an error;
+   together with the top-level field of the same meaning, it is an error. Blend's
+   fields travel the same way (``cp_context_suffix``, ``cp_context_keep_order``:
+   ``lift_template_marks`` gives them to ``cp_engine.blend.marks``' reader);
 3. text content parts of the last user message carrying ``"cp_block": true``; the
    remaining parts are the question (without the plugin an engine simply joins the
    parts, so such requests still work, unoptimised);
@@ -32,7 +34,7 @@ from cp_engine.blocks import estimate_tokens
 from cp_engine.pipeline import InvalidBlocks, validate_blocks
 
 __all__ = ["Marks", "InvalidBlocks", "find_marks", "check_conversation_id", "drop_template_marks",
-           "fallback_messages", "prefix_tokens",
+           "lift_template_marks", "named_as_sent", "fallback_messages", "prefix_tokens",
            "BLOCKS_FIELD", "CONVERSATION_FIELD", "PART_FLAG", "CONVERSATION_HEADER",
            "CONVERSATION_HEADER_NAME", "TEMPLATE_KWARGS_FIELD", "KWARG_BLOCKS", "KWARG_CONVERSATION"]
 
@@ -45,8 +47,10 @@ _MAX_ID_CHARS = 256
 TEMPLATE_KWARGS_FIELD = "chat_template_kwargs"
 KWARG_BLOCKS = "cp_context_blocks"
 KWARG_CONVERSATION = "cp_conversation_id"
-# Each kwarg and the top-level field it stands for.
-_LIFTED = ((KWARG_BLOCKS, BLOCKS_FIELD), (KWARG_CONVERSATION, CONVERSATION_FIELD))
+# Each kwarg and the top-level field it stands for (the last two are blend's fields,
+# cp_engine.blend.marks.SUFFIX_FIELD and KEEP_ORDER_FIELD).
+_LIFTED = ((KWARG_BLOCKS, BLOCKS_FIELD), (KWARG_CONVERSATION, CONVERSATION_FIELD),
+           ("cp_context_suffix", "context_suffix"), ("cp_context_keep_order", "context_keep_order"))
 _OUR_KWARGS = frozenset(inner for inner, _ in _LIFTED)
 
 
@@ -121,9 +125,10 @@ def _part_blocks(messages: list[Any]) -> tuple[list[str], list[Any]] | None:
     return blocks, out
 
 
-def _lift(extra: Mapping[str, Any], kwargs: Any) -> tuple[Mapping[str, Any], dict | None]:
+def lift_template_marks(extra: Mapping[str, Any], kwargs: Any) -> tuple[Mapping[str, Any], dict | None]:
     """(``extra`` with the marks found in ``kwargs`` as top-level fields, ``kwargs``
-    without them); ``kwargs`` as None where they hold none of ours."""
+    without them); ``kwargs`` as None where they hold none of ours. ``InvalidBlocks``
+    where a mark is sent both ways."""
     if not isinstance(kwargs, Mapping) or _OUR_KWARGS.isdisjoint(kwargs):
         return extra, None
     out = dict(extra)
@@ -143,14 +148,14 @@ def find_marks(extra: Mapping[str, Any] | None, messages: Any,
     extra = extra or {}
     if template_kwargs is None:
         template_kwargs = extra.get(TEMPLATE_KWARGS_FIELD)
-    extra, rest = _lift(extra, template_kwargs)
+    extra, rest = lift_template_marks(extra, template_kwargs)
     try:
         conversation = _conversation(extra, headers)
         blocks = validate_blocks(extra[BLOCKS_FIELD]) if extra.get(BLOCKS_FIELD) is not None else None
     except InvalidBlocks as exc:
         if rest is None:
             raise
-        raise InvalidBlocks(_renamed(str(exc), template_kwargs)) from None
+        raise InvalidBlocks(named_as_sent(str(exc), template_kwargs)) from None
     if blocks is not None:
         if not blocks:
             return None
@@ -174,8 +179,11 @@ def drop_template_marks(request: Any, marks: Marks | None) -> None:
         request.chat_template_kwargs = marks.template_kwargs or None
 
 
-def _renamed(message: str, kwargs: Mapping[str, Any]) -> str:
-    """An error about a lifted value, named as the client sent it."""
+def named_as_sent(message: str, kwargs: Any) -> str:
+    """An error about a value lifted from ``kwargs`` (the request's
+    ``chat_template_kwargs``), named as the client sent it."""
+    if not isinstance(kwargs, Mapping):
+        return message
     for inner, field in _LIFTED:
         if inner in kwargs and message.startswith(field):
             return f"{TEMPLATE_KWARGS_FIELD}.{inner}" + message[len(field):]

@@ -38,7 +38,7 @@ from typing import Any
 from cp_engine.blend.marks import (Anchor, context_anchor, last_user_index, read_blend_marks,
                                    suffix_anchor, with_suffix)
 from cp_engine.marking import (InvalidBlocks, Marks, drop_template_marks, fallback_messages, find_marks,
-                               prefix_tokens)
+                               lift_template_marks, named_as_sent, prefix_tokens)
 from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
@@ -60,6 +60,11 @@ def _marks(request: Any, extra: Any, raw_request: Any) -> Marks | None:
                       getattr(request, "chat_template_kwargs", None))
 
 
+def _blend_fields(request: Any, extra: Any) -> Any:
+    """``extra`` with blend's fields sent in chat_template_kwargs lifted beside it."""
+    return lift_template_marks(extra or {}, getattr(request, "chat_template_kwargs", None))[0]
+
+
 
 @faults.stall_watched(HOOK, cpu=True)
 def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
@@ -71,7 +76,8 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         faults.check_fault(HOOK)
         extra = getattr(request, "model_extra", None)
         marks = _marks(request, extra, raw_request)
-        suffix = suffix_anchor(read_blend_marks(extra).suffix)
+        blend = _blend_fields(request, extra)
+        suffix = suffix_anchor(read_blend_marks(blend).suffix)
         if marks is None and not suffix.text:
             return None
         tenant = tenant_of_request(_headers(raw_request), request)
@@ -85,7 +91,7 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
             ranks = RankChoice.for_request(serving, raw_request, runtime.pipeline().index)
             messages, prep = runtime.pipeline().rewrite_messages(
                 marks.messages, marks.blocks, conversation_id=marks.conversation_id, tenant=tenant,
-                keep_order=keep_order(extra), namespace_for=ranks.namespace if ranks is not None else None)
+                keep_order=keep_order(blend), namespace_for=ranks.namespace if ranks is not None else None)
             anchors.insert(0, context_anchor(prep.context_text, prep.order, prep.full, marks.blocks))
         messages = _with_suffix(messages, suffix)
         if marks is not None:
@@ -102,7 +108,7 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         return pending
     except InvalidBlocks as exc:
         metrics.inc("requests_rejected")
-        return f"cp_engine: {exc}"
+        return f"cp_engine: {named_as_sent(str(exc), getattr(request, 'chat_template_kwargs', None))}"
     except Exception as exc:
         faults.record_failure(HOOK, exc)
         _fallback(request, raw_request, marks, suffix)
@@ -127,7 +133,7 @@ def _fallback(request: Any, raw_request: Any, marks: Marks | None, suffix: Ancho
         if marks is None:  # failed before the marks were read: read them for the fallback
             marks = _marks(request, extra, raw_request)
         if suffix is None:
-            suffix = suffix_anchor(read_blend_marks(extra).suffix)
+            suffix = suffix_anchor(read_blend_marks(_blend_fields(request, extra)).suffix)
         if marks is None and not suffix.text:
             return
         messages = fallback_messages(marks) if marks is not None else list(request.messages)

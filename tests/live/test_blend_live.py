@@ -375,6 +375,19 @@ def test_chat_hints_carry_exact_spans_and_the_tenant_scope(blend_server, encode)
     _assert_exact_spans(record, encode, BLOCKS + SUFFIX)
 
 
+def test_marks_in_chat_template_kwargs_carry_the_same_spans(blend_server, encode):
+    # Blocks and suffix the way a router that rebuilds requests (SGLang's) forwards them.
+    marker = uuid.uuid4().hex
+    _post(blend_server, "/v1/chat/completions", {
+        "messages": [{"role": "system", "content": "Answer briefly."},
+                     {"role": "user", "content": "Where is the tower?"}],
+        "chat_template_kwargs": {"cp_context_blocks": BLOCKS, "cp_context_suffix": SUFFIX},
+        "vllm_xargs": {"probe": marker}})
+    record = _record(marker)
+    assert "cp_path" in record["extra_args"]
+    _assert_exact_spans(record, encode, BLOCKS + SUFFIX)
+
+
 def test_completion_hints_carry_exact_spans(blend_server, encode):
     marker = uuid.uuid4().hex
     _post(blend_server, "/v1/completions", {

@@ -159,3 +159,20 @@ def test_malformed_marks_in_kwargs_are_named_as_sent():
     assert _error(find_marks, {}, MSGS, None, {"cp_context_blocks": ["a"], "cp_conversation_id": 7}).startswith(
         "chat_template_kwargs.cp_conversation_id must be a string")
     assert find_marks({}, MSGS, None, {"cp_context_blocks": []}) is None
+
+
+def test_blend_fields_in_template_kwargs_lift_beside_the_others_and_leave_the_template():
+    from cp_engine.blend.marks import KEEP_ORDER_FIELD, SUFFIX_FIELD, read_blend_marks
+    from cp_engine.marking import lift_template_marks, named_as_sent
+
+    kwargs = {"cp_context_blocks": ["a"], "cp_context_suffix": ["memory"], "cp_context_keep_order": True, "x": 1}
+    fields, rest = lift_template_marks({"other": 2}, kwargs)
+    assert read_blend_marks(fields).suffix == ["memory"] and read_blend_marks(fields).keep_order is True
+    assert {SUFFIX_FIELD, KEEP_ORDER_FIELD} <= set(fields) and rest == {"x": 1}
+    assert find_marks({}, MSGS, None, kwargs).template_kwargs == {"x": 1}  # none of ours reach the template
+    assert lift_template_marks({"a": 1}, {"x": 1}) == ({"a": 1}, None)
+    assert "context_suffix" in _error(lift_template_marks, {"context_suffix": ["m"]}, {"cp_context_suffix": ["m"]})
+    with pytest.raises(InvalidBlocks) as info:
+        read_blend_marks(lift_template_marks({}, {"cp_context_suffix": ["ok", ""]})[0])
+    assert named_as_sent(str(info.value), {"cp_context_suffix": []}).startswith(
+        "chat_template_kwargs.cp_context_suffix[1] is empty")
