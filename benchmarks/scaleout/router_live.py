@@ -139,9 +139,10 @@ def main(argv=None) -> int:
             reset_caches(servers)
             policy = arm.split("/", 1)[1]
             served_before = [s.metric("vllm:request_success_total") for s in servers]
-            router_for = (lambda urls: SglangRouter(urls, "manual")) if arm == "on/smg_manual" else (
-                lambda urls: Router(urls, policy, binary=args.router))
-            with router_for([s.url for s in servers]) as router:
+            urls = [s.url for s in servers]
+            router = (SglangRouter(urls, "manual") if arm == "on/smg_manual"
+                      else Router(urls, policy, binary=args.router))
+            with router:
                 t0 = time.perf_counter()
                 usage = send(router.url, servers[0].model, arm_requests(arm, rag, SYSTEM), args.concurrency)
                 wall = time.perf_counter() - t0

@@ -65,7 +65,6 @@ def _blend_fields(request: Any, extra: Any) -> Any:
     return lift_template_marks(extra or {}, getattr(request, "chat_template_kwargs", None))[0]
 
 
-
 @faults.stall_watched(HOOK, cpu=True)
 def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
     """Rewrite ``request`` in place; an error message for a 400, the pending commit of
