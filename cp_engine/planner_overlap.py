@@ -29,9 +29,11 @@ CHUNK_PAIRS = 1 << 15
 CHUNK_CELLS = 1 << 18
 # A chunk is counted in a dense rows × N table when the table has at most this many
 # cells per pair: a bincount pass and a row maximum cost far less per cell than a sort
-# per key (measured: synthetic N=1,000, 0.4 cells per pair, 4x faster dense; the
-# knowledge base, ~10 cells per pair, faster sorted).
-DENSE_CELLS_PER_PAIR = 2
+# per key, and popular blocks become bit columns there (measured: synthetic N=1,000,
+# 0.4 cells per pair, 4x faster dense; SQuAD dev top-12, ~5 cells per pair, 10.1 ->
+# 7.2 ms at N=1,000 and 47 -> 28 ms at 3,000 dense; the knowledge base, ~10 cells
+# per pair, sorted and dense alike).
+DENSE_CELLS_PER_PAIR = 8
 # In a dense count, blocks held by at least this share of the requests are counted as
 # bit columns: per request a row of 64-bit words, and per table cell an AND and a
 # popcount of two rows. Such a block costs f**2 pair keys but only n**2 / 64 word

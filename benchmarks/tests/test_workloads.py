@@ -129,3 +129,30 @@ def test_hotpotqa_builder(monkeypatch, request):
     # Turns of one session retrieve overlapping paragraphs: that is what dedup removes.
     assert chat.meta["dedup_bound"] > 0
     assert chat.meta["dedup_bound"] == pytest.approx(W.session_dedup_bound(chat.contexts, chat.sessions), abs=1e-4)
+
+
+def test_squad_builder(monkeypatch, request):
+    real_cache = request.config.rootpath / "benchmarks" / ".cache"
+    if not (real_cache / "lce" / W.SQUAD_MEMBER).exists():
+        pytest.skip("SQuAD not fetched (W.squad fetches it with pip)")
+    if not os.environ.get(_CHILD):  # bm25s in a child interpreter: see test_hotpotqa_builder
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                               f"{__file__}::test_squad_builder"], env={**os.environ, _CHILD: "1"},
+                              cwd=request.config.rootpath, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        if " skipped" in proc.stdout:
+            pytest.skip(f"in the child interpreter: {proc.stdout.strip().splitlines()[-1]}")
+        return
+    pytest.importorskip("bm25s")
+    tmp = W.CACHE  # the test's private cache (no stale retrieval), the fetched data linked in
+    (tmp / "lce").symlink_to(real_cache / "lce")
+    wl = W.squad(300, k=5, seed=0)
+    assert len(wl.contexts) == 300 and all(len(c) == 5 == len(set(c)) for c in wl.contexts)
+    assert wl.meta["corpus_size"] == 1204 and len(wl.meta["answers"]) == 300
+    assert all(b in wl.texts and wl.tokens[b] >= 1 for c in wl.contexts for b in c)
+    assert W.squad(300, k=5, seed=0).contexts == wl.contexts  # from the cache
+    assert W.squad(300, k=5, seed=1).contexts != wl.contexts
+    # A small corpus asked about again and again: blocks recur across requests.
+    assert wl.bound() > 0.3
+    with pytest.raises(ValueError, match="11,873|11873"):
+        W.squad(20_000, k=5, seed=9)
