@@ -94,10 +94,29 @@ def _engine_row(exact: dict, targets: dict) -> tuple[str, str, str]:
             f"with `CP_ENGINE_ANNOTATE=0` / **{chat_ratio}**")
 
 
+# The small-N planning run's workloads, in the README's words.
+_SCALING_FAMILIES = (("synthetic", "synthetic"), ("hotpotqa", "HotpotQA pooled"),
+                     ("hotpotkb", "knowledge base"), ("squad", "SQuAD top-12"))
+
+
+def _small_n_row(scaling: dict) -> tuple[str, str, str]:
+    """Planning time at N = 1,000 from ``scaling_small_n.json``: CPU time, the peer's
+    with its pool workers (on 2 CPUs its wall time is about half of it), and wall time."""
+    peer, ours = [], []
+    for fam, _ in _SCALING_FAMILIES:
+        p = next(q for q in scaling["families"][fam]["points"] if q["requests"] == 1000)
+        peer.append(f"{p['peer']['cpu_seconds']:.1f} s ({p['peer']['seconds']:.1f} s)")
+        ours.append(f"{p['ours']['cpu_seconds'] * 1e3:.0f} ms ({p['peer']['cpu_seconds'] / p['ours']['cpu_seconds']:.0f}×; "
+                    f"wall {p['peer']['seconds'] / p['ours']['seconds']:.0f}×)")
+    names = ", ".join(label for _, label in _SCALING_FAMILIES)
+    return (f"planning N=1,000, CPU time (wall): {names}", ", ".join(peer), ", ".join(ours))
+
+
 def results_table() -> str:
     """The README results table (markdown), one row per headline, with its source."""
     sim = _load("sim.json")
     rows: list[tuple[str, str, str, str]] = [r + ("sim.json",) for r in _sim_rows(sim)]
+    rows.insert(len(rows) - 1, _small_n_row(_load("scaling_small_n.json")) + ("scaling_small_n.json",))
     rows.append(_quality_row(_load("quality.json"), _load("quality_multiturn.json"))
                 + ("quality.json, quality_multiturn.json",))
     rows.append(_engine_row(_load("engine_targets_exact.json"), _load("engine_targets.json"))
