@@ -45,12 +45,15 @@ class SharedCounts:
     (0 for dead clusters and for ``x`` itself).
     """
 
-    def __init__(self, blocks: Iterable[int], clusters: int, universe: int) -> None:
+    def __init__(self, blocks: Iterable[int], clusters: int, universe: int, dtype=np.uint8) -> None:
         rows = np.full(universe, -1, dtype=np.int64)
         blocks = np.fromiter(blocks, dtype=np.int64)
         rows[blocks] = np.arange(blocks.size)
         self.rows = rows
-        self.table = np.zeros((blocks.size + 1, clusters), dtype=np.uint8)
+        self.table = np.zeros((blocks.size + 1, clusters), dtype=dtype)
+        # What a holder's cell reads, per row: None for 1 (counts), else the block's
+        # weight (see ``weighted``).
+        self.row_weight: np.ndarray | None = None
         self.alive = np.zeros(clusters, dtype=np.uint8)
         # Per cluster, its rows, where known (None until first needed): a cluster asked
         # about again needs no conversion of its blocks.
@@ -74,9 +77,20 @@ class SharedCounts:
         out.alive[:postings.sizes.size] = 1
         return out
 
+    @classmethod
+    def weighted(cls, postings: "Postings", clusters: int, weights: np.ndarray, dtype) -> "SharedCounts":
+        """``for_postings`` whose cells hold each block's whole weight instead of 1, so
+        ``count`` sums the weight a live cluster shares (``dtype``: wide enough for any
+        one cluster's sum)."""
+        out = cls(np.flatnonzero(postings.freq), clusters, postings.freq.size, dtype)
+        out.row_weight = np.append(weights[np.flatnonzero(postings.freq)], 0).astype(dtype)
+        out.table[out.rows[postings.blocks], postings.owner] = weights[postings.blocks].astype(dtype)
+        out.alive[:postings.sizes.size] = 1
+        return out
+
     def add(self, c: int, members: Iterable[int]) -> None:
         r = self.rows[np.fromiter(members, dtype=np.int64)]
-        self.table[r, c] = 1
+        self.table[r, c] = 1 if self.row_weight is None else self.row_weight[r]
         self.alive[c] = 1
         self.cells[c] = r
 
@@ -87,10 +101,11 @@ class SharedCounts:
         """Shared-block count of x's ``members`` with every live cluster but x.
 
         Exact while x holds fewer than 256 blocks (uint8 sums); the caller counts
-        larger clusters its own way.
+        larger clusters its own way. A ``weighted`` table gives the weight shared, in
+        its own type.
         """
         r = self.rows[np.fromiter(members, dtype=np.int64, count=len(members))]
-        counts = np.add.reduce(self.table.take(r, axis=0), axis=0, dtype=np.uint8)  # (take: faster than table[r])
+        counts = np.add.reduce(self.table.take(r, axis=0), axis=0, dtype=self.table.dtype)  # (take: faster than table[r])
         counts *= self.alive
         counts[x] = 0
         return counts

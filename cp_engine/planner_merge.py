@@ -39,6 +39,7 @@ class _Merges:
         self.requests = len(sets)
         self.w = w
         self.unit = w.count(1.0) == len(w)  # (counted in C)
+        self.positive = min(w, default=1.0) > 0  # then a positive weighted sum marks a partner seen
         self.inter: list[set[int]] = [set(s) for s in sets]
         self.alive = [True] * len(sets)
         self.parent = [-1] * len(sets)
@@ -145,15 +146,15 @@ def cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], 
     if postings is None:
         postings = Postings(sets, len(freq))
     unit = w.count(1.0) == len(w)  # counted in C
-    table = _shared_counts(sets, freq, postings) if unit else None
-    if table is not None and membership is not None:
+    table = _shared_counts(sets, freq, postings) if unit else _weighted_counts(sets, w, postings)
+    if unit and table is not None and membership is not None:
         membership.append(Membership.of_table(table.table[:-1], table.rows, len(sets)))  # (not the spare row)
     # Block -> live clusters holding it (a list indexed by block: a list lookup costs
     # a fraction of a dict's; None for blocks no request shares); the requests are
     # the first clusters. Not kept where the table counts every cluster (unit
     # weights, no block above the cap): _merge_table then updates the table only.
     live: list[set[int]] | None = None
-    if table is None or hot_cap < max(freq, default=0) or max(map(len, sets), default=0) > 255:
+    if not unit or table is None or hot_cap < max(freq, default=0) or max(map(len, sets), default=0) > 255:
         live = [None] * postings.freq.size
         run = iter(postings.lists()[0])  # the holders, block by block
         held = np.flatnonzero(postings.freq)
@@ -204,6 +205,11 @@ def cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], 
                 live[b].discard(z)
         for b in m.inter[c]:
             live[b].add(c)
+        if table is not None:
+            table.kill(x)
+            table.kill(y)
+            if m.inter[c]:
+                table.add(c, m.inter[c])
         push_best(c)
     return m.orders(freq if rank is None else None, rank, sorted_from)
 
@@ -556,13 +562,35 @@ def _shared_counts(sets: list[list[int]], freq: list[int], postings: Postings | 
     return SharedCounts.for_requests(sets, 2 * len(sets), len(freq))
 
 
-def table_fits(n: int, freq: list[int]) -> bool:
-    """Whether the clustering of ``n`` requests (unit weights) keeps a ``SharedCounts``
-    table: it fits in ``_TABLE_CELLS`` and postings are long enough to use it."""
+def _weighted_counts(sets: list[list[int]], w: list[float], postings: Postings | None) -> SharedCounts | None:
+    """A weighted ``SharedCounts`` for the token-weighted clustering, where ``table_fits``
+    (its cells two or four bytes) and every shared block's weight is a whole number
+    of at least 1 (then the table's integer sums are the Python loop's float sums, in
+    any order, and a positive sum marks a cluster that shares a block)."""
+    # The size test first, on the postings' array (no list conversion): pooled
+    # retrieval, the common sparse case, stops here.
+    if postings is None or not sets or not table_fits(len(sets), postings.freq, 2):
+        return None
+    wv = np.asarray(w, dtype=np.float64)
+    shared = wv[np.flatnonzero(postings.freq)]
+    if not shared.size or shared.min() < 1 or not np.all(np.mod(shared, 1.0) == 0.0):
+        return None
+    # The most any cluster can share: the heaviest request's shared weight.
+    most = float(np.bincount(postings.owner, weights=wv[postings.blocks], minlength=len(sets)).max())
+    dtype = np.uint16 if most < 1 << 16 else np.uint32 if most < 1 << 32 else None
+    if dtype is None or (dtype is np.uint32 and not table_fits(len(sets), postings.freq, 4)):
+        return None
+    return SharedCounts.weighted(postings, 2 * len(sets), wv, dtype)
+
+
+def table_fits(n: int, freq: list[int], cell_bytes: int = 1) -> bool:
+    """Whether the clustering of ``n`` requests keeps a ``SharedCounts`` table of
+    ``cell_bytes`` per cell: it fits in ``_TABLE_CELLS`` bytes and postings are long
+    enough to use it."""
     f = np.asarray(freq, dtype=np.int64)
     f = f[f > 1]
     clusters = 2 * n
-    if not n or f.size * clusters > _TABLE_CELLS:
+    if not n or f.size * clusters * cell_bytes > _TABLE_CELLS:
         return False
     # Postings too short on average: counting them costs less than the table's passes.
     return int((f * f).sum()) >= n * (_KEEP_MIN_POSTINGS + clusters // _KEEP_COLUMNS_PER_POSTING)
@@ -572,25 +600,32 @@ def _posting_partners(m: _Merges, postings: list[set[int]], x: int, hot_cap: int
                       unit: bool, table: SharedCounts | None = None) -> list[int]:
     """Up to ``candidates`` clusters that can have the best exact score with x.
 
-    ``table`` (unit weights only): long postings are counted there instead (same
-    counts, same answer)."""
+    ``table``: long postings are counted there instead (same counts, same answer;
+    a weighted table for token weights). Without one, long postings under token
+    weights are summed in NumPy (``_weighted_partners``, the same sums)."""
     skipped = 0.0  # weight of x's hot blocks, absent from acc
     lists = []
+    entries = 0
     for b in m.inter[x]:
         holders = postings[b]
         if len(holders) > hot_cap:
             skipped += m.w[b]
         else:
             lists.append((b, holders))
+            entries += len(holders)
     if (table is not None and len(lists) < 256
-            and sum(len(h) for _, h in lists) > _TABLE_MIN_RANKED + table.alive.size // _TABLE_COLUMNS_PER_RANKED):
+            and entries > _TABLE_MIN_RANKED + table.alive.size // _TABLE_COLUMNS_PER_RANKED):
         counts = table.count(x, [b for b, _ in lists])
         top = int(counts.max())
         if not top:
             return []
+        if not unit:
+            return _ranked_sums(counts, top - skipped, candidates)
         # At least once (as in acc), most shared first, then the lowest number: nlargest's
         # order below.
         return best_counted(counts, top, max(top - skipped, 1), candidates)
+    if not unit and entries >= _WEIGHTED_ARRAY_POSTINGS:
+        return _weighted_partners(m, lists, x, skipped, candidates, entries)
     if unit:
         # Every block weighs 1: count in C (Counter) rather than a Python loop.
         acc = Counter(itertools.chain.from_iterable(h for _, h in lists))
@@ -609,6 +644,50 @@ def _posting_partners(m: _Merges, postings: list[set[int]], x: int, hot_cap: int
     if len(ranked) > candidates:
         ranked = heapq.nlargest(candidates, ranked, key=lambda y: (acc[y], -y))
     return ranked
+
+
+def _ranked_sums(counts: np.ndarray, floor: float, candidates: int) -> list[int]:
+    """The clusters sharing some weight with x and at least ``floor``, from a weighted
+    table's ``counts`` (whole weights, each at least 1, so a positive count is a
+    cluster seen in x's postings): all of them, or the ``candidates`` with the most
+    (then the lower number) where there are more: ``_posting_partners``' choice."""
+    ranked = np.flatnonzero((counts > 0) & (counts >= floor))
+    if ranked.size > candidates:
+        ranked = ranked[np.lexsort((ranked, -counts[ranked].astype(np.int64)))[:candidates]]
+    return ranked.tolist()
+
+
+# From this many posting entries a weighted partner search sums them in NumPy
+# (``_weighted_partners``) instead of a Python loop per entry.
+_WEIGHTED_ARRAY_POSTINGS = 64
+
+
+def _weighted_partners(m: _Merges, lists: list[tuple[int, set[int]]], x: int, skipped: float,
+                       candidates: int, entries: int) -> list[int]:
+    """``_posting_partners``' answer for token weights, summed by one ``bincount``.
+
+    Entries are summed in the order the Python loop adds them (block by block, each
+    block's holders in set order), so every partner's float sum is the same, and so
+    is the set chosen: those within ``skipped`` of the best sum, the ``candidates``
+    best by (sum, lower number) when there are more.
+    """
+    size = len(m.inter)
+    ys = np.fromiter(itertools.chain.from_iterable(h for _, h in lists), dtype=np.int64, count=entries)
+    ws = np.repeat(np.fromiter((m.w[b] for b, _ in lists), dtype=np.float64, count=len(lists)),
+                   np.fromiter((len(h) for _, h in lists), dtype=np.int64, count=len(lists)))
+    acc = np.bincount(ys, weights=ws, minlength=size)
+    seen = acc > 0 if m.positive else np.bincount(ys, minlength=size) > 0
+    seen[x] = False
+    held = np.flatnonzero(seen)
+    if not held.size:
+        return []
+    sums = acc[held]
+    ranked = held[sums >= sums.max() - skipped]
+    if ranked.size > candidates:
+        # Most first, then the lower number (nlargest's order in the Python loop).
+        best = np.lexsort((ranked, -acc[ranked]))[:candidates]
+        ranked = ranked[best]
+    return ranked.tolist()
 
 
 def cluster_by_knn(sets: list[list[int]], w: list[float], freq: list[int], knn,

@@ -30,10 +30,10 @@ def zipf_sets(seed, n, corpus, k):
 
 
 def force_table(monkeypatch, on: bool):
-    if on:  # every question goes to the table
-        for name in ("_TABLE_MIN_POSTINGS", "_TABLE_MIN_RANKED"):
+    if on:  # the table kept, and every question goes to it
+        for name in ("_TABLE_MIN_POSTINGS", "_TABLE_MIN_RANKED", "_KEEP_MIN_POSTINGS"):
             monkeypatch.setattr(planner_merge, name, -1)
-        for name in ("_TABLE_COLUMNS_PER_POSTING", "_TABLE_COLUMNS_PER_RANKED"):
+        for name in ("_TABLE_COLUMNS_PER_POSTING", "_TABLE_COLUMNS_PER_RANKED", "_KEEP_COLUMNS_PER_POSTING"):
             monkeypatch.setattr(planner_merge, name, 10**9)
     else:
         monkeypatch.setattr(planner_merge, "_shared_counts", lambda *args: None)
@@ -327,3 +327,69 @@ def test_postings_holders_ascend_within_each_block(sets, universe):
     holders, starts = p.lists()
     for b in range(41):
         assert holders[starts[b]:starts[b + 1]] == [r for r, s in enumerate(sets) if b in s]
+
+
+def _token_weights(sets, seed, whole=True):
+    rng = random.Random(seed)
+    top = max(b for s in sets for b in s) + 1
+    return [float(rng.randint(1, 300)) if whole else rng.uniform(0.5, 300.0) for _ in range(top)]
+
+
+def _weighted_clusters(sets, w, hot_cap, monkeypatch, path):
+    """cluster_by_postings under token weights with one partner search forced:
+    "python" (a loop per posting entry), "sums" (NumPy bincount) or "table"."""
+    freq = Counter(b for s in sets for b in s)
+    freq = [freq[b] for b in range(len(w))]
+    with monkeypatch.context() as m:
+        if path != "table":
+            m.setattr(planner_merge, "_weighted_counts", lambda *args: None)
+        else:
+            force_table(m, on=True)
+            assert planner_merge._weighted_counts(sets, w, Postings(sets, len(w))) is not None
+        m.setattr(planner_merge, "_WEIGHTED_ARRAY_POSTINGS", 0 if path == "sums" else 10**9)
+        return cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("hot_cap", [10**9, 25, 6])
+def test_weighted_partner_searches_merge_as_the_python_loop(seed, hot_cap, monkeypatch):
+    """Whole token weights: the weighted count table and the NumPy sums find the
+    partners the per-entry loop finds, hot blocks (their weight skipped) included."""
+    sets = zipf_sets(200 + seed, n=120 + 30 * seed, corpus=50 + 15 * seed, k=9)
+    w = _token_weights(sets, seed)
+    want = _weighted_clusters(sets, w, hot_cap, monkeypatch, "python")
+    assert _weighted_clusters(sets, w, hot_cap, monkeypatch, "sums") == want
+    assert _weighted_clusters(sets, w, hot_cap, monkeypatch, "table") == want
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_sums_match_the_loop_with_fractional_weights(seed, monkeypatch):
+    """Fractional weights: no table (its sums are integers), and the NumPy sums add
+    each partner's weights in the loop's order, so the floats and the merges agree."""
+    sets = zipf_sets(300 + seed, n=160, corpus=70, k=9)
+    w = _token_weights(sets, seed, whole=False)
+    assert planner_merge._weighted_counts(sets, w, Postings(sets, len(w))) is None
+    want = _weighted_clusters(sets, w, 25, monkeypatch, "python")
+    assert _weighted_clusters(sets, w, 25, monkeypatch, "sums") == want
+
+
+def test_weighted_table_refuses_weights_below_one():
+    """A zero-weight block would share nothing yet still be a partner in the loop: no table."""
+    sets = zipf_sets(7, n=120, corpus=40, k=8)
+    w = _token_weights(sets, 7)
+    w[sets[0][0]] = 0.0
+    assert planner_merge._weighted_counts(sets, w, Postings(sets, len(w))) is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_plans_are_the_same_with_and_without_the_faster_searches(seed, monkeypatch):
+    contexts = zipf_sets(400 + seed, n=300, corpus=90, k=10)
+    lengths = {b: 1 + (b * 37 + seed) % 200 for s in contexts for b in s}
+    with monkeypatch.context() as m:
+        m.setattr(planner_merge, "_weighted_counts", lambda *args: None)
+        m.setattr(planner_merge, "_WEIGHTED_ARRAY_POSTINGS", 10**9)
+        want = planner.plan_batch(contexts, lengths)
+    with monkeypatch.context() as m:
+        force_table(m, on=True)
+        got = planner.plan_batch(contexts, lengths)
+    assert got.contexts == want.contexts and got.order == want.order and got.stats == want.stats
