@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 from collections import Counter, defaultdict
 
 import numpy as np
 
 from .planner_counts import SharedCounts, best_counted, count_elements
-from .planner_overlap import first_partners, hot_rows
+from .planner_overlap import first_partners, hot_rows, weighted_first_partners
 from .planner_postings import Postings
 from .planner_reach import Membership
 from .planner_tree import popularity_rank
@@ -196,8 +197,12 @@ def cluster_by_postings(sets: list[list[int]], w: list[float], freq: list[int], 
         else:
             _merge_unit(m, live, ties, hot_cap, candidates, table)
         return m.orders(freq if rank is None else None, rank, sorted_from)
+    firsts = weighted_first_partners(postings, w, hot_cap, candidates) if not unit else None
     for x in range(len(sets)):
-        push_best(x)
+        if firsts is None:
+            push_best(x)
+        else:
+            m.push_best(x, firsts[x])  # what the search would return, counted at once
     while (merged := m.next_merge(push_best)) is not None:
         x, y, c = merged
         for z in (x, y):
@@ -596,6 +601,9 @@ def table_fits(n: int, freq: list[int], cell_bytes: int = 1) -> bool:
     return int((f * f).sum()) >= n * (_KEEP_MIN_POSTINGS + clusters // _KEEP_COLUMNS_PER_POSTING)
 
 
+_holders_of = operator.itemgetter(1)  # (block, holders) -> holders
+
+
 def _posting_partners(m: _Merges, postings: list[set[int]], x: int, hot_cap: int, candidates: int,
                       unit: bool, table: SharedCounts | None = None) -> list[int]:
     """Up to ``candidates`` clusters that can have the best exact score with x.
@@ -605,14 +613,26 @@ def _posting_partners(m: _Merges, postings: list[set[int]], x: int, hot_cap: int
     weights are summed in NumPy (``_weighted_partners``, the same sums)."""
     skipped = 0.0  # weight of x's hot blocks, absent from acc
     lists = []
-    entries = 0
-    for b in m.inter[x]:
-        holders = postings[b]
-        if len(holders) > hot_cap:
-            skipped += m.w[b]
-        else:
-            lists.append((b, holders))
-            entries += len(holders)
+    entries = 0  # posting entries to count (token weights, or a table: a faster path may take them)
+    if unit:
+        for b in m.inter[x]:
+            holders = postings[b]
+            if len(holders) > hot_cap:
+                skipped += 1.0
+            else:
+                lists.append((b, holders))
+        if table is not None:
+            entries = sum(map(len, map(_holders_of, lists)))
+    else:
+        w = m.w
+        for b in m.inter[x]:
+            holders = postings[b]
+            held = len(holders)
+            if held > hot_cap:
+                skipped += w[b]
+            else:
+                lists.append((b, holders))
+                entries += held
     if (table is not None and len(lists) < 256
             and entries > _TABLE_MIN_RANKED + table.alive.size // _TABLE_COLUMNS_PER_RANKED):
         counts = table.count(x, [b for b, _ in lists])
@@ -624,7 +644,7 @@ def _posting_partners(m: _Merges, postings: list[set[int]], x: int, hot_cap: int
         # At least once (as in acc), most shared first, then the lowest number: nlargest's
         # order below.
         return best_counted(counts, top, max(top - skipped, 1), candidates)
-    if not unit and entries >= _WEIGHTED_ARRAY_POSTINGS:
+    if not unit and entries >= _WEIGHTED_ARRAY_POSTINGS + len(m.inter) // _WEIGHTED_ARRAY_COLUMNS_PER_POSTING:
         return _weighted_partners(m, lists, x, skipped, candidates, entries)
     if unit:
         # Every block weighs 1: count in C (Counter) rather than a Python loop.
@@ -657,9 +677,11 @@ def _ranked_sums(counts: np.ndarray, floor: float, candidates: int) -> list[int]
     return ranked.tolist()
 
 
-# From this many posting entries a weighted partner search sums them in NumPy
+# From this many posting entries, plus one per this many clusters so far (its
+# arrays span them all), a weighted partner search sums them in NumPy
 # (``_weighted_partners``) instead of a Python loop per entry.
 _WEIGHTED_ARRAY_POSTINGS = 64
+_WEIGHTED_ARRAY_COLUMNS_PER_POSTING = 32
 
 
 def _weighted_partners(m: _Merges, lists: list[tuple[int, set[int]]], x: int, skipped: float,

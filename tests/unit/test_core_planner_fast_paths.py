@@ -347,6 +347,7 @@ def _weighted_clusters(sets, w, hot_cap, monkeypatch, path):
             force_table(m, on=True)
             assert planner_merge._weighted_counts(sets, w, Postings(sets, len(w))) is not None
         m.setattr(planner_merge, "_WEIGHTED_ARRAY_POSTINGS", 0 if path == "sums" else 10**9)
+        m.setattr(planner_merge, "_WEIGHTED_ARRAY_COLUMNS_PER_POSTING", 10**9)
         return cluster_by_postings(sets, w, freq, hot_cap=hot_cap)
 
 
@@ -393,3 +394,57 @@ def test_weighted_plans_are_the_same_with_and_without_the_faster_searches(seed, 
         force_table(m, on=True)
         got = planner.plan_batch(contexts, lengths)
     assert got.contexts == want.contexts and got.order == want.order and got.stats == want.stats
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("hot_cap", [10**9, 20, 5])
+def test_weighted_first_partners_are_the_first_searches_answers(seed, hot_cap, monkeypatch):
+    """Every request's first weighted search, all at once: the same partner set as
+    _posting_partners asked request by request before any merge."""
+    from cp_engine import planner_overlap
+
+    monkeypatch.setattr(planner_overlap, "WEIGHTED_CELLS_PER_PAIR", 10**9)
+    sets = zipf_sets(500 + seed, n=100 + 40 * seed, corpus=40 + 20 * seed, k=9)
+    w = _token_weights(sets, seed)
+    postings = Postings(sets, len(w))
+    got = planner_overlap.weighted_first_partners(postings, w, hot_cap, 8)
+    m = planner_merge._Merges(sets, w)
+    live = [set() for _ in w]
+    for r, s in enumerate(sets):
+        for b in s:
+            live[b].add(r)
+    want = [sorted(planner_merge._posting_partners(m, live, x, hot_cap, 8, False)) for x in range(len(sets))]
+    assert got == want
+    assert any(len(p) == 8 for p in got)  # some requests had more than 8 in reach
+
+
+def test_weighted_first_partners_decline_what_they_cannot_answer_exactly(monkeypatch):
+    from cp_engine import planner_overlap
+
+    sets = zipf_sets(9, n=120, corpus=40, k=8)
+    postings = Postings(sets, max(b for s in sets for b in s) + 1)
+    fractional = _token_weights(sets, 9, whole=False)
+    assert planner_overlap.weighted_first_partners(postings, fractional, 10**9, 8) is None
+    zero = _token_weights(sets, 9)
+    zero[sets[0][0]] = 0.0
+    assert planner_overlap.weighted_first_partners(postings, zero, 10**9, 8) is None
+    monkeypatch.setattr(planner_overlap, "WEIGHTED_CELLS_PER_PAIR", 0)  # too sparse for a table
+    assert planner_overlap.weighted_first_partners(postings, _token_weights(sets, 9), 10**9, 8) is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_plans_are_the_same_with_and_without_the_first_pass(seed, monkeypatch):
+    from cp_engine import planner_overlap
+
+    contexts = zipf_sets(600 + seed, n=300, corpus=80, k=10)
+    lengths = {b: 1 + (b * 53 + seed) % 300 for s in contexts for b in s}
+    with monkeypatch.context() as m:
+        m.setattr(planner_merge, "weighted_first_partners", lambda *args: None)
+        want = planner.plan_batch(contexts, lengths)
+    with monkeypatch.context() as m:
+        m.setattr(planner_overlap, "WEIGHTED_CELLS_PER_PAIR", 10**9)
+        calls = []
+        real = planner_merge.weighted_first_partners
+        m.setattr(planner_merge, "weighted_first_partners", lambda *a: calls.append(real(*a)) or calls[-1])
+        got = planner.plan_batch(contexts, lengths)
+    assert calls and calls[0] is not None and got.contexts == want.contexts and got.order == want.order and got.stats == want.stats
