@@ -382,20 +382,6 @@ def test_weighted_table_refuses_weights_below_one():
     assert planner_merge._weighted_counts(sets, w, Postings(sets, len(w))) is None
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_weighted_plans_are_the_same_with_and_without_the_faster_searches(seed, monkeypatch):
-    contexts = zipf_sets(400 + seed, n=300, corpus=90, k=10)
-    lengths = {b: 1 + (b * 37 + seed) % 200 for s in contexts for b in s}
-    with monkeypatch.context() as m:
-        m.setattr(planner_merge, "_weighted_counts", lambda *args: None)
-        m.setattr(planner_merge, "_WEIGHTED_ARRAY_POSTINGS", 10**9)
-        want = planner.plan_batch(contexts, lengths)
-    with monkeypatch.context() as m:
-        force_table(m, on=True)
-        got = planner.plan_batch(contexts, lengths)
-    assert got.contexts == want.contexts and got.order == want.order and got.stats == want.stats
-
-
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("hot_cap", [10**9, 20, 5])
 def test_weighted_first_partners_are_the_first_searches_answers(seed, hot_cap, monkeypatch):
@@ -432,19 +418,27 @@ def test_weighted_first_partners_decline_what_they_cannot_answer_exactly(monkeyp
     assert planner_overlap.weighted_first_partners(postings, _token_weights(sets, 9), 10**9, 8) is None
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_weighted_plans_are_the_same_with_and_without_the_first_pass(seed, monkeypatch):
+@pytest.mark.parametrize("seed", range(4))
+def test_weighted_plans_are_the_same_with_and_without_the_faster_searches(seed, monkeypatch):
+    """Token weights: the plan with the per-entry loop only, and with the first pass,
+    the weighted table and the NumPy sums all forced on."""
     from cp_engine import planner_overlap
 
-    contexts = zipf_sets(600 + seed, n=300, corpus=80, k=10)
+    contexts = zipf_sets(600 + seed, n=300, corpus=80 + 10 * seed, k=10)
     lengths = {b: 1 + (b * 53 + seed) % 300 for s in contexts for b in s}
     with monkeypatch.context() as m:
         m.setattr(planner_merge, "weighted_first_partners", lambda *args: None)
+        m.setattr(planner_merge, "_weighted_counts", lambda *args: None)
+        m.setattr(planner_merge, "_WEIGHTED_ARRAY_POSTINGS", 10**9)
         want = planner.plan_batch(contexts, lengths)
     with monkeypatch.context() as m:
+        force_table(m, on=True)
         m.setattr(planner_overlap, "WEIGHTED_CELLS_PER_PAIR", 10**9)
+        m.setattr(planner_merge, "_WEIGHTED_ARRAY_POSTINGS", 0)
+        m.setattr(planner_merge, "_WEIGHTED_ARRAY_COLUMNS_PER_POSTING", 10**9)
         calls = []
         real = planner_merge.weighted_first_partners
         m.setattr(planner_merge, "weighted_first_partners", lambda *a: calls.append(real(*a)) or calls[-1])
         got = planner.plan_batch(contexts, lengths)
-    assert calls and calls[0] is not None and got.contexts == want.contexts and got.order == want.order and got.stats == want.stats
+    assert calls and calls[0] is not None
+    assert got.contexts == want.contexts and got.order == want.order and got.stats == want.stats
