@@ -50,7 +50,7 @@ class _Merges:
         """(weight of the blocks x and y share, sum of their sizes)."""
         shared = self.inter[x] & self.inter[y]
         # Unit weights: the same float as the sum, without a step per block.
-        score = float(len(shared)) if self.unit else sum(self.w[b] for b in shared)
+        score = float(len(shared)) if self.unit else sum(map(self.w.__getitem__, shared))
         return score, len(self.inter[x]) + len(self.inter[y])
 
     def push_best(self, x: int, partners) -> None:
