@@ -104,6 +104,21 @@ def contexts_for(family: str, n: int) -> tuple[list[list[int]], int]:
     return _hotpot_contexts(family, n)
 
 
+def token_lengths_for(family: str, n: int, contexts: list[list[int]]) -> dict[int, int]:
+    """Each block's token length (the chars/4 estimate ``build_batch_messages`` falls back
+    to), for ``--token-lengths``: from the workload's texts, and for compound HotpotQA
+    points from the corpus the blocks were retrieved from."""
+    if family == "synthetic":
+        return dict(W.synthetic(n).tokens)
+    if family == "squad":
+        return dict(W.squad(n).tokens)
+    if n <= (7405 if family == "hotpotqa" else 7205):
+        wl = W.hotpotqa(n, k=K) if family == "hotpotqa" else W.hotpotqa_kb(n, k=K)
+        return dict(wl.tokens)
+    corpus = W._bm25()[0] if family == "hotpotqa" else W.kb_retriever()[1]
+    return {b: W.estimate_tokens(corpus[b]) for c in contexts for b in c}
+
+
 def load_before(rev: str):
     """``plan_batch`` of the planner at git ``rev``: its cp_engine/planner*.py and
     trie.py, copied into a temporary package (they import only each other and numpy)."""
@@ -142,13 +157,16 @@ def time_call(fn, contexts) -> tuple[float, float, object]:
     return time.perf_counter() - w0, time.process_time() - c0, plan
 
 
-def measure_point(contexts, repeat: int, before, peer: bool, peer_repeat: int) -> dict:
+def measure_point(contexts, repeat: int, before, peer: bool, peer_repeat: int, lengths=None) -> dict:
     """Ours, before and the peer on one batch, interleaved call by call.
 
     Ours and before take turns going first: the first call after the peer's run (a
     process of its own that fills the caches and both cores for seconds) takes a few
     percent longer on this machine, so always going first would tilt their ratio.
+    ``lengths``: token lengths for ours and before (the peer takes none).
     """
+    import functools
+
     from cp_engine import plan_batch
     from benchmarks.peer.client import peer_plan
 
@@ -156,6 +174,8 @@ def measure_point(contexts, repeat: int, before, peer: bool, peer_repeat: int) -
     plans: dict[str, tuple[list, list]] = {}
     loads = []
     planners = [("ours", plan_batch)] + ([("before", before)] if before is not None else [])
+    if lengths is not None:
+        planners = [(m, functools.partial(fn, token_lengths=lengths)) for m, fn in planners]
     for i in range(max(repeat, peer_repeat if peer else 0)):
         loads.append(os.getloadavg()[0])
         if i < repeat:
@@ -244,7 +264,9 @@ def markdown(data: dict) -> str:
         where = f"N = {min(ns):,} on every workload and at " + ", ".join(meta["peer_only_at"])
     else:
         where = "N = " + (", ".join(f"{n:,}" for n in ns) or "none")
-    out = [f"Side by side in one run: cp_engine (this tree), {'cp_engine at ' + before if before else 'no earlier planner'} "
+    weighted = ("Both cp_engine planners plan with each block's token length (chars/4), as build_batch_messages "
+                "does; the peer takes no weights and is not run. ") if meta.get("token_lengths") else ""
+    out = [weighted + f"Side by side in one run: cp_engine (this tree), {'cp_engine at ' + before if before else 'no earlier planner'} "
            f"and ContextPilot 0.5.0 (fresh runs in its venv, {where}), interleaved call by call. "
            f"Times: planning call only, wall clock, median of {meta['repeat']} calls up to N = {meta['repeat_max_n']:,} "
            f"(the peer's: {meta['peer_repeat']}), 1 above; CPU time beside it (the peer's: its process and the "
@@ -326,6 +348,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-only-at", nargs="+", default=None, metavar="FAMILY:N",
                     help="run the peer only at these points (e.g. hotpotkb:5000), besides --peer-ns 1000")
     ap.add_argument("--peer-repeat", type=int, default=3, help="peer runs per point up to --repeat-max-n (else 1)")
+    ap.add_argument("--token-lengths", action="store_true",
+                    help="plan with each block's token length (chars/4), as build_batch_messages does; "
+                         "ours and --before only (the peer takes no weights)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results JSON (default: results/scaling.json, results/scaling_quick.json with --quick)")
     ap.add_argument("--plot", action="store_true",
@@ -333,7 +358,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.ns = args.ns or list(QUICK_NS if args.quick else NS)
     args.families = args.families or (["synthetic"] if args.quick else list(FAMILIES))
-    if args.quick:
+    if args.quick or args.token_lengths:
         args.no_peer = True
     out = args.out or RESULTS / ("scaling_quick.json" if args.quick else "scaling.json")
     if args.plot:
@@ -347,7 +372,7 @@ def main(argv=None) -> int:
     peer_ok = not args.no_peer and peer_available()
     if not args.no_peer and not peer_ok:
         print(f"ContextPilot venv missing: no peer column ({SETUP_HINT})", file=sys.stderr)
-    data = {"meta": {"repeat": args.repeat, "repeat_max_n": args.repeat_max_n, "before": args.before,
+    data = {"meta": {"token_lengths": args.token_lengths, "repeat": args.repeat, "repeat_max_n": args.repeat_max_n, "before": args.before,
                      "peer_ns": sorted(args.peer_ns) if peer_ok else [], "peer_only_at": args.peer_only_at, "peer_repeat": args.peer_repeat},
             "families": {}}
     for fam in args.families:
@@ -358,11 +383,12 @@ def main(argv=None) -> int:
                 continue
             contexts, compound = contexts_for(fam, n)
             small = n <= args.repeat_max_n
+            lengths = token_lengths_for(fam, n, contexts) if args.token_lengths else None
             res = measure_point(contexts, args.repeat if small else 1, before, peer_ok and _peer_point(args, fam, n),
-                                args.peer_repeat if small else 1)
+                                args.peer_repeat if small else 1, lengths)
             from cp_engine import plan_batch
 
-            res |= {"requests": n, "compound": compound, "strategy": plan_batch(contexts).stats["strategy"],
+            res |= {"requests": n, "compound": compound, "strategy": plan_batch(contexts, lengths).stats["strategy"],
                     "seconds": res["ours"]["seconds"], "cpu_seconds": res["ours"]["cpu_seconds"]}
             points.append(res)
             same = res.get("same_plan_as_before")

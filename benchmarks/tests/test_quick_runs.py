@@ -51,6 +51,19 @@ def test_planner_scaling_quick(tmp_path):
     assert _png(out)
 
 
+def test_planner_scaling_with_token_lengths(tmp_path):
+    from benchmarks.planner import scaling
+
+    out = tmp_path / "scaling_weighted.json"
+    argv = ["--quick", "--ns", "200", "--token-lengths", "--out", str(out)]
+    data = _run(scaling.main, "benchmarks.planner.scaling", argv, out)
+    assert data["meta"]["token_lengths"] and data["meta"]["peer_ns"] == []
+    (point,) = data["families"]["synthetic"]["points"]
+    assert point["requests"] == 200 and point["ours"]["tree_nodes"] > 0
+    table = out.with_name(out.stem + ".table.md").read_text()
+    assert "token length" in table
+
+
 def test_planner_optimality_quick(tmp_path):
     from benchmarks.planner import optimality
 
