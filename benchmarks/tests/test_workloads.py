@@ -104,17 +104,25 @@ def test_greedy_beats_arrival_in_simulation():
 _CHILD = "CP_TEST_WORKLOADS_CHILD"
 
 
+def _ran_in_child(request) -> bool:
+    """In the parent: run this test again in a child interpreter (passing or skipping as
+    it does) and return True; in the child, False (the test goes on)."""
+    if os.environ.get(_CHILD):
+        return False
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                           f"{__file__}::{request.node.name}"], env={**os.environ, _CHILD: "1"},
+                          cwd=request.config.rootpath, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    if " skipped" in proc.stdout:
+        pytest.skip(f"in the child interpreter: {proc.stdout.strip().splitlines()[-1]}")
+    return True
+
+
 def test_hotpotqa_builder(monkeypatch, request):
     real_cache = request.config.rootpath / "benchmarks" / ".cache"
     if not (real_cache / "lce" / W.HOTPOT_MEMBER).exists():
         pytest.skip("HotpotQA not fetched (python -m benchmarks.common.workloads fetches it)")
-    if not os.environ.get(_CHILD):
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                               f"{__file__}::test_hotpotqa_builder"], env={**os.environ, _CHILD: "1"},
-                              cwd=request.config.rootpath, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-        if " skipped" in proc.stdout:
-            pytest.skip(f"in the child interpreter: {proc.stdout.strip().splitlines()[-1]}")
+    if _ran_in_child(request):
         return
     pytest.importorskip("bm25s")
     monkeypatch.setattr(W, "CACHE", real_cache)  # reuse the fetched data and its BM25 cache
@@ -135,13 +143,7 @@ def test_squad_builder(monkeypatch, request):
     real_cache = request.config.rootpath / "benchmarks" / ".cache"
     if not (real_cache / "lce" / W.SQUAD_MEMBER).exists():
         pytest.skip("SQuAD not fetched (W.squad fetches it with pip)")
-    if not os.environ.get(_CHILD):  # bm25s in a child interpreter: see test_hotpotqa_builder
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                               f"{__file__}::test_squad_builder"], env={**os.environ, _CHILD: "1"},
-                              cwd=request.config.rootpath, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-        if " skipped" in proc.stdout:
-            pytest.skip(f"in the child interpreter: {proc.stdout.strip().splitlines()[-1]}")
+    if _ran_in_child(request):  # bm25s in a child interpreter, as for HotpotQA
         return
     pytest.importorskip("bm25s")
     tmp = W.CACHE  # the test's private cache (no stale retrieval), the fetched data linked in
