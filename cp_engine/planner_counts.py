@@ -111,6 +111,21 @@ class SharedCounts:
         return counts
 
 
+def whole_and_at_least_one(weights: np.ndarray, blocks: np.ndarray) -> bool:
+    """Whether every weight of ``blocks`` is a whole number of at least 1: then sums of
+    them are exact in any order (as integers, or as floats below 2**53) and a positive
+    sum marks a partner that shares a block, so a table of sums gives a per-entry
+    loop's answer."""
+    used = weights[blocks]
+    return bool(not used.size or (used.min() >= 1 and np.all(np.mod(used, 1.0) == 0.0)))
+
+
+def best_summed(ids: np.ndarray, sums: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` of ``ids`` with the largest ``sums``, ties to the lower id (a sort by
+    (sum descending, id), as ``heapq.nlargest`` with the key ``(sum, -id)`` orders them)."""
+    return ids[np.lexsort((ids, -sums))[:k]]
+
+
 def best_counted(counts: np.ndarray, top: int, floor: float, k: int) -> list[int]:
     """The clusters counted at least ``floor``: all of them, ascending, when there are at
     most ``k``; else the ``k`` with the most, ties to the lower number, in that order.

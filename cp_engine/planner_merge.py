@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from .planner_counts import SharedCounts, best_counted, count_elements
+from .planner_counts import SharedCounts, best_counted, best_summed, count_elements, whole_and_at_least_one
 from .planner_overlap import first_partners, hot_rows, weighted_first_partners
 from .planner_postings import Postings
 from .planner_reach import Membership
@@ -577,8 +577,7 @@ def _weighted_counts(sets: list[list[int]], w: list[float], postings: Postings |
     if postings is None or not sets or not table_fits(len(sets), postings.freq, 2):
         return None
     wv = np.asarray(w, dtype=np.float64)
-    shared = wv[np.flatnonzero(postings.freq)]
-    if not shared.size or shared.min() < 1 or not np.all(np.mod(shared, 1.0) == 0.0):
+    if not postings.blocks.size or not whole_and_at_least_one(wv, np.flatnonzero(postings.freq)):
         return None
     # The most any cluster can share: the heaviest request's shared weight.
     most = float(np.bincount(postings.owner, weights=wv[postings.blocks], minlength=len(sets)).max())
@@ -673,7 +672,7 @@ def _ranked_sums(counts: np.ndarray, floor: float, candidates: int) -> list[int]
     (then the lower number) where there are more: ``_posting_partners``' choice."""
     ranked = np.flatnonzero((counts > 0) & (counts >= floor))
     if ranked.size > candidates:
-        ranked = ranked[np.lexsort((ranked, -counts[ranked].astype(np.int64)))[:candidates]]
+        ranked = best_summed(ranked, counts[ranked].astype(np.int64), candidates)
     return ranked.tolist()
 
 
@@ -706,9 +705,7 @@ def _weighted_partners(m: _Merges, lists: list[tuple[int, set[int]]], x: int, sk
     sums = acc[held]
     ranked = held[sums >= sums.max() - skipped]
     if ranked.size > candidates:
-        # Most first, then the lower number (nlargest's order in the Python loop).
-        best = np.lexsort((ranked, -acc[ranked]))[:candidates]
-        ranked = ranked[best]
+        ranked = best_summed(ranked, acc[ranked], candidates)
     return ranked.tolist()
 
 

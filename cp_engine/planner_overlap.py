@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .planner_counts import best_counted
+from .planner_counts import best_counted, best_summed, whole_and_at_least_one
 from .planner_postings import Postings
 
 # Pairs counted at once (int64 keys, 256 KB): small enough that a chunk's arrays
@@ -351,10 +351,7 @@ def weighted_first_partners(postings: Postings, w: list[float], hot_cap: int,
     if n == 0 or n * n > WEIGHTED_CELLS_PER_PAIR * max(int(np.dot(freq, freq)), 1):
         return None
     wv = np.asarray(w, dtype=np.float64)
-    if wv.size < freq.size:
-        return None
-    used = wv[np.flatnonzero(freq)]
-    if used.size and (used.min() < 1 or not np.all(np.mod(used, 1.0) == 0.0)):
+    if wv.size < freq.size or not whole_and_at_least_one(wv, np.flatnonzero(freq)):
         return None
     cool = freq[blocks] <= hot_cap
     skipped = np.bincount(owner, weights=np.where(cool, 0.0, wv[blocks]), minlength=n)
@@ -370,12 +367,10 @@ def weighted_first_partners(postings: Postings, w: list[float], hot_cap: int,
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         width = hi - lo
+        keys = _pair_keys(lo, hi, n, indptr, blocks, owner, freq, holders, starts)
         e0, e1 = int(indptr[lo]), int(indptr[hi])
-        b, fe = blocks[e0:e1], f[e0:e1]
-        first = np.cumsum(fe) - fe
-        pos = np.arange(int(fe.sum())) + np.repeat(starts[b] - first, fe)
-        keys = np.repeat((owner[e0:e1] - lo) * n, fe) + holders[pos]
-        table = np.bincount(keys, weights=np.repeat(wv[b], fe), minlength=width * n).reshape(width, n)
+        pair_weights = np.repeat(wv[blocks[e0:e1]], f[e0:e1])  # (in _pair_keys' order)
+        table = np.bincount(keys, weights=pair_weights, minlength=width * n).reshape(width, n)
         rows = np.arange(width)
         table[rows, rows + lo] = 0.0  # a request is not its own partner
         # Within the slack of the best and sharing something: every weight is at least
@@ -393,6 +388,5 @@ def weighted_first_partners(postings: Postings, w: list[float], hot_cap: int,
                 out[lo + i] = partners[a:z]
             else:
                 sel = c[a:z]
-                best = sel[np.lexsort((sel, -table[i, sel]))[:candidates]]
-                out[lo + i] = sorted(best.tolist())
+                out[lo + i] = sorted(best_summed(sel, table[i, sel], candidates).tolist())
     return out
