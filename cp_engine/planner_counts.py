@@ -112,12 +112,13 @@ class SharedCounts:
 
 
 def whole_and_at_least_one(weights: np.ndarray, blocks: np.ndarray) -> bool:
-    """Whether every weight of ``blocks`` is a whole number of at least 1: then sums of
-    them are exact in any order (as integers, or as floats below 2**53) and a positive
-    sum marks a partner that shares a block, so a table of sums gives a per-entry
-    loop's answer."""
+    """Whether every weight of ``blocks`` is a whole number of at least 1, all of them
+    summing below 2**53: then sums of them are exact in any order (as integers or as
+    floats) and a positive sum marks a partner that shares a block, so a table of sums
+    gives a per-entry loop's answer."""
     used = weights[blocks]
-    return bool(not used.size or (used.min() >= 1 and np.all(np.mod(used, 1.0) == 0.0)))
+    return bool(not used.size or (used.min() >= 1 and np.all(np.mod(used, 1.0) == 0.0)
+                                  and float(used.sum()) < 2.0 ** 53))
 
 
 def best_summed(ids: np.ndarray, sums: np.ndarray, k: int) -> np.ndarray:

@@ -414,6 +414,8 @@ def test_weighted_first_partners_decline_what_they_cannot_answer_exactly(monkeyp
     zero = _token_weights(sets, 9)
     zero[sets[0][0]] = 0.0
     assert planner_overlap.weighted_first_partners(postings, zero, 10**9, 8) is None
+    huge = [2.0 ** 50] * len(zero)  # whole, but sums past 2**53 would round
+    assert planner_overlap.weighted_first_partners(postings, huge, 10**9, 8) is None
     monkeypatch.setattr(planner_overlap, "WEIGHTED_CELLS_PER_PAIR", 0)  # too sparse for a table
     assert planner_overlap.weighted_first_partners(postings, _token_weights(sets, 9), 10**9, 8) is None
 
