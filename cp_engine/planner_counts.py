@@ -24,6 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from .planner_postings import Postings
+from .planner_tree import whole_weights
 
 try:
     from _collections import _count_elements as count_elements
@@ -117,8 +118,7 @@ def whole_and_at_least_one(weights: np.ndarray, blocks: np.ndarray) -> bool:
     floats) and a positive sum marks a partner that shares a block, so a table of sums
     gives a per-entry loop's answer."""
     used = weights[blocks]
-    return bool(not used.size or (used.min() >= 1 and np.all(np.mod(used, 1.0) == 0.0)
-                                  and float(used.sum()) < 2.0 ** 53))
+    return not used.size or (used.min() >= 1 and whole_weights(used))
 
 
 def best_summed(ids: np.ndarray, sums: np.ndarray, k: int) -> np.ndarray:
