@@ -21,12 +21,11 @@ Contract:
   ignored and counted as ``channel_malformed``) and hands valid ones to ``apply``;
   an exception from ``apply`` is counted and never stops the thread. It applies what
   has arrived in batches: after a wake-up that found messages it waits ``gap_ms``
-  before it looks again. It waits on the socket ``poll_ms`` at a time and looks at the
-  in-process queue (which cannot wake it) in between; given ``idle_poll_ms``, it waits
-  that long instead until the first in-process message arrives. A message waits at
-  most about ``gap_ms`` plus the poll time; ``flush()`` ends a window early and
-  returns once what had arrived is applied (for a reader that needs the index as of
-  now, the debug view).
+  before it looks again. Between windows it sleeps until the socket or its wake-up
+  pipe is readable (an in-process message, ``flush`` and ``stop`` write one byte to
+  the pipe), so an idle server's receiver costs no CPU at all. A message waits at most
+  about ``gap_ms``; ``flush()`` ends a window early and returns once what had arrived
+  is applied (for a reader that needs the index as of now, the debug view).
 - one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a sender whose instance has a
   receiver in the same process hands messages to it directly (bounded queue), with
   the same validation and drop rules.
@@ -40,6 +39,7 @@ import math
 import os
 import queue
 import re
+import socket
 import stat
 import tempfile
 import threading
@@ -290,18 +290,16 @@ class Receiver:
     """Binds the instance's socket and applies messages on one daemon thread."""
 
     def __init__(self, instance_id: str, apply: Callable[[dict], None], hwm: int = DEFAULT_HWM,
-                 poll_ms: int = 50, tag: str | None = None, gap_ms: int = DEFAULT_GAP_MS,
-                 idle_poll_ms: int | None = None) -> None:
+                 tag: str | None = None, gap_ms: int = DEFAULT_GAP_MS) -> None:
         self.instance_id = instance_id
         self.tag = str(os.getpid()) if tag is None else tag
         self.apply = apply
         self.hwm = hwm
-        self.poll_ms = poll_ms
         self.gap_ms = gap_ms
-        self.idle_poll_ms = poll_ms if idle_poll_ms is None else idle_poll_ms
-        self._local_seen = False  # an in-process sender exists: poll_ms from then on
         self.wakeups = 0  # wake-ups that found messages
         self.passes = 0  # looks at the socket and the queue
+        self._wake_r: socket.socket | None = None  # the wake-up pipe (see ``_wake``)
+        self._wake_w: socket.socket | None = None
         self._poke = threading.Event()  # ends a window early (flush, stop)
         self._in_window = False
         self.path = ""
@@ -335,6 +333,11 @@ class Receiver:
         sock.bind(f"ipc://{self.path}")
         os.chmod(self.path, 0o600)
         self._sock = sock
+        # A socket pair, not os.pipe: a closed socket object refuses writes instead of
+        # writing to whatever file reuses its descriptor number.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         with _local_lock:
             _local_receivers[self.instance_id] = self
         self._thread = threading.Thread(target=self._run, name="cp_engine-channel", daemon=True)
@@ -343,12 +346,29 @@ class Receiver:
 
     def deliver_local(self, msg: dict) -> bool:
         """In-process delivery (same validation as the socket); False when full."""
-        self._local_seen = True
         try:
             self._local.put_nowait(msg)
-            return True
         except queue.Full:
             return False
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
+        """Make the thread's wait return: the queue and the events cannot wake a poll."""
+        w = self._wake_w
+        if w is None:
+            return
+        try:
+            w.send(b"\0")
+        except OSError:
+            pass  # a full pipe already wakes it; a closed one has no thread to wake
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
 
     def _handle(self, raw: Any) -> None:
         self.received += 1
@@ -371,14 +391,18 @@ class Receiver:
         sock = self._sock
         poller = zmq.Poller()  # one for the thread's life: Socket.poll builds one per call
         poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         after_window = False
         while not self._stop.is_set():
             try:
                 before = self.received
-                # Right after a window: take what gathered without waiting for more.
-                timeout = 0 if after_window else (self.poll_ms if self._local_seen else self.idle_poll_ms)
+                # Right after a window: take what gathered without waiting for more;
+                # otherwise sleep until a message or a wake-up byte arrives.
+                ready = dict(poller.poll(0 if after_window else None))
                 after_window = False
-                if poller.poll(timeout):
+                if self._wake_r in ready:
+                    self._drain_wake()
+                if sock in ready:
                     for _ in range(self.hwm):  # bounded drain per wake-up
                         try:
                             self._handle(sock.recv(zmq.NOBLOCK))
@@ -403,11 +427,12 @@ class Receiver:
                     break
                 metrics.inc("hook_failures", 1, hook="channel_receive")
                 self._stop.wait(0.1)
+        self._close_wake()  # a stop that gave up waiting for this thread left them open
 
     def flush(self, timeout: float = 1.0) -> None:
         """End the current batching window, if any, and return once the messages that
         had arrived are applied (at most ``timeout`` seconds). Outside a window the
-        thread is waiting on the socket, which wakes it for any message there."""
+        thread is asleep only while nothing is waiting: any message wakes it."""
         import time
 
         thread = self._thread
@@ -425,9 +450,9 @@ class Receiver:
                 del _local_receivers[self.instance_id]
         self._stop.set()
         self._poke.set()
+        self._wake()
         if self._thread is not None:
-            # The thread sees the stop after its current poll; its socket is closed below.
-            self._thread.join(timeout + max(self.poll_ms, self.idle_poll_ms) / 1000)
+            self._thread.join(timeout)
         if self._sock is not None:
             self._sock.close(0)
         if self._ctx is not None:
@@ -438,6 +463,14 @@ class Receiver:
                 os.unlink(self.path)
             except OSError:
                 pass
+        if self._thread is None or not self._thread.is_alive():
+            self._close_wake()
+        # else the thread is stuck in ``apply``: it closes the pair when it ends
+
+    def _close_wake(self) -> None:
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()
 
 
 # --------------------------------------------------------------------------- sender
@@ -630,7 +663,7 @@ def engine_sender() -> Sender:
 def start_receiver(pipe: Any = None, **options: Any) -> Receiver:
     """Start (once per process) the API server's receiver applying to ``pipe``
     (default: the process pipeline from ``hooks.runtime``); ``options`` go to
-    ``Receiver`` (``idle_poll_ms``, ``gap_ms``). Raises ``ChannelError`` or zmq
+    ``Receiver`` (``gap_ms``, ``hwm``). Raises ``ChannelError`` or zmq
     errors when the socket cannot be set up; callers fail open."""
     global _receiver
     with _singleton_lock:

@@ -280,7 +280,7 @@ def _send_evictions(instance: str, runtime_dir: str, msgs: list[dict], per_reque
     sender.close()
 
 
-def _receiver_cost(seconds: float, gap_ms: int, idle_poll_ms: int, rate: float = 12.0, per_request: int = 3) -> dict:
+def _receiver_cost(seconds: float, gap_ms: int, rate: float = 12.0, per_request: int = 3) -> dict:
     """The API server's receiver thread under the soak's eviction traffic: its CPU time
     (the thread's own clock) per eviction message and per request, over a real ipc
     socket from another process. ``per_request`` evict_path messages per request at
@@ -305,8 +305,7 @@ def _receiver_cost(seconds: float, gap_ms: int, idle_poll_ms: int, rate: float =
     old = os.environ.get("XDG_RUNTIME_DIR")
     os.environ["XDG_RUNTIME_DIR"] = runtime_dir
     instance = f"ovh-{secrets.token_hex(4)}"
-    recv = channel.Receiver(instance, channel.apply_to_pipeline(pipe), gap_ms=gap_ms,
-                            idle_poll_ms=idle_poll_ms).start()
+    recv = channel.Receiver(instance, channel.apply_to_pipeline(pipe), gap_ms=gap_ms).start()
     try:
         channel._local_receivers.pop(instance, None)  # over the socket, as from EngineCore
         clock = time.pthread_getcpuclockid(recv._thread.ident)
@@ -329,7 +328,7 @@ def _receiver_cost(seconds: float, gap_ms: int, idle_poll_ms: int, rate: float =
             os.environ.pop("XDG_RUNTIME_DIR", None)
         else:
             os.environ["XDG_RUNTIME_DIR"] = old
-    return {"gap_ms": gap_ms, "idle_poll_ms": idle_poll_ms, "messages": len(msgs), "received": recv.received, "wakeups": recv.wakeups,
+    return {"gap_ms": gap_ms, "messages": len(msgs), "received": recv.received, "wakeups": recv.wakeups,
             "thread_cpu_s": round(c1 - c0, 4), "wall_s": round(t1 - t0, 3)}
 
 
@@ -387,12 +386,9 @@ def measure(indexed: int, n: int, tokenizer: Any, model: str, profile: bool, rec
     result["evict_apply_us"] = round(_evict_cost(), 1)
     if receiver_s > 0:
         from cp_engine.hooks.channel import DEFAULT_GAP_MS
-        from cp_engine.hooks.vllm.receiver import IDLE_POLL_MS
 
-        # The thread as it ran before batching (a wake-up per message or burst, a poll
-        # every 50 ms), then with vLLM's receiver row's settings.
-        result["receiver"] = [_receiver_cost(receiver_s, gap, idle)
-                              for gap, idle in ((0, 50), (DEFAULT_GAP_MS, IDLE_POLL_MS))]
+        # Without batching (a wake-up per message or burst), then with the default window.
+        result["receiver"] = [_receiver_cost(receiver_s, gap) for gap in (0, DEFAULT_GAP_MS)]
     if prof_text:
         result["cprofile_top"] = prof_text
     return result
@@ -422,13 +418,13 @@ def table(data: dict) -> str:
     if recv_rows:
         out += ["", "The receiver thread under the soak's eviction traffic (3 evict_path messages per request, "
                     "12 requests a second, over ipc from another process; the thread's own CPU clock, idle polls "
-                    "included). Gap 0 with a 50 ms poll is the thread before batching; the other row has "
-                    "vLLM's receiver row's settings:", "",
+                    "included). Gap 0 is the thread without batching; the other row has the default window. An idle "
+                    "poll of `none` means the thread sleeps until a message or a wake-up byte arrives:", "",
                 "| indexed requests | gap (ms) | idle poll (ms) | messages | wake-ups with messages | "
                 "thread CPU µs / message | µs / request |", "|---|---|---|---|---|---|---|"]
         for size, x in recv_rows:
             per_msg = 1e6 * x["thread_cpu_s"] / max(1, x["received"])
-            out.append(f"| {size:,} | {x['gap_ms']} | {x.get('idle_poll_ms', 50)} | {x['received']} | "
+            out.append(f"| {size:,} | {x['gap_ms']} | {x.get('idle_poll_ms', 'none')} | {x['received']} | "
                        f"{x['wakeups']} | {per_msg:.1f} | {3 * per_msg:.0f} |")
     out += ["",
             "Stage breakdown: median µs over the requests a stage ran in (wall clock around the "

@@ -12,14 +12,7 @@ from typing import Any, Callable
 from .. import channel, runtime
 
 
-# EngineCore runs in its own process unless VLLM_ENABLE_V1_MULTIPROCESSING=0, so its
-# messages arrive on the socket, which wakes the receiver; polling it every 50 ms for
-# in-process messages cost the API server 2-4 ms of CPU a second on 2 loaded cores.
-# Once an in-process message shows up the receiver polls at its short default again.
-IDLE_POLL_MS = 500
-
-
 def start(_serving_cls: Any = None) -> Callable[[], None]:
     """Start the receiver; returns the undo (stop it)."""
-    channel.start_receiver(runtime.pipeline(), idle_poll_ms=IDLE_POLL_MS)
+    channel.start_receiver(runtime.pipeline())
     return channel.stop_all

@@ -416,30 +416,43 @@ def test_receiver_applies_in_batches_after_a_wakeup(runtime_dir, ident):
     assert time.monotonic() - t < 30 and not recv2._thread.is_alive()
 
 
-def test_long_idle_poll_still_wakes_for_the_socket_and_shortens_for_in_process_messages(runtime_dir, ident):
-    """``idle_poll_ms``: socket messages wake the thread at once; in-process ones, which
-    cannot wake it, wait for the poll to end, after which it polls ``poll_ms`` again."""
+def test_idle_receiver_sleeps_until_a_socket_or_in_process_message_wakes_it(runtime_dir, ident):
+    """Between windows the thread waits without a timeout: an idle receiver makes no
+    passes at all, and a message on the socket or in the in-process queue (which
+    writes a wake-up byte) is applied at once."""
     got = Collector()
-    recv = channel.Receiver(ident, got, gap_ms=0, idle_poll_ms=4000).start()
+    recv = channel.Receiver(ident, got, gap_ms=0).start()
     local = channel._local_receivers.pop(ident)
     sender = channel.Sender(ident)
     try:
-        time.sleep(0.2)  # the thread is inside its first long poll
+        time.sleep(0.2)
+        idle_passes = recv.passes
+        time.sleep(1.0)
+        assert recv.passes == idle_passes  # no timed polls while nothing arrives
         t = time.monotonic()
         assert sender.send({"op": "evict", "rid": "socket", "from": 0})
         assert len(got.wait_for(1)) == 1 and time.monotonic() - t < 3.0
         channel._local_receivers[ident] = local  # an in-process sender from here on
-        assert sender.send({"op": "evict", "rid": "local-1", "from": 0})
-        assert len(got.wait_for(2, timeout=15)) == 2
         time.sleep(0.2)
         t = time.monotonic()
-        assert sender.send({"op": "evict", "rid": "local-2", "from": 0})
-        assert len(got.wait_for(3)) == 3 and time.monotonic() - t < 3.0
-        assert [m["rid"] for m in got.msgs] == ["socket", "local-1", "local-2"]
+        assert sender.send({"op": "evict", "rid": "local", "from": 0})
+        assert len(got.wait_for(2)) == 2 and time.monotonic() - t < 3.0
+        assert [m["rid"] for m in got.msgs] == ["socket", "local"]
     finally:
         sender.close()
         recv.stop()
     assert not recv._thread.is_alive()
+    with pytest.raises(OSError):  # the wake-up pair is closed with the receiver
+        recv._wake_w.send(b"x")
+    assert recv.deliver_local({"op": "reset"})  # a late in-process sender neither raises nor blocks
+
+
+def test_stop_wakes_a_sleeping_receiver_at_once(runtime_dir, ident):
+    recv = channel.Receiver(ident, Collector(), gap_ms=0).start()
+    time.sleep(0.2)  # asleep in its untimed wait
+    t = time.monotonic()
+    recv.stop()
+    assert not recv._thread.is_alive() and time.monotonic() - t < 1.5
 
 
 def test_flush_ends_the_window_and_returns_once_held_messages_are_applied(runtime_dir, ident):
