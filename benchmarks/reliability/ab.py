@@ -52,6 +52,7 @@ from benchmarks.common.results import provenance, write_result
 from cp_engine.devtools.reliability.servers import (DEBUG_MIDDLEWARE, plain_server_kwargs, plugin_server_kwargs,
                                                     started)
 from cp_engine.devtools.reliability.soak import Workload, run_side
+from cp_engine.devtools.stats import ratio_ci
 
 SIDES = ("on", "off")
 PROFILE_RATE = 200  # Hz; every thread that is not idle
@@ -245,6 +246,11 @@ def summarize(rounds: list[dict]) -> dict:
         ratios = [p["on"][k] / p["off"][k] for p in full if p["off"][k]]
         if ratios:
             out["ratios"][k] = _spread(ratios)
+        if len(ratios) >= 2:
+            # Pairs share the machine's drift, so their ratios are the samples: a paired interval.
+            mean, low, high = ratio_ci(ratios)
+            out.setdefault("ratio_ci", {})[k] = {"geomean": round(mean, 4), "low": round(low, 4),
+                                                  "high": round(high, 4), "pairs": len(ratios)}
     named = {k for r in rounds for k in r.get("threads_us_per_req", {})}
     if named:
         per: dict[str, dict[str, float]] = {}
@@ -481,6 +487,14 @@ def table(data: dict) -> str:
         r = s["ratios"]
         out.append(f"| on/off per pair | {cell(r['rps'])} | {cell(r['p50_s'])} | {cell(r['p99_s'])} | "
                    f"{cell(r['api_cpu_us_per_req'])} | {cell(r['engine_cpu_us_per_req'])} |")
+    if "ratio_ci" in s:
+        ci = s["ratio_ci"]
+        out += ["", f"On/off over {ci['rps']['pairs']} pairs, geometric mean with its 95 % t-interval (log ratios, "
+                    "pairs as samples): " + "; ".join(
+                        f"{label} {ci[k]['geomean']:.3f} ({ci[k]['low']:.3f}..{ci[k]['high']:.3f})"
+                        for k, label in (("rps", "throughput"), ("p50_s", "p50"), ("p99_s", "p99"),
+                                         ("api_cpu_us_per_req", "API server CPU / request"),
+                                         ("engine_cpu_us_per_req", "engine CPU / request")) if k in ci) + "."]
     if "api_cpu_us_per_req_diff" in s:
         out += ["", f"API server CPU per request, on minus off (median of pairs, min..max): "
                     f"{cell(s['api_cpu_us_per_req_diff'])} µs."]

@@ -3,6 +3,10 @@ end at a tiny size (real vLLM request objects, real tokenizer), and the A/B's
 summaries and py-spy attribution on made-up inputs (the A/B itself needs servers)."""
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from benchmarks.common.results import read_result
 from benchmarks.reliability import ab
 from cp_engine.hooks import channel
@@ -65,6 +69,31 @@ def test_ab_summary_takes_medians_per_side_and_ratios_within_pairs():
                       "config": {"traffic": "soak", "pairs": 3, "round_s": 60, "clients": 64, "host": "h"}})
     assert "| on/off per pair | 0.95 (0.9..1) |" in table
     assert "measured inside the server" not in table  # no round counted hook CPU
+    # Pairs 0 and 1 give throughput ratios 0.9 and 1.0: geometric mean sqrt(0.9), and a
+    # t-interval with 1 degree of freedom (12.706 x the standard error of the logs).
+    ci = s["ratio_ci"]["rps"]
+    assert ci["pairs"] == 2 and ci["geomean"] == round(0.9 ** 0.5, 4)
+    half = 12.706 * abs(math.log(0.9)) / 2
+    assert ci["low"] == round(0.9 ** 0.5 * math.exp(-half), 4) and ci["high"] == round(0.9 ** 0.5 * math.exp(half), 4)
+    assert f"throughput {ci['geomean']:.3f} ({ci['low']:.3f}..{ci['high']:.3f})" in table
+
+
+def test_ratio_ci_is_a_t_interval_on_log_ratios_and_refuses_too_few_or_bad_ratios():
+    from cp_engine.devtools.stats import ratio_ci
+
+    mean, low, high = ratio_ci([1.0, 1.0, 1.0])
+    assert (mean, low, high) == (1.0, 1.0, 1.0)  # no spread, no width
+    ratios = [0.98, 1.01, 1.03, 0.99, 1.00, 1.02]
+    logs = [math.log(r) for r in ratios]
+    m = sum(logs) / 6
+    sd = (sum((x - m) ** 2 for x in logs) / 5) ** 0.5
+    mean, low, high = ratio_ci(ratios)
+    assert mean == pytest.approx(math.exp(m))
+    assert math.log(high / mean) == pytest.approx(2.571 * sd / 6 ** 0.5)  # t(0.975, 5 df)
+    assert math.log(mean / low) == pytest.approx(2.571 * sd / 6 ** 0.5)
+    assert ratio_ci(ratios * 10)[2] - ratio_ci(ratios * 10)[1] < high - low  # more pairs, narrower
+    for bad in ([], [1.0], [1.0, 0.0], [1.0, -2.0]):
+        assert all(math.isnan(x) for x in ratio_ci(bad))
 
 
 def test_ab_summary_reports_the_hooks_own_cpu_from_plugin_rounds_only():
