@@ -127,19 +127,34 @@ def results_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ab_phrase(ab: dict) -> str:
+    """Throughput and p50, on/off with their 95 % intervals, from an ``overhead_ab*.json``."""
+    ci = ab["summary"]["ratio_ci"]
+
+    def one(k: str) -> str:
+        return f"{ci[k]['geomean']:.3f}× ({ci[k]['low']:.3f}–{ci[k]['high']:.3f})"
+
+    return f"throughput {one('rps')}, p50 {one('p50_s')}"
+
+
 def reliability_line() -> str:
-    """One paragraph of reliability figures from ``reliability.json``."""
+    """One paragraph of reliability figures from ``reliability.json`` and the
+    interleaved A/Bs (``overhead_ab_soak_wake.json``, ``overhead_ab_plain_wake.json``)."""
     rel = _load("reliability.json")
     fuzz, storm, soak = rel["fuzz_live"], rel["storm"], rel["soak"]
     on, off = soak["sides"]["on"], soak["sides"]["off"]
-    drop = 1 - on["throughput_rps"] / off["throughput_rps"]
+    rewritten, plain = _load("overhead_ab_soak_wake.json"), _load("overhead_ab_plain_wake.json")
+    pairs = rewritten["config"]["pairs"]
     return (f"{fuzz['payloads']:,} fuzzed payloads gave {len(fuzz['crashes'])} crashes (statuses: "
             + ", ".join(f"{n:,} × {code}" for code, n in sorted(fuzz["statuses"].items())) + "); in a "
             f"{storm['requests']:,}-request eviction storm on a {storm['kv_blocks']}-block KV cache the index "
             f"claimed {storm['stale_claims']} evicted prefixes; a {on['clients']}-client, "
-            f"{on['duration_s'] / 60:.0f}-minute soak had {on['errors'] + off['errors']} errors and cost "
-            f"{100 * drop:.1f}% throughput (p50 ×{soak['overhead']['p50']['ratio']:.2f}) against plain vLLM "
-            "on 2 CPU cores (`benchmarks/results/reliability.json`).\n")
+            f"{on['duration_s'] / 60:.0f}-minute soak had {on['errors'] + off['errors']} errors. Against plain "
+            f"vLLM on 2 CPU cores, in an interleaved A/B of {pairs} ABBA pairs (both servers up, start order "
+            f"balanced; on/off, geometric mean of the pairs with its 95 % interval), the soak's rewritten "
+            f"traffic measured {_ab_phrase(rewritten)} and traffic the plugin passes through "
+            f"{_ab_phrase(plain)} (`benchmarks/results/overhead_ab_soak_wake.json`, "
+            "`overhead_ab_plain_wake.json`).\n")
 
 
 def first_run_line() -> str:
