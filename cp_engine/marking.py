@@ -27,8 +27,9 @@ without them (the caller puts it back so the engine's template never sees them).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence  # (isinstance on the request path: typing's aliases check slower)
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from cp_engine.blocks import estimate_tokens
 from cp_engine.pipeline import InvalidBlocks, validate_blocks

@@ -26,8 +26,9 @@ Blend hints (read independently of ``cp_path``; see ``docs/blend-design.md``):
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence  # (isinstance on the request path: typing's aliases check slower)
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 NAMESPACE = "cp_ns"
 PATH = "cp_path"

@@ -133,10 +133,27 @@ _cache_lock = threading.Lock()
 _cache: tuple[str, dict[str, float | None]] | None = None
 
 
+# Every hook call on every request reads the switch. ``os.environ`` encodes the key and
+# decodes the value on each read; its backing dict (CPython, every release) is read as
+# is, and updated by every write to ``os.environ`` (``monkeypatch.setenv`` included).
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _FAULT_KEY: Any = os.environ.encodekey("CP_ENGINE_FAULT")  # type: ignore[attr-defined]
+except Exception:
+    _ENV_DATA = None
+
+
+def _fault_switch() -> Any:
+    """The raw CP_ENGINE_FAULT value (str or, from the backing dict, bytes); empty if unset."""
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(_FAULT_KEY, b"")
+    return os.environ.get("CP_ENGINE_FAULT", "")
+
+
 def _faults() -> dict[str, float | None]:
     """Parsed switch: hook name -> None (raise) or hang seconds. Re-read when env changes."""
     global _cache
-    raw = os.environ.get("CP_ENGINE_FAULT", "")
+    raw = _fault_switch()
     cached = _cache  # one read of the global: a tuple is swapped in whole, never edited
     if cached is not None and cached[0] == raw:
         return cached[1]  # every hook call on every request: no lock on this path
@@ -144,7 +161,8 @@ def _faults() -> dict[str, float | None]:
         if _cache is not None and _cache[0] == raw:
             return _cache[1]
         parsed: dict[str, float | None] = {}
-        for item in raw.split(","):
+        text = os.fsdecode(raw) if isinstance(raw, bytes) else raw  # as os.environ decodes it
+        for item in text.split(","):
             item = item.strip()
             if not item:
                 continue

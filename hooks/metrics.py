@@ -75,6 +75,13 @@ _exported: tuple[Any, Any] | None = None  # (registry, collector) while register
 
 
 def _key(name: str, labels: dict[str, Any]) -> _Key:
+    # Most counts on the request path carry no label or one: no sort, no generator.
+    # (Keyword names are always str.)
+    if not labels:
+        return name, ()
+    if len(labels) == 1:
+        ((k, v),) = labels.items()
+        return name, ((k, str(v)),)
     return name, tuple(sorted((str(k), str(v)) for k, v in labels.items()))
 
 

@@ -17,7 +17,8 @@ Never raises; non-string values are ignored.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping  # (isinstance on the request path: typing's alias checks slower)
+from typing import Any
 
 __all__ = ["tenant_key", "tenant_of_request"]
 

@@ -18,8 +18,9 @@ rendered the whole prompt (``locate_anchors``).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence  # (isinstance on the request path: typing's aliases check slower)
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from cp_engine.pipeline import InvalidBlocks, validate_blocks
 

@@ -23,8 +23,9 @@ Two readers, one rule:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping  # (isinstance on the request path: typing's alias checks slower)
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .selection import MODES
 

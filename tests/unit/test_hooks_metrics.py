@@ -62,3 +62,21 @@ def test_exported_families_carry_the_help_text():
     fams = {f.name: f for f in metrics._Collector().collect()}
     assert fams["cp_engine_queue_pops"].documentation == metrics.COUNTERS["queue_pops"]
     assert all(fams[f"cp_engine_{n}"].documentation == h for n, h in metrics.COUNTERS.items())
+
+
+def test_counter_keys_do_not_depend_on_label_order_or_value_type():
+    """No label, one label (the request path's short cut) and several (sorted) each
+    name one counter however the labels are passed."""
+    name = "hook_failures"
+    bare, one, two = metrics.value(name), metrics.value(name, hook="t_one"), metrics.value(name, hook="t_two", why="x")
+    seven = metrics.value(name, hook="7")
+    metrics.inc(name)
+    metrics.inc(name, 2, hook="t_one")
+    metrics.inc(name, 3, hook="t_two", why="x")
+    metrics.inc(name, 4, why="x", hook="t_two")
+    metrics.inc(name, 5, hook=7)
+    assert metrics.value(name) == bare + 1
+    assert metrics.value(name, hook="t_one") == one + 2
+    assert metrics.value(name, why="x", hook="t_two") == two + 7
+    assert metrics.value(name, hook="7") == metrics.value(name, hook=7) == seven + 5  # counted as its string
+    assert (name, {"hook": "t_two", "why": "x"}) in [(n, lbl) for n, lbl, _ in metrics.snapshot()]

@@ -35,6 +35,19 @@ def test_fault_switch_raise_and_hang(monkeypatch):
     faults.check_fault("c")
     monkeypatch.setenv("CP_ENGINE_FAULT", "")
     faults.check_fault("a")  # switch re-read when the variable changes
+    # Every way of changing os.environ is seen at the next call, non-ASCII included.
+    os.environ["CP_ENGINE_FAULT"] = "a,é"
+    try:
+        for hook in ("a", "é"):
+            with pytest.raises(faults.InjectedFault):
+                faults.check_fault(hook)
+        os.environ.update(CP_ENGINE_FAULT="c")
+        faults.check_fault("a")
+        with pytest.raises(faults.InjectedFault):
+            faults.check_fault("c")
+    finally:
+        del os.environ["CP_ENGINE_FAULT"]
+    faults.check_fault("c")  # unset: no fault
 
 
 def test_guarded_swallows_counts_and_call_guarded_defaults(monkeypatch):
