@@ -4,6 +4,7 @@ binary and engine settings, both servers up at once, load alternating between th
     flock /tmp/cp_engine_live.lock .venv/bin/python -m benchmarks.reliability.ab --pairs 4 --round 60
     ... -m benchmarks.reliability.ab --traffic passthrough   # unmarked requests only
     ... -m benchmarks.reliability.ab --quick                 # 2 pairs x 15 s, 8 clients: overhead_ab_quick
+    ... -m benchmarks.reliability.ab --pool RESULT RESULT    # intervals over two runs' pairs together
 
 Each pair runs one round of the soak's load (``cp_engine.devtools.reliability.soak``:
 64 clients, same seeded request streams on both sides) on each server, in ABBA order
@@ -629,6 +630,36 @@ def measured_round(srv: Any, side: str, pair: int, args: argparse.Namespace, wor
     return r
 
 
+def pooled(names: list[str], out_dir: Path | None = None) -> dict:
+    """``summarize`` over the rounds of several A/B results taken the same way (same
+    traffic, clients and round length; refused otherwise), their pairs numbered apart,
+    so the paired intervals use every pair."""
+    from benchmarks.common.results import read_result
+
+    rounds: list[dict] = []
+    configs = []
+    for name in names:
+        data, _ = read_result(name, out_dir)
+        cfg = data["config"]
+        configs.append((cfg["traffic"], cfg["clients"], cfg["round_s"], cfg.get("same_server", False)))
+        base = 1 + max((r["pair"] for r in rounds), default=-1)
+        rounds += [{**r, "pair": base + r["pair"]} for r in data["rounds"]]
+    if len(set(configs)) != 1:
+        raise ValueError(f"results differ in traffic, clients, round length or server setup: {configs}")
+    return summarize(rounds)
+
+
+def pooled_lines(names: list[str], summary: dict) -> str:
+    ci = summary.get("ratio_ci", {})
+    out = [f"Pooled over {', '.join(names)}: {ci.get('rps', {}).get('pairs', 0)} pairs; on/off, geometric mean "
+           "with its 95 % t-interval:"]
+    out += [f"- {k}: {v['geomean']:.3f} ({v['low']:.3f}..{v['high']:.3f})" for k, v in ci.items()]
+    if "api_cpu_us_per_req_diff_order_free" in summary:
+        out.append(f"- API server CPU per request, on minus off, start order cancelled: "
+                   f"{summary['api_cpu_us_per_req_diff_order_free']:g} µs")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 pairs x 15 s, 8 clients, recorded apart")
@@ -658,7 +689,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="a cp_engine flag for the plugin side (repeatable), e.g. CP_ENGINE_SCHEDULE=0")
     ap.add_argument("--out", help="result name or .json path (default overhead_ab[_passthrough][_quick])")
     ap.add_argument("--note", help="a line stored with the result (what else ran, what the run compares)")
+    ap.add_argument("--pool", nargs="+", metavar="RESULT",
+                    help="run nothing: print the paired intervals over these results' pairs together")
     args = ap.parse_args(argv)
+    if args.pool:
+        print(pooled_lines(args.pool, pooled(args.pool)), end="")
+        return 0
     prov = provenance("benchmarks.reliability.ab", argv)
     args.pairs = args.pairs or (2 if args.quick else 4)
     args.round = args.round or (15.0 if args.quick else 60.0)

@@ -265,3 +265,30 @@ def test_perf_seconds_keeps_each_process_groups_samples(tmp_path):
     # so only a floor of ten samples at 199 Hz and the window's ceiling are fixed.
     assert 0.05 < sum(got["busy"].values()) < 2.0
     assert any("python" in name for name in got["busy"])
+
+
+def test_pooling_two_ab_results_numbers_their_pairs_apart_and_refuses_different_setups(tmp_path, capsys):
+    from benchmarks.common.results import write_result
+
+    def result(name, ratios, traffic="plain"):
+        rounds = []
+        for pair, r in enumerate(ratios):
+            rounds += [_round(pair, "on", 10.0 * r, 1.0 / r, 500.0), _round(pair, "off", 10.0, 1.0, 500.0)]
+        cfg = {"traffic": traffic, "clients": 64, "round_s": 45.0, "same_server": False}
+        write_result(name, {"config": cfg, "rounds": rounds}, table="t", module="m", argv=[],
+                     out_dir=tmp_path, echo=False)
+
+    result("a", [0.98, 1.01])
+    result("b", [1.00, 0.99, 1.02])
+    s = ab.pooled(["a", "b"], out_dir=tmp_path)
+    ratios = [0.98, 1.01, 1.00, 0.99, 1.02]
+    mean = math.exp(sum(map(math.log, ratios)) / 5)
+    assert s["ratio_ci"]["rps"]["pairs"] == 5 and s["ratio_ci"]["rps"]["geomean"] == round(mean, 4)
+    assert s["ratios"]["rps"]["min"] == 0.98 and s["ratios"]["rps"]["max"] == 1.02
+    lines = ab.pooled_lines(["a", "b"], s)
+    assert "5 pairs" in lines and f"- rps: {mean:.3f}" in lines
+    result("c", [1.0, 1.0], traffic="soak")
+    with pytest.raises(ValueError, match="differ"):
+        ab.pooled(["a", "c"], out_dir=tmp_path)
+    assert ab.main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert "Pooled over" in capsys.readouterr().out
