@@ -20,7 +20,7 @@ rewrites nothing); ``--traffic plain`` sends both sides the plain client's turns
 soak (realistic prompts the plugin does not rewrite); ``--same-server`` starts the plugin server only and alternates what
 it is sent: "on" rounds the plugin client's turns, "off" rounds the plain client's
 turns of the same streams (unmarked, so they pass through), which separates what a
-rewritten request costs from what the plugin's presence costs; ``--profile`` runs ``py-spy`` (``pip install py-spy``) on both
+rewritten request costs from what the plugin's presence costs; ``--profile`` runs ``py-spy`` (in the ``bench`` extra) on both
 servers' processes during the first pair and reports the share of the plugin
 server's samples in cp_engine's own code, by entry point, and the API server
 functions whose time per request differs most between the two sides; ``--perf`` records a
