@@ -127,34 +127,49 @@ def results_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ab_phrase(ab: dict) -> str:
-    """Throughput and p50, on/off with their 95 % intervals, from an ``overhead_ab*.json``."""
-    ci = ab["summary"]["ratio_ci"]
+def _pair_ratios(results: list[dict], key: str) -> list[float]:
+    """On/off of ``key`` in every complete ABBA pair of these A/B results."""
+    out = []
+    for ab in results:
+        pairs: dict[int, dict] = {}
+        for r in ab["rounds"]:
+            pairs.setdefault(r["pair"], {})[r["side"]] = r[key]
+        out += [p["on"] / p["off"] for p in pairs.values() if len(p) == 2 and p["off"]]
+    return out
+
+
+def _ab_phrase(results: list[dict]) -> str:
+    """Throughput and p50, on/off with their 95 % intervals over the pairs of ``results``
+    (``overhead_ab*.json`` of one command, pooled as ``ab --pool`` does)."""
+    from cp_engine.devtools.stats import ratio_ci
 
     def one(k: str) -> str:
-        return f"{ci[k]['geomean']:.3f}× ({ci[k]['low']:.3f}–{ci[k]['high']:.3f})"
+        mean, low, high = ratio_ci(_pair_ratios(results, k))
+        return f"{mean:.3f}× ({low:.3f}–{high:.3f})"
 
     return f"throughput {one('rps')}, p50 {one('p50_s')}"
 
 
 def reliability_line() -> str:
     """One paragraph of reliability figures from ``reliability.json`` and the
-    interleaved A/Bs (``overhead_ab_soak_wake.json``, ``overhead_ab_plain_wake.json``)."""
+    interleaved A/Bs (``overhead_ab_soak_wake.json``; ``overhead_ab_plain_wake.json`` and
+    ``overhead_ab_plain_wake2.json``, two runs of one command, pooled)."""
     rel = _load("reliability.json")
     fuzz, storm, soak = rel["fuzz_live"], rel["storm"], rel["soak"]
     on, off = soak["sides"]["on"], soak["sides"]["off"]
-    rewritten, plain = _load("overhead_ab_soak_wake.json"), _load("overhead_ab_plain_wake.json")
-    pairs = rewritten["config"]["pairs"]
+    rewritten = [_load("overhead_ab_soak_wake.json")]
+    plain = [_load("overhead_ab_plain_wake.json"), _load("overhead_ab_plain_wake2.json")]
+    pairs = [len(_pair_ratios(x, "rps")) for x in (rewritten, plain)]
     return (f"{fuzz['payloads']:,} fuzzed payloads gave {len(fuzz['crashes'])} crashes (statuses: "
             + ", ".join(f"{n:,} × {code}" for code, n in sorted(fuzz["statuses"].items())) + "); in a "
             f"{storm['requests']:,}-request eviction storm on a {storm['kv_blocks']}-block KV cache the index "
             f"claimed {storm['stale_claims']} evicted prefixes; a {on['clients']}-client, "
             f"{on['duration_s'] / 60:.0f}-minute soak had {on['errors'] + off['errors']} errors. Against plain "
-            f"vLLM on 2 CPU cores, in an interleaved A/B of {pairs} ABBA pairs (both servers up, start order "
-            f"balanced; on/off, geometric mean of the pairs with its 95 % interval), the soak's rewritten "
-            f"traffic measured {_ab_phrase(rewritten)} and traffic the plugin passes through "
-            f"{_ab_phrase(plain)} (`benchmarks/results/overhead_ab_soak_wake.json`, "
-            "`overhead_ab_plain_wake.json`).\n")
+            "vLLM on 2 CPU cores, in interleaved A/Bs (both servers up, ABBA pairs, start order balanced; "
+            "on/off, geometric mean of the pairs with its 95 % interval), the soak's rewritten traffic "
+            f"measured {_ab_phrase(rewritten)} over {pairs[0]} pairs, and traffic the plugin passes through "
+            f"{_ab_phrase(plain)} over {pairs[1]} pairs (`benchmarks/results/overhead_ab_soak_wake.json`, "
+            "`overhead_ab_plain_wake*.json`).\n")
 
 
 def first_run_line() -> str:

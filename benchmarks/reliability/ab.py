@@ -250,8 +250,9 @@ def summarize(rounds: list[dict]) -> dict:
         if len(ratios) >= 2:
             # Pairs share the machine's drift, so their ratios are the samples: a paired interval.
             mean, low, high = ratio_ci(ratios)
-            out.setdefault("ratio_ci", {})[k] = {"geomean": round(mean, 4), "low": round(low, 4),
-                                                  "high": round(high, 4), "pairs": len(ratios)}
+            # 6 places: printed to 3, so the table and a pooled recount round alike.
+            out.setdefault("ratio_ci", {})[k] = {"geomean": round(mean, 6), "low": round(low, 6),
+                                                  "high": round(high, 6), "pairs": len(ratios)}
     named = {k for r in rounds for k in r.get("threads_us_per_req", {})}
     if named:
         per: dict[str, dict[str, float]] = {}

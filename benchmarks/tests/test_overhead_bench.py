@@ -72,9 +72,9 @@ def test_ab_summary_takes_medians_per_side_and_ratios_within_pairs():
     # Pairs 0 and 1 give throughput ratios 0.9 and 1.0: geometric mean sqrt(0.9), and a
     # t-interval with 1 degree of freedom (12.706 x the standard error of the logs).
     ci = s["ratio_ci"]["rps"]
-    assert ci["pairs"] == 2 and ci["geomean"] == round(0.9 ** 0.5, 4)
+    assert ci["pairs"] == 2 and ci["geomean"] == round(0.9 ** 0.5, 6)
     half = 12.706 * abs(math.log(0.9)) / 2
-    assert ci["low"] == round(0.9 ** 0.5 * math.exp(-half), 4) and ci["high"] == round(0.9 ** 0.5 * math.exp(half), 4)
+    assert ci["low"] == round(0.9 ** 0.5 * math.exp(-half), 6) and ci["high"] == round(0.9 ** 0.5 * math.exp(half), 6)
     assert f"throughput {ci['geomean']:.3f} ({ci['low']:.3f}..{ci['high']:.3f})" in table
 
 
@@ -283,7 +283,7 @@ def test_pooling_two_ab_results_numbers_their_pairs_apart_and_refuses_different_
     s = ab.pooled(["a", "b"], out_dir=tmp_path)
     ratios = [0.98, 1.01, 1.00, 0.99, 1.02]
     mean = math.exp(sum(map(math.log, ratios)) / 5)
-    assert s["ratio_ci"]["rps"]["pairs"] == 5 and s["ratio_ci"]["rps"]["geomean"] == round(mean, 4)
+    assert s["ratio_ci"]["rps"]["pairs"] == 5 and s["ratio_ci"]["rps"]["geomean"] == round(mean, 6)
     assert s["ratios"]["rps"]["min"] == 0.98 and s["ratios"]["rps"]["max"] == 1.02
     lines = ab.pooled_lines(["a", "b"], s)
     assert "5 pairs" in lines and f"- rps: {mean:.3f}" in lines
