@@ -152,13 +152,13 @@ def _ab_phrase(results: list[dict]) -> str:
 
 def reliability_line() -> str:
     """One paragraph of reliability figures from ``reliability.json`` and the
-    interleaved A/Bs (``overhead_ab_soak_wake.json``; ``overhead_ab_plain_wake.json`` and
-    ``overhead_ab_plain_wake2.json``, two runs of one command, pooled)."""
+    interleaved A/Bs (``overhead_ab_soak_wake.json``; the pass-through runs
+    ``overhead_ab_plain_wake{,2,16}.json``, pooled)."""
     rel = _load("reliability.json")
     fuzz, storm, soak = rel["fuzz_live"], rel["storm"], rel["soak"]
     on, off = soak["sides"]["on"], soak["sides"]["off"]
     rewritten = [_load("overhead_ab_soak_wake.json")]
-    plain = [_load("overhead_ab_plain_wake.json"), _load("overhead_ab_plain_wake2.json")]
+    plain = [_load(f"overhead_ab_plain_wake{run}.json") for run in ("", "2", "16")]
     pairs = [len(_pair_ratios(x, "rps")) for x in (rewritten, plain)]
     return (f"{fuzz['payloads']:,} fuzzed payloads gave {len(fuzz['crashes'])} crashes (statuses: "
             + ", ".join(f"{n:,} × {code}" for code, n in sorted(fuzz["statuses"].items())) + "); in a "
