@@ -127,27 +127,17 @@ def results_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pair_ratios(results: list[dict], key: str) -> list[float]:
-    """On/off of ``key`` in every complete ABBA pair of these A/B results."""
-    out = []
-    for ab in results:
-        pairs: dict[int, dict] = {}
-        for r in ab["rounds"]:
-            pairs.setdefault(r["pair"], {})[r["side"]] = r[key]
-        out += [p["on"] / p["off"] for p in pairs.values() if len(p) == 2 and p["off"]]
-    return out
+def _ab_phrase(names: list[str]) -> tuple[str, int]:
+    """Throughput and p50, on/off with their 95 % intervals over the pairs of the A/B
+    results ``names`` (pooled as ``ab --pool`` does), and how many pairs."""
+    from benchmarks.reliability.ab import pooled
 
-
-def _ab_phrase(results: list[dict]) -> str:
-    """Throughput and p50, on/off with their 95 % intervals over the pairs of ``results``
-    (``overhead_ab*.json`` of one command, pooled as ``ab --pool`` does)."""
-    from cp_engine.devtools.stats import ratio_ci
+    ci = pooled(names, out_dir=RESULTS)["ratio_ci"]
 
     def one(k: str) -> str:
-        mean, low, high = ratio_ci(_pair_ratios(results, k))
-        return f"{mean:.3f}× ({low:.3f}–{high:.3f})"
+        return f"{ci[k]['geomean']:.3f}× ({ci[k]['low']:.3f}–{ci[k]['high']:.3f})"
 
-    return f"throughput {one('rps')}, p50 {one('p50_s')}"
+    return f"throughput {one('rps')}, p50 {one('p50_s')}", ci["rps"]["pairs"]
 
 
 def reliability_line() -> str:
@@ -157,9 +147,8 @@ def reliability_line() -> str:
     rel = _load("reliability.json")
     fuzz, storm, soak = rel["fuzz_live"], rel["storm"], rel["soak"]
     on, off = soak["sides"]["on"], soak["sides"]["off"]
-    rewritten = [_load("overhead_ab_soak_wake.json")]
-    plain = [_load(f"overhead_ab_plain_wake{run}.json") for run in ("", "2", "16")]
-    pairs = [len(_pair_ratios(x, "rps")) for x in (rewritten, plain)]
+    rewritten, rewritten_pairs = _ab_phrase(["overhead_ab_soak_wake"])
+    plain, plain_pairs = _ab_phrase([f"overhead_ab_plain_wake{run}" for run in ("", "2", "16")])
     return (f"{fuzz['payloads']:,} fuzzed payloads gave {len(fuzz['crashes'])} crashes (statuses: "
             + ", ".join(f"{n:,} × {code}" for code, n in sorted(fuzz["statuses"].items())) + "); in a "
             f"{storm['requests']:,}-request eviction storm on a {storm['kv_blocks']}-block KV cache the index "
@@ -167,8 +156,8 @@ def reliability_line() -> str:
             f"{on['duration_s'] / 60:.0f}-minute soak had {on['errors'] + off['errors']} errors. Against plain "
             "vLLM on 2 CPU cores, in interleaved A/Bs (both servers up, ABBA pairs, start order balanced; "
             "on/off, geometric mean of the pairs with its 95 % interval), the soak's rewritten traffic "
-            f"measured {_ab_phrase(rewritten)} over {pairs[0]} pairs, and traffic the plugin passes through "
-            f"{_ab_phrase(plain)} over {pairs[1]} pairs (`benchmarks/results/overhead_ab_soak_wake.json`, "
+            f"measured {rewritten} over {rewritten_pairs} pairs, and traffic the plugin passes through "
+            f"{plain} over {plain_pairs} pairs (`benchmarks/results/overhead_ab_soak_wake.json`, "
             "`overhead_ab_plain_wake*.json`).\n")
 
 
