@@ -49,7 +49,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common.results import provenance, write_result
+from benchmarks.common.results import provenance, read_result, write_result
 from cp_engine.devtools.reliability.servers import (DEBUG_MIDDLEWARE, plain_server_kwargs, plugin_server_kwargs,
                                                     started)
 from cp_engine.devtools.reliability.soak import Workload, run_side
@@ -635,8 +635,6 @@ def pooled(names: list[str], out_dir: Path | None = None) -> dict:
     """``summarize`` over the rounds of several A/B results taken the same way (same
     traffic, clients and round length; refused otherwise), their pairs numbered apart,
     so the paired intervals use every pair."""
-    from benchmarks.common.results import read_result
-
     rounds: list[dict] = []
     configs = []
     for name in names:

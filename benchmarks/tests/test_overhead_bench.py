@@ -96,6 +96,19 @@ def test_ratio_ci_is_a_t_interval_on_log_ratios_and_refuses_too_few_or_bad_ratio
         assert all(math.isnan(x) for x in ratio_ci(bad))
 
 
+def test_t_quantile_past_the_table_continues_it():
+    from cp_engine.devtools import stats
+
+    z = 1.959964
+    expand = lambda df: z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)  # noqa: E731
+    for df in range(20, 31):  # the expansion agrees with the table where both exist
+        assert abs(expand(df) - stats._t975(df)) < 0.002
+    # Known quantiles past it (t 0.975 at 31, 40, 60, 120 degrees of freedom).
+    for df, t in ((31, 2.040), (40, 2.021), (60, 2.000), (120, 1.980)):
+        assert abs(stats._t975(df) - t) < 0.001
+    assert stats._t975(31) > stats._t975(1000) > 1.96
+
+
 def test_ab_summary_reports_the_hooks_own_cpu_from_plugin_rounds_only():
     rounds = [{**_round(0, "on", 9.0, 1.1, 600.0), "hook_cpu_us_per_call": 150.0, "hook_calls": 540},
               _round(0, "off", 10.0, 1.0, 500.0),
