@@ -127,17 +127,25 @@ def results_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ab_phrase(names: list[str]) -> tuple[str, int]:
-    """Throughput and p50, on/off with their 95 % intervals over the pairs of the A/B
-    results ``names`` (pooled as ``ab --pool`` does), and how many pairs."""
+def _ab_phrase(names: list[str]) -> tuple[str, str]:
+    """Throughput and p50, on/off with their 95 % intervals over the server sessions of
+    the A/B results ``names`` (pooled as ``ab --pool`` does; each session's pairs
+    averaged first, since pairs of one session share its servers), and how many pairs
+    and sessions."""
     from benchmarks.reliability.ab import pooled
 
-    ci = pooled(names, out_dir=RESULTS)["ratio_ci"]
+    summary = pooled(names, out_dir=RESULTS)
+    ci = summary["ratio_ci_sessions"]
 
     def one(k: str) -> str:
         return f"{ci[k]['geomean']:.3f}× ({ci[k]['low']:.3f}–{ci[k]['high']:.3f})"
 
-    return f"throughput {one('rps')}, p50 {one('p50_s')}", ci["rps"]["pairs"]
+    return (f"throughput {one('rps')}, p50 {one('p50_s')}",
+            f"{summary['ratio_ci']['rps']['pairs']} pairs in {ci['rps']['sessions']} server sessions")
+
+
+# The pass-through A/B runs the README pools (same command, ``overhead_ab_plain_wake*``).
+PASS_THROUGH_RUNS = ("", "2", "16")
 
 
 def reliability_line() -> str:
@@ -148,16 +156,16 @@ def reliability_line() -> str:
     fuzz, storm, soak = rel["fuzz_live"], rel["storm"], rel["soak"]
     on, off = soak["sides"]["on"], soak["sides"]["off"]
     rewritten, rewritten_pairs = _ab_phrase(["overhead_ab_soak_wake"])
-    plain, plain_pairs = _ab_phrase([f"overhead_ab_plain_wake{run}" for run in ("", "2", "16")])
+    plain, plain_pairs = _ab_phrase([f"overhead_ab_plain_wake{run}" for run in PASS_THROUGH_RUNS])
     return (f"{fuzz['payloads']:,} fuzzed payloads gave {len(fuzz['crashes'])} crashes (statuses: "
             + ", ".join(f"{n:,} × {code}" for code, n in sorted(fuzz["statuses"].items())) + "); in a "
             f"{storm['requests']:,}-request eviction storm on a {storm['kv_blocks']}-block KV cache the index "
             f"claimed {storm['stale_claims']} evicted prefixes; a {on['clients']}-client, "
             f"{on['duration_s'] / 60:.0f}-minute soak had {on['errors'] + off['errors']} errors. Against plain "
             "vLLM on 2 CPU cores, in interleaved A/Bs (both servers up, ABBA pairs, start order balanced; "
-            "on/off, geometric mean of the pairs with its 95 % interval), the soak's rewritten traffic "
-            f"measured {rewritten} over {rewritten_pairs} pairs, and traffic the plugin passes through "
-            f"{plain} over {plain_pairs} pairs (`benchmarks/results/overhead_ab_soak_wake.json`, "
+            "on/off, geometric mean with its 95 % interval, server sessions as the samples), the soak's "
+            f"rewritten traffic measured {rewritten} over {rewritten_pairs}, and traffic the plugin passes "
+            f"through {plain} over {plain_pairs} (`benchmarks/results/overhead_ab_soak_wake.json`, "
             "`overhead_ab_plain_wake*.json`).\n")
 
 

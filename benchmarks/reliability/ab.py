@@ -31,11 +31,15 @@ Start order matters: in A/A runs (both sides plain) the server started first use
 hundred µs to ~2 ms more API server CPU per request. By default (``--start-order
 balanced``) the pairs are spread over ``--sessions`` pairs of freshly started servers,
 alternating which one starts first, and the summary adds each order's median on minus
-off and their mean, which cancels what the order adds.
+off and their mean, which cancels what the order adds. Pairs of one session share its
+servers, so they are not independent samples: besides the interval over pairs the
+summary gives one over sessions (each session's pairs averaged first), the one to quote
+when a run has several sessions.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -253,6 +257,9 @@ def summarize(rounds: list[dict]) -> dict:
             # 6 places: printed to 3, so the table and a pooled recount round alike.
             out.setdefault("ratio_ci", {})[k] = {"geomean": round(mean, 6), "low": round(low, 6),
                                                   "high": round(high, 6), "pairs": len(ratios)}
+    sessions = _session_ratio_ci(full, keys)
+    if sessions:
+        out["ratio_ci_sessions"] = sessions
     named = {k for r in rounds for k in r.get("threads_us_per_req", {})}
     if named:
         per: dict[str, dict[str, float]] = {}
@@ -284,6 +291,50 @@ def summarize(rounds: list[dict]) -> dict:
                 [(p["on"]["api_cpu_us_per_req"] - p["on"]["api_loop_cpu_us_per_req"])
                  - (p["off"]["api_cpu_us_per_req"] - p["off"]["api_loop_cpu_us_per_req"]) for p in loop])
     return out
+
+
+def _session_ratio_ci(full: list[dict], keys: tuple[str, ...]) -> dict:
+    """On/off intervals with the server sessions as the samples: each session's pairs
+    are averaged first (geometric mean), then ``ratio_ci`` runs over the sessions.
+
+    Pairs of one session share its two servers (their placement, warm state, the
+    machine's load while they ran), so they are not independent samples: separate
+    runs of one command gave pair intervals that do not overlap. Rounds without a
+    ``session`` (results recorded before it was stored) are left out; empty below two
+    sessions."""
+    by: dict[int, list[dict]] = {}
+    for p in full:
+        if "session" in p["on"]:
+            by.setdefault(p["on"]["session"], []).append(p)
+    if len(by) < 2:
+        return {}
+    out = {}
+    for k in keys:
+        means = []
+        for pairs in by.values():
+            logs = [math.log(p["on"][k] / p["off"][k]) for p in pairs if p["off"][k] and p["on"][k] > 0]
+            if logs:
+                means.append(math.exp(sum(logs) / len(logs)))
+        if len(means) >= 2:
+            mean, low, high = ratio_ci(means)
+            out[k] = {"geomean": round(mean, 6), "low": round(low, 6), "high": round(high, 6),
+                      "sessions": len(means)}
+    return out
+
+
+def with_sessions(data: dict) -> list[dict]:
+    """``data``'s rounds, each with its server session's number: as recorded, else
+    derived from the run's config (``start_orders`` decides which pairs a session ran)."""
+    rounds = data["rounds"]
+    if all("session" in r for r in rounds):
+        return rounds
+    cfg = data["config"]
+    if cfg.get("same_server") or "sessions" not in cfg:
+        session_of = {r["pair"]: 0 for r in rounds}
+    else:
+        orders = start_orders(cfg.get("start_order", "balanced"), cfg["pairs"], cfg["sessions"], False)
+        session_of = {pair: i for i, (_, pairs) in enumerate(orders) for pair in pairs}
+    return [{**r, "session": session_of.get(r["pair"], 0)} if "session" not in r else r for r in rounds]
 
 
 # -- profile ------------------------------------------------------------------------
@@ -497,6 +548,13 @@ def table(data: dict) -> str:
                         for k, label in (("rps", "throughput"), ("p50_s", "p50"), ("p99_s", "p99"),
                                          ("api_cpu_us_per_req", "API server CPU / request"),
                                          ("engine_cpu_us_per_req", "engine CPU / request")) if k in ci) + "."]
+    if "ratio_ci_sessions" in s:
+        cs = s["ratio_ci_sessions"]
+        out += ["", f"The same over {cs['rps']['sessions']} server sessions (each session's pairs averaged first; "
+                    "pairs of one session share its servers, so the sessions are the independent samples): "
+                    + "; ".join(f"{label} {cs[k]['geomean']:.3f} ({cs[k]['low']:.3f}..{cs[k]['high']:.3f})"
+                                for k, label in (("rps", "throughput"), ("p50_s", "p50"), ("p99_s", "p99"))
+                                if k in cs) + "."]
     if "api_cpu_us_per_req_diff" in s:
         out += ["", f"API server CPU per request, on minus off (median of pairs, min..max): "
                     f"{cell(s['api_cpu_us_per_req_diff'])} µs."]
@@ -642,7 +700,8 @@ def pooled(names: list[str], out_dir: Path | None = None) -> dict:
         cfg = data["config"]
         configs.append((cfg["traffic"], cfg["clients"], cfg["round_s"], cfg.get("same_server", False)))
         base = 1 + max((r["pair"] for r in rounds), default=-1)
-        rounds += [{**r, "pair": base + r["pair"]} for r in data["rounds"]]
+        first = 1 + max((r["session"] for r in rounds), default=-1)
+        rounds += [{**r, "pair": base + r["pair"], "session": first + r["session"]} for r in with_sessions(data)]
     if len(set(configs)) != 1:
         raise ValueError(f"results differ in traffic, clients, round length or server setup: {configs}")
     return summarize(rounds)
@@ -653,6 +712,10 @@ def pooled_lines(names: list[str], summary: dict) -> str:
     out = [f"Pooled over {', '.join(names)}: {ci.get('rps', {}).get('pairs', 0)} pairs; on/off, geometric mean "
            "with its 95 % t-interval:"]
     out += [f"- {k}: {v['geomean']:.3f} ({v['low']:.3f}..{v['high']:.3f})" for k, v in ci.items()]
+    cs = summary.get("ratio_ci_sessions", {})
+    if cs:
+        out.append(f"Over their {cs['rps']['sessions']} server sessions (each session's pairs averaged first):")
+        out += [f"- {k}: {v['geomean']:.3f} ({v['low']:.3f}..{v['high']:.3f})" for k, v in cs.items()]
     if "api_cpu_us_per_req_diff_order_free" in summary:
         out.append(f"- API server CPU per request, on minus off, start order cancelled: "
                    f"{summary['api_cpu_us_per_req_diff_order_free']:g} µs")
@@ -714,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
                                          **data["config"]["on_env"]),
               "off": plain_kwargs()}
     state = _State()
-    for order, pairs in start_orders(args.start_order, args.pairs, args.sessions, args.same_server):
+    for session, (order, pairs) in enumerate(start_orders(args.start_order, args.pairs, args.sessions,
+                                                          args.same_server)):
         with started(kwargs[order[0]]) as a, \
                 (nullcontext(a) if args.same_server else started(kwargs[order[1]])) as b:
             servers = {order[0]: a, order[1]: b}
@@ -727,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  for side in (SIDES[:1] if args.same_server else SIDES)}
             for pair in pairs:
                 for side in (SIDES if pair % 2 == 0 else SIDES[::-1]):
-                    r = {"pair": pair, "started_first": order[0],
+                    r = {"pair": pair, "session": session, "started_first": order[0],
                          **measured_round(servers[side], side, pair, args, workload, data, state)}
                     data["rounds"].append(r)
                     print(f"pair {pair} {side}: {r}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.common.results import read_result
 from benchmarks.reliability import ab
+from cp_engine.devtools.stats import ratio_ci
 from cp_engine.hooks import channel
 
 
@@ -280,6 +281,42 @@ def test_perf_seconds_keeps_each_process_groups_samples(tmp_path):
     assert any("python" in name for name in got["busy"])
 
 
+def test_session_interval_averages_each_sessions_pairs_first():
+    # Sessions 0 and 1 hold two pairs each (ratios 0.9, 1.0 and 1.0, 1.1), session 2 one
+    # (0.95); a pair without a recorded session is left out of the session interval.
+    ratios = {0: (0, 0.9), 1: (0, 1.0), 2: (1, 1.0), 3: (1, 1.1), 4: (2, 0.95), 5: (None, 0.5)}
+    rounds = []
+    for pair, (session, r) in ratios.items():
+        extra = {} if session is None else {"session": session}
+        rounds += [{**_round(pair, "on", 10.0 * r, 1.0, 500.0), **extra},
+                   {**_round(pair, "off", 10.0, 1.0, 500.0), **extra}]
+    s = ab.summarize(rounds)
+    means = [math.sqrt(0.9 * 1.0), math.sqrt(1.0 * 1.1), 0.95]
+    want = ratio_ci(means)
+    got = s["ratio_ci_sessions"]["rps"]
+    assert got["sessions"] == 3
+    assert (got["geomean"], got["low"], got["high"]) == tuple(round(x, 6) for x in want)
+    assert s["ratio_ci"]["rps"]["pairs"] == 6  # the pair interval still counts every pair
+    table = ab.table({"summary": s, "rounds": rounds,
+                      "config": {"traffic": "plain", "pairs": 6, "round_s": 45, "clients": 64, "host": "h"}})
+    assert "over 3 server sessions" in table and f"throughput {want[0]:.3f} ({want[1]:.3f}..{want[2]:.3f})" in table
+    # One session only: no session interval.
+    assert "ratio_ci_sessions" not in ab.summarize([{**r, "session": 0} for r in rounds])
+
+
+def test_sessions_of_an_older_result_follow_its_start_orders():
+    cfg = {"pairs": 5, "sessions": 2, "start_order": "balanced", "same_server": False}
+    rounds = [{"pair": p, "side": side} for p in range(5) for side in ("on", "off")]
+    got = ab.with_sessions({"config": cfg, "rounds": rounds})
+    sessions = {r["pair"]: r["session"] for r in got}
+    orders = ab.start_orders("balanced", 5, 2, False)
+    assert sessions == {p: i for i, (_, pairs) in enumerate(orders) for p in pairs}
+    assert sorted(set(sessions.values())) == [0, 1]
+    # Recorded sessions are kept; one server or no session count: all one session.
+    assert ab.with_sessions({"config": cfg, "rounds": [{"pair": 0, "session": 7}]}) == [{"pair": 0, "session": 7}]
+    assert {r["session"] for r in ab.with_sessions({"config": {"same_server": True}, "rounds": rounds})} == {0}
+
+
 def test_pooling_two_ab_results_numbers_their_pairs_apart_and_refuses_different_setups(tmp_path, capsys):
     from benchmarks.common.results import write_result
 
@@ -300,6 +337,12 @@ def test_pooling_two_ab_results_numbers_their_pairs_apart_and_refuses_different_
     assert s["ratios"]["rps"]["min"] == 0.98 and s["ratios"]["rps"]["max"] == 1.02
     lines = ab.pooled_lines(["a", "b"], s)
     assert "5 pairs" in lines and f"- rps: {mean:.3f}" in lines
+    # Each result's rounds are one session here (no session count in their config),
+    # numbered apart: two sessions, their pairs averaged first.
+    sessions = [math.sqrt(0.98 * 1.01), (1.00 * 0.99 * 1.02) ** (1 / 3)]
+    assert s["ratio_ci_sessions"]["rps"]["sessions"] == 2
+    assert s["ratio_ci_sessions"]["rps"]["geomean"] == round(ratio_ci(sessions)[0], 6)
+    assert "Over their 2 server sessions" in lines
     result("c", [1.0, 1.0], traffic="soak")
     with pytest.raises(ValueError, match="differ"):
         ab.pooled(["a", "c"], out_dir=tmp_path)
