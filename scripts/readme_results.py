@@ -145,7 +145,7 @@ def _ab_phrase(names: list[str]) -> tuple[str, str]:
 
 
 # The pass-through A/B runs the README pools (same command, ``overhead_ab_plain_wake*``).
-PASS_THROUGH_RUNS = ("", "2", "16")
+PASS_THROUGH_RUNS = ("", "2", "16", "16b")
 
 
 def reliability_line() -> str:
