@@ -323,7 +323,7 @@ def summarize(rounds: list[dict]) -> dict:
     roles = sorted({k for p in full for x in SIDES for k in p[x].get("engine_sched", {})})
     for role in roles:
         both = [p for p in full if all(role in p[x].get("engine_sched", {}) for x in SIDES)]
-        if both:
+        if both and any(p[x]["engine_sched"][role]["run_per_s"] for p in both for x in SIDES):  # (idle helpers: none)
             out.setdefault("engine_sched", {})[role] = {
                 f"{what}_diff": _spread([p["on"]["engine_sched"][role][what] - p["off"]["engine_sched"][role][what]
                                          for p in both])

@@ -400,8 +400,10 @@ def test_engine_sched_summary_gives_each_role_per_side_and_per_pair_differences(
     for pair, (on, off) in enumerate([((0.96, 0.03), (0.98, 0.02)), ((0.97, 0.02), (0.97, 0.02))]):
         for side, (run, wait) in (("on", on), ("off", off)):
             rounds.append({**_round(pair, side, 9.0, 1.0, 500.0),
-                           "engine_sched": {"Worker": {"run_per_s": run, "wait_per_s": wait}}})
+                           "engine_sched": {"Worker": {"run_per_s": run, "wait_per_s": wait},
+                                            "resource_tracker": {"run_per_s": 0.0, "wait_per_s": 0.0}}})
     s = ab.summarize(rounds)
+    assert "resource_tracker" not in s["engine_sched"]  # a helper that never ran is no row
     w = s["engine_sched"]["Worker"]
     assert w["run_per_s_diff"] == {"median": -0.01, "min": -0.02, "max": 0.0}
     assert w["on"]["wait_per_s"]["median"] == 0.025

@@ -52,5 +52,8 @@ def test_stop_ends_every_server_process_and_frees_the_port(own_plugin_server):
     assert proctree.with_environ("TMPDIR", workdir) == set()
     assert proctree.listening_pids(port) == set()
     with socket.socket() as s:
+        # As the next server binds it (uvicorn sets SO_REUSEADDR): connections the old
+        # server closed may sit in TIME_WAIT on the port, which only a listener may not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
     assert os.path.isfile(srv.log_path) and "Application startup complete" in srv.log_text()
