@@ -150,8 +150,8 @@ PASS_THROUGH_RUNS = ("", "2", "16", "16b")
 
 def reliability_line() -> str:
     """One paragraph of reliability figures from ``reliability.json`` and the
-    interleaved A/Bs (``overhead_ab_soak_wake.json``; the pass-through runs
-    ``overhead_ab_plain_wake{,2,16}.json``, pooled)."""
+    interleaved A/Bs (``overhead_ab_soak_wake.json``; the pass-through runs of
+    ``PASS_THROUGH_RUNS``, pooled)."""
     rel = _load("reliability.json")
     fuzz, storm, soak = rel["fuzz_live"], rel["storm"], rel["soak"]
     on, off = soak["sides"]["on"], soak["sides"]["off"]
