@@ -106,6 +106,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return own, kids
 
 
+def process_role(title: str) -> str:
+    """A vLLM process title without its prefix and numbers: ``VLLM::EngineCore_DP1`` ->
+    ``EngineCore``, ``VLLM::Worker_TP0`` -> ``Worker``; other titles as they are."""
+    return re.sub(r"^VLLM::|(_[A-Z]*)?\d*$", "", title) or title
+
+
 def engine_sched(pid: int) -> dict[str, tuple[float, float]]:
     """Per process role below ``pid`` (``EngineCore``, ``Worker``: vLLM's process titles,
     prefix and numbers dropped): (seconds on a CPU, seconds runnable but waiting for
@@ -128,8 +134,7 @@ def engine_sched(pid: int) -> dict[str, tuple[float, float]]:
                 run, wait, _ = f.read().split()
         except (psutil.Error, OSError, ValueError):
             continue
-        role = re.sub(r"^VLLM::|(_DP)?[_\d]*$", "", title) or title
-        acc = out.setdefault(role, [0.0, 0.0])
+        acc = out.setdefault(process_role(title), [0.0, 0.0])
         acc[0] += int(run) / 1e9
         acc[1] += int(wait) / 1e9
     return {k: (v[0], v[1]) for k, v in out.items()}
