@@ -260,8 +260,9 @@ def run_round(srv: Any, side: str, args: argparse.Namespace, workload: type) -> 
     sched0, wall0 = engine_sched(pid), time.monotonic()
     loop0 = main_thread_seconds(pid)
     threads0 = thread_cpu(pid)
+    # No index-view reads: they would go to one side only (see ``run_side``).
     r = run_side(srv.url, srv.model, None, args.clients, args.round, plugin=side == "on",
-                 sample_every=args.round + 60, workload=workload)
+                 sample_every=args.round + 60, workload=workload, index_samples=False)
     own1, kids1 = cpu_seconds(pid)
     sched1, wall = engine_sched(pid), time.monotonic() - wall0
     loop1 = main_thread_seconds(pid)

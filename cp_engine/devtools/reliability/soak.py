@@ -99,15 +99,21 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run_side(url: str, model: str, pid: int | None, clients: int, duration: float, plugin: bool,
-             sample_every: float = 5.0, max_tokens: int = 4, workload: type = Workload) -> dict[str, Any]:
+             sample_every: float = 5.0, max_tokens: int = 4, workload: type = Workload,
+             index_samples: bool | None = None) -> dict[str, Any]:
     """Drive one server; returns latencies, errors and resource samples. ``workload``
-    builds each client's stream (``workload(client, pool)``, default ``Workload``)."""
+    builds each client's stream (``workload(client, pool)``, default ``Workload``).
+    ``index_samples`` (default: ``plugin``): each sample also reads the server's index
+    view. Off for an A/B, where only one side would be asked: on a server that has not
+    built its context pipeline yet, the first read builds it (imports, a heap the
+    plain side does not carry)."""
     pool = _pool()
     stop = threading.Event()
     lock = threading.Lock()
     records: list[tuple[float, float, bool]] = []  # (start offset, latency, ok)
     error_examples: list[str] = []
     samples: list[dict] = []
+    read_index = plugin if index_samples is None else index_samples
     t0 = time.monotonic()
 
     def client(c: int) -> None:
@@ -136,7 +142,7 @@ def run_side(url: str, model: str, pid: int | None, clients: int, duration: floa
             row: dict[str, Any] = {"t": round(time.monotonic() - t0, 1)}
             if pid is not None:
                 row.update(tree_stats(pid))
-            if plugin:
+            if read_index:
                 try:
                     v = requests.get(url + "/cp_engine/index?paths=0", timeout=30).json()
                     row.update(nodes=v["nodes"], max_nodes=v["max_nodes"], index_requests=v["requests"],
