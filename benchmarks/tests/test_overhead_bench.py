@@ -413,3 +413,16 @@ def test_engine_sched_summary_gives_each_role_per_side_and_per_pair_differences(
     table = ab.table({"summary": s, "rounds": rounds,
                       "config": {"traffic": "plain", "pairs": 2, "round_s": 45, "clients": 64, "host": "h"}})
     assert "| Worker | 0.965 | 0.975 |" in table
+
+
+def test_each_side_takes_the_outer_places_of_half_the_sessions():
+    # Places 0..3 of a two-pair session; the side in places 0 and 3 alternates by session.
+    def places(session):
+        return [side for i in range(2) for side in ab.pair_sides(session, i)]
+
+    assert places(0) == ["on", "off", "off", "on"]
+    assert places(1) == ["off", "on", "on", "off"]
+    outer = [places(s)[0] for s in range(6)]
+    assert outer.count("on") == outer.count("off") == 3
+    for s in range(6):  # every pair runs both sides once
+        assert all(sorted(ab.pair_sides(s, i)) == ["off", "on"] for i in range(3))
