@@ -760,8 +760,8 @@ def pair_sides(session: int, index: int) -> tuple[str, str]:
     (ABBA, then BAAB): with a fixed ABBA in every session one side always ran the
     session's first and last measured rounds, so any effect of a round's place in its
     session (the first one after the warm-ups, the last one) fell on that side alone.
-    A/A runs (plain vLLM on both sides) measured such a pattern: 0.987 for the side in
-    the outer places."""
+    Over the sessions of earlier runs, pairs with that side measured last gave a lower
+    on/off ratio than pairs with it measured first (docs/reliability.md)."""
     return SIDES if (index + session) % 2 == 0 else SIDES[::-1]
 
 
