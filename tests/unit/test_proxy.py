@@ -461,8 +461,11 @@ def test_a_client_leaving_after_the_last_chunk_is_a_complete_answer(upstream, pr
             if line == b"data: [DONE]":
                 break
         assert lines[0].startswith(b"data: {") and lines[-1] == b"data: [DONE]"
-        r.close()  # only once [DONE] is in: closing earlier may break a chunk's write, not the final one
+        # The patched final write fails as a closed transport does. The client closes only
+        # after it: a real close before the proxy reaches that write would cancel the
+        # handler (handler_cancellation) instead of exercising it.
         assert ended.wait(WAIT_S)
+        r.close()
         proxy.run(asyncio.sleep(0))  # the handler has returned (or raised) by this loop turn
     assert [rec.getMessage() for rec in caplog.records if rec.levelno >= 40] == []
     assert pipeline_of(proxy).index.requests == 1
