@@ -144,22 +144,23 @@ def _ab_phrase(names: list[str]) -> tuple[str, str]:
             f"{summary['ratio_ci']['rps']['pairs']} pairs in {ci['rps']['sessions']} server sessions")
 
 
-# The pass-through A/B runs the README pools: those taken with each side in the
+# The A/B runs the README quotes, each list pooled: those taken with each side in the
 # session's outer places half the time and no index-view reads (``ab.pair_sides``).
-PASS_THROUGH_RUNS = ("overhead_ab_plain_balanced12",)
-# The A/A control (plain vLLM on both sides) of the harness before those two changes:
-# what it measured with no plugin to measure.
-AA_RUNS = ("overhead_ab_plain_aa12",)
+REWRITTEN_RUNS = ("overhead_ab_soak_balanced12",)
+PASS_THROUGH_RUNS = ("overhead_ab_plain_balanced12", "overhead_ab_plain_balanced12b")
+# The A/A control of that harness (plain vLLM on both sides): what it measures with no
+# plugin to measure.
+AA_RUNS = ("overhead_ab_plain_aa_balanced12",)
 
 
 def reliability_line() -> str:
     """One paragraph of reliability figures from ``reliability.json`` and the
-    interleaved A/Bs (``overhead_ab_soak_wake.json``; the pass-through runs of
-    ``PASS_THROUGH_RUNS`` and the A/A controls of ``AA_RUNS``, each pooled)."""
+    interleaved A/Bs (the runs of ``REWRITTEN_RUNS``, ``PASS_THROUGH_RUNS`` and the A/A
+    controls of ``AA_RUNS``, each pooled)."""
     rel = _load("reliability.json")
     fuzz, storm, soak = rel["fuzz_live"], rel["storm"], rel["soak"]
     on, off = soak["sides"]["on"], soak["sides"]["off"]
-    rewritten, rewritten_pairs = _ab_phrase(["overhead_ab_soak_wake"])
+    rewritten, rewritten_pairs = _ab_phrase(list(REWRITTEN_RUNS))
     plain, plain_pairs = _ab_phrase(list(PASS_THROUGH_RUNS))
     aa, aa_pairs = _ab_phrase(list(AA_RUNS))
     return (f"{fuzz['payloads']:,} fuzzed payloads gave {len(fuzz['crashes'])} crashes (statuses: "
@@ -167,15 +168,14 @@ def reliability_line() -> str:
             f"{storm['requests']:,}-request eviction storm on a {storm['kv_blocks']}-block KV cache the index "
             f"claimed {storm['stale_claims']} evicted prefixes; a {on['clients']}-client, "
             f"{on['duration_s'] / 60:.0f}-minute soak had {on['errors'] + off['errors']} errors. Against plain "
-            "vLLM on 2 CPU cores, in interleaved A/Bs (both servers up, ABBA pairs, start order balanced; "
-            "on/off, geometric mean with its 95 % interval, server sessions as the samples), the soak's "
-            f"rewritten traffic measured {rewritten} over {rewritten_pairs}, and traffic the plugin passes "
-            f"through {plain} over {plain_pairs}. Before two asymmetries of the A/B itself were removed (the "
-            "plugin side always in each session's first and last rounds, and an index read on that side "
-            f"only), the same harness with plain vLLM on both sides (an A/A control) measured {aa} over "
-            f"{aa_pairs}, the size of the pass-through cost earlier runs had put on the plugin "
-            "(`benchmarks/results/overhead_ab_soak_wake.json`, "
-            + ", ".join(f"`{n}.json`" for n in PASS_THROUGH_RUNS + AA_RUNS) + "; docs/reliability.md).\n")
+            "vLLM on 2 CPU cores, in interleaved A/Bs (both servers up, ABBA and BAAB pairs by session, start "
+            "order balanced; on/off, geometric mean with its 95 % interval, server sessions as the samples), "
+            f"the soak's rewritten traffic measured {rewritten} over {rewritten_pairs}, and traffic the "
+            f"plugin passes through {plain} over {plain_pairs}. The same harness with plain vLLM on both "
+            f"sides (an A/A control, no plugin to measure) measured {aa} over {aa_pairs} ("
+            + ", ".join(f"`benchmarks/results/{n}.json`" if i == 0 else f"`{n}.json`"
+                        for i, n in enumerate(REWRITTEN_RUNS + PASS_THROUGH_RUNS + AA_RUNS))
+            + "; docs/reliability.md).\n")
 
 
 def first_run_line() -> str:
