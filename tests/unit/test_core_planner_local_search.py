@@ -5,10 +5,10 @@ from collections import Counter
 
 import pytest
 
-from cp_engine import planner_local
+from cp_engine import planner_local, planner_merge
 from cp_engine.planner import plan_batch
 from cp_engine.planner_merge import cluster_by_postings
-from cp_engine.trie import ROOT, BlockTrie
+from cp_engine.trie import BlockTrie
 from test_core_planner_fast_paths import force_table  # (pytest puts this folder on the path)
 
 
@@ -45,8 +45,7 @@ def _first_answers(orders):
     for order, path in zip(orders, paths):
         if not path or trie.refs[path[-1]] >= 2:
             continue
-        at = next((i for i, n in enumerate(path) if trie.refs[n] < 2), len(path))
-        shared = path[at - 1] if at else ROOT
+        at, shared = planner_local._hang(path, trie.refs)
         node = trie.deepest_contained(set(order), without=path, known=shared)
         out.append((at, int(trie.depth_weight[node])))
     return out
@@ -64,6 +63,7 @@ def test_on_an_uncapped_clustering_tree_the_first_moves_are_sideways(seed, table
     w = [1.0] * len(freq)
     with monkeypatch.context() as m:
         force_table(m, on=table)
+        assert (planner_merge._shared_counts(contexts, freq) is not None) == table
         orders = cluster_by_postings(contexts, w, freq, hot_cap=max(freq))
     answers = _first_answers(orders)
     assert answers and all(depth == at for at, depth in answers)
