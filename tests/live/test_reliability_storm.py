@@ -45,12 +45,22 @@ def test_debug_view_is_loopback_only_get_only_and_read_only():
     from fastapi.responses import PlainTextResponse
     from fastapi.testclient import TestClient
 
+    from argparse import Namespace
+
+    from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
+
     from cp_engine.hooks import runtime
-    from cp_engine.hooks.debugview import PATH, index_view
+    from cp_engine.hooks.debugview import PATH, IndexView
 
     app = FastAPI()
     app.get("/other")(lambda: PlainTextResponse("other"))
-    app.middleware("http")(index_view)  # what vLLM does with --middleware <coroutine>
+    # vLLM's own --middleware handling, with the name the docs give.
+    args = Namespace(allowed_origins=["*"], allow_credentials=False, allowed_methods=["*"], allowed_headers=["*"],
+                     api_key=None, enable_request_id_headers=False,
+                     middleware=["cp_engine.hooks.debugview.index_view"])
+    init_entrypoints_middleware(args, app, ())
+    # A class goes in as plain ASGI middleware, not through BaseHTTPMiddleware.
+    assert IndexView in [m.cls for m in app.user_middleware]
     pipe = runtime.pipeline()
     pipe.commit("dbg-1", pipe.prepare(["debug view a", "debug view b"], namespace="completion"))
     before = len(pipe.unwrapped.index)
