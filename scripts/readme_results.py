@@ -146,9 +146,9 @@ def _ab_phrase(names: list[str]) -> tuple[str, str]:
 
 # The A/B runs the README quotes, each list pooled: those taken with each side in the
 # session's outer places half the time and no index-view reads (``ab.pair_sides``).
-# The pass-through runs are the latest harness's, whose servers do not serve the
-# index view at all; the others had it on both sides.
-REWRITTEN_RUNS = ("overhead_ab_soak_balanced12",)
+# The rewritten and pass-through runs are the latest harness's, whose servers do not
+# serve the index view at all; the A/A control had it on both sides.
+REWRITTEN_RUNS = ("overhead_ab_soak_nomw12",)
 PASS_THROUGH_RUNS = ("overhead_ab_plain_nomw12", "overhead_ab_plain_nomw12b")
 # The A/A control of that harness (plain vLLM on both sides): what it measures with no
 # plugin to measure.
@@ -173,8 +173,8 @@ def reliability_line() -> str:
             "vLLM on 2 CPU cores, in interleaved A/Bs (both servers up, ABBA and BAAB pairs by session, start "
             "order balanced; on/off, geometric mean with its 95 % interval, server sessions as the samples), "
             f"the soak's rewritten traffic measured {rewritten} over {rewritten_pairs}, and traffic the "
-            f"plugin passes through {plain} over {plain_pairs} (servers as a user runs them; the other runs "
-            "served a dev-only index view on both sides). The same harness with plain vLLM on both "
+            f"plugin passes through {plain} over {plain_pairs} (servers as a user runs them; the A/A control "
+            "below served a dev-only index view on both sides). The same harness with plain vLLM on both "
             f"sides (an A/A control, no plugin to measure) measured {aa} over {aa_pairs} ("
             + ", ".join(f"`benchmarks/results/{n}.json`" if i == 0 else f"`{n}.json`"
                         for i, n in enumerate(REWRITTEN_RUNS + PASS_THROUGH_RUNS + AA_RUNS))
