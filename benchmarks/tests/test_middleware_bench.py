@@ -8,7 +8,7 @@ import pytest
 from benchmarks.micro import middleware
 
 
-def test_every_form_serves_the_same_stream_and_is_timed(tmp_path):
+def test_every_form_serves_the_same_stream_and_is_timed():
     us = asyncio.run(middleware._rounds(requests=5, rounds=2, chunks=3))
     assert set(us) == set(middleware.FORMS) and all(len(v) == 2 and min(v) > 0 for v in us.values())
     table = middleware.markdown({"chunks": 3, "requests": 5, "rounds": 2, "us": us})
