@@ -34,7 +34,7 @@ from typing import Any
 from cp_engine.blocks import estimate_tokens
 from cp_engine.pipeline import InvalidBlocks, validate_blocks
 
-__all__ = ["Marks", "InvalidBlocks", "find_marks", "check_conversation_id", "drop_template_marks",
+__all__ = ["Marks", "InvalidBlocks", "find_marks", "may_carry_marks", "check_conversation_id", "drop_template_marks",
            "lift_template_marks", "named_as_sent", "fallback_messages", "prefix_tokens",
            "BLOCKS_FIELD", "CONVERSATION_FIELD", "PART_FLAG", "CONVERSATION_HEADER",
            "CONVERSATION_HEADER_NAME", "TEMPLATE_KWARGS_FIELD", "KWARG_BLOCKS", "KWARG_CONVERSATION"]
@@ -170,6 +170,37 @@ def find_marks(extra: Mapping[str, Any] | None, messages: Any,
         if found is not None:
             return Marks(found[0], conversation, found[1], "parts", rest)
     return None
+
+
+def may_carry_marks(extra: Mapping[str, Any] | None, messages: Any,
+                    headers: Mapping[str, str] | None = None, template_kwargs: Any = None) -> bool:
+    """Whether a request (``find_marks``' arguments) could hold anything of ours: a
+    field of its own (``extra``: marks and blend's fields alike), one of our
+    ``chat_template_kwargs``, the conversation header or a marked content part.
+
+    False only where ``find_marks`` returns None without raising and no blend field
+    is sent, so a caller may pass such a request on without reading it further. A
+    few dictionary reads: the test every unmarked request pays."""
+    if extra:
+        return True
+    if template_kwargs is not None and isinstance(template_kwargs, Mapping) \
+            and not _OUR_KWARGS.isdisjoint(template_kwargs):
+        return True
+    if headers is not None:
+        try:
+            if headers.get(CONVERSATION_HEADER) is not None:
+                return True
+        except Exception:  # find_marks reads such headers as holding no id
+            pass
+    if isinstance(messages, list):
+        i = _last_user(messages)
+        if i is not None:
+            content = messages[i].get("content")
+            if isinstance(content, list):
+                for part in content:
+                    if isinstance(part, Mapping) and part.get(PART_FLAG) is True:
+                        return True
+    return False
 
 
 def drop_template_marks(request: Any, marks: Marks | None) -> None:

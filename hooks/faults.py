@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 from . import metrics
 
-__all__ = ["InjectedFault", "HookSwitchedOff", "check_fault", "guarded", "call_guarded", "log_once",
+__all__ = ["InjectedFault", "HookSwitchedOff", "check_fault", "injecting", "guarded", "call_guarded", "log_once",
            "stall_watched", "switched_off", "reset_breaker"]
 
 logger = logging.getLogger("cp_engine.hooks")
@@ -178,6 +178,12 @@ def _faults() -> dict[str, float | None]:
                 parsed[name.strip()] = None
         _cache = (raw, parsed)
         return parsed
+
+
+def injecting(hook: str) -> bool:
+    """Whether CP_ENGINE_FAULT names ``hook`` (a hook then takes its full path on every
+    call, so the fault meets each one)."""
+    return hook in _faults()
 
 
 def check_fault(hook: str) -> None:

@@ -188,6 +188,7 @@ def _install_stage_timers(st: Stages) -> None:
         st.wrap(mod, "tenant_of_request", "tenant")
         st.wrap(mod, "make_plan", "blend plan")
         st.wrap(mod, "attach", "blend plan")
+    st.wrap(serving_patch, "_passes", "pass-through test (reads arguments)")
     st.wrap(serving_patch, "read_args", "read arguments")
     st.wrap(serving_patch, "bind_args", "read arguments")
     st.wrap(serving_patch, "settle", "accept (dedup commit, counters)")
@@ -205,10 +206,9 @@ def _run(reqs: list, serving: _Serving, gate: Callable, st: Stages | None = None
          profile: cProfile.Profile | None = None) -> dict[str, list[dict]]:
     """Each request through the wrapper, then its engine request through the gate."""
     from cp_engine.hooks.vllm import chat_rewrite, completion_rewrite
-    from cp_engine.hooks.vllm.serving_patch import make_wrapper
 
-    chat = make_wrapper("chat_rewrite", chat_rewrite.rewrite)
-    completion = make_wrapper("completion_rewrite", completion_rewrite.rewrite)
+    # The wrappers the patch table installs (an unmarked request skips the rewrite).
+    chat, completion = chat_rewrite.wrapper, completion_rewrite.wrapper
     bare_chat, bare_cmpl = _Serving.create_chat_completion, _Serving.create_completion
     out: dict[str, list[dict]] = {k: [] for k in KINDS}
 
@@ -429,7 +429,8 @@ def table(data: dict) -> str:
     out += ["",
             "Stage breakdown: median µs over the requests a stage ran in (wall clock around the "
             "stage's function; the share of requests it ran in when not all). Stages nest: "
-            "`rewrite: total` holds the other `rewrite:` rows, `stage: total` the other `stage:` rows.", ""]
+            "`rewrite: total` holds the other `rewrite:` rows, `stage: total` the other `stage:` rows, and "
+            "`pass-through test` holds a `read arguments` of its own (every request is tested first).", ""]
     kinds = [k for k in KINDS if any(k in r["kinds"] for r in data["runs"])]
     head = [f"{r['indexed']:,} {k}" for r in data["runs"] for k in kinds if k in r["kinds"]]
     out += ["| stage | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]

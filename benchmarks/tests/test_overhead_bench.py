@@ -32,8 +32,10 @@ def test_micro_overhead_quick_run_times_every_stage_of_a_rewrite_and_none_on_pas
             assert stages.get(stage, 0) > 0 and share[stage] == 1.0, (kind, stage)
         assert 0 < share["stage: tokenizer ratio"] <= 1.0  # sampled
     assert "rewrite: namespace key" in kinds["chat"]["stages_us_p50"]
-    # An unmarked request is read, never rewritten: no index, hint or commit work at all.
-    assert set(kinds["passthrough"]["stages_us_p50"]) == {"read arguments", "marks"}
+    # An unmarked request is tested and handed to vLLM: its marks are never parsed and
+    # there is no index, hint or commit work at all.
+    assert set(kinds["passthrough"]["stages_us_p50"]) == {"read arguments", "pass-through test (reads arguments)"}
+    assert kinds["chat"]["stages_share"]["pass-through test (reads arguments)"] == 1.0  # tested, then rewritten
     assert run["evict_apply_us"] > 0
     # The receiver thread got every message, with and without the batching window;
     # with it, each wake-up is followed by a whole window without one.

@@ -44,7 +44,7 @@ from cp_engine.request_hints import MAX_SPANS, SCOPE, SERVER_ONLY_KEYS, SPANS, s
 from .. import faults, runtime
 from ..wrapping import bind_args
 
-__all__ = ["REF_KEY", "Plan", "make_plan", "attach", "activate", "request_scope",
+__all__ = ["REF_KEY", "Plan", "make_plan", "attach", "activate", "plan_active", "request_scope",
            "tokenize_wrapper", "process_inputs_wrapper", "spans_for"]
 
 REF_KEY = "cp_blend_ref"
@@ -111,6 +111,11 @@ def activate(plan: Plan | None) -> None:
     the tasks it starts); ``request_scope`` around the request undoes it."""
     if plan is not None:
         _current.set(plan)
+
+
+def plan_active() -> bool:
+    """Whether this task holds a plan (``activate``), which ``request_scope`` would hide."""
+    return _current.get() is not None
 
 
 @contextlib.contextmanager

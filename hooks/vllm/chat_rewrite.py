@@ -38,7 +38,7 @@ from typing import Any
 from cp_engine.blend.marks import (Anchor, context_anchor, last_user_index, read_blend_marks,
                                    suffix_anchor, with_suffix)
 from cp_engine.marking import (InvalidBlocks, Marks, drop_template_marks, fallback_messages, find_marks,
-                               lift_template_marks, named_as_sent, prefix_tokens)
+                               lift_template_marks, may_carry_marks, named_as_sent, prefix_tokens)
 from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
@@ -63,6 +63,14 @@ def _marks(request: Any, extra: Any, raw_request: Any) -> Marks | None:
 def _blend_fields(request: Any, extra: Any) -> Any:
     """``extra`` with blend's fields sent in chat_template_kwargs lifted beside it."""
     return lift_template_marks(extra or {}, getattr(request, "chat_template_kwargs", None))[0]
+
+
+def passes_through(request: Any, raw_request: Any = None) -> bool:
+    """True where ``rewrite`` would return None with ``request`` as it came: it carries
+    nothing of ours and no fault is injected into this hook (``serving_patch``)."""
+    return not (may_carry_marks(getattr(request, "model_extra", None), request.messages, _headers(raw_request),
+                                getattr(request, "chat_template_kwargs", None))
+                or faults.injecting(HOOK))
 
 
 @faults.stall_watched(HOOK, cpu=True)
@@ -144,4 +152,4 @@ def _fallback(request: Any, raw_request: Any, marks: Marks | None, suffix: Ancho
 
 
 # The patch table's chat_rewrite row wraps OpenAIServingChat.create_chat_completion with this.
-wrapper = make_wrapper(HOOK, rewrite)
+wrapper = make_wrapper(HOOK, rewrite, passes_through)

@@ -17,7 +17,7 @@ from typing import Any
 
 from cp_engine.blend.marks import context_anchor, read_blend_marks, suffix_anchor, with_suffix
 from cp_engine.blocks import block_id
-from cp_engine.marking import BLOCKS_FIELD, InvalidBlocks, find_marks
+from cp_engine.marking import BLOCKS_FIELD, InvalidBlocks, find_marks, may_carry_marks
 from cp_engine.pipeline import validate_blocks
 from .. import faults, metrics, runtime
 from ..acceptance import PendingCommit
@@ -30,13 +30,24 @@ from .staging import keep_order, stage
 HOOK = "completion_rewrite"
 
 
+def _headers(raw_request: Any) -> Any:
+    return getattr(raw_request, "headers", None) if raw_request is not None else None
+
+
+def passes_through(request: Any, raw_request: Any = None) -> bool:
+    """True where ``rewrite`` would return None with ``request`` as it came: it carries
+    nothing of ours and no fault is injected into this hook (``serving_patch``)."""
+    return not (may_carry_marks(getattr(request, "model_extra", None), None, _headers(raw_request))
+                or faults.injecting(HOOK))
+
+
 @faults.stall_watched(HOOK, cpu=True)
 def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str | PendingCommit | None:
     """Same return contract as ``chat_rewrite.rewrite``."""
     original_prompt = getattr(request, "prompt", None)
     try:
         faults.check_fault(HOOK)
-        headers = getattr(raw_request, "headers", None) if raw_request is not None else None
+        headers = _headers(raw_request)
         extra = getattr(request, "model_extra", None)
         # The chat paths' checks (conversation id included, though unused here).
         marks = find_marks(extra, None, headers)
@@ -104,4 +115,4 @@ def _fallback(request: Any, prompt: Any) -> None:
 
 
 # The patch table's completion_rewrite row wraps OpenAIServingCompletion.create_completion with this.
-wrapper = make_wrapper(HOOK, rewrite)
+wrapper = make_wrapper(HOOK, rewrite, passes_through)

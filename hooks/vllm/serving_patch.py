@@ -18,6 +18,13 @@ object's own 400 ``create_error_response``), None (call through), or a
 Arguments are bound by name; a binding failure is counted and the request goes
 through untouched.
 
+A request that carries nothing of ours (``passes``, the rewrite module's test: no
+field, kwarg, header or marked part, no fault injected into the hook, no blend plan
+held) goes straight to vLLM: the wrapper returns vLLM's own call, with no frame of
+ours around it and nothing counted (the test costs about as much as reading a CPU
+clock, so it is not timed). Where the test itself fails, the request takes the full
+path, which reads it again and counts what fails.
+
 A request the rewrite pinned to a data-parallel rank carries that rank's in-flight
 count (``dp_rank.take_held``); it is released when the request finishes: at a full
 or error response, an exception or a cancellation (a client that leaves a
@@ -32,10 +39,11 @@ from typing import Any, Callable
 from .. import faults
 from ..acceptance import PendingCommit, accept_on_first_chunk
 from ..wrapping import read_args
-from .blend_spans import request_scope
+from .blend_spans import plan_active, request_scope
 from .dp_rank import Held, take_held
 
 Rewrite = Callable[[Any, Any, Any], "str | PendingCommit | None"]
+PassesThrough = Callable[[Any, Any], bool]
 _ARGS = ("request", "raw_request")
 
 
@@ -105,7 +113,18 @@ async def _releasing(stream: Any, held: Held) -> Any:
             await aclose()
 
 
-def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
+def _passes(passes: PassesThrough, wrapped: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether the call's request may skip the rewrite (False where anything fails)."""
+    try:
+        request, raw_request = read_args(wrapped, args, kwargs, _ARGS).values()
+        return passes(request, raw_request) and not plan_active()
+    except Exception:
+        return False
+
+
+def make_wrapper(hook: str, rewrite: Rewrite, passes: PassesThrough | None = None) -> Callable[..., Any]:
+    """The wrapt wrapper for ``hook``: ``rewrite`` first, then vLLM (module docs);
+    requests ``passes`` says carry nothing of ours go to vLLM directly."""
     async def call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         # A rewrite may activate a blend plan for the tokenizer; it ends with this call.
         with request_scope():
@@ -128,6 +147,8 @@ def make_wrapper(hook: str, rewrite: Rewrite) -> Callable[..., Any]:
         return released_when_done(result, held)
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if passes is not None and _passes(passes, wrapped, args, kwargs):
+            return wrapped(*args, **kwargs)
         return call(wrapped, instance, args, kwargs)
 
     return wrapper
