@@ -147,9 +147,10 @@ def _ab_phrase(names: list[str]) -> tuple[str, str]:
 # The A/B runs the README quotes, each list pooled: those taken with each side in the
 # session's outer places half the time and no index-view reads (``ab.pair_sides``).
 # The rewritten and pass-through runs are the latest harness's, whose servers do not
-# serve the index view at all; the A/A control had it on both sides.
+# serve the index view at all (pass-through: every run on it, before and after unmarked
+# requests skipped the rewrite); the A/A control had it on both sides.
 REWRITTEN_RUNS = ("overhead_ab_soak_nomw12",)
-PASS_THROUGH_RUNS = ("overhead_ab_plain_nomw12", "overhead_ab_plain_nomw12b")
+PASS_THROUGH_RUNS = ("overhead_ab_plain_nomw12", "overhead_ab_plain_nomw12b", "overhead_ab_plain_fastpath12")
 # The A/A control of that harness (plain vLLM on both sides): what it measures with no
 # plugin to measure.
 AA_RUNS = ("overhead_ab_plain_aa_balanced12",)

@@ -655,8 +655,8 @@ def table(data: dict) -> str:
         out += ["", "The plugin's request path measured inside the server (the rewrite hook and the settling of "
                     "its answer, thread CPU counted by the hook itself, `cp_engine_hook_cpu_seconds` / "
                     f"`cp_engine_hook_calls`): {cell(s['hook_cpu_us_per_call'])} µs per request through the "
-                    "hooks (plugin rounds; every chat and completion request passes, an unmarked one leaves "
-                    "after its fields are read)."]
+                    "hooks (plugin rounds; a request the wrappers find unmarked goes to vLLM after a test of "
+                    "its fields and is neither timed nor counted here)."]
     if "threads_us_per_req" in s:
         out += ["", "API server CPU per request by thread (median of rounds, µs; threads named by py-spy, "
                     "pools as one row; `[name]`: a thread without a Python name):", "",
