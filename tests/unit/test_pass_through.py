@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from cp_engine.blend.marks import read_blend_marks
 from cp_engine.hooks import faults, metrics, runtime
-from cp_engine.marking import InvalidBlocks, find_marks, lift_template_marks, may_carry_marks
+from cp_engine.marking import find_marks, lift_template_marks, may_carry_marks
 
 pytestmark = pytest.mark.vllm
 
