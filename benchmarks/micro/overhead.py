@@ -188,7 +188,7 @@ def _install_stage_timers(st: Stages) -> None:
         st.wrap(mod, "tenant_of_request", "tenant")
         st.wrap(mod, "make_plan", "blend plan")
         st.wrap(mod, "attach", "blend plan")
-    st.wrap(serving_patch, "_passes", "pass-through test (reads arguments)")
+    st.wrap(serving_patch, "_passes", "pass-through test")
     st.wrap(serving_patch, "read_args", "read arguments")
     st.wrap(serving_patch, "bind_args", "read arguments")
     st.wrap(serving_patch, "settle", "accept (dedup commit, counters)")
@@ -429,8 +429,8 @@ def table(data: dict) -> str:
     out += ["",
             "Stage breakdown: median µs over the requests a stage ran in (wall clock around the "
             "stage's function; the share of requests it ran in when not all). Stages nest: "
-            "`rewrite: total` holds the other `rewrite:` rows, `stage: total` the other `stage:` rows, and "
-            "`pass-through test` holds a `read arguments` of its own (every request is tested first).", ""]
+            "`rewrite: total` holds the other `rewrite:` rows, `stage: total` the other `stage:` rows; "
+            "every request's arguments are read and tested first (`read arguments`, `pass-through test`).", ""]
     kinds = [k for k in KINDS if any(k in r["kinds"] for r in data["runs"])]
     head = [f"{r['indexed']:,} {k}" for r in data["runs"] for k in kinds if k in r["kinds"]]
     out += ["| stage | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]

@@ -34,8 +34,8 @@ def test_micro_overhead_quick_run_times_every_stage_of_a_rewrite_and_none_on_pas
     assert "rewrite: namespace key" in kinds["chat"]["stages_us_p50"]
     # An unmarked request is tested and handed to vLLM: its marks are never parsed and
     # there is no index, hint or commit work at all.
-    assert set(kinds["passthrough"]["stages_us_p50"]) == {"read arguments", "pass-through test (reads arguments)"}
-    assert kinds["chat"]["stages_share"]["pass-through test (reads arguments)"] == 1.0  # tested, then rewritten
+    assert set(kinds["passthrough"]["stages_us_p50"]) == {"read arguments", "pass-through test"}
+    assert kinds["chat"]["stages_share"]["pass-through test"] == 1.0  # tested, then rewritten
     assert run["evict_apply_us"] > 0
     # The receiver thread got every message, with and without the batching window;
     # with it, each wake-up is followed by a whole window without one.

@@ -44,19 +44,15 @@ from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
 from .blend_spans import activate, attach, make_plan
 from .dp_rank import RankChoice
-from .serving_patch import make_wrapper
+from .serving_patch import make_wrapper, request_headers
 from .staging import keep_order, stage
 
 HOOK = "chat_rewrite"
 
 
-def _headers(raw_request: Any) -> Any:
-    return getattr(raw_request, "headers", None) if raw_request is not None else None
-
-
 def _marks(request: Any, extra: Any, raw_request: Any) -> Marks | None:
     # chat_template_kwargs is a declared field, so model_extra does not hold it.
-    return find_marks(extra, request.messages, _headers(raw_request),
+    return find_marks(extra, request.messages, request_headers(raw_request),
                       getattr(request, "chat_template_kwargs", None))
 
 
@@ -68,7 +64,7 @@ def _blend_fields(request: Any, extra: Any) -> Any:
 def passes_through(request: Any, raw_request: Any = None) -> bool:
     """True where ``rewrite`` would return None with ``request`` as it came: it carries
     nothing of ours and no fault is injected into this hook (``serving_patch``)."""
-    return not (may_carry_marks(getattr(request, "model_extra", None), request.messages, _headers(raw_request),
+    return not (may_carry_marks(getattr(request, "model_extra", None), request.messages, request_headers(raw_request),
                                 getattr(request, "chat_template_kwargs", None))
                 or faults.injecting(HOOK))
 
@@ -87,7 +83,7 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
         suffix = suffix_anchor(read_blend_marks(blend).suffix)
         if marks is None and not suffix.text:
             return None
-        tenant = tenant_of_request(_headers(raw_request), request)
+        tenant = tenant_of_request(request_headers(raw_request), request)
         pending: PendingCommit | None = None
         hints = getattr(request, "vllm_xargs", None)
         anchors = [suffix]

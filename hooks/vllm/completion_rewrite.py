@@ -24,20 +24,16 @@ from ..acceptance import PendingCommit
 from ..tenant import tenant_of_request
 from .blend_spans import activate, attach, make_plan
 from .dp_rank import RankChoice
-from .serving_patch import make_wrapper
+from .serving_patch import make_wrapper, request_headers
 from .staging import keep_order, stage
 
 HOOK = "completion_rewrite"
 
 
-def _headers(raw_request: Any) -> Any:
-    return getattr(raw_request, "headers", None) if raw_request is not None else None
-
-
 def passes_through(request: Any, raw_request: Any = None) -> bool:
     """True where ``rewrite`` would return None with ``request`` as it came: it carries
     nothing of ours and no fault is injected into this hook (``serving_patch``)."""
-    return not (may_carry_marks(getattr(request, "model_extra", None), None, _headers(raw_request))
+    return not (may_carry_marks(getattr(request, "model_extra", None), None, request_headers(raw_request))
                 or faults.injecting(HOOK))
 
 
@@ -47,7 +43,7 @@ def rewrite(request: Any, raw_request: Any = None, serving: Any = None) -> str |
     original_prompt = getattr(request, "prompt", None)
     try:
         faults.check_fault(HOOK)
-        headers = _headers(raw_request)
+        headers = request_headers(raw_request)
         extra = getattr(request, "model_extra", None)
         # The chat paths' checks (conversation id included, though unused here).
         marks = find_marks(extra, None, headers)

@@ -47,6 +47,11 @@ PassesThrough = Callable[[Any, Any], bool]
 _ARGS = ("request", "raw_request")
 
 
+def request_headers(raw_request: Any) -> Any:
+    """The HTTP headers of the request (None without one)."""
+    return getattr(raw_request, "headers", None) if raw_request is not None else None
+
+
 def is_error_response(result: Any) -> bool:
     """vLLM's ``ErrorResponse`` (matched by class name: its module moved between releases)."""
     return any(c.__name__ == "ErrorResponse" for c in type(result).__mro__)
@@ -113,10 +118,9 @@ async def _releasing(stream: Any, held: Held) -> Any:
             await aclose()
 
 
-def _passes(passes: PassesThrough, wrapped: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether the call's request may skip the rewrite (False where anything fails)."""
+def _passes(passes: PassesThrough, request: Any, raw_request: Any) -> bool:
+    """Whether ``request`` may skip the rewrite (False where anything fails)."""
     try:
-        request, raw_request = read_args(wrapped, args, kwargs, _ARGS).values()
         return passes(request, raw_request) and not plan_active()
     except Exception:
         return False
@@ -125,30 +129,27 @@ def _passes(passes: PassesThrough, wrapped: Any, args: tuple, kwargs: dict) -> b
 def make_wrapper(hook: str, rewrite: Rewrite, passes: PassesThrough | None = None) -> Callable[..., Any]:
     """The wrapt wrapper for ``hook``: ``rewrite`` first, then vLLM (module docs);
     requests ``passes`` says carry nothing of ours go to vLLM directly."""
-    async def call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    async def call(wrapped: Any, instance: Any, args: tuple, kwargs: dict, request: Any, raw_request: Any) -> Any:
         # A rewrite may activate a blend plan for the tokenizer; it ends with this call.
         with request_scope():
-            return await _call(wrapped, instance, args, kwargs)
+            outcome = rewrite(request, raw_request, instance) if request is not None else None
+            held = take_held(raw_request)
+            try:
+                result = await _answer(wrapped, instance, args, kwargs, outcome)
+            except BaseException:
+                if held is not None:
+                    held.release()
+                raise
+            return released_when_done(result, held)
 
-    async def _call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         request = raw_request = None
         try:
             request, raw_request = read_args(wrapped, args, kwargs, _ARGS).values()
         except Exception as exc:  # signature drifted: never block the request
             faults.record_failure(hook, exc)
-        outcome = rewrite(request, raw_request, instance) if request is not None else None
-        held = take_held(raw_request)
-        try:
-            result = await _answer(wrapped, instance, args, kwargs, outcome)
-        except BaseException:
-            if held is not None:
-                held.release()
-            raise
-        return released_when_done(result, held)
-
-    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if passes is not None and _passes(passes, wrapped, args, kwargs):
+        if passes is not None and request is not None and _passes(passes, request, raw_request):
             return wrapped(*args, **kwargs)
-        return call(wrapped, instance, args, kwargs)
+        return call(wrapped, instance, args, kwargs, request, raw_request)
 
     return wrapper
