@@ -22,8 +22,9 @@ A request that carries nothing of ours (``passes``, the rewrite module's test: n
 field, kwarg, header or marked part, no fault injected into the hook, no blend plan
 held) goes straight to vLLM: the wrapper returns vLLM's own call, with no frame of
 ours around it and nothing counted (the test costs about as much as reading a CPU
-clock, so it is not timed). Where the test itself fails, the request takes the full
-path, which reads it again and counts what fails.
+clock, so it is not timed). The call's arguments are read once, for both paths;
+where the test itself fails, the request takes the full path, whose rewrite parses
+its fields and counts what fails.
 
 A request the rewrite pinned to a data-parallel rank carries that rank's in-flight
 count (``dp_rank.take_held``); it is released when the request finishes: at a full
