@@ -19,6 +19,7 @@ from .. import runtime
 from ..acceptance import PendingCommit
 from ..tokenratio import TokenRatio
 from .hints import merged
+from .serving_patch import request_headers
 
 __all__ = ["request_id_for", "tokenizer_of", "token_ratio", "stage", "keep_order"]
 
@@ -27,13 +28,9 @@ __all__ = ["request_id_for", "tokenizer_of", "token_ratio", "stage", "keep_order
 token_ratio = TokenRatio(warmup=16, every=512)
 
 
-def _headers(raw_request: Any) -> Any:
-    return getattr(raw_request, "headers", None) if raw_request is not None else None
-
-
 def request_id_for(prefix: str, request: Any, raw_request: Any) -> str:
     """The id vLLM will give the request (X-Request-Id header, else request.request_id)."""
-    headers = _headers(raw_request)
+    headers = request_headers(raw_request)
     rid = None
     if headers is not None:
         try:
